@@ -1,0 +1,1 @@
+"""dockpart: a small self-scaling web platform for one Docker host."""

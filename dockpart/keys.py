@@ -1,0 +1,36 @@
+"""Every Redis key and channel dockpart uses, in one place.
+
+``servers`` keeps the seed's exact name: the proxy, the web app and the
+infrastructure daemon all agree on it, and so can a seed-era tool.
+"""
+
+#: The live instances' URLs, the list the proxy rotates over.
+SERVERS = "servers"
+
+#: Pub/sub channel that hears about every change to SERVERS.
+SERVERS_CHANNEL = "dockpart:servers:changed"
+
+#: Spawn requests: URLs queued by /spawn, moved to SPAWNING while handled.
+SPAWN_QUEUE = "dockpart:spawn:queue"
+SPAWNING = "dockpart:spawn:processing"
+
+#: Destroy requests: URLs queued by /destroy, moved to DESTROYING while handled.
+DESTROY_QUEUE = "dockpart:destroy:queue"
+DESTROYING = "dockpart:destroy:processing"
+
+#: Requests that could not be carried out, as JSON with the reason.
+DEAD_LETTERS = "dockpart:deadletter"
+
+#: The most recently visited URLs (newest first, trimmed).
+RECENT = "dockpart:recent"
+
+#: Uploaded images waiting for /meow (newest first).
+IMAGES = "dockpart:images"
+
+#: Namespace of the keys that users name in /set/<key> and /get/<key>.
+USER_PREFIX = "dockpart:user:"
+
+
+def user_key(name: str) -> str:
+    """The Redis key for a user-chosen cache key, kept apart from ours."""
+    return USER_PREFIX + name

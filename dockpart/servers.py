@@ -1,0 +1,116 @@
+"""The ``servers`` list and the queues that feed it, changed only by these scripts.
+
+Each change is one Lua script, so it is atomic in Redis: two web apps cannot
+allocate the same port, and an instance is never in no list while it moves
+from "spawning" to ``servers``.  Every change to ``servers`` publishes on
+:data:`keys.SERVERS_CHANNEL` so that proxies learn of it at once.
+
+Producers ``LPUSH`` onto a queue; consumers ``LMOVE queue processing RIGHT LEFT``
+(oldest first).
+"""
+
+from dockpart import keys
+from dockpart.redisconn import RedisService
+
+# Ports in an entry: the digits after the last colon.
+_PORT = "local function port_of(url) return tonumber(string.match(url, ':(%d+)/?$')) end\n"
+
+_REGISTER = """
+if ARGV[2] ~= '' then redis.call('LREM', ARGV[2], 0, ARGV[1]) end
+if redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[2], 'add ' .. ARGV[1])
+return 1
+"""
+
+_UNREGISTER = """
+local removed = redis.call('LREM', KEYS[1], 0, ARGV[1])
+if removed > 0 then redis.call('PUBLISH', KEYS[2], 'remove ' .. ARGV[1]) end
+return removed
+"""
+
+_REQUEST_SPAWN = _PORT + """
+-- KEYS: servers, spawn queue, spawning, destroy queue, destroying
+-- ARGV: host, first port, max instances, max port
+local top = tonumber(ARGV[2])
+local leaving = {}
+for i = 4, 5 do
+  for _, url in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do
+    local port = port_of(url)
+    if port then leaving[port] = true; if port > top then top = port end end
+  end
+end
+local live, count = {}, 0
+for i = 1, 3 do
+  for _, url in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do
+    local port = port_of(url)
+    if port then
+      if port > top then top = port end
+      if not live[port] and not leaving[port] then live[port] = true; count = count + 1 end
+    end
+  end
+end
+if count >= tonumber(ARGV[3]) then return {'full', tostring(count)} end
+if top + 1 > tonumber(ARGV[4]) then return {'noport', tostring(top)} end
+local url = 'http://' .. ARGV[1] .. ':' .. (top + 1)
+redis.call('LPUSH', KEYS[2], url)
+return {'ok', url}
+"""
+
+_REQUEST_DESTROY = _PORT + """
+-- KEYS: servers, destroy queue, destroying; ARGV: first port, a random number
+local taken = {}
+for i = 2, 3 do
+  for _, url in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do taken[url] = true end
+end
+local candidates = {}
+for _, url in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if port_of(url) ~= tonumber(ARGV[1]) and not taken[url] then
+    table.insert(candidates, url)
+  end
+end
+if #candidates == 0 then return false end
+local url = candidates[(tonumber(ARGV[2]) % #candidates) + 1]
+redis.call('LPUSH', KEYS[2], url)
+return url
+"""
+
+
+class InstancesFull(Exception):
+    """The ceiling on instances is reached."""
+
+
+class NoPortLeft(Exception):
+    """The next port would be past the highest allowed."""
+
+
+def register(redis: RedisService, url: str, processing: str = ""):
+    """Add ``url`` to ``servers`` once (and drop it from ``processing``); fires 1 if added."""
+    return redis.eval(_REGISTER, [keys.SERVERS, keys.SERVERS_CHANNEL], [url, processing])
+
+
+def unregister(redis: RedisService, url: str):
+    """Remove ``url`` from ``servers``; fires how many entries went."""
+    return redis.eval(_UNREGISTER, [keys.SERVERS, keys.SERVERS_CHANNEL], [url])
+
+
+async def request_spawn(redis: RedisService, host: str, first_port: int,
+                        max_instances: int, max_port: int = 65535) -> str:
+    """Queue a new instance one port above the highest in use; return its URL."""
+    status, value = await redis.eval(
+        _REQUEST_SPAWN,
+        [keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING, keys.DESTROY_QUEUE, keys.DESTROYING],
+        [host, first_port, max_instances, max_port])
+    if status == "full":
+        raise InstancesFull(f"{value} instances already run or are requested "
+                            f"(the ceiling is {max_instances})")
+    if status == "noport":
+        raise NoPortLeft(f"the highest port in use is {value}; no port is left above it")
+    return value
+
+
+async def request_destroy(redis: RedisService, first_port: int, random_number: int) -> str | None:
+    """Queue one live instance, never the first, for removal; None if there is none."""
+    return await redis.eval(
+        _REQUEST_DESTROY, [keys.SERVERS, keys.DESTROY_QUEUE, keys.DESTROYING],
+        [first_port, random_number])

@@ -1,0 +1,391 @@
+"""dockpart-web: the course's web app (cache, recent sites, image queue, scaling requests).
+
+Run it with ``twistd -n dockpart-web``.  Every route but ``/`` needs Redis; when
+Redis is away they answer 503 and the connection comes back by itself.
+"""
+
+import base64
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from html import escape
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from dockpart import keys, servers
+from dockpart.instances import FIRST_PORT, instance_url
+from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
+
+MESSAGE = "this message will self-destruct in 10 seconds"
+MESSAGE_TTL = 10
+DEFAULT_KEY = "message"
+RECENT_COUNT = 5
+MAX_KEY_LENGTH = 200
+#: Routes that take one more path segment, a user's cache key.
+KEYED_ROUTES = {"set", "get"}
+
+#: Leading bytes of the image formats a browser shows, and their types.
+IMAGE_MAGIC = [
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+]
+
+_RECORD = """
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+"""
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The image type that ``data`` starts with, or None if it is no image we know."""
+    for magic, mime in IMAGE_MAGIC:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+@dataclass
+class Reply:
+    code: int
+    body: str
+    content_type: str = "text/html; charset=utf-8"
+    headers: dict = field(default_factory=dict)
+
+
+def page(title: str, body_html: str, code: int = 200) -> Reply:
+    return Reply(code, f"<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+                       f"<title>{escape(title)}</title></head>\n"
+                       f"<body><h1>{escape(title)}</h1>\n{body_html}\n</body></html>\n")
+
+
+def message(title: str, text: str, code: int = 200) -> Reply:
+    return page(title, f"<p>{escape(text)}</p>", code)
+
+
+class LimitedRequest(server.Request):
+    """A request whose body stops being stored past the site's upload limit."""
+
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length):
+        limit = self.channel.site.max_body
+        self.too_large = length is not None and length > limit
+        super().gotLength(0 if self.too_large else length)
+
+    def handleContentChunk(self, data):
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:
+            self.too_large = True
+        if not self.too_large:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if self.too_large:
+            # A truncated multipart body must not be parsed; the app answers 413.
+            self.content.seek(0)
+            self.content.truncate()
+            self.requestHeaders.removeHeader(b"content-type")
+        super().requestReceived(command, path, version)
+
+
+class WebSite(server.Site):
+    requestFactory = LimitedRequest
+
+    def __init__(self, resource, max_body: int, **kw):
+        super().__init__(resource, **kw)
+        self.max_body = max_body
+
+
+class WebApp(Resource):
+    """All routes; each handler returns a :class:`Reply`."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, redis: RedisService, advertise_host: str, first_port: int,
+                 max_instances: int, max_upload: int):
+        super().__init__()
+        self.redis = redis
+        self.advertise_host = advertise_host
+        self.first_port = first_port
+        self.max_instances = max_instances
+        self.max_upload = max_upload
+        self.url = None  # known once listening
+        self.routes = {
+            ("GET", ""): self.index,
+            ("GET", "set"): self.set,
+            ("GET", "get"): self.get,
+            ("GET", "recent"): self.recent,
+            ("POST", "upload"): self.upload,
+            ("GET", "meow"): self.meow,
+            ("GET", "spawn"): self.spawn,
+            ("GET", "destroy"): self.destroy,
+            ("GET", "listservers"): self.listservers,
+        }
+
+    def render(self, request):
+        d = defer.ensureDeferred(self.dispatch(request))
+        d.addCallback(self._write, request)
+        d.addErrback(self.log.failure, "answering {uri}", uri=request.uri)
+        return server.NOT_DONE_YET
+
+    def _write(self, reply: Reply, request) -> None:
+        if request._disconnected or request.finished:
+            return
+        request.setResponseCode(reply.code)
+        request.setHeader("content-type", reply.content_type)
+        for name, value in reply.headers.items():
+            request.setHeader(name, value)
+        body = reply.body.encode("utf-8")
+        request.setHeader("content-length", str(len(body)))
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    async def dispatch(self, request) -> Reply:
+        method = request.method.decode("ascii", "replace")
+        if method == "HEAD":
+            method = "GET"
+        try:
+            segments = [s.decode("utf-8") for s in request.postpath]
+        except UnicodeDecodeError:
+            return message("Bad request", "The path is not UTF-8.", 400)
+        if segments and segments[-1] == "":
+            segments.pop()
+        name, args = (segments[0], segments[1:]) if segments else ("", [])
+        try:
+            await self.record(request)
+            return await self.route(request, method, name, args)
+        except RedisUnavailable as e:
+            if name == "":
+                return await self.index(request)
+            self.log.warn("Redis unavailable: {error}", error=e)
+            return message("Service unavailable",
+                           "The cache (Redis) cannot be reached right now; try again shortly.", 503)
+
+    async def route(self, request, method: str, name: str, args: list[str]) -> Reply:
+        handler = self.routes.get((method, name))
+        if handler is None:
+            allowed = [m for m, route in self.routes if route == name]
+            if allowed:
+                return Reply(405, "Method not allowed\n", "text/plain; charset=utf-8",
+                             {"allow": ", ".join(allowed)})
+            return message("Not found", f"No page at {request.path.decode('utf-8', 'replace')}.", 404)
+        if len(args) > (1 if name in KEYED_ROUTES else 0):
+            return message("Not found", f"/{name} takes no such path.", 404)
+        return await handler(request, *args)
+
+    async def record(self, request) -> None:
+        host = (request.getHeader("host") or self.url or "").removeprefix("http://")
+        url = f"http://{host}{request.uri.decode('utf-8', 'replace')}"
+        await self.redis.eval(_RECORD, [keys.RECENT], [url, RECENT_COUNT])
+
+    async def index(self, request) -> Reply:
+        return page("dockpart web app",
+                    f"<p>Served by the instance at <b>{escape(self.url or '')}</b>.</p>")
+
+    def _user_key(self, key: str) -> str:
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise ValueError(f"a key has 1 to {MAX_KEY_LENGTH} characters")
+        return keys.user_key(key)
+
+    async def set(self, request, key: str = DEFAULT_KEY) -> Reply:
+        try:
+            redis_key = self._user_key(key)
+        except ValueError as e:
+            return message("Bad key", str(e), 400)
+        await self.redis.call("SET", redis_key, MESSAGE, "EX", MESSAGE_TTL)
+        return message("Stored", f"Stored under {key!r} for {MESSAGE_TTL} seconds: {MESSAGE}")
+
+    async def get(self, request, key: str = DEFAULT_KEY) -> Reply:
+        try:
+            redis_key = self._user_key(key)
+        except ValueError as e:
+            return message("Bad key", str(e), 400)
+        value = await self.redis.call("GET", redis_key)
+        if value is None:
+            return message("Expired", f"Nothing under {key!r}: it has expired or was never set "
+                                      f"(visit /set first).", 404)
+        return message("Cached message", value)
+
+    async def recent(self, request) -> Reply:
+        urls = await self.redis.call("LRANGE", keys.RECENT, 0, RECENT_COUNT - 1)
+        items = "\n".join(f"<li>{escape(u)}</li>" for u in urls)
+        return page("Recently visited", f"<ol>\n{items}\n</ol>")
+
+    async def upload(self, request) -> Reply:
+        if request.too_large:
+            return message("Too large", f"Uploads are limited to {self.max_upload} bytes.", 413)
+        files = request.args.get(b"image")
+        if not files or not files[0]:
+            return message("No image", "Send the image as the multipart field 'image', "
+                                       "e.g. curl -F image=@cat.jpg HOST/upload", 400)
+        data = files[0]
+        mime = sniff_image(data)
+        if mime is None:
+            return message("Not an image", "The upload is not a JPEG, PNG, GIF, BMP or WebP image.", 415)
+        entry = json.dumps({"type": mime, "data": base64.b64encode(data).decode("ascii")})
+        length = await self.redis.call("LPUSH", keys.IMAGES, entry)
+        return message("Queued", f"Image queued ({len(data)} bytes, {mime}); "
+                                 f"{length} in the queue. See it at /meow.", 201)
+
+    async def meow(self, request) -> Reply:
+        entry = await self.redis.call("LPOP", keys.IMAGES)
+        if entry is None:
+            return message("No image", "The image queue is empty; upload one at /upload first.", 404)
+        image = json.loads(entry)
+        src = f"data:{image['type']};base64,{image['data']}"
+        return page("Meow", f'<img src="{escape(src)}" alt="the most recent upload">')
+
+    async def spawn(self, request) -> Reply:
+        try:
+            url = await servers.request_spawn(self.redis, self.advertise_host, self.first_port,
+                                              self.max_instances)
+        except (servers.InstancesFull, servers.NoPortLeft) as e:
+            return message("Too many instances", f"Not spawning: {e}.", 429)
+        self.log.info("spawn requested for {url}", url=url)
+        return message("Spawn requested", f"Requested a new instance at {url}; "
+                                          f"it joins the rotation once it answers.", 202)
+
+    async def destroy(self, request) -> Reply:
+        url = await servers.request_destroy(self.redis, self.first_port, random.getrandbits(31))
+        if url is None:
+            return message("Nothing to destroy",
+                           "No instance other than the first is running or all are already "
+                           "queued for removal.", 409)
+        self.log.info("destroy requested for {url}", url=url)
+        return message("Destroy requested", f"Requested removal of the instance at {url}.", 202)
+
+    async def listservers(self, request) -> Reply:
+        live = await self.redis.call("LRANGE", keys.SERVERS, 0, -1)
+        spawning = (await self.redis.call("LRANGE", keys.SPAWN_QUEUE, 0, -1)
+                    + await self.redis.call("LRANGE", keys.SPAWNING, 0, -1))
+        destroying = (await self.redis.call("LRANGE", keys.DESTROY_QUEUE, 0, -1)
+                      + await self.redis.call("LRANGE", keys.DESTROYING, 0, -1))
+        accept = request.getHeader("accept") or ""
+        if "application/json" in accept:
+            body = json.dumps({"servers": live, "spawning": spawning, "destroying": destroying})
+            return Reply(200, body + "\n", "application/json")
+        sections = [("Instances", live), ("Being spawned", spawning),
+                    ("Being destroyed", destroying)]
+        html = "\n".join(
+            f"<h2>{title}</h2>\n<ul>\n"
+            + "\n".join(f"<li>{escape(u)}</li>" for u in urls)
+            + "\n</ul>" for title, urls in sections)
+        return page("Servers", html)
+
+
+class WebListener(Service):
+    """Listens, learns its own URL, and registers the first instance in ``servers``."""
+
+    log = Logger()
+
+    def __init__(self, endpoint, app: WebApp, max_upload: int, retry: float = 1.0, reactor=None):
+        self.endpoint = endpoint
+        self.app = app
+        self.site = WebSite(app, max_upload)
+        self.retry = retry
+        self.reactor = reactor
+        self.port = None
+        self.registration = None
+
+    def startService(self):
+        super().startService()
+        d = self.endpoint.listen(self.site)
+        d.addCallback(self._listening)
+        d.addErrback(self.log.failure, "cannot listen")
+        return d
+
+    def _listening(self, port):
+        self.port = port
+        self.app.url = instance_url(self.app.advertise_host, port.getHost().port)
+        self.log.info("dockpart-web listening on {url}", url=self.app.url)
+        if port.getHost().port == self.app.first_port:
+            self.registration = LoopingCall(self._register)
+            if self.reactor is not None:
+                self.registration.clock = self.reactor
+            self.registration.start(self.retry)
+
+    async def _register_once(self):
+        added = await servers.register(self.app.redis, self.app.url)
+        self.log.info("first instance {url} {what} servers", url=self.app.url,
+                      what="added to" if added else "already in")
+        self.registration.stop()
+
+    def _register(self):
+        d = defer.ensureDeferred(self._register_once())
+        d.addErrback(lambda f: self.log.warn("cannot register yet: {e}", e=f.getErrorMessage()))
+        return d
+
+    def stopService(self):
+        super().stopService()
+        if self.registration is not None and self.registration.running:
+            self.registration.stop()
+        if self.port is not None:
+            return self.port.stopListening()
+
+
+def _size(value: str) -> int:
+    units = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+    value = value.strip().lower().removesuffix("ib").removesuffix("b")
+    if value and value[-1] in units:
+        return int(float(value[:-1]) * units[value[-1]])
+    return int(value)
+
+
+class Options(RedisOptions):
+    synopsis = "[options]"
+    longdesc = ("The course's web app. Port: --listen, else the environment variable "
+                "start_port, else 3000.")
+    optParameters = [
+        ["listen", "l", None, "Endpoint to listen on (default tcp:$start_port, else tcp:3000)."],
+        ["advertise-host", None, "127.0.0.1", "Host name that instance URLs use."],
+        ["first-port", None, FIRST_PORT,
+         "Port of the first instance: it registers itself and is never destroyed.", int],
+        ["max-instances", None, 10, "Ceiling on instances, the first included.", int],
+        ["max-upload", None, "5MiB", "Largest accepted upload (bytes, or with K/M/G)."],
+    ]
+
+    def postOptions(self):
+        super().postOptions()
+        if self["listen"] is None:
+            port = os.environ.get("start_port", str(FIRST_PORT))
+            if not port.isdigit():
+                raise usage.UsageError(f"start_port={port!r} is not a port number")
+            self["listen"] = f"tcp:{port}"
+        try:
+            self["max-upload"] = _size(self["max-upload"])
+        except ValueError:
+            raise usage.UsageError(f"--max-upload {self['max-upload']!r} is not a size") from None
+        if self["max-instances"] < 1:
+            raise usage.UsageError("--max-instances must be at least 1")
+
+
+def makeService(config, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    top = MultiService()
+    redis = RedisService(config["redis"], config["redis-timeout"], reactor)
+    redis.setServiceParent(top)
+    app = WebApp(redis, config["advertise-host"], config["first-port"],
+                 config["max-instances"], config["max-upload"])
+    try:
+        endpoint = serverFromString(reactor, config["listen"])
+    except ValueError as e:
+        raise usage.UsageError(f"--listen {config['listen']!r}: {e}") from None
+    WebListener(endpoint, app, config["max-upload"], reactor=reactor).setServiceParent(top)
+    return top

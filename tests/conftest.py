@@ -1,0 +1,20 @@
+import pytest
+
+from helpers import RedisProcess
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server for the whole session."""
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_db(redis_server):
+    """The session's Redis, emptied before each test; a redis-py client to it."""
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()

@@ -1,0 +1,124 @@
+"""Real parts for tests: free ports, a redis-server, a twistd daemon, bounded waits."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis as redis_py
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a true value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # the thing waited for may not be up yet
+            last_error = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+class RedisProcess:
+    """A real redis-server on a free loopback port, with no persistence."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="dockpart-redis-")
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis_py.Redis:
+        return redis_py.Redis(port=self.port, decode_responses=True, socket_timeout=5)
+
+    def start(self) -> "RedisProcess":
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is not installed (apt-get install redis-server)"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.client().ping(), what=f"redis-server on {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+class Daemon:
+    """``twistd -n PLUGIN ARGS`` in a subprocess, waited for by a line of its log."""
+
+    def __init__(self, plugin: str, *args: str, ready: str, env: dict | None = None,
+                 cwd: str | None = None):
+        self.argv = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", plugin, *args]
+        self.ready = ready
+        self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        self.log_path = Path(tempfile.mkstemp(prefix=f"{plugin}-", suffix=".log")[1])
+        self.proc = None
+
+    def start(self, timeout: float = 20.0) -> "Daemon":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=self.cwd, start_new_session=True)
+        try:
+            wait_for(self._is_ready, timeout, what=f"{self.argv[4]} to log {self.ready!r}")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"{self.argv} did not start:\n{self.output()}") from None
+        return self
+
+    def _is_ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"exited with {self.proc.returncode}:\n{self.output()}")
+        return self.ready in self.output()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        self._log.close()
+        code, self.proc = self.proc.returncode, None
+        return code

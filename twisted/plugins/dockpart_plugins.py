@@ -1,0 +1,10 @@
+"""twistd plugins for dockpart; each daemon's module is imported only when used."""
+
+from twisted.application.service import ServiceMaker
+
+dockpart_web = ServiceMaker(
+    "dockpart web app",
+    "dockpart.web",
+    "The course's web app: cache, recent sites, image queue, spawn/destroy requests.",
+    "dockpart-web",
+)

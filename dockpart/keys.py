@@ -7,8 +7,15 @@ infrastructure daemon all agree on it, and so can a seed-era tool.
 #: The live instances' URLs, the list the proxy rotates over.
 SERVERS = "servers"
 
+
+
+def changes_channel(list_key: str) -> str:
+    """The pub/sub channel that hears about every change to a list of backends."""
+    return f"dockpart:{list_key}:changed"
+
+
 #: Pub/sub channel that hears about every change to SERVERS.
-SERVERS_CHANNEL = "dockpart:servers:changed"
+SERVERS_CHANNEL = changes_channel(SERVERS)
 
 #: Spawn requests: URLs queued by /spawn, moved to SPAWNING while handled.
 SPAWN_QUEUE = "dockpart:spawn:queue"

@@ -84,14 +84,14 @@ class NoPortLeft(Exception):
     """The next port would be past the highest allowed."""
 
 
-def register(redis: RedisService, url: str, processing: str = ""):
+def register(redis: RedisService, url: str, processing: str = "", list_key: str = keys.SERVERS):
     """Add ``url`` to ``servers`` once (and drop it from ``processing``); fires 1 if added."""
-    return redis.eval(_REGISTER, [keys.SERVERS, keys.SERVERS_CHANNEL], [url, processing])
+    return redis.eval(_REGISTER, [list_key, keys.changes_channel(list_key)], [url, processing])
 
 
-def unregister(redis: RedisService, url: str):
+def unregister(redis: RedisService, url: str, list_key: str = keys.SERVERS):
     """Remove ``url`` from ``servers``; fires how many entries went."""
-    return redis.eval(_UNREGISTER, [keys.SERVERS, keys.SERVERS_CHANNEL], [url])
+    return redis.eval(_UNREGISTER, [list_key, keys.changes_channel(list_key)], [url])
 
 
 async def request_spawn(redis: RedisService, host: str, first_port: int,

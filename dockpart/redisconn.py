@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -109,6 +109,7 @@ class RedisService(Service):
         return self.call("EVAL", script, len(keys), *keys, *args)
 
     def _unavailable(self, failure):
-        if failure.check(defer.TimeoutError, txredisapi.ConnectionError):
+        if failure.check(defer.TimeoutError, txredisapi.ConnectionError, error.ConnectionLost,
+                         error.ConnectionDone):
             raise RedisUnavailable(f"{self.address} did not answer: {failure.getErrorMessage()}")
         return failure

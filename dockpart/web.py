@@ -139,9 +139,13 @@ class WebApp(Resource):
 
     def render(self, request):
         d = defer.ensureDeferred(self.dispatch(request))
+        d.addErrback(self._internal_error, request)
         d.addCallback(self._write, request)
-        d.addErrback(self.log.failure, "answering {uri}", uri=request.uri)
         return server.NOT_DONE_YET
+
+    def _internal_error(self, failure, request) -> Reply:
+        self.log.failure("answering {uri}", failure, uri=request.uri)
+        return message("Internal error", "Something went wrong; the error is in the log.", 500)
 
     def _write(self, reply: Reply, request) -> None:
         if request._disconnected or request.finished:

@@ -8,3 +8,10 @@ dockpart_web = ServiceMaker(
     "The course's web app: cache, recent sites, image queue, spawn/destroy requests.",
     "dockpart-web",
 )
+
+dockpart_infra = ServiceMaker(
+    "dockpart infrastructure daemon",
+    "dockpart.infra",
+    "Spawns and destroys web app instances (Docker containers or local processes) as queued.",
+    "dockpart-infra",
+)

@@ -1,0 +1,155 @@
+"""``--driver docker``: each instance is a container on the host network.
+
+Containers are named ``dockpart-web-<port>`` and labelled ``dockpart.managed=true``
+and ``dockpart.port=<port>``; a container without the label is never touched,
+even one with our name.  The image is built once, if missing, from the web
+app's Dockerfile; ``rebuild`` instead does the seed's stop, rm, rmi, build
+(``--build-arg start_port=PORT``), run for every spawn.  Every SDK call runs in
+the driver's own thread pool.
+"""
+
+import threading
+
+import docker
+import requests
+from docker.errors import APIError, BuildError, DockerException, ImageNotFound, NotFound
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from dockpart.drivers import DriverError, ThreadPoolService, Unavailable, instance_name
+
+LABEL_MANAGED = "dockpart.managed"
+LABEL_PORT = "dockpart.port"
+#: Instances come back by themselves after a crash or an engine restart, not after a stop.
+RESTART_POLICY = {"Name": "unless-stopped"}
+
+
+def _thd_container(client, port: int):
+    """Our container on ``port``, None if there is none; DriverError if the name is not ours."""
+    try:
+        container = client.containers.get(instance_name(port))
+    except NotFound:
+        return None
+    if container.labels.get(LABEL_MANAGED) != "true":
+        raise DriverError(f"a container named {container.name} exists that dockpart does not "
+                          f"manage (no {LABEL_MANAGED}=true label); leaving it alone")
+    return container
+
+
+def _thd_managed(client) -> dict[int, bool]:
+    found = {}
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL_MANAGED}=true"}):
+        port = c.labels.get(LABEL_PORT, "")
+        if port.isdigit():
+            found[int(port)] = c.status == "running"
+    return found
+
+
+def _thd_remove(client, port: int, stop_timeout: float, image: str | None = None) -> None:
+    container = _thd_container(client, port)
+    if container is not None:
+        if container.status in ("running", "restarting"):
+            container.stop(timeout=int(stop_timeout))
+        container.remove(force=True)
+    if image is not None:
+        try:
+            client.images.remove(image)
+        except ImageNotFound:
+            pass
+
+
+def _thd_build(client, image: str, context: str, dockerfile: str, build_args: dict) -> None:
+    client.images.build(path=context, dockerfile=dockerfile, tag=image, buildargs=build_args,
+                        network_mode="host", rm=True, forcerm=True)
+
+
+def _thd_ensure_image(client, image: str, *build) -> bool:
+    """Build ``image`` if it is missing; whether it had to be built."""
+    try:
+        client.images.get(image)
+        return False
+    except ImageNotFound:
+        _thd_build(client, image, *build)
+        return True
+
+
+def _thd_run(client, port: int, image: str, environment: dict) -> bool:
+    """Run our container on ``port`` unless it runs already; whether it was started."""
+    container = _thd_container(client, port)
+    if container is not None:
+        if container.status == "running":
+            return False
+        container.remove(force=True)  # exited or dead: start afresh
+    client.containers.run(
+        image, name=instance_name(port), detach=True, network_mode="host",
+        labels={LABEL_MANAGED: "true", LABEL_PORT: str(port)},
+        environment={"start_port": str(port), **environment},
+        restart_policy=RESTART_POLICY)
+    return True
+
+
+class DockerDriver:
+    name = "docker"
+    log = Logger()
+
+    def __init__(self, pool: ThreadPoolService, image: str, context: str, dockerfile: str,
+                 build_args: dict, redis_url: str, rebuild: bool = False,
+                 stop_timeout: float = 5.0, client_factory=None):
+        self.pool = pool
+        self.image = image
+        self.build = (context, dockerfile, build_args)
+        self.environment = {"DOCKPART_REDIS": redis_url}
+        self.rebuild = rebuild
+        self.stop_timeout = stop_timeout
+        self.client_factory = client_factory or (lambda: docker.from_env(timeout=60))
+        self._client = None
+        self._client_lock = threading.Lock()
+        self._build_lock = defer.DeferredLock()
+
+    def describe(self, port: int) -> str:
+        return f"container {instance_name(port)}"
+
+    def _thd_client(self):
+        with self._client_lock:
+            if self._client is None:
+                self._client = self.client_factory()  # asks the engine for its API version
+            return self._client
+
+    def _call(self, f, *args) -> defer.Deferred:
+        """``f(client, *args)`` in the pool, its errors sorted into retry or give up."""
+        def thd():
+            try:
+                return f(self._thd_client(), *args)
+            except (APIError, BuildError) as e:
+                raise DriverError(str(e)) from None
+            except (DockerException, requests.exceptions.RequestException) as e:
+                raise Unavailable(f"Docker: {e}") from None
+        return self.pool.run(thd)
+
+    def _port_image(self, port: int) -> str:
+        """``--rebuild``: the seed's image per instance, built for its port."""
+        return f"{instance_name(port)}:latest"
+
+    async def managed(self) -> dict[int, bool]:
+        return await self._call(_thd_managed)
+
+    async def start(self, port: int) -> None:
+        if (await self.managed()).get(port):
+            return  # already runs: adopt it
+        if self.rebuild:
+            image = self._port_image(port)
+            await self._call(_thd_remove, port, self.stop_timeout, image)
+            context, dockerfile, build_args = self.build
+            await self._call(_thd_build, image, context, dockerfile,
+                             {**build_args, "start_port": str(port)})
+        else:
+            image = self.image
+            async with self._build_lock:  # one build, however many spawns wait for it
+                if await self._call(_thd_ensure_image, image, *self.build):
+                    self.log.info("built the image {image}", image=image)
+        if await self._call(_thd_run, port, image, self.environment):
+            self.log.info("started {what} from {image}", what=self.describe(port), image=image)
+
+    async def remove(self, port: int) -> None:
+        image = self._port_image(port) if self.rebuild else None
+        await self._call(_thd_remove, port, self.stop_timeout, image)

@@ -1,0 +1,498 @@
+"""dockpart-infra: spawns and destroys web app instances as the queues ask, reliably.
+
+Run it with ``twistd -n dockpart-infra --driver docker`` (or ``--driver process``).
+
+Each request moves atomically from its queue to a processing list
+(``LMOVE queue processing RIGHT LEFT``) and leaves it only when done, so a
+crash loses nothing: what is left in processing at start is finished before
+anything new is taken.  Actions are idempotent (one instance name per port), so
+finishing a request twice does it once.  An entry that cannot be carried out
+goes to the dead-letter list with the reason.  A spawned URL joins ``servers``
+only once the instance answers HTTP; a destroyed one leaves ``servers`` first
+and its instance stops only after a drain period.  A reconciler keeps
+``servers`` and the running instances in agreement.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import treq
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, error, protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+from dockpart import keys, servers
+from dockpart.drivers import DriverError, ThreadPoolService, Unavailable, instance_name
+from dockpart.instances import FIRST_PORT, MAX_PORT, BadInstanceURL, instance_url, parse_instance_url
+from dockpart.redisconn import RedisAddress, RedisOptions, RedisService, RedisUnavailable
+
+DRIVERS = ("docker", "process")
+
+_DEAD_LETTER = """
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('LPUSH', KEYS[2], ARGV[2])
+"""
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A request queue and the processing list its requests wait in while handled."""
+    name: str
+    waiting: str
+    processing: str
+
+
+SPAWN = Queue("spawn", keys.SPAWN_QUEUE, keys.SPAWNING)
+DESTROY = Queue("destroy", keys.DESTROY_QUEUE, keys.DESTROYING)
+QUEUES = (SPAWN, DESTROY)
+
+
+class BadEntry(Exception):
+    """A queue entry that no action could carry out; it is dead-lettered."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which instance URLs this infra may act on."""
+    host: str
+    low: int
+    high: int
+    first_port: int
+
+    def check(self, queue: Queue, entry: str) -> int:
+        """The port ``entry`` names, or BadEntry saying why it cannot be done."""
+        try:
+            host, port = parse_instance_url(entry)
+        except BadInstanceURL as e:
+            raise BadEntry(f"not a valid instance URL: {e}") from None
+        if host != self.host:
+            raise BadEntry(f"host {host!r} is not this infra's host {self.host!r}")
+        if queue is DESTROY and port == self.first_port:
+            raise BadEntry(f"the first instance (port {port}) is never destroyed")
+        if not self.low <= port <= self.high:
+            raise BadEntry(f"port {port} is outside the allowed range {self.low}-{self.high}")
+        return port
+
+    def owns(self, url: str) -> int | None:
+        """The port of a ``servers`` entry that the reconciler looks after, else None."""
+        try:
+            return self.check(DESTROY, url)
+        except BadEntry:
+            return None
+
+
+class Outage:
+    """Logs once that a dependency is unreachable, and once that it is back."""
+
+    log = Logger()
+
+    def __init__(self, what: str):
+        self.what = what
+        self.down = False
+
+    def failed(self, e: Exception) -> None:
+        if not self.down:
+            self.down = True
+            self.log.warn("{what} is unreachable ({error}); keeping every request and retrying",
+                          what=self.what, error=e)
+
+    def ok(self) -> None:
+        if self.down:
+            self.down = False
+            self.log.info("{what} is reachable again", what=self.what)
+
+
+class Backoff:
+    """Delays that double from ``first`` up to ``most``."""
+
+    def __init__(self, first: float = 0.2, most: float = 5.0):
+        self.first, self.most, self.delay = first, most, first
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.most)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class _QuietHTTPFactory(_HTTP11ClientFactory):
+    noisy = False  # a probe every 0.1 s would log two lines each
+
+
+class _QuietFactory(protocol.Factory):
+    noisy = False
+    protocol = protocol.Protocol
+
+
+async def http_answers(reactor, port: int, timeout: float = 1.0) -> bool:
+    """Whether the instance on a local port answers ``GET /`` (any status below 500)."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietHTTPFactory
+    try:
+        response = await treq.get(f"http://127.0.0.1:{port}/", timeout=timeout, pool=pool,
+                                  reactor=reactor)
+        await treq.content(response)
+    except Exception:
+        return False
+    return response.code < 500
+
+
+async def port_in_use(reactor, port: int) -> bool:
+    """Whether something accepts connections on a local port."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
+    try:
+        proto = await endpoint.connect(_QuietFactory())
+    except (error.ConnectError, defer.TimeoutError):
+        return False
+    proto.transport.abortConnection()
+    return True
+
+
+class Worker(Service):
+    """Takes requests off the queues, carries them out, and reconciles."""
+
+    log = Logger()
+
+    def __init__(self, redis: RedisService, driver, policy: Policy, *, interval: float = 0.2,
+                 reconcile_interval: float = 10.0, drain: float = 3.0, spawn_timeout: float = 30.0,
+                 max_active: int = 10, retry_max: float = 5.0, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.redis = redis
+        self.driver = driver
+        self.policy = policy
+        self.interval = interval
+        self.reconcile_interval = reconcile_interval
+        self.drain = drain
+        self.spawn_timeout = spawn_timeout
+        self.max_active = max_active
+        self.retry_max = retry_max
+        self.reactor = reactor
+        self.outages = {Unavailable: Outage(f"the {driver.name} driver's engine"),
+                        RedisUnavailable: Outage("Redis")}
+        self._tasks: set[defer.Deferred] = set()
+        self._locks: dict[int, defer.DeferredLock] = {}
+        self._recovery: list[defer.Deferred] | None = None
+        self._redis_backoff = Backoff(most=retry_max)
+        self._next_take = 0.0
+        self._loops = [LoopingCall(self._tick), LoopingCall(self._reconcile_tick)]
+        for loop in self._loops:
+            loop.clock = reactor
+
+    # -- life cycle
+
+    def startService(self):
+        super().startService()
+        self._loops[0].start(self.interval)
+        self._loops[1].start(self.reconcile_interval)
+        self.log.info("dockpart-infra started (driver {driver}, ports {low}-{high})",
+                      driver=self.driver.name, low=self.policy.low, high=self.policy.high)
+
+    def stopService(self):
+        """Stop taking requests; unfinished ones stay in processing for the next start."""
+        super().stopService()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return defer.DeferredList(tasks)
+
+    # -- taking requests
+
+    def _tick(self):
+        if self.reactor.seconds() < self._next_take:
+            return None
+        d = defer.ensureDeferred(self._take())
+        d.addErrback(self._tick_failed)
+        return d
+
+    def _tick_failed(self, failure):
+        if failure.check(RedisUnavailable):
+            self.outages[RedisUnavailable].failed(failure.value)
+            self._next_take = self.reactor.seconds() + self._redis_backoff.next()
+        else:
+            self.log.failure("taking requests", failure)
+
+    async def _take(self) -> None:
+        if self._recovery is None:
+            await self._recover()
+        if any(not d.called for d in self._recovery):
+            return  # what was left from before is finished first
+        more = True
+        while more and len(self._tasks) < self.max_active:
+            more = False
+            for queue in QUEUES:
+                if len(self._tasks) >= self.max_active:
+                    break
+                entry = await self.redis.call("LMOVE", queue.waiting, queue.processing,
+                                              "RIGHT", "LEFT")
+                if entry is not None:
+                    self._begin(queue, entry)
+                    more = True
+        self.outages[RedisUnavailable].ok()
+        self._redis_backoff.reset()
+
+    async def _recover(self) -> None:
+        left = []
+        for queue in QUEUES:
+            entries = await self.redis.call("LRANGE", queue.processing, 0, -1)
+            left += [(queue, entry) for entry in reversed(entries)]  # oldest first
+        if left:
+            self.log.info("finishing {n} request(s) left in processing from before", n=len(left))
+        self._recovery = [self._begin(queue, entry) for queue, entry in left]
+
+    def _begin(self, queue: Queue, entry: str) -> defer.Deferred:
+        d = defer.ensureDeferred(self._handle(queue, entry))
+        self._tasks.add(d)
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+        d.addBoth(lambda _: self._tasks.discard(d))
+        return d
+
+    async def _handle(self, queue: Queue, entry: str) -> None:
+        try:
+            port = self.policy.check(queue, entry)
+        except BadEntry as e:
+            return await self._dead_letter(queue, entry, str(e))
+        lock = self._locks.setdefault(port, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            if queue is SPAWN:
+                await self._spawn(entry, port)
+            else:
+                await self._destroy(entry, port)
+        except defer.CancelledError:
+            raise
+        except DriverError as e:
+            await self._dead_letter(queue, entry, str(e))
+        except Exception as e:
+            self.log.failure("{queue} {entry} failed", queue=queue.name, entry=entry)
+            await self._dead_letter(queue, entry, f"unexpected error: {e!r}")
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(port, None)
+
+    async def _retrying(self, action):
+        """Run ``action()`` until its engine and Redis answer; log each outage once."""
+        backoff = Backoff(most=self.retry_max)
+        outage = None
+        while True:
+            try:
+                result = await action()
+            except (Unavailable, RedisUnavailable) as e:
+                outage = self.outages[type(e)]
+                outage.failed(e)
+                await deferLater(self.reactor, backoff.next(), lambda: None)
+            else:
+                if outage is not None:
+                    outage.ok()
+                return result
+
+    async def _dead_letter(self, queue: Queue, entry: str, reason: str) -> None:
+        self.log.warn("dead-lettered {queue} request {entry!r}: {reason}",
+                      queue=queue.name, entry=entry, reason=reason)
+        letter = json.dumps({"queue": queue.name, "entry": entry, "reason": reason,
+                             "time": time.time()})
+        await self._retrying(lambda: self.redis.eval(
+            _DEAD_LETTER, [queue.processing, keys.DEAD_LETTERS], [entry, letter]))
+
+    # -- the actions
+
+    async def _spawn(self, url: str, port: int) -> None:
+        what = self.driver.describe(port)
+        began = self.reactor.seconds()
+        running = await self._retrying(self.driver.managed)
+        if not running.get(port) and await port_in_use(self.reactor, port):
+            raise DriverError(f"port {port} is in use by something dockpart does not manage")
+        self.log.info("starting {what} for {url}", what=what, url=url)
+        try:
+            await self._retrying(lambda: self.driver.start(port))
+        except DriverError:
+            await self._retrying(lambda: self.driver.remove(port))
+            raise
+        if not await self._answers_within(port, self.spawn_timeout):
+            await self._retrying(lambda: self.driver.remove(port))
+            raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
+                              f"removed it")
+        await self._retrying(lambda: servers.register(self.redis, url, keys.SPAWNING))
+        self.log.info("{url} answers and is in servers ({seconds:.2f} s)",
+                      url=url, seconds=self.reactor.seconds() - began)
+
+    async def _answers_within(self, port: int, timeout: float) -> bool:
+        deadline = self.reactor.seconds() + timeout
+        while self.reactor.seconds() < deadline:
+            if await http_answers(self.reactor, port):
+                return True
+            await deferLater(self.reactor, 0.1, lambda: None)
+        return False
+
+    async def _destroy(self, url: str, port: int) -> None:
+        await self._retrying(lambda: servers.unregister(self.redis, url))
+        self.log.info("{url} left servers; draining for {drain:g} s", url=url, drain=self.drain)
+        await deferLater(self.reactor, self.drain, lambda: None)
+        await self._retrying(lambda: self.driver.remove(port))
+        await self._retrying(lambda: self.redis.call("LREM", keys.DESTROYING, 1, url))
+        self.log.info("destroyed {what} ({url})", what=self.driver.describe(port), url=url)
+
+    # -- reconciling
+
+    def _reconcile_tick(self):
+        d = defer.ensureDeferred(self.reconcile())
+        d.addErrback(self._reconcile_failed)
+        return d
+
+    def _reconcile_failed(self, failure):
+        failure.trap(Unavailable, RedisUnavailable)
+        self.outages[failure.type].failed(failure.value)
+
+    async def reconcile(self) -> None:
+        """Add back managed instances that answer; drop entries whose instance is gone."""
+        # servers first, instances second: an instance registered in between is never dropped.
+        lists = {key: await self.redis.call("LRANGE", key, 0, -1)
+                 for key in (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING,
+                             keys.DESTROY_QUEUE, keys.DESTROYING)}
+        running = await self.driver.managed()
+        pending = {self.policy.owns(url) for key, urls in lists.items() if key != keys.SERVERS
+                   for url in urls}
+        registered = {}
+        for url in lists[keys.SERVERS]:
+            port = self.policy.owns(url)
+            if port is not None:
+                registered[port] = url
+
+        def busy(port):
+            return port in pending or port in self._locks
+
+        for port, up in sorted(running.items()):
+            if (up and port not in registered and not busy(port) and self.policy.owns(
+                    instance_url(self.policy.host, port)) and await http_answers(self.reactor, port)):
+                url = instance_url(self.policy.host, port)
+                if await servers.register(self.redis, url):
+                    self.log.info("reconcile: {what} answers; added {url} back to servers",
+                                  what=self.driver.describe(port), url=url)
+        for port, url in registered.items():
+            if not running.get(port) and not busy(port):
+                if await servers.unregister(self.redis, url):
+                    self.log.info("reconcile: {what} is gone; removed {url} from servers",
+                                  what=self.driver.describe(port), url=url)
+
+
+def _port_range(value: str) -> tuple[int, int]:
+    low, sep, high = value.partition("-")
+    try:
+        low_port, high_port = int(low), int(high if sep else low)
+    except ValueError:
+        raise usage.UsageError(f"--port-range {value!r}: expected LOW-HIGH, e.g. 3001-3100") from None
+    if not 1 <= low_port <= high_port <= MAX_PORT:
+        raise usage.UsageError(f"--port-range {value!r}: need 1 <= LOW <= HIGH <= {MAX_PORT}")
+    return low_port, high_port
+
+
+def _redis_url(address: RedisAddress) -> str:
+    """The --redis URL again, password included, for the instances' DOCKPART_REDIS."""
+    auth = f":{address.password}@" if address.password else ""
+    return f"redis://{auth}{address.host}:{address.port}/{address.db}"
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return os.path.join(base, "dockpart-infra")
+
+
+class Options(RedisOptions):
+    synopsis = "[options]"
+    longdesc = ("Spawns and destroys dockpart-web instances as /spawn and /destroy ask. "
+                "The Docker endpoint comes from DOCKER_HOST, else the local socket.")
+    optFlags = [
+        ["rebuild", None, "Docker: per spawn, stop/rm the container, rmi and build its image with "
+                          "--build-arg start_port=PORT, then run it (the seed's way; slow)."],
+    ]
+    optParameters = [
+        ["driver", None, "docker", f"How instances run: {' or '.join(DRIVERS)}."],
+        ["image", None, "dockpart-web", "Docker: the web app image (built once if missing)."],
+        ["dockerfile", None, "Dockerfiles/web.Dockerfile",
+         "Docker: the web app's Dockerfile, relative to --build-context."],
+        ["build-context", None, ".", "Docker: the folder the image is built from."],
+        ["advertise-host", None, "127.0.0.1", "Host name in instance URLs (as dockpart-web's)."],
+        ["first-port", None, FIRST_PORT, "The first instance's port: never destroyed.", int],
+        ["port-range", None, f"{FIRST_PORT + 1}-{MAX_PORT}", "Ports instances may take: LOW-HIGH."],
+        ["interval", None, 0.2, "Seconds between looks at the queues.", float],
+        ["reconcile-interval", None, 10.0, "Seconds between reconciliations.", float],
+        ["drain", None, 3.0, "Seconds a destroyed instance keeps serving after leaving servers.",
+         float],
+        ["spawn-timeout", None, 30.0, "Seconds a new instance has to answer HTTP.", float],
+        ["stop-timeout", None, 5.0, "Seconds an instance has to stop before it is killed.", float],
+        ["max-active", None, 10, "Requests handled at the same time.", int],
+        ["retry-max", None, 5.0, "Longest wait between retries while Docker or Redis is away.",
+         float],
+        ["state-dir", None, None, "Process driver: instances' logs and identity "
+                                  "(default $XDG_STATE_HOME/dockpart-infra)."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["build-args"] = {}
+
+    def opt_build_arg(self, value: str) -> None:
+        """Docker: KEY=VALUE passed to the image build (repeatable), e.g. BASE_IMAGE=..."""
+        name, sep, arg = value.partition("=")
+        if not sep or not name:
+            raise usage.UsageError(f"--build-arg {value!r}: expected KEY=VALUE")
+        self["build-args"][name] = arg
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["driver"] not in DRIVERS:
+            raise usage.UsageError(f"--driver {self['driver']!r}: choose {' or '.join(DRIVERS)}")
+        if self["rebuild"] and self["driver"] != "docker":
+            raise usage.UsageError("--rebuild only applies to --driver docker")
+        self["port-range"] = _port_range(self["port-range"])
+        for name in ("interval", "reconcile-interval", "spawn-timeout", "stop-timeout", "retry-max"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
+        if self["drain"] < 0:
+            raise usage.UsageError("--drain cannot be negative")
+        if self["max-active"] < 1:
+            raise usage.UsageError("--max-active must be at least 1")
+        self["state-dir"] = self["state-dir"] or _default_state_dir()
+
+
+def make_driver(config, pool: ThreadPoolService, reactor):
+    """The driver that ``--driver`` names, imported only when chosen."""
+    redis_url = _redis_url(config["redis"])
+    if config["driver"] == "process":
+        from dockpart.drivers.process import ProcessDriver
+        return ProcessDriver(pool, config["state-dir"], redis_url, config["advertise-host"],
+                             config["first-port"], config["stop-timeout"], reactor)
+    from dockpart.drivers.docker import DockerDriver
+    context = Path(config["build-context"]).resolve()
+    return DockerDriver(pool, config["image"], str(context), config["dockerfile"],
+                        config["build-args"], redis_url, rebuild=config["rebuild"],
+                        stop_timeout=config["stop-timeout"])
+
+
+def makeService(config, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    top = MultiService()
+    redis = RedisService(config["redis"], config["redis-timeout"], reactor)
+    redis.setServiceParent(top)
+    pool = ThreadPoolService(f"dockpart-infra-{config['driver']}", reactor=reactor)
+    pool.setServiceParent(top)
+    low, high = config["port-range"]
+    policy = Policy(config["advertise-host"], low, high, config["first-port"])
+    Worker(redis, make_driver(config, pool, reactor), policy, interval=config["interval"],
+           reconcile_interval=config["reconcile-interval"], drain=config["drain"],
+           spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
+           retry_max=config["retry-max"], reactor=reactor).setServiceParent(top)
+    return top

@@ -1,5 +1,6 @@
 import pytest
 
+from dockerkit import docker_images  # noqa: F401  (a fixture for tests marked docker)
 from helpers import RedisProcess
 
 

@@ -1,0 +1,76 @@
+"""The images scripts/images builds offline run dockpart as the README says."""
+
+import pytest
+import requests
+
+from dockerkit import docker_client, run_images
+from helpers import free_port, wait_for
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def web_container(docker_images, redis_db, redis_server):
+    """dockpart-web in a container on host networking, on a free port, with the test Redis."""
+    client = docker_client()
+    port = free_port()
+    container = client.containers.run(
+        docker_images["web"], ["--first-port", str(port)], detach=True, network_mode="host",
+        environment={"start_port": str(port), "DOCKPART_REDIS": redis_server.url},
+        labels={"dockpart.test": "images"})
+    yield container, port
+    container.remove(force=True)
+    client.close()
+
+
+def test_every_dockerfile_gives_a_tagged_image(docker_images):
+    """Each Dockerfiles/NAME.Dockerfile is built as dockpart-NAME:latest from the local base."""
+    assert {"redis", "web", "proxy"} <= set(docker_images)
+    client = docker_client()
+    base = client.images.get("dockpart-base:bookworm")
+    for tag in docker_images.values():
+        image = client.images.get(tag)
+        assert image.labels.get("org.dockpart.inputs"), tag
+        # Built FROM the local base: its layers come first.
+        assert image.history()[-1]["Id"] == base.history()[-1]["Id"], tag
+    client.close()
+
+
+def test_rebuild_with_unchanged_inputs_does_nothing(docker_images):
+    """A second run finds every image up to date instead of building again."""
+    client = docker_client()
+    before = {tag: client.images.get(tag).id for tag in docker_images.values()}
+    run_images("all")
+    assert {tag: client.images.get(tag).id for tag in docker_images.values()} == before
+    client.close()
+
+
+def test_web_image_serves_the_app_as_a_non_root_user(web_container, redis_db):
+    """The seed's start_port picks the port; the first instance registers itself in Redis."""
+    container, port = web_container
+    url = f"http://127.0.0.1:{port}"
+    page = wait_for(lambda: requests.get(url + "/", timeout=2), timeout=30,
+                    what=f"dockpart-web in a container on {port}")
+    assert page.status_code == 200
+    assert url in page.text
+    assert requests.get(url + "/set", timeout=5).status_code == 200
+    assert "self-destruct" in requests.get(url + "/get", timeout=5).text
+    assert wait_for(lambda: redis_db.lrange("servers", 0, -1) == [url], timeout=10,
+                    what="the instance in servers")
+    assert container.exec_run("id -u").output.decode().strip() != "0"
+    wait_for(lambda: container.reload() or container.attrs["State"]["Health"]["Status"] == "healthy",
+             timeout=30, interval=0.5, what="the image's healthcheck to pass")
+
+
+def test_redis_image_answers_on_the_port_given(docker_images):
+    client = docker_client()
+    port = free_port()
+    container = client.containers.run(docker_images["redis"], ["--port", str(port)], detach=True,
+                                      network_mode="host", labels={"dockpart.test": "images"})
+    try:
+        wait_for(lambda: container.exec_run(["redis-cli", "-p", str(port), "ping"]).output
+                 == b"PONG\n", timeout=20, what="redis in a container")
+        assert container.exec_run("id -un").output.decode().strip() == "redis"
+    finally:
+        container.remove(force=True)
+        client.close()

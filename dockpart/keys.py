@@ -17,6 +17,9 @@ def changes_channel(list_key: str) -> str:
 #: Pub/sub channel that hears about every change to SERVERS.
 SERVERS_CHANNEL = changes_channel(SERVERS)
 
+#: The front route of git-push deployment: the live slice's URL (``dockpart deploy switch``).
+DEPLOY_LIVE = "dockpart:deploy:live"
+
 #: Spawn requests: URLs queued by /spawn, moved to SPAWNING while handled.
 SPAWN_QUEUE = "dockpart:spawn:queue"
 SPAWNING = "dockpart:spawn:processing"

@@ -29,6 +29,13 @@ if removed > 0 then redis.call('PUBLISH', KEYS[2], 'remove ' .. ARGV[1]) end
 return removed
 """
 
+_REPLACE = """
+redis.call('DEL', KEYS[1])
+if #ARGV > 0 then redis.call('RPUSH', KEYS[1], unpack(ARGV)) end
+redis.call('PUBLISH', KEYS[2], 'replace ' .. table.concat(ARGV, ' '))
+return #ARGV
+"""
+
 _REQUEST_SPAWN = _PORT + """
 -- KEYS: servers, spawn queue, spawning, destroy queue, destroying
 -- ARGV: host, first port, max instances, max port
@@ -92,6 +99,11 @@ def register(redis: RedisService, url: str, processing: str = "", list_key: str 
 def unregister(redis: RedisService, url: str, list_key: str = keys.SERVERS):
     """Remove ``url`` from ``servers``; fires how many entries went."""
     return redis.eval(_UNREGISTER, [list_key, keys.changes_channel(list_key)], [url])
+
+
+def replace(redis: RedisService, urls: list[str], list_key: str):
+    """Make ``list_key`` exactly ``urls`` in one step (never empty in between); fires the count."""
+    return redis.eval(_REPLACE, [list_key, keys.changes_channel(list_key)], urls)
 
 
 async def request_spawn(redis: RedisService, host: str, first_port: int,

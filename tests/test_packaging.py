@@ -7,7 +7,7 @@ import venv
 
 from helpers import ROOT
 
-PLUGINS = ["dockpart-web", "dockpart-infra"]
+PLUGINS = ["dockpart-web", "dockpart-infra", "dockpart-forward"]
 
 
 def test_pip_install_lists_every_plugin_in_twistd_help(tmp_path):

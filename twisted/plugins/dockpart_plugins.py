@@ -15,3 +15,10 @@ dockpart_infra = ServiceMaker(
     "Spawns and destroys web app instances (Docker containers or local processes) as queued.",
     "dockpart-infra",
 )
+
+dockpart_forward = ServiceMaker(
+    "dockpart deploy slice forwarder",
+    "dockpart.deploy.forward",
+    "A deploy slice's port: sends each new connection to the slice's current release.",
+    "dockpart-forward",
+)

@@ -1,0 +1,214 @@
+"""The Docker steps of a deployment, as blocking docker SDK calls.
+
+The deploy hook is a short-lived command-line program, not a reactor, so blocking here is
+fine; every step reports through ``say`` (printed and flushed: git shows it to the pusher).
+"""
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import docker
+from docker.errors import APIError, DockerException, NotFound
+
+from dockpart.deploy.repos import DeployError
+
+LABEL = "dockpart.deploy"
+#: Manifest types asked for when reading a digest from the registry.
+_MANIFEST_TYPES = ", ".join([
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+])
+
+
+def client() -> docker.DockerClient:
+    try:
+        c = docker.from_env(timeout=120)
+        c.ping()
+        return c
+    except DockerException as e:
+        raise DeployError(f"the Docker engine does not answer: {e}") from None
+
+
+def _stream_errors(stream, say, show) -> dict:
+    """Relay a docker JSON progress stream; raise on its error; return the last ``aux``."""
+    aux = {}
+    for item in stream:
+        if "error" in item:
+            raise DeployError(item["error"].strip())
+        if "aux" in item:
+            aux = item["aux"]
+        line = show(item)
+        if line:
+            say(line)
+    return aux
+
+
+def build(c: docker.DockerClient, context: str, image: str, build_args: dict, say) -> str:
+    """Build ``context`` as ``image``; the old container keeps serving meanwhile."""
+    try:
+        stream = c.api.build(path=context, tag=image, buildargs=build_args, rm=True,
+                             forcerm=True, decode=True)
+        aux = _stream_errors(stream, say, lambda item: item.get("stream", "").rstrip())
+    except APIError as e:
+        raise DeployError(f"the build failed: {e.explanation or e}") from None
+    return aux.get("ID", image)
+
+
+def tag(c: docker.DockerClient, image: str, new_name: str) -> None:
+    repository, new_tag = new_name.rsplit(":", 1)
+    c.api.tag(image, repository, new_tag)
+
+
+def _progress_line(item: dict) -> str:
+    # Layer-by-layer progress would flood the pusher's terminal; keep the summaries.
+    if item.get("progressDetail") or item.get("progress") or "id" in item:
+        return ""
+    return item.get("status", "")
+
+
+def push(c: docker.DockerClient, name: str, say) -> str:
+    """Push ``name`` (repository:tag) to its registry; return the manifest digest."""
+    repository, name_tag = name.rsplit(":", 1)
+    try:
+        stream = c.api.push(repository, tag=name_tag, stream=True, decode=True)
+        aux = _stream_errors(stream, say, _progress_line)
+    except APIError as e:
+        raise DeployError(f"the push of {name} failed: {e.explanation or e}") from None
+    return aux.get("Digest", "")
+
+
+def pull(c: docker.DockerClient, name: str, say) -> None:
+    repository, name_tag = name.rsplit(":", 1)
+    try:
+        stream = c.api.pull(repository, tag=name_tag, stream=True, decode=True)
+        _stream_errors(stream, say, _progress_line)
+    except APIError as e:
+        raise DeployError(f"the pull of {name} failed: {e.explanation or e}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run(c: docker.DockerClient, image: str, name: str, port: int, labels: dict):
+    """Start ``image`` as ``name`` on the host network, told to listen on ``port``."""
+    remove(c, name)
+    try:
+        return c.containers.run(
+            image, name=name, detach=True, network_mode="host",
+            environment={"PORT": str(port), "HOST": "127.0.0.1"},
+            labels={LABEL: "1", **labels}, restart_policy={"Name": "unless-stopped"})
+    except APIError as e:
+        raise DeployError(f"{name} did not start: {e.explanation or e}") from None
+
+
+def last_logs(container, lines: int = 20) -> str:
+    try:
+        return container.logs(tail=lines).decode(errors="replace").rstrip()
+    except DockerException:
+        return "(no logs)"
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (OSError, ValueError):
+        return False
+
+
+def wait_healthy(container, url: str, timeout: float, say) -> None:
+    """Wait until ``url`` answers 2xx; raise with the container's last log lines otherwise."""
+    say(f"waiting up to {timeout:g} s for {url} to answer")
+    deadline = time.monotonic() + timeout
+    reason = f"{url} did not answer with 2xx within {timeout:g} s"
+    while time.monotonic() < deadline:
+        if http_ok(url):
+            return
+        container.reload()
+        if container.status not in ("created", "running", "restarting") or \
+                container.attrs["State"].get("RestartCount", 0) > 0:
+            state = container.attrs["State"]
+            reason = f"the container exited with code {state.get('ExitCode')}"
+            break
+        time.sleep(0.2)
+    raise DeployError(f"health check failed: {reason}\n"
+                      f"last log lines of {container.name}:\n{last_logs(container)}")
+
+
+def get(c: docker.DockerClient, name: str):
+    try:
+        return c.containers.get(name)
+    except NotFound:
+        return None
+
+
+def remove(c: docker.DockerClient, name: str, stop_timeout: int = 10) -> bool:
+    """Stop (SIGTERM, then SIGKILL after ``stop_timeout``) and remove a container if it exists."""
+    container = get(c, name)
+    if container is None:
+        return False
+    try:
+        container.stop(timeout=stop_timeout)
+    except NotFound:
+        return False
+    try:
+        container.remove(force=True)
+    except NotFound:
+        pass
+    return True
+
+
+def remove_image(c: docker.DockerClient, name: str) -> None:
+    """Drop a local tag; best effort (an image in use stays)."""
+    try:
+        c.images.remove(name, noprune=False)
+    except DockerException:
+        pass
+
+
+def _registry_url(name: str) -> tuple[str, str]:
+    registry, _, rest = name.partition("/")
+    repository, _, name_tag = rest.rpartition(":")
+    return f"http://{registry}/v2/{repository}/manifests/", name_tag
+
+
+def registry_digest(name: str) -> str | None:
+    base, name_tag = _registry_url(name)
+    request = urllib.request.Request(base + name_tag, method="HEAD",
+                                     headers={"Accept": _MANIFEST_TYPES})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.headers.get("Docker-Content-Digest")
+    except (OSError, ValueError):
+        return None
+
+
+def registry_delete(name: str, keep_digests: set) -> str:
+    """Delete ``name``'s manifest from the registry unless a kept tag shares it; say what happened."""
+    digest = registry_digest(name)
+    if digest is None:
+        return f"{name} is not in the registry"
+    if digest in keep_digests:
+        return f"{name} shares its image with a kept release; left in the registry"
+    base, _ = _registry_url(name)
+    request = urllib.request.Request(base + digest, method="DELETE")
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            return f"deleted {name} from the registry"
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:200]
+        try:
+            detail = json.loads(detail)["errors"][0]["message"]
+        except (ValueError, KeyError, IndexError):
+            pass
+        return f"the registry kept {name}: {e.code} {detail}"
+    except OSError as e:
+        return f"the registry kept {name}: {e}"

@@ -1,0 +1,334 @@
+"""dockpart-infra with the process driver: real Redis, real twistd dockpart-web instances."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from twisted.python import usage
+
+from dockpart import infra, keys
+from helpers import Daemon, RedisProcess, free_port, port_open, wait_for
+
+FIRST = 3000
+
+
+def url_of(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def instance_pids(port: int) -> list[int]:
+    """Processes whose command line makes them listen on ``port``, read from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if f"tcp:{port}:interface=127.0.0.1".encode() in argv and state != b"Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_instances(state_dir: Path) -> None:
+    """Stop every instance a test's infra started (they outlive the infra by design)."""
+    for log in state_dir.glob("dockpart-web-*.log"):
+        port = int(log.stem.rsplit("-", 1)[1])
+        for pid in instance_pids(port):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not instance_pids(port), 10, what=f"instance on {port} to exit")
+
+
+def start_infra(redis_url: str, state_dir: Path, *args: str) -> Daemon:
+    return Daemon("dockpart-infra", "--driver", "process", "--redis", redis_url,
+                  "--state-dir", str(state_dir), "--port-range", "1024-65535",
+                  "--first-port", str(FIRST), "--interval", "0.05", "--drain", "1",
+                  "--reconcile-interval", "1", "--spawn-timeout", "20", *args,
+                  ready="dockpart-infra started").start()
+
+
+@pytest.fixture
+def own_redis():
+    """A Redis of the test's own: one infra per Redis, and the module's infra is running."""
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("infra-state")
+
+
+@pytest.fixture(scope="module")
+def infra_daemon(redis_server, state_dir):
+    daemon = start_infra(redis_server.url, state_dir)
+    yield daemon
+    daemon.stop()
+    kill_instances(state_dir)
+
+
+@pytest.fixture
+def infra_d(infra_daemon, redis_db, state_dir):
+    """The module's infra on an emptied Redis; the test's instances are stopped afterwards."""
+    yield infra_daemon
+    kill_instances(state_dir)
+    redis_db.flushall()
+
+
+def servers(redis_db) -> list[str]:
+    return redis_db.lrange(keys.SERVERS, 0, -1)
+
+
+def spawn(redis_db, *ports: int) -> list[str]:
+    urls = [url_of(p) for p in ports]
+    redis_db.lpush(keys.SPAWN_QUEUE, *urls)
+    return urls
+
+
+def wait_registered(redis_db, urls, timeout=20.0):
+    wait_for(lambda: set(urls) <= set(servers(redis_db)), timeout,
+             what=f"{urls} in servers")
+
+
+# -- options and rules, no processes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--driver", "kubernetes"], "docker or process"),
+    (["--port-range", "5000-4000"], "LOW <= HIGH"),
+    (["--port-range", "abc"], "LOW-HIGH"),
+    (["--driver", "process", "--rebuild"], "--rebuild only applies"),
+    (["--interval", "0"], "--interval must be positive"),
+    (["--build-arg", "NOEQUALS"], "KEY=VALUE"),
+])
+def test_bad_options_are_refused_with_a_reason(args, message):
+    with pytest.raises(usage.UsageError, match=message):
+        infra.Options().parseOptions(args)
+
+
+def test_options_defaults_and_build_args():
+    config = infra.Options()
+    config.parseOptions(["--build-arg", "BASE_IMAGE=dockpart-base:bookworm", "--drain", "0.5"])
+    assert config["driver"] == "docker" and config["interval"] < 1
+    assert config["port-range"] == (3001, 65535)
+    assert config["build-args"] == {"BASE_IMAGE": "dockpart-base:bookworm"}
+
+
+def test_policy_names_the_reason_for_each_bad_entry():
+    policy = infra.Policy("127.0.0.1", 3001, 3100, FIRST)
+    assert policy.check(infra.SPAWN, "http://127.0.0.1:3050") == 3050
+    for queue, entry, reason in [
+        (infra.SPAWN, "nonsense", "not a valid instance URL"),
+        (infra.SPAWN, "http://127.0.0.1:3050/x", "not a valid instance URL"),
+        (infra.SPAWN, "http://127.0.0.1:4000", "outside the allowed range 3001-3100"),
+        (infra.SPAWN, "http://10.0.0.1:3050", "not this infra's host"),
+        (infra.DESTROY, "http://127.0.0.1:3000", "never destroyed"),
+    ]:
+        with pytest.raises(infra.BadEntry, match=reason):
+            policy.check(queue, entry)
+
+
+def test_backoff_doubles_up_to_its_ceiling():
+    backoff = infra.Backoff(0.5, 3)
+    assert [backoff.next() for _ in range(5)] == [0.5, 1, 2, 3, 3]
+    backoff.reset()
+    assert backoff.next() == 0.5
+
+
+# -- the daemon
+
+
+def test_spawn_becomes_reachable_then_registered_and_announced(infra_d, redis_db):
+    pubsub = redis_db.pubsub()
+    pubsub.subscribe(keys.SERVERS_CHANNEL)
+    port = free_port()
+    [url] = spawn(redis_db, port)
+    wait_registered(redis_db, [url])
+    r = requests.get(url + "/", timeout=5)
+    assert r.status_code == 200 and url in r.text
+    assert redis_db.llen(keys.SPAWNING) == 0 and redis_db.llen(keys.SPAWN_QUEUE) == 0
+    messages = [m["data"] for m in iter(lambda: pubsub.get_message(timeout=1), None)
+                if m["type"] == "message"]
+    assert messages == [f"add {url}"]
+    pubsub.close()
+    assert len(instance_pids(port)) == 1
+
+
+def test_ten_concurrent_spawns_give_ten_instances(infra_d, redis_db):
+    ports = [free_port() for _ in range(10)]
+    urls = spawn(redis_db, *ports)
+    wait_registered(redis_db, urls, timeout=40)
+    assert sorted(servers(redis_db)) == sorted(urls)
+    for port, url in zip(ports, urls):
+        assert requests.get(url, timeout=5).status_code == 200
+        assert len(instance_pids(port)) == 1
+
+
+def test_destroy_under_a_request_loop_fails_no_request(infra_d, redis_db):
+    """Requests go, at each moment, to an instance then in servers; none fails."""
+    keep, leave = free_port(), free_port()
+    urls = spawn(redis_db, keep, leave)
+    wait_registered(redis_db, urls)
+    failures, served = [], {url: 0 for url in urls}
+    stop = threading.Event()
+
+    def loop():
+        session = requests.Session()
+        deadline = time.monotonic() + 30
+        i = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            live = servers(redis_db)
+            url = live[i % len(live)]
+            i += 1
+            try:
+                r = session.get(url + "/", timeout=5)
+                if r.status_code != 200:
+                    failures.append((url, r.status_code))
+                served[url] += 1
+            except requests.RequestException as e:
+                failures.append((url, repr(e)))
+        session.close()
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        wait_for(lambda: served[url_of(leave)] > 20, 10, what="requests to the doomed instance")
+        redis_db.lpush(keys.DESTROY_QUEUE, url_of(leave))
+        wait_for(lambda: redis_db.llen(keys.DESTROYING) + redis_db.llen(keys.DESTROY_QUEUE) == 0,
+                 15, what="the destroy request to be done")
+        assert not instance_pids(leave) and not port_open(leave)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        worker.join(10)
+    assert failures == []
+    assert servers(redis_db) == [url_of(keep)]
+    assert "draining for 1 s" in infra_d.output()
+
+
+def test_bad_entries_are_dead_lettered_and_change_nothing(infra_d, redis_db, state_dir):
+    redis_db.rpush(keys.SERVERS, url_of(FIRST))
+    bad = {
+        ("spawn", "not a url"): "not a valid instance URL",
+        ("spawn", "http://127.0.0.1:80"): "outside the allowed range",
+        ("spawn", "http://example.com:4000"): "not this infra's host",
+        ("destroy", url_of(FIRST)): "never destroyed",
+        ("destroy", "http://127.0.0.1:99999"): "not a valid instance URL",
+    }
+    for queue, entry in bad:
+        redis_db.lpush(keys.SPAWN_QUEUE if queue == "spawn" else keys.DESTROY_QUEUE, entry)
+    wait_for(lambda: redis_db.llen(keys.DEAD_LETTERS) == len(bad), 10, what="dead letters")
+    letters = [json.loads(x) for x in redis_db.lrange(keys.DEAD_LETTERS, 0, -1)]
+    for letter in letters:
+        assert bad[(letter["queue"], letter["entry"])] in letter["reason"]
+    assert servers(redis_db) == [url_of(FIRST)]
+    for key in (keys.SPAWN_QUEUE, keys.SPAWNING, keys.DESTROY_QUEUE, keys.DESTROYING):
+        assert redis_db.llen(key) == 0
+    assert f"dead-lettered destroy request '{url_of(FIRST)}'" in infra_d.output()
+
+
+def test_a_port_taken_by_a_stranger_is_dead_lettered(infra_d, redis_db):
+    import socket
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        port = stranger.getsockname()[1]
+        spawn(redis_db, port)
+        wait_for(lambda: redis_db.llen(keys.DEAD_LETTERS) == 1, 10, what="a dead letter")
+    assert "in use by something dockpart does not manage" in redis_db.lindex(keys.DEAD_LETTERS, 0)
+    assert servers(redis_db) == [] and not instance_pids(port)
+
+
+def test_reconcile_adds_back_live_instances_and_drops_dead_entries(infra_d, redis_db):
+    port = free_port()
+    [url] = spawn(redis_db, port)
+    wait_registered(redis_db, [url])
+    ghost = url_of(free_port())
+    redis_db.lrem(keys.SERVERS, 0, url)
+    redis_db.rpush(keys.SERVERS, url_of(FIRST), "http://example.com:4000", ghost)
+    wait_for(lambda: set(servers(redis_db)) == {url_of(FIRST), "http://example.com:4000", url},
+             10, what="reconcile to add the instance back and drop the ghost")
+    # An instance that dies is dropped too.
+    os.kill(instance_pids(port)[0], signal.SIGKILL)
+    wait_for(lambda: url not in servers(redis_db), 10, what="the dead instance to leave servers")
+    assert set(servers(redis_db)) == {url_of(FIRST), "http://example.com:4000"}
+    output = infra_d.output()
+    assert f"added {url} back" in output and f"removed {ghost} from servers" in output
+
+
+def test_infra_killed_mid_spawn_restarts_and_finishes_with_exactly_one_instance(
+        own_redis, tmp_path):
+    redis_db, redis_server = own_redis.client(), own_redis
+    state = tmp_path / "state"
+    port = free_port()
+    url = url_of(port)
+    daemon = start_infra(redis_server.url, state)
+    try:
+        spawn(redis_db, port)
+        wait_for(lambda: f"started dockpart-web-{port}" in daemon.output(), 10,
+                 what="the instance to be started")
+        daemon.stop(signal.SIGKILL)
+        assert redis_db.lrange(keys.SPAWNING, 0, -1) == [url]
+        assert url not in servers(redis_db)
+        daemon = start_infra(redis_server.url, state)
+        wait_registered(redis_db, [url])
+        assert "finishing 1 request(s) left in processing" in daemon.output()
+        assert servers(redis_db) == [url]
+        assert redis_db.llen(keys.SPAWNING) == 0
+        assert len(instance_pids(port)) == 1
+        assert requests.get(url, timeout=5).status_code == 200
+    finally:
+        daemon.stop()
+        kill_instances(state)
+
+
+def test_instances_outlive_a_stopped_infra_and_a_new_one_adopts_them(own_redis, tmp_path):
+    redis_db, redis_server = own_redis.client(), own_redis
+    state = tmp_path / "state"
+    port = free_port()
+    daemon = start_infra(redis_server.url, state)
+    try:
+        [url] = spawn(redis_db, port)
+        wait_registered(redis_db, [url])
+        [pid] = instance_pids(port)
+        daemon.stop()
+        assert requests.get(url, timeout=5).status_code == 200
+        daemon = start_infra(redis_server.url, state)
+        redis_db.lpush(keys.DESTROY_QUEUE, url)
+        wait_for(lambda: redis_db.llen(keys.DESTROYING) + redis_db.llen(keys.DESTROY_QUEUE) == 0,
+                 15, what="the destroy request to be done")
+        assert servers(redis_db) == [] and not instance_pids(port)
+        assert f"destroyed process dockpart-web-{port}" in daemon.output()
+    finally:
+        daemon.stop()
+        kill_instances(state)
+
+
+def test_requests_wait_for_redis_and_are_done_once_it_answers(tmp_path):
+    redis = RedisProcess()
+    state = tmp_path / "state"
+    daemon = start_infra(redis.url, state, "--retry-max", "0.5")
+    try:
+        wait_for(lambda: "Redis is unreachable" in daemon.output(), 10, what="the outage log")
+        redis.start()
+        client = redis.client()
+        port = free_port()
+        [url] = spawn(client, port)
+        wait_registered(client, [url])
+        assert "Redis is reachable again" in daemon.output()
+        assert daemon.output().count("Redis is unreachable") == 1
+    finally:
+        daemon.stop()
+        kill_instances(state)
+        redis.stop()

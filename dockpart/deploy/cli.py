@@ -35,7 +35,29 @@ def _port(value: str) -> int:
     return port
 
 
-class _DirOptions(usage.Options):
+class _AnyOrder(usage.Options):
+    """Options may also follow the arguments (``switch green --dir D``), as people type them."""
+
+    def parseOptions(self, options=None):
+        options = sys.argv[1:] if options is None else list(options)
+        with_value = {"--" + o[:-1] for o in self.longOpt if o.endswith("=")}
+        with_value |= {"-" + c for c, after in zip(self.shortOpt, self.shortOpt[1:] + " ")
+                       if after == ":" and c != ":"}
+        flags, arguments = [], []
+        items = iter(options)
+        for item in items:
+            if item == "--":
+                arguments.extend(items)
+            elif item.startswith("-") and item != "-":
+                flags.append(item)
+                if item in with_value:
+                    flags.extend(value for value in [next(items, None)] if value is not None)
+            else:
+                arguments.append(item)
+        super().parseOptions(flags + ["--"] + arguments)
+
+
+class _DirOptions(_AnyOrder):
     optParameters = [
         ["dir", "d", None, f"The deploy directory (env {DIR_ENV}, default: the current one)."],
     ]
@@ -44,7 +66,7 @@ class _DirOptions(usage.Options):
         self.deploy_dir = repos.DeployDir(self["dir"] or os.environ.get(DIR_ENV) or ".")
 
 
-class InitOptions(usage.Options):
+class InitOptions(_AnyOrder):
     synopsis = "DIR [options]"
     longdesc = ("Create DIR/green.git and DIR/blue.git, their work trees and hooks, and the "
                 "configuration. Running it again changes only what an option given again changes.")

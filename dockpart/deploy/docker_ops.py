@@ -104,9 +104,14 @@ def run(c: docker.DockerClient, image: str, name: str, port: int, labels: dict):
         return c.containers.run(
             image, name=name, detach=True, network_mode="host",
             environment={"PORT": str(port), "HOST": "127.0.0.1"},
-            labels={LABEL: "1", **labels}, restart_policy={"Name": "unless-stopped"})
+            labels={LABEL: "1", **labels})
     except APIError as e:
         raise DeployError(f"{name} did not start: {e.explanation or e}") from None
+
+
+def keep_running(container) -> None:
+    """From now on the engine restarts the container (after a crash, after a reboot)."""
+    container.update(restart_policy={"Name": "unless-stopped"})
 
 
 def last_logs(container, lines: int = 20) -> str:
@@ -133,10 +138,8 @@ def wait_healthy(container, url: str, timeout: float, say) -> None:
         if http_ok(url):
             return
         container.reload()
-        if container.status not in ("created", "running", "restarting") or \
-                container.attrs["State"].get("RestartCount", 0) > 0:
-            state = container.attrs["State"]
-            reason = f"the container exited with code {state.get('ExitCode')}"
+        if container.status not in ("created", "running"):
+            reason = f"the container exited with code {container.attrs['State'].get('ExitCode')}"
             break
         time.sleep(0.2)
     raise DeployError(f"health check failed: {reason}\n"

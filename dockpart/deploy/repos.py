@@ -102,7 +102,7 @@ def _write_if_changed(path: Path, text: str, mode: int | None = None) -> bool:
 
 
 def hook_script(deploy_dir: DeployDir, slice_name: str) -> str:
-    """The post-receive shim: hands the pushed refs (on stdin) to dockpart's hook code."""
+    """The pre-receive shim: hands the pushed refs (on stdin) to dockpart's hook code."""
     command = shlex.join([sys.executable, "-m", "dockpart.deploy", "hook", slice_name,
                           "--dir", str(deploy_dir.path)])
     return ("#!/bin/sh\n"
@@ -137,7 +137,7 @@ def init(path, overrides: dict, say=print) -> list[str]:
         if not work_tree.is_dir():
             work_tree.mkdir()
             changed.append(str(work_tree))
-        hook = git_dir / "hooks" / "post-receive"
+        hook = git_dir / "hooks" / "pre-receive"
         if _write_if_changed(hook, hook_script(deploy_dir, slice_name), 0o755):
             changed.append(str(hook))
     for item in changed:

@@ -45,11 +45,8 @@ def deploy_commit(deploy_dir: DeployDir, config: DeployConfig, slice_name: str, 
     say(f"building {release.image} (the running release keeps serving)")
     docker_ops.build(c, str(deploy_dir.work_tree(slice_name)), release.image,
                      config.build_args, lambda line: say("  " + line))
-    slice_image = f"{config.repository()}:{slice_name}"
-    docker_ops.tag(c, release.image, slice_image)
-    for name in (release.image, slice_image):
-        say(f"pushing {name}")
-        docker_ops.push(c, name, lambda line: say("  " + line))
+    say(f"pushing {release.image}")
+    docker_ops.push(c, release.image, lambda line: say("  " + line))
     activate(deploy_dir, config, release, say, c)
     say(f"{slice_name} serves {release.tag} on {config.url(slice_name)} "
         f"({time.monotonic() - started:.1f} s after the push)")
@@ -85,6 +82,12 @@ def activate(deploy_dir: DeployDir, config: DeployConfig, release: Release, say=
         say(f"stopping the previous {old}")
         docker_ops.remove(c, old)
     container.rename(old)
+    docker_ops.keep_running(container)
+    # SLICE names what the slice runs, in the registry too.
+    slice_image = f"{config.repository()}:{slice_name}"
+    docker_ops.tag(c, release.image, slice_image)
+    say(f"pushing {slice_image}")
+    docker_ops.push(c, slice_image, lambda line: say("  " + line))
     dropped = History(deploy_dir, slice_name).record(release, config.keep)
     prune(c, config, deploy_dir, slice_name, dropped, say)
 

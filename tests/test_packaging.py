@@ -7,7 +7,8 @@ import venv
 
 from helpers import ROOT
 
-PLUGINS = ["dockpart-web", "dockpart-infra", "dockpart-forward"]
+PLUGINS = ["dockpart-web", "dockpart-infra", "dockpart-forward", "dockpart-writer", "dockpart-socat",
+           "dockpart-fileweb"]
 
 
 def test_pip_install_lists_every_plugin_in_twistd_help(tmp_path):

@@ -22,3 +22,24 @@ dockpart_forward = ServiceMaker(
     "A deploy slice's port: sends each new connection to the slice's current release.",
     "dockpart-forward",
 )
+
+dockpart_writer = ServiceMaker(
+    "dockpart file writer",
+    "dockpart.writer",
+    "Rewrites a file with random text every interval, atomically, and serves it (ours or socat).",
+    "dockpart-writer",
+)
+
+dockpart_socat = ServiceMaker(
+    "dockpart socat stand-in",
+    "dockpart.socatlike",
+    "Serves a file's bytes to every TCP connection, like socat TCP-LISTEN,fork OPEN:file,rdonly.",
+    "dockpart-socat",
+)
+
+dockpart_fileweb = ServiceMaker(
+    "dockpart file web page",
+    "dockpart.fileweb",
+    "Answers each HTTP request with what a TCP source sends (502/504 when it cannot).",
+    "dockpart-fileweb",
+)

@@ -1,0 +1,166 @@
+"""dockpart-fileweb: each HTTP request answered with what a TCP source sends (the seed's port 8000).
+
+The seed ran ``curl write:7000`` per request; here a Twisted TCP client reads the source until
+it closes and the page is that text.  A source that cannot be reached, breaks off or sends too
+much gives 502; one that accepts nothing or falls silent for ``--timeout`` seconds gives 504.
+Run it with ``twistd -n dockpart-fileweb --listen tcp:8000 --source tcp:writer:7000``.
+"""
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import clientFromString, connectProtocol, serverFromString
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python import usage
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from dockpart.listening import Listener
+
+DEFAULT_SOURCE = "tcp:127.0.0.1:7000"
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+
+class SourceFailed(Exception):
+    """The source gave no usable answer; ``code`` is the HTTP status that says so."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+
+
+class SourceReader(Protocol, TimeoutMixin):
+    """Collects everything the source sends until it closes; ``done`` fires with the bytes."""
+
+    def __init__(self, idle_timeout: float, max_bytes: int, clock):
+        self.idle_timeout = idle_timeout
+        self.max_bytes = max_bytes
+        self.callLater = clock.callLater  # TimeoutMixin's timer, on the injected clock
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done = defer.Deferred(lambda _: self.transport.abortConnection())
+
+    def connectionMade(self):
+        self.setTimeout(self.idle_timeout)
+
+    def dataReceived(self, data):
+        self.resetTimeout()
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            self._fail(SourceFailed(502, f"the source sent more than {self.max_bytes} bytes"))
+        else:
+            self.chunks.append(data)
+
+    def timeoutConnection(self):
+        self._fail(SourceFailed(504, f"the source sent nothing for {self.idle_timeout:g} s "
+                                     f"(after {self.size} bytes)"))
+
+    def _fail(self, failure: SourceFailed) -> None:
+        if not self.done.called:
+            self.done.errback(failure)
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        if self.done.called:
+            return
+        if reason.check(error.ConnectionDone):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(SourceFailed(
+                502, f"the source broke the connection after {self.size} bytes "
+                     f"({reason.getErrorMessage()})"))
+
+
+class SourcePage(Resource):
+    """Every path and method: fetch the source afresh and answer with it as text."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, endpoint, source: str, timeout: float, max_bytes: int, clock):
+        super().__init__()
+        self.endpoint = endpoint
+        self.source = source
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.clock = clock
+
+    def fetch(self) -> defer.Deferred:
+        """The source's bytes, or a failure with a :class:`SourceFailed`."""
+        reader = SourceReader(self.timeout, self.max_bytes, self.clock)
+        d = connectProtocol(self.endpoint, reader)
+        d.addTimeout(self.timeout, self.clock)
+        d.addCallbacks(lambda _: reader.done, self._not_connected)
+        return d
+
+    def _not_connected(self, failure):
+        if failure.check(defer.CancelledError):
+            return failure
+        if failure.check(defer.TimeoutError):
+            raise SourceFailed(504, f"the source accepted no connection within {self.timeout:g} s")
+        raise SourceFailed(502, f"cannot reach the source: {failure.getErrorMessage()}")
+
+    def render(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        d = self.fetch()
+        d.addCallbacks(lambda body: self._answer(request, 200, body), self._failed,
+                       errbackArgs=(request,))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return server.NOT_DONE_YET
+
+    def _failed(self, failure, request) -> None:
+        if failure.check(defer.CancelledError):
+            return  # the browser went away first
+        if not failure.check(SourceFailed):
+            self.log.failure("fetching {source}", failure, source=self.source)
+            failure = SourceFailed(502, "unexpected error (see the log)")
+        else:
+            failure = failure.value
+        self.log.warn("{code} for {uri}: {why}", code=failure.code, uri=request.uri, why=failure)
+        title = {502: "502 Bad Gateway", 504: "504 Gateway Timeout"}[failure.code]
+        self._answer(request, failure.code,
+                     f"{title}: {failure} (source {self.source}).\n".encode())
+
+    def _answer(self, request, code: int, body: bytes) -> None:
+        request.setResponseCode(code)
+        request.setHeader(b"content-length", str(len(body)).encode())
+        request.write(body)
+        request.finish()
+
+
+class Options(usage.Options):
+    synopsis = "[--listen tcp:8000] [--source tcp:writer:7000] [--timeout 10]"
+    longdesc = "Answer every HTTP request with the bytes a TCP source sends (the seed's port 8000)."
+    optParameters = [
+        ["listen", "l", "tcp:8000", "Endpoint to listen on."],
+        ["source", "s", DEFAULT_SOURCE, "Client endpoint of the source, e.g. tcp:writer:7000."],
+        ["timeout", "t", DEFAULT_TIMEOUT,
+         "Seconds the source may take to accept, and to stay silent, before a 504.", float],
+        ["max-bytes", None, DEFAULT_MAX_BYTES, "Largest answer taken from the source.", int],
+    ]
+
+    def postOptions(self):
+        if not self["timeout"] > 0:
+            raise usage.UsageError("--timeout must be a positive number of seconds")
+        if self["max-bytes"] < 0:
+            raise usage.UsageError("--max-bytes cannot be negative")
+
+
+def makeService(config, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        listen = serverFromString(reactor, config["listen"])
+    except ValueError as e:
+        raise usage.UsageError(f"--listen {config['listen']!r}: {e}") from None
+    try:
+        source = clientFromString(reactor, config["source"])
+    except ValueError as e:
+        raise usage.UsageError(f"--source {config['source']!r}: {e}") from None
+    page = SourcePage(source, config["source"], config["timeout"], config["max-bytes"], reactor)
+    site = server.Site(page)
+    site.noisy = False
+    return Listener("dockpart-fileweb", listen, site)

@@ -1,0 +1,40 @@
+"""A listening port as a service that says when it is up and fails loudly when it cannot be."""
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+class Listener(Service):
+    """Listens on ``endpoint`` with ``factory``; logs "NAME listening on HOST:PORT" once up.
+
+    A port that cannot be bound raises in ``privilegedStartService``, so ``twistd`` exits with
+    the reason instead of running on without its port.
+    """
+
+    log = Logger()
+
+    def __init__(self, name: str, endpoint, factory):
+        self.name = name
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        outcome = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        # TCP and UNIX endpoints bind synchronously, so the outcome is already known here.
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0] if outcome else None
+        if self.port is not None:
+            host = self.port.getHost()
+            self.log.info("{name} listening on {host}:{port}", name=self.name,
+                          host=getattr(host, "host", host), port=getattr(host, "port", ""))
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()

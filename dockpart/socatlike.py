@@ -1,0 +1,198 @@
+"""dockpart-socat: every TCP connection gets a file's bytes, then the connection closes.
+
+A one-process stand-in for the seed's ``socat TCP-LISTEN:7000,fork,reuseaddr,crlf
+OPEN:random,rdonly``: no process per connection, the file opened afresh for each one (so a
+file replaced by rename reaches each reader whole, old or new), streamed in chunks as the
+client reads (memory stays flat for any size), ``--crlf`` byte for byte like socat's.
+Run it with ``twistd -n dockpart-socat --listen tcp:7000 --file random --crlf``.
+"""
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
+from twisted.python import usage
+from zope.interface import implementer
+
+from dockpart.listening import Listener
+
+DEFAULT_LISTEN = "tcp:7000"
+DEFAULT_MAX_CONNECTIONS = 1000
+#: After the last byte, how long the client has to hang up before we close (socat's ``-t``).
+CLOSE_TIMEOUT = 0.5
+
+
+def crlf(data: bytes) -> bytes:
+    """socat's ``crlf`` on the way out: a CR before every LF, even after an existing CR.
+
+    socat 1.7.4 turns ``a\\r\\n`` into ``a\\r\\r\\n``; parity tests check it against socat.
+    Context-free, so chunk boundaries cannot change the result.
+    """
+    return data.replace(b"\n", b"\r\n")
+
+
+class ChunkSender(FileSender):
+    """A pull producer of the file in 64 KiB chunks that reports a read error as a failure.
+
+    ``FileSender`` lets a read error escape into the transport; here it ends the transfer.
+    """
+
+    CHUNK_SIZE = 64 * 1024
+
+    def resumeProducing(self):
+        try:
+            super().resumeProducing()
+        except OSError as e:
+            self.file = None
+            self.consumer.unregisterProducer()
+            d, self.deferred = self.deferred, None
+            if d is not None:
+                d.errback(e)
+
+
+@implementer(IHalfCloseableProtocol)
+class FileServer(Protocol):
+    """Sends the file, half-closes, and closes when the client hangs up (or after a grace)."""
+
+    log = Logger()
+
+    def __init__(self):
+        self.file = None
+        self.admitted = False
+        self.sent = False
+        self.client_done = False
+        self.closer = None
+
+    def connectionMade(self):
+        factory = self.factory
+        self.admitted = factory.admit()
+        if not self.admitted:
+            self.log.warn("{n} connections already: turning one away", n=factory.active - 1)
+            self.transport.abortConnection()
+            return
+        try:
+            self.file = open(factory.path, "rb")
+        except OSError as e:
+            # A reset, not a clean close: the client cannot mistake it for an empty file.
+            self.log.warn("cannot serve {path}: {error}", path=factory.path, error=e)
+            self.transport.abortConnection()
+            return
+        d = ChunkSender().beginFileTransfer(self.file, self.transport, factory.transform)
+        d.addCallbacks(self._sent, self._not_sent)
+
+    def dataReceived(self, data):
+        """The file is read-only (socat's ``rdonly``): what the client sends is ignored."""
+
+    def _sent(self, _):
+        self.sent = True
+        if self.client_done:
+            self.transport.loseConnection()
+        else:
+            self.transport.loseWriteConnection()
+            self.closer = self.factory.clock.callLater(CLOSE_TIMEOUT, self.transport.loseConnection)
+
+    def _not_sent(self, failure):
+        if failure.check(OSError):
+            self.log.warn("reading {path} failed: {error}", path=self.factory.path,
+                          error=failure.value)
+            self.transport.abortConnection()
+        # Otherwise the client left before the end: nothing more to do.
+
+    def readConnectionLost(self):
+        self.client_done = True
+        if self.sent:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        """Our FIN is out; the grace timer (or the client's own close) finishes the job."""
+
+    def connectionLost(self, reason):
+        if self.closer is not None and self.closer.active():
+            self.closer.cancel()
+        if self.file is not None:
+            self.file.close()
+        if self.admitted:
+            self.factory.release()
+
+
+class FileServerFactory(Factory):
+    """Counts connections; at ``max_connections`` it stops accepting (socat's ``max-children``):
+    further clients wait in the listen queue until one finishes."""
+
+    protocol = FileServer
+    noisy = False
+    log = Logger()
+
+    def __init__(self, path: str, transform=None, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.path = path
+        self.transform = transform
+        self.max_connections = max_connections
+        self.clock = clock
+        self.active = 0
+        self.listener = None  # a Listener, whose port is paused at the ceiling
+
+    def admit(self) -> bool:
+        """Count one more connection; False if it is over the ceiling (a burst accepted at once)."""
+        self.active += 1
+        if self.active > self.max_connections:
+            self.active -= 1
+            return False
+        if self.active == self.max_connections:
+            self._port_reading(False)
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+        if self.active == self.max_connections - 1:
+            self._port_reading(True)
+
+    def _port_reading(self, on: bool) -> None:
+        port = self.listener.port if self.listener is not None else None
+        if port is not None and port.connected:
+            port.startReading() if on else port.stopReading()
+
+
+def file_listener(name: str, reactor, listen: str, path: str, crlf_lines: bool,
+                  max_connections: int) -> Listener:
+    """A service serving ``path`` on the endpoint string ``listen`` (shared with the writer)."""
+    try:
+        endpoint = serverFromString(reactor, listen)
+    except ValueError as e:
+        raise usage.UsageError(f"--listen {listen!r}: {e}") from None
+    factory = FileServerFactory(path, crlf if crlf_lines else None, max_connections, reactor)
+    factory.listener = Listener(name, endpoint, factory)
+    return factory.listener
+
+
+def check_max_connections(value: int) -> None:
+    if value < 1:
+        raise usage.UsageError("--max-connections must be at least 1")
+
+
+class Options(usage.Options):
+    synopsis = "[--listen tcp:7000] [--file random] [--crlf] [--max-connections N]"
+    longdesc = ("Serve a file's bytes to every TCP connection, then close it; like "
+                "`socat TCP-LISTEN:7000,fork,reuseaddr,crlf OPEN:random,rdonly` in one process.")
+    optFlags = [
+        ["crlf", None, "Turn each LF into CRLF on the way out, as socat's crlf option does."],
+    ]
+    optParameters = [
+        ["listen", "l", DEFAULT_LISTEN, "Endpoint to listen on."],
+        ["file", "f", "random", "The file to serve; opened afresh for each connection."],
+        ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
+         "Simultaneous connections at most; more wait in the listen queue.", int],
+    ]
+
+    def postOptions(self):
+        check_max_connections(self["max-connections"])
+
+
+def makeService(config, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    return file_listener("dockpart-socat", reactor, config["listen"], config["file"],
+                         config["crlf"], config["max-connections"])

@@ -196,12 +196,16 @@ def status(options) -> None:
     except RedisUnavailable as e:
         live = []
         say(f"front route: unknown ({e})")
-    c = docker_ops.client()
+    try:
+        c = docker_ops.client()
+    except repos.DeployError as e:
+        c = None
+        say(f"containers: unknown ({e})")
     for slice_name in repos.SLICES:
         url = config.url(slice_name)
         is_live = " [live]" if url in live else ""
         say(f"\n{slice_name}: {url}{is_live}")
-        container = docker_ops.get(c, slices.container_name(slice_name))
+        container = c and docker_ops.get(c, slices.container_name(slice_name))
         if container is None:
             say("  no container runs")
         else:

@@ -1,0 +1,210 @@
+"""Deploy parts that need no Docker engine: init, the hook's ref handling, history, the
+slice forwarder (a real twistd process), the CLI's answers, and the front-route switch on a
+real Redis."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from dockpart import keys
+from dockpart.deploy import repos
+from dockpart.deploy.hook import ZERO, run_hook
+from dockpart.deploy.release import History, Release
+from helpers import BIN, Daemon, free_port, wait_for
+
+DOCKPART = [str(BIN / "dockpart")]
+
+
+def dockpart(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*DOCKPART, *args], capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def test_init_creates_slices_with_hooks_and_a_second_run_changes_nothing(tmp_path):
+    deploy = tmp_path / "My App"
+    first = dockpart("deploy", "init", str(deploy), "--base-image", "local-base:1",
+                     "--build-arg", "FLAVOUR=plain")
+    assert first.returncode == 0, first.stderr
+    for slice_name in ("green", "blue"):
+        hook = deploy / f"{slice_name}.git" / "hooks" / "pre-receive"
+        assert os.access(hook, os.X_OK)
+        assert f"hook {slice_name} --dir" in hook.read_text()
+        assert (deploy / f"{slice_name}-www").is_dir()
+    config = json.loads((deploy / repos.CONFIG_NAME).read_text())
+    assert config["app"] == "my-app"
+    assert config["build_args"] == {"BASE_IMAGE": "local-base:1", "FLAVOUR": "plain"}
+    assert config["ports"] == {"green": 50100, "blue": 50101}
+
+    before = {p: p.stat().st_mtime_ns for p in deploy.rglob("*") if p.is_file()}
+    second = dockpart("deploy", "init", str(deploy))
+    assert second.returncode == 0
+    assert "nothing changed" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in deploy.rglob("*") if p.is_file()} == before
+
+    third = dockpart("deploy", "init", str(deploy), "--green-port", "50200", "--keep", "3")
+    assert "wrote" in third.stdout
+    config = json.loads((deploy / repos.CONFIG_NAME).read_text())
+    assert config["ports"] == {"green": 50200, "blue": 50101}
+    assert config["keep"] == 3 and config["build_args"]["BASE_IMAGE"] == "local-base:1"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["deploy", "rollback", "purple"], "no slice 'purple'"),
+    (["deploy", "init", "x", "--keep", "1"], "--keep must be at least 2"),
+    (["deploy", "init", "x", "--health-path", "health"], "must start with /"),
+    (["deploy", "init", "x", "--build-arg", "NOEQUALS"], "expected NAME=VALUE"),
+    (["deploy"], "name a command"),
+])
+def test_cli_refuses_bad_arguments_with_a_reason(tmp_path, args, message):
+    result = dockpart(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_commands_outside_a_deploy_directory_say_how_to_make_one(tmp_path):
+    result = dockpart("deploy", "rollback", "green", "--dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "dockpart deploy init" in result.stderr
+
+
+def test_hook_accepts_other_branches_and_deletions_without_deploying(tmp_path):
+    repos.init(tmp_path, {}, say=lambda line: None)
+    said = []
+    lines = [f"{'1' * 40} {'2' * 40} refs/heads/feature\n",
+             f"{'1' * 40} {'2' * 40} refs/tags/v1\n",
+             f"{'1' * 40} {ZERO} refs/heads/main\n"]
+    assert run_hook(repos.DeployDir(tmp_path), "green", lines, said.append) == 0
+    assert said == ["accepted refs/heads/feature; only main or master deploys to green",
+                    "accepted refs/tags/v1; only main or master deploys to green",
+                    "accepted the deletion of refs/heads/main; green keeps serving"]
+
+
+def test_a_configured_branch_is_the_only_one_that_deploys(tmp_path):
+    config = repos.DeployConfig(app="a", branch="production")
+    assert config.deploys("production")
+    assert not config.deploys("main") and not config.deploys("master")
+    assert repos.DeployConfig(app="a").deploys("master")
+
+
+def test_history_keeps_the_newest_releases_and_finds_the_previous_or_named_one(tmp_path):
+    deploy_dir = repos.DeployDir(tmp_path)
+    deploy_dir.run.mkdir()
+    config = repos.DeployConfig(app="demo")
+    history = History(deploy_dir, "blue")
+    commits = [c * 40 for c in "abcd"]
+    dropped = []
+    for commit in commits:
+        dropped += history.record(Release.new(config, "blue", commit), keep=3)
+    assert [r.tag for r in dropped] == ["blue-aaaaaaa"]
+    assert [r.tag for r in history.releases()] == ["blue-ddddddd", "blue-ccccccc", "blue-bbbbbbb"]
+    assert history.current().image == "localhost:5000/demo:blue-ddddddd"
+    assert history.find(None).tag == "blue-ccccccc"
+    assert history.find("bbbb").tag == "blue-bbbbbbb"
+    assert history.find("blue-ddddddd").commit == commits[3]
+    with pytest.raises(repos.DeployError, match="no release 'zzzz'"):
+        history.find("zzzz")
+    # Bringing an older release back puts it first once, not twice.
+    history.record(history.find("bbbb"), keep=3)
+    assert [r.tag for r in history.releases()] == ["blue-bbbbbbb", "blue-ddddddd", "blue-ccccccc"]
+
+
+def _named_server(name: str) -> socket.socket:
+    """A TCP server that answers every connection with its name, in a thread."""
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(name.encode())
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock
+
+
+def _read_from(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        data = b""
+        while chunk := conn.recv(100):
+            data += chunk
+        return data
+
+
+def test_forwarder_sends_each_new_connection_to_the_current_target(tmp_path):
+    first, second = _named_server("first"), _named_server("second")
+    target = tmp_path / "green.target"
+    port = free_port()
+    daemon = Daemon("dockpart-forward", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                    "--target-file", str(target), ready="dockpart-forward listening on").start()
+    try:
+        assert _read_from(port) == b""  # no target yet: the connection is closed at once
+        target.write_text(f"127.0.0.1:{first.getsockname()[1]}\n")
+        assert _read_from(port) == b"first"
+        target.write_text(f"127.0.0.1:{second.getsockname()[1]}\n")
+        assert _read_from(port) == b"second"
+    finally:
+        daemon.stop()
+        first.close()
+        second.close()
+
+
+def test_forwarder_requires_its_options():
+    result = subprocess.run([str(BIN / "twistd"), "-n", "dockpart-forward", "--listen", "tcp:0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--target-file is required" in result.stdout + result.stderr
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_switch_replaces_the_front_route_atomically_and_announces_it(tmp_path, redis_server, redis_db):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    green_port = server.server_address[1]
+    blue_port = free_port()  # nothing answers there
+    repos.init(tmp_path, {"ports": {"green": green_port, "blue": blue_port}}, say=lambda line: None)
+    redis_db.rpush(keys.DEPLOY_LIVE, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    pubsub = redis_db.pubsub()
+    pubsub.subscribe(keys.changes_channel(keys.DEPLOY_LIVE))
+    wait_for(lambda: pubsub.get_message(timeout=0.1), what="the subscription")
+    try:
+        done = dockpart("deploy", "switch", "green", "--dir", str(tmp_path), "--redis", redis_server.url)
+        assert done.returncode == 0, done.stderr
+        green_url = f"http://127.0.0.1:{green_port}"
+        assert redis_db.lrange(keys.DEPLOY_LIVE, 0, -1) == [green_url]
+        message = wait_for(lambda: pubsub.get_message(timeout=0.1), what="the change notice")
+        assert message["data"] == f"replace {green_url}"
+
+        refused = dockpart("deploy", "switch", "blue", "--dir", str(tmp_path), "--redis", redis_server.url)
+        assert refused.returncode == 1
+        assert "does not answer 2xx; the front route stays" in refused.stderr
+        assert redis_db.lrange(keys.DEPLOY_LIVE, 0, -1) == [green_url]
+
+        status = dockpart("deploy", "status", "--dir", str(tmp_path), "--redis", redis_server.url)
+        assert f"front route ({keys.DEPLOY_LIVE}): {green_url}" in status.stdout
+    finally:
+        pubsub.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_python_module_runs_the_same_cli(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dockpart.deploy", "init", str(tmp_path / "d")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "pre-receive" in result.stdout

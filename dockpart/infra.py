@@ -385,6 +385,8 @@ class Worker(Service):
                 if await servers.unregister(self.redis, url):
                     self.log.info("reconcile: {what} is gone; removed {url} from servers",
                                   what=self.driver.describe(port), url=url)
+        for outage in self.outages.values():
+            outage.ok()
 
 
 def _port_range(value: str) -> tuple[int, int]:

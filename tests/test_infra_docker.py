@@ -1,0 +1,205 @@
+"""dockpart-infra with the Docker driver, against the real engine.
+
+The module's infra builds its own image tag from Dockerfiles/web.Dockerfile (the
+"built once if missing" path; the layers are cached from the docker_images
+fixture's build, so it takes seconds).  The engine-restart test comes last: it
+stops and starts dockerd exactly as scripts/lib.sh does.
+"""
+
+import json
+import random
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from dockerkit import docker_client
+from dockpart import keys
+from dockpart.drivers import instance_name
+from dockpart.drivers.docker import LABEL_MANAGED, LABEL_PORT
+from helpers import ROOT, Daemon, RedisProcess, wait_for
+
+pytestmark = pytest.mark.docker
+
+#: Test ports come from here: outside the kernel's ephemeral range that free_port() uses.
+LOW, HIGH = 21000, 21999
+
+
+def free_test_port() -> int:
+    while True:
+        port = random.randint(LOW, HIGH)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
+def url_of(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    client = docker_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def image(engine, docker_images):
+    """A tag of our own that does not exist yet, so that the infra builds it."""
+    tag = f"dockpart-web:infra-test-{uuid.uuid4().hex[:8]}"
+    yield tag
+    engine.images.remove(tag, noprune=True)
+
+
+@pytest.fixture(scope="module")
+def redis():
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ports(engine):
+    """Ports the module's tests used; their containers are removed at the end."""
+    used = []
+    yield used
+    for port in used:
+        try:
+            engine.containers.get(instance_name(port)).remove(force=True)
+        except Exception:
+            pass
+
+
+@pytest.fixture(scope="module")
+def infra_daemon(redis, image, docker_images, ports):
+    base = docker_images["web"]
+    daemon = Daemon("dockpart-infra", "--driver", "docker", "--redis", redis.url,
+                    "--image", image, "--build-context", str(ROOT),
+                    "--build-arg", "BASE_IMAGE=dockpart-base:bookworm",
+                    "--port-range", f"{LOW}-{HIGH}", "--interval", "0.05", "--drain", "0.5",
+                    "--reconcile-interval", "1", "--stop-timeout", "2", "--retry-max", "1",
+                    "--spawn-timeout", "30", ready="dockpart-infra started")
+    assert base  # the images (and the wheelhouse the build copies) exist
+    daemon.start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def db(redis, infra_daemon):
+    client = redis.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+def servers(db) -> list[str]:
+    return db.lrange(keys.SERVERS, 0, -1)
+
+
+def spawn(db, ports, port=None) -> tuple[int, str]:
+    port = port or free_test_port()
+    ports.append(port)
+    db.lpush(keys.SPAWN_QUEUE, url_of(port))
+    return port, url_of(port)
+
+
+def test_spawn_builds_the_image_once_and_registers_a_labelled_host_network_container(
+        db, engine, ports, image, infra_daemon):
+    spawned = [spawn(db, ports) for _ in range(2)]
+    wait_for(lambda: {url for _, url in spawned} <= set(servers(db)), 90,
+             what="two containers in servers")
+    assert infra_daemon.output().count(f"built the image {image}") == 1
+    for port, url in spawned:
+        container = engine.containers.get(instance_name(port))
+        assert container.status == "running"
+        assert container.labels[LABEL_MANAGED] == "true" and container.labels[LABEL_PORT] == str(port)
+        config = container.attrs["HostConfig"]
+        assert config["NetworkMode"] == "host"
+        assert config["RestartPolicy"]["Name"] == "unless-stopped"
+        assert f"start_port={port}" in container.attrs["Config"]["Env"]
+        r = requests.get(url, timeout=5)
+        assert r.status_code == 200 and url in r.text
+    assert db.llen(keys.SPAWNING) == 0
+    for port, url in spawned:
+        db.lpush(keys.DESTROY_QUEUE, url)
+    wait_for(lambda: db.llen(keys.DESTROY_QUEUE) + db.llen(keys.DESTROYING) == 0, 30,
+             what="the destroy requests to be done")
+    assert servers(db) == []
+    for port, _ in spawned:
+        assert not engine.containers.list(all=True, filters={"name": f"^{instance_name(port)}$"})
+
+
+def test_an_unlabelled_container_is_left_alone(db, engine, ports, docker_images):
+    port = free_test_port()
+    stranger = engine.containers.run("dockpart-base:bookworm", ["sleep", "120"],
+                                     name=instance_name(port), detach=True, network_mode="host")
+    ports.append(port)
+    db.lpush(keys.SPAWN_QUEUE, url_of(port))
+    db.lpush(keys.DESTROY_QUEUE, url_of(port))
+    wait_for(lambda: db.llen(keys.DEAD_LETTERS) == 2, 30, what="two dead letters")
+    for letter in map(json.loads, db.lrange(keys.DEAD_LETTERS, 0, -1)):
+        assert "dockpart does not manage" in letter["reason"]
+    time.sleep(1.5)  # a reconcile pass or more
+    stranger.reload()
+    assert stranger.status == "running" and LABEL_MANAGED not in stranger.labels
+    assert servers(db) == []
+
+
+def test_reconcile_adds_back_running_containers_and_drops_removed_ones(
+        db, engine, ports, infra_daemon):
+    port, url = spawn(db, ports)
+    wait_for(lambda: url in servers(db), 60, what="the container in servers")
+    db.lrem(keys.SERVERS, 0, url)
+    wait_for(lambda: url in servers(db), 10, what="reconcile to add it back")
+    engine.containers.get(instance_name(port)).remove(force=True)
+    wait_for(lambda: url not in servers(db), 10, what="reconcile to drop it")
+    output = infra_daemon.output()
+    assert f"added {url} back" in output and f"removed {url} from servers" in output
+
+
+def dockerd_pid() -> int | None:
+    try:
+        pid = int(Path("/var/run/docker.pid").read_text())
+        Path(f"/proc/{pid}").stat()
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def docker_answers() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+
+
+def test_a_request_waits_while_the_engine_is_stopped_and_is_done_when_it_is_back(
+        db, ports, infra_daemon):
+    """Last in the module: other tests' containers on this engine stop for a few seconds."""
+    pid = dockerd_pid()
+    assert pid, "dockerd is not running"
+    import os
+    os.kill(pid, signal.SIGTERM)
+    try:
+        wait_for(lambda: dockerd_pid() is None, 60, what="dockerd to stop")
+        port, url = spawn(db, ports)
+        wait_for(lambda: "engine is unreachable" in infra_daemon.output(), 15,
+                 what="the infra to notice the engine is away")
+        time.sleep(1)
+        assert db.lrange(keys.SPAWNING, 0, -1) + db.lrange(keys.SPAWN_QUEUE, 0, -1) == [url]
+        assert db.llen(keys.DEAD_LETTERS) == 0
+    finally:
+        subprocess.run(["bash", "-c", f"source {ROOT}/scripts/lib.sh; ensure_dockerd"],
+                       check=True, timeout=90, start_new_session=True,
+                       stdout=subprocess.DEVNULL)
+    wait_for(lambda: url in servers(db), 60, what="the waiting spawn to be done")
+    assert requests.get(url, timeout=5).status_code == 200
+    output = infra_daemon.output()
+    assert output.count("engine is unreachable") == 1 and "engine is reachable again" in output

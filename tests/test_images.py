@@ -4,7 +4,8 @@ import pytest
 import requests
 
 from dockerkit import docker_client, run_images
-from helpers import free_port, wait_for
+from helpers import ROOT, free_port, wait_for
+from test_packaging import PLUGINS
 
 pytestmark = pytest.mark.docker
 
@@ -38,10 +39,29 @@ def test_every_dockerfile_gives_a_tagged_image(docker_images):
 
 def test_rebuild_with_unchanged_inputs_does_nothing(docker_images):
     """A second run finds every image up to date instead of building again."""
+    run_images("all")  # the tree may have changed since the fixture ran: others edit it too
     client = docker_client()
     before = {tag: client.images.get(tag).id for tag in docker_images.values()}
     run_images("all")
     assert {tag: client.images.get(tag).id for tag in docker_images.values()} == before
+    client.close()
+
+
+def test_python_images_carry_the_whole_package_and_every_plugin(docker_images):
+    """The wheel misses no subpackage, and twistd in the image lists every dockpart plugin."""
+    source = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "dockpart").rglob("*.py"))
+    client = docker_client()
+    for name in ("web", "proxy"):
+        listing = client.containers.run(
+            docker_images[name], ["-c", "import dockpart, pathlib; root = pathlib.Path(dockpart.__file__)"
+                                  ".parent.parent; print(*(p.relative_to(root) for p in "
+                                  "root.joinpath('dockpart').rglob('*.py')))"],
+            entrypoint="python", network_mode="host", remove=True).decode().split()
+        assert sorted(listing) == source, name
+        help_text = client.containers.run(docker_images[name], ["--help"], entrypoint="twistd",
+                                          network_mode="host", remove=True).decode()
+        for plugin in PLUGINS:
+            assert plugin in help_text, (name, plugin)
     client.close()
 
 
@@ -53,7 +73,9 @@ def test_web_image_serves_the_app_as_a_non_root_user(web_container, redis_db):
                     what=f"dockpart-web in a container on {port}")
     assert page.status_code == 200
     assert url in page.text
-    assert requests.get(url + "/set", timeout=5).status_code == 200
+    # "/" needs no Redis; the rest answers 503 until the connection is up.
+    wait_for(lambda: requests.get(url + "/set", timeout=5).status_code == 200, timeout=15,
+             what="/set to answer 200")
     assert "self-destruct" in requests.get(url + "/get", timeout=5).text
     assert wait_for(lambda: redis_db.lrange("servers", 0, -1) == [url], timeout=10,
                     what="the instance in servers")

@@ -427,7 +427,8 @@ class Options(RedisOptions):
         ["build-context", None, ".", "Docker: the folder the image is built from."],
         ["advertise-host", None, "127.0.0.1", "Host name in instance URLs (as dockpart-web's)."],
         ["first-port", None, FIRST_PORT, "The first instance's port: never destroyed.", int],
-        ["port-range", None, f"{FIRST_PORT + 1}-{MAX_PORT}", "Ports instances may take: LOW-HIGH."],
+        ["port-range", None, None,
+         f"Ports instances may take: LOW-HIGH (default: the one after --first-port to {MAX_PORT})."],
         ["interval", None, 0.2, "Seconds between looks at the queues.", float],
         ["reconcile-interval", None, 10.0, "Seconds between reconciliations.", float],
         ["drain", None, 3.0, "Seconds a destroyed instance keeps serving after leaving servers.",
@@ -458,7 +459,8 @@ class Options(RedisOptions):
             raise usage.UsageError(f"--driver {self['driver']!r}: choose {' or '.join(DRIVERS)}")
         if self["rebuild"] and self["driver"] != "docker":
             raise usage.UsageError("--rebuild only applies to --driver docker")
-        self["port-range"] = _port_range(self["port-range"])
+        self["port-range"] = _port_range(self["port-range"]
+                                         or f"{self['first-port'] + 1}-{MAX_PORT}")
         for name in ("interval", "reconcile-interval", "spawn-timeout", "stop-timeout", "retry-max"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")

@@ -123,6 +123,9 @@ def test_options_defaults_and_build_args():
     assert config["driver"] == "docker" and config["interval"] < 1
     assert config["port-range"] == (3001, 65535)
     assert config["build-args"] == {"BASE_IMAGE": "dockpart-base:bookworm"}
+    config = infra.Options()
+    config.parseOptions(["--first-port", "4000"])
+    assert config["port-range"] == (4001, 65535)
 
 
 def test_policy_names_the_reason_for_each_bad_entry():

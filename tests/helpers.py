@@ -22,6 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """A free port followed by ``count - 1`` free ones: a first web instance and the ports that
+    spawned instances take after it."""
+    for _ in range(50):
+        first = free_port()
+        if first + count < 65536 and not any(port_open(p) for p in range(first + 1, first + count)):
+            return first
+    raise AssertionError(f"no run of {count} free ports found")
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until it returns a true value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

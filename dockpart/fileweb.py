@@ -96,9 +96,8 @@ class SourcePage(Resource):
         return d
 
     def _not_connected(self, failure):
-        if failure.check(defer.CancelledError):
-            return failure
-        if failure.check(defer.TimeoutError):
+        if failure.check(defer.TimeoutError, defer.CancelledError,
+                         error.ConnectingCancelledError):
             raise SourceFailed(504, f"the source accepted no connection within {self.timeout:g} s")
         raise SourceFailed(502, f"cannot reach the source: {failure.getErrorMessage()}")
 
@@ -106,25 +105,27 @@ class SourcePage(Resource):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         d = self.fetch()
-        d.addCallbacks(lambda body: self._answer(request, 200, body), self._failed,
-                       errbackArgs=(request,))
+        d.addCallbacks(lambda body: (200, body), self._failure_answer, errbackArgs=(request,))
+        d.addCallback(self._answer, request)
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return server.NOT_DONE_YET
 
-    def _failed(self, failure, request) -> None:
-        if failure.check(defer.CancelledError):
-            return  # the browser went away first
-        if not failure.check(SourceFailed):
-            self.log.failure("fetching {source}", failure, source=self.source)
-            failure = SourceFailed(502, "unexpected error (see the log)")
+    def _failure_answer(self, failure, request) -> tuple[int, bytes] | None:
+        if request.channel is None:
+            return None  # the browser left, and its leaving cancelled the fetch
+        if failure.check(SourceFailed):
+            why = failure.value
+            self.log.warn("{code} for {uri}: {why}", code=why.code, uri=request.uri, why=why)
         else:
-            failure = failure.value
-        self.log.warn("{code} for {uri}: {why}", code=failure.code, uri=request.uri, why=failure)
-        title = {502: "502 Bad Gateway", 504: "504 Gateway Timeout"}[failure.code]
-        self._answer(request, failure.code,
-                     f"{title}: {failure} (source {self.source}).\n".encode())
+            self.log.failure("fetching {source}", failure, source=self.source)
+            why = SourceFailed(502, "unexpected error (see the log)")
+        title = {502: "502 Bad Gateway", 504: "504 Gateway Timeout"}[why.code]
+        return why.code, f"{title}: {why} (source {self.source}).\n".encode()
 
-    def _answer(self, request, code: int, body: bytes) -> None:
+    def _answer(self, answer: tuple[int, bytes] | None, request) -> None:
+        if answer is None or request.channel is None:
+            return
+        code, body = answer
         request.setResponseCode(code)
         request.setHeader(b"content-length", str(len(body)).encode())
         request.write(body)

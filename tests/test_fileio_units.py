@@ -1,0 +1,118 @@
+"""File IO without sockets: the writer on a fake clock, options, fileweb against a memory reactor."""
+
+import os
+import stat
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+
+from dockpart import fileweb, socatlike, writer
+
+
+def writer_config(*args: str) -> writer.Options:
+    config = writer.Options()
+    config.parseOptions(list(args))
+    return config
+
+
+def test_writer_rewrites_at_start_and_every_interval(tmp_path):
+    path = tmp_path / "random"
+    clock = Clock()
+    service = writer.makeService(
+        writer_config("--file", str(path), "--interval", "0.12", "--size", "100", "--serve", "none"),
+        reactor=clock)
+    service.startService()
+    try:
+        first = path.read_bytes()
+        assert len(first) == 100 + 2  # two lines: 64 and 36 characters, each with LF
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        clock.advance(0.11)
+        assert path.read_bytes() == first
+        clock.advance(0.01)
+        second = path.read_bytes()
+        assert second != first
+        clock.advance(0.12)
+        assert path.read_bytes() not in (first, second)
+        assert os.listdir(tmp_path) == ["random"]
+    finally:
+        service.stopService()
+    clock.advance(10)
+    assert path.read_bytes() not in (first, second)  # untouched after stop
+    assert not clock.getDelayedCalls()
+
+
+def test_writer_keeps_going_after_a_failed_rewrite(tmp_path):
+    clock = Clock()
+    path = tmp_path / "gone" / "random"
+    service = writer.makeService(
+        writer_config("--file", str(path), "--interval", "1", "--serve", "none"), reactor=clock)
+    service.startService()
+    try:
+        assert not path.exists()
+        path.parent.mkdir()
+        clock.advance(1)
+        assert path.exists()
+    finally:
+        service.stopService()
+
+
+def test_writer_default_is_the_seed_pace_of_two_minutes_served_by_us(monkeypatch):
+    monkeypatch.delenv(writer.SERVE_ENV, raising=False)
+    config = writer_config()
+    assert (config["interval"], config["serve"], config["file"]) == (120.0, "dockpart", "random")
+    monkeypatch.setenv(writer.SERVE_ENV, "socat")
+    assert writer_config()["socat-argv"][1:] == [
+        "TCP-LISTEN:7000,fork,reuseaddr,crlf", "OPEN:random,rdonly"]
+    assert writer_config("--serve", "none")["serve"] == "none"  # the option beats the env
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--interval", "0"], "--interval must be a positive"),
+    (["--size", "0"], "--size must be between"),
+    (["--serve", "nginx"], "choose one of dockpart, socat, none"),
+    (["--serve", "socat", "--listen", "unix:/tmp/x"], "needs --listen tcp:PORT"),
+    (["--serve", "socat", "--file", "a,b"], "cannot pass the file name"),
+    (["--max-connections", "0"], "--max-connections must be at least 1"),
+])
+def test_writer_refuses_bad_options(args, message):
+    with pytest.raises(usage.UsageError, match=message):
+        writer_config(*args)
+
+
+def test_bad_endpoints_are_usage_errors():
+    config = socatlike.Options()
+    config.parseOptions(["--listen", "tcp:notaport"])
+    with pytest.raises(usage.UsageError, match="--listen 'tcp:notaport'"):
+        socatlike.makeService(config, reactor=MemoryReactorClock())
+    config = fileweb.Options()
+    config.parseOptions(["--source", "nonsense:x"])
+    with pytest.raises(usage.UsageError, match="--source 'nonsense:x'"):
+        fileweb.makeService(config, reactor=MemoryReactorClock())
+
+
+def test_crlf_adds_a_cr_before_every_lf_like_socat():
+    assert socatlike.crlf(b"a\nb\r\nc\r") == b"a\r\nb\r\r\nc\r"
+
+
+def test_fileweb_504_when_the_source_never_accepts():
+    """A connection attempt that never completes ends in 504 after the timeout."""
+    reactor = MemoryReactorClock()
+    page = fileweb.SourcePage(TCP4ClientEndpoint(reactor, "127.0.0.1", 7000),
+                              "tcp:127.0.0.1:7000", 3.0, 1000, reactor)
+    client = StubTreq(page)
+    answers = []
+    client.get("http://fileweb/").addBoth(answers.append)
+    client.flush()
+    assert answers == [] and len(reactor.tcpClients) == 1
+    reactor.advance(3)
+    client.flush()
+    [response] = answers
+    assert response.code == 504
+    body = client.content(response)
+    client.flush()
+    assert body.result == (b"504 Gateway Timeout: the source accepted no connection within 3 s "
+                           b"(source tcp:127.0.0.1:7000).\n")

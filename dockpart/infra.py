@@ -34,6 +34,8 @@ from dockpart.instances import FIRST_PORT, MAX_PORT, BadInstanceURL, instance_ur
 from dockpart.redisconn import RedisAddress, RedisOptions, RedisService, RedisUnavailable
 
 DRIVERS = ("docker", "process")
+#: Seconds after start during which a dependency not answering yet is not reported.
+STARTUP_GRACE = 1.0
 
 _DEAD_LETTER = """
 redis.call('LREM', KEYS[1], 1, ARGV[1])
@@ -89,16 +91,21 @@ class Policy:
 
 
 class Outage:
-    """Logs once that a dependency is unreachable, and once that it is back."""
+    """Logs once that a dependency is unreachable, and once that it is back.
+
+    Failures before ``quiet_until`` (connections still being made at start) are not news.
+    """
 
     log = Logger()
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, clock):
         self.what = what
+        self.clock = clock
         self.down = False
+        self.quiet_until = 0.0
 
     def failed(self, e: Exception) -> None:
-        if not self.down:
+        if not self.down and self.clock.seconds() >= self.quiet_until:
             self.down = True
             self.log.warn("{what} is unreachable ({error}); keeping every request and retrying",
                           what=self.what, error=e)
@@ -176,8 +183,8 @@ class Worker(Service):
         self.max_active = max_active
         self.retry_max = retry_max
         self.reactor = reactor
-        self.outages = {Unavailable: Outage(f"the {driver.name} driver's engine"),
-                        RedisUnavailable: Outage("Redis")}
+        self.outages = {Unavailable: Outage(f"the {driver.name} driver's engine", reactor),
+                        RedisUnavailable: Outage("Redis", reactor)}
         self._tasks: set[defer.Deferred] = set()
         self._locks: dict[int, defer.DeferredLock] = {}
         self._recovery: list[defer.Deferred] | None = None
@@ -191,6 +198,8 @@ class Worker(Service):
 
     def startService(self):
         super().startService()
+        for outage in self.outages.values():
+            outage.quiet_until = self.reactor.seconds() + STARTUP_GRACE
         self._loops[0].start(self.interval)
         self._loops[1].start(self.reconcile_interval)
         self.log.info("dockpart-infra started (driver {driver}, ports {low}-{high})",

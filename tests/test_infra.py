@@ -335,3 +335,28 @@ def test_requests_wait_for_redis_and_are_done_once_it_answers(tmp_path):
         daemon.stop()
         kill_instances(state)
         redis.stop()
+
+
+def test_an_outage_is_logged_once_and_not_while_connections_are_first_made():
+    from twisted.internet.task import Clock
+    from twisted.logger import formatEvent, globalLogPublisher
+    clock = Clock()
+    outage = infra.Outage("Redis", clock)
+    outage.quiet_until = 1.0
+    texts = []
+
+    def observe(event):
+        if event.get("log_namespace", "").startswith("dockpart.infra"):
+            texts.append(formatEvent(event))
+    globalLogPublisher.addObserver(observe)
+    try:
+        outage.failed(Exception("connecting"))
+        clock.advance(2)
+        for _ in range(3):
+            outage.failed(Exception("refused"))
+        outage.ok()
+        outage.ok()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert len(texts) == 2, texts
+    assert "unreachable (refused)" in texts[0] and "reachable again" in texts[1]

@@ -5,6 +5,8 @@ v1, blue v2, a broken v3 is refused while v2 keeps serving, v4 replaces v2 under
 loop, the front route moves between slices, blue rolls back, and a second init changes nothing.
 """
 
+import os
+import signal
 import subprocess
 from types import SimpleNamespace
 
@@ -13,7 +15,8 @@ import pytest
 from deploykit import AppRepo, Registry, RequestLoop, get
 from dockerkit import docker_client, run_images
 from dockpart import keys
-from helpers import BIN, Daemon, free_port
+from dockpart.deploy.docker_ops import registry_digest
+from helpers import BIN, Daemon, free_port, port_open, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -34,7 +37,8 @@ def env(tmp_path_factory):
     registry = Registry().start()
     root = tmp_path_factory.mktemp("deploy")
     deploy_dir = root / "deploy"
-    init = dockpart("init", str(deploy_dir), "--app", "dockpart-example", "--base-image", BASE_IMAGE)
+    init = dockpart("init", str(deploy_dir), "--app", "dockpart-example", "--base-image", BASE_IMAGE,
+                    "--keep", "2")
     assert init.returncode == 0, init.stderr
     ns = SimpleNamespace(dir=deploy_dir, repo=AppRepo(root / "app", deploy_dir), docker=docker,
                          commits={}, init_output=init.stdout)
@@ -143,6 +147,30 @@ def test_rollback_runs_the_previous_then_a_named_release(env):
     assert f"blue-{env.commits['3'][:7]}" not in status.stdout  # the refused release is no release
 
 
+def test_releases_beyond_keep_leave_the_registry(env):
+    if "5" not in env.commits:  # the switch test pushes it; do not depend on that
+        assert push(env, "green", "5").returncode == 0
+    result = push(env, "green", "6")
+    assert result.returncode == 0, result.stdout
+    v1 = f"localhost:5000/dockpart-example:green-{env.commits['1'][:7]}"
+    assert f"deleted {v1} from the registry" in result.stdout
+    assert registry_digest(v1) is None
+    assert registry_digest(f"localhost:5000/dockpart-example:green-{env.commits['5'][:7]}")
+    # SLICE names the running release in the registry.
+    assert registry_digest("localhost:5000/dockpart-example:green") == \
+        registry_digest(f"localhost:5000/dockpart-example:green-{env.commits['6'][:7]}")
+
+
+def test_up_serves_the_slices_again_after_their_forwarders_died(env):
+    for slice_name in ("green", "blue"):
+        pid = int((env.dir / "run" / f"{slice_name}-forward.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not port_open(50101), 10, what="the slice port to close")
+    result = dockpart("up", "--dir", str(env.dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert get(GREEN) == "hello from version 6\n" and get(BLUE) == "hello from version 4\n"
+
+
 def test_a_second_init_changes_nothing(env):
     files = [p for p in env.dir.rglob("*") if p.is_file() and "run" not in p.parts]
     before = {p: p.stat().st_mtime_ns for p in files}
@@ -150,4 +178,4 @@ def test_a_second_init_changes_nothing(env):
     assert again.returncode == 0
     assert "nothing changed" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in files} == before
-    assert get(GREEN) == "hello from version 5\n" and get(BLUE) == "hello from version 4\n"
+    assert get(GREEN) == "hello from version 6\n" and get(BLUE) == "hello from version 4\n"

@@ -1,4 +1,4 @@
-"""The ``dockpart`` console script: ``dockpart deploy init|status|rollback|switch|hook|down``.
+"""The ``dockpart`` console script: ``dockpart deploy init|status|rollback|switch|hook|up|down``.
 
 A plain command-line program (no daemon), so it blocks on Docker and prints each step as it
 happens: git relays a hook's output to the pusher line by line.
@@ -170,6 +170,7 @@ class DeployOptions(usage.Options):
         ["rollback", None, RollbackOptions, "Run a slice's previous (or a named) release."],
         ["switch", None, SwitchOptions, "Move the front route to a slice."],
         ["hook", None, HookOptions, "Deploy what git pushed (run by the slices' hooks)."],
+        ["up", None, _DirOptions, "Serve each slice's container on its port again (after a reboot)."],
         ["down", None, _DirOptions, "Stop both slices' containers and forwarders."],
     ]
 
@@ -219,7 +220,7 @@ def status(options) -> None:
             say(f"  image     {container.attrs['Config']['Image']}")
             say(f"  commit    {labels.get(f'{docker_ops.LABEL}.commit', '?')}")
             say(f"  since     {container.attrs['State']['StartedAt']}")
-            say(f"  forwarder {'pid %d' % pid if pid else 'NOT running'}"
+            say(f"  forwarder {'pid %d' % pid if pid else 'NOT running (dockpart deploy up)'}"
                 f"{'' if forwarding else ', pointing elsewhere'}")
         releases = History(deploy_dir, slice_name).releases()
         say("  releases (newest first):" if releases else "  no releases yet")
@@ -256,6 +257,8 @@ def main(argv=None) -> int:
                                         "the front route stays (--force switches anyway)")
             front.run(sub["redis"], sub["redis-timeout"], lambda redis: front.switch(redis, url))
             say(f"the front route now sends to {sub['slice']} ({url})")
+        elif command == "up":
+            slices.up(sub.deploy_dir, sub.deploy_dir.load(), say)
         elif command == "down":
             slices.down(sub.deploy_dir, say)
     except (repos.DeployError, RedisUnavailable) as e:

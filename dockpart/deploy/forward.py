@@ -44,7 +44,13 @@ def read_target(path: Path) -> tuple[str, int]:
     return host, int(port)
 
 
+class _ForwardClientFactory(portforward.ProxyClientFactory):
+    noisy = False  # no two log lines per connection
+
+
 class _ForwardServer(portforward.ProxyServer):
+    clientProtocolFactory = _ForwardClientFactory
+
     def connectionMade(self):
         try:
             host, port = read_target(self.factory.target_file)
@@ -62,6 +68,7 @@ class _ForwardServer(portforward.ProxyServer):
 class ForwardFactory(portforward.ProxyFactory):
     protocol = _ForwardServer
     log = Logger()
+    noisy = False
 
     def __init__(self, target_file: Path, reactor):
         self.target_file = target_file
@@ -120,6 +127,8 @@ def ensure_forwarder(deploy_dir: DeployDir, config: DeployConfig, slice_name: st
     target, pidfile, logfile = _paths(deploy_dir, slice_name)
     port = config.ports[slice_name]
     say(f"starting the forwarder of {slice_name} on {config.host}:{port}")
+    # Not our running forwarder: a stale pid file (its pid may even be a zombie) would stop twistd.
+    pidfile.unlink(missing_ok=True)
     twistd = Path(sys.executable).parent / "twistd"
     # twistd without -n daemonizes and closes stdio, so a git push does not wait for it.
     subprocess.run(

@@ -114,6 +114,27 @@ def rollback(deploy_dir: DeployDir, config: DeployConfig, slice_name: str,
     return release
 
 
+def up(deploy_dir: DeployDir, config: DeployConfig, say=print) -> None:
+    """Serve each slice's running container on its port again (after a reboot, say).
+
+    The engine restarts the containers by itself; the forwarders are ours to start.
+    """
+    c = docker_ops.client()
+    for slice_name in SLICES:
+        container = docker_ops.get(c, container_name(slice_name))
+        if container is None:
+            say(f"{slice_name}: no container; push to deploy one")
+            continue
+        if container.status != "running":
+            container.start()
+        port = int(container.labels[f"{docker_ops.LABEL}.port"])
+        docker_ops.wait_healthy(container, f"http://127.0.0.1:{port}{config.health_path}",
+                                config.health_timeout, say)
+        forward.set_target(deploy_dir, slice_name, "127.0.0.1", port)
+        forward.ensure_forwarder(deploy_dir, config, slice_name, say)
+        say(f"{slice_name} serves {container.attrs['Config']['Image']} on {config.url(slice_name)}")
+
+
 def down(deploy_dir: DeployDir, say=print) -> None:
     """Stop both slices: their containers and forwarders (the history stays)."""
     c = docker_ops.client()

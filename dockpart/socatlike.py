@@ -76,10 +76,15 @@ class FileServer(Protocol):
             return
         try:
             self.file = open(factory.path, "rb")
+            first = self.file.read(ChunkSender.CHUNK_SIZE)
         except OSError as e:
             # A reset, not a clean close: the client cannot mistake it for an empty file.
             self.log.warn("cannot serve {path}: {error}", path=factory.path, error=e)
             self.transport.abortConnection()
+            return
+        self.transport.write(factory.transform(first) if factory.transform else first)
+        if len(first) < ChunkSender.CHUNK_SIZE:
+            self._sent(None)  # a short read is the end: a small file needs no producer
             return
         d = ChunkSender().beginFileTransfer(self.file, self.transport, factory.transform)
         d.addCallbacks(self._sent, self._not_sent)

@@ -490,7 +490,8 @@ def make_driver(config, pool: ThreadPoolService, reactor):
     from dockpart.drivers.docker import DockerDriver
     context = Path(config["build-context"]).resolve()
     return DockerDriver(pool, config["image"], str(context), config["dockerfile"],
-                        config["build-args"], redis_url, rebuild=config["rebuild"],
+                        config["build-args"], redis_url, str(config["redis"]),
+                        rebuild=config["rebuild"],
                         stop_timeout=config["stop-timeout"])
 
 

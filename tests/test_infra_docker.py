@@ -15,13 +15,14 @@ import time
 import uuid
 from pathlib import Path
 
+import docker
 import pytest
 import requests
 
 from dockerkit import docker_client
 from dockpart import keys
 from dockpart.drivers import instance_name
-from dockpart.drivers.docker import LABEL_MANAGED, LABEL_PORT
+from dockpart.drivers.docker import LABEL_MANAGED, LABEL_PORT, LABEL_TIER
 from helpers import ROOT, Daemon, RedisProcess, wait_for
 
 pytestmark = pytest.mark.docker
@@ -57,7 +58,10 @@ def image(engine, docker_images):
     """A tag of our own that does not exist yet, so that the infra builds it."""
     tag = f"dockpart-web:infra-test-{uuid.uuid4().hex[:8]}"
     yield tag
-    engine.images.remove(tag, noprune=True)
+    try:
+        engine.images.remove(tag, noprune=True)
+    except docker.errors.ImageNotFound:
+        pass  # no test spawned from it
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,7 @@ def spawn(db, ports, port=None) -> tuple[int, str]:
 
 
 def test_spawn_builds_the_image_once_and_registers_a_labelled_host_network_container(
-        db, engine, ports, image, infra_daemon):
+        db, redis, engine, ports, image, infra_daemon):
     spawned = [spawn(db, ports) for _ in range(2)]
     wait_for(lambda: {url for _, url in spawned} <= set(servers(db)), 90,
              what="two containers in servers")
@@ -123,6 +127,7 @@ def test_spawn_builds_the_image_once_and_registers_a_labelled_host_network_conta
         container = engine.containers.get(instance_name(port))
         assert container.status == "running"
         assert container.labels[LABEL_MANAGED] == "true" and container.labels[LABEL_PORT] == str(port)
+        assert container.labels[LABEL_TIER] == redis.url
         config = container.attrs["HostConfig"]
         assert config["NetworkMode"] == "host"
         assert config["RestartPolicy"]["Name"] == "unless-stopped"
@@ -165,6 +170,34 @@ def test_reconcile_adds_back_running_containers_and_drops_removed_ones(
     wait_for(lambda: url not in servers(db), 10, what="reconcile to drop it")
     output = infra_daemon.output()
     assert f"added {url} back" in output and f"removed {url} from servers" in output
+
+
+def test_rebuild_builds_an_image_per_instance_like_the_seed_and_removes_it_with_it(
+        redis, db, engine, ports, infra_daemon):
+    """A second infra with --rebuild, on a Redis of its own: another tier on the same engine."""
+    own = RedisProcess().start()
+    daemon = Daemon("dockpart-infra", "--driver", "docker", "--rebuild", "--redis", own.url,
+                    "--build-context", str(ROOT), "--build-arg", "BASE_IMAGE=dockpart-base:bookworm",
+                    "--port-range", f"{LOW}-{HIGH}", "--interval", "0.05", "--drain", "0.2",
+                    "--reconcile-interval", "1", "--stop-timeout", "2",
+                    ready="dockpart-infra started").start()
+    client = own.client()
+    try:
+        port, url = spawn(client, ports)
+        wait_for(lambda: url in servers(client), 90, what="the rebuilt instance in servers")
+        image = engine.images.get(f"{instance_name(port)}:latest")
+        assert f"start_port={port}" in image.attrs["Config"]["Env"]  # baked in, as in the seed
+        assert engine.containers.get(instance_name(port)).image.id == image.id
+        time.sleep(1.5)  # the module's infra reconciles meanwhile: another tier's container
+        assert url not in servers(db)
+        client.lpush(keys.DESTROY_QUEUE, url)
+        wait_for(lambda: client.llen(keys.DESTROY_QUEUE) + client.llen(keys.DESTROYING) == 0, 30,
+                 what="the destroy to be done")
+        assert not engine.images.list(name=f"{instance_name(port)}:latest")
+    finally:
+        daemon.stop()
+        client.close()
+        own.stop()
 
 
 def dockerd_pid() -> int | None:

@@ -1,8 +1,9 @@
 """``--driver docker``: each instance is a container on the host network.
 
-Containers are named ``dockpart-web-<port>`` and labelled ``dockpart.managed=true``
-and ``dockpart.port=<port>``; a container without the label is never touched,
-even one with our name.  The image is built once, if missing, from the web
+Containers are named ``dockpart-web-<port>`` and labelled ``dockpart.managed=true``,
+``dockpart.port=<port>`` and ``dockpart.redis=<the tier's Redis>``; a container
+without the first label is never touched, even one with our name, and one of
+another tier (another Redis on the same engine) is left to that tier's infra.  The image is built once, if missing, from the web
 app's Dockerfile; ``rebuild`` instead does the seed's stop, rm, rmi, build
 (``--build-arg start_port=PORT``), run for every spawn.  Every SDK call runs in
 the driver's own thread pool.
@@ -20,11 +21,19 @@ from dockpart.drivers import DriverError, ThreadPoolService, Unavailable, instan
 
 LABEL_MANAGED = "dockpart.managed"
 LABEL_PORT = "dockpart.port"
+LABEL_TIER = "dockpart.redis"
 #: Instances come back by themselves after a crash or an engine restart, not after a stop.
 RESTART_POLICY = {"Name": "unless-stopped"}
 
 
-def _thd_container(client, port: int):
+def _labels(tier: str, port: int | None = None) -> dict[str, str]:
+    labels = {LABEL_MANAGED: "true", LABEL_TIER: tier}
+    if port is not None:
+        labels[LABEL_PORT] = str(port)
+    return labels
+
+
+def _thd_container(client, tier: str, port: int):
     """Our container on ``port``, None if there is none; DriverError if the name is not ours."""
     try:
         container = client.containers.get(instance_name(port))
@@ -33,20 +42,25 @@ def _thd_container(client, port: int):
     if container.labels.get(LABEL_MANAGED) != "true":
         raise DriverError(f"a container named {container.name} exists that dockpart does not "
                           f"manage (no {LABEL_MANAGED}=true label); leaving it alone")
+    if container.labels.get(LABEL_TIER) != tier:
+        raise DriverError(f"the container {container.name} belongs to the dockpart tier of "
+                          f"{container.labels.get(LABEL_TIER)}, not {tier}; leaving it alone")
     return container
 
 
-def _thd_managed(client) -> dict[int, bool]:
+def _thd_managed(client, tier: str) -> dict[int, bool]:
     found = {}
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL_MANAGED}=true"}):
-        port = c.labels.get(LABEL_PORT, "")
+    wanted = [f"{k}={v}" for k, v in _labels(tier).items()]
+    for c in client.containers.list(all=True, sparse=True, filters={"label": wanted}):
+        port = (c.attrs.get("Labels") or {}).get(LABEL_PORT, "")  # sparse: no inspect
         if port.isdigit():
             found[int(port)] = c.status == "running"
     return found
 
 
-def _thd_remove(client, port: int, stop_timeout: float, image: str | None = None) -> None:
-    container = _thd_container(client, port)
+def _thd_remove(client, tier: str, port: int, stop_timeout: float,
+                image: str | None = None) -> None:
+    container = _thd_container(client, tier, port)
     if container is not None:
         if container.status in ("running", "restarting"):
             container.stop(timeout=int(stop_timeout))
@@ -73,16 +87,16 @@ def _thd_ensure_image(client, image: str, *build) -> bool:
         return True
 
 
-def _thd_run(client, port: int, image: str, environment: dict) -> bool:
+def _thd_run(client, tier: str, port: int, image: str, environment: dict) -> bool:
     """Run our container on ``port`` unless it runs already; whether it was started."""
-    container = _thd_container(client, port)
+    container = _thd_container(client, tier, port)
     if container is not None:
         if container.status == "running":
             return False
         container.remove(force=True)  # exited or dead: start afresh
     client.containers.run(
         image, name=instance_name(port), detach=True, network_mode="host",
-        labels={LABEL_MANAGED: "true", LABEL_PORT: str(port)},
+        labels=_labels(tier, port),
         environment={"start_port": str(port), **environment},
         restart_policy=RESTART_POLICY)
     return True
@@ -93,12 +107,13 @@ class DockerDriver:
     log = Logger()
 
     def __init__(self, pool: ThreadPoolService, image: str, context: str, dockerfile: str,
-                 build_args: dict, redis_url: str, rebuild: bool = False,
+                 build_args: dict, redis_url: str, tier: str, rebuild: bool = False,
                  stop_timeout: float = 5.0, client_factory=None):
         self.pool = pool
         self.image = image
         self.build = (context, dockerfile, build_args)
         self.environment = {"DOCKPART_REDIS": redis_url}
+        self.tier = tier
         self.rebuild = rebuild
         self.stop_timeout = stop_timeout
         self.client_factory = client_factory or (lambda: docker.from_env(timeout=60))
@@ -131,14 +146,14 @@ class DockerDriver:
         return f"{instance_name(port)}:latest"
 
     async def managed(self) -> dict[int, bool]:
-        return await self._call(_thd_managed)
+        return await self._call(_thd_managed, self.tier)
 
     async def start(self, port: int) -> None:
         if (await self.managed()).get(port):
             return  # already runs: adopt it
         if self.rebuild:
             image = self._port_image(port)
-            await self._call(_thd_remove, port, self.stop_timeout, image)
+            await self._call(_thd_remove, self.tier, port, self.stop_timeout, image)
             context, dockerfile, build_args = self.build
             await self._call(_thd_build, image, context, dockerfile,
                              {**build_args, "start_port": str(port)})
@@ -147,9 +162,9 @@ class DockerDriver:
             async with self._build_lock:  # one build, however many spawns wait for it
                 if await self._call(_thd_ensure_image, image, *self.build):
                     self.log.info("built the image {image}", image=image)
-        if await self._call(_thd_run, port, image, self.environment):
+        if await self._call(_thd_run, self.tier, port, image, self.environment):
             self.log.info("started {what} from {image}", what=self.describe(port), image=image)
 
     async def remove(self, port: int) -> None:
         image = self._port_image(port) if self.rebuild else None
-        await self._call(_thd_remove, port, self.stop_timeout, image)
+        await self._call(_thd_remove, self.tier, port, self.stop_timeout, image)

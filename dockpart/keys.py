@@ -31,6 +31,9 @@ DESTROYING = "dockpart:destroy:processing"
 #: Requests that could not be carried out, as JSON with the reason.
 DEAD_LETTERS = "dockpart:deadletter"
 
+#: Held (with an expiry) by the one dockpart-infra that works the queues of this Redis.
+INFRA_LEASE = "dockpart:infra:lease"
+
 #: The most recently visited URLs (newest first, trimmed).
 RECENT = "dockpart:recent"
 

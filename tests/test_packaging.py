@@ -8,7 +8,7 @@ import venv
 from helpers import ROOT
 
 PLUGINS = ["dockpart-web", "dockpart-infra", "dockpart-forward", "dockpart-writer", "dockpart-socat",
-           "dockpart-fileweb"]
+           "dockpart-fileweb", "dockpart-proxy"]
 
 
 def test_pip_install_lists_every_plugin_in_twistd_help(tmp_path):

@@ -9,6 +9,13 @@ dockpart_web = ServiceMaker(
     "dockpart-web",
 )
 
+dockpart_proxy = ServiceMaker(
+    "dockpart reverse proxy",
+    "dockpart.proxy",
+    "Forwards HTTP requests to the backends listed in Redis, in rotation (local or shared).",
+    "dockpart-proxy",
+)
+
 dockpart_infra = ServiceMaker(
     "dockpart infrastructure daemon",
     "dockpart.infra",

@@ -1,0 +1,822 @@
+"""The HTTP/1.1 reverse proxy protocol of dockpart-proxy, at the protocol level for speed.
+
+A client connection (:class:`ClientConnection`) parses requests with httptools and hands each
+to an :class:`Exchange`, which borrows a persistent connection to a backend
+(:class:`BackendConnection`) from that backend's pool.  Bodies stream through in both
+directions: each transport is registered as the producer of the other, as in
+``twisted/protocols/portforward.py``, so a slow reader pauses the fast writer instead of
+filling memory.  After a backend's ``101`` the two connections become a plain byte tunnel.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+import httptools
+from twisted.internet import protocol
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+
+from dockpart.backends import MAX_IDLE, Backend, BackendSet
+
+#: RFC 9110 7.6.1, plus the Proxy-* family (checked by prefix).
+HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
+                        b"upgrade"])
+#: Headers the proxy sets itself.
+OWN_HEADERS = frozenset([b"x-forwarded-proto", b"x-forwarded-host"])
+NO_BODY_STATUS = frozenset([204, 304])
+
+REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
+           408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+           502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
+
+
+@dataclass
+class Limits:
+    """The answers a slow or greedy peer gets, in seconds and bytes."""
+    max_header_size: int = 16384
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    connect_timeout: float = 3.0
+    backend_timeout: float = 30.0
+    first_read_wait: float = 2.0
+
+
+class Stats:
+    """Counters for the admin listener."""
+
+    def __init__(self):
+        self.requests = 0
+        self.responses: dict[int, int] = {}
+        self.connections = 0
+        self.retries = 0
+        self.tunnels = 0
+
+
+def _connection_tokens(headers) -> set:
+    tokens = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def _is_hop(name: bytes, named: set) -> bool:
+    return name in HOP_BY_HOP or name.startswith(b"proxy-") or name in named
+
+
+class _Throttle:
+    """The producer registered on a peer's transport: its full buffer pauses our reading."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def pauseProducing(self):
+        self.conn.pause_reading("peer")
+
+    def resumeProducing(self):
+        self.conn.resume_reading("peer")
+
+    def stopProducing(self):
+        pass
+
+
+class _Reading:
+    """Pausing reads for several reasons at once (peer full, request queued, ...)."""
+
+    transport = None
+    _paused: set = frozenset()
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._paused:
+            self._paused = {reason}
+            if self.transport is not None:
+                self.transport.pauseProducing()
+        else:
+            self._paused.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and self.transport is not None:
+                self.transport.resumeProducing()
+
+
+class Exchange:
+    """One request and its response, from the first attempt to the last byte."""
+
+    __slots__ = ("client", "method", "head", "version", "keep_alive", "upgrade", "chunked_in",
+                 "has_body", "pending", "request_done", "backend", "conn", "tried", "sent_body",
+                 "status", "chunked_out", "close_after", "responded", "response_done",
+                 "started", "head_only", "host")
+
+    def __init__(self, client, method, head, version, keep_alive, upgrade, chunked_in, has_body,
+                 host):
+        self.client = client
+        self.method = method
+        self.head = head  # request line and headers to send, without the final CRLF
+        self.version = version
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.chunked_in = chunked_in
+        self.has_body = has_body
+        self.host = host
+        self.pending: list[bytes] = []  # request bytes waiting for a backend connection
+        self.request_done = False
+        self.backend: Backend | None = None
+        self.conn: BackendConnection | None = None
+        self.tried: list = []
+        self.sent_body = False
+        self.status = 0
+        self.chunked_out = False
+        self.close_after = not keep_alive
+        self.responded = False  # response head written to the client
+        self.response_done = False
+        self.started = 0.0
+        self.head_only = method == b"HEAD"
+
+
+class ClientConnection(_Reading, protocol.Protocol):
+    """A client's connection: requests in order, one exchange at a time."""
+
+    log = Logger()
+
+    def connectionMade(self):
+        factory = self.factory
+        self.clock = factory.clock
+        self.limits = factory.limits
+        self.transport.setTcpNoDelay(True)
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.current: Exchange | None = None
+        self.parsing = False
+        self.tunnel_to = None  # the backend connection once upgraded
+        self.upgraded = False
+        self.closed = False
+        self.pending_head = 0
+        self._url = b""
+        self._headers: list = []
+        self._throttle = _Throttle(self)
+        self._producing_for = None
+        peer = self.transport.getPeer()
+        self.peer_ip = getattr(peer, "host", "").encode()
+        self.proto = b"https" if ISSLTransport.providedBy(self.transport) else b"http"
+        self.deadline = self.clock.seconds() + self.limits.idle_timeout
+        factory.clients.add(self)
+        factory.stats.connections += 1
+
+    # Reading.
+
+    def dataReceived(self, data):
+        if self.closed:
+            return
+        if self.upgraded:
+            return self._tunnel_in(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.upgraded = True
+            rest = data[e.args[0]:]
+            if rest:
+                self._tunnel_in(rest)
+            return
+        except httptools.HttpParserCallbackError:
+            self.log.failure("handling a request")
+            return self.abort()
+        except httptools.HttpParserError as e:
+            return self.answer(400, f"malformed request: {e}\n")
+        if self.parsing and not self.closed:
+            self.pending_head += len(data)
+            if self.pending_head > self.limits.max_header_size:
+                self.answer(431, "request headers are too large\n")
+
+    def on_message_begin(self):
+        self.parsing = True
+        self.pending_head = 0
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        if self.current is None:
+            self.deadline = self.clock.seconds() + self.limits.header_timeout
+
+    def on_url(self, url):
+        self._url += url
+        self._head_size += len(url)
+
+    def on_header(self, name, value):
+        self._headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.limits.max_header_size:
+            self.answer(431, "request headers are too large\n")
+
+    def on_headers_complete(self):
+        self.parsing = False
+        if self.closed:
+            return
+        parser = self.parser
+        method = parser.get_method()
+        url = self._url
+        if method == b"CONNECT":
+            return self.answer(405, "CONNECT is not served: this is not a forward proxy\n")
+        if not url.startswith(b"/") and url != b"*":
+            try:
+                parts = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                return self.answer(400, "malformed request target\n")
+            here = self.transport.getHost()
+            port = parts.port or (443 if parts.schema == b"https" else 80)
+            if parts.host not in (here.host.encode(), b"localhost") or port != here.port:
+                return self.answer(403, "dockpart-proxy only serves its own backends; "
+                                        "it is not a forward proxy\n")
+            url = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
+        version = parser.get_http_version()
+        upgrade = parser.should_upgrade()
+        named = _connection_tokens(self._headers)
+        out = [method + b" " + url + b" HTTP/1.1"]
+        append = out.append
+        host = None
+        forwarded_for = None
+        chunked = False
+        has_body = False
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"host":
+                host = value
+            elif lname == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                continue
+            elif lname == b"content-length":
+                has_body = value.strip() != b"0"
+            elif lname == b"transfer-encoding":
+                chunked = has_body = True
+            if _is_hop(lname, named) or lname in OWN_HEADERS:
+                if upgrade and lname in (b"upgrade", b"connection"):
+                    append(name + b": " + value)
+                continue
+            append(name + b": " + value)
+        if chunked:
+            append(b"Transfer-Encoding: chunked")
+        append(b"X-Forwarded-For: " + (forwarded_for + b", " + self.peer_ip
+                                        if forwarded_for else self.peer_ip))
+        append(b"X-Forwarded-Proto: " + self.proto)
+        if host is not None:
+            append(b"X-Forwarded-Host: " + host)
+        exchange = Exchange(self, method, out, version, parser.should_keep_alive(), upgrade,
+                            chunked, has_body, host)
+        # A request without a body is complete with its headers: an answer of ours (503)
+        # may then keep the connection open.
+        exchange.request_done = not has_body and not upgrade
+        self.factory.stats.requests += 1
+        if self.current is None:
+            self.current = exchange
+            self.factory.start(exchange)
+        else:
+            self.queue.append(exchange)
+            self.pause_reading("queued")
+
+    def on_body(self, body):
+        exchange = self.queue[-1] if self.queue else self.current
+        if exchange is None:
+            return
+        if exchange.chunked_in:
+            body = b"%x\r\n%s\r\n" % (len(body), body)
+        conn = exchange.conn
+        if conn is not None and conn.exchange is exchange:
+            if not exchange.sent_body:
+                exchange.sent_body = True
+                conn.transport.registerProducer(self._throttle, True)
+                self._producing_for = conn
+            conn.transport.write(body)
+        else:
+            exchange.pending.append(body)
+            if len(exchange.pending) > 8:
+                self.pause_reading("no backend yet")
+
+    def on_message_complete(self):
+        exchange = self.queue[-1] if self.queue else self.current
+        if exchange is None:
+            return
+        exchange.request_done = True
+        conn = exchange.conn
+        attached = conn is not None and conn.exchange is exchange
+        if exchange.chunked_in:
+            if attached:
+                conn.transport.write(b"0\r\n\r\n")
+            else:
+                exchange.pending.append(b"0\r\n\r\n")
+        if attached and not exchange.responded:
+            self.deadline = self.clock.seconds() + self.limits.backend_timeout
+        if exchange is self.current and not exchange.response_done:
+            # The next request waits until this response is done (no pipelining to backends).
+            self.pause_reading("queued")
+
+    # Answers of the proxy itself.
+
+    def answer(self, code: int, text: str, close: bool = True) -> None:
+        """A response of our own; closes the connection unless told otherwise."""
+        if self.closed:
+            return
+        body = text.encode()
+        self.factory.stats.responses[code] = self.factory.stats.responses.get(code, 0) + 1
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (
+                code, REASONS.get(code, b"Error"), len(body),
+                b"Connection: close\r\n" if close else b"", body))
+        if close:
+            self.closed = True
+            self.parsing = False
+            self.transport.loseConnection()
+
+    def fail_exchange(self, exchange: Exchange, code: int, text: str) -> None:
+        """The exchange ends in an answer of ours; keep the connection if the request is read."""
+        if exchange.responded:
+            return self.abort()
+        exchange.responded = exchange.response_done = True
+        keep = exchange.request_done and not exchange.close_after and not exchange.upgrade
+        self.answer(code, text, close=not keep)
+        if keep:
+            self.exchange_done(exchange)
+
+    # Writing responses.
+
+    def response_head(self, exchange: Exchange, data: bytes) -> None:
+        exchange.responded = True
+        if exchange.backend is not None and exchange.conn is not None:
+            conn = exchange.conn
+            if not exchange.head_only:
+                self.transport.registerProducer(conn.throttle, True)
+                conn.producing_for_client = True
+        stats = self.factory.stats
+        stats.responses[exchange.status] = stats.responses.get(exchange.status, 0) + 1
+        self.transport.write(data)
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        """The response is complete: next request, idle, or close."""
+        if exchange is not self.current:
+            return
+        self.current = None
+        if self._producing_for is not None:
+            conn, self._producing_for = self._producing_for, None
+            if conn.transport is not None and conn.transport.producer is self._throttle:
+                conn.transport.unregisterProducer()
+            self.resume_reading("peer")
+        if self.closed:
+            return
+        if exchange.close_after or exchange.upgrade or not exchange.request_done:
+            self.closed = True
+            self.transport.loseConnection()
+            return
+        self.resume_reading("no backend yet")
+        if self.queue:
+            self.current = self.queue.popleft()
+            self.factory.start(self.current)
+            if not self.queue and not self.current.request_done:
+                self.resume_reading("queued")
+        else:
+            self.resume_reading("queued")
+            self.deadline = self.clock.seconds() + (
+                self.limits.header_timeout if self.parsing else self.limits.idle_timeout)
+
+    def detach_producer(self, conn) -> None:
+        """``conn`` stops feeding this transport (its response ended or it went away)."""
+        if self.transport.producer is conn.throttle:
+            self.transport.unregisterProducer()
+
+    # Tunnels (after a 101).
+
+    def _tunnel_in(self, data):
+        exchange = self.current
+        tunnel = self.tunnel_to
+        if tunnel is not None:
+            tunnel.transport.write(data)
+        elif exchange is not None and exchange.upgrade:
+            exchange.pending.append(data)
+        # Anything else after an upgrade request that was refused is dropped with the close.
+
+    def start_tunnel(self, conn) -> None:
+        self.tunnel_to = conn
+        self.factory.stats.tunnels += 1
+        self.deadline = None
+        self.resume_reading("queued")
+        if self._producing_for is None:
+            conn.transport.registerProducer(self._throttle, True)
+            self._producing_for = conn
+
+    # Time limits and endings.
+
+    def expire(self, now: float) -> None:
+        self.deadline = None
+        exchange = self.current
+        if exchange is None:
+            if self.parsing:
+                self.answer(408, "the request headers took too long\n")
+            else:
+                self.closed = True
+                self.transport.loseConnection()
+        elif not exchange.responded:
+            if exchange.conn is not None:
+                exchange.conn.drop()
+            if exchange.backend is not None:
+                exchange.backend.errors += 1
+                exchange.backend.active -= 1
+                exchange.backend = None
+            self.fail_exchange(exchange, 504, "the backend did not answer in time\n")
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self.closed = True
+        self.factory.clients.discard(self)
+        exchange, self.current = self.current, None
+        if exchange is not None and exchange.conn is not None and not exchange.response_done:
+            exchange.conn.drop()
+        if self.tunnel_to is not None:
+            self.tunnel_to.drop()
+        self.queue.clear()
+
+
+class BackendConnection(_Reading, protocol.Protocol):
+    """A persistent connection to one backend, lent to one exchange at a time."""
+
+    def __init__(self, backend: Backend, factory):
+        self.backend = backend
+        self.proxy = factory
+        self.exchange: Exchange | None = None
+        self.parser = None
+        self.throttle = _Throttle(self)
+        self.producing_for_client = False
+        self.tunnel = None
+        self._reason = b""
+        self._headers: list = []
+        self.got_bytes = False
+        self.until_close = False
+        self.closed = False
+
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+        connector, self.factory = self.factory, None
+        if connector is not None:
+            self.proxy.connected(self, connector.exchange)
+
+    # Sending.
+
+    def send(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        exchange.conn = self
+        self.got_bytes = False
+        self.parser = httptools.HttpResponseParser(self)
+        head = exchange.head
+        if exchange.host is None:
+            head = head + [b"Host: " + self.backend.authority]
+        data = b"\r\n".join(head) + b"\r\n\r\n"
+        if exchange.pending:
+            data += b"".join(exchange.pending)
+            exchange.pending.clear()
+        self.transport.write(data)
+        client = exchange.client
+        exchange.sent_body = exchange.has_body
+        if exchange.has_body and not exchange.request_done:
+            self.transport.registerProducer(client._throttle, True)
+            client._producing_for = self
+        client.resume_reading("no backend yet")
+        exchange.started = self.proxy.clock.seconds()
+        # The answer is awaited from the end of the request (see on_message_complete).
+        client.deadline = exchange.started + self.proxy.limits.backend_timeout \
+            if exchange.request_done else None
+
+    # Receiving.
+
+    def dataReceived(self, data):
+        if self.tunnel is not None:
+            return self.tunnel.transport.write(data)
+        exchange = self.exchange
+        if exchange is None:
+            # An idle connection has nothing to say; whatever it is, it cannot be reused.
+            return self.drop()
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            rest = data[e.args[0]:]
+            if self.tunnel is not None and rest:
+                self.tunnel.transport.write(rest)
+        except httptools.HttpParserError as e:
+            self.bad_response(f"the backend sent a malformed response: {e}")
+
+    def on_status(self, reason):
+        self._reason += reason
+
+    def on_header(self, name, value):
+        self._headers.append((name, value))
+
+    def on_headers_complete(self):
+        exchange = self.exchange
+        parser = self.parser
+        status = parser.get_status_code()
+        client = exchange.client
+        now = self.proxy.clock.seconds()
+        backend = self.backend
+        if status < 200 and status != 101:
+            # An interim answer (100 Continue): passed on; the final one follows.
+            client.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, self._reason))
+            self._reason = b""
+            self._headers = []
+            return
+        backend.latency_sum += now - exchange.started
+        backend.latency_count += 1
+        client.deadline = None
+        exchange.status = status
+        headers = self._headers
+        self._headers = []
+        named = _connection_tokens(headers)
+        out = [b"HTTP/1.1 %d %s" % (status, self._reason)]
+        self._reason = b""
+        append = out.append
+        length = False
+        chunked_in = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = True
+            elif lname == b"transfer-encoding":
+                chunked_in = True
+                continue
+            elif _is_hop(lname, named):
+                if status == 101 and lname in (b"upgrade", b"connection"):
+                    append(name + b": " + value)
+                continue
+            append(name + b": " + value)
+        no_body = exchange.head_only or status in NO_BODY_STATUS or status == 101
+        self.until_close = not (no_body or length or chunked_in)
+        if not no_body and not length:
+            if exchange.version == (1, 1):
+                exchange.chunked_out = True
+                append(b"Transfer-Encoding: chunked")
+            else:
+                exchange.close_after = True
+        if status == 101:
+            self.tunnel = client
+        elif exchange.close_after or exchange.upgrade or not exchange.request_done:
+            exchange.close_after = True
+            append(b"Connection: close")
+        elif exchange.version != (1, 1):
+            append(b"Connection: keep-alive")
+        client.response_head(exchange, b"\r\n".join(out) + b"\r\n\r\n")
+        if status == 101:
+            self.exchange = None
+            backend.active -= 1
+            client.start_tunnel(self)
+            if exchange.pending:
+                self.transport.write(b"".join(exchange.pending))
+                exchange.pending.clear()
+        elif exchange.head_only:
+            self._response_complete(keep=parser.should_keep_alive())
+
+    def on_body(self, body):
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if exchange.chunked_out:
+            exchange.client.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            exchange.client.transport.write(body)
+
+    def on_message_complete(self):
+        exchange = self.exchange
+        if exchange is None or self.tunnel is not None or exchange.status == 0:
+            return
+        if exchange.chunked_out:
+            exchange.client.transport.write(b"0\r\n\r\n")
+        self._response_complete(keep=self.parser.should_keep_alive())
+
+    def _response_complete(self, keep: bool) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        exchange.response_done = True
+        exchange.conn = None
+        backend = self.backend
+        backend.requests += 1
+        backend.active -= 1
+        client = exchange.client
+        if self.producing_for_client:
+            self.producing_for_client = False
+            client.detach_producer(self)
+        self.resume_reading("peer")
+        reusable = keep and exchange.request_done and not self.closed
+        if client._producing_for is self:
+            client._producing_for = None
+            if self.transport.producer is client._throttle:
+                self.transport.unregisterProducer()
+            client.resume_reading("peer")
+        if reusable and backend.listed and len(backend.idle) < MAX_IDLE:
+            backend.idle.append(self)
+        else:
+            self.drop()
+        client.exchange_done(exchange)
+
+    def bad_response(self, why: str) -> None:
+        exchange, self.exchange = self.exchange, None
+        self.drop()
+        if exchange is not None:
+            self.backend.errors += 1
+            self.backend.active -= 1
+            exchange.conn = None
+            exchange.client.fail_exchange(exchange, 502, why + "\n")
+
+    # Endings.
+
+    def close(self) -> None:
+        """Close an idle connection."""
+        self.drop()
+
+    def drop(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.closed = True
+        backend = self.backend
+        try:
+            backend.idle.remove(self)
+        except ValueError:
+            pass
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            if not tunnel.closed:
+                tunnel.closed = True
+                tunnel.transport.loseConnection()
+            return
+        exchange, self.exchange = self.exchange, None
+        if exchange is None or exchange.response_done:
+            return
+        backend.active -= 1
+        exchange.conn = None
+        client = exchange.client
+        if client._producing_for is self:
+            client._producing_for = None
+            client.resume_reading("peer")
+        if self.producing_for_client:
+            client.detach_producer(self)
+        if client.closed:
+            return
+        if exchange.status:
+            if self.until_close:
+                # A body without length or chunks: the close is its end.
+                if exchange.chunked_out:
+                    client.transport.write(b"0\r\n\r\n")
+                exchange.response_done = True
+                backend.requests += 1
+                client.exchange_done(exchange)
+            else:
+                backend.errors += 1
+                client.abort()
+            return
+        # No answer at all: a pooled connection closed under us, or the backend died.
+        # Safe to try again elsewhere while no body byte has left the client's hands.
+        backend.errors += 1
+        if not exchange.sent_body:
+            self.proxy.stats.retries += 1
+            self.proxy.retry(exchange, backend, stale=not self.got_bytes)
+        else:
+            client.fail_exchange(exchange, 502, "the backend closed the connection "
+                                                "before answering\n")
+
+
+class _Connector(protocol.ClientFactory):
+    """One connection attempt for one exchange."""
+
+    noisy = False
+
+    def __init__(self, proxy, backend: Backend, exchange: Exchange):
+        self.proxy = proxy
+        self.backend = backend
+        self.exchange = exchange
+
+    def buildProtocol(self, addr):
+        conn = BackendConnection(self.backend, self.proxy)
+        conn.factory = self
+        return conn
+
+    def clientConnectionFailed(self, connector, reason):
+        self.proxy.connect_failed(self.exchange, self.backend)
+
+
+class ProxyFactory(protocol.Factory):
+    """Client connections share the backends, the limits and the figures."""
+
+    protocol = ClientConnection
+    noisy = False
+
+    def __init__(self, backends: BackendSet, reactor, limits: Limits | None = None):
+        self.backends = backends
+        self.reactor = reactor
+        self.clock = reactor
+        self.limits = limits or Limits()
+        self.stats = Stats()
+        self.clients: set[ClientConnection] = set()
+
+    def sweep(self) -> None:
+        """Enforce every deadline (header, idle, backend answer); called about twice a second."""
+        now = self.clock.seconds()
+        for client in list(self.clients):
+            deadline = client.deadline
+            if deadline is not None and deadline < now and not client.closed:
+                try:
+                    client.expire(now)
+                except Exception:
+                    client.log.failure("enforcing a time limit")
+                    client.abort()
+
+    # Sending an exchange somewhere.
+
+    def start(self, exchange: Exchange) -> None:
+        backends = self.backends
+        if not backends.known:
+            # Just started: the first read of the list is a moment away, or Redis is down.
+            if not exchange.started:
+                exchange.started = self.clock.seconds()
+            if self.clock.seconds() - exchange.started < self.limits.first_read_wait:
+                self.reactor.callLater(0.05, self.start, exchange)
+                return
+        if backends.shared:
+            backends.pick_shared().addCallback(self._picked, exchange).addErrback(
+                self._pick_failed, exchange)
+        else:
+            self._picked(backends.pick(), exchange)
+
+    def _pick_failed(self, failure, exchange):
+        exchange.client.log.failure("choosing a backend", failure)
+        exchange.client.fail_exchange(exchange, 502, "no backend could be chosen\n")
+
+    def _picked(self, backend: Backend | None, exchange: Exchange) -> None:
+        client = exchange.client
+        if client.closed:
+            return
+        if backend is None:
+            if exchange.tried:
+                client.fail_exchange(exchange, 502, "every backend failed: " + ", ".join(
+                    b.url for b in exchange.tried) + "\n")
+            elif self.backends.known:
+                client.fail_exchange(exchange, 503, "no backend is available: the list "
+                                     f"{self.backends.list_key!r} is empty\n")
+            else:
+                client.fail_exchange(exchange, 503, "no backend is known yet: Redis has not "
+                                     "answered since the proxy started\n")
+            return
+        exchange.backend = backend
+        exchange.tried.append(backend)
+        backend.active += 1
+        idle = backend.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.send(exchange)
+                return
+        self.reactor.connectTCP(backend.host, backend.port, _Connector(self, backend, exchange),
+                                timeout=self.limits.connect_timeout)
+        client.deadline = self.clock.seconds() + self.limits.connect_timeout + \
+            self.limits.backend_timeout
+
+    def connected(self, conn: BackendConnection, exchange: Exchange) -> None:
+        if exchange.backend is not conn.backend or exchange.conn is not None:
+            conn.drop()  # the exchange ended (timeout) while connecting
+        elif exchange.client.closed:
+            exchange.backend = None
+            conn.backend.active -= 1
+            conn.drop()
+        else:
+            conn.send(exchange)
+
+    def connect_failed(self, exchange: Exchange, backend: Backend) -> None:
+        if exchange.backend is not backend or exchange.conn is not None:
+            return
+        backend.active -= 1
+        exchange.backend = None
+        self.backends.failed(backend)
+        if exchange.client.closed:
+            return
+        self.stats.retries += 1
+        self._picked(self.backends.pick(exchange.tried), exchange)
+
+    def retry(self, exchange: Exchange, backend: Backend, stale: bool) -> None:
+        """Send again after a connection died before answering; a dead backend is left out."""
+        exchange.backend = None
+        if len(exchange.tried) > len(self.backends.ring) + 2:
+            return exchange.client.fail_exchange(exchange, 502, "every backend failed\n")
+        tried = exchange.tried
+        if stale and tried.count(backend) < 2:
+            # A pooled connection the backend had closed: the same backend, a new connection.
+            while backend.idle:
+                backend.idle.pop().drop()
+            self._picked(backend, exchange)
+            return
+        self._picked(self.backends.pick(tried), exchange)

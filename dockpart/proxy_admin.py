@@ -1,0 +1,88 @@
+"""dockpart-proxy's admin listener: a JSON status of the backends and Prometheus metrics."""
+
+import json
+
+from twisted.web import resource, server
+
+from dockpart.httpproxy import ProxyFactory
+
+
+def status(proxy: ProxyFactory) -> dict:
+    stats = proxy.stats
+    return {
+        **proxy.backends.status(),
+        "requests": stats.requests,
+        "responses": {str(code): count for code, count in sorted(stats.responses.items())},
+        "retries": stats.retries,
+        "tunnels": stats.tunnels,
+        "open_client_connections": len(proxy.clients),
+        "client_connections": stats.connections,
+    }
+
+
+def metrics(proxy: ProxyFactory) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    stats = proxy.stats
+    now = proxy.clock.seconds()
+    lines = []
+
+    def family(name, kind, text, samples):
+        lines.append(f"# HELP dockpart_proxy_{name} {text}")
+        lines.append(f"# TYPE dockpart_proxy_{name} {kind}")
+        for labels, value in samples:
+            label = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+            lines.append(f"dockpart_proxy_{name}{{{label}}} {value}" if label
+                         else f"dockpart_proxy_{name} {value}")
+
+    backends = proxy.backends.ring
+    family("requests_total", "counter", "Requests parsed from clients.", [({}, stats.requests)])
+    family("responses_total", "counter", "Responses sent to clients, by status code.",
+           [({"code": code}, n) for code, n in sorted(stats.responses.items())])
+    family("retries_total", "counter", "Attempts sent to another backend after a failure.",
+           [({}, stats.retries)])
+    family("client_connections", "gauge", "Open client connections.", [({}, len(proxy.clients))])
+    family("redis_connected", "gauge", "1 while the Redis connection is up.",
+           [({}, int(proxy.backends.redis.connected))])
+    family("backends", "gauge", "Backends in the list.", [({}, len(backends))])
+    family("backend_up", "gauge", "1 unless the backend is left out after failures.",
+           [({"backend": b.url}, int(b.down_until <= now)) for b in backends])
+    family("backend_requests_total", "counter", "Responses received from the backend.",
+           [({"backend": b.url}, b.requests) for b in backends])
+    family("backend_errors_total", "counter", "Failed attempts on the backend.",
+           [({"backend": b.url}, b.errors) for b in backends])
+    family("backend_active", "gauge", "Requests in progress on the backend.",
+           [({"backend": b.url}, b.active) for b in backends])
+    family("backend_latency_seconds_sum", "counter", "Time to response headers, summed.",
+           [({"backend": b.url}, round(b.latency_sum, 6)) for b in backends])
+    family("backend_latency_seconds_count", "counter", "Responses timed.",
+           [({"backend": b.url}, b.latency_count) for b in backends])
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class AdminResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, proxy: ProxyFactory):
+        super().__init__()
+        self.proxy = proxy
+
+    def render_GET(self, request):
+        path = request.path.rstrip(b"/")
+        if path == b"/metrics":
+            request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+            return metrics(self.proxy).encode()
+        if path in (b"", b"/status"):
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(status(self.proxy), indent=2).encode() + b"\n"
+        request.setResponseCode(404)
+        return b"try / (JSON status) or /metrics\n"
+
+
+def admin_site(proxy: ProxyFactory) -> server.Site:
+    site = server.Site(AdminResource(proxy))
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,151 @@
+"""A backend for the proxy tests: a real HTTP/1.1 server in its own process.
+
+``python tests/proxykit.py PORT NAME`` serves, with keep-alive:
+  GET  /anything          -> "NAME /anything" (and the request headers as X-Seen-* headers)
+  GET  /headers           -> the request headers as JSON
+  POST /upload            -> the number of body bytes read (Content-Length or chunked)
+  GET  /download?n=N      -> N bytes with Content-Length
+  GET  /chunked?n=N       -> N bytes in chunks
+  GET  /slow?s=S          -> answers after S seconds
+  GET  /hop               -> a response carrying hop-by-hop headers
+  GET  /ws                -> 101 for an Upgrade: websocket request, then echoes bytes upper-cased
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+BLOCK = b"x" * 65536
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    name = "backend"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: bytes, headers=()):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _read_body(self) -> int:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            total = 0
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b""):
+                        pass
+                    return total
+                left = size
+                while left:
+                    left -= len(self.rfile.read(min(left, 1 << 20)))
+                self.rfile.readline()
+                total += size
+        left = total = int(self.headers.get("Content-Length", 0))
+        while left:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+        return total
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/headers":
+            body = json.dumps([[k, v] for k, v in self.headers.items()]).encode()
+            return self._send(200, body, [("Content-Type", "application/json")])
+        if url.path == "/download":
+            n = int(query["n"])
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            while n > 0:
+                self.wfile.write(BLOCK[:n])
+                n -= len(BLOCK)
+            return
+        if url.path == "/chunked":
+            n = int(query["n"])
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            while n > 0:
+                part = BLOCK[:min(n, 10000)]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                n -= len(part)
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if url.path == "/slow":
+            time.sleep(float(query["s"]))
+            return self._send(200, b"slow\n")
+        if url.path == "/hop":
+            return self._send(200, b"hop\n", [("Connection", "X-Private"), ("X-Private", "1"),
+                                              ("Keep-Alive", "timeout=5"),
+                                              ("Proxy-Authenticate", "Basic"),
+                                              ("X-End-To-End", "1")])
+        if url.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                self.connection.sendall(data.upper())
+            self.close_connection = True
+            return
+        self._send(200, f"{self.name} {self.path}\n".encode(), [("Content-Type", "text/plain")])
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        count = self._read_body()
+        self._send(200, f"{count}\n".encode())
+
+
+def serve(port: int, name: str) -> None:
+    Handler.name = name
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+class Backend:
+    """The server above in a subprocess, killable like a crashed instance."""
+
+    def __init__(self, port: int, name: str):
+        self.port = port
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = None
+
+    def start(self) -> "Backend":
+        self.proc = subprocess.Popen([sys.executable, __file__, str(self.port), self.name],
+                                     stdout=subprocess.PIPE, start_new_session=True)
+        assert self.proc.stdout.readline().strip() == b"ready"
+        return self
+
+    def stop(self, sig=signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(10)
+        self.proc = None
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), sys.argv[2])

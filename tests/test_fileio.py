@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from dockpart.socatlike import crlf
-from helpers import Daemon, free_port, port_open, wait_for
+from helpers import BIN, Daemon, free_port, port_open, wait_for
 
 #: A file already holding CRLF, lone CRs and a CR as the last byte of socat's 8 KiB buffer.
 MIXED = b"a\nb\r\nc\rd\n\n\r\r\ne" + b"x" * (8192 - 17) + b"\r\nafter the buffer edge\n"
@@ -315,3 +315,15 @@ def test_fileweb_says_504_when_the_source_stalls():
             assert 0.4 < time.monotonic() - started < 5
         finally:
             fileweb.stop()
+
+
+def test_a_busy_port_stops_the_daemon_with_the_reason(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        done = subprocess.run(
+            [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "dockpart-socat",
+             "--listen", listen_on(taken.getsockname()[1]), "--file", str(tmp_path / "f")],
+            capture_output=True, text=True, timeout=20)
+    assert done.returncode != 0
+    assert "Address already in use" in done.stdout + done.stderr

@@ -15,7 +15,10 @@ and its instance stops only after a drain period.  A reconciler keeps
 
 import json
 import os
+import socket
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,18 @@ from dockpart.redisconn import RedisAddress, RedisOptions, RedisService, RedisUn
 DRIVERS = ("docker", "process")
 #: Seconds after start during which a dependency not answering yet is not reported.
 STARTUP_GRACE = 1.0
+
+# KEYS: the lease; ARGV: this infra's id, milliseconds.  1 if this infra holds it now.
+_HOLD_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
 
 _DEAD_LETTER = """
 redis.call('LREM', KEYS[1], 1, ARGV[1])
@@ -170,7 +185,7 @@ class Worker(Service):
 
     def __init__(self, redis: RedisService, driver, policy: Policy, *, interval: float = 0.2,
                  reconcile_interval: float = 10.0, drain: float = 3.0, spawn_timeout: float = 30.0,
-                 max_active: int = 10, retry_max: float = 5.0, reactor=None):
+                 max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0, reactor=None):
         if reactor is None:
             from twisted.internet import reactor
         self.redis = redis
@@ -182,10 +197,14 @@ class Worker(Service):
         self.spawn_timeout = spawn_timeout
         self.max_active = max_active
         self.retry_max = retry_max
+        self.lease = lease
         self.reactor = reactor
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._leased: bool | None = None  # not known before the first look
         self.outages = {Unavailable: Outage(f"the {driver.name} driver's engine", reactor),
                         RedisUnavailable: Outage("Redis", reactor)}
         self._tasks: set[defer.Deferred] = set()
+        self._inflight: Counter = Counter()  # (queue, entry) pairs in hand
         self._locks: dict[int, defer.DeferredLock] = {}
         self._recovery: list[defer.Deferred] | None = None
         self._redis_backoff = Backoff(most=retry_max)
@@ -201,7 +220,7 @@ class Worker(Service):
         for outage in self.outages.values():
             outage.quiet_until = self.reactor.seconds() + STARTUP_GRACE
         self._loops[0].start(self.interval)
-        self._loops[1].start(self.reconcile_interval)
+        self._loops[1].start(self.reconcile_interval, now=False)  # and once the lease is held
         self.log.info("dockpart-infra started (driver {driver}, ports {low}-{high})",
                       driver=self.driver.name, low=self.policy.low, high=self.policy.high)
 
@@ -214,7 +233,11 @@ class Worker(Service):
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        return defer.DeferredList(tasks)
+        done = defer.DeferredList(tasks)
+        if self._leased:  # the next infra need not wait for the lease to expire
+            done.addCallback(lambda _: self.redis.eval(_RELEASE_LEASE, [keys.INFRA_LEASE], [self.id]))
+            done.addErrback(lambda f: None)
+        return done
 
     # -- taking requests
 
@@ -232,7 +255,25 @@ class Worker(Service):
         else:
             self.log.failure("taking requests", failure)
 
+    async def _hold_lease(self) -> bool:
+        """Renew this infra's lease on the queues; whether it holds it."""
+        held = await self.redis.eval(_HOLD_LEASE, [keys.INFRA_LEASE],
+                                     [self.id, int(self.lease * 1000)])
+        if bool(held) != self._leased:
+            self._leased = bool(held)
+            if held:
+                self.log.info("holding the lease on the queues ({key})", key=keys.INFRA_LEASE)
+                self._reconcile_tick()
+            else:
+                holder = await self.redis.call("GET", keys.INFRA_LEASE)
+                self.log.warn("another dockpart-infra ({holder}) works these queues; waiting "
+                              "until its lease ({key}) ends", holder=holder, key=keys.INFRA_LEASE)
+                self._recovery = None  # when the lease is back, first finish what it left
+        return self._leased
+
     async def _take(self) -> None:
+        if not await self._hold_lease():
+            return
         if self._recovery is None:
             await self._recover()
         if any(not d.called for d in self._recovery):
@@ -253,19 +294,28 @@ class Worker(Service):
 
     async def _recover(self) -> None:
         left = []
+        busy = Counter(self._inflight)
         for queue in QUEUES:
-            entries = await self.redis.call("LRANGE", queue.processing, 0, -1)
-            left += [(queue, entry) for entry in reversed(entries)]  # oldest first
+            for entry in reversed(await self.redis.call("LRANGE", queue.processing, 0, -1)):
+                if busy[queue, entry]:
+                    busy[queue, entry] -= 1  # still in hand here (the lease came back)
+                else:
+                    left.append((queue, entry))  # oldest first
         if left:
             self.log.info("finishing {n} request(s) left in processing from before", n=len(left))
         self._recovery = [self._begin(queue, entry) for queue, entry in left]
 
     def _begin(self, queue: Queue, entry: str) -> defer.Deferred:
+        self._inflight[queue, entry] += 1
         d = defer.ensureDeferred(self._handle(queue, entry))
         self._tasks.add(d)
         d.addErrback(lambda f: f.trap(defer.CancelledError))
-        d.addBoth(lambda _: self._tasks.discard(d))
+        d.addBoth(lambda _: self._end(d, queue, entry))
         return d
+
+    def _end(self, d: defer.Deferred, queue: Queue, entry: str) -> None:
+        self._tasks.discard(d)
+        self._inflight[queue, entry] -= 1
 
     async def _handle(self, queue: Queue, entry: str) -> None:
         try:
@@ -366,6 +416,8 @@ class Worker(Service):
 
     async def reconcile(self) -> None:
         """Add back managed instances that answer; drop entries whose instance is gone."""
+        if not self._leased:
+            return
         # servers first, instances second: an instance registered in between is never dropped.
         lists = {key: await self.redis.call("LRANGE", key, 0, -1)
                  for key in (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING,
@@ -445,6 +497,8 @@ class Options(RedisOptions):
         ["spawn-timeout", None, 30.0, "Seconds a new instance has to answer HTTP.", float],
         ["stop-timeout", None, 5.0, "Seconds an instance has to stop before it is killed.", float],
         ["max-active", None, 10, "Requests handled at the same time.", int],
+        ["lease", None, 5.0, "Seconds the lease on the queues lasts unless renewed (one infra "
+                             "per Redis; another waits that long after a crash).", float],
         ["retry-max", None, 5.0, "Longest wait between retries while Docker or Redis is away.",
          float],
         ["state-dir", None, None, "Process driver: instances' logs and identity "
@@ -470,11 +524,14 @@ class Options(RedisOptions):
             raise usage.UsageError("--rebuild only applies to --driver docker")
         self["port-range"] = _port_range(self["port-range"]
                                          or f"{self['first-port'] + 1}-{MAX_PORT}")
-        for name in ("interval", "reconcile-interval", "spawn-timeout", "stop-timeout", "retry-max"):
+        for name in ("interval", "reconcile-interval", "spawn-timeout", "stop-timeout", "retry-max",
+                     "lease"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         if self["drain"] < 0:
             raise usage.UsageError("--drain cannot be negative")
+        if self["lease"] <= 2 * self["interval"]:
+            raise usage.UsageError("--lease must be longer than two --interval")
         if self["max-active"] < 1:
             raise usage.UsageError("--max-active must be at least 1")
         self["state-dir"] = self["state-dir"] or _default_state_dir()
@@ -508,5 +565,6 @@ def makeService(config, reactor=None):
     Worker(redis, make_driver(config, pool, reactor), policy, interval=config["interval"],
            reconcile_interval=config["reconcile-interval"], drain=config["drain"],
            spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
-           retry_max=config["retry-max"], reactor=reactor).setServiceParent(top)
+           retry_max=config["retry-max"], lease=config["lease"],
+           reactor=reactor).setServiceParent(top)
     return top

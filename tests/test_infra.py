@@ -53,7 +53,7 @@ def start_infra(redis_url: str, state_dir: Path, *args: str) -> Daemon:
     return Daemon("dockpart-infra", "--driver", "process", "--redis", redis_url,
                   "--state-dir", str(state_dir), "--port-range", "1024-65535",
                   "--first-port", str(FIRST), "--interval", "0.05", "--drain", "1",
-                  "--reconcile-interval", "1", "--spawn-timeout", "20", *args,
+                  "--reconcile-interval", "1", "--spawn-timeout", "20", "--lease", "2", *args,
                   ready="dockpart-infra started").start()
 
 
@@ -316,6 +316,29 @@ def test_instances_outlive_a_stopped_infra_and_a_new_one_adopts_them(own_redis, 
     finally:
         daemon.stop()
         kill_instances(state)
+
+
+def test_one_infra_per_redis_a_second_waits_for_the_lease_then_takes_over(own_redis, tmp_path):
+    client = own_redis.client()
+    first = start_infra(own_redis.url, tmp_path / "a")
+    second = start_infra(own_redis.url, tmp_path / "b")
+    try:
+        wait_for(lambda: "another dockpart-infra" in second.output(), 10,
+                 what="the second infra to wait")
+        [url] = spawn(client, free_port())
+        wait_registered(client, [url])
+        assert "starting process dockpart-web-" in first.output()
+        assert "starting process" not in second.output()
+        first.stop()  # releases the lease: no need to wait for it to expire
+        wait_for(lambda: "holding the lease" in second.output(), 5, what="the takeover")
+        [url2] = spawn(client, free_port())
+        wait_registered(client, [url2])
+        assert url2.rsplit(":", 1)[1] in second.output()
+    finally:
+        first.stop()
+        second.stop()
+        kill_instances(tmp_path / "a")
+        kill_instances(tmp_path / "b")
 
 
 def test_requests_wait_for_redis_and_are_done_once_it_answers(tmp_path):

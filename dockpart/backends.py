@@ -79,6 +79,7 @@ class BackendSet:
         self.by_url: dict[str, Backend] = {}
         self._next = 0
         self.known = False  # a list was read at least once
+        self.rotation: "_Rotation | None" = None  # the connection for LMOVE (shared mode)
         self._bad: set[str] = set()
 
     # The list.
@@ -149,15 +150,23 @@ class BackendSet:
                 fallback = backend
         return fallback
 
-    def pick_shared(self) -> defer.Deferred:
-        """One step of the rotation shared in Redis; the local rotation when Redis is away."""
-        d = self.redis.call("LMOVE", self.list_key, self.list_key, "RIGHT", "LEFT")
-        d.addCallbacks(self._shared_choice, self._shared_fallback)
-        return d
+    def pick_shared(self, callback, arg) -> None:
+        """One step of the rotation shared in Redis: ``callback(backend or None, arg)``.
 
-    def _shared_choice(self, url):
+        Uses the local rotation while Redis is away.
+        """
+        rotation = self.rotation
+        if rotation is None:
+            callback(self.pick(), arg)
+        else:
+            rotation.lmove(callback, arg)
+
+    def shared_choice(self, url):
+        """The backend for what LMOVE answered (a string, None for an empty list, or an error)."""
         if url is None:
             return None
+        if url.__class__ is not str:
+            return self.pick()
         backend = self.by_url.get(url)
         if backend is None:
             try:
@@ -170,10 +179,6 @@ class BackendSet:
         if backend.down_until > self.clock.seconds():
             return self.pick() or backend
         return backend
-
-    def _shared_fallback(self, failure):
-        failure.trap(RedisUnavailable)
-        return self.pick()
 
     # Health.
 
@@ -218,6 +223,100 @@ class _Notices(Protocol):
             self.factory.owner.refresh()
 
 
+class _Rotation(Protocol):
+    """A lean Redis connection for the per-request LMOVE of ``--balance shared``.
+
+    Commands are pipelined and answered in order; no Deferred per request.  A connection
+    that stops answering is dropped by :meth:`watch`, and requests fall back to the local
+    rotation until it is back.
+    """
+
+    log = Logger()
+
+    def connectionMade(self):
+        owner = self.factory.owner
+        self.backends = owner.backends
+        self.transport.setTcpNoDelay(True)
+        self.waiting: deque = deque()
+        self.buffer = b""
+        self.replies = 0
+        self._seen = 0
+        self._stalled = 0.0
+        self._lmove = _command(b"LMOVE", *[self.backends.list_key.encode()] * 2, b"RIGHT", b"LEFT")
+        address = owner.redis.address
+        if address.password:
+            self._send(_command(b"AUTH", address.password.encode()), None)
+        if address.db:
+            self._send(_command(b"SELECT", str(address.db).encode()), None)
+        self.backends.rotation = self
+
+    def _send(self, command: bytes, callback, arg=None) -> None:
+        self.transport.write(command)
+        self.waiting.append((callback, arg))
+
+    def lmove(self, callback, arg) -> None:
+        self.transport.write(self._lmove)
+        self.waiting.append((callback, arg))
+
+    def dataReceived(self, data):
+        buf = self.buffer + data if self.buffer else data
+        pos = 0
+        size = len(buf)
+        waiting = self.waiting
+        backends = self.backends
+        while pos < size:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            kind = buf[pos]
+            if kind == 36:  # $: a bulk string, or nil
+                n = int(buf[pos + 1:end])
+                if n < 0:
+                    value = None
+                    pos = end + 2
+                else:
+                    if size < end + 4 + n:
+                        break
+                    value = buf[end + 2:end + 2 + n].decode()
+                    pos = end + 4 + n
+            elif kind in (43, 58):  # +simple string, :integer
+                value = buf[pos + 1:end].decode()
+                pos = end + 2
+            elif kind == 45:  # -error
+                value = RedisUnavailable(buf[pos + 1:end].decode(errors="replace"))
+                pos = end + 2
+            else:
+                self.transport.abortConnection()
+                return
+            self.replies += 1
+            callback, arg = waiting.popleft()
+            if callback is not None:
+                try:
+                    callback(backends.shared_choice(value), arg)
+                except Exception:
+                    self.log.failure("handling a request after LMOVE")
+        self.buffer = buf[pos:]
+
+    def watch(self, elapsed: float, timeout: float) -> None:
+        """Called periodically: drop the connection when answers stopped coming."""
+        if self.waiting and self.replies == self._seen:
+            self._stalled += elapsed
+            if self._stalled >= timeout:
+                self.transport.abortConnection()
+        else:
+            self._stalled = 0.0
+        self._seen = self.replies
+
+    def connectionLost(self, reason):
+        backends = self.backends
+        if backends.rotation is self:
+            backends.rotation = None
+        waiting, self.waiting = self.waiting, deque()
+        for callback, arg in waiting:
+            if callback is not None:
+                callback(backends.pick(), arg)
+
+
 def _command(*parts: bytes) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
     for part in parts:
@@ -235,21 +334,27 @@ class BackendSync(MultiService):
         self.backends = backends
         self.redis = backends.redis
         self.list_key = backends.list_key
-        factory = Factory.forProtocol(_Notices)
-        factory.noisy = False
-        factory.owner = self
-        address = self.redis.address
-        endpoint = TCP4ClientEndpoint(reactor, address.host, address.port, timeout=2)
-        # Retry every half second or so: a restarted Redis is heard from at once.
-        notices = ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
-                                clock=reactor)
-        notices.setServiceParent(self)
-        self._loop = LoopingCall(self.refresh)
+        self._connection(_Notices, reactor)
+        if backends.shared:
+            self._connection(_Rotation, reactor)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self.interval = interval
         self._refreshing = None
         self._again = False
         self.reactor = reactor
+
+    def _connection(self, protocol_class, reactor) -> None:
+        """A Redis connection of our own, made again whenever it is lost."""
+        factory = Factory.forProtocol(protocol_class)
+        factory.noisy = False
+        factory.owner = self
+        address = self.redis.address
+        endpoint = TCP4ClientEndpoint(reactor, address.host, address.port,
+                                      timeout=self.redis.timeout)
+        # Retry every half second or so: a restarted Redis is heard from at once.
+        ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
+                      clock=reactor).setServiceParent(self)
 
     def startService(self):
         super().startService()
@@ -259,6 +364,12 @@ class BackendSync(MultiService):
         if self._loop.running:
             self._loop.stop()
         return super().stopService()
+
+    def _tick(self) -> None:
+        rotation = self.backends.rotation
+        if rotation is not None:
+            rotation.watch(self.interval, self.redis.timeout)
+        self.refresh()
 
     def refresh(self) -> None:
         """Read the list; notices that arrive during a read cause one more read after it."""

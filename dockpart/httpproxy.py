@@ -748,14 +748,9 @@ class ProxyFactory(protocol.Factory):
                 self.reactor.callLater(0.05, self.start, exchange)
                 return
         if backends.shared:
-            backends.pick_shared().addCallback(self._picked, exchange).addErrback(
-                self._pick_failed, exchange)
+            backends.pick_shared(self._picked, exchange)
         else:
             self._picked(backends.pick(), exchange)
-
-    def _pick_failed(self, failure, exchange):
-        exchange.client.log.failure("choosing a backend", failure)
-        exchange.client.fail_exchange(exchange, 502, "no backend could be chosen\n")
 
     def _picked(self, backend: Backend | None, exchange: Exchange) -> None:
         client = exchange.client

@@ -327,3 +327,27 @@ def test_a_busy_port_stops_the_daemon_with_the_reason(tmp_path):
             capture_output=True, text=True, timeout=20)
     assert done.returncode != 0
     assert "Address already in use" in done.stdout + done.stderr
+
+
+def test_fileweb_hangs_up_on_the_source_when_the_browser_leaves():
+    with socket.socket() as stalling:
+        stalling.bind(("127.0.0.1", 0))
+        stalling.listen(5)
+        web = free_port()
+        fileweb = Daemon("dockpart-fileweb", "--listen", listen_on(web), "--timeout", "5",
+                         "--source", f"tcp:127.0.0.1:{stalling.getsockname()[1]}",
+                         ready="listening on").start()
+        try:
+            with socket.create_connection(("127.0.0.1", web), timeout=5) as browser:
+                browser.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                stalling.settimeout(5)
+                fetch, _ = stalling.accept()
+            with fetch:  # the browser is gone: fileweb drops its fetch at once, not after 5 s
+                fetch.settimeout(2)
+                try:
+                    assert fetch.recv(10) == b""
+                except ConnectionResetError:
+                    pass
+        finally:
+            fileweb.stop()
+        assert "504" not in fileweb.output() and "Traceback" not in fileweb.output()

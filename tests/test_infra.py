@@ -1,5 +1,6 @@
 """dockpart-infra with the process driver: real Redis, real twistd dockpart-web instances."""
 
+import itertools
 import json
 import os
 import signal
@@ -178,35 +179,55 @@ def test_ten_concurrent_spawns_give_ten_instances(infra_d, redis_db):
         assert len(instance_pids(port)) == 1
 
 
-def test_destroy_under_a_request_loop_fails_no_request(infra_d, redis_db):
-    """Requests go, at each moment, to an instance then in servers; none fails."""
-    keep, leave = free_port(), free_port()
-    urls = spawn(redis_db, keep, leave)
-    wait_registered(redis_db, urls)
-    failures, served = [], {url: 0 for url in urls}
-    stop = threading.Event()
+@pytest.fixture(scope="module")
+def proxy(redis_server):
+    port = free_port()
+    daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                    "--redis", redis_server.url, ready="dockpart-proxy listening on").start()
+    daemon.url = url_of(port)
+    yield daemon
+    daemon.stop()
 
+
+def request_loop(next_url, failures: list, served: dict, stop: threading.Event) -> threading.Thread:
+    """GET next_url() until stopped (30 s at most); count what each instance served."""
     def loop():
         session = requests.Session()
         deadline = time.monotonic() + 30
-        i = 0
         while not stop.is_set() and time.monotonic() < deadline:
-            live = servers(redis_db)
-            url = live[i % len(live)]
-            i += 1
+            url = next_url()
             try:
                 r = session.get(url + "/", timeout=5)
                 if r.status_code != 200:
                     failures.append((url, r.status_code))
-                served[url] += 1
+                for instance in served:
+                    served[instance] += instance in r.text
             except requests.RequestException as e:
                 failures.append((url, repr(e)))
         session.close()
+    thread = threading.Thread(target=loop)
+    thread.start()
+    return thread
 
-    worker = threading.Thread(target=loop)
-    worker.start()
+
+def test_destroy_under_request_loops_fails_no_request(infra_d, redis_db, proxy):
+    """One loop through dockpart-proxy, one straight to an instance in servers at each moment."""
+    keep, leave = free_port(), free_port()
+    urls = spawn(redis_db, keep, leave)
+    wait_registered(redis_db, urls)
+    turn = itertools.count()
+
+    def next_live():
+        live = servers(redis_db)
+        return live[next(turn) % len(live)]
+    failures = []
+    direct, proxied = dict.fromkeys(urls, 0), dict.fromkeys(urls, 0)
+    stop = threading.Event()
+    loops = [request_loop(next_live, failures, direct, stop),
+             request_loop(lambda: proxy.url, failures, proxied, stop)]
     try:
-        wait_for(lambda: served[url_of(leave)] > 20, 10, what="requests to the doomed instance")
+        wait_for(lambda: direct[url_of(leave)] > 20 and proxied[url_of(leave)] > 20, 10,
+                 what="requests to the doomed instance, direct and through the proxy")
         redis_db.lpush(keys.DESTROY_QUEUE, url_of(leave))
         wait_for(lambda: redis_db.llen(keys.DESTROYING) + redis_db.llen(keys.DESTROY_QUEUE) == 0,
                  15, what="the destroy request to be done")
@@ -214,9 +235,11 @@ def test_destroy_under_a_request_loop_fails_no_request(infra_d, redis_db):
         time.sleep(0.3)
     finally:
         stop.set()
-        worker.join(10)
+        for loop in loops:
+            loop.join(10)
     assert failures == []
     assert servers(redis_db) == [url_of(keep)]
+    assert direct[url_of(keep)] > 20 and proxied[url_of(keep)] > 20
     assert "draining for 1 s" in infra_d.output()
 
 

@@ -94,6 +94,8 @@ class FileServer(Protocol):
 
     def _sent(self, _):
         self.sent = True
+        self.file.close()
+        self.file = None
         if self.client_done:
             self.transport.loseConnection()
         else:

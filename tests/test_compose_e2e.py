@@ -1,0 +1,222 @@
+"""End to end on the real engine: the README's `scripts/up` brings the compose stack and the infra
+daemon up, scaling works through the proxy, and `scripts/up down` leaves nothing behind.
+
+One stack for the module, on free ports and its own compose project, so it never meets a
+dockpart that a person runs on the usual ports.  The tests run in file order on that stack.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis as redis_py
+import requests
+
+from dockerkit import docker_client
+from dockpart.drivers import instance_name
+from dockpart.instances import parse_instance_url
+from helpers import ROOT, free_port, free_port_run, port_open, wait_for
+
+pytestmark = pytest.mark.docker
+
+SERVED_BY = re.compile(r"Served by the instance at <b>(http://[^<]+)</b>")
+COMPOSE = Path(sys.executable).parent / "docker-compose"
+#: scripts/up builds what is missing (nothing, after the docker_images fixture) and starts it all.
+UP_TIMEOUT = 240
+
+
+class Stack:
+    """scripts/up and scripts/up down with this stack's ports, project and run folder."""
+
+    def __init__(self):
+        self.redis_port = free_port()
+        self.proxy_port = free_port()
+        self.web_port = free_port_run(6)
+        self.project = f"dockpart-e2e-{os.getpid()}"
+        self.run_dir = tempfile.mkdtemp(prefix="dockpart-e2e-run-")
+        self.env = {
+            **os.environ,
+            "DOCKPART_REDIS_PORT": str(self.redis_port),
+            "DOCKPART_WEB_PORT": str(self.web_port),
+            "DOCKPART_PROXY_PORT": str(self.proxy_port),
+            "COMPOSE_PROJECT_NAME": self.project,
+            "DOCKPART_RUN": self.run_dir,
+            # The virtualenv running the tests has dockpart, twistd and docker-compose.
+            "DOCKPART_VENV": sys.prefix,
+        }
+        self.proxy = f"http://127.0.0.1:{self.proxy_port}"
+        self.first = f"http://127.0.0.1:{self.web_port}"
+        self.is_up = False
+
+    def script(self, *args: str, timeout: float = UP_TIMEOUT) -> str:
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "up"), *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, f"scripts/up {' '.join(args)} failed:\n{output[-5000:]}"
+        return output
+
+    def up(self) -> str:
+        self.is_up = True
+        return self.script()
+
+    def down(self) -> str:
+        self.is_up = False
+        return self.script("down", timeout=120)
+
+    def redis(self) -> redis_py.Redis:
+        return redis_py.Redis(port=self.redis_port, decode_responses=True, socket_timeout=5)
+
+    def infra_log(self) -> str:
+        path = Path(self.run_dir, "dockpart-infra.log")
+        return path.read_text(errors="replace")[-3000:] if path.exists() else "(no infra log)"
+
+    def containers(self) -> list:
+        """Every container of this stack: the compose project's and the instances on our ports."""
+        client = docker_client()
+        found = client.containers.list(
+            all=True, filters={"label": f"com.docker.compose.project={self.project}"})
+        ports = {str(p) for p in range(self.web_port, self.web_port + 6)}
+        found += [c for c in client.containers.list(all=True, filters={"label": "dockpart.managed=true"})
+                  if c.labels.get("dockpart.port") in ports]
+        client.close()
+        return found
+
+
+def container_name(url: str) -> str:
+    return instance_name(parse_instance_url(url)[1])
+
+
+def served_by(url: str) -> str:
+    reply = requests.get(url, timeout=5)
+    assert reply.status_code == 200, (reply.status_code, reply.text[:300])
+    match = SERVED_BY.search(reply.text)
+    assert match, reply.text[:300]
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def stack(docker_images):
+    stack = Stack()
+    try:
+        output = stack.up()
+        assert f"point a browser at {stack.proxy}/" in output, output[-2000:]
+        yield stack
+    finally:
+        if stack.is_up:
+            stack.down()
+
+
+def test_first_instance_answers_through_the_proxy(stack):
+    assert served_by(stack.proxy + "/") == stack.first
+
+
+def test_two_spawns_bring_three_instances_into_the_rotation(stack):
+    for _ in range(2):
+        reply = requests.get(stack.proxy + "/spawn", timeout=5)
+        assert reply.status_code == 202, reply.text[:300]
+
+    def three_seen():
+        return len({served_by(stack.proxy + "/") for _ in range(6)}) == 3
+
+    wait_for(three_seen, timeout=30, interval=0.5,
+             what=f"three instances behind the proxy; infra log:\n{stack.infra_log()}")
+    instances = stack.redis().lrange("servers", 0, -1)
+    assert len(instances) == 3 and stack.first in instances
+    running = {c.name for c in docker_client().containers.list(filters={"label": "dockpart.managed=true"})}
+    for url in instances:
+        if url != stack.first:
+            assert container_name(url) in running
+
+
+def test_destroy_removes_a_container_while_requests_keep_succeeding(stack):
+    failures, served, stop = [], [], threading.Event()
+
+    def request_loop():
+        deadline = time.monotonic() + 40  # bounded even if the test fails before stopping it
+        while not stop.is_set() and time.monotonic() < deadline and len(served) < 5000:
+            try:
+                reply = requests.get(stack.proxy + "/", timeout=5)
+                (served if reply.status_code == 200 else failures).append(reply.status_code)
+            except requests.RequestException as e:
+                failures.append(repr(e))
+            time.sleep(0.01)
+
+    loop = threading.Thread(target=request_loop)
+    loop.start()
+    try:
+        before = set(stack.redis().lrange("servers", 0, -1))
+        reply = requests.get(stack.proxy + "/destroy", timeout=5)
+        assert reply.status_code in (200, 202), reply.text[:300]
+        victim = wait_for(lambda: (before - set(stack.redis().lrange("servers", 0, -1))) or None,
+                          timeout=15, what="an instance to leave servers").pop()
+        name = container_name(victim)
+
+        def container_gone():
+            client = docker_client()
+            gone = not client.containers.list(all=True, filters={"name": f"^/{name}$"})
+            client.close()
+            return gone
+
+        wait_for(container_gone, timeout=30, interval=0.5,
+                 what=f"{name} to be removed; infra log:\n{stack.infra_log()}")
+        time.sleep(1)  # a few more requests after the removal
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert victim != stack.first
+    assert not failures, f"{len(failures)} failed of {len(failures) + len(served)}: {failures[:5]}"
+    assert len(served) > 20
+
+
+def test_set_then_get_agree_across_instances(stack):
+    instances = stack.redis().lrange("servers", 0, -1)
+    assert len(instances) == 2
+    assert requests.get(stack.proxy + "/set/e2e", timeout=5).status_code == 200
+    # Round robin: consecutive requests go to each instance in turn.
+    for _ in range(2 * len(instances)):
+        reply = requests.get(stack.proxy + "/get/e2e", timeout=5)
+        assert reply.status_code == 200 and "self-destruct" in reply.text, reply.text[:300]
+    assert {served_by(stack.proxy + "/") for _ in range(2 * len(instances))} == set(instances)
+
+
+def test_down_leaves_no_dockpart_container(stack):
+    assert stack.containers()
+    output = stack.down()
+    assert "dockpart is down" in output
+    assert stack.containers() == []
+    assert not port_open(stack.proxy_port) and not port_open(stack.web_port)
+
+
+def test_infra_profile_runs_infra_in_a_container(docker_images, tmp_path):
+    """`--profile infra` runs dockpart-infra in a container: it spawns through the socket."""
+    ports = {"DOCKPART_REDIS_PORT": free_port(), "DOCKPART_WEB_PORT": free_port_run(3),
+             "DOCKPART_PROXY_PORT": free_port()}
+    project = f"dockpart-e2e-infra-{os.getpid()}"
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}}
+    web = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT']}"
+    spawned = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT'] + 1}"
+
+    def compose(*args):
+        done = subprocess.run([str(COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "-p", project,
+                               "--profile", "infra", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        compose("up", "-d", "--wait", "--wait-timeout", "60", "redis", "web", "infra")
+        assert requests.get(web + "/spawn", timeout=5).status_code == 202
+        client = redis_py.Redis(port=ports["DOCKPART_REDIS_PORT"], decode_responses=True)
+        wait_for(lambda: set(client.lrange("servers", 0, -1)) == {web, spawned}, timeout=30,
+                 interval=0.5, what=f"{spawned} in servers")
+        assert served_by(spawned + "/") == spawned
+    finally:
+        compose("down", "--timeout", "5")
+        client = docker_client()
+        for c in client.containers.list(all=True, filters={"name": f"^/{container_name(spawned)}$"}):
+            c.remove(force=True)
+        client.close()

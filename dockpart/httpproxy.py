@@ -556,7 +556,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         no_body = exchange.head_only or status in NO_BODY_STATUS or status == 101
         self.until_close = not (no_body or length or chunked_in)
         if not no_body and not length:
-            if exchange.version == (1, 1):
+            if exchange.version == "1.1":
                 exchange.chunked_out = True
                 append(b"Transfer-Encoding: chunked")
             else:
@@ -566,7 +566,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         elif exchange.close_after or exchange.upgrade or not exchange.request_done:
             exchange.close_after = True
             append(b"Connection: close")
-        elif exchange.version != (1, 1):
+        elif exchange.version != "1.1":
             append(b"Connection: keep-alive")
         client.response_head(exchange, b"\r\n".join(out) + b"\r\n\r\n")
         if status == 101:

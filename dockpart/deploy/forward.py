@@ -16,13 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols import portforward
 from twisted.python import usage
 
 from dockpart.deploy.repos import DeployConfig, DeployDir, DeployError
+from dockpart.listening import Listener
 
 
 class Options(usage.Options):
@@ -80,8 +81,8 @@ def makeService(config, reactor=None) -> MultiService:
         from twisted.internet import reactor
     top = MultiService()
     factory = ForwardFactory(Path(config["target-file"]), reactor)
-    strports.service(config["listen"], factory, reactor=reactor).setServiceParent(top)
-    Logger().info("dockpart-forward listening on {listen}", listen=config["listen"])
+    Listener("dockpart-forward", serverFromString(reactor, config["listen"]),
+             factory).setServiceParent(top)
     return top
 
 
@@ -130,22 +131,22 @@ def ensure_forwarder(deploy_dir: DeployDir, config: DeployConfig, slice_name: st
     # Not our running forwarder: a stale pid file (its pid may even be a zombie) would stop twistd.
     pidfile.unlink(missing_ok=True)
     twistd = Path(sys.executable).parent / "twistd"
-    # twistd without -n daemonizes and closes stdio, so a git push does not wait for it.
-    subprocess.run(
+    # twistd without -n daemonizes and points its stdio at /dev/null, so a git push does not
+    # wait for it; its first process exits once the port is bound, or with the reason.
+    started = subprocess.run(
         [str(twistd), f"--pidfile={pidfile}", f"--logfile={logfile}", "dockpart-forward",
          "--listen", f"tcp:{port}:interface={config.host}", "--target-file", str(target)],
-        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, cwd=deploy_dir.run, timeout=timeout)
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=deploy_dir.run,
+        timeout=timeout)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while started.returncode == 0 and time.monotonic() < deadline:
         pid = forwarder_pid(deploy_dir, slice_name)
         if pid and _port_open(config.host, port):
             return pid
-        if "CannotListenError" in _log_tail(logfile):
-            break
-        time.sleep(0.1)
-    raise DeployError(f"the forwarder of {slice_name} did not start on port {port}:\n"
-                      + _log_tail(logfile))
+        time.sleep(0.05)
+    reason = started.stderr.strip() if started.returncode else _log_tail(logfile, 5)
+    raise DeployError(f"the forwarder of {slice_name} did not start on port {port} "
+                      f"(log: {logfile}):\n{reason}")
 
 
 def stop_forwarder(deploy_dir: DeployDir, slice_name: str, timeout: float = 10.0) -> bool:

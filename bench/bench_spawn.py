@@ -80,10 +80,10 @@ def has_plugin(name: str) -> bool:
 
 
 class Proc:
-    def __init__(self, argv, log_dir: Path, name: str, env=None):
+    def __init__(self, argv, log_dir: Path, name: str):
         self.log = log_dir / f"{name}.log"
         self.proc = subprocess.Popen(argv, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     start_new_session=True)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -98,8 +98,9 @@ class Proc:
                 self.proc.wait(5)
 
 
-def daemon(plugin: str, args, log_dir: Path, ready: str, env=None) -> Proc:
-    proc = Proc([TWISTD, "-n", "--pidfile=", "--logfile=-", plugin, *args], log_dir, plugin, env)
+def daemon(plugin: str, args, log_dir: Path, ready: str, setup: str) -> Proc:
+    proc = Proc([TWISTD, "-n", "--pidfile=", "--logfile=-", plugin, *args], log_dir,
+                f"{setup}-{plugin}")
     wait(lambda: ready in proc.output(), 30, f"{plugin} to log {ready!r}")
     return proc
 
@@ -117,18 +118,19 @@ def run_setup(name: str, spawns: int, use_proxy: bool, log_dir: Path) -> list[fl
         wait(lambda: socket.create_connection(("127.0.0.1", redis_port), 1), 10, "redis-server")
         web = daemon("dockpart-web", ["--listen", f"tcp:{first}:interface=127.0.0.1",
                                       "--first-port", str(first), "--max-instances", "100",
-                                      "--redis", redis_url], log_dir, "listening on")
+                                      "--redis", redis_url], log_dir, "listening on", name)
         started.append(web)
         front = f"http://127.0.0.1:{first}"
         if use_proxy:
             proxy_port = free_port()
-            started.append(daemon("dockpart-proxy", ["--listen", f"tcp:{proxy_port}:interface=127.0.0.1",
-                                                     "--redis", redis_url], log_dir, "listening"))
+            started.append(daemon("dockpart-proxy", [
+                "--listen", f"tcp:{proxy_port}:interface=127.0.0.1", "--redis", redis_url],
+                log_dir, "listening", name))
             front = f"http://127.0.0.1:{proxy_port}"
         started.append(daemon("dockpart-infra", [
             *SETUPS[name], "--redis", redis_url, "--first-port", str(first),
             "--port-range", f"{first + 1}-{first + spawns}", "--interval", "0.05",
-            "--state-dir", str(state), "--drain", "0.2"], log_dir, "dockpart-infra started"))
+            "--state-dir", str(state), "--drain", "0.2"], log_dir, "dockpart-infra started", name))
         times = []
         session = requests.Session()
         for _ in range(spawns):

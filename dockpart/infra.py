@@ -33,12 +33,15 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from dockpart import keys, servers
 from dockpart.drivers import DriverError, ThreadPoolService, Unavailable, instance_name
-from dockpart.instances import FIRST_PORT, MAX_PORT, BadInstanceURL, instance_url, parse_instance_url
+from dockpart.instances import (FIRST_PORT, MAX_PORT, BadInstanceURL, instance_url,
+                                parse_instance_url)
 from dockpart.redisconn import RedisAddress, RedisOptions, RedisService, RedisUnavailable
 
 DRIVERS = ("docker", "process")
 #: Seconds after start during which a dependency not answering yet is not reported.
 STARTUP_GRACE = 1.0
+#: Seconds between looks at a new instance until it answers.
+HEALTH_POLL = 0.05
 
 # KEYS: the lease; ARGV: this infra's id, milliseconds.  1 if this infra holds it now.
 _HOLD_LEASE = """
@@ -235,7 +238,8 @@ class Worker(Service):
             task.cancel()
         done = defer.DeferredList(tasks)
         if self._leased:  # the next infra need not wait for the lease to expire
-            done.addCallback(lambda _: self.redis.eval(_RELEASE_LEASE, [keys.INFRA_LEASE], [self.id]))
+            done.addCallback(lambda _: self.redis.eval(_RELEASE_LEASE, [keys.INFRA_LEASE],
+                                                       [self.id]))
             done.addErrback(lambda f: None)
         return done
 
@@ -392,7 +396,7 @@ class Worker(Service):
         while self.reactor.seconds() < deadline:
             if await http_answers(self.reactor, port):
                 return True
-            await deferLater(self.reactor, 0.1, lambda: None)
+            await deferLater(self.reactor, HEALTH_POLL, lambda: None)
         return False
 
     async def _destroy(self, url: str, port: int) -> None:
@@ -435,12 +439,12 @@ class Worker(Service):
             return port in pending or port in self._locks
 
         for port, up in sorted(running.items()):
-            if (up and port not in registered and not busy(port) and self.policy.owns(
-                    instance_url(self.policy.host, port)) and await http_answers(self.reactor, port)):
-                url = instance_url(self.policy.host, port)
-                if await servers.register(self.redis, url):
-                    self.log.info("reconcile: {what} answers; added {url} back to servers",
-                                  what=self.driver.describe(port), url=url)
+            url = instance_url(self.policy.host, port)
+            if not up or port in registered or busy(port) or self.policy.owns(url) is None:
+                continue
+            if await http_answers(self.reactor, port) and await servers.register(self.redis, url):
+                self.log.info("reconcile: {what} answers; added {url} back to servers",
+                              what=self.driver.describe(port), url=url)
         for port, url in registered.items():
             if not running.get(port) and not busy(port):
                 if await servers.unregister(self.redis, url):
@@ -455,7 +459,8 @@ def _port_range(value: str) -> tuple[int, int]:
     try:
         low_port, high_port = int(low), int(high if sep else low)
     except ValueError:
-        raise usage.UsageError(f"--port-range {value!r}: expected LOW-HIGH, e.g. 3001-3100") from None
+        raise usage.UsageError(f"--port-range {value!r}: expected LOW-HIGH, e.g. 3001-3100") \
+            from None
     if not 1 <= low_port <= high_port <= MAX_PORT:
         raise usage.UsageError(f"--port-range {value!r}: need 1 <= LOW <= HIGH <= {MAX_PORT}")
     return low_port, high_port
@@ -489,7 +494,7 @@ class Options(RedisOptions):
         ["advertise-host", None, "127.0.0.1", "Host name in instance URLs (as dockpart-web's)."],
         ["first-port", None, FIRST_PORT, "The first instance's port: never destroyed.", int],
         ["port-range", None, None,
-         f"Ports instances may take: LOW-HIGH (default: the one after --first-port to {MAX_PORT})."],
+         f"Ports instances may take: LOW-HIGH (default: after --first-port to {MAX_PORT})."],
         ["interval", None, 0.2, "Seconds between looks at the queues.", float],
         ["reconcile-interval", None, 10.0, "Seconds between reconciliations.", float],
         ["drain", None, 3.0, "Seconds a destroyed instance keeps serving after leaving servers.",

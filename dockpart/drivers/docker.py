@@ -3,10 +3,10 @@
 Containers are named ``dockpart-web-<port>`` and labelled ``dockpart.managed=true``,
 ``dockpart.port=<port>`` and ``dockpart.redis=<the tier's Redis>``; a container
 without the first label is never touched, even one with our name, and one of
-another tier (another Redis on the same engine) is left to that tier's infra.  The image is built once, if missing, from the web
-app's Dockerfile; ``rebuild`` instead does the seed's stop, rm, rmi, build
-(``--build-arg start_port=PORT``), run for every spawn.  Every SDK call runs in
-the driver's own thread pool.
+another tier (another Redis on the same engine) is left to that tier's infra.
+The image is built once, if missing, from the web app's Dockerfile; ``rebuild``
+instead does the seed's stop, rm, rmi, build (``--build-arg start_port=PORT``),
+run for every spawn.  Every SDK call runs in the driver's own thread pool.
 """
 
 import threading

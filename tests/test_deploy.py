@@ -89,6 +89,8 @@ def test_a_broken_push_is_refused_with_the_reason_and_v2_keeps_serving(env):
     assert "pre-receive hook declined" in result.stdout
     assert get(BLUE) == "hello from version 2\n"
     assert env.docker.containers.list(all=True, filters={"name": "blue-app-next"}) == []
+    v3 = f"localhost:5000/dockpart-example:blue-{env.commits['3'][:7]}"
+    assert f"deleted {v3} from the registry" in result.stdout
 
 
 def test_other_branches_are_accepted_without_deploying(env):

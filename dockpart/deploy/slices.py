@@ -47,7 +47,11 @@ def deploy_commit(deploy_dir: DeployDir, config: DeployConfig, slice_name: str, 
                      config.build_args, lambda line: say("  " + line))
     say(f"pushing {release.image}")
     docker_ops.push(c, release.image, lambda line: say("  " + line))
-    activate(deploy_dir, config, release, say, c)
+    try:
+        activate(deploy_dir, config, release, say, c)
+    except DeployError:
+        _forget_failed(c, config, deploy_dir, release, say)
+        raise
     say(f"{slice_name} serves {release.tag} on {config.url(slice_name)} "
         f"({time.monotonic() - started:.1f} s after the push)")
     return release
@@ -94,7 +98,7 @@ def activate(deploy_dir: DeployDir, config: DeployConfig, release: Release, say=
 
 def prune(c, config: DeployConfig, deploy_dir: DeployDir, slice_name: str,
           dropped: list[Release], say) -> None:
-    """Forget releases beyond ``keep``: their registry manifests and local tags."""
+    """Forget releases no longer kept: their registry manifests and local tags."""
     if not dropped:
         return
     kept = History(deploy_dir, slice_name).releases()
@@ -103,6 +107,14 @@ def prune(c, config: DeployConfig, deploy_dir: DeployDir, slice_name: str,
     for release in dropped:
         say(docker_ops.registry_delete(release.image, keep_digests - {None}))
         docker_ops.remove_image(c, release.image)
+
+
+def _forget_failed(c, config: DeployConfig, deploy_dir: DeployDir, release: Release, say) -> None:
+    """A release that never served leaves the registry (unless it once served and is kept)."""
+    kept = History(deploy_dir, release.slice).releases()
+    if any(r.tag == release.tag for r in kept):
+        return
+    prune(c, config, deploy_dir, release.slice, [release], say)
 
 
 def rollback(deploy_dir: DeployDir, config: DeployConfig, slice_name: str,

@@ -1,6 +1,7 @@
 """Real parts for tests: free ports, a redis-server, a twistd daemon, bounded waits."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import redis as redis_py
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -46,6 +48,18 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}"
                          + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+SERVED_BY = re.compile(r"Served by the instance at <b>(http://[^<]+)</b>")
+
+
+def served_by(url: str) -> str:
+    """The instance URL that dockpart-web's page at ``url`` names (through a proxy: which one)."""
+    reply = requests.get(url, timeout=5)
+    assert reply.status_code == 200, (reply.status_code, reply.text[:300])
+    match = SERVED_BY.search(reply.text)
+    assert match, reply.text[:300]
+    return match.group(1)
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -6,7 +6,6 @@ dockpart that a person runs on the usual ports.  The tests run in file order on 
 """
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,11 +20,10 @@ import requests
 from dockerkit import docker_client
 from dockpart.drivers import instance_name
 from dockpart.instances import parse_instance_url
-from helpers import ROOT, free_port, free_port_run, port_open, wait_for
+from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
 
 pytestmark = pytest.mark.docker
 
-SERVED_BY = re.compile(r"Served by the instance at <b>(http://[^<]+)</b>")
 COMPOSE = Path(sys.executable).parent / "docker-compose"
 #: scripts/up builds what is missing (nothing, after the docker_images fixture) and starts it all.
 UP_TIMEOUT = 240
@@ -90,14 +88,6 @@ class Stack:
 
 def container_name(url: str) -> str:
     return instance_name(parse_instance_url(url)[1])
-
-
-def served_by(url: str) -> str:
-    reply = requests.get(url, timeout=5)
-    assert reply.status_code == 200, (reply.status_code, reply.text[:300])
-    match = SERVED_BY.search(reply.text)
-    assert match, reply.text[:300]
-    return match.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +183,7 @@ def test_down_leaves_no_dockpart_container(stack):
     assert not port_open(stack.proxy_port) and not port_open(stack.web_port)
 
 
-def test_infra_profile_runs_infra_in_a_container(docker_images, tmp_path):
+def test_infra_profile_runs_infra_in_a_container(docker_images):
     """`--profile infra` runs dockpart-infra in a container: it spawns through the socket."""
     ports = {"DOCKPART_REDIS_PORT": free_port(), "DOCKPART_WEB_PORT": free_port_run(3),
              "DOCKPART_PROXY_PORT": free_port()}

@@ -1,17 +1,13 @@
 """`scripts/up --no-docker`: the whole tier as local processes, for a machine without an engine."""
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
 import requests
 
-from helpers import ROOT, free_port, free_port_run, port_open, wait_for
-
-SERVED_BY = re.compile(r"Served by the instance at <b>(http://[^<]+)</b>")
-
+from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
 
 def run_up(env: dict, *args: str) -> str:
     done = subprocess.run(["bash", str(ROOT / "scripts" / "up"), *args], env=env,
@@ -36,8 +32,7 @@ def test_no_docker_runs_the_tier_as_processes_and_down_stops_it():
         assert requests.get(proxy + "/spawn", timeout=5).status_code == 202
 
         def two_instances():
-            return len({SERVED_BY.search(requests.get(proxy + "/", timeout=5).text).group(1)
-                        for _ in range(4)}) == 2
+            return len({served_by(proxy + "/") for _ in range(4)}) == 2
 
         wait_for(two_instances, timeout=30, interval=0.5, what="a spawned process behind the proxy")
     finally:

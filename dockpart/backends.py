@@ -15,6 +15,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
 
 from dockpart import keys
 from dockpart.instances import BadInstanceURL, parse_instance_url
@@ -105,7 +107,7 @@ class BackendSet:
             if id(backend) not in current:
                 backend.listed = False
                 while backend.idle:
-                    backend.idle.pop().close()
+                    backend.idle.pop().drop()
                 if not backend.active:
                     del self.by_url[url]
         if [b.url for b in ring] != [b.url for b in self.ring]:
@@ -182,9 +184,10 @@ class BackendSet:
 
     # Health.
 
-    def failed(self, backend: Backend) -> None:
+    def failed(self, backend: Backend, count: bool = True) -> None:
         """Passive health: a backend that refused or timed out is left out for a while."""
-        backend.errors += 1
+        if count:
+            backend.errors += 1
         if backend.down_until <= self.clock.seconds():
             self.log.warn("backend {url} failed; left out for {seconds}s", url=backend.url,
                           seconds=self.down_time)
@@ -396,13 +399,11 @@ class HealthChecks(Service):
     log = Logger()
 
     def __init__(self, backends: BackendSet, path: str, interval: float, timeout: float, reactor):
-        from twisted.web.client import Agent, HTTPConnectionPool
-        import treq
         self.backends = backends
         self.path = path
         self.timeout = timeout
         self.reactor = reactor
-        self._http = treq.client.HTTPClient(
+        self._http = HTTPClient(
             Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         self._loop = LoopingCall(self.check_all)
         self._loop.clock = reactor
@@ -429,10 +430,10 @@ class HealthChecks(Service):
 
     def _answered(self, response, backend):
         if response.code >= 500:
-            self.backends.failed(backend)
+            self.backends.failed(backend, count=False)
         else:
             self.backends.healthy(backend)
         return response.content()
 
     def _no_answer(self, failure, backend):
-        self.backends.failed(backend)
+        self.backends.failed(backend, count=False)

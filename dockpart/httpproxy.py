@@ -660,10 +660,6 @@ class BackendConnection(_Reading, protocol.Protocol):
 
     # Endings.
 
-    def close(self) -> None:
-        """Close an idle connection."""
-        self.drop()
-
     def drop(self) -> None:
         if not self.closed:
             self.closed = True

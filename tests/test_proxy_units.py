@@ -1,0 +1,94 @@
+"""Fast checks of dockpart-proxy's rotation, passive health and metrics, on a Clock."""
+
+from twisted.internet.task import Clock
+
+from dockpart.backends import BackendSet
+from dockpart.httpproxy import ProxyFactory
+from dockpart.proxy_admin import metrics, status
+
+URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002", "http://127.0.0.1:3003"]
+
+
+class NoRedis:
+    """Rotation and health never call Redis; status only asks whether it is connected."""
+
+    connected = False
+
+
+def backends(urls=URLS, balance="local"):
+    clock = Clock()
+    clock.advance(1000)
+    pool = BackendSet(NoRedis(), "servers", balance, clock, down_time=10)
+    pool.update(list(urls))
+    return pool, clock
+
+
+def urls_of(pool, n, tried=()):
+    return [pool.pick(tried).url for _ in range(n)]
+
+
+def test_local_rotation_goes_round_in_list_order():
+    pool, _ = backends()
+    assert urls_of(pool, 6) == URLS + URLS
+
+
+def test_a_failed_backend_is_left_out_for_down_time_then_tried_again():
+    pool, clock = backends()
+    pool.failed(pool.by_url[URLS[1]])
+    assert URLS[1] not in urls_of(pool, 6)
+    clock.advance(10.1)
+    assert URLS[1] in urls_of(pool, 3)
+
+
+def test_when_every_backend_is_down_the_one_down_longest_is_tried():
+    pool, clock = backends()
+    for url in (URLS[2], URLS[0], URLS[1]):
+        pool.failed(pool.by_url[url])
+        clock.advance(1)
+    assert pool.pick().url == URLS[2]
+
+
+def test_retries_skip_backends_already_tried_and_end_with_none():
+    pool, _ = backends()
+    tried = [pool.by_url[URLS[0]], pool.by_url[URLS[1]]]
+    assert pool.pick(tried).url == URLS[2]
+    assert pool.pick(tried + [pool.by_url[URLS[2]]]) is None
+
+
+def test_updates_keep_figures_and_ignore_entries_that_are_not_backend_urls():
+    pool, _ = backends()
+    pool.by_url[URLS[0]].requests = 7
+    pool.update([URLS[0], "redis://nope", "http://127.0.0.1:3009/with/path"])
+    assert [b.url for b in pool.ring] == [URLS[0]]
+    assert pool.ring[0].requests == 7
+    assert URLS[1] not in pool.by_url
+
+
+def test_empty_list_picks_nothing():
+    pool, _ = backends(urls=[])
+    assert pool.known and pool.pick() is None
+
+
+def test_shared_choice_maps_lmove_answers():
+    pool, _ = backends(balance="shared")
+    assert pool.shared_choice(None) is None  # empty list: 503
+    assert pool.shared_choice(URLS[2]).url == URLS[2]
+    assert pool.shared_choice("http://127.0.0.1:3999").url == "http://127.0.0.1:3999"
+    # An error answer (or Redis away) falls back to the local rotation.
+    assert pool.shared_choice(RuntimeError("WRONGTYPE")).url in URLS
+    pool.failed(pool.by_url[URLS[2]])
+    assert pool.shared_choice(URLS[2]).url != URLS[2]
+
+
+def test_status_and_metrics_describe_each_backend():
+    pool, clock = backends()
+    factory = ProxyFactory(pool, clock)
+    pool.failed(pool.by_url[URLS[1]])
+    factory.stats.responses[200] = 5
+    text = metrics(factory)
+    assert f'dockpart_proxy_backend_up{{backend="{URLS[0]}"}} 1' in text
+    assert f'dockpart_proxy_backend_up{{backend="{URLS[1]}"}} 0' in text
+    assert 'dockpart_proxy_responses_total{code="200"} 5' in text
+    report = status(factory)
+    assert [b["healthy"] for b in report["backends"]] == [True, False, True]
+    assert report["backends"][1]["errors"] == 1 and report["balance"] == "local"

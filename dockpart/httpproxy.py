@@ -93,6 +93,15 @@ def direct_writer(transport):
     return send
 
 
+def _produce(transport, producer) -> None:
+    """Register ``producer`` as the streaming producer feeding ``transport`` (once)."""
+    current = transport.producer
+    if current is not producer:
+        if current is not None:
+            transport.unregisterProducer()
+        transport.registerProducer(producer, True)
+
+
 class _Throttle:
     """The producer registered on a peer's transport: its full buffer pauses our reading."""
 
@@ -315,7 +324,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         if conn is not None and conn.exchange is exchange:
             if not exchange.sent_body:
                 exchange.sent_body = True
-                conn.transport.registerProducer(self._throttle, True)
+                _produce(conn.transport, self._throttle)
                 self._producing_for = conn
             conn.write(body)
         else:
@@ -373,7 +382,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         if exchange.backend is not None and exchange.conn is not None:
             conn = exchange.conn
             if not exchange.head_only:
-                self.transport.registerProducer(conn.throttle, True)
+                _produce(self.transport, conn.throttle)
                 conn.producing_for_client = True
         stats = self.factory.stats
         stats.responses[exchange.status] = stats.responses.get(exchange.status, 0) + 1
@@ -428,7 +437,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.deadline = None
         self.resume_reading("queued")
         if self._producing_for is None:
-            conn.transport.registerProducer(self._throttle, True)
+            _produce(conn.transport, self._throttle)
             self._producing_for = conn
 
     # Time limits and endings.
@@ -511,7 +520,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         client = exchange.client
         exchange.sent_body = exchange.has_body
         if exchange.has_body and not exchange.request_done:
-            self.transport.registerProducer(client._throttle, True)
+            _produce(self.transport, client._throttle)
             client._producing_for = self
         client.resume_reading("no backend yet")
         exchange.started = self.proxy.clock.seconds()

@@ -181,6 +181,18 @@ def test_bodies_stream_200_mib_each_way_with_flat_memory(fresh):
     assert peak_kib < 100 * 1024, status
 
 
+def test_a_client_that_does_not_read_pauses_the_backend_instead_of_filling_memory(fresh):
+    pid = fresh.local.proc.pid
+    with socket.create_connection(("127.0.0.1", fresh.local.port), timeout=5) as lazy:
+        lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        lazy.sendall(f"GET /download?n={200 * MiB} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(1.5)  # a fast backend would have sent it all by now
+        rss_kib = int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])
+        assert rss_kib < 100 * 1024
+        assert lazy.recv(100).startswith(b"HTTP/1.1 200")
+    assert fresh.get("/after").status_code == 200
+
+
 def test_chunked_bodies_both_ways(fresh):
     parts = [b"c" * 3000] * 700
     r = fresh.session.post(fresh.local.url + "/upload", data=iter(parts), timeout=10)

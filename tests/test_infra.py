@@ -341,6 +341,26 @@ def test_instances_outlive_a_stopped_infra_and_a_new_one_adopts_them(own_redis, 
         kill_instances(state)
 
 
+def test_an_instance_that_does_not_answer_in_time_is_removed_and_dead_lettered(
+        own_redis, tmp_path):
+    """No twistd answers within 50 ms of its start."""
+    client = own_redis.client()
+    state = tmp_path / "state"
+    daemon = start_infra(own_redis.url, state, "--spawn-timeout", "0.05")
+    try:
+        port = free_port()
+        [url] = spawn(client, port)
+        wait_for(lambda: client.llen(keys.DEAD_LETTERS) == 1, 15, what="a dead letter")
+        letter = json.loads(client.lindex(keys.DEAD_LETTERS, 0))
+        assert letter["entry"] == url
+        assert "did not answer HTTP within 0.05 s; removed it" in letter["reason"]
+        assert not instance_pids(port) and not port_open(port)
+        assert servers(client) == [] and client.llen(keys.SPAWNING) == 0
+    finally:
+        daemon.stop()
+        kill_instances(state)
+
+
 def test_one_infra_per_redis_a_second_waits_for_the_lease_then_takes_over(own_redis, tmp_path):
     client = own_redis.client()
     first = start_infra(own_redis.url, tmp_path / "a")

@@ -377,7 +377,8 @@ class ClientConnection(_Reading, protocol.Protocol):
 
     # Writing responses.
 
-    def response_head(self, exchange: Exchange, data: bytes) -> None:
+    def response_head(self, exchange: Exchange) -> None:
+        """The backend's response head is about to be written: its body may stream."""
         exchange.responded = True
         if exchange.backend is not None and exchange.conn is not None:
             conn = exchange.conn
@@ -386,7 +387,6 @@ class ClientConnection(_Reading, protocol.Protocol):
                 conn.producing_for_client = True
         stats = self.factory.stats
         stats.responses[exchange.status] = stats.responses.get(exchange.status, 0) + 1
-        self.write(data)
 
     def exchange_done(self, exchange: Exchange) -> None:
         """The response is complete: next request, idle, or close."""
@@ -494,6 +494,9 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.got_bytes = False
         self.until_close = False
         self.closed = False
+        # What one read of the backend produced for the client, written at once.
+        self.out: list[bytes] = []
+        self.out_to = None
 
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
@@ -508,7 +511,9 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.exchange = exchange
         exchange.conn = self
         self.got_bytes = False
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)
+        self.out_to = exchange.client
         head = exchange.head
         if exchange.host is None:
             head = head + [b"Host: " + self.backend.authority]
@@ -541,11 +546,21 @@ class BackendConnection(_Reading, protocol.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
+            self.flush()
             rest = data[e.args[0]:]
             if self.tunnel is not None and rest:
                 self.tunnel.write(rest)
         except httptools.HttpParserError as e:
+            self.out = []
             self.bad_response(f"the backend sent a malformed response: {e}")
+        if self.out:
+            self.flush()
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            self.out_to.write(out[0] if len(out) == 1 else b"".join(out))
 
     def on_status(self, reason):
         self._reason += reason
@@ -562,7 +577,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         backend = self.backend
         if status < 200 and status != 101:
             # An interim answer (100 Continue): passed on; the final one follows.
-            client.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, self._reason))
+            self.out.append(b"HTTP/1.1 %d %s\r\n\r\n" % (status, self._reason))
             self._reason = b""
             self._headers = []
             return
@@ -605,10 +620,12 @@ class BackendConnection(_Reading, protocol.Protocol):
             append(b"Connection: close")
         elif exchange.version != "1.1":
             append(b"Connection: keep-alive")
-        client.response_head(exchange, b"\r\n".join(out) + b"\r\n\r\n")
+        client.response_head(exchange)
+        self.out.append(b"\r\n".join(out) + b"\r\n\r\n")
         if status == 101:
             self.exchange = None
             backend.active -= 1
+            self.flush()
             client.start_tunnel(self)
             if exchange.pending:
                 self.write(b"".join(exchange.pending))
@@ -621,23 +638,26 @@ class BackendConnection(_Reading, protocol.Protocol):
         if exchange is None:
             return
         if exchange.chunked_out:
-            exchange.client.write(b"%x\r\n%s\r\n" % (len(body), body))
+            self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
         else:
-            exchange.client.write(body)
+            self.out.append(body)
 
     def on_message_complete(self):
         exchange = self.exchange
         if exchange is None or self.tunnel is not None or exchange.status == 0:
             return
         if exchange.chunked_out:
-            exchange.client.write(b"0\r\n\r\n")
+            self.out.append(b"0\r\n\r\n")
         self._response_complete(keep=self.parser.should_keep_alive())
 
     def _response_complete(self, keep: bool) -> None:
+        self.flush()
         exchange = self.exchange
         self.exchange = None
         exchange.response_done = True
         exchange.conn = None
+        if exchange.head_only:
+            self.parser = None  # it still waits for the body a HEAD answer announces
         backend = self.backend
         backend.requests += 1
         backend.active -= 1

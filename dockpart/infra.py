@@ -188,7 +188,8 @@ class Worker(Service):
 
     def __init__(self, redis: RedisService, driver, policy: Policy, *, interval: float = 0.2,
                  reconcile_interval: float = 10.0, drain: float = 3.0, spawn_timeout: float = 30.0,
-                 max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0, reactor=None):
+                 max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0,
+                 probe=http_answers, reactor=None):
         if reactor is None:
             from twisted.internet import reactor
         self.redis = redis
@@ -201,6 +202,7 @@ class Worker(Service):
         self.max_active = max_active
         self.retry_max = retry_max
         self.lease = lease
+        self.probe = probe  # async (reactor, port) -> whether the instance answers
         self.reactor = reactor
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._leased: bool | None = None  # not known before the first look
@@ -394,7 +396,7 @@ class Worker(Service):
     async def _answers_within(self, port: int, timeout: float) -> bool:
         deadline = self.reactor.seconds() + timeout
         while self.reactor.seconds() < deadline:
-            if await http_answers(self.reactor, port):
+            if await self.probe(self.reactor, port):
                 return True
             await deferLater(self.reactor, HEALTH_POLL, lambda: None)
         return False
@@ -442,7 +444,7 @@ class Worker(Service):
             url = instance_url(self.policy.host, port)
             if not up or port in registered or busy(port) or self.policy.owns(url) is None:
                 continue
-            if await http_answers(self.reactor, port) and await servers.register(self.redis, url):
+            if await self.probe(self.reactor, port) and await servers.register(self.redis, url):
                 self.log.info("reconcile: {what} answers; added {url} back to servers",
                               what=self.driver.describe(port), url=url)
         for port, url in registered.items():

@@ -1,0 +1,143 @@
+"""The infra's worker in this process, on a real Redis, with a driver that records and can fail.
+
+Fast checks of the order of things that the daemon tests can only see from outside.
+"""
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
+
+from dockpart import infra, keys
+from dockpart.drivers import Unavailable
+from dockpart.redisconn import RedisAddress, RedisService, RedisUnavailable
+
+URL = "http://127.0.0.1:4001"
+
+
+class FakeDriver:
+    """Instances are port numbers in a set; the next ``down`` calls fail as if the engine left."""
+
+    name = "fake"
+
+    def __init__(self, redis: RedisService):
+        self.redis = redis
+        self.running: set[int] = set()
+        self.down = 0
+        self.calls = 0
+        self.removed = []  # (time, servers at that time)
+
+    def describe(self, port):
+        return f"fake instance {port}"
+
+    def _call(self):
+        self.calls += 1
+        if self.down:
+            self.down -= 1
+            raise Unavailable("the fake engine is away")
+
+    async def managed(self):
+        self._call()
+        return dict.fromkeys(self.running, True)
+
+    async def start(self, port):
+        self._call()
+        self.running.add(port)
+
+    async def remove(self, port):
+        self._call()
+        self.removed.append((reactor.seconds(), await self.redis.call("LRANGE", keys.SERVERS, 0, -1)))
+        self.running.discard(port)
+
+
+async def until(predicate, timeout=5.0):
+    deadline = reactor.seconds() + timeout
+    while True:
+        try:
+            if await predicate():
+                return
+        except RedisUnavailable:
+            pass  # still connecting
+        assert reactor.seconds() < deadline, "timed out"
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+class Setup:
+    def __init__(self, redis_url: str, **kw):
+        self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
+        self.driver = FakeDriver(self.redis)
+        probe = lambda _reactor, port: defer.succeed(port in self.driver.running)  # noqa: E731
+        options = dict(interval=0.02, reconcile_interval=60, drain=0.3, retry_max=0.05,
+                       lease=1.0, probe=probe, reactor=reactor)
+        self.worker = infra.Worker(self.redis, self.driver,
+                                   infra.Policy("127.0.0.1", 4001, 4999, 4000), **{**options, **kw})
+        self.logs = []
+
+    async def __aenter__(self):
+        globalLogPublisher.addObserver(self._observe)
+        self.redis.startService()
+        self.worker.startService()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.worker.stopService()
+        await self.redis.stopService()
+        globalLogPublisher.removeObserver(self._observe)
+
+    def _observe(self, event):
+        if event.get("log_namespace", "").startswith("dockpart.infra"):
+            self.logs.append(formatEvent(event))
+
+    async def servers(self):
+        return await self.redis.call("LRANGE", keys.SERVERS, 0, -1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_destroy_unregisters_first_and_removes_after_the_drain(redis_db, redis_server):
+    async with Setup(redis_server.url) as s:
+        s.driver.running.add(4001)
+        redis_db.rpush(keys.SERVERS, URL)
+        asked = reactor.seconds()
+        redis_db.lpush(keys.DESTROY_QUEUE, URL)
+        await until(lambda: defer.succeed(s.driver.removed))
+        [(removed_at, servers_then)] = s.driver.removed
+        assert servers_then == [] and removed_at - asked >= 0.3
+        await until(lambda: defer.succeed(redis_db.llen(keys.DESTROYING) == 0))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_engine_outage_keeps_the_spawn_and_is_reported_once(redis_db, redis_server):
+    async with Setup(redis_server.url) as s:
+        for outage in s.worker.outages.values():
+            outage.quiet_until = 0  # no start-up grace: the outage begins at once here
+        s.driver.down = 6
+        redis_db.lpush(keys.SPAWN_QUEUE, URL)
+
+        async def registered():
+            return URL in await s.servers()
+        await until(registered)
+        assert s.driver.calls > 6 and redis_db.llen(keys.SPAWNING) == 0
+        assert sum("engine is unreachable" in line for line in s.logs) == 1
+        assert sum("engine is reachable again" in line for line in s.logs) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_was_in_processing_is_finished_before_anything_new(redis_db, redis_server):
+    redis_db.lpush(keys.SPAWNING, URL)
+    redis_db.lpush(keys.SPAWN_QUEUE, "http://127.0.0.1:4002")
+    gate = defer.Deferred()
+
+    async def slow_probe(_reactor, port):
+        if port == 4001:
+            await gate
+        return True
+    async with Setup(redis_server.url, probe=slow_probe) as s:
+        await until(lambda: defer.succeed(4001 in s.driver.running))
+        await deferLater(reactor, 0.2, lambda: None)  # ten ticks
+        assert redis_db.lrange(keys.SPAWN_QUEUE, 0, -1) == ["http://127.0.0.1:4002"]
+        gate.callback(None)
+
+        async def both():
+            return set(await s.servers()) == {URL, "http://127.0.0.1:4002"}
+        await until(both)
+        assert any("finishing 1 request(s)" in line for line in s.logs)

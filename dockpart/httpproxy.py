@@ -24,6 +24,9 @@ HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"te", b"trailer", b"trans
 #: Headers the proxy sets itself.
 OWN_HEADERS = frozenset([b"x-forwarded-proto", b"x-forwarded-host"])
 NO_BODY_STATUS = frozenset([204, 304])
+#: Pooled connections idle longer are not reused: backends close theirs after a few seconds
+#: (node's default is 5 s), and a request on a connection closing under it may be lost.
+POOL_IDLE_TIME = 4.0
 
 REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
            408: b"Request Timeout", 431: b"Request Header Fields Too Large",
@@ -497,6 +500,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         # What one read of the backend produced for the client, written at once.
         self.out: list[bytes] = []
         self.out_to = None
+        self.idle_since = 0.0
 
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
@@ -673,6 +677,7 @@ class BackendConnection(_Reading, protocol.Protocol):
                 self.transport.unregisterProducer()
             client.resume_reading("peer")
         if reusable and backend.listed and len(backend.idle) < MAX_IDLE:
+            self.idle_since = self.proxy.clock.seconds()
             backend.idle.append(self)
         else:
             self.drop()
@@ -824,11 +829,15 @@ class ProxyFactory(protocol.Factory):
         exchange.tried.append(backend)
         backend.active += 1
         idle = backend.idle
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                conn.send(exchange)
-                return
+        if idle:
+            too_old = self.clock.seconds() - POOL_IDLE_TIME
+            while idle:
+                conn = idle.pop()
+                if conn.idle_since < too_old:
+                    conn.drop()
+                elif not conn.closed:
+                    conn.send(exchange)
+                    return
         self.reactor.connectTCP(backend.host, backend.port, _Connector(self, backend, exchange),
                                 timeout=self.limits.connect_timeout)
         client.deadline = self.clock.seconds() + self.limits.connect_timeout + \

@@ -7,6 +7,7 @@
   GET  /download?n=N      -> N bytes with Content-Length
   GET  /chunked?n=N       -> N bytes in chunks
   GET  /slow?s=S          -> answers after S seconds
+  GET  /nobody?code=C     -> status C (204, 304) without a body or a length
   GET  /hop               -> a response carrying hop-by-hop headers
   GET  /ws                -> 101 for an Upgrade: websocket request, then echoes bytes upper-cased
 """
@@ -90,6 +91,10 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/slow":
             time.sleep(float(query["s"]))
             return self._send(200, b"slow\n")
+        if url.path == "/nobody":
+            self.send_response(int(query["code"]))
+            self.end_headers()
+            return
         if url.path == "/hop":
             return self._send(200, b"hop\n", [("Connection", "X-Private"), ("X-Private", "1"),
                                               ("Keep-Alive", "timeout=5"),

@@ -205,12 +205,18 @@ def test_chunked_bodies_both_ways(fresh):
     assert b"chunked" not in head.lower() and body == b"x" * 50000
 
 
-def test_head_carries_no_body_and_the_connection_goes_on(fresh):
-    reply = raw(fresh.local.port, b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n",
-                read_until=b" /b\n")
-    first, second = reply.split(b"HTTP/1.1 200", 2)[1:]
-    assert b"Content-Length: " in first and first.endswith(b"\r\n\r\n")
-    assert second.endswith(b" /b\n")
+def test_head_204_and_304_carry_no_body_and_the_connection_goes_on(fresh):
+    # Pipelined in one write: each answer must end where the next begins.
+    reply = raw(fresh.local.port, b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                                  b"GET /nobody?code=204 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                  b"GET /nobody?code=304 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                  b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n", read_until=b" /b\n")
+    answers = reply.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"204", b"304", b"200"]
+    assert b"Content-Length: " in answers[0]
+    for answer in answers[:3]:
+        assert answer.endswith(b"\r\n\r\n") and b"chunked" not in answer.lower()
+    assert answers[3].endswith(b" /b\n")
 
 
 def test_hop_by_hop_headers_are_dropped_and_forwarding_headers_added(fresh):

@@ -417,8 +417,10 @@ class Worker(Service):
         return d
 
     def _reconcile_failed(self, failure):
-        failure.trap(Unavailable, RedisUnavailable)
-        self.outages[failure.type].failed(failure.value)
+        if failure.check(Unavailable, RedisUnavailable):
+            self.outages[failure.type].failed(failure.value)
+        else:  # logged, never raised: that would stop the LoopingCall for good
+            self.log.failure("reconciling", failure)
 
     async def reconcile(self) -> None:
         """Add back managed instances that answer; drop entries whose instance is gone."""

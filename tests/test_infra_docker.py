@@ -59,7 +59,7 @@ def image(engine, docker_images):
     tag = f"dockpart-web:infra-test-{uuid.uuid4().hex[:8]}"
     yield tag
     try:
-        engine.images.remove(tag, noprune=True)
+        engine.images.remove(tag)
     except docker.errors.ImageNotFound:
         pass  # no test spawned from it
 

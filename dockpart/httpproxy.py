@@ -352,7 +352,7 @@ class ClientConnection(_Reading, protocol.Protocol):
 
     # Answers of the proxy itself.
 
-    def answer(self, code: int, text: str, close: bool = True) -> None:
+    def answer(self, code: int, text: str, close: bool = True, head_only: bool = False) -> None:
         """A response of our own; closes the connection unless told otherwise."""
         if self.closed:
             return
@@ -362,7 +362,7 @@ class ClientConnection(_Reading, protocol.Protocol):
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\n%s\r\n%s" % (
                 code, REASONS.get(code, b"Error"), len(body),
-                b"Connection: close\r\n" if close else b"", body))
+                b"Connection: close\r\n" if close else b"", b"" if head_only else body))
         if close:
             self.closed = True
             self.parsing = False
@@ -374,7 +374,7 @@ class ClientConnection(_Reading, protocol.Protocol):
             return self.abort()
         exchange.responded = exchange.response_done = True
         keep = exchange.request_done and not exchange.close_after and not exchange.upgrade
-        self.answer(code, text, close=not keep)
+        self.answer(code, text, close=not keep, head_only=exchange.head_only)
         if keep:
             self.exchange_done(exchange)
 

@@ -119,6 +119,14 @@ def test_shared_rotation_is_one_lmove_per_request_like_the_seed(fresh):
     # RPOPLPUSH servers servers takes the last entry and puts it first.
     assert names == ["b2", "b1", "b0", "b2"]
     assert fresh.client.lrange("servers", 0, -1) == [fresh.urls[2], fresh.urls[0], fresh.urls[1]]
+    # A second proxy takes its turns from the same rotation.
+    other = start_proxy(fresh.redis, "--balance", "shared")
+    try:
+        names = [fresh.get(f"/t{i}", proxy=(other, fresh.shared)[i % 2]).text.split()[0]
+                 for i in range(4)]
+    finally:
+        other.stop()
+    assert names == ["b1", "b0", "b2", "b1"]
 
 
 def test_list_changes_are_seen_at_once_by_notice_and_by_periodic_read(fresh):
@@ -151,6 +159,11 @@ def test_empty_list_answers_503_and_keeps_the_connection(fresh):
     reply = raw(fresh.local.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2, read_until=b"empty\n" * 2)
     assert reply.count(b"HTTP/1.1 503 Service Unavailable") == 2
     assert b"'servers' is empty" in reply
+    # An answer to HEAD has no body, even one of the proxy's own.
+    reply = raw(fresh.local.port, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                read_until=b"empty\n")
+    head, rest = reply.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 503") and rest.startswith(b"HTTP/1.1 503")
 
 
 # HTTP.

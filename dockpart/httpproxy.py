@@ -21,8 +21,13 @@ from dockpart.backends import MAX_IDLE, Backend, BackendSet
 #: RFC 9110 7.6.1, plus the Proxy-* family (checked by prefix).
 HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
                         b"upgrade"])
-#: Headers the proxy sets itself.
-OWN_HEADERS = frozenset([b"x-forwarded-proto", b"x-forwarded-host"])
+#: Request headers the proxy sets itself (X-Forwarded-For is appended to).
+OWN_HEADERS = frozenset([b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for"])
+#: Headers whose values the proxy needs (framing, forwarding).
+WATCHED = frozenset([b"host", b"x-forwarded-for", b"content-length", b"transfer-encoding",
+                     b"connection"])
+#: Connection tokens that name no header.
+CONNECTION_OPTIONS = frozenset([b"keep-alive", b"close", b"upgrade"])
 NO_BODY_STATUS = frozenset([204, 304])
 #: Pooled connections idle longer are not reused: backends close theirs after a few seconds
 #: (node's default is 5 s), and a request on a connection closing under it may be lost.
@@ -55,16 +60,32 @@ class Stats:
         self.tunnels = 0
 
 
-def _connection_tokens(headers) -> set:
-    tokens = set()
+def end_to_end(headers, out: list, skip=frozenset(), upgrade: bool = False) -> dict:
+    """Append the headers to forward to ``out`` as ``Name: value`` lines.
+
+    Hop-by-hop headers (and the ones ``Connection`` names) and those in ``skip`` stay behind;
+    ``Upgrade`` and ``Connection`` go on when ``upgrade``.  Returns the values of the
+    WATCHED headers by lower-case name (repeated ones joined with ", ").
+    """
+    seen = {}
+    start = len(out)
+    append = out.append
     for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
-
-
-def _is_hop(name: bytes, named: set) -> bool:
-    return name in HOP_BY_HOP or name.startswith(b"proxy-") or name in named
+        lname = name.lower()
+        if lname in WATCHED:
+            seen[lname] = seen[lname] + b", " + value if lname in seen else value
+        if lname in HOP_BY_HOP or lname in skip or lname[:6] == b"proxy-":
+            if upgrade and (lname == b"upgrade" or lname == b"connection"):
+                append(name + b": " + value)
+            continue
+        append(name + b": " + value)
+    connection = seen.get(b"connection")
+    if connection is not None:
+        named = {t.strip().lower() for t in connection.split(b",")} - CONNECTION_OPTIONS
+        if named:
+            out[start:] = [line for line in out[start:]
+                           if line.split(b":", 1)[0].lower() not in named]
+    return seen
 
 
 def direct_writer(transport):
@@ -274,29 +295,13 @@ class ClientConnection(_Reading, protocol.Protocol):
             url = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
         version = parser.get_http_version()
         upgrade = parser.should_upgrade()
-        named = _connection_tokens(self._headers)
         out = [method + b" " + url + b" HTTP/1.1"]
         append = out.append
-        host = None
-        forwarded_for = None
-        chunked = False
-        has_body = False
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"host":
-                host = value
-            elif lname == b"x-forwarded-for":
-                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-                continue
-            elif lname == b"content-length":
-                has_body = value.strip() != b"0"
-            elif lname == b"transfer-encoding":
-                chunked = has_body = True
-            if _is_hop(lname, named) or lname in OWN_HEADERS:
-                if upgrade and lname in (b"upgrade", b"connection"):
-                    append(name + b": " + value)
-                continue
-            append(name + b": " + value)
+        seen = end_to_end(self._headers, out, OWN_HEADERS, upgrade)
+        host = seen.get(b"host")
+        forwarded_for = seen.get(b"x-forwarded-for")
+        chunked = b"transfer-encoding" in seen
+        has_body = chunked or seen.get(b"content-length", b"0").strip() != b"0"
         if chunked:
             append(b"Transfer-Encoding: chunked")
         append(b"X-Forwarded-For: " + (forwarded_for + b", " + self.peer_ip
@@ -591,24 +596,12 @@ class BackendConnection(_Reading, protocol.Protocol):
         exchange.status = status
         headers = self._headers
         self._headers = []
-        named = _connection_tokens(headers)
         out = [b"HTTP/1.1 %d %s" % (status, self._reason)]
         self._reason = b""
         append = out.append
-        length = False
-        chunked_in = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = True
-            elif lname == b"transfer-encoding":
-                chunked_in = True
-                continue
-            elif _is_hop(lname, named):
-                if status == 101 and lname in (b"upgrade", b"connection"):
-                    append(name + b": " + value)
-                continue
-            append(name + b": " + value)
+        seen = end_to_end(headers, out, upgrade=status == 101)
+        length = b"content-length" in seen
+        chunked_in = b"transfer-encoding" in seen
         no_body = exchange.head_only or status in NO_BODY_STATUS or status == 101
         self.until_close = not (no_body or length or chunked_in)
         if not no_body and not length:

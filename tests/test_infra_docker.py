@@ -200,6 +200,33 @@ def test_rebuild_builds_an_image_per_instance_like_the_seed_and_removes_it_with_
         own.stop()
 
 
+def test_infra_killed_mid_spawn_and_restarted_leaves_exactly_one_container_registered(
+        engine, ports, docker_images, infra_daemon):
+    """Its own infra and Redis (one infra per Redis), on the image scripts/images built."""
+    own = RedisProcess().start()
+    client = own.client()
+    args = ("dockpart-infra", "--driver", "docker", "--redis", own.url,
+            "--image", docker_images["web"],
+            "--port-range", f"{LOW}-{HIGH}", "--interval", "0.05", "--lease", "1",
+            "--stop-timeout", "2")
+    daemon = Daemon(*args, ready="dockpart-infra started").start()
+    try:
+        port, url = spawn(client, ports)
+        wait_for(lambda: f"started container {instance_name(port)}" in daemon.output(), 30,
+                 what="the container to be started")
+        daemon.stop(signal.SIGKILL)
+        assert client.lrange(keys.SPAWNING, 0, -1) == [url] and servers(client) == []
+        daemon = Daemon(*args, ready="dockpart-infra started").start()
+        wait_for(lambda: url in servers(client), 30, what="the restarted infra to register it")
+        assert servers(client) == [url] and client.llen(keys.SPAWNING) == 0
+        assert len(engine.containers.list(all=True, filters={"label": f"{LABEL_PORT}={port}"})) == 1
+        assert "finishing 1 request(s)" in daemon.output()
+    finally:
+        daemon.stop()
+        client.close()
+        own.stop()
+
+
 def dockerd_pid() -> int | None:
     try:
         pid = int(Path("/var/run/docker.pid").read_text())

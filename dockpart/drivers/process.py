@@ -96,15 +96,18 @@ class ProcessDriver:
     async def start(self, port: int) -> None:
         if await self._pids(port):
             return  # already runs: adopt it
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-c", LAUNCHER, "-n", "--pidfile=", "--logfile=-", "dockpart-web",
                 "--listen", f"tcp:{port}:interface=127.0.0.1",
                 "--advertise-host", self.advertise_host, "--first-port", str(self.first_port)]
         env = {**os.environ, MANAGED_VAR: self.mark, PORT_VAR: str(port),
                "DOCKPART_REDIS": self.redis_url}
         log_path = self.state_dir / f"{instance_name(port)}.log"
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise DriverError(f"cannot write {log_path}: {e}") from None
         devnull = os.open(os.devnull, os.O_RDONLY)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             self.reactor.spawnProcess(_Instance(port), sys.executable, argv, env=env,
                                       path=str(self.state_dir),

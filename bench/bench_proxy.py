@@ -3,10 +3,11 @@
 Starts a redis-server, three fast backends (nginx ``return 200`` servers; a small asyncio
 server when nginx is missing), nginx as a reference round-robin proxy with keep-alive
 (one worker, like our one reactor), and dockpart-proxy in ``--balance local`` and
-``--balance shared``.  Drives each with ``wrk -t1 -c50 -dDs --latency`` and prints
-requests/s, p50 and p99, plus each proxy's share of nginx's requests/s.
+``--balance shared``.  Drives each with ``wrk -t1 -c50 -dDs --latency``, in several rounds
+that take turns (so that a busy moment of a shared machine hits every target alike), and
+prints the median requests/s, p50 and p99, plus each proxy's share of nginx's requests/s.
 
-    python bench/bench_proxy.py [--duration 5] [--connections 50]
+    python bench/bench_proxy.py [--duration 5] [--connections 50] [--rounds 3]
 
 Needs redis-server and wrk (Debian packages); nginx is optional.  Everything listens on
 127.0.0.1 and stops at the end.
@@ -17,6 +18,7 @@ import asyncio
 import multiprocessing
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     assert shutil.which("wrk"), "wrk is not installed (apt-get install wrk)"
     nginx = shutil.which("nginx") or (Path("/usr/sbin/nginx").exists() and "/usr/sbin/nginx")
@@ -135,12 +138,20 @@ def main() -> None:
             targets[f"dockpart-proxy --balance {balance}"] = port
         rows = {"one backend directly": ports[0], **targets}
         wait_for(lambda: all(port_open(p) for p in rows.values()), what="every listener")
-        print(f"wrk -t1 -c{args.connections} -d{args.duration}s, "
+        print(f"wrk -t1 -c{args.connections} -d{args.duration}s, medians of {args.rounds} rounds, "
               f"backends: {'nginx return 200' if nginx else 'asyncio canned response'}")
-        results = {}
-        for name, port in rows.items():
+        runs = {name: [] for name in rows}
+        for port in rows.values():
             wrk(f"http://127.0.0.1:{port}/", 1, args.connections)  # warm up pools and caches
-            results[name] = wrk(f"http://127.0.0.1:{port}/", args.duration, args.connections)
+        for _ in range(args.rounds):
+            for name, port in rows.items():
+                runs[name].append(wrk(f"http://127.0.0.1:{port}/", args.duration, args.connections))
+        results = {name: {"rps": statistics.median(r["rps"] for r in rs),
+                          "p50": statistics.median(r["p50"] for r in rs),
+                          "p99": statistics.median(r["p99"] for r in rs),
+                          "non2xx": sum(r["non2xx"] for r in rs),
+                          "socket_errors": "; ".join(filter(None, (r["socket_errors"] for r in rs)))}
+                   for name, rs in runs.items()}
         reference = results.get("nginx round robin (reference)", {}).get("rps")
         print(f"{'':34} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'of nginx':>9}  errors")
         for name, r in results.items():

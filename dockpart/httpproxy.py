@@ -168,7 +168,7 @@ class _Reading:
 class Exchange:
     """One request and its response, from the first attempt to the last byte."""
 
-    __slots__ = ("client", "method", "head", "version", "keep_alive", "upgrade", "chunked_in",
+    __slots__ = ("client", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "backend", "conn", "tried", "sent_body",
                  "status", "chunked_out", "close_after", "responded", "response_done",
                  "started", "head_only", "host")
@@ -176,10 +176,8 @@ class Exchange:
     def __init__(self, client, method, head, version, keep_alive, upgrade, chunked_in, has_body,
                  host):
         self.client = client
-        self.method = method
         self.head = head  # request line and headers to send, without the final CRLF
         self.version = version
-        self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.chunked_in = chunked_in
         self.has_body = has_body

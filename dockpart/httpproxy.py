@@ -487,6 +487,8 @@ class ClientConnection(_Reading, protocol.Protocol):
 class BackendConnection(_Reading, protocol.Protocol):
     """A persistent connection to one backend, lent to one exchange at a time."""
 
+    log = Logger()
+
     def __init__(self, backend: Backend, factory):
         self.backend = backend
         self.proxy = factory
@@ -557,6 +559,10 @@ class BackendConnection(_Reading, protocol.Protocol):
             rest = data[e.args[0]:]
             if self.tunnel is not None and rest:
                 self.tunnel.write(rest)
+        except httptools.HttpParserCallbackError:
+            self.log.failure("handling a response from {url}", url=self.backend.url)
+            self.out = []
+            self.bad_response("the proxy failed handling the backend's response")
         except httptools.HttpParserError as e:
             self.out = []
             self.bad_response(f"the backend sent a malformed response: {e}")

@@ -328,6 +328,8 @@ class ClientConnection(_Reading, protocol.Protocol):
             body = b"%x\r\n%s\r\n" % (len(body), body)
         conn = exchange.conn
         if conn is not None and conn.exchange is exchange:
+            if not exchange.responded:
+                self.deadline = self.clock.seconds() + self.limits.idle_timeout
             if not exchange.sent_body:
                 exchange.sent_body = True
                 _produce(conn.transport, self._throttle)
@@ -457,16 +459,20 @@ class ClientConnection(_Reading, protocol.Protocol):
             else:
                 self.closed = True
                 self.transport.loseConnection()
-        elif not exchange.responded:
+        elif exchange.responded:
+            self.abort()
+        else:
+            stalled = not exchange.request_done
             if exchange.conn is not None:
                 exchange.conn.drop()
             if exchange.backend is not None:
-                exchange.backend.errors += 1
+                exchange.backend.errors += not stalled
                 exchange.backend.active -= 1
                 exchange.backend = None
-            self.fail_exchange(exchange, 504, "the backend did not answer in time\n")
-        else:
-            self.abort()
+            if stalled:
+                self.fail_exchange(exchange, 408, "the request body stopped coming\n")
+            else:
+                self.fail_exchange(exchange, 504, "the backend did not answer in time\n")
 
     def abort(self) -> None:
         self.closed = True
@@ -538,9 +544,11 @@ class BackendConnection(_Reading, protocol.Protocol):
             client._producing_for = self
         client.resume_reading("no backend yet")
         exchange.started = self.proxy.clock.seconds()
-        # The answer is awaited from the end of the request (see on_message_complete).
-        client.deadline = exchange.started + self.proxy.limits.backend_timeout \
-            if exchange.request_done else None
+        # The answer is awaited from the end of the request (see on_message_complete);
+        # until then the body must keep coming (see on_body).
+        limits = self.proxy.limits
+        client.deadline = exchange.started + (
+            limits.backend_timeout if exchange.request_done else limits.idle_timeout)
 
     # Receiving.
 

@@ -301,6 +301,19 @@ def test_a_slow_client_gets_408_and_holds_nothing_up(fresh):
         assert 0.9 < time.monotonic() - started < 3
 
 
+def test_a_request_body_that_stops_coming_gets_408(fresh):
+    patient = start_proxy(fresh.redis, "--idle-timeout", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", patient.port), timeout=5) as slow:
+            slow.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhalf")
+            started = time.monotonic()
+            reply = slow.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408") and b"body stopped" in reply
+            assert 0.9 < time.monotonic() - started < 3
+    finally:
+        patient.stop()
+
+
 def test_a_slow_backend_gets_504(fresh):
     started = time.monotonic()
     r = fresh.get("/slow?s=3")

@@ -15,8 +15,6 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
 
 from dockpart import keys
 from dockpart.instances import BadInstanceURL, parse_instance_url
@@ -393,6 +391,50 @@ class BackendSync(MultiService):
             self.refresh()
 
 
+class _Probe(Protocol):
+    """One health-check request; ``status`` fires with the response's status code."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.status = defer.Deferred()
+        self._buffer = b""
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self._buffer += data
+        line, found, _ = self._buffer.partition(b"\r\n")
+        if found and not self.status.called:
+            parts = line.split(b" ", 2)
+            if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+                self.status.callback(int(parts[1]))
+            else:
+                self.status.errback(ValueError(f"not an HTTP answer: {line[:80]!r}"))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if not self.status.called:
+            self.status.errback(reason)
+
+    def abort(self):
+        if self.transport is not None:
+            self.transport.abortConnection()
+        raise defer.TimeoutError("no answer in time")
+
+
+class _QuietFactory(Factory):
+    """Connects one given protocol without a log line per connection (checks are frequent)."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol):
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol_instance
+
+
 class HealthChecks(Service):
     """Optional active checks: GET PATH on every backend each interval; marks up or down."""
 
@@ -403,8 +445,6 @@ class HealthChecks(Service):
         self.path = path
         self.timeout = timeout
         self.reactor = reactor
-        self._http = HTTPClient(
-            Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         self._loop = LoopingCall(self.check_all)
         self._loop.clock = reactor
         self.interval = interval
@@ -423,17 +463,22 @@ class HealthChecks(Service):
         return defer.DeferredList(checks, consumeErrors=True)
 
     def check(self, backend: Backend) -> defer.Deferred:
-        d = self._http.get(backend.url + self.path, timeout=self.timeout)
+        request = (f"GET {self.path} HTTP/1.1\r\nHost: {backend.host}:{backend.port}\r\n"
+                   f"User-Agent: dockpart-proxy health check\r\nConnection: close\r\n\r\n")
+        probe = _Probe(request.encode())
+        endpoint = TCP4ClientEndpoint(self.reactor, backend.host, backend.port,
+                                      timeout=self.timeout)
+        d = endpoint.connect(_QuietFactory(probe)).addCallback(lambda _: probe.status)
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=lambda *_: probe.abort())
         d.addCallback(self._answered, backend)
         d.addErrback(self._no_answer, backend)
         return d
 
-    def _answered(self, response, backend):
-        if response.code >= 500:
+    def _answered(self, code, backend):
+        if code >= 500:
             self.backends.failed(backend, count=False)
         else:
             self.backends.healthy(backend)
-        return response.content()
 
     def _no_answer(self, failure, backend):
         self.backends.failed(backend, count=False)

@@ -82,7 +82,16 @@ class AdminResource(resource.Resource):
         return b"try / (JSON status) or /metrics\n"
 
 
+class _QuietSite(server.Site):
+    """No access log: a metrics scraper asks every few seconds."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
 def admin_site(proxy: ProxyFactory) -> server.Site:
-    site = server.Site(AdminResource(proxy))
+    site = _QuietSite(AdminResource(proxy))
     site.displayTracebacks = False
     return site

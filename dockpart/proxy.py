@@ -38,8 +38,8 @@ class Options(RedisOptions):
         ["backend-timeout", None, 30.0, "Seconds to wait for a backend's response (504).", float],
         ["header-timeout", None, 10.0, "Seconds a client has to send request headers (408).",
          float],
-        ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client connection stays.",
-         float],
+        ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client connection stays, "
+                                     "and the longest pause inside a request body (408).", float],
         ["max-header-size", None, 16384, "Largest request head in bytes (431 beyond).", int],
     ]
 

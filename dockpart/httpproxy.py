@@ -803,6 +803,8 @@ class ProxyFactory(protocol.Factory):
 
     def start(self, exchange: Exchange) -> None:
         backends = self.backends
+        if exchange.client.closed:
+            return
         if not backends.known:
             # Just started: the first read of the list is a moment away, or Redis is down.
             if not exchange.started:

@@ -84,7 +84,8 @@ def makeService(config, reactor=None):
                     backend_timeout=config["backend-timeout"],
                     first_read_wait=config["redis-timeout"])
     proxy = ProxyFactory(backends, reactor, limits)
-    sweep = TimerService(min(0.5, limits.header_timeout / 4), proxy.sweep)
+    shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout)
+    sweep = TimerService(min(0.5, shortest / 4), proxy.sweep)
     sweep.clock = reactor
     sweep.setServiceParent(top)
     Listener("dockpart-proxy", _endpoint(reactor, "listen", config["listen"]),

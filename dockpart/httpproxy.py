@@ -117,6 +117,13 @@ def direct_writer(transport):
     return send
 
 
+def _no_delay(transport) -> None:
+    """Small responses leave at once (no Nagle delay), on transports that have the option."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 def _produce(transport, producer) -> None:
     """Register ``producer`` as the streaming producer feeding ``transport`` (once)."""
     current = transport.producer
@@ -206,7 +213,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         factory = self.factory
         self.clock = factory.clock
         self.limits = factory.limits
-        self.transport.setTcpNoDelay(True)
+        _no_delay(self.transport)
         self.write = direct_writer(self.transport)
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
@@ -287,7 +294,8 @@ class ClientConnection(_Reading, protocol.Protocol):
                 return self.answer(400, "malformed request target\n")
             here = self.transport.getHost()
             port = parts.port or (443 if parts.schema == b"https" else 80)
-            if parts.host not in (here.host.encode(), b"localhost") or port != here.port:
+            own_host = getattr(here, "host", "").encode()
+            if parts.host not in (own_host, b"localhost") or port != getattr(here, "port", None):
                 return self.answer(403, "dockpart-proxy only serves its own backends; "
                                         "it is not a forward proxy\n")
             url = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
@@ -302,8 +310,11 @@ class ClientConnection(_Reading, protocol.Protocol):
         has_body = chunked or seen.get(b"content-length", b"0").strip() != b"0"
         if chunked:
             append(b"Transfer-Encoding: chunked")
-        append(b"X-Forwarded-For: " + (forwarded_for + b", " + self.peer_ip
-                                        if forwarded_for else self.peer_ip))
+        peer_ip = self.peer_ip  # empty on a UNIX socket
+        if forwarded_for or peer_ip:
+            append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer_ip
+                                            if forwarded_for and peer_ip
+                                            else forwarded_for or peer_ip))
         append(b"X-Forwarded-Proto: " + self.proto)
         if host is not None:
             append(b"X-Forwarded-Host: " + host)
@@ -514,7 +525,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.idle_since = 0.0
 
     def connectionMade(self):
-        self.transport.setTcpNoDelay(True)
+        self.transport.setTcpNoDelay(True)  # backends are always TCP
         self.write = direct_writer(self.transport)
         connector, self.factory = self.factory, None
         if connector is not None:

@@ -218,6 +218,20 @@ def test_chunked_bodies_both_ways(fresh):
     assert b"chunked" not in head.lower() and body == b"x" * 50000
 
 
+def test_expect_100_continue_is_passed_on_before_the_body(fresh):
+    with socket.create_connection(("127.0.0.1", fresh.local.port), timeout=5) as s:
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"12345")
+        reply = b""
+        while not reply.endswith(b"\r\n\r\n5\n"):
+            chunk = s.recv(4096)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200")
+
+
 def test_head_204_and_304_carry_no_body_and_the_connection_goes_on(fresh):
     # Pipelined in one write: each answer must end where the next begins.
     reply = raw(fresh.local.port, b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n"

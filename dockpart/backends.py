@@ -81,6 +81,8 @@ class BackendSet:
         self.known = False  # a list was read at least once
         self.rotation: "_Rotation | None" = None  # the connection for LMOVE (shared mode)
         self._bad: set[str] = set()
+        self._rereading = None
+        self._waiting: list = []
 
     # The list.
 
@@ -123,6 +125,21 @@ class BackendSet:
         d.addCallback(lambda urls: self.update(urls) or True)
         d.addErrback(lambda f: f.trap(RedisUnavailable) and False)
         return d
+
+    def reread(self) -> defer.Deferred:
+        """A read of the list that started now; concurrent callers share one read."""
+        if self._rereading is None:
+            self._rereading = self.refresh()
+            self._rereading.addBoth(self._reread_done)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _reread_done(self, result):
+        self._rereading = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(result)
 
     # Choosing.
 

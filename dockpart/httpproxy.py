@@ -178,7 +178,7 @@ class Exchange:
     __slots__ = ("client", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "backend", "conn", "tried", "sent_body",
                  "status", "chunked_out", "close_after", "responded", "response_done",
-                 "started", "head_only", "host")
+                 "started", "head_only", "host", "reread")
 
     def __init__(self, client, method, head, version, keep_alive, upgrade, chunked_in, has_body,
                  host):
@@ -202,6 +202,7 @@ class Exchange:
         self.response_done = False
         self.started = 0.0
         self.head_only = method == b"HEAD"
+        self.reread = False  # the list was read again before answering 503
 
 
 class ClientConnection(_Reading, protocol.Protocol):
@@ -836,6 +837,12 @@ class ProxyFactory(protocol.Factory):
             if exchange.tried:
                 client.fail_exchange(exchange, 502, "every backend failed: " + ", ".join(
                     b.url for b in exchange.tried) + "\n")
+            elif self.backends.known and not exchange.reread and not self.backends.shared:
+                # Empty as far as we know; a notice of a first backend may be on its way.
+                # A 503 should be true when said, so read the list once more first.
+                exchange.reread = True
+                self.backends.reread().addBoth(lambda _: self._picked(self.backends.pick(),
+                                                                      exchange))
             elif self.backends.known:
                 client.fail_exchange(exchange, 503, "no backend is available: the list "
                                      f"{self.backends.list_key!r} is empty\n")

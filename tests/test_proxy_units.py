@@ -1,5 +1,6 @@
 """Fast checks of dockpart-proxy's rotation, passive health and metrics, on a Clock."""
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from dockpart.backends import BackendSet
@@ -92,3 +93,36 @@ def test_status_and_metrics_describe_each_backend():
     report = status(factory)
     assert [b["healthy"] for b in report["backends"]] == [True, False, True]
     assert report["backends"][1]["errors"] == 1 and report["balance"] == "local"
+
+
+class ListRedis:
+    """Answers LRANGE from a Python list, counting the calls; a Deferred per call."""
+
+    connected = True
+
+    def __init__(self, urls):
+        self.urls = urls
+        self.calls = []
+
+    def call(self, command, *args):
+        d = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+    def answer_all(self):
+        for d in self.calls:
+            if not d.called:
+                d.callback(list(self.urls))
+
+
+def test_concurrent_rereads_share_one_read_and_see_the_new_list():
+    redis = ListRedis([URLS[0]])
+    clock = Clock()
+    pool = BackendSet(redis, "servers", "local", clock)
+    pool.update([])
+    seen = []
+    for _ in range(3):
+        pool.reread().addCallback(lambda _: seen.append(pool.pick()))
+    assert len(redis.calls) == 1 and seen == []
+    redis.answer_all()
+    assert [b.url for b in seen] == [URLS[0]] * 3

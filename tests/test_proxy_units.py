@@ -4,7 +4,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from dockpart.backends import BackendSet
-from dockpart.httpproxy import ProxyFactory
+from dockpart.httpproxy import OWN_HEADERS, ProxyFactory, end_to_end
 from dockpart.proxy_admin import metrics, status
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002", "http://127.0.0.1:3003"]
@@ -126,3 +126,19 @@ def test_concurrent_rereads_share_one_read_and_see_the_new_list():
     assert len(redis.calls) == 1 and seen == []
     redis.answer_all()
     assert [b.url for b in seen] == [URLS[0]] * 3
+
+
+def test_end_to_end_drops_hop_by_hop_and_connection_named_headers():
+    out = [b"GET / HTTP/1.1"]
+    seen = end_to_end([(b"Host", b"a"), (b"Connection", b"keep-alive, X-Mine"), (b"X-Mine", b"1"),
+                       (b"Keep-Alive", b"5"), (b"TE", b"trailers"), (b"Proxy-Authorization", b"x"),
+                       (b"X-Forwarded-For", b"1.2.3.4"), (b"X-Forwarded-For", b"5.6.7.8"),
+                       (b"Accept", b"*/*")], out, OWN_HEADERS)
+    assert out == [b"GET / HTTP/1.1", b"Host: a", b"Accept: */*"]
+    assert seen[b"x-forwarded-for"] == b"1.2.3.4, 5.6.7.8" and seen[b"host"] == b"a"
+
+
+def test_end_to_end_keeps_upgrade_for_a_websocket_handshake():
+    out = []
+    end_to_end([(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")], out, upgrade=True)
+    assert out == [b"Upgrade: websocket", b"Connection: Upgrade"]

@@ -558,7 +558,10 @@ def make_driver(config, pool: ThreadPoolService, reactor):
     return DockerDriver(pool, config["image"], str(context), config["dockerfile"],
                         config["build-args"], redis_url, str(config["redis"]),
                         rebuild=config["rebuild"],
-                        stop_timeout=config["stop-timeout"])
+                        stop_timeout=config["stop-timeout"],
+                        # As the process driver does: an instance must know which one is first.
+                        instance_args=["--first-port", str(config["first-port"]),
+                                       "--advertise-host", config["advertise-host"]])
 
 
 def makeService(config, reactor=None):

@@ -74,6 +74,13 @@ class Stack:
         path = Path(self.run_dir, "dockpart-infra.log")
         return path.read_text(errors="replace")[-3000:] if path.exists() else "(no infra log)"
 
+    def wait_for(self, predicate, timeout: float, what: str):
+        """helpers.wait_for, with infra's log in the failure (it tells why a request hangs)."""
+        try:
+            return wait_for(predicate, timeout, interval=0.2, what=what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; infra log:\n{self.infra_log()}") from None
+
     def containers(self) -> list:
         """Every container of this stack: the compose project's and the instances on our ports."""
         client = docker_client()
@@ -114,14 +121,15 @@ def test_two_spawns_bring_three_instances_into_the_rotation(stack):
     def three_seen():
         return len({served_by(stack.proxy + "/") for _ in range(6)}) == 3
 
-    wait_for(three_seen, timeout=30, interval=0.5,
-             what=f"three instances behind the proxy; infra log:\n{stack.infra_log()}")
+    stack.wait_for(three_seen, timeout=30, what="three instances behind the proxy")
     instances = stack.redis().lrange("servers", 0, -1)
     assert len(instances) == 3 and stack.first in instances
-    running = {c.name for c in docker_client().containers.list(filters={"label": "dockpart.managed=true"})}
+    running = {c.name: c for c in docker_client().containers.list(filters={"label": "dockpart.managed=true"})}
     for url in instances:
         if url != stack.first:
-            assert container_name(url) in running
+            # Each instance knows the first one, which /destroy must never pick.
+            args = running[container_name(url)].attrs["Args"]
+            assert args[args.index("--first-port") + 1] == str(stack.web_port), args
 
 
 def test_destroy_removes_a_container_while_requests_keep_succeeding(stack):
@@ -143,8 +151,8 @@ def test_destroy_removes_a_container_while_requests_keep_succeeding(stack):
         before = set(stack.redis().lrange("servers", 0, -1))
         reply = requests.get(stack.proxy + "/destroy", timeout=5)
         assert reply.status_code in (200, 202), reply.text[:300]
-        victim = wait_for(lambda: (before - set(stack.redis().lrange("servers", 0, -1))) or None,
-                          timeout=15, what="an instance to leave servers").pop()
+        victim = stack.wait_for(lambda: before - set(stack.redis().lrange("servers", 0, -1)),
+                                timeout=15, what="an instance to leave servers").pop()
         name = container_name(victim)
 
         def container_gone():
@@ -153,8 +161,7 @@ def test_destroy_removes_a_container_while_requests_keep_succeeding(stack):
             client.close()
             return gone
 
-        wait_for(container_gone, timeout=30, interval=0.5,
-                 what=f"{name} to be removed; infra log:\n{stack.infra_log()}")
+        stack.wait_for(container_gone, timeout=30, what=f"{name} to be removed")
         time.sleep(1)  # a few more requests after the removal
     finally:
         stop.set()
@@ -197,12 +204,19 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
                                "--profile", "infra", *args], env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
     try:
         compose("up", "-d", "--wait", "--wait-timeout", "60", "redis", "web", "infra")
         assert requests.get(web + "/spawn", timeout=5).status_code == 202
         client = redis_py.Redis(port=ports["DOCKPART_REDIS_PORT"], decode_responses=True)
-        wait_for(lambda: set(client.lrange("servers", 0, -1)) == {web, spawned}, timeout=30,
-                 interval=0.5, what=f"{spawned} in servers")
+        try:
+            wait_for(lambda: set(client.lrange("servers", 0, -1)) == {web, spawned}, timeout=30,
+                     interval=0.5, what=f"{spawned} in servers")
+        except AssertionError as e:
+            instance = subprocess.run(["docker", "logs", "--tail", "30", container_name(spawned)],
+                                      capture_output=True, text=True, timeout=30)
+            raise AssertionError(f"{e}; infra log:\n{compose('logs', 'infra')[-3000:]}\n"
+                                 f"instance log:\n{instance.stdout}{instance.stderr}") from None
         assert served_by(spawned + "/") == spawned
     finally:
         compose("down", "--timeout", "5")

@@ -87,7 +87,8 @@ def _thd_ensure_image(client, image: str, *build) -> bool:
         return True
 
 
-def _thd_run(client, tier: str, port: int, image: str, environment: dict) -> bool:
+def _thd_run(client, tier: str, port: int, image: str, environment: dict,
+             args: list[str]) -> bool:
     """Run our container on ``port`` unless it runs already; whether it was started."""
     container = _thd_container(client, tier, port)
     if container is not None:
@@ -95,7 +96,7 @@ def _thd_run(client, tier: str, port: int, image: str, environment: dict) -> boo
             return False
         container.remove(force=True)  # exited or dead: start afresh
     client.containers.run(
-        image, name=instance_name(port), detach=True, network_mode="host",
+        image, args or None, name=instance_name(port), detach=True, network_mode="host",
         labels=_labels(tier, port),
         environment={"start_port": str(port), **environment},
         restart_policy=RESTART_POLICY)
@@ -108,11 +109,13 @@ class DockerDriver:
 
     def __init__(self, pool: ThreadPoolService, image: str, context: str, dockerfile: str,
                  build_args: dict, redis_url: str, tier: str, rebuild: bool = False,
-                 stop_timeout: float = 5.0, client_factory=None):
+                 stop_timeout: float = 5.0, client_factory=None, instance_args=()):
         self.pool = pool
         self.image = image
         self.build = (context, dockerfile, build_args)
         self.environment = {"DOCKPART_REDIS": redis_url}
+        # dockpart-web options after the image name (its entrypoint), e.g. --first-port.
+        self.instance_args = list(instance_args)
         self.tier = tier
         self.rebuild = rebuild
         self.stop_timeout = stop_timeout
@@ -162,7 +165,8 @@ class DockerDriver:
             async with self._build_lock:  # one build, however many spawns wait for it
                 if await self._call(_thd_ensure_image, image, *self.build):
                     self.log.info("built the image {image}", image=image)
-        if await self._call(_thd_run, self.tier, port, image, self.environment):
+        if await self._call(_thd_run, self.tier, port, image, self.environment,
+                            self.instance_args):
             self.log.info("started {what} from {image}", what=self.describe(port), image=image)
 
     async def remove(self, port: int) -> None:

@@ -165,8 +165,9 @@ class DockerDriver:
             async with self._build_lock:  # one build, however many spawns wait for it
                 if await self._call(_thd_ensure_image, image, *self.build):
                     self.log.info("built the image {image}", image=image)
-        if await self._call(_thd_run, self.tier, port, image, self.environment,
-                            self.instance_args):
+        # Instances answer on loopback only, as the process driver's do; the proxy faces users.
+        args = [*self.instance_args, "--listen", f"tcp:{port}:interface=127.0.0.1"]
+        if await self._call(_thd_run, self.tier, port, image, self.environment, args):
             self.log.info("started {what} from {image}", what=self.describe(port), image=image)
 
     async def remove(self, port: int) -> None:

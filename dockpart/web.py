@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 
 from dockpart import keys, servers
 from dockpart.instances import FIRST_PORT, instance_url
+from dockpart.listening import Listener
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 
 MESSAGE = "this message will self-destruct in 10 seconds"
@@ -293,35 +294,27 @@ class WebApp(Resource):
         return page("Servers", html)
 
 
-class WebListener(Service):
-    """Listens, learns its own URL, and registers the first instance in ``servers``."""
+class FirstInstanceRegistration(Service):
+    """Learns this instance's URL from its listener; the first instance joins ``servers`` once.
+
+    Redis may be away at start, so registration retries until it succeeds.
+    """
 
     log = Logger()
 
-    def __init__(self, endpoint, app: WebApp, max_upload: int, retry: float = 1.0, reactor=None):
-        self.endpoint = endpoint
+    def __init__(self, listener: Listener, app: WebApp, retry: float = 1.0, reactor=None):
+        self.listener = listener
         self.app = app
-        self.site = WebSite(app, max_upload)
+        self.registration = LoopingCall(self._register)
+        if reactor is not None:
+            self.registration.clock = reactor
         self.retry = retry
-        self.reactor = reactor
-        self.port = None
-        self.registration = None
 
     def startService(self):
         super().startService()
-        d = self.endpoint.listen(self.site)
-        d.addCallback(self._listening)
-        d.addErrback(self.log.failure, "cannot listen")
-        return d
-
-    def _listening(self, port):
-        self.port = port
-        self.app.url = instance_url(self.app.advertise_host, port.getHost().port)
-        self.log.info("dockpart-web listening on {url}", url=self.app.url)
-        if port.getHost().port == self.app.first_port:
-            self.registration = LoopingCall(self._register)
-            if self.reactor is not None:
-                self.registration.clock = self.reactor
+        port = self.listener.port.getHost().port
+        self.app.url = instance_url(self.app.advertise_host, port)
+        if port == self.app.first_port:
             self.registration.start(self.retry)
 
     async def _register_once(self):
@@ -337,10 +330,8 @@ class WebListener(Service):
 
     def stopService(self):
         super().stopService()
-        if self.registration is not None and self.registration.running:
+        if self.registration.running:
             self.registration.stop()
-        if self.port is not None:
-            return self.port.stopListening()
 
 
 def _size(value: str) -> int:
@@ -391,5 +382,7 @@ def makeService(config, reactor=None):
         endpoint = serverFromString(reactor, config["listen"])
     except ValueError as e:
         raise usage.UsageError(f"--listen {config['listen']!r}: {e}") from None
-    WebListener(endpoint, app, config["max-upload"], reactor=reactor).setServiceParent(top)
+    listener = Listener("dockpart-web", endpoint, WebSite(app, config["max-upload"]))
+    listener.setServiceParent(top)
+    FirstInstanceRegistration(listener, app, reactor=reactor).setServiceParent(top)
     return top

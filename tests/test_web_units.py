@@ -1,0 +1,68 @@
+"""Fast checks of dockpart-web's option parsing and input rules (no sockets)."""
+
+import pytest
+from twisted.python import usage
+
+from dockpart import web
+from dockpart.instances import BadInstanceURL, parse_instance_url
+from dockpart.redisconn import RedisAddress
+
+
+def options(*argv):
+    config = web.Options()
+    config.parseOptions(list(argv))
+    return config
+
+
+def test_listen_falls_back_to_start_port_then_3000(monkeypatch):
+    monkeypatch.delenv("start_port", raising=False)
+    assert options()["listen"] == "tcp:3000"
+    monkeypatch.setenv("start_port", "3007")
+    assert options()["listen"] == "tcp:3007"
+    assert options("--listen", "tcp:4000")["listen"] == "tcp:4000"
+
+
+def test_bad_start_port_and_sizes_are_usage_errors(monkeypatch):
+    monkeypatch.setenv("start_port", "http")
+    with pytest.raises(usage.UsageError, match="start_port"):
+        options()
+    monkeypatch.delenv("start_port")
+    with pytest.raises(usage.UsageError, match="max-upload"):
+        options("--max-upload", "lots")
+    assert options("--max-upload", "2MiB")["max-upload"] == 2 * 1024 * 1024
+    assert options("--max-upload", "512k")["max-upload"] == 512 * 1024
+
+
+def test_redis_option_then_environment_then_default(monkeypatch):
+    monkeypatch.delenv("DOCKPART_REDIS", raising=False)
+    assert options()["redis"] == RedisAddress("127.0.0.1", 6379, 0)
+    monkeypatch.setenv("DOCKPART_REDIS", "redis://cache:6380/2")
+    assert options()["redis"] == RedisAddress("cache", 6380, 2)
+    assert options("--redis", "redis://x/3")["redis"] == RedisAddress("x", 6379, 3)
+    with pytest.raises(usage.UsageError, match="database must be a number"):
+        options("--redis", "redis://x/db")
+
+
+@pytest.mark.parametrize("data, mime", [
+    (b"\xff\xd8\xff\xe0rest", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\nrest", "image/png"),
+    (b"GIF89a....", "image/gif"),
+    (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image/webp"),
+    (b"<svg xmlns=...>", None),
+    (b"", None),
+])
+def test_images_are_known_by_their_first_bytes(data, mime):
+    assert web.sniff_image(data) == mime
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1", "https://127.0.0.1:3001", "127.0.0.1:3001",
+                                 "http://127.0.0.1:3001/x", "http://127.0.0.1:99999", "garbage"])
+def test_instance_urls_are_http_host_and_port_only(url):
+    with pytest.raises(BadInstanceURL):
+        parse_instance_url(url)
+
+
+def test_instance_url_within_range():
+    assert parse_instance_url("http://127.0.0.1:3001") == ("127.0.0.1", 3001)
+    with pytest.raises(BadInstanceURL, match="outside 3001-3010"):
+        parse_instance_url("http://127.0.0.1:3000", 3001, 3010)

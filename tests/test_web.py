@@ -1,36 +1,15 @@
 """dockpart-web as a user meets it: a real twistd process on a real Redis."""
 
 import http.client
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from dockpart import keys
-from helpers import Daemon, RedisProcess, free_port, wait_for
+from helpers import Daemon, RedisProcess, free_port, png_bytes, start_web, wait_for
 
 MESSAGE = "this message will self-destruct in 10 seconds"
-
-
-def png_bytes(size: int = 0) -> bytes:
-    """A real 1x1 PNG, padded with an ancillary chunk to reach about ``size`` bytes."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00\xff\x00\x00")
-    pad = chunk(b"tEXt", b"c\x00" + b"x" * size) if size else b""
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + pad + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def start_web(redis_url: str, *args: str, port: int | None = None, env: dict | None = None):
-    port = port or free_port()
-    daemon = Daemon("dockpart-web", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                    "--redis", redis_url, *args, ready="dockpart-web listening on", env=env)
-    daemon.port = port
-    daemon.base = f"http://127.0.0.1:{port}"
-    return daemon.start()
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,10 @@ def free_port_run(count: int) -> int:
     raise AssertionError(f"no run of {count} free ports found")
 
 
+class GaveUp(AssertionError):
+    """Raised by a predicate when waiting longer is pointless (a daemon died)."""
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until it returns a true value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -45,6 +49,8 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
             value = predicate()
             if value:
                 return value
+        except GaveUp:
+            raise
         except Exception as e:  # the thing waited for may not be up yet
             last_error = e
         time.sleep(interval)
@@ -129,7 +135,7 @@ class Daemon:
 
     def _is_ready(self) -> bool:
         if self.proc.poll() is not None:
-            raise AssertionError(f"exited with {self.proc.returncode}:\n{self.output()}")
+            raise GaveUp(f"exited with {self.proc.returncode}:\n{self.output()}")
         return self.ready in self.output()
 
     def output(self) -> str:

@@ -34,29 +34,24 @@ def client() -> docker.DockerClient:
         raise DeployError(f"the Docker engine does not answer: {e}") from None
 
 
-def _stream_errors(stream, say, show) -> dict:
-    """Relay a docker JSON progress stream; raise on its error; return the last ``aux``."""
-    aux = {}
+def _stream_errors(stream, say, show) -> None:
+    """Relay a docker JSON progress stream; raise on its error."""
     for item in stream:
         if "error" in item:
             raise DeployError(item["error"].strip())
-        if "aux" in item:
-            aux = item["aux"]
         line = show(item)
         if line:
             say(line)
-    return aux
 
 
-def build(c: docker.DockerClient, context: str, image: str, build_args: dict, say) -> str:
+def build(c: docker.DockerClient, context: str, image: str, build_args: dict, say) -> None:
     """Build ``context`` as ``image``; the old container keeps serving meanwhile."""
     try:
         stream = c.api.build(path=context, tag=image, buildargs=build_args, rm=True,
                              forcerm=True, decode=True)
-        aux = _stream_errors(stream, say, lambda item: item.get("stream", "").rstrip())
+        _stream_errors(stream, say, lambda item: item.get("stream", "").rstrip())
     except APIError as e:
         raise DeployError(f"the build failed: {e.explanation or e}") from None
-    return aux.get("ID", image)
 
 
 def tag(c: docker.DockerClient, image: str, new_name: str) -> None:
@@ -71,15 +66,14 @@ def _progress_line(item: dict) -> str:
     return item.get("status", "")
 
 
-def push(c: docker.DockerClient, name: str, say) -> str:
-    """Push ``name`` (repository:tag) to its registry; return the manifest digest."""
+def push(c: docker.DockerClient, name: str, say) -> None:
+    """Push ``name`` (repository:tag) to its registry."""
     repository, name_tag = name.rsplit(":", 1)
     try:
         stream = c.api.push(repository, tag=name_tag, stream=True, decode=True)
-        aux = _stream_errors(stream, say, _progress_line)
+        _stream_errors(stream, say, _progress_line)
     except APIError as e:
         raise DeployError(f"the push of {name} failed: {e.explanation or e}") from None
-    return aux.get("Digest", "")
 
 
 def pull(c: docker.DockerClient, name: str, say) -> None:

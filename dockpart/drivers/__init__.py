@@ -60,8 +60,10 @@ class ThreadPoolService(Service):
         self.pool.start()
 
     def stopService(self):
+        """Fires once calls in progress end; the threads are joined off the reactor thread."""
         super().stopService()
-        self.pool.stop()
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                         self.pool.stop)
 
     def run(self, f, *args, **kw):
         """Run ``f`` in the pool; a Deferred of its result."""

@@ -224,6 +224,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.upgraded = False
         self.closed = False
         self.pending_head = 0
+        self._head_began = False
         self._url = b""
         self._headers: list = []
         self._throttle = _Throttle(self)
@@ -242,6 +243,7 @@ class ClientConnection(_Reading, protocol.Protocol):
             return
         if self.upgraded:
             return self._tunnel_in(data)
+        self._head_began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -256,12 +258,16 @@ class ClientConnection(_Reading, protocol.Protocol):
         except httptools.HttpParserError as e:
             return self.answer(400, f"malformed request: {e}\n")
         if self.parsing and not self.closed:
-            self.pending_head += len(data)
+            # A head begun in this read counts from its start, not from the read's (the read
+            # may hold the body of a request before it); one that goes on counts every byte.
+            self.pending_head = (self._head_size if self._head_began
+                                 else self.pending_head + len(data))
             if self.pending_head > self.limits.max_header_size:
                 self.answer(431, "request headers are too large\n")
 
     def on_message_begin(self):
         self.parsing = True
+        self._head_began = True
         self.pending_head = 0
         self._url = b""
         self._headers = []

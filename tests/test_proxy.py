@@ -298,6 +298,22 @@ def test_absolute_form_to_a_foreign_host_is_refused(fresh):
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b" /own\n")
 
 
+def test_a_pipelined_request_after_a_large_body_is_not_taken_for_oversized_headers(fresh):
+    body = b"x" * 40000
+    with socket.create_connection(("127.0.0.1", fresh.local.port), timeout=5) as s:
+        # The body and the start of the next head arrive in one read; the head ends later.
+        s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                  b"GET /next HTTP/1.1\r\nHo" % (len(body), body))
+        time.sleep(0.2)
+        s.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    answers = reply.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"200"], reply
+    assert answers[0].endswith(b"%d\n" % len(body)) and answers[1].endswith(b" /next\n")
+
+
 def test_oversized_headers_get_431(fresh):
     r = fresh.get("/", headers={"X-Big": "a" * 10000})
     assert r.status_code == 431

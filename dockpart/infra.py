@@ -55,9 +55,10 @@ _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 """
 
+# The letter first: a script that fails half way keeps what it did, and the entry must not go.
 _DEAD_LETTER = """
-redis.call('LREM', KEYS[1], 1, ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('LREM', KEYS[1], 1, ARGV[1])
 """
 
 
@@ -315,9 +316,15 @@ class Worker(Service):
         self._inflight[queue, entry] += 1
         d = defer.ensureDeferred(self._handle(queue, entry))
         self._tasks.add(d)
-        d.addErrback(lambda f: f.trap(defer.CancelledError))
+        d.addErrback(self._task_failed, queue, entry)
         d.addBoth(lambda _: self._end(d, queue, entry))
         return d
+
+    def _task_failed(self, failure, queue: Queue, entry: str) -> None:
+        """Said, not swallowed: the entry stays in processing until the next start."""
+        if not failure.check(defer.CancelledError):
+            self.log.failure("{queue} {entry} left in processing", failure,
+                             queue=queue.name, entry=entry)
 
     def _end(self, d: defer.Deferred, queue: Queue, entry: str) -> None:
         self._tasks.discard(d)

@@ -141,3 +141,12 @@ async def test_what_was_in_processing_is_finished_before_anything_new(redis_db, 
             return set(await s.servers()) == {URL, "http://127.0.0.1:4002"}
         await until(both)
         assert any("finishing 1 request(s)" in line for line in s.logs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_that_cannot_even_be_dead_lettered_is_logged_and_kept(redis_db, redis_server):
+    redis_db.set(keys.DEAD_LETTERS, "not a list")  # every dead letter fails with WRONGTYPE
+    redis_db.lpush(keys.SPAWN_QUEUE, "not a url")
+    async with Setup(redis_server.url) as s:
+        await until(lambda: defer.succeed(any("left in processing" in line for line in s.logs)))
+        assert redis_db.lrange(keys.SPAWNING, 0, -1) == ["not a url"]

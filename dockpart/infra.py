@@ -453,7 +453,9 @@ class Worker(Service):
             url = instance_url(self.policy.host, port)
             if not up or port in registered or busy(port) or self.policy.owns(url) is None:
                 continue
-            if await self.probe(self.reactor, port) and await servers.register(self.redis, url):
+            # Asked again after the probe: a destroy taken meanwhile must not see it come back.
+            if await self.probe(self.reactor, port) and not busy(port) \
+                    and await servers.register(self.redis, url):
                 self.log.info("reconcile: {what} answers; added {url} back to servers",
                               what=self.driver.describe(port), url=url)
         for port, url in registered.items():

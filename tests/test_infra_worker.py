@@ -150,3 +150,23 @@ async def test_a_request_that_cannot_even_be_dead_lettered_is_logged_and_kept(re
     async with Setup(redis_server.url) as s:
         await until(lambda: defer.succeed(any("left in processing" in line for line in s.logs)))
         assert redis_db.lrange(keys.SPAWNING, 0, -1) == ["not a url"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconcile_that_overlaps_a_destroy_does_not_put_the_url_back(redis_db, redis_server):
+    gate = defer.Deferred()
+    probing = []
+
+    async def gated_probe(_reactor, port):
+        probing.append(port)
+        await gate
+        return True
+    async with Setup(redis_server.url, probe=gated_probe) as s:
+        s.driver.running.add(4001)
+        # Holding the lease starts a reconcile: it finds 4001 unregistered and probes it.
+        await until(lambda: defer.succeed(probing == [4001]))
+        redis_db.lpush(keys.DESTROY_QUEUE, URL)
+        await until(lambda: defer.succeed(redis_db.llen(keys.DESTROYING) == 1))
+        gate.callback(None)  # the probe answers while the destroy drains
+        await until(lambda: defer.succeed(s.driver.removed and not redis_db.llen(keys.DESTROYING)))
+        assert await s.servers() == [] and 4001 not in s.driver.running

@@ -80,6 +80,8 @@ def activate(deploy_dir: DeployDir, config: DeployConfig, release: Release, say=
         raise
     say(f"healthy; {config.url(slice_name)} now sends new connections to {candidate}")
     forward.set_target(deploy_dir, slice_name, "127.0.0.1", port)
+    # It serves from now on: a later failure must not make it a failed release to forget.
+    dropped = History(deploy_dir, slice_name).record(release, config.keep)
     old = container_name(slice_name)
     if docker_ops.get(c, old) is not None:
         time.sleep(config.drain)  # connections opened just before the switch finish on the old one
@@ -92,7 +94,6 @@ def activate(deploy_dir: DeployDir, config: DeployConfig, release: Release, say=
     docker_ops.tag(c, release.image, slice_image)
     say(f"pushing {slice_image}")
     docker_ops.push(c, slice_image, lambda line: say("  " + line))
-    dropped = History(deploy_dir, slice_name).record(release, config.keep)
     prune(c, config, deploy_dir, slice_name, dropped, say)
 
 

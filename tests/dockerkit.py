@@ -8,6 +8,7 @@ Use the ``docker_images`` fixture in a test marked ``@pytest.mark.docker``; it m
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import docker
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from helpers import ROOT
 
 IMAGES_SCRIPT = ROOT / "scripts" / "images"
+COMPOSE = Path(sys.executable).parent / "docker-compose"
 #: A first build on a new machine (debootstrap + wheels + every image) takes a few minutes.
 BUILD_TIMEOUT = 900
 
@@ -43,6 +45,15 @@ def run_images(*args: str) -> str:
     if done.returncode:
         pytest.fail(f"scripts/images {' '.join(args)} failed ({done.returncode}):\n"
                     f"{done.stderr[-4000:]}", pytrace=False)
+    return done.stdout
+
+
+def compose(project: str, profile: str, env: dict, *args: str) -> str:
+    """``docker-compose -p PROJECT --profile PROFILE ARGS`` on docker-compose.yml; its stdout."""
+    done = subprocess.run([str(COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "-p", project,
+                           "--profile", profile, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 

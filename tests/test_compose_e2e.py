@@ -17,14 +17,13 @@ import pytest
 import redis as redis_py
 import requests
 
-from dockerkit import docker_client
+from dockerkit import compose, docker_client
 from dockpart.drivers import instance_name
 from dockpart.instances import parse_instance_url
 from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
 
 pytestmark = pytest.mark.docker
 
-COMPOSE = Path(sys.executable).parent / "docker-compose"
 #: scripts/up builds what is missing (nothing, after the docker_images fixture) and starts it all.
 UP_TIMEOUT = 240
 
@@ -199,14 +198,10 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
     web = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT']}"
     spawned = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT'] + 1}"
 
-    def compose(*args):
-        done = subprocess.run([str(COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "-p", project,
-                               "--profile", "infra", *args], env=env, capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
+    def infra_compose(*args):
+        return compose(project, "infra", env, *args)
     try:
-        compose("up", "-d", "--wait", "--wait-timeout", "60", "redis", "web", "infra")
+        infra_compose("up", "-d", "--wait", "--wait-timeout", "60", "redis", "web", "infra")
         assert requests.get(web + "/spawn", timeout=5).status_code == 202
         client = redis_py.Redis(port=ports["DOCKPART_REDIS_PORT"], decode_responses=True)
         try:
@@ -215,11 +210,11 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
         except AssertionError as e:
             instance = subprocess.run(["docker", "logs", "--tail", "30", container_name(spawned)],
                                       capture_output=True, text=True, timeout=30)
-            raise AssertionError(f"{e}; infra log:\n{compose('logs', 'infra')[-3000:]}\n"
+            raise AssertionError(f"{e}; infra log:\n{infra_compose('logs', 'infra')[-3000:]}\n"
                                  f"instance log:\n{instance.stdout}{instance.stderr}") from None
         assert served_by(spawned + "/") == spawned
     finally:
-        compose("down", "--timeout", "5")
+        infra_compose("down", "--timeout", "5")
         client = docker_client()
         for c in client.containers.list(all=True, filters={"name": f"^/{container_name(spawned)}$"}):
             c.remove(force=True)

@@ -2,19 +2,16 @@
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import requests
 
-from dockerkit import docker_client
+from dockerkit import compose, docker_client
 from dockpart.socatlike import crlf
-from helpers import ROOT, free_port, wait_for
+from helpers import free_port, wait_for
 
 pytestmark = pytest.mark.docker
 
-COMPOSE = Path(sys.executable).parent / "docker-compose"
 INTERVAL = 2  # seconds between rewrites: short enough to see one, long enough to compare
 
 
@@ -32,11 +29,7 @@ class FileIO:
         self.url = f"http://127.0.0.1:{self.web_port}/"
 
     def compose(self, *args: str) -> str:
-        done = subprocess.run([str(COMPOSE), "-f", str(ROOT / "docker-compose.yml"),
-                               "-p", self.project, "--profile", "fileio", *args],
-                              env=self.env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
+        return compose(self.project, "fileio", self.env, *args)
 
     def the_file(self) -> bytes:
         """The writer's file as it is now, read inside its container."""

@@ -66,23 +66,22 @@ def _progress_line(item: dict) -> str:
     return item.get("status", "")
 
 
-def push(c: docker.DockerClient, name: str, say) -> None:
-    """Push ``name`` (repository:tag) to its registry."""
+def _transfer(c: docker.DockerClient, verb: str, name: str, say) -> None:
     repository, name_tag = name.rsplit(":", 1)
     try:
-        stream = c.api.push(repository, tag=name_tag, stream=True, decode=True)
+        stream = getattr(c.api, verb)(repository, tag=name_tag, stream=True, decode=True)
         _stream_errors(stream, say, _progress_line)
     except APIError as e:
-        raise DeployError(f"the push of {name} failed: {e.explanation or e}") from None
+        raise DeployError(f"the {verb} of {name} failed: {e.explanation or e}") from None
+
+
+def push(c: docker.DockerClient, name: str, say) -> None:
+    """Push ``name`` (repository:tag) to its registry."""
+    _transfer(c, "push", name, say)
 
 
 def pull(c: docker.DockerClient, name: str, say) -> None:
-    repository, name_tag = name.rsplit(":", 1)
-    try:
-        stream = c.api.pull(repository, tag=name_tag, stream=True, decode=True)
-        _stream_errors(stream, say, _progress_line)
-    except APIError as e:
-        raise DeployError(f"the pull of {name} failed: {e.explanation or e}") from None
+    _transfer(c, "pull", name, say)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

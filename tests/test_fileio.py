@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -299,22 +300,29 @@ def test_fileweb_says_502_when_the_source_is_down():
         fileweb.stop()
 
 
-def test_fileweb_says_504_when_the_source_stalls():
-    with socket.socket() as stalling:  # accepts (in the kernel) and never says anything
+@contextmanager
+def fileweb_on_a_stalling_source(timeout: str):
+    """A fileweb whose source accepts (in the kernel) and never says anything."""
+    with socket.socket() as stalling:
         stalling.bind(("127.0.0.1", 0))
         stalling.listen(5)
         web = free_port()
-        fileweb = Daemon("dockpart-fileweb", "--listen", listen_on(web), "--timeout", "0.5",
+        fileweb = Daemon("dockpart-fileweb", "--listen", listen_on(web), "--timeout", timeout,
                          "--source", f"tcp:127.0.0.1:{stalling.getsockname()[1]}",
                          ready="listening on").start()
         try:
-            started = time.monotonic()
-            answer = requests.get(f"http://127.0.0.1:{web}/", timeout=10)
-            assert answer.status_code == 504
-            assert answer.text.startswith("504 Gateway Timeout: the source sent nothing for 0.5 s")
-            assert 0.4 < time.monotonic() - started < 5
+            yield stalling, web, fileweb
         finally:
             fileweb.stop()
+
+
+def test_fileweb_says_504_when_the_source_stalls():
+    with fileweb_on_a_stalling_source("0.5") as (_, web, _):
+        started = time.monotonic()
+        answer = requests.get(f"http://127.0.0.1:{web}/", timeout=10)
+        assert answer.status_code == 504
+        assert answer.text.startswith("504 Gateway Timeout: the source sent nothing for 0.5 s")
+        assert 0.4 < time.monotonic() - started < 5
 
 
 def test_a_busy_port_stops_the_daemon_with_the_reason(tmp_path):
@@ -330,24 +338,15 @@ def test_a_busy_port_stops_the_daemon_with_the_reason(tmp_path):
 
 
 def test_fileweb_hangs_up_on_the_source_when_the_browser_leaves():
-    with socket.socket() as stalling:
-        stalling.bind(("127.0.0.1", 0))
-        stalling.listen(5)
-        web = free_port()
-        fileweb = Daemon("dockpart-fileweb", "--listen", listen_on(web), "--timeout", "5",
-                         "--source", f"tcp:127.0.0.1:{stalling.getsockname()[1]}",
-                         ready="listening on").start()
-        try:
-            with socket.create_connection(("127.0.0.1", web), timeout=5) as browser:
-                browser.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                stalling.settimeout(5)
-                fetch, _ = stalling.accept()
-            with fetch:  # the browser is gone: fileweb drops its fetch at once, not after 5 s
-                fetch.settimeout(2)
-                try:
-                    assert fetch.recv(10) == b""
-                except ConnectionResetError:
-                    pass
-        finally:
-            fileweb.stop()
-        assert "504" not in fileweb.output() and "Traceback" not in fileweb.output()
+    with fileweb_on_a_stalling_source("5") as (stalling, web, fileweb):
+        with socket.create_connection(("127.0.0.1", web), timeout=5) as browser:
+            browser.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            stalling.settimeout(5)
+            fetch, _ = stalling.accept()
+        with fetch:  # the browser is gone: fileweb drops its fetch at once, not after 5 s
+            fetch.settimeout(2)
+            try:
+                assert fetch.recv(10) == b""
+            except ConnectionResetError:
+                pass
+    assert "504" not in fileweb.output() and "Traceback" not in fileweb.output()

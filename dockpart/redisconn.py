@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -76,6 +76,7 @@ class RedisService(Service):
         self.timeout = timeout
         self.reactor = reactor
         self._handler = None
+        self._was_connected = False
 
     def startService(self) -> None:
         super().startService()
@@ -97,9 +98,28 @@ class RedisService(Service):
         return self._handler is not None and bool(self._handler._factory.size)
 
     def call(self, command: str, *args) -> defer.Deferred:
-        """Run one Redis command; fail with RedisUnavailable instead of waiting."""
-        if not self.connected:
+        """Run one Redis command; fail with RedisUnavailable instead of waiting.
+
+        Only the very first connection is waited for (up to the timeout), so that a request
+        arriving while the daemon is still connecting is answered, not refused.
+        """
+        if self.connected:
+            self._was_connected = True
+            return self._send(command, *args)
+        if self._was_connected or self._handler is None:
             return defer.fail(RedisUnavailable(f"no connection to {self.address}"))
+        return defer.ensureDeferred(self._send_once_connected(command, *args))
+
+    async def _send_once_connected(self, command: str, *args):
+        deadline = self.reactor.seconds() + self.timeout
+        while not self.connected:
+            if self.reactor.seconds() >= deadline:
+                raise RedisUnavailable(f"no connection to {self.address} yet")
+            await task.deferLater(self.reactor, 0.05)
+        self._was_connected = True
+        return await self._send(command, *args)
+
+    def _send(self, command: str, *args) -> defer.Deferred:
         d = self._handler.execute_command(command, *args)
         d.addTimeout(self.timeout, self.reactor)
         d.addErrback(self._unavailable)

@@ -47,3 +47,15 @@ USER_PREFIX = "dockpart:user:"
 def user_key(name: str) -> str:
     """The Redis key for a user-chosen cache key, kept apart from ours."""
     return USER_PREFIX + name
+
+
+#: Load figures: each dockpart-proxy process writes its report (JSON, see
+#: :mod:`dockpart.load`) under ``proxy_load(proxy_id)`` with an expiry of
+#: ``load.REPORT_TTL`` seconds, and scores its id by the report's time in LOAD_PROXIES.
+LOAD_PREFIX = "dockpart:load:proxy:"
+LOAD_PROXIES = "dockpart:load:proxies"
+
+
+def proxy_load(proxy_id: str) -> str:
+    """The key of one proxy process's latest load report."""
+    return LOAD_PREFIX + proxy_id

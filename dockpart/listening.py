@@ -1,8 +1,26 @@
 """A listening port as a service that says when it is up and fails loudly when it cannot be."""
 
 from twisted.application.service import Service
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
+from twisted.python import usage
 from twisted.python.failure import Failure
+
+
+def server_endpoint(reactor, option: str, description: str):
+    """The listening endpoint an ``--OPTION`` string names, or a UsageError a person can read."""
+    try:
+        return serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise usage.UsageError(f"--{option} {description!r}: {e}") from None
+
+
+def client_endpoint(reactor, option: str, description: str):
+    """The connecting endpoint an ``--OPTION`` string names, or a UsageError a person can read."""
+    try:
+        return clientFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise usage.UsageError(f"--{option} {description!r}: {e}") from None
 
 
 class Listener(Service):

@@ -31,9 +31,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
-from dockpart import keys, servers
+from dockpart import keys, tier
 from dockpart.drivers import DriverError, ThreadPoolService, Unavailable, instance_name
-from dockpart.instances import (FIRST_PORT, MAX_PORT, BadInstanceURL, instance_url,
+from dockpart.tier import (FIRST_PORT, MAX_PORT, BadInstanceURL, instance_url,
                                 parse_instance_url)
 from dockpart.redisconn import RedisAddress, RedisOptions, RedisService, RedisUnavailable
 
@@ -396,7 +396,7 @@ class Worker(Service):
             await self._retrying(lambda: self.driver.remove(port))
             raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
                               f"removed it")
-        await self._retrying(lambda: servers.register(self.redis, url, keys.SPAWNING))
+        await self._retrying(lambda: tier.register(self.redis, url, keys.SPAWNING))
         self.log.info("{url} answers and is in servers ({seconds:.2f} s)",
                       url=url, seconds=self.reactor.seconds() - began)
 
@@ -409,7 +409,7 @@ class Worker(Service):
         return False
 
     async def _destroy(self, url: str, port: int) -> None:
-        await self._retrying(lambda: servers.unregister(self.redis, url))
+        await self._retrying(lambda: tier.unregister(self.redis, url))
         self.log.info("{url} left servers; draining for {drain:g} s", url=url, drain=self.drain)
         await deferLater(self.reactor, self.drain, lambda: None)
         await self._retrying(lambda: self.driver.remove(port))
@@ -455,12 +455,12 @@ class Worker(Service):
                 continue
             # Asked again after the probe: a destroy taken meanwhile must not see it come back.
             if await self.probe(self.reactor, port) and not busy(port) \
-                    and await servers.register(self.redis, url):
+                    and await tier.register(self.redis, url):
                 self.log.info("reconcile: {what} answers; added {url} back to servers",
                               what=self.driver.describe(port), url=url)
         for port, url in registered.items():
             if not running.get(port) and not busy(port):
-                if await servers.unregister(self.redis, url):
+                if await tier.unregister(self.redis, url):
                     self.log.info("reconcile: {what} is gone; removed {url} from servers",
                                   what=self.driver.describe(port), url=url)
         for outage in self.outages.values():

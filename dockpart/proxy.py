@@ -11,8 +11,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from dockpart import keys
-from dockpart.backends import BackendSet, BackendSync, HealthChecks
-from dockpart.httpproxy import Limits, ProxyFactory
+from dockpart.proxy_backends import BackendSet, BackendSync, HealthChecks
+from dockpart.proxy_http import Limits, ProxyFactory
 from dockpart.listening import Listener
 from dockpart.redisconn import RedisOptions, RedisService
 

@@ -20,8 +20,8 @@ from twisted.python import usage
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from dockpart import keys, servers
-from dockpart.instances import FIRST_PORT, instance_url
+from dockpart import keys, tier
+from dockpart.tier import FIRST_PORT, instance_url
 from dockpart.listening import Listener
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 
@@ -258,16 +258,16 @@ class WebApp(Resource):
 
     async def spawn(self, request) -> Reply:
         try:
-            url = await servers.request_spawn(self.redis, self.advertise_host, self.first_port,
+            url = await tier.request_spawn(self.redis, self.advertise_host, self.first_port,
                                               self.max_instances)
-        except (servers.InstancesFull, servers.NoPortLeft) as e:
+        except (tier.InstancesFull, tier.NoPortLeft) as e:
             return message("Too many instances", f"Not spawning: {e}.", 429)
         self.log.info("spawn requested for {url}", url=url)
         return message("Spawn requested", f"Requested a new instance at {url}; "
                                           f"it joins the rotation once it answers.", 202)
 
     async def destroy(self, request) -> Reply:
-        url = await servers.request_destroy(self.redis, self.first_port, random.getrandbits(31))
+        url = await tier.request_destroy(self.redis, self.first_port, random.getrandbits(31))
         if url is None:
             return message("Nothing to destroy",
                            "No instance other than the first is running or all are already "
@@ -318,7 +318,7 @@ class FirstInstanceRegistration(Service):
             self.registration.start(self.retry)
 
     async def _register_once(self):
-        added = await servers.register(self.app.redis, self.app.url)
+        added = await tier.register(self.app.redis, self.app.url)
         self.log.info("first instance {url} {what} servers", url=self.app.url,
                       what="added to" if added else "already in")
         self.registration.stop()

@@ -19,7 +19,7 @@ import requests
 
 from dockerkit import compose, docker_client
 from dockpart.drivers import instance_name
-from dockpart.instances import parse_instance_url
+from dockpart.tier import parse_instance_url
 from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
 
 pytestmark = pytest.mark.docker

@@ -3,8 +3,8 @@
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from dockpart.backends import BackendSet
-from dockpart.httpproxy import OWN_HEADERS, ProxyFactory, end_to_end
+from dockpart.proxy_backends import BackendSet
+from dockpart.proxy_http import OWN_HEADERS, ProxyFactory, end_to_end
 from dockpart.proxy_admin import metrics, status
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002", "http://127.0.0.1:3003"]

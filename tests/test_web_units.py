@@ -4,7 +4,7 @@ import pytest
 from twisted.python import usage
 
 from dockpart import web
-from dockpart.instances import BadInstanceURL, parse_instance_url
+from dockpart.tier import BadInstanceURL, parse_instance_url
 from dockpart.redisconn import RedisAddress
 
 

@@ -7,7 +7,7 @@ old slice finish there, since both slices keep running.  A push never calls this
 
 from twisted.internet import defer, task
 
-from dockpart import keys, servers
+from dockpart import keys, tier
 from dockpart.redisconn import RedisAddress, RedisService, RedisUnavailable
 
 
@@ -49,7 +49,7 @@ def run(address: RedisAddress, timeout: float, action):
 
 
 async def switch(redis: RedisService, url: str, list_key: str = keys.DEPLOY_LIVE) -> None:
-    await servers.replace(redis, [url], list_key)
+    await tier.replace(redis, [url], list_key)
 
 
 async def live(redis: RedisService, list_key: str = keys.DEPLOY_LIVE) -> list[str]:

@@ -16,7 +16,7 @@ from twisted.internet import protocol, tcp
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
-from dockpart.backends import MAX_IDLE, Backend, BackendSet
+from dockpart.proxy_backends import MAX_IDLE, Backend, BackendSet
 
 #: RFC 9110 7.6.1, plus the Proxy-* family (checked by prefix).
 HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",

@@ -1,16 +1,53 @@
-"""The ``servers`` list and the queues that feed it, changed only by these scripts.
+"""The tier: what an instance URL is, and the ``servers`` list and the queues that feed it.
 
-Each change is one Lua script, so it is atomic in Redis: two web apps cannot
-allocate the same port, and an instance is never in no list while it moves
-from "spawning" to ``servers``.  Every change to ``servers`` publishes on
+Shared by the web app (which requests spawns and destroys), dockpart-infra (which carries
+them out) and the proxies (which read ``servers``).  An instance is ``http://HOST:PORT``;
+:func:`parse_instance_url` is the one place that decides what else is refused.
+
+Every change to the lists is one Lua script here, so it is atomic in Redis: two web apps
+cannot allocate the same port, and an instance is never in no list while it moves from
+"spawning" to ``servers``.  Every change to ``servers`` publishes on
 :data:`keys.SERVERS_CHANNEL` so that proxies learn of it at once.
 
 Producers ``LPUSH`` onto a queue; consumers ``LMOVE queue processing RIGHT LEFT``
 (oldest first).
 """
 
+from urllib.parse import urlsplit
+
 from dockpart import keys
 from dockpart.redisconn import RedisService
+
+#: The first instance: never destroyed, registers itself at start.
+FIRST_PORT = 3000
+
+#: Ports an instance may take (the first port up to the last unprivileged one).
+MAX_PORT = 65535
+
+
+class BadInstanceURL(ValueError):
+    """An entry that is not ``http://HOST:PORT`` with a port in range."""
+
+
+def instance_url(host: str, port: int) -> str:
+    return f"http://{host}:{port}"
+
+
+def parse_instance_url(url: str, low: int = 1, high: int = MAX_PORT) -> tuple[str, int]:
+    """Split ``http://HOST:PORT`` into host and port, refusing anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise BadInstanceURL(f"{url!r} is not a URL: {e}") from None
+    if parts.scheme != "http" or not parts.hostname or port is None:
+        raise BadInstanceURL(f"{url!r} is not of the form http://HOST:PORT")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise BadInstanceURL(f"{url!r} has more than a host and a port")
+    if not low <= port <= high:
+        raise BadInstanceURL(f"{url!r} names port {port}, outside {low}-{high}")
+    return parts.hostname, port
+
 
 # Ports in an entry: the digits after the last colon.
 _PORT = "local function port_of(url) return tonumber(string.match(url, ':(%d+)/?$')) end\n"

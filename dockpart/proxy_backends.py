@@ -17,7 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dockpart import keys
-from dockpart.instances import BadInstanceURL, parse_instance_url
+from dockpart.tier import BadInstanceURL, parse_instance_url
 from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Idle pooled connections kept per backend; more are closed when they come back.

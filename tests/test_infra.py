@@ -12,7 +12,7 @@ import pytest
 import requests
 from twisted.python import usage
 
-from dockpart import infra, keys
+from dockpart import infra, infra_worker, keys
 from helpers import Daemon, RedisProcess, free_port, port_open, wait_for
 
 FIRST = 3000
@@ -130,21 +130,21 @@ def test_options_defaults_and_build_args():
 
 
 def test_policy_names_the_reason_for_each_bad_entry():
-    policy = infra.Policy("127.0.0.1", 3001, 3100, FIRST)
-    assert policy.check(infra.SPAWN, "http://127.0.0.1:3050") == 3050
+    policy = infra_worker.EntryRules("127.0.0.1", 3001, 3100, FIRST)
+    assert policy.check(infra_worker.SPAWN, "http://127.0.0.1:3050") == 3050
     for queue, entry, reason in [
-        (infra.SPAWN, "nonsense", "not a valid instance URL"),
-        (infra.SPAWN, "http://127.0.0.1:3050/x", "not a valid instance URL"),
-        (infra.SPAWN, "http://127.0.0.1:4000", "outside the allowed range 3001-3100"),
-        (infra.SPAWN, "http://10.0.0.1:3050", "not this infra's host"),
-        (infra.DESTROY, "http://127.0.0.1:3000", "never destroyed"),
+        (infra_worker.SPAWN, "nonsense", "not a valid instance URL"),
+        (infra_worker.SPAWN, "http://127.0.0.1:3050/x", "not a valid instance URL"),
+        (infra_worker.SPAWN, "http://127.0.0.1:4000", "outside the allowed range 3001-3100"),
+        (infra_worker.SPAWN, "http://10.0.0.1:3050", "not this infra's host"),
+        (infra_worker.DESTROY, "http://127.0.0.1:3000", "never destroyed"),
     ]:
-        with pytest.raises(infra.BadEntry, match=reason):
+        with pytest.raises(infra_worker.BadEntry, match=reason):
             policy.check(queue, entry)
 
 
 def test_backoff_doubles_up_to_its_ceiling():
-    backoff = infra.Backoff(0.5, 3)
+    backoff = infra_worker.Backoff(0.5, 3)
     assert [backoff.next() for _ in range(5)] == [0.5, 1, 2, 3, 3]
     backoff.reset()
     assert backoff.next() == 0.5
@@ -407,7 +407,7 @@ def test_an_outage_is_logged_once_and_not_while_connections_are_first_made():
     from twisted.internet.task import Clock
     from twisted.logger import formatEvent, globalLogPublisher
     clock = Clock()
-    outage = infra.Outage("Redis", clock)
+    outage = infra_worker.Outage("Redis", clock)
     outage.quiet_until = 1.0
     texts = []
 

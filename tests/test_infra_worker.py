@@ -8,7 +8,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
-from dockpart import infra, keys
+from dockpart import infra_worker, keys
 from dockpart.drivers import Unavailable
 from dockpart.redisconn import RedisAddress, RedisService, RedisUnavailable
 
@@ -69,8 +69,8 @@ class Setup:
         probe = lambda _reactor, port: defer.succeed(port in self.driver.running)  # noqa: E731
         options = dict(interval=0.02, reconcile_interval=60, drain=0.3, retry_max=0.05,
                        lease=1.0, probe=probe, reactor=reactor)
-        self.worker = infra.Worker(self.redis, self.driver,
-                                   infra.Policy("127.0.0.1", 4001, 4999, 4000), **{**options, **kw})
+        self.worker = infra_worker.Worker(self.redis, self.driver,
+                                   infra_worker.EntryRules("127.0.0.1", 4001, 4999, 4000), **{**options, **kw})
         self.logs = []
 
     async def __aenter__(self):

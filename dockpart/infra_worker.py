@@ -1,0 +1,462 @@
+"""dockpart-infra's worker: carries out the spawn and destroy queues, reliably, and reconciles.
+
+Each request moves atomically from its queue to a processing list
+(``LMOVE queue processing RIGHT LEFT``) and leaves it only when done, so a
+crash loses nothing: what is left in processing at start is finished before
+anything new is taken.  Actions are idempotent (one instance name per port), so
+finishing a request twice does it once.  An entry that cannot be carried out
+goes to the dead-letter list with the reason.  A spawned URL joins ``servers``
+only once the instance answers HTTP; a destroyed one leaves ``servers`` first
+and its instance stops only after a drain period.  A reconciler keeps
+``servers`` and the running instances in agreement.
+"""
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import treq
+from twisted.application.service import Service
+from twisted.internet import defer, error, protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+from dockpart import keys, tier
+from dockpart.drivers import DriverError, Unavailable
+from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
+from dockpart.redisconn import RedisService, RedisUnavailable
+
+DRIVERS = ("docker", "process")
+#: Seconds after start during which a dependency not answering yet is not reported.
+STARTUP_GRACE = 1.0
+#: Seconds between looks at a new instance until it answers.
+HEALTH_POLL = 0.05
+
+# KEYS: the lease; ARGV: this infra's id, milliseconds.  1 if this infra holds it now.
+_HOLD_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
+
+# The letter first: a script that fails half way keeps what it did, and the entry must not go.
+_DEAD_LETTER = """
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+"""
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A request queue and the processing list its requests wait in while handled."""
+    name: str
+    waiting: str
+    processing: str
+
+
+SPAWN = Queue("spawn", keys.SPAWN_QUEUE, keys.SPAWNING)
+DESTROY = Queue("destroy", keys.DESTROY_QUEUE, keys.DESTROYING)
+QUEUES = (SPAWN, DESTROY)
+
+
+class BadEntry(Exception):
+    """A queue entry that no action could carry out; it is dead-lettered."""
+
+
+@dataclass(frozen=True)
+class EntryRules:
+    """Which instance URLs this infra may act on."""
+    host: str
+    low: int
+    high: int
+    first_port: int
+
+    def check(self, queue: Queue, entry: str) -> int:
+        """The port ``entry`` names, or BadEntry saying why it cannot be done."""
+        try:
+            host, port = parse_instance_url(entry)
+        except BadInstanceURL as e:
+            raise BadEntry(f"not a valid instance URL: {e}") from None
+        if host != self.host:
+            raise BadEntry(f"host {host!r} is not this infra's host {self.host!r}")
+        if queue is DESTROY and port == self.first_port:
+            raise BadEntry(f"the first instance (port {port}) is never destroyed")
+        if not self.low <= port <= self.high:
+            raise BadEntry(f"port {port} is outside the allowed range {self.low}-{self.high}")
+        return port
+
+    def owns(self, url: str) -> int | None:
+        """The port of a ``servers`` entry that the reconciler looks after, else None."""
+        try:
+            return self.check(DESTROY, url)
+        except BadEntry:
+            return None
+
+
+class Outage:
+    """Logs once that a dependency is unreachable, and once that it is back.
+
+    Failures before ``quiet_until`` (connections still being made at start) are not news.
+    """
+
+    log = Logger()
+
+    def __init__(self, what: str, clock):
+        self.what = what
+        self.clock = clock
+        self.down = False
+        self.quiet_until = 0.0
+
+    def failed(self, e: Exception) -> None:
+        if not self.down and self.clock.seconds() >= self.quiet_until:
+            self.down = True
+            self.log.warn("{what} is unreachable ({error}); keeping every request and retrying",
+                          what=self.what, error=e)
+
+    def ok(self) -> None:
+        if self.down:
+            self.down = False
+            self.log.info("{what} is reachable again", what=self.what)
+
+
+class Backoff:
+    """Delays that double from ``first`` up to ``most``."""
+
+    def __init__(self, first: float = 0.2, most: float = 5.0):
+        self.first, self.most, self.delay = first, most, first
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.most)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class _QuietHTTPFactory(_HTTP11ClientFactory):
+    noisy = False  # a probe every 0.1 s would log two lines each
+
+
+class _QuietFactory(protocol.Factory):
+    noisy = False
+    protocol = protocol.Protocol
+
+
+async def http_answers(reactor, port: int, timeout: float = 1.0) -> bool:
+    """Whether the instance on a local port answers ``GET /`` (any status below 500)."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietHTTPFactory
+    try:
+        response = await treq.get(f"http://127.0.0.1:{port}/", timeout=timeout, pool=pool,
+                                  reactor=reactor)
+        await treq.content(response)
+    except Exception:
+        return False
+    return response.code < 500
+
+
+async def port_in_use(reactor, port: int) -> bool:
+    """Whether something accepts connections on a local port."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
+    try:
+        proto = await endpoint.connect(_QuietFactory())
+    except (error.ConnectError, defer.TimeoutError):
+        return False
+    proto.transport.abortConnection()
+    return True
+
+
+class Worker(Service):
+    """Takes requests off the queues, carries them out, and reconciles."""
+
+    log = Logger()
+
+    def __init__(self, redis: RedisService, driver, rules: EntryRules, *, interval: float = 0.2,
+                 reconcile_interval: float = 10.0, drain: float = 3.0, spawn_timeout: float = 30.0,
+                 max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0,
+                 probe=http_answers, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.redis = redis
+        self.driver = driver
+        self.rules = rules
+        self.interval = interval
+        self.reconcile_interval = reconcile_interval
+        self.drain = drain
+        self.spawn_timeout = spawn_timeout
+        self.max_active = max_active
+        self.retry_max = retry_max
+        self.lease = lease
+        self.probe = probe  # async (reactor, port) -> whether the instance answers
+        self.reactor = reactor
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._leased: bool | None = None  # not known before the first look
+        self.outages = {Unavailable: Outage(f"the {driver.name} driver's engine", reactor),
+                        RedisUnavailable: Outage("Redis", reactor)}
+        self._tasks: set[defer.Deferred] = set()
+        self._inflight: Counter = Counter()  # (queue, entry) pairs in hand
+        self._locks: dict[int, defer.DeferredLock] = {}
+        self._recovery: list[defer.Deferred] | None = None
+        self._redis_backoff = Backoff(most=retry_max)
+        self._next_take = 0.0
+        self._loops = [LoopingCall(self._tick), LoopingCall(self._reconcile_tick)]
+        for loop in self._loops:
+            loop.clock = reactor
+
+    # -- life cycle
+
+    def startService(self):
+        super().startService()
+        for outage in self.outages.values():
+            outage.quiet_until = self.reactor.seconds() + STARTUP_GRACE
+        self._loops[0].start(self.interval)
+        self._loops[1].start(self.reconcile_interval, now=False)  # and once the lease is held
+        self.log.info("dockpart-infra started (driver {driver}, ports {low}-{high})",
+                      driver=self.driver.name, low=self.rules.low, high=self.rules.high)
+
+    def stopService(self):
+        """Stop taking requests; unfinished ones stay in processing for the next start."""
+        super().stopService()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        done = defer.DeferredList(tasks)
+        if self._leased:  # the next infra need not wait for the lease to expire
+            done.addCallback(lambda _: self.redis.eval(_RELEASE_LEASE, [keys.INFRA_LEASE],
+                                                       [self.id]))
+            done.addErrback(lambda f: None)
+        return done
+
+    # -- taking requests
+
+    def _tick(self):
+        if self.reactor.seconds() < self._next_take:
+            return None
+        d = defer.ensureDeferred(self._take())
+        d.addErrback(self._tick_failed)
+        return d
+
+    def _tick_failed(self, failure):
+        if failure.check(RedisUnavailable):
+            self.outages[RedisUnavailable].failed(failure.value)
+            self._next_take = self.reactor.seconds() + self._redis_backoff.next()
+        else:
+            self.log.failure("taking requests", failure)
+
+    async def _hold_lease(self) -> bool:
+        """Renew this infra's lease on the queues; whether it holds it."""
+        held = await self.redis.eval(_HOLD_LEASE, [keys.INFRA_LEASE],
+                                     [self.id, int(self.lease * 1000)])
+        if bool(held) != self._leased:
+            self._leased = bool(held)
+            if held:
+                self.log.info("holding the lease on the queues ({key})", key=keys.INFRA_LEASE)
+                self._reconcile_tick()
+            else:
+                holder = await self.redis.call("GET", keys.INFRA_LEASE)
+                self.log.warn("another dockpart-infra ({holder}) works these queues; waiting "
+                              "until its lease ({key}) ends", holder=holder, key=keys.INFRA_LEASE)
+                self._recovery = None  # when the lease is back, first finish what it left
+        return self._leased
+
+    async def _take(self) -> None:
+        if not await self._hold_lease():
+            return
+        if self._recovery is None:
+            await self._recover()
+        if any(not d.called for d in self._recovery):
+            return  # what was left from before is finished first
+        more = True
+        while more and len(self._tasks) < self.max_active:
+            more = False
+            for queue in QUEUES:
+                if len(self._tasks) >= self.max_active:
+                    break
+                entry = await self.redis.call("LMOVE", queue.waiting, queue.processing,
+                                              "RIGHT", "LEFT")
+                if entry is not None:
+                    self._begin(queue, entry)
+                    more = True
+        self.outages[RedisUnavailable].ok()
+        self._redis_backoff.reset()
+
+    async def _recover(self) -> None:
+        left = []
+        busy = Counter(self._inflight)
+        for queue in QUEUES:
+            for entry in reversed(await self.redis.call("LRANGE", queue.processing, 0, -1)):
+                if busy[queue, entry]:
+                    busy[queue, entry] -= 1  # still in hand here (the lease came back)
+                else:
+                    left.append((queue, entry))  # oldest first
+        if left:
+            self.log.info("finishing {n} request(s) left in processing from before", n=len(left))
+        self._recovery = [self._begin(queue, entry) for queue, entry in left]
+
+    def _begin(self, queue: Queue, entry: str) -> defer.Deferred:
+        self._inflight[queue, entry] += 1
+        d = defer.ensureDeferred(self._handle(queue, entry))
+        self._tasks.add(d)
+        d.addErrback(self._task_failed, queue, entry)
+        d.addBoth(lambda _: self._end(d, queue, entry))
+        return d
+
+    def _task_failed(self, failure, queue: Queue, entry: str) -> None:
+        """Said, not swallowed: the entry stays in processing until the next start."""
+        if not failure.check(defer.CancelledError):
+            self.log.failure("{queue} {entry} left in processing", failure,
+                             queue=queue.name, entry=entry)
+
+    def _end(self, d: defer.Deferred, queue: Queue, entry: str) -> None:
+        self._tasks.discard(d)
+        self._inflight[queue, entry] -= 1
+
+    async def _handle(self, queue: Queue, entry: str) -> None:
+        try:
+            port = self.rules.check(queue, entry)
+        except BadEntry as e:
+            return await self._dead_letter(queue, entry, str(e))
+        lock = self._locks.setdefault(port, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            if queue is SPAWN:
+                await self._spawn(entry, port)
+            else:
+                await self._destroy(entry, port)
+        except defer.CancelledError:
+            raise
+        except DriverError as e:
+            await self._dead_letter(queue, entry, str(e))
+        except Exception as e:
+            self.log.failure("{queue} {entry} failed", queue=queue.name, entry=entry)
+            await self._dead_letter(queue, entry, f"unexpected error: {e!r}")
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(port, None)
+
+    async def _retrying(self, action):
+        """Run ``action()`` until its engine and Redis answer; log each outage once."""
+        backoff = Backoff(most=self.retry_max)
+        outage = None
+        while True:
+            try:
+                result = await action()
+            except (Unavailable, RedisUnavailable) as e:
+                outage = self.outages[type(e)]
+                outage.failed(e)
+                await deferLater(self.reactor, backoff.next(), lambda: None)
+            else:
+                if outage is not None:
+                    outage.ok()
+                return result
+
+    async def _dead_letter(self, queue: Queue, entry: str, reason: str) -> None:
+        self.log.warn("dead-lettered {queue} request {entry!r}: {reason}",
+                      queue=queue.name, entry=entry, reason=reason)
+        letter = json.dumps({"queue": queue.name, "entry": entry, "reason": reason,
+                             "time": time.time()})
+        await self._retrying(lambda: self.redis.eval(
+            _DEAD_LETTER, [queue.processing, keys.DEAD_LETTERS], [entry, letter]))
+
+    # -- the actions
+
+    async def _spawn(self, url: str, port: int) -> None:
+        what = self.driver.describe(port)
+        began = self.reactor.seconds()
+        running = await self._retrying(self.driver.managed)
+        if not running.get(port) and await port_in_use(self.reactor, port):
+            raise DriverError(f"port {port} is in use by something dockpart does not manage")
+        self.log.info("starting {what} for {url}", what=what, url=url)
+        try:
+            await self._retrying(lambda: self.driver.start(port))
+        except DriverError:
+            await self._retrying(lambda: self.driver.remove(port))
+            raise
+        if not await self._answers_within(port, self.spawn_timeout):
+            await self._retrying(lambda: self.driver.remove(port))
+            raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
+                              f"removed it")
+        await self._retrying(lambda: tier.register(self.redis, url, keys.SPAWNING))
+        self.log.info("{url} answers and is in servers ({seconds:.2f} s)",
+                      url=url, seconds=self.reactor.seconds() - began)
+
+    async def _answers_within(self, port: int, timeout: float) -> bool:
+        deadline = self.reactor.seconds() + timeout
+        while self.reactor.seconds() < deadline:
+            if await self.probe(self.reactor, port):
+                return True
+            await deferLater(self.reactor, HEALTH_POLL, lambda: None)
+        return False
+
+    async def _destroy(self, url: str, port: int) -> None:
+        await self._retrying(lambda: tier.unregister(self.redis, url))
+        self.log.info("{url} left servers; draining for {drain:g} s", url=url, drain=self.drain)
+        await deferLater(self.reactor, self.drain, lambda: None)
+        await self._retrying(lambda: self.driver.remove(port))
+        await self._retrying(lambda: self.redis.call("LREM", keys.DESTROYING, 1, url))
+        self.log.info("destroyed {what} ({url})", what=self.driver.describe(port), url=url)
+
+    # -- reconciling
+
+    def _reconcile_tick(self):
+        d = defer.ensureDeferred(self.reconcile())
+        d.addErrback(self._reconcile_failed)
+        return d
+
+    def _reconcile_failed(self, failure):
+        if failure.check(Unavailable, RedisUnavailable):
+            self.outages[failure.type].failed(failure.value)
+        else:  # logged, never raised: that would stop the LoopingCall for good
+            self.log.failure("reconciling", failure)
+
+    async def reconcile(self) -> None:
+        """Add back managed instances that answer; drop entries whose instance is gone."""
+        if not self._leased:
+            return
+        # servers first, instances second: an instance registered in between is never dropped.
+        lists = {key: await self.redis.call("LRANGE", key, 0, -1)
+                 for key in (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING,
+                             keys.DESTROY_QUEUE, keys.DESTROYING)}
+        running = await self.driver.managed()
+        pending = {self.rules.owns(url) for key, urls in lists.items() if key != keys.SERVERS
+                   for url in urls}
+        registered = {}
+        for url in lists[keys.SERVERS]:
+            port = self.rules.owns(url)
+            if port is not None:
+                registered[port] = url
+
+        def busy(port):
+            return port in pending or port in self._locks
+
+        for port, up in sorted(running.items()):
+            url = instance_url(self.rules.host, port)
+            if not up or port in registered or busy(port) or self.rules.owns(url) is None:
+                continue
+            # Asked again after the probe: a destroy taken meanwhile must not see it come back.
+            if await self.probe(self.reactor, port) and not busy(port) \
+                    and await tier.register(self.redis, url):
+                self.log.info("reconcile: {what} answers; added {url} back to servers",
+                              what=self.driver.describe(port), url=url)
+        for port, url in registered.items():
+            if not running.get(port) and not busy(port):
+                if await tier.unregister(self.redis, url):
+                    self.log.info("reconcile: {what} is gone; removed {url} from servers",
+                                  what=self.driver.describe(port), url=url)
+        for outage in self.outages.values():
+            outage.ok()

@@ -295,38 +295,57 @@ class WebApp(Resource):
 
 
 class FirstInstanceRegistration(Service):
-    """Learns this instance's URL from its listener; the first instance joins ``servers`` once.
+    """Learns this instance's URL from its listener; the first instance keeps itself in ``servers``.
 
-    Redis may be away at start, so registration retries until it succeeds.
+    No daemon starts the first instance, so no reconcile puts it back: it registers every
+    ``interval`` seconds for as long as it runs.  Registering is idempotent (a listed URL is
+    left alone and no change notice goes out), so an emptied list (a Redis restart, a
+    FLUSHALL, a reconcile that unlisted it while it did not answer) has it back within one
+    interval.  Redis being away is logged once per outage, not once per try.
     """
 
     log = Logger()
 
-    def __init__(self, listener: Listener, app: WebApp, retry: float = 1.0, reactor=None):
+    def __init__(self, listener: Listener, app: WebApp, interval: float = 1.0, reactor=None):
         self.listener = listener
         self.app = app
+        self.interval = interval
         self.registration = LoopingCall(self._register)
         if reactor is not None:
             self.registration.clock = reactor
-        self.retry = retry
+        self._registered_before = False
+        self._failing = False
 
     def startService(self):
         super().startService()
         port = self.listener.port.getHost().port
         self.app.url = instance_url(self.app.advertise_host, port)
         if port == self.app.first_port:
-            self.registration.start(self.retry)
+            self.registration.start(self.interval)
 
-    async def _register_once(self):
+    async def _register_once(self) -> None:
         added = await tier.register(self.app.redis, self.app.url)
-        self.log.info("first instance {url} {what} servers", url=self.app.url,
-                      what="added to" if added else "already in")
-        self.registration.stop()
+        if added:
+            self.log.info("first instance {url} {what} servers", url=self.app.url,
+                          what="was missing from; added it back to" if self._registered_before
+                          else "added to")
+        elif not self._registered_before:
+            self.log.info("first instance {url} already in servers", url=self.app.url)
+        self._registered_before = True
+        self._failing = False
 
     def _register(self):
         d = defer.ensureDeferred(self._register_once())
-        d.addErrback(lambda f: self.log.warn("cannot register yet: {e}", e=f.getErrorMessage()))
+        d.addErrback(self._register_failed)
         return d
+
+    def _register_failed(self, failure) -> None:
+        """Logged, never raised: that would stop the LoopingCall for good."""
+        if not self._failing:
+            self._failing = True
+            self.log.warn("cannot register {url} in servers now ({e}); retrying every "
+                          "{interval:g} s", url=self.app.url, e=failure.getErrorMessage(),
+                          interval=self.interval)
 
     def stopService(self):
         super().stopService()
@@ -353,6 +372,8 @@ class Options(RedisOptions):
          "Port of the first instance: it registers itself and is never destroyed.", int],
         ["max-instances", None, 10, "Ceiling on instances, the first included.", int],
         ["max-upload", None, "5MiB", "Largest accepted upload (bytes, or with K/M/G)."],
+        ["register-interval", None, 1.0,
+         "First instance: seconds between its checks that it is in servers.", float],
     ]
 
     def postOptions(self):
@@ -368,6 +389,8 @@ class Options(RedisOptions):
             raise usage.UsageError(f"--max-upload {self['max-upload']!r} is not a size") from None
         if self["max-instances"] < 1:
             raise usage.UsageError("--max-instances must be at least 1")
+        if self["register-interval"] <= 0:
+            raise usage.UsageError("--register-interval must be positive")
 
 
 def makeService(config, reactor=None):
@@ -384,5 +407,6 @@ def makeService(config, reactor=None):
         raise usage.UsageError(f"--listen {config['listen']!r}: {e}") from None
     listener = Listener("dockpart-web", endpoint, WebSite(app, config["max-upload"]))
     listener.setServiceParent(top)
-    FirstInstanceRegistration(listener, app, reactor=reactor).setServiceParent(top)
+    FirstInstanceRegistration(listener, app, config["register-interval"],
+                              reactor=reactor).setServiceParent(top)
     return top

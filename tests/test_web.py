@@ -169,15 +169,63 @@ def test_unknown_route_and_wrong_method(web, redis_db):
     assert requests.post(web.base + "/spawn", timeout=10).status_code == 405
 
 
-def test_first_instance_registers_itself_once(redis_server, redis_db):
+@pytest.fixture
+def own_redis():
+    """A Redis of the test's own, to restart, flush or count commands on."""
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+def evals(client) -> int:
+    """How many EVALs the server ran: each registration round is one."""
+    return client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)
+
+
+def test_first_instance_is_listed_and_announced_once_however_often_it_registers(own_redis):
+    client = own_redis.client()
+    pubsub = client.pubsub()
+    pubsub.subscribe(keys.SERVERS_CHANNEL)
     port = free_port()
-    for _ in range(2):
-        web = start_web(redis_server.url, "--first-port", str(port), port=port)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(2):  # and a restart of the instance
+        web = start_web(own_redis.url, "--first-port", str(port), "--register-interval", "0.05",
+                        port=port)
         try:
-            wait_for(lambda: redis_db.lrange("servers", 0, -1), what="registration")
+            wait_for(lambda: client.lrange(keys.SERVERS, 0, -1), what="registration")
+            rounds = evals(client)
+            wait_for(lambda: evals(client) >= rounds + 5, what="five more registration rounds")
         finally:
             web.stop()
-    assert redis_db.lrange("servers", 0, -1) == [f"http://127.0.0.1:{port}"]
+    assert client.lrange(keys.SERVERS, 0, -1) == [url]
+    notices = [m["data"] for m in iter(lambda: pubsub.get_message(timeout=1), None)
+               if m["type"] == "message"]
+    assert notices == [f"add {url}"]
+    pubsub.close()
+
+
+def test_first_instance_is_back_in_servers_after_a_flush_and_a_redis_restart(own_redis):
+    client = own_redis.client()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    web = start_web(own_redis.url, "--first-port", str(port), port=port)
+    try:
+        wait_for(lambda: client.lrange(keys.SERVERS, 0, -1) == [url], what="registration")
+        client.flushall()
+        wait_for(lambda: client.lrange(keys.SERVERS, 0, -1) == [url], 10,
+                 what="the first instance back after FLUSHALL")
+        client.rpush(keys.SERVERS, "http://127.0.0.1:1")
+        client.lrem(keys.SERVERS, 0, url)
+        wait_for(lambda: client.lrange(keys.SERVERS, 0, -1) == ["http://127.0.0.1:1", url], 10,
+                 what="the first instance back after its entry was removed")
+        own_redis.stop()  # no persistence: the restarted server is empty
+        own_redis.start()
+        client = own_redis.client()
+        wait_for(lambda: client.lrange(keys.SERVERS, 0, -1) == [url], 15,
+                 what="the first instance back after a Redis restart")
+        assert web.output().count("was missing from; added it back to servers") == 3
+    finally:
+        web.stop()
 
 
 def test_port_from_start_port_environment(redis_server, redis_db):

@@ -61,7 +61,10 @@ class Options(RedisOptions):
         ["port-range", None, None,
          f"Ports instances may take: LOW-HIGH (default: after --first-port to {MAX_PORT})."],
         ["interval", None, 0.2, "Seconds between looks at the queues.", float],
-        ["reconcile-interval", None, 10.0, "Seconds between reconciliations.", float],
+        ["reconcile-interval", None, 2.0,
+         "Seconds between reconciliations (each probes every instance).", float],
+        ["probe-timeout", None, 1.0, "Seconds an instance has to answer reconcile's probe before "
+                                     "it leaves servers (until it answers again).", float],
         ["drain", None, 3.0, "Seconds a destroyed instance keeps serving after leaving servers.",
          float],
         ["spawn-timeout", None, 30.0, "Seconds a new instance has to answer HTTP.", float],
@@ -95,7 +98,7 @@ class Options(RedisOptions):
         self["port-range"] = _port_range(self["port-range"]
                                          or f"{self['first-port'] + 1}-{MAX_PORT}")
         for name in ("interval", "reconcile-interval", "spawn-timeout", "stop-timeout", "retry-max",
-                     "lease"):
+                     "lease", "probe-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         if self["drain"] < 0:
@@ -139,5 +142,8 @@ def makeService(config, reactor=None):
            reconcile_interval=config["reconcile-interval"], drain=config["drain"],
            spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
            retry_max=config["retry-max"], lease=config["lease"],
+           probe_timeout=config["probe-timeout"],
+           # An instance that exited is replaced, unless the autoscaler owns the count.
+           keep_count=not config.get("autoscale"),
            reactor=reactor).setServiceParent(top)
     return top

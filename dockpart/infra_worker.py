@@ -8,7 +8,9 @@ finishing a request twice does it once.  An entry that cannot be carried out
 goes to the dead-letter list with the reason.  A spawned URL joins ``servers``
 only once the instance answers HTTP; a destroyed one leaves ``servers`` first
 and its instance stops only after a drain period.  A reconciler keeps
-``servers`` and the running instances in agreement.
+``servers`` and the instances in agreement: it probes what is listed and what
+runs (an instance that does not answer leaves ``servers`` until it answers
+again, and is not destroyed), and replaces an instance that exited.
 """
 
 import json
@@ -19,24 +21,27 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-import treq
+from contextlib import asynccontextmanager
+
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
-from twisted.internet import defer, error, protocol
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
-from dockpart import keys, tier
+from dockpart import keys, probe, tier
 from dockpart.drivers import DriverError, Unavailable
 from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
 from dockpart.redisconn import RedisService, RedisUnavailable
 
-DRIVERS = ("docker", "process")
 #: Seconds after start during which a dependency not answering yet is not reported.
 STARTUP_GRACE = 1.0
 #: Seconds between looks at a new instance until it answers.
 HEALTH_POLL = 0.05
+#: The first wait before a retry while the engine or Redis is away; it doubles up to retry_max.
+RETRY_FIRST = 0.2
+#: Where instances listen (the drivers bind them to loopback), for the probes.
+INSTANCE_HOST = "127.0.0.1"
 
 # KEYS: the lease; ARGV: this infra's id, milliseconds.  1 if this infra holds it now.
 _HOLD_LEASE = """
@@ -103,6 +108,13 @@ class EntryRules:
         except BadEntry:
             return None
 
+    def is_first(self, url: str) -> bool:
+        """Whether ``url`` is the first instance (probed by reconcile, never started by it)."""
+        try:
+            return parse_instance_url(url) == (self.host, self.first_port)
+        except BadInstanceURL:
+            return False
+
 
 class Outage:
     """Logs once that a dependency is unreachable, and once that it is back.
@@ -130,51 +142,9 @@ class Outage:
             self.log.info("{what} is reachable again", what=self.what)
 
 
-class Backoff:
-    """Delays that double from ``first`` up to ``most``."""
-
-    def __init__(self, first: float = 0.2, most: float = 5.0):
-        self.first, self.most, self.delay = first, most, first
-
-    def next(self) -> float:
-        delay, self.delay = self.delay, min(self.delay * 2, self.most)
-        return delay
-
-    def reset(self) -> None:
-        self.delay = self.first
-
-
-class _QuietHTTPFactory(_HTTP11ClientFactory):
-    noisy = False  # a probe every 0.1 s would log two lines each
-
-
-class _QuietFactory(protocol.Factory):
-    noisy = False
-    protocol = protocol.Protocol
-
-
-async def http_answers(reactor, port: int, timeout: float = 1.0) -> bool:
-    """Whether the instance on a local port answers ``GET /`` (any status below 500)."""
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    pool._factory = _QuietHTTPFactory
-    try:
-        response = await treq.get(f"http://127.0.0.1:{port}/", timeout=timeout, pool=pool,
-                                  reactor=reactor)
-        await treq.content(response)
-    except Exception:
-        return False
-    return response.code < 500
-
-
-async def port_in_use(reactor, port: int) -> bool:
-    """Whether something accepts connections on a local port."""
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
-    try:
-        proto = await endpoint.connect(_QuietFactory())
-    except (error.ConnectError, defer.TimeoutError):
-        return False
-    proto.transport.abortConnection()
-    return True
+def retry_policy(most: float):
+    """Seconds to wait before retry number ``attempt`` (from 0): doubling, at most ``most``."""
+    return backoffPolicy(RETRY_FIRST, most, factor=2.0, jitter=lambda: 0.0)
 
 
 class Worker(Service):
@@ -183,9 +153,9 @@ class Worker(Service):
     log = Logger()
 
     def __init__(self, redis: RedisService, driver, rules: EntryRules, *, interval: float = 0.2,
-                 reconcile_interval: float = 10.0, drain: float = 3.0, spawn_timeout: float = 30.0,
+                 reconcile_interval: float = 2.0, drain: float = 3.0, spawn_timeout: float = 30.0,
                  max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0,
-                 probe=http_answers, reactor=None):
+                 probe_timeout: float = 1.0, keep_count: bool = True, probe=None, reactor=None):
         if reactor is None:
             from twisted.internet import reactor
         self.redis = redis
@@ -198,7 +168,12 @@ class Worker(Service):
         self.max_active = max_active
         self.retry_max = retry_max
         self.lease = lease
-        self.probe = probe  # async (reactor, port) -> whether the instance answers
+        self.probe_timeout = probe_timeout
+        # Whether an instance that exited is replaced (True), or only removed because someone
+        # else (the autoscaler) decides how many instances there are.
+        self.keep_count = keep_count
+        # (reactor, port) -> Deferred or coroutine: whether the instance answers.
+        self.probe = probe or self._answers
         self.reactor = reactor
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._leased: bool | None = None  # not known before the first look
@@ -208,7 +183,9 @@ class Worker(Service):
         self._inflight: Counter = Counter()  # (queue, entry) pairs in hand
         self._locks: dict[int, defer.DeferredLock] = {}
         self._recovery: list[defer.Deferred] | None = None
-        self._redis_backoff = Backoff(most=retry_max)
+        self._reconciling = defer.DeferredLock()  # one pass at a time
+        self._retry_delay = retry_policy(retry_max)
+        self._redis_failures = 0  # in a row, for the next take's delay
         self._next_take = 0.0
         self._loops = [LoopingCall(self._tick), LoopingCall(self._reconcile_tick)]
         for loop in self._loops:
@@ -253,7 +230,8 @@ class Worker(Service):
     def _tick_failed(self, failure):
         if failure.check(RedisUnavailable):
             self.outages[RedisUnavailable].failed(failure.value)
-            self._next_take = self.reactor.seconds() + self._redis_backoff.next()
+            self._next_take = self.reactor.seconds() + self._retry_delay(self._redis_failures)
+            self._redis_failures += 1
         else:
             self.log.failure("taking requests", failure)
 
@@ -292,7 +270,7 @@ class Worker(Service):
                     self._begin(queue, entry)
                     more = True
         self.outages[RedisUnavailable].ok()
-        self._redis_backoff.reset()
+        self._redis_failures = 0
 
     async def _recover(self) -> None:
         left = []
@@ -330,20 +308,27 @@ class Worker(Service):
             port = self.rules.check(queue, entry)
         except BadEntry as e:
             return await self._dead_letter(queue, entry, str(e))
+        async with self._port_lock(port):
+            try:
+                if queue is SPAWN:
+                    await self._spawn(entry, port)
+                else:
+                    await self._destroy(entry, port)
+            except defer.CancelledError:
+                raise
+            except DriverError as e:
+                await self._dead_letter(queue, entry, str(e))
+            except Exception as e:
+                self.log.failure("{queue} {entry} failed", queue=queue.name, entry=entry)
+                await self._dead_letter(queue, entry, f"unexpected error: {e!r}")
+
+    @asynccontextmanager
+    async def _port_lock(self, port: int):
+        """One action at a time on a port; a port with a lock here is busy for reconcile."""
         lock = self._locks.setdefault(port, defer.DeferredLock())
         await lock.acquire()
         try:
-            if queue is SPAWN:
-                await self._spawn(entry, port)
-            else:
-                await self._destroy(entry, port)
-        except defer.CancelledError:
-            raise
-        except DriverError as e:
-            await self._dead_letter(queue, entry, str(e))
-        except Exception as e:
-            self.log.failure("{queue} {entry} failed", queue=queue.name, entry=entry)
-            await self._dead_letter(queue, entry, f"unexpected error: {e!r}")
+            yield
         finally:
             lock.release()
             if not lock.locked and not lock.waiting:
@@ -351,7 +336,7 @@ class Worker(Service):
 
     async def _retrying(self, action):
         """Run ``action()`` until its engine and Redis answer; log each outage once."""
-        backoff = Backoff(most=self.retry_max)
+        attempt = 0
         outage = None
         while True:
             try:
@@ -359,7 +344,8 @@ class Worker(Service):
             except (Unavailable, RedisUnavailable) as e:
                 outage = self.outages[type(e)]
                 outage.failed(e)
-                await deferLater(self.reactor, backoff.next(), lambda: None)
+                await deferLater(self.reactor, self._retry_delay(attempt), lambda: None)
+                attempt += 1
             else:
                 if outage is not None:
                     outage.ok()
@@ -379,7 +365,7 @@ class Worker(Service):
         what = self.driver.describe(port)
         began = self.reactor.seconds()
         running = await self._retrying(self.driver.managed)
-        if not running.get(port) and await port_in_use(self.reactor, port):
+        if not running.get(port) and await probe.accepts(self.reactor, INSTANCE_HOST, port):
             raise DriverError(f"port {port} is in use by something dockpart does not manage")
         self.log.info("starting {what} for {url}", what=what, url=url)
         try:
@@ -395,10 +381,13 @@ class Worker(Service):
         self.log.info("{url} answers and is in servers ({seconds:.2f} s)",
                       url=url, seconds=self.reactor.seconds() - began)
 
+    def _answers(self, reactor, port: int) -> defer.Deferred:
+        return probe.answers(reactor, INSTANCE_HOST, port, timeout=self.probe_timeout)
+
     async def _answers_within(self, port: int, timeout: float) -> bool:
         deadline = self.reactor.seconds() + timeout
         while self.reactor.seconds() < deadline:
-            if await self.probe(self.reactor, port):
+            if await defer.ensureDeferred(self.probe(self.reactor, port)):
                 return True
             await deferLater(self.reactor, HEALTH_POLL, lambda: None)
         return False
@@ -425,38 +414,90 @@ class Worker(Service):
             self.log.failure("reconciling", failure)
 
     async def reconcile(self) -> None:
-        """Add back managed instances that answer; drop entries whose instance is gone."""
-        if not self._leased:
-            return
+        """Make ``servers`` list exactly the instances that answer; replace those that exited.
+
+        An instance that runs but does not answer (frozen, overloaded) leaves ``servers`` and
+        comes back once it answers: it is never destroyed for it.  The first instance is
+        probed too (it puts itself back when it answers again).  Ports with a request queued
+        or in hand are left to that request.
+        """
+        async with self._reconciling:
+            if self._leased:
+                await self._reconcile()
+
+    async def _reconcile(self) -> None:
         # servers first, instances second: an instance registered in between is never dropped.
         lists = {key: await self.redis.call("LRANGE", key, 0, -1)
                  for key in (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING,
                              keys.DESTROY_QUEUE, keys.DESTROYING)}
-        running = await self.driver.managed()
+        instances = await self.driver.managed()
         pending = {self.rules.owns(url) for key, urls in lists.items() if key != keys.SERVERS
                    for url in urls}
-        registered = {}
+        listed, first = {}, None
         for url in lists[keys.SERVERS]:
             port = self.rules.owns(url)
             if port is not None:
-                registered[port] = url
+                listed[port] = url
+            elif self.rules.is_first(url):
+                first = url
 
         def busy(port):
             return port in pending or port in self._locks
 
-        for port, up in sorted(running.items()):
-            url = instance_url(self.rules.host, port)
-            if not up or port in registered or busy(port) or self.rules.owns(url) is None:
-                continue
-            # Asked again after the probe: a destroy taken meanwhile must not see it come back.
-            if await self.probe(self.reactor, port) and not busy(port) \
-                    and await tier.register(self.redis, url):
-                self.log.info("reconcile: {what} answers; added {url} back to servers",
-                              what=self.driver.describe(port), url=url)
-        for port, url in registered.items():
-            if not running.get(port) and not busy(port):
+        for port, runs in sorted(instances.items()):
+            if not runs and not busy(port) and self.rules.owns(self._url(port)) is not None:
+                await self._replace_exited(port)
+        for port, url in listed.items():
+            if port not in instances and not busy(port):
                 if await tier.unregister(self.redis, url):
                     self.log.info("reconcile: {what} is gone; removed {url} from servers",
                                   what=self.driver.describe(port), url=url)
+        await self._probe_and_list(
+            {port: self._url(port) for port, runs in instances.items()
+             if runs and not busy(port) and self.rules.owns(self._url(port)) is not None},
+            listed, first, busy)
         for outage in self.outages.values():
             outage.ok()
+
+    def _url(self, port: int) -> str:
+        return instance_url(self.rules.host, port)
+
+    async def _probe_and_list(self, candidates: dict[int, str], listed: dict[int, str],
+                              first: str | None, busy) -> None:
+        """Probe every running instance (and a listed first one) at once; list what answers."""
+        if first is not None:
+            candidates[self.rules.first_port] = first
+        ports = sorted(candidates)
+        answers = await defer.gatherResults(
+            [defer.ensureDeferred(self.probe(self.reactor, port)) for port in ports])
+        for port, answered in zip(ports, answers):
+            url = candidates[port]
+            # Asked again after the probe: a destroy taken meanwhile must not see it come back.
+            if busy(port):
+                continue
+            what = ("the first instance" if url == first else self.driver.describe(port))
+            was_listed = port in listed or url == first
+            if answered and not was_listed:
+                if await tier.register(self.redis, url):
+                    self.log.info("reconcile: {what} answers; added {url} back to servers",
+                                  what=what, url=url)
+            elif not answered and was_listed:
+                if await tier.unregister(self.redis, url):
+                    self.log.warn("reconcile: {what} did not answer within {timeout:g} s; "
+                                  "removed {url} from servers until it answers again",
+                                  what=what, url=url, timeout=self.probe_timeout)
+
+    async def _replace_exited(self, port: int) -> None:
+        """An instance that exited leaves servers and is removed; a spawn replaces it unless
+        someone else owns the count."""
+        url = self._url(port)
+        what = self.driver.describe(port)
+        async with self._port_lock(port):
+            await tier.unregister(self.redis, url)
+            if self.keep_count:
+                # Queued before the removal: a crash in between still ends with the instance.
+                await self.redis.call("LPUSH", keys.SPAWN_QUEUE, url)
+            await self.driver.remove(port)
+        self.log.warn("reconcile: {what} exited; removed it{then}", what=what,
+                      then=f" and queued a spawn of {url} in its place" if self.keep_count
+                      else " (the count of instances is the autoscaler's)")

@@ -1,4 +1,4 @@
-""""Does it answer?": the one HTTP probe every dockpart daemon uses.
+""""Does it answer?": the one HTTP probe every dockpart daemon uses (and "is the port taken?").
 
 The proxy's active health checks, infra's spawn gate and reconcile, and deploy's
 health check all ask the same question the same way: one ``GET PATH`` on a fresh
@@ -93,4 +93,19 @@ def answers(reactor, host: str, port: int, path: str = "/", timeout: float = 1.0
     """Fires with True when ``GET path`` answers in time with a healthy status, else False."""
     d = status(reactor, host, port, path, timeout, user_agent)
     d.addCallbacks(healthy, lambda _: False)
+    return d
+
+
+def accepts(reactor, host: str, port: int, timeout: float = 1.0) -> defer.Deferred:
+    """Fires with whether anything accepts a TCP connection on ``host:port`` (closed at once).
+
+    For "is this port taken?", where the listener need not speak HTTP.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    d = endpoint.connect(_ProbeFactory(Protocol()))
+
+    def connected(protocol):
+        protocol.transport.abortConnection()
+        return True
+    d.addCallbacks(connected, lambda _: False)
     return d

@@ -13,9 +13,11 @@ import requests
 from twisted.python import usage
 
 from dockpart import infra, infra_worker, keys
-from helpers import Daemon, RedisProcess, free_port, port_open, wait_for
+from helpers import Daemon, RedisProcess, free_port, port_open, start_web, wait_for
 
-FIRST = 3000
+#: The module infra's first port: nothing listens there (a test that needs a first instance
+#: runs an infra of its own).
+FIRST = free_port()
 
 
 def url_of(port: int) -> str:
@@ -39,7 +41,13 @@ def instance_pids(port: int) -> list[int]:
 
 
 def kill_instances(state_dir: Path) -> None:
-    """Stop every instance a test's infra started (they outlive the infra by design)."""
+    """Stop every instance a test's infra started (they outlive the infra by design).
+
+    Their files go first: an instance with a file and no process exited, and a running
+    infra would replace it.
+    """
+    for marker in state_dir.glob("dockpart-web-*.instance"):
+        marker.unlink()
     for log in state_dir.glob("dockpart-web-*.log"):
         port = int(log.stem.rsplit("-", 1)[1])
         for pid in instance_pids(port):
@@ -54,7 +62,8 @@ def start_infra(redis_url: str, state_dir: Path, *args: str) -> Daemon:
     return Daemon("dockpart-infra", "--driver", "process", "--redis", redis_url,
                   "--state-dir", str(state_dir), "--port-range", "1024-65535",
                   "--first-port", str(FIRST), "--interval", "0.05", "--drain", "1",
-                  "--reconcile-interval", "1", "--spawn-timeout", "20", "--lease", "2", *args,
+                  "--reconcile-interval", "1", "--probe-timeout", "0.5", "--spawn-timeout", "20",
+                  "--lease", "2", *args,
                   ready="dockpart-infra started").start()
 
 
@@ -130,7 +139,7 @@ def test_options_defaults_and_build_args():
 
 
 def test_policy_names_the_reason_for_each_bad_entry():
-    policy = infra_worker.EntryRules("127.0.0.1", 3001, 3100, FIRST)
+    policy = infra_worker.EntryRules("127.0.0.1", 3001, 3100, 3000)
     assert policy.check(infra_worker.SPAWN, "http://127.0.0.1:3050") == 3050
     for queue, entry, reason in [
         (infra_worker.SPAWN, "nonsense", "not a valid instance URL"),
@@ -143,11 +152,9 @@ def test_policy_names_the_reason_for_each_bad_entry():
             policy.check(queue, entry)
 
 
-def test_backoff_doubles_up_to_its_ceiling():
-    backoff = infra_worker.Backoff(0.5, 3)
-    assert [backoff.next() for _ in range(5)] == [0.5, 1, 2, 3, 3]
-    backoff.reset()
-    assert backoff.next() == 0.5
+def test_retries_wait_longer_each_time_up_to_retry_max():
+    delay = infra_worker.retry_policy(3)
+    assert [delay(attempt) for attempt in range(6)] == [0.2, 0.4, 0.8, 1.6, 3, 3]
 
 
 # -- the daemon
@@ -232,7 +239,10 @@ def test_destroy_under_request_loops_fails_no_request(infra_d, redis_db, proxy):
         wait_for(lambda: redis_db.llen(keys.DESTROYING) + redis_db.llen(keys.DESTROY_QUEUE) == 0,
                  15, what="the destroy request to be done")
         assert not instance_pids(leave) and not port_open(leave)
-        time.sleep(0.3)
+        after = direct[url_of(keep)], proxied[url_of(keep)]
+        wait_for(lambda: direct[url_of(keep)] > after[0] + 20
+                 and proxied[url_of(keep)] > after[1] + 20, 10,
+                 what="more requests, direct and through the proxy, after the destroy")
     finally:
         stop.set()
         for loop in loops:
@@ -244,7 +254,6 @@ def test_destroy_under_request_loops_fails_no_request(infra_d, redis_db, proxy):
 
 
 def test_bad_entries_are_dead_lettered_and_change_nothing(infra_d, redis_db, state_dir):
-    redis_db.rpush(keys.SERVERS, url_of(FIRST))
     bad = {
         ("spawn", "not a url"): "not a valid instance URL",
         ("spawn", "http://127.0.0.1:80"): "outside the allowed range",
@@ -258,7 +267,7 @@ def test_bad_entries_are_dead_lettered_and_change_nothing(infra_d, redis_db, sta
     letters = [json.loads(x) for x in redis_db.lrange(keys.DEAD_LETTERS, 0, -1)]
     for letter in letters:
         assert bad[(letter["queue"], letter["entry"])] in letter["reason"]
-    assert servers(redis_db) == [url_of(FIRST)]
+    assert servers(redis_db) == []
     for key in (keys.SPAWN_QUEUE, keys.SPAWNING, keys.DESTROY_QUEUE, keys.DESTROYING):
         assert redis_db.llen(key) == 0
     assert f"dead-lettered destroy request '{url_of(FIRST)}'" in infra_d.output()
@@ -282,15 +291,65 @@ def test_reconcile_adds_back_live_instances_and_drops_dead_entries(infra_d, redi
     wait_registered(redis_db, [url])
     ghost = url_of(free_port())
     redis_db.lrem(keys.SERVERS, 0, url)
-    redis_db.rpush(keys.SERVERS, url_of(FIRST), "http://example.com:4000", ghost)
-    wait_for(lambda: set(servers(redis_db)) == {url_of(FIRST), "http://example.com:4000", url},
+    redis_db.rpush(keys.SERVERS, "http://example.com:4000", ghost)
+    wait_for(lambda: set(servers(redis_db)) == {"http://example.com:4000", url},
              10, what="reconcile to add the instance back and drop the ghost")
-    # An instance that dies is dropped too.
-    os.kill(instance_pids(port)[0], signal.SIGKILL)
-    wait_for(lambda: url not in servers(redis_db), 10, what="the dead instance to leave servers")
-    assert set(servers(redis_db)) == {url_of(FIRST), "http://example.com:4000"}
     output = infra_d.output()
     assert f"added {url} back" in output and f"removed {ghost} from servers" in output
+
+
+def test_a_frozen_instance_leaves_servers_and_is_back_once_it_answers(infra_d, redis_db):
+    port = free_port()
+    [url] = spawn(redis_db, port)
+    wait_registered(redis_db, [url])
+    [pid] = instance_pids(port)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: url not in servers(redis_db), 10,
+                 what="the frozen instance to leave servers")
+        assert instance_pids(port) == [pid]  # unlisted, not destroyed
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_registered(redis_db, [url], 10)
+    assert instance_pids(port) == [pid]
+    assert requests.get(url, timeout=5).status_code == 200
+    output = infra_d.output()
+    assert f"process dockpart-web-{port} did not answer within 0.5 s; removed {url}" in output
+    assert f"added {url} back to servers" in output
+
+
+def test_a_killed_instance_is_replaced_on_its_port(infra_d, redis_db):
+    port = free_port()
+    [url] = spawn(redis_db, port)
+    wait_registered(redis_db, [url])
+    [pid] = instance_pids(port)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: instance_pids(port) not in ([], [pid]) and url in servers(redis_db), 30,
+             what="a new instance on the port, in servers")
+    assert len(instance_pids(port)) == 1 and servers(redis_db) == [url]
+    assert requests.get(url, timeout=5).status_code == 200
+    assert (f"process dockpart-web-{port} exited; removed it and queued a spawn of {url} "
+            f"in its place") in infra_d.output()
+
+
+def test_a_frozen_first_instance_leaves_servers_and_puts_itself_back(own_redis, tmp_path):
+    client = own_redis.client()
+    first = free_port()
+    web = start_web(own_redis.url, "--first-port", str(first), port=first)
+    infra_daemon = start_infra(own_redis.url, tmp_path / "state", "--first-port", str(first))
+    try:
+        wait_for(lambda: servers(client) == [url_of(first)], 10, what="the first instance")
+        os.kill(web.proc.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: servers(client) == [], 10, what="the frozen first instance to leave")
+        finally:
+            os.kill(web.proc.pid, signal.SIGCONT)
+        wait_for(lambda: servers(client) == [url_of(first)], 10, what="the first instance back")
+        assert "the first instance did not answer within 0.5 s" in infra_daemon.output()
+        assert "was missing from; added it back to servers" in web.output()
+    finally:
+        infra_daemon.stop()
+        web.stop()
 
 
 def test_infra_killed_mid_spawn_restarts_and_finishes_with_exactly_one_instance(
@@ -336,26 +395,6 @@ def test_instances_outlive_a_stopped_infra_and_a_new_one_adopts_them(own_redis, 
                  15, what="the destroy request to be done")
         assert servers(redis_db) == [] and not instance_pids(port)
         assert f"destroyed process dockpart-web-{port}" in daemon.output()
-    finally:
-        daemon.stop()
-        kill_instances(state)
-
-
-def test_an_instance_that_does_not_answer_in_time_is_removed_and_dead_lettered(
-        own_redis, tmp_path):
-    """No twistd answers within 50 ms of its start."""
-    client = own_redis.client()
-    state = tmp_path / "state"
-    daemon = start_infra(own_redis.url, state, "--spawn-timeout", "0.05")
-    try:
-        port = free_port()
-        [url] = spawn(client, port)
-        wait_for(lambda: client.llen(keys.DEAD_LETTERS) == 1, 15, what="a dead letter")
-        letter = json.loads(client.lindex(keys.DEAD_LETTERS, 0))
-        assert letter["entry"] == url
-        assert "did not answer HTTP within 0.05 s; removed it" in letter["reason"]
-        assert not instance_pids(port) and not port_open(port)
-        assert servers(client) == [] and client.llen(keys.SPAWNING) == 0
     finally:
         daemon.stop()
         kill_instances(state)

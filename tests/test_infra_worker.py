@@ -3,6 +3,8 @@
 Fast checks of the order of things that the daemon tests can only see from outside.
 """
 
+import json
+
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -16,13 +18,17 @@ URL = "http://127.0.0.1:4001"
 
 
 class FakeDriver:
-    """Instances are port numbers in a set; the next ``down`` calls fail as if the engine left."""
+    """Instances are port numbers in sets (running, exited, frozen: runs but does not answer);
+    the next ``down`` calls fail as if the engine left."""
 
     name = "fake"
 
     def __init__(self, redis: RedisService):
         self.redis = redis
         self.running: set[int] = set()
+        self.exited: set[int] = set()
+        self.frozen: set[int] = set()
+        self.started = []
         self.down = 0
         self.calls = 0
         self.removed = []  # (time, servers at that time)
@@ -38,16 +44,19 @@ class FakeDriver:
 
     async def managed(self):
         self._call()
-        return dict.fromkeys(self.running, True)
+        return {**dict.fromkeys(self.exited, False), **dict.fromkeys(self.running, True)}
 
     async def start(self, port):
         self._call()
+        self.started.append(port)
+        self.exited.discard(port)
         self.running.add(port)
 
     async def remove(self, port):
         self._call()
         self.removed.append((reactor.seconds(), await self.redis.call("LRANGE", keys.SERVERS, 0, -1)))
         self.running.discard(port)
+        self.exited.discard(port)
 
 
 async def until(predicate, timeout=5.0):
@@ -66,7 +75,9 @@ class Setup:
     def __init__(self, redis_url: str, **kw):
         self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
         self.driver = FakeDriver(self.redis)
-        probe = lambda _reactor, port: defer.succeed(port in self.driver.running)  # noqa: E731
+        probe = lambda _reactor, port: defer.succeed(  # noqa: E731
+            port in self.driver.running - self.driver.frozen or port in self.first_answers)
+        self.first_answers = set()
         options = dict(interval=0.02, reconcile_interval=60, drain=0.3, retry_max=0.05,
                        lease=1.0, probe=probe, reactor=reactor)
         self.worker = infra_worker.Worker(self.redis, self.driver,
@@ -90,6 +101,9 @@ class Setup:
 
     async def servers(self):
         return await self.redis.call("LRANGE", keys.SERVERS, 0, -1)
+
+    async def leased(self):
+        await until(lambda: defer.succeed(self.worker._leased))
 
 
 @pytest_twisted.ensureDeferred
@@ -132,9 +146,15 @@ async def test_what_was_in_processing_is_finished_before_anything_new(redis_db, 
             await gate
         return True
     async with Setup(redis_server.url, probe=slow_probe) as s:
-        await until(lambda: defer.succeed(4001 in s.driver.running))
-        await deferLater(reactor, 0.2, lambda: None)  # ten ticks
-        assert redis_db.lrange(keys.SPAWN_QUEUE, 0, -1) == ["http://127.0.0.1:4002"]
+        looks = []
+        take = s.worker._take
+
+        async def counted_take():
+            await take()
+            looks.append(redis_db.lrange(keys.SPAWN_QUEUE, 0, -1))
+        s.worker._take = counted_take
+        await until(lambda: defer.succeed(4001 in s.driver.running and len(looks) >= 10))
+        assert looks[-10:] == [["http://127.0.0.1:4002"]] * 10  # ten looks, nothing taken
         gate.callback(None)
 
         async def both():
@@ -170,3 +190,86 @@ async def test_a_reconcile_that_overlaps_a_destroy_does_not_put_the_url_back(red
         gate.callback(None)  # the probe answers while the destroy drains
         await until(lambda: defer.succeed(s.driver.removed and not redis_db.llen(keys.DESTROYING)))
         assert await s.servers() == [] and 4001 not in s.driver.running
+
+
+FIRST = "http://127.0.0.1:4000"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_that_stops_answering_leaves_servers_and_is_back_once_it_answers(
+        redis_db, redis_server):
+    async with Setup(redis_server.url) as s:
+        await s.leased()
+        s.driver.running.update({4001, 4002})
+        redis_db.rpush(keys.SERVERS, FIRST, URL, "http://127.0.0.1:4002")
+        s.first_answers.add(4000)
+        s.driver.frozen.add(4001)
+        await s.worker.reconcile()
+        assert await s.servers() == [FIRST, "http://127.0.0.1:4002"]
+        assert s.driver.removed == [] and 4001 in s.driver.running  # unlisted, not destroyed
+        await s.worker.reconcile()
+        assert await s.servers() == [FIRST, "http://127.0.0.1:4002"]
+        s.driver.frozen.discard(4001)
+        await s.worker.reconcile()
+        assert await s.servers() == [FIRST, "http://127.0.0.1:4002", URL]
+        assert any("4001 did not answer within 1 s" in line for line in s.logs)
+        assert any("added http://127.0.0.1:4001 back" in line for line in s.logs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_first_instance_is_unlisted_when_it_does_not_answer_and_not_added_back(
+        redis_db, redis_server):
+    """It puts itself back (dockpart-web re-registers); reconcile never lists it."""
+    async with Setup(redis_server.url) as s:
+        await s.leased()
+        redis_db.rpush(keys.SERVERS, FIRST)
+        await s.worker.reconcile()
+        assert await s.servers() == []
+        assert any("the first instance did not answer" in line for line in s.logs)
+        s.first_answers.add(4000)
+        await s.worker.reconcile()
+        assert await s.servers() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_that_exited_is_removed_and_respawned_on_its_port(redis_db, redis_server):
+    async with Setup(redis_server.url) as s:
+        await s.leased()
+        s.driver.exited.add(4001)
+        redis_db.rpush(keys.SERVERS, URL)
+        await s.worker.reconcile()
+        assert len(s.driver.removed) == 1 and s.driver.removed[0][1] == []  # unlisted first
+
+        async def back():
+            return await s.servers() == [URL]
+        await until(back)
+        assert s.driver.started == [4001] and 4001 in s.driver.running
+        assert any("fake instance 4001 exited; removed it and queued a spawn" in line
+                   for line in s.logs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_that_exited_is_only_removed_when_someone_else_owns_the_count(
+        redis_db, redis_server):
+    async with Setup(redis_server.url, keep_count=False) as s:
+        await s.leased()
+        s.driver.exited.add(4001)
+        redis_db.rpush(keys.SERVERS, URL)
+        await s.worker.reconcile()
+        assert len(s.driver.removed) == 1 and not s.driver.exited
+        assert await s.servers() == [] and redis_db.llen(keys.SPAWN_QUEUE) == 0
+        assert s.driver.started == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spawn_that_never_answers_is_removed_and_dead_lettered(redis_db, redis_server):
+    async with Setup(redis_server.url, spawn_timeout=0.3) as s:
+        s.driver.frozen.add(4001)  # it starts, runs, and never answers
+        redis_db.lpush(keys.SPAWN_QUEUE, URL)
+        await until(lambda: defer.succeed(redis_db.llen(keys.DEAD_LETTERS) == 1))
+        letter = json.loads(redis_db.lindex(keys.DEAD_LETTERS, 0))
+        assert letter["entry"] == URL
+        assert letter["reason"] == ("fake instance 4001 did not answer HTTP within 0.3 s; "
+                                    "removed it")
+        assert s.driver.started == [4001] and len(s.driver.removed) == 1
+        assert await s.servers() == [] and redis_db.llen(keys.SPAWNING) == 0

@@ -1,13 +1,16 @@
 """How dockpart-infra runs web app instances: one driver per kind of host.
 
 A driver starts, removes and lists the instances it manages, one per port,
-always named :func:`instance_name`.  Every action is idempotent, so a request
-finished twice (after a crash) has the effect of finishing it once.  Blocking
+always named :func:`instance_name`.  Its interface: ``name``, ``describe(port)``
+(how log lines name an instance), and the coroutines ``start(port)`` (make sure
+it runs, adopting one that does), ``remove(port)`` (stop and remove it, if there
+is one) and ``managed()`` (every managed instance's port, and whether it runs:
+False for one that exited and is still there, which reconcile replaces).  Every
+action is idempotent, so a request finished twice (after a crash) has the effect
+of finishing it once.  Blocking
 work runs in a :class:`ThreadPoolService`, in functions named ``_thd_*`` that
 never touch the reactor.
 """
-
-from typing import Protocol
 
 from twisted.application.service import Service
 from twisted.internet import threads
@@ -28,22 +31,6 @@ class Unavailable(Exception):
 
 class DriverError(Exception):
     """The action cannot succeed as asked (retrying would not help)."""
-
-
-class Driver(Protocol):
-    name: str
-
-    def describe(self, port: int) -> str:
-        """How log lines name the instance on ``port``."""
-
-    async def start(self, port: int) -> None:
-        """Make sure the instance on ``port`` runs (adopting one that already does)."""
-
-    async def remove(self, port: int) -> None:
-        """Stop and remove the instance on ``port``, if there is one."""
-
-    async def managed(self) -> dict[int, bool]:
-        """Every managed instance's port, and whether it runs."""
 
 
 class ThreadPoolService(Service):

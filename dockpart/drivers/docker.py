@@ -24,6 +24,9 @@ LABEL_PORT = "dockpart.port"
 LABEL_TIER = "dockpart.redis"
 #: Instances come back by themselves after a crash or an engine restart, not after a stop.
 RESTART_POLICY = {"Name": "unless-stopped"}
+#: Container states that count as running: the engine restarts it, or someone paused it.
+#: Anything else (exited, dead, created and never started) is an instance that exited.
+ALIVE = ("running", "restarting", "paused")
 
 
 def _labels(tier: str, port: int | None = None) -> dict[str, str]:
@@ -54,7 +57,7 @@ def _thd_managed(client, tier: str) -> dict[int, bool]:
     for c in client.containers.list(all=True, sparse=True, filters={"label": wanted}):
         port = (c.attrs.get("Labels") or {}).get(LABEL_PORT, "")  # sparse: no inspect
         if port.isdigit():
-            found[int(port)] = c.status == "running"
+            found[int(port)] = c.status in ALIVE
     return found
 
 

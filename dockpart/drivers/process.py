@@ -6,7 +6,10 @@ infra's state directory, so that two infras with different directories never
 adopt each other's instances) and ``DOCKPART_PORT``, as a container carries
 labels.  Each instance runs in a session of its own and logs to a file in the
 state directory, so it outlives a stopped, crashed or restarted infra; the next
-infra started with the same state directory adopts it and reconciles.
+infra started with the same state directory adopts it and reconciles.  A file
+``dockpart-web-PORT.instance`` there lasts from an instance's start to its
+removal: a port with the file and no process is an instance that exited (as an
+exited container is), which reconcile replaces.
 """
 
 import os
@@ -18,10 +21,11 @@ from twisted.internet import protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from dockpart.drivers import DriverError, ThreadPoolService, instance_name
+from dockpart.drivers import NAME_PREFIX, DriverError, ThreadPoolService, instance_name
 
 MANAGED_VAR = "DOCKPART_MANAGED"
 PORT_VAR = "DOCKPART_PORT"
+MARKER_SUFFIX = ".instance"
 
 #: Runs twistd in a new session: signals to the infra's process group spare the instance.
 LAUNCHER = ("import os, sys; os.setsid(); sys.argv[0] = 'twistd'; "
@@ -48,6 +52,16 @@ def _thd_scan(mark: str) -> dict[int, list[int]]:
             name, _, value = var.partition(b"=")
             if name == PORT_VAR.encode() and value.isdigit():
                 found.setdefault(int(value), []).append(int(entry.name))
+    return found
+
+
+def _thd_instances(mark: str, state_dir: Path) -> dict[int, bool]:
+    """Every instance's port, and whether its process runs (False: it exited)."""
+    found = dict.fromkeys(_thd_scan(mark), True)
+    for path in state_dir.glob(f"{NAME_PREFIX}*{MARKER_SUFFIX}"):
+        port = path.name[len(NAME_PREFIX):-len(MARKER_SUFFIX)]
+        if port.isdigit():
+            found.setdefault(int(port), False)
     return found
 
 
@@ -90,8 +104,11 @@ class ProcessDriver:
     async def _pids(self, port: int) -> list[int]:
         return (await self.pool.run(_thd_scan, self.mark)).get(port, [])
 
+    def _marker(self, port: int) -> Path:
+        return self.state_dir / f"{instance_name(port)}{MARKER_SUFFIX}"
+
     async def managed(self) -> dict[int, bool]:
-        return {port: True for port in await self.pool.run(_thd_scan, self.mark)}
+        return await self.pool.run(_thd_instances, self.mark, self.state_dir)
 
     async def start(self, port: int) -> None:
         if await self._pids(port):
@@ -104,6 +121,7 @@ class ProcessDriver:
         log_path = self.state_dir / f"{instance_name(port)}.log"
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._marker(port).touch()
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as e:
             raise DriverError(f"cannot write {log_path}: {e}") from None
@@ -130,6 +148,7 @@ class ProcessDriver:
                 deadline = float("inf")
             await deferLater(self.reactor, 0.05, lambda: None)
             pids = await self._pids(port)
+        self._marker(port).unlink(missing_ok=True)
 
     @staticmethod
     def _signal(pids: list[int], sig: int) -> None:

@@ -2,16 +2,18 @@
 
 The module's infra builds its own image tag from Dockerfiles/web.Dockerfile (the
 "built once if missing" path; the layers are cached from the docker_images
-fixture's build, so it takes seconds).  The engine-restart test comes last: it
-stops and starts dockerd exactly as scripts/lib.sh does.
+fixture's build, so it takes seconds).  The engine-restart test stops and starts
+dockerd exactly as scripts/lib.sh does: it runs an infra and a Redis of its own,
+restores the engine even when it fails, and is marked ``engine_restart`` so that
+it can be left out (``-m "not engine_restart"``) where others use the engine.
 """
 
 import json
+import os
 import random
 import signal
 import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -110,6 +112,15 @@ def servers(db) -> list[str]:
     return db.lrange(keys.SERVERS, 0, -1)
 
 
+def reconcile_passes(db) -> None:
+    """Wait for one whole reconcile pass of the infra on ``db``: a ghost entry (a port with no
+    container) leaves servers in each pass, so one pushed after the first left marks a pass."""
+    for _ in range(2):
+        ghost = url_of(free_test_port())
+        db.rpush(keys.SERVERS, ghost)
+        wait_for(lambda: ghost not in servers(db), 15, what="a reconcile pass")
+
+
 def spawn(db, ports, port=None) -> tuple[int, str]:
     port = port or free_test_port()
     ports.append(port)
@@ -154,7 +165,7 @@ def test_an_unlabelled_container_is_left_alone(db, engine, ports, docker_images)
     wait_for(lambda: db.llen(keys.DEAD_LETTERS) == 2, 30, what="two dead letters")
     for letter in map(json.loads, db.lrange(keys.DEAD_LETTERS, 0, -1)):
         assert "dockpart does not manage" in letter["reason"]
-    time.sleep(1.5)  # a reconcile pass or more
+    reconcile_passes(db)
     stranger.reload()
     assert stranger.status == "running" and LABEL_MANAGED not in stranger.labels
     assert servers(db) == []
@@ -170,6 +181,33 @@ def test_reconcile_adds_back_running_containers_and_drops_removed_ones(
     wait_for(lambda: url not in servers(db), 10, what="reconcile to drop it")
     output = infra_daemon.output()
     assert f"added {url} back" in output and f"removed {url} from servers" in output
+
+
+def test_a_paused_container_is_only_unlisted_and_a_stopped_one_is_replaced(
+        db, engine, ports, infra_daemon):
+    port, url = spawn(db, ports)
+    wait_for(lambda: url in servers(db), 60, what="the container in servers")
+    container = engine.containers.get(instance_name(port))
+    container.pause()  # frozen: the kernel still accepts connections, nothing answers
+    try:
+        wait_for(lambda: url not in servers(db), 15, what="the paused container to leave servers")
+        container.reload()
+        assert container.status == "paused"
+    finally:
+        container.unpause()
+    wait_for(lambda: url in servers(db), 15, what="the unpaused container back in servers")
+    assert engine.containers.get(instance_name(port)).id == container.id  # never replaced
+    container.stop(timeout=2)  # exited: its restart policy leaves a stopped container alone
+
+    def replaced():
+        now = engine.containers.get(instance_name(port))
+        return now.id != container.id and now.status == "running" and url in servers(db)
+    wait_for(replaced, 60, what="a new container on the port, in servers")
+    assert requests.get(url, timeout=5).status_code == 200
+    output = infra_daemon.output()
+    assert f"container {instance_name(port)} did not answer within" in output
+    assert (f"container {instance_name(port)} exited; removed it and queued a spawn of {url}"
+            in output)
 
 
 def test_rebuild_builds_an_image_per_instance_like_the_seed_and_removes_it_with_it(
@@ -188,7 +226,7 @@ def test_rebuild_builds_an_image_per_instance_like_the_seed_and_removes_it_with_
         image = engine.images.get(f"{instance_name(port)}:latest")
         assert f"start_port={port}" in image.attrs["Config"]["Env"]  # baked in, as in the seed
         assert engine.containers.get(instance_name(port)).image.id == image.id
-        time.sleep(1.5)  # the module's infra reconciles meanwhile: another tier's container
+        reconcile_passes(db)  # the module's infra: another tier's container is not its own
         assert url not in servers(db)
         client.lpush(keys.DESTROY_QUEUE, url)
         wait_for(lambda: client.llen(keys.DESTROY_QUEUE) + client.llen(keys.DESTROYING) == 0, 30,
@@ -240,26 +278,38 @@ def docker_answers() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
 
 
+@pytest.mark.engine_restart
 def test_a_request_waits_while_the_engine_is_stopped_and_is_done_when_it_is_back(
-        db, ports, infra_daemon):
-    """Last in the module: other tests' containers on this engine stop for a few seconds."""
+        engine, ports, docker_images):
+    """Other tests' containers on this engine stop for a few seconds: an infra and a Redis of
+    its own, and the engine started again whatever happens."""
+    own = RedisProcess().start()
+    client = own.client()
+    daemon = Daemon("dockpart-infra", "--driver", "docker", "--redis", own.url,
+                    "--image", docker_images["web"], "--port-range", f"{LOW}-{HIGH}",
+                    "--interval", "0.05", "--retry-max", "1", "--stop-timeout", "2",
+                    ready="dockpart-infra started").start()
     pid = dockerd_pid()
     assert pid, "dockerd is not running"
-    import os
-    os.kill(pid, signal.SIGTERM)
     try:
+        os.kill(pid, signal.SIGTERM)
         wait_for(lambda: dockerd_pid() is None, 60, what="dockerd to stop")
-        port, url = spawn(db, ports)
-        wait_for(lambda: "engine is unreachable" in infra_daemon.output(), 15,
+        port, url = spawn(client, ports)
+        wait_for(lambda: "engine is unreachable" in daemon.output(), 15,
                  what="the infra to notice the engine is away")
-        time.sleep(1)
-        assert db.lrange(keys.SPAWNING, 0, -1) + db.lrange(keys.SPAWN_QUEUE, 0, -1) == [url]
-        assert db.llen(keys.DEAD_LETTERS) == 0
+        assert client.lrange(keys.SPAWNING, 0, -1) + client.lrange(keys.SPAWN_QUEUE, 0, -1) \
+            == [url]
     finally:
         subprocess.run(["bash", "-c", f"source {ROOT}/scripts/lib.sh; ensure_dockerd"],
                        check=True, timeout=90, start_new_session=True,
                        stdout=subprocess.DEVNULL)
-    wait_for(lambda: url in servers(db), 60, what="the waiting spawn to be done")
-    assert requests.get(url, timeout=5).status_code == 200
-    output = infra_daemon.output()
-    assert output.count("engine is unreachable") == 1 and "engine is reachable again" in output
+    try:
+        wait_for(lambda: url in servers(client), 60, what="the waiting spawn to be done")
+        assert requests.get(url, timeout=5).status_code == 200
+        assert client.llen(keys.DEAD_LETTERS) == 0  # it waited; it was never given up
+        output = daemon.output()
+        assert output.count("engine is unreachable") == 1 and "engine is reachable again" in output
+    finally:
+        daemon.stop()
+        client.close()
+        own.stop()

@@ -6,6 +6,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+#: The accept queue a listener gets unless its endpoint names one: a burst of a few hundred
+#: new connections waits in it instead of being dropped (Twisted's default is 50).
+DEFAULT_BACKLOG = 1024
+
 
 def server_endpoint(reactor, option: str, description: str):
     """The listening endpoint an ``--OPTION`` string names, or a UsageError a person can read."""
@@ -13,6 +17,14 @@ def server_endpoint(reactor, option: str, description: str):
         return serverFromString(reactor, description)
     except (ValueError, KeyError, TypeError) as e:
         raise usage.UsageError(f"--{option} {description!r}: {e}") from None
+
+
+def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """A TCP or UNIX listening endpoint string with ``backlog=`` added unless it has one."""
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "unix", "ssl") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
 
 
 def client_endpoint(reactor, option: str, description: str):

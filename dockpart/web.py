@@ -1,10 +1,12 @@
 """dockpart-web: the course's web app (cache, recent sites, image queue, scaling requests).
 
 Run it with ``twistd -n dockpart-web``.  Every route but ``/`` needs Redis; when
-Redis is away they answer 503 and the connection comes back by itself.
+Redis is away they answer 503 and the connection comes back by itself.  Pages
+sent to clients never name Redis keys or addresses (the log does).
 """
 
 import base64
+import hmac
 import json
 import os
 import random
@@ -13,7 +15,6 @@ from html import escape
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -22,7 +23,7 @@ from twisted.web.resource import Resource
 
 from dockpart import keys, tier
 from dockpart.tier import FIRST_PORT, instance_url
-from dockpart.listening import Listener
+from dockpart.listening import Listener, server_endpoint, with_backlog
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 
 MESSAGE = "this message will self-destruct in 10 seconds"
@@ -32,6 +33,10 @@ RECENT_COUNT = 5
 MAX_KEY_LENGTH = 200
 #: Routes that take one more path segment, a user's cache key.
 KEYED_ROUTES = {"set", "get"}
+#: Where --scale-token comes from when the option is not given.
+SCALE_TOKEN_ENV = "DOCKPART_SCALE_TOKEN"
+#: The query parameter that may carry the scale token (never recorded in /recent).
+TOKEN_PARAM = b"token"
 
 #: Leading bytes of the image formats a browser shows, and their types.
 IMAGE_MAGIC = [
@@ -45,6 +50,12 @@ IMAGE_MAGIC = [
 _RECORD = """
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+"""
+
+# KEYS: the image queue; ARGV: the entry, the cap.  The new length, or -1 when full.
+_QUEUE_IMAGE = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+return redis.call('LPUSH', KEYS[1], ARGV[1])
 """
 
 
@@ -118,13 +129,16 @@ class WebApp(Resource):
     log = Logger()
 
     def __init__(self, redis: RedisService, advertise_host: str, first_port: int,
-                 max_instances: int, max_upload: int):
+                 max_instances: int, max_upload: int, max_queued_images: int = 20,
+                 scale_token: str | None = None):
         super().__init__()
         self.redis = redis
         self.advertise_host = advertise_host
         self.first_port = first_port
         self.max_instances = max_instances
         self.max_upload = max_upload
+        self.max_queued_images = max_queued_images
+        self.scale_token = scale_token.encode() if scale_token else None
         self.url = None  # known once listening
         self.routes = {
             ("GET", ""): self.index,
@@ -139,17 +153,21 @@ class WebApp(Resource):
         }
 
     def render(self, request):
+        gone = []  # the client hung up: nothing to write
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        request.client_gone = gone
         d = defer.ensureDeferred(self.dispatch(request))
         d.addErrback(self._internal_error, request)
         d.addCallback(self._write, request)
         return server.NOT_DONE_YET
 
     def _internal_error(self, failure, request) -> Reply:
-        self.log.failure("answering {uri}", failure, uri=request.uri)
+        self.log.failure("answering {uri}", failure,
+                         uri=_without_token(request.uri).decode("utf-8", "replace"))
         return message("Internal error", "Something went wrong; the error is in the log.", 500)
 
     def _write(self, reply: Reply, request) -> None:
-        if request._disconnected or request.finished:
+        if request.client_gone or request.finished:
             return
         request.setResponseCode(reply.code)
         request.setHeader("content-type", reply.content_type)
@@ -196,7 +214,7 @@ class WebApp(Resource):
 
     async def record(self, request) -> None:
         host = (request.getHeader("host") or self.url or "").removeprefix("http://")
-        url = f"http://{host}{request.uri.decode('utf-8', 'replace')}"
+        url = f"http://{host}{_without_token(request.uri).decode('utf-8', 'replace')}"
         await self.redis.eval(_RECORD, [keys.RECENT], [url, RECENT_COUNT])
 
     async def index(self, request) -> Reply:
@@ -244,7 +262,11 @@ class WebApp(Resource):
         if mime is None:
             return message("Not an image", "The upload is not a JPEG, PNG, GIF, BMP or WebP image.", 415)
         entry = json.dumps({"type": mime, "data": base64.b64encode(data).decode("ascii")})
-        length = await self.redis.call("LPUSH", keys.IMAGES, entry)
+        length = await self.redis.eval(_QUEUE_IMAGE, [keys.IMAGES],
+                                       [entry, self.max_queued_images])
+        if length == -1:
+            return message("Queue full", f"{self.max_queued_images} images already wait for "
+                                         f"/meow; view some there, then upload again.", 503)
         return message("Queued", f"Image queued ({len(data)} bytes, {mime}); "
                                  f"{length} in the queue. See it at /meow.", 201)
 
@@ -256,7 +278,26 @@ class WebApp(Resource):
         src = f"data:{image['type']};base64,{image['data']}"
         return page("Meow", f'<img src="{escape(src)}" alt="the most recent upload">')
 
+    def _may_scale(self, request) -> bool:
+        """Whether /spawn and /destroy may run: no token set, or the right one given
+        (``?token=`` or ``Authorization: Bearer``), compared in constant time."""
+        if self.scale_token is None:
+            return True
+        scheme, _, credentials = (request.getHeader("authorization") or "").partition(" ")
+        given = [*request.args.get(TOKEN_PARAM, [])]
+        if scheme.lower() == "bearer":
+            given.append(credentials.strip().encode())
+        return any(hmac.compare_digest(token, self.scale_token) for token in given)
+
+    @staticmethod
+    def _forbidden() -> Reply:
+        return Reply(403, "Forbidden: this route needs the scale token (?token=TOKEN or "
+                          "the header Authorization: Bearer TOKEN).\n",
+                     "text/plain; charset=utf-8")
+
     async def spawn(self, request) -> Reply:
+        if not self._may_scale(request):
+            return self._forbidden()
         try:
             url = await tier.request_spawn(self.redis, self.advertise_host, self.first_port,
                                               self.max_instances)
@@ -267,6 +308,8 @@ class WebApp(Resource):
                                           f"it joins the rotation once it answers.", 202)
 
     async def destroy(self, request) -> Reply:
+        if not self._may_scale(request):
+            return self._forbidden()
         url = await tier.request_destroy(self.redis, self.first_port, random.getrandbits(31))
         if url is None:
             return message("Nothing to destroy",
@@ -353,25 +396,46 @@ class FirstInstanceRegistration(Service):
             self.registration.stop()
 
 
-def _size(value: str) -> int:
+def _without_token(uri: bytes) -> bytes:
+    """``uri`` without its ``token`` query parameters: /recent is public, the token is not."""
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri
+    kept = [p for p in query.split(b"&") if p.partition(b"=")[0] != TOKEN_PARAM]
+    return path + (b"?" + b"&".join(kept) if kept else b"")
+
+
+def _size(option: str, value: str) -> int:
+    """A positive size in bytes from ``512k``, ``5MiB``, ``100`` ...; UsageError otherwise."""
     units = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
-    value = value.strip().lower().removesuffix("ib").removesuffix("b")
-    if value and value[-1] in units:
-        return int(float(value[:-1]) * units[value[-1]])
-    return int(value)
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        size = (int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units
+                else int(text))
+    except ValueError:
+        raise usage.UsageError(f"--{option} {value!r} is not a size") from None
+    if size <= 0:
+        raise usage.UsageError(f"--{option} {value!r}: a size must be positive")
+    return size
 
 
 class Options(RedisOptions):
     synopsis = "[options]"
     longdesc = ("The course's web app. Port: --listen, else the environment variable "
-                "start_port, else 3000.")
+                "start_port, else 3000; on 127.0.0.1 unless --listen names an interface.")
     optParameters = [
-        ["listen", "l", None, "Endpoint to listen on (default tcp:$start_port, else tcp:3000)."],
+        ["listen", "l", None, "Endpoint to listen on (default tcp:$start_port:interface=127.0.0.1, "
+                              "else tcp:3000:interface=127.0.0.1); TCP and UNIX listeners get "
+                              "a backlog of 1024 unless it names one."],
         ["advertise-host", None, "127.0.0.1", "Host name that instance URLs use."],
         ["first-port", None, FIRST_PORT,
          "Port of the first instance: it registers itself and is never destroyed.", int],
         ["max-instances", None, 10, "Ceiling on instances, the first included.", int],
         ["max-upload", None, "5MiB", "Largest accepted upload (bytes, or with K/M/G)."],
+        ["max-queued-images", None, 20, "Images that may wait for /meow; an upload past it "
+                                        "gets 503 and changes nothing.", int],
+        ["scale-token", None, None, f"When set (or env {SCALE_TOKEN_ENV}), /spawn and /destroy "
+                                    f"answer 403 without it (?token= or Authorization: Bearer)."],
         ["register-interval", None, 1.0,
          "First instance: seconds between its checks that it is in servers.", float],
     ]
@@ -382,13 +446,13 @@ class Options(RedisOptions):
             port = os.environ.get("start_port", str(FIRST_PORT))
             if not port.isdigit():
                 raise usage.UsageError(f"start_port={port!r} is not a port number")
-            self["listen"] = f"tcp:{port}"
-        try:
-            self["max-upload"] = _size(self["max-upload"])
-        except ValueError:
-            raise usage.UsageError(f"--max-upload {self['max-upload']!r} is not a size") from None
+            self["listen"] = f"tcp:{port}:interface=127.0.0.1"
+        self["max-upload"] = _size("max-upload", self["max-upload"])
+        self["scale-token"] = self["scale-token"] or os.environ.get(SCALE_TOKEN_ENV) or None
         if self["max-instances"] < 1:
             raise usage.UsageError("--max-instances must be at least 1")
+        if self["max-queued-images"] < 1:
+            raise usage.UsageError("--max-queued-images must be at least 1")
         if self["register-interval"] <= 0:
             raise usage.UsageError("--register-interval must be positive")
 
@@ -400,11 +464,9 @@ def makeService(config, reactor=None):
     redis = RedisService(config["redis"], config["redis-timeout"], reactor)
     redis.setServiceParent(top)
     app = WebApp(redis, config["advertise-host"], config["first-port"],
-                 config["max-instances"], config["max-upload"])
-    try:
-        endpoint = serverFromString(reactor, config["listen"])
-    except ValueError as e:
-        raise usage.UsageError(f"--listen {config['listen']!r}: {e}") from None
+                 config["max-instances"], config["max-upload"], config["max-queued-images"],
+                 config["scale-token"])
+    endpoint = server_endpoint(reactor, "listen", with_backlog(config["listen"]))
     listener = Listener("dockpart-web", endpoint, WebSite(app, config["max-upload"]))
     listener.setServiceParent(top)
     FirstInstanceRegistration(listener, app, config["register-interval"],

@@ -1,6 +1,10 @@
 """dockpart-web as a user meets it: a real twistd process on a real Redis."""
 
 import http.client
+import os
+import signal
+import socket
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -228,14 +232,98 @@ def test_first_instance_is_back_in_servers_after_a_flush_and_a_redis_restart(own
         web.stop()
 
 
-def test_port_from_start_port_environment(redis_server, redis_db):
+def listening(port: int) -> tuple[str, int, int]:
+    """The listening socket on ``port`` as the kernel sees it: its address, the connections
+    waiting in its accept queue, and the queue's size (the backlog)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[3], int(out[1]), int(out[2])
+
+
+def test_port_from_start_port_environment_on_loopback_with_a_real_backlog(redis_server, redis_db):
     port = free_port()
     web = Daemon("dockpart-web", "--redis", redis_server.url, ready="dockpart-web listening on",
                  env={"start_port": str(port)}).start()
     try:
         assert f":{port}" in requests.get(f"http://127.0.0.1:{port}/", timeout=10).text
+        assert listening(port) == (f"127.0.0.1:{port}", 0, 1024)
     finally:
         web.stop()
+
+
+def test_a_burst_of_200_new_connections_all_wait_in_the_accept_queue(redis_server, web):
+    """Frozen, the app accepts nothing: every connection of the burst must fit in the queue
+    (a backlog of 50 held 51, the others' SYNs were dropped and retried a second later)."""
+    os.kill(web.proc.pid, signal.SIGSTOP)
+    burst = []
+    try:
+        for _ in range(200):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", web.port))
+            burst.append(s)
+        wait_for(lambda: listening(web.port)[1] == 200, 10,
+                 what="200 connections in the accept queue")
+    finally:
+        os.kill(web.proc.pid, signal.SIGCONT)
+        for s in burst:
+            s.close()
+    assert get(web, "/").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def guarded(redis_server):
+    """An app with a scale token and room for two queued images."""
+    daemon = start_web(redis_server.url, "--max-queued-images", "2", env={
+        "DOCKPART_SCALE_TOKEN": "s3cret"})
+    yield daemon
+    daemon.stop()
+
+
+def test_spawn_and_destroy_need_the_scale_token_when_one_is_set(guarded, redis_db):
+    redis_db.rpush(keys.SERVERS, "http://127.0.0.1:3000", "http://127.0.0.1:3001")
+    for path in ("/spawn", "/destroy", "/spawn?token=wrong", "/spawn?token="):
+        r = get(guarded, path)
+        assert r.status_code == 403 and "scale token" in r.text
+    r = get(guarded, "/spawn", headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 403
+    assert redis_db.llen(keys.SPAWN_QUEUE) == 0 and redis_db.llen(keys.DESTROY_QUEUE) == 0
+    assert get(guarded, "/spawn?token=s3cret").status_code == 202
+    assert get(guarded, "/spawn", headers={"authorization": "Bearer s3cret"}).status_code == 202
+    assert get(guarded, "/destroy?token=s3cret").status_code == 202
+    assert redis_db.llen(keys.SPAWN_QUEUE) == 2 and redis_db.llen(keys.DESTROY_QUEUE) == 1
+    assert "s3cret" not in get(guarded, "/recent").text  # the public list never shows it
+    assert "wrong" not in get(guarded, "/recent").text
+
+
+def test_an_upload_past_the_queue_cap_is_refused_and_changes_nothing(guarded, redis_db):
+    for size in (10, 20):
+        r = requests.post(guarded.base + "/upload", files={"image": ("a.png", png_bytes(size))},
+                          timeout=10)
+        assert r.status_code == 201, r.text
+    before = redis_db.lrange(keys.IMAGES, 0, -1)
+    r = requests.post(guarded.base + "/upload", files={"image": ("a.png", png_bytes(30))},
+                      timeout=10)
+    assert r.status_code == 503 and "2 images already wait" in r.text
+    assert redis_db.lrange(keys.IMAGES, 0, -1) == before
+    assert get(guarded, "/meow").status_code == 200
+    r = requests.post(guarded.base + "/upload", files={"image": ("a.png", png_bytes(30))},
+                      timeout=10)
+    assert r.status_code == 201
+
+
+def test_error_pages_name_no_redis_key_nor_address(web, redis_db, redis_server):
+    redis_db.set(keys.IMAGES, "not a list")  # every upload and /meow now fails in Redis
+    replies = [requests.post(web.base + "/upload", files={"image": ("a.png", png_bytes())},
+                             timeout=10), get(web, "/meow")]
+    redis_db.delete(keys.IMAGES)
+    redis_db.set(keys.RECENT, "not a list")  # every route but / records here: all fail
+    replies += [get(web, "/spawn"), get(web, "/listservers"), get(web, "/nope")]
+    for r in replies:
+        assert r.status_code == 500
+        for secret in ("dockpart:", "WRONGTYPE", keys.IMAGES, keys.RECENT, str(redis_server.port)):
+            assert secret not in r.text, (secret, r.text)
+    assert "answering /meow" in web.output()  # the log has the details
 
 
 def test_redis_down_gives_503_and_the_app_reconnects():

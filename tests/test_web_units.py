@@ -14,12 +14,20 @@ def options(*argv):
     return config
 
 
-def test_listen_falls_back_to_start_port_then_3000(monkeypatch):
+def test_listen_falls_back_to_start_port_then_3000_on_loopback(monkeypatch):
     monkeypatch.delenv("start_port", raising=False)
-    assert options()["listen"] == "tcp:3000"
+    assert options()["listen"] == "tcp:3000:interface=127.0.0.1"
     monkeypatch.setenv("start_port", "3007")
-    assert options()["listen"] == "tcp:3007"
+    assert options()["listen"] == "tcp:3007:interface=127.0.0.1"
     assert options("--listen", "tcp:4000")["listen"] == "tcp:4000"
+
+
+def test_scale_token_from_the_option_then_the_environment(monkeypatch):
+    monkeypatch.delenv("DOCKPART_SCALE_TOKEN", raising=False)
+    assert options()["scale-token"] is None
+    monkeypatch.setenv("DOCKPART_SCALE_TOKEN", "from-env")
+    assert options()["scale-token"] == "from-env"
+    assert options("--scale-token", "given")["scale-token"] == "given"
 
 
 def test_bad_start_port_and_sizes_are_usage_errors(monkeypatch):
@@ -29,6 +37,11 @@ def test_bad_start_port_and_sizes_are_usage_errors(monkeypatch):
     monkeypatch.delenv("start_port")
     with pytest.raises(usage.UsageError, match="max-upload"):
         options("--max-upload", "lots")
+    for size in ("-5", "0", "0k", "-1MiB"):
+        with pytest.raises(usage.UsageError, match="must be positive"):
+            options("--max-upload", size)
+    with pytest.raises(usage.UsageError, match="max-queued-images"):
+        options("--max-queued-images", "0")
     assert options("--max-upload", "2MiB")["max-upload"] == 2 * 1024 * 1024
     assert options("--max-upload", "512k")["max-upload"] == 512 * 1024
 

@@ -13,7 +13,7 @@ from twisted.python import usage
 
 from dockpart.drivers import ThreadPoolService
 from dockpart.infra_worker import EntryRules, Worker
-from dockpart.redisconn import RedisAddress, RedisOptions, RedisService
+from dockpart.redisconn import RedisOptions, RedisService
 from dockpart.tier import FIRST_PORT, MAX_PORT
 
 DRIVERS = ("docker", "process")
@@ -29,12 +29,6 @@ def _port_range(value: str) -> tuple[int, int]:
     if not 1 <= low_port <= high_port <= MAX_PORT:
         raise usage.UsageError(f"--port-range {value!r}: need 1 <= LOW <= HIGH <= {MAX_PORT}")
     return low_port, high_port
-
-
-def _redis_url(address: RedisAddress) -> str:
-    """The --redis URL again, password included, for the instances' DOCKPART_REDIS."""
-    auth = f":{address.password}@" if address.password else ""
-    return f"redis://{auth}{address.host}:{address.port}/{address.db}"
 
 
 def _default_state_dir() -> str:
@@ -112,7 +106,7 @@ class Options(RedisOptions):
 
 def make_driver(config, pool: ThreadPoolService, reactor):
     """The driver that ``--driver`` names, imported only when chosen."""
-    redis_url = _redis_url(config["redis"])
+    redis_url = config["redis"].url()  # the password too: instances need it
     if config["driver"] == "process":
         from dockpart.drivers.process import ProcessDriver
         return ProcessDriver(pool, config["state-dir"], redis_url, config["advertise-host"],

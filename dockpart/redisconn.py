@@ -6,21 +6,31 @@ once when no connection is up and gives up after a timeout otherwise.
 """
 
 import os
+import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer, error, task
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 REDIS_ENV = "DOCKPART_REDIS"
+#: Longest wait, in seconds, between two tries to reach Redis again after it left.
+RECONNECT_MAX = 2
+URL_FORM = "redis://HOST:PORT/DB (with [USER]:PASSWORD@ before HOST when Redis wants one)"
 
 
 class RedisUnavailable(Exception):
     """Redis could not answer in time; the caller should say so, not wait."""
+
+
+def _hide_password(url: str) -> str:
+    """``url`` fit for an error message: whatever stands before ``@`` is hidden."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 @dataclass(frozen=True)
@@ -29,22 +39,50 @@ class RedisAddress:
     port: int
     db: int
     password: str | None = None
+    username: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> "RedisAddress":
+        """Read a Redis URL as redis-py's ``from_url`` does.
+
+        ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?db=DB]``: the user and password
+        percent-decoded (``p%40ss`` is ``p@ss``), the database from ``?db=`` else the path,
+        host and port defaulting to localhost and 6379.  ``rediss://`` (TLS) and ``unix://``
+        are refused with the reason rather than half supported.
+        """
+        shown = _hide_password(url)
+        scheme = url.partition("://")[0]
+        if scheme == "rediss":
+            raise usage.UsageError(f"--redis {shown!r}: TLS (rediss://) is not supported; reach "
+                                   f"Redis on loopback or through a TLS tunnel with redis://")
+        if scheme == "unix":
+            raise usage.UsageError(f"--redis {shown!r}: UNIX sockets are not supported; "
+                                   f"use {URL_FORM}")
+        if scheme != "redis":
+            raise usage.UsageError(f"--redis {shown!r}: expected {URL_FORM}")
         try:
             parts = urlsplit(url)
             port = parts.port or 6379
         except ValueError as e:
-            raise usage.UsageError(f"--redis {url!r}: {e}") from None
-        if parts.scheme != "redis" or not parts.hostname:
-            raise usage.UsageError(f"--redis {url!r}: expected redis://HOST:PORT/DB")
-        path = parts.path.strip("/") or "0"
-        if not path.isdigit():
-            raise usage.UsageError(f"--redis {url!r}: the database must be a number, not {path!r}")
-        return cls(parts.hostname, port, int(path), parts.password)
+            raise usage.UsageError(f"--redis {shown!r}: {e}") from None
+        query = parse_qs(parts.query)
+        db = unquote(query["db"][0]) if query.get("db") else unquote(parts.path).replace("/", "")
+        if not (db or "0").isdigit():
+            raise usage.UsageError(f"--redis {shown!r}: the database must be a number, not {db!r}")
+        return cls(unquote(parts.hostname) if parts.hostname else "localhost", port,
+                   int(db or 0), unquote(parts.password) if parts.password else None,
+                   unquote(parts.username) if parts.username else None)
+
+    def url(self) -> str:
+        """This address as a URL again, credentials included (for the instances' environment)."""
+        auth = ""
+        if self.username or self.password:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{auth}{host}:{self.port}/{self.db}"
 
     def __str__(self) -> str:
+        """Without credentials: for logs, and the docker driver's tier label."""
         return f"redis://{self.host}:{self.port}/{self.db}"
 
 
@@ -53,7 +91,8 @@ class RedisOptions(usage.Options):
 
     optParameters = [
         ["redis", None, None,
-         f"Redis URL redis://HOST:PORT/DB (env {REDIS_ENV}, default {DEFAULT_REDIS})."],
+         f"Redis URL {URL_FORM}, read as redis-py reads it (env {REDIS_ENV}, "
+         f"default {DEFAULT_REDIS})."],
         ["redis-timeout", None, 2.0, "Seconds to wait for a Redis answer.", float],
     ]
 
@@ -75,27 +114,31 @@ class RedisService(Service):
         self.address = address
         self.timeout = timeout
         self.reactor = reactor
-        self._handler = None
+        self._factory = None
         self._was_connected = False
 
     def startService(self) -> None:
+        """Connect through txredisapi's public factory API (``startConnecting``), which keeps
+        reconnecting, never more than RECONNECT_MAX seconds apart."""
         super().startService()
-        self._handler = txredisapi.lazyConnection(
-            self.address.host, self.address.port, dbid=self.address.db,
-            password=self.address.password, reconnect=True, convertNumbers=False,
-            connectTimeout=self.timeout,
-        )
-        self._handler._factory.maxDelay = 2
+        address = self.address
+        factory = txredisapi.RedisFactory(
+            str(address), address.db, 1, isLazy=True, handler=txredisapi.ConnectionHandler,
+            password=address.password, username=address.username, convertNumbers=False)
+        factory.maxDelay = RECONNECT_MAX
+        factory.startConnecting(HostnameEndpoint(self.reactor, address.host, address.port,
+                                                 timeout=self.timeout))
+        self._factory = factory
 
     def stopService(self):
         super().stopService()
-        handler, self._handler = self._handler, None
-        if handler is not None:
-            return handler.disconnect()
+        factory, self._factory = self._factory, None
+        if factory is not None:
+            return factory.disconnect()
 
     @property
     def connected(self) -> bool:
-        return self._handler is not None and bool(self._handler._factory.size)
+        return self._factory is not None and self._factory.size > 0
 
     def call(self, command: str, *args) -> defer.Deferred:
         """Run one Redis command; fail with RedisUnavailable instead of waiting.
@@ -106,7 +149,7 @@ class RedisService(Service):
         if self.connected:
             self._was_connected = True
             return self._send(command, *args)
-        if self._was_connected or self._handler is None:
+        if self._was_connected or self._factory is None:
             return defer.fail(RedisUnavailable(f"no connection to {self.address}"))
         return defer.ensureDeferred(self._send_once_connected(command, *args))
 
@@ -120,7 +163,7 @@ class RedisService(Service):
         return await self._send(command, *args)
 
     def _send(self, command: str, *args) -> defer.Deferred:
-        d = self._handler.execute_command(command, *args)
+        d = self._factory.handler.execute_command(command, *args)
         d.addTimeout(self.timeout, self.reactor)
         d.addErrback(self._unavailable)
         return d

@@ -1,10 +1,15 @@
-"""RedisService against a real redis-server: first connection waited for, later outages not."""
+"""RedisService against a real redis-server (first connection waited for, later outages not),
+and Redis URLs read as redis-py reads them."""
+
+import re
 
 import pytest
 import pytest_twisted
+import redis as redis_py
+from twisted.python import usage
 
 from dockpart.redisconn import RedisAddress, RedisService, RedisUnavailable
-from helpers import free_port
+from helpers import RedisProcess, free_port
 
 
 @pytest_twisted.ensureDeferred
@@ -28,3 +33,71 @@ async def test_no_server_gives_unavailable_after_the_timeout():
             await redis.call("PING")
     finally:
         await redis.stopService()
+
+
+@pytest.mark.parametrize("url, address", [
+    ("redis://h", RedisAddress("h", 6379, 0)),
+    ("redis://h:6380/2", RedisAddress("h", 6380, 2)),
+    ("redis://", RedisAddress("localhost", 6379, 0)),
+    ("redis://:p%40ss%3Aw%2Frd@h/1", RedisAddress("h", 6379, 1, "p@ss:w/rd")),
+    ("redis://alice:pw@h", RedisAddress("h", 6379, 0, "pw", "alice")),
+    ("redis://al%20ice:@h", RedisAddress("h", 6379, 0, None, "al ice")),
+    ("redis://h/3?db=5", RedisAddress("h", 6379, 5)),  # ?db= wins, as in redis-py
+    ("redis://h?db=4", RedisAddress("h", 6379, 4)),
+    ("redis://[::1]:6390/0", RedisAddress("::1", 6390, 0)),
+])
+def test_redis_urls_are_read_as_redis_py_reads_them(url, address):
+    import redis
+    assert RedisAddress.parse(url) == address
+    kwargs = redis.connection.parse_url(url)  # the reference
+    assert (kwargs.get("host", "localhost"), kwargs.get("port", 6379), kwargs.get("db", 0),
+            kwargs.get("password"), kwargs.get("username")) == (
+        address.host, address.port, address.db, address.password,
+        address.username)
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("rediss://:secret@h", "TLS (rediss://) is not supported"),
+    ("unix:///tmp/redis.sock", "UNIX sockets are not supported"),
+    ("http://h", "expected redis://HOST:PORT/DB"),
+    ("REDIS://h", "expected redis://HOST:PORT/DB"),  # redis-py's schemes are lower case
+    ("redis://:secret@h/db", "the database must be a number"),
+    ("redis://:secret@h:port", "Port could not be cast"),
+])
+def test_bad_redis_urls_are_refused_without_showing_the_password(url, reason):
+    with pytest.raises(usage.UsageError, match=re.escape(reason)) as refused:
+        RedisAddress.parse(url)
+    assert "secret" not in str(refused.value)
+
+
+def test_an_address_turns_back_into_the_url_it_came_from():
+    for url in ("redis://h:6379/0", "redis://:p%40ss%3Aw%2Frd@h:6379/1",
+                "redis://alice:pw@h:6380/2", "redis://[::1]:6379/0"):
+        assert RedisAddress.parse(url).url() == url
+        assert RedisAddress.parse(RedisAddress.parse(url).url()) == RedisAddress.parse(url)
+    assert str(RedisAddress.parse("redis://alice:pw@h:6380/2")) == "redis://h:6380/2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_and_a_percent_encoded_password_log_in_to_a_real_redis():
+    server = RedisProcess().start()
+    try:
+        admin = server.client()
+        admin.acl_setuser("alice", enabled=True, passwords=["+p@ss:w/rd"], keys=["*"],
+                          commands=["+@all"])
+        admin.config_set("requirepass", "default p@ss")
+        url = f"redis://alice:p%40ss%3Aw%2Frd@127.0.0.1:{server.port}/2"
+        for url in (url, f"redis://:default%20p%40ss@127.0.0.1:{server.port}/2"):
+            redis = RedisService(RedisAddress.parse(url), timeout=5)
+            redis.startService()
+            try:
+                assert await redis.call("SET", "k", url) == "OK"
+            finally:
+                await redis.stopService()
+        check = redis_py.Redis(port=server.port, db=2, password="default p@ss",
+                               decode_responses=True)
+        assert check.get("k").startswith("redis://:default")
+        check.close()
+        admin.close()
+    finally:
+        server.stop()

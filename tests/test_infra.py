@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -174,6 +175,9 @@ def test_spawn_becomes_reachable_then_registered_and_announced(infra_d, redis_db
     assert messages == [f"add {url}"]
     pubsub.close()
     assert len(instance_pids(port)) == 1
+    listen = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert listen[3] == f"127.0.0.1:{port}" and listen[2] == "1024"  # loopback, real backlog
 
 
 def test_ten_concurrent_spawns_give_ten_instances(infra_d, redis_db):

@@ -19,9 +19,8 @@ import socket
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
-
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service

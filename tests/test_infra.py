@@ -121,6 +121,8 @@ def wait_registered(redis_db, urls, timeout=20.0):
     (["--port-range", "abc"], "LOW-HIGH"),
     (["--driver", "process", "--rebuild"], "--rebuild only applies"),
     (["--interval", "0"], "--interval must be positive"),
+    (["--probe-timeout", "-1"], "--probe-timeout must be positive"),
+    (["--redis", "rediss://h"], "TLS"),
     (["--build-arg", "NOEQUALS"], "KEY=VALUE"),
 ])
 def test_bad_options_are_refused_with_a_reason(args, message):

@@ -12,6 +12,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from dockpart.drivers import ThreadPoolService
+from dockpart import infra_autoscale
 from dockpart.infra_worker import EntryRules, Worker
 from dockpart.redisconn import RedisAddress, RedisOptions, RedisService
 from dockpart.tier import FIRST_PORT, MAX_PORT
@@ -42,7 +43,7 @@ def _default_state_dir() -> str:
     return os.path.join(base, "dockpart-infra")
 
 
-class Options(RedisOptions):
+class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
     synopsis = "[options]"
     longdesc = ("Spawns and destroys dockpart-web instances as /spawn and /destroy ask. "
                 "The Docker endpoint comes from DOCKER_HOST, else the local socket.")
@@ -135,9 +136,10 @@ def makeService(config, reactor=None):
     pool.setServiceParent(top)
     low, high = config["port-range"]
     rules = EntryRules(config["advertise-host"], low, high, config["first-port"])
-    Worker(redis, make_driver(config, pool, reactor), rules, interval=config["interval"],
-           reconcile_interval=config["reconcile-interval"], drain=config["drain"],
-           spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
-           retry_max=config["retry-max"], lease=config["lease"],
-           reactor=reactor).setServiceParent(top)
+    worker = Worker(redis, make_driver(config, pool, reactor), rules, interval=config["interval"],
+                    reconcile_interval=config["reconcile-interval"], drain=config["drain"],
+                    spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
+                    retry_max=config["retry-max"], lease=config["lease"], reactor=reactor)
+    worker.setServiceParent(top)
+    infra_autoscale.attach(config, redis, worker, top, reactor)
     return top

@@ -297,7 +297,8 @@ class Autoscaler(Service):
     async def limits(self) -> tuple[int, int]:
         """min/max from keys.AUTOSCALE_LIMITS when valid there, else the options'."""
         s = self.policy.settings
-        fields = await self.redis.call("HGETALL", keys.AUTOSCALE_LIMITS) or {}
+        flat = await self.redis.call("HGETALL", keys.AUTOSCALE_LIMITS) or []
+        fields = dict(zip(flat[::2], flat[1::2]))
         try:
             low = int(fields.get("min", s.min_instances))
             high = int(fields.get("max", s.max_instances))

@@ -199,14 +199,15 @@ async def drive(args, proxy_port: int, db) -> tuple[list[dict], Stats, float, fl
         else:
             wanted = 0
             if load_stopped is None:
-                load_stopped = now
+                load_stopped = round(now)
         while len(clients) < wanted:
             client = Client(proxy_port, stats)
             clients.append((client, asyncio.ensure_future(client.run())))
-        while len(clients) > wanted:
-            client, task = clients.pop()
-            client.stopping = True
-            await task  # a request in flight finishes: stopping never fails one
+        if len(clients) > wanted:
+            leaving, clients = clients[wanted:], clients[:wanted]
+            for client, _ in leaving:
+                client.stopping = True
+            await asyncio.gather(*(task for _, task in leaving))  # requests in flight finish
         await asyncio.sleep(1 - (time.monotonic() - began) % 1)
         live = db.llen(keys.SERVERS)
         spawning = db.llen(keys.SPAWN_QUEUE) + db.llen(keys.SPAWNING)
@@ -342,7 +343,7 @@ def report(samples, stats, stopped, decisions, args, began):
     print(f"requests: {stats.ok} ok, {stats.failed} failed" +
           (f" (e.g. {stats.errors})" if stats.errors else ""))
     print(f"load stopped at t={stopped} s; back at the minimum at t={back} s"
-          + (f" ({back - stopped} s later; window {args.window:g} s + drain {args.drain:g} s)"
+          + (f" ({back - stopped:g} s later; window {args.window:g} s + drain {args.drain:g} s)"
              if back is not None and stopped is not None else " (not within the run)"))
     print("decisions:")
     for d in decisions:

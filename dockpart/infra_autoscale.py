@@ -118,8 +118,10 @@ class Policy:
             limit = current + max(current, s.step)
             if wanted > limit:
                 wanted, why = limit, f"at most +{max(current, s.step)} per step"
-        if wanted > high or wanted < low:
-            wanted, why = min(max(wanted, low), high), f"limits {low}-{high}"
+        if wanted > high:
+            wanted, why = high, f"at most {high} instances"
+        elif wanted < low:
+            wanted, why = low, f"at least {low} instance{'s' if low != 1 else ''}"
         self.recommendations.append((now, wanted))
         while self.recommendations and self.recommendations[0][0] < now - s.window:
             self.recommendations.popleft()

@@ -44,7 +44,7 @@ def test_never_above_max_nor_below_min():
     p, clock = policy(min_instances=2, max_instances=6)
     d = p.decide(Observed(3, 0, 400))
     assert (d.action, d.desired) == ("up", 6)
-    assert "limits 2-6" in d.reason
+    assert "at most 6 instances" in d.reason
     clock.advance(10)
     assert p.decide(Observed(6, 0, 400)).action == "hold"  # at max: nothing more to ask
 

@@ -80,13 +80,13 @@ async def test_load_above_target_asks_for_spawns_up_to_max_and_no_further(redis_
         redis_db.rpush(keys.SERVERS, url(5001), url(5002))  # the worker spawned them
         await t.load({FIRST: 20, url(5001): 20, url(5002): 20})
         d = await t.evaluate()
-        assert (d.action, d.desired) == ("hold", 3) and "limits 1-3" in d.reason
+        assert (d.action, d.desired) == ("hold", 3) and "at most 3 instances" in d.reason
         assert redis_db.llen(keys.SPAWN_QUEUE) == 0
         assert redis_db.get(keys.AUTOSCALE_DESIRED) == "3"
         records = [json.loads(r) for r in redis_db.lrange(keys.AUTOSCALE_DECISIONS, 0, -1)]
         assert [r["action"] for r in records] == ["hold", "up"]  # a hold is said once
         assert records[-1]["reason"] == "1 instance, 20.0 in flight each (target 2) -> 3 " \
-                                        "(limits 1-3)"
+                                        "(at most 3 instances)"
 
 
 @pytest_twisted.ensureDeferred

@@ -271,6 +271,7 @@ def main():
     parser.add_argument("--max", type=int, default=10, help="--max-instances")
     parser.add_argument("--drain", type=float, default=2.0)
     parser.add_argument("--drain-slack", type=float, default=30.0)
+    parser.add_argument("--every", type=int, default=1, help="print every Nth second's row")
     parser.add_argument("--png", default=str(ROOT / "docs" / "autoscale.png"))
     args = parser.parse_args()
     if not shutil.which("redis-server"):
@@ -318,7 +319,7 @@ def main():
 def report(samples, stats, stopped, decisions, args, began):
     print(f"{'t':>4} {'clients':>7} {'live':>4} {'spawn':>5} {'desired':>7} {'inflight/inst':>13} "
           f"{'p95 ms':>7} {'done/s':>6} {'failed':>6}")
-    for s in samples:
+    for s in samples[args.every - 1::args.every]:
         per = f"{s['per_instance']:.1f}" if s["per_instance"] is not None else "-"
         p = f"{s['p95_ms']:.0f}" if s["p95_ms"] is not None else "-"
         print(f"{s['t']:>4} {s['clients']:>7} {s['live']:>4} {s['spawning']:>5} "

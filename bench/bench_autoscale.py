@@ -1,7 +1,8 @@
 """The autoscaler under a load ramp: instances follow the load up, then back to the minimum.
 
 Starts its own redis-server, the first dockpart-web, dockpart-proxy and dockpart-infra with
-``--autoscale`` (process driver, or ``--driver docker`` with the dockpart-web image), then
+``--autoscale`` (process driver, or ``--driver docker`` with an image of this tree's dockpart-web, built
+from the wheelhouse of ``scripts/images wheels`` on ``$BASE_IMAGE``), then
 drives a closed-loop load through the proxy on ``/work?ms=50``: the clients grow from 2 to 64
 over the ramp, hold, then stop.  Every second it samples the live instances, the requests in
 flight per instance (from the proxies' published reports, what the autoscaler reads), the
@@ -39,6 +40,9 @@ from dockpart.proxy_load import read_reports  # noqa: E402
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 WORK_MS = 50
+#: --driver docker: an image of this tree's dockpart-web, built for the run and removed after.
+IMAGE = "dockpart-web:bench-autoscale"
+BASE_IMAGE = os.environ.get("BASE_IMAGE", "dockpart-base:bookworm")
 
 
 def free_port() -> int:
@@ -227,6 +231,20 @@ async def drive(args, proxy_port: int, db) -> tuple[list[dict], Stats, float, fl
     return samples, stats, load_stopped, began
 
 
+def build_image() -> None:
+    """This tree's dockpart-web, from the wheelhouse ``scripts/images wheels`` fills."""
+    subprocess.run(["docker", "build", "-q", "-f", "Dockerfiles/web.Dockerfile", "--build-arg",
+                    f"BASE_IMAGE={BASE_IMAGE}", "-t", IMAGE, "."], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+
+
+def remove_docker(first: int, count: int) -> None:
+    from dockpart.drivers import instance_name
+    names = [instance_name(port) for port in range(first + 1, first + count + 2)]
+    subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
+    subprocess.run(["docker", "rmi", IMAGE], capture_output=True)
+
+
 def plot(samples: list[dict], args, path: Path) -> bool:
     try:
         import matplotlib
@@ -277,6 +295,7 @@ def main():
     if not shutil.which("redis-server"):
         raise SystemExit("needs redis-server")
     started = Started()
+    first = 0
     try:
         redis_port = free_port()
         started.run("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
@@ -294,7 +313,8 @@ def main():
                        ready="listening on")
         driver = ["--driver", "process", "--state-dir", str(started.dir / "state")]
         if args.driver == "docker":
-            driver = ["--driver", "docker", "--image", "dockpart-web:latest"]
+            build_image()
+            driver = ["--driver", "docker", "--image", IMAGE, "--stop-timeout", "2"]
         infra = started.twistd(
             "infra", "dockpart-infra", *driver, "--redis", redis_url, "--first-port", str(first),
             "--port-range", f"{first + 1}-{first + args.max + 1}", "--drain", str(args.drain),
@@ -310,6 +330,8 @@ def main():
         print(f"logs: {started.dir} (infra: {infra.log_path.name})")
     finally:
         started.stop()
+        if args.driver == "docker":
+            remove_docker(first, args.max)
         if args.driver == "process":  # instances outlive the infra by design
             for pids in _thd_scan(str((started.dir / "state").resolve())).values():
                 for pid in pids:

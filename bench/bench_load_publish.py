@@ -2,9 +2,9 @@
 
 Starts a redis-server, two fast canned-response backends, and two dockpart-proxy processes
 on the same list: one as shipped (it publishes its load report every second) and one whose
-publisher is replaced by an empty service.  Drives each with ``wrk -t1 -cC -dDs`` in rounds
-that take turns (a busy moment of a shared machine hits both alike) and prints the median
-requests/s and p99 of each, and the difference.
+publisher is replaced by an empty service.  Drives both at the same time, each with its own
+``wrk -t1 -cC -dDs`` (so a busy moment of a shared machine hits both alike), in several
+rounds, and prints the median requests/s and p99 of each and the per-round ratio.
 
     python bench/bench_load_publish.py [--duration 5] [--connections 50] [--rounds 5]
 
@@ -17,6 +17,7 @@ import multiprocessing
 import re
 import shutil
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,8 @@ def main():
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--control", action="store_true",
+                        help="both proxies as shipped (an A/A run: the noise of the machine)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("needs wrk (apt-get install wrk)")
@@ -85,19 +88,23 @@ def main():
             port = free_port()
             daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
                             "--redis", redis.url, ready="dockpart-proxy listening on")
-            if name.startswith("without"):
+            if name.startswith("without") and not args.control:
                 daemon.argv = [sys.executable, "-c", WITHOUT_PUBLISHER, *daemon.argv[1:]]
             daemon.start()
             daemon.url = f"http://127.0.0.1:{port}/"
             proxies[name] = daemon
-        wait_for(lambda: redis.client().zcard("dockpart:load:proxies") == 1, 10,
-                 what="one proxy (and only one) publishing")
+        publishing = 2 if args.control else 1
+        wait_for(lambda: redis.client().zcard("dockpart:load:proxies") == publishing, 10,
+                 what=f"{publishing} proxies publishing")
         results = {name: [] for name in proxies}
-        for i in range(args.rounds):
-            for name, daemon in list(proxies.items())[::1 if i % 2 else -1]:  # both orders
-                results[name].append(wrk(daemon.url, args.duration, args.connections))
-        print(f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} rounds taking "
-              f"turns; medians")
+        with ThreadPoolExecutor(len(proxies)) as pool:
+            for _ in range(args.rounds):
+                runs = {name: pool.submit(wrk, daemon.url, args.duration, args.connections)
+                        for name, daemon in proxies.items()}
+                for name, run in runs.items():
+                    results[name].append(run.result())
+        print(f"wrk -t1 -c{args.connections} -d{args.duration}s on both proxies at once, "
+              f"{args.rounds} rounds; medians")
         print(f"{'dockpart-proxy':<20} {'requests/s':>10} {'p99 ms':>7} {'non-2xx':>7}  rounds")
         medians = {}
         for name, runs in results.items():
@@ -106,8 +113,10 @@ def main():
                   f"{statistics.median(r['p99_ms'] for r in runs):>7.2f} "
                   f"{sum(r['non2xx'] for r in runs):>7}  "
                   + " ".join(f"{r['rate']:.0f}" for r in runs))
-        a, b = medians["with publisher"], medians["without publisher"]
-        print(f"publishing: {100 * (a - b) / b:+.1f} % requests/s")
+        ratios = [a["rate"] / b["rate"] for a, b in zip(results["with publisher"],
+                                                        results["without publisher"])]
+        print(f"with / without, per round: {' '.join(f'{r:.3f}' for r in ratios)}; "
+              f"median {statistics.median(ratios):.3f}")
     finally:
         for daemon in proxies.values():
             daemon.stop()

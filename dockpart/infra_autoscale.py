@@ -28,7 +28,7 @@ from twisted.python import usage
 
 from dockpart import keys, load, tier
 from dockpart.proxy_load import read_reports
-from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
+from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Decisions kept in keys.AUTOSCALE_DECISIONS.
 DECISIONS_KEPT = 50
@@ -164,7 +164,7 @@ def observe(lists: dict[str, list[str]], reports: list[dict]) -> Observed:
     return Observed(len(ready), len(spawning), inflight)
 
 
-class AutoscaleOptions(RedisOptions):
+class AutoscaleOptions(usage.Options):
     """dockpart-infra's autoscaling options (a mix-in for its Options)."""
 
     optFlags = [["autoscale", None, "Size the tier on the proxies' measured load (off: only "

@@ -3,7 +3,7 @@ spawned by a real dockpart-infra (process driver), and load through the proxy on
 """
 
 import asyncio
-import json
+import random
 import signal
 import threading
 import time
@@ -14,7 +14,7 @@ import requests
 
 from dockpart import keys, load
 from dockpart.proxy_load import read_reports
-from helpers import Daemon, free_port, free_port_run, start_web, wait_for
+from helpers import Daemon, free_port, port_open, start_web, wait_for
 from proxykit import Backend
 from test_infra import kill_instances
 
@@ -35,6 +35,16 @@ def reports(client) -> list[dict]:
 
 def inflight(client, url: str) -> int:
     return load.merge(reports(client)).get(url, {}).get("inflight", 0)
+
+
+def port_block(count: int) -> int:
+    """A first port with ``count`` free ones from it, below the ephemeral range (32768 up):
+    the load's own connections cannot take a port an instance is about to listen on."""
+    for _ in range(100):
+        first = random.randrange(30000, 32700 - count)
+        if not any(port_open(p) for p in range(first, first + count)):
+            return first
+    raise AssertionError(f"no block of {count} free ports in 30000-32700")
 
 
 def start_proxy(redis_url: str, *args: str) -> Daemon:
@@ -140,7 +150,7 @@ def start_infra(redis_url: str, state_dir: Path, first: int, *args: str) -> Daem
 @pytest.fixture
 def tier(redis_db, redis_server, tmp_path):
     """The first web instance, a proxy, and what a test's infra spawns (killed at the end)."""
-    first = free_port_run(10)
+    first = port_block(10)
     web = start_web(redis_server.url, "--first-port", str(first), port=first)
     wait_for(lambda: redis_db.lrange(keys.SERVERS, 0, -1) == [f"http://127.0.0.1:{first}"], 10,
              what="the first instance to register")

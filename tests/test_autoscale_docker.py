@@ -1,7 +1,6 @@
 """End to end with the Docker driver: load through a real proxy makes dockpart-infra spawn
 containers, and taking it away brings the tier back to the first instance."""
 
-import random
 import uuid
 
 import docker
@@ -11,8 +10,8 @@ import requests
 from dockerkit import docker_client
 from dockpart import keys
 from dockpart.drivers import instance_name
-from helpers import ROOT, Daemon, port_open, start_web, wait_for
-from test_autoscale import LoadGenerator, start_proxy
+from helpers import ROOT, Daemon, start_web, wait_for
+from test_autoscale import LoadGenerator, port_block, start_proxy
 
 pytestmark = pytest.mark.docker
 
@@ -20,9 +19,7 @@ pytestmark = pytest.mark.docker
 def test_docker_tier_scales_up_under_load_and_back_down(redis_db, redis_server, docker_images):
     engine = docker_client()
     tag = f"dockpart-web:autoscale-test-{uuid.uuid4().hex[:8]}"
-    # Outside the ephemeral range, away from the other Docker tests' ports.
-    first = next(p for p in iter(lambda: random.randrange(23000, 23900, 10), None)
-                 if not any(port_open(p + i) for i in range(5)))
+    first = port_block(5)
     web = start_web(redis_server.url, "--first-port", str(first), port=first)
     proxy = start_proxy(redis_server.url)
     infra = Daemon("dockpart-infra", "--driver", "docker", "--redis", redis_server.url,

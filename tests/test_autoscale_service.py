@@ -8,12 +8,14 @@ import json
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from dockpart import keys, load
 from dockpart.infra_autoscale import Autoscaler, Policy, Settings
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_load import LoadPublisher
 from dockpart.redisconn import RedisAddress, RedisService
+from helpers import free_port
 
 FIRST = "http://127.0.0.1:5000"
 
@@ -196,3 +198,19 @@ async def test_the_published_report_counts_since_the_last_one(redis_db, redis_se
             (0, 0, 0)
         assert 0 < redis_db.pttl(keys.proxy_load("test:1")) <= load.REPORT_TTL * 1000
         assert redis_db.zrange(keys.LOAD_PROXIES, 0, -1) == ["test:1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_away_means_no_decision_said_once_and_the_loop_goes_on():
+    events = []
+    observer = lambda event: events.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        async with Tier(f"redis://127.0.0.1:{free_port()}/0") as t:
+            t.redis.timeout = 0.2
+            for _ in range(3):
+                t.clock.advance(1)
+                await t.scaler.tick()  # never raises: a LoopingCall must not stop
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert sum("Redis is away" in e and "no decision" in e for e in events) == 1

@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.application.service import MultiService
 from twisted.python import usage
 
+from dockpart import infra_autoscale
 from dockpart.drivers import ThreadPoolService
 from dockpart.infra_worker import EntryRules, Worker
 from dockpart.redisconn import RedisOptions, RedisService
@@ -36,7 +37,7 @@ def _default_state_dir() -> str:
     return os.path.join(base, "dockpart-infra")
 
 
-class Options(RedisOptions):
+class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
     synopsis = "[options]"
     longdesc = ("Spawns and destroys dockpart-web instances as /spawn and /destroy ask. "
                 "The Docker endpoint comes from DOCKER_HOST, else the local socket.")
@@ -132,12 +133,14 @@ def makeService(config, reactor=None):
     pool.setServiceParent(top)
     low, high = config["port-range"]
     rules = EntryRules(config["advertise-host"], low, high, config["first-port"])
-    Worker(redis, make_driver(config, pool, reactor), rules, interval=config["interval"],
-           reconcile_interval=config["reconcile-interval"], drain=config["drain"],
-           spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
-           retry_max=config["retry-max"], lease=config["lease"],
-           probe_timeout=config["probe-timeout"],
-           # An instance that exited is replaced, unless the autoscaler owns the count.
-           keep_count=not config.get("autoscale"),
-           reactor=reactor).setServiceParent(top)
+    worker = Worker(redis, make_driver(config, pool, reactor), rules, interval=config["interval"],
+                    reconcile_interval=config["reconcile-interval"], drain=config["drain"],
+                    spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
+                    retry_max=config["retry-max"], lease=config["lease"],
+                    probe_timeout=config["probe-timeout"],
+                    # An instance that exited is replaced, unless the autoscaler owns the count.
+                    keep_count=not config["autoscale"],
+                    reactor=reactor)
+    worker.setServiceParent(top)
+    infra_autoscale.attach(config, redis, worker, top, reactor)
     return top

@@ -190,6 +190,11 @@ class Worker(Service):
         for loop in self._loops:
             loop.clock = reactor
 
+    @property
+    def leased(self) -> bool:
+        """Whether this infra holds the lease on the queues (as of its last look)."""
+        return bool(self._leased)
+
     # -- life cycle
 
     def startService(self):

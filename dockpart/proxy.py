@@ -13,6 +13,7 @@ from twisted.python import usage
 from dockpart import keys
 from dockpart.proxy_backends import BackendSet, BackendSync, HealthChecks
 from dockpart.proxy_http import Limits, ProxyFactory
+from dockpart.proxy_load import LoadPublisher
 from dockpart.listening import Listener
 from dockpart.redisconn import RedisOptions, RedisService
 
@@ -75,6 +76,7 @@ def makeService(config, reactor=None):
     backends = BackendSet(redis, config["servers-key"], config["balance"], reactor,
                           down_time=config["down-time"])
     BackendSync(backends, reactor, config["refresh-interval"]).setServiceParent(top)
+    LoadPublisher(backends, redis, reactor).setServiceParent(top)
     if config["health-path"]:
         HealthChecks(backends, config["health-path"], config["health-interval"],
                      config["connect-timeout"], reactor).setServiceParent(top)

@@ -17,6 +17,8 @@ def status(proxy: ProxyFactory) -> dict:
         "tunnels": stats.tunnels,
         "open_client_connections": len(proxy.clients),
         "client_connections": stats.connections,
+        # What this proxy last published for the autoscaler and the dashboard (one source).
+        "load": proxy.backends.published,
     }
 
 

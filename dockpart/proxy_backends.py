@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from dockpart import keys
+from dockpart import keys, load
 from dockpart.tier import BadInstanceURL, parse_instance_url
 from dockpart.redisconn import RedisService, RedisUnavailable
 
@@ -28,7 +28,7 @@ class Backend:
     """One entry of the list: where it is, its idle connections and what happened to it."""
 
     __slots__ = ("url", "host", "port", "authority", "idle", "down_until", "requests",
-                 "errors", "latency_sum", "latency_count", "active", "listed")
+                 "errors", "latency_sum", "latency_count", "latency_buckets", "active", "listed")
 
     def __init__(self, url: str, host: str, port: int):
         self.url = url
@@ -41,8 +41,15 @@ class Backend:
         self.errors = 0
         self.latency_sum = 0.0
         self.latency_count = 0
+        self.latency_buckets = load.empty_buckets()
         self.active = 0
         self.listed = True
+
+    def timed(self, seconds: float) -> None:
+        """One response head arrived ``seconds`` after its request was sent."""
+        self.latency_sum += seconds
+        self.latency_count += 1
+        self.latency_buckets[load.bucket_of(seconds)] += 1
 
     def status(self, now: float) -> dict:
         return {
@@ -83,6 +90,7 @@ class BackendSet:
         self._bad: set[str] = set()
         self._rereading = None
         self._waiting: list = []
+        self.published: dict | None = None  # the last load report (dockpart.proxy_load)
 
     # The list.
 

@@ -620,8 +620,7 @@ class BackendConnection(_Reading, protocol.Protocol):
             self._reason = b""
             self._headers = []
             return
-        backend.latency_sum += now - exchange.started
-        backend.latency_count += 1
+        backend.timed(now - exchange.started)
         client.deadline = None
         exchange.status = status
         headers = self._headers

@@ -10,11 +10,12 @@ import hmac
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from html import escape
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -31,6 +32,10 @@ MESSAGE_TTL = 10
 DEFAULT_KEY = "message"
 RECENT_COUNT = 5
 MAX_KEY_LENGTH = 200
+#: Longest /work?ms=N, in milliseconds.
+MAX_WORK_MS = 10000
+#: Autoscaler decisions /listservers shows.
+DECISIONS_SHOWN = 10
 #: Routes that take one more path segment, a user's cache key.
 KEYED_ROUTES = {"set", "get"}
 #: Where --scale-token comes from when the option is not given.
@@ -127,6 +132,7 @@ class WebApp(Resource):
 
     isLeaf = True
     log = Logger()
+    clock = None  # the reactor unless a test sets one
 
     def __init__(self, redis: RedisService, advertise_host: str, first_port: int,
                  max_instances: int, max_upload: int, max_queued_images: int = 20,
@@ -150,6 +156,7 @@ class WebApp(Resource):
             ("GET", "spawn"): self.spawn,
             ("GET", "destroy"): self.destroy,
             ("GET", "listservers"): self.listservers,
+            ("GET", "work"): self.work,
         }
 
     def render(self, request):
@@ -324,9 +331,11 @@ class WebApp(Resource):
                     + await self.redis.call("LRANGE", keys.SPAWNING, 0, -1))
         destroying = (await self.redis.call("LRANGE", keys.DESTROY_QUEUE, 0, -1)
                       + await self.redis.call("LRANGE", keys.DESTROYING, 0, -1))
+        autoscale = await self._autoscale()
         accept = request.getHeader("accept") or ""
         if "application/json" in accept:
-            body = json.dumps({"servers": live, "spawning": spawning, "destroying": destroying})
+            body = json.dumps({"servers": live, "spawning": spawning, "destroying": destroying,
+                               "autoscale": autoscale})
             return Reply(200, body + "\n", "application/json")
         sections = [("Instances", live), ("Being spawned", spawning),
                     ("Being destroyed", destroying)]
@@ -334,7 +343,41 @@ class WebApp(Resource):
             f"<h2>{title}</h2>\n<ul>\n"
             + "\n".join(f"<li>{escape(u)}</li>" for u in urls)
             + "\n</ul>" for title, urls in sections)
-        return page("Servers", html)
+        return page("Servers", html + _autoscale_html(autoscale))
+
+    async def _autoscale(self) -> dict:
+        """The autoscaler's desired size and last decisions (dockpart.infra_autoscale)."""
+        desired = await self.redis.call("GET", keys.AUTOSCALE_DESIRED)
+        raws = await self.redis.call("LRANGE", keys.AUTOSCALE_DECISIONS, 0, DECISIONS_SHOWN - 1)
+        decisions = []
+        for raw in raws:
+            try:
+                decisions.append(json.loads(raw))
+            except ValueError:
+                continue
+        return {"desired": int(desired) if desired and desired.isdigit() else None,
+                "decisions": decisions}
+
+    async def work(self, request) -> Reply:
+        """Stands for real work: answers after ``ms`` milliseconds without blocking."""
+        raw = request.args.get(b"ms", [b"0"])[0].decode("ascii", "replace")
+        if not raw.isdigit() or int(raw) > MAX_WORK_MS:
+            return message("Bad request", f"ms must be a whole number from 0 to {MAX_WORK_MS}.",
+                           400)
+        from twisted.internet import reactor
+        await task.deferLater(self.clock or reactor, int(raw) / 1000)
+        return Reply(200, f"worked {raw} ms\n", "text/plain; charset=utf-8")
+
+
+def _autoscale_html(autoscale: dict) -> str:
+    if autoscale["desired"] is None and not autoscale["decisions"]:
+        return ""
+    items = "\n".join(
+        f"<li>{escape(time.strftime('%H:%M:%S', time.localtime(d.get('time', 0))))} "
+        f"<b>{escape(str(d.get('action')))}</b>: {escape(str(d.get('reason')))}</li>"
+        for d in autoscale["decisions"])
+    return (f"\n<h2>Autoscaler</h2>\n<p>Desired size: <b>{autoscale['desired']}</b></p>\n"
+            f"<ol>\n{items}\n</ol>")
 
 
 class FirstInstanceRegistration(Service):

@@ -166,7 +166,8 @@ def test_listservers_in_html_and_json(web, redis_db):
     r = get(web, "/listservers", headers={"accept": "application/json"})
     assert r.headers["content-type"] == "application/json"
     assert r.json() == {"servers": ["http://127.0.0.1:3000", "http://127.0.0.1:3001"],
-                        "spawning": ["http://127.0.0.1:3002"], "destroying": []}
+                        "spawning": ["http://127.0.0.1:3002"], "destroying": [],
+                        "autoscale": {"desired": None, "decisions": []}}
 
 
 def test_unknown_route_and_wrong_method(web, redis_db):

@@ -1,0 +1,128 @@
+"""The proxy's load publisher, and the reader of every proxy's reports.
+
+Each dockpart-proxy process writes, once a second, what it measured per backend since its
+previous report (format: :mod:`dockpart.load`) under a key of its own that expires, and
+scores its id by the report's time in ``keys.LOAD_PROXIES``.  Several proxies (or
+``--workers`` processes) publish side by side and add up; one that died stops counting when
+its report expires.  The autoscaler, the admin listener and the dashboard read these reports.
+"""
+
+import json
+import os
+import socket
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from dockpart import keys, load
+from dockpart.proxy_backends import BackendSet
+from dockpart.redisconn import RedisService, RedisUnavailable
+
+#: Seconds between reports.
+INTERVAL = 1.0
+
+# KEYS: the report's key, the index; ARGV: report, TTL ms, proxy id, time, oldest time kept.
+_PUBLISH = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+"""
+
+
+def proxy_id() -> str:
+    """This process's name in the reports: several processes may share a host."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LoadPublisher(Service):
+    """Writes this proxy's report every :data:`INTERVAL` seconds; never stops on an error."""
+
+    log = Logger()
+
+    def __init__(self, backends: BackendSet, redis: RedisService, clock,
+                 interval: float = INTERVAL, name: str | None = None):
+        self.backends = backends
+        self.redis = redis
+        self.clock = clock
+        self.interval = interval
+        self.id = name or proxy_id()
+        self._seen: dict[str, tuple] = {}  # per URL, the counters at the previous report
+        self._last_time: float | None = None
+        self._failing = False
+        self._loop = LoopingCall(self.publish)
+        self._loop.clock = clock
+
+    def startService(self):
+        super().startService()
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def report(self) -> dict:
+        """The figures since the previous report (and makes them the new starting point)."""
+        now = self.clock.seconds()
+        figures = {}
+        seen = {}
+        for url, b in list(self.backends.by_url.items()):
+            counters = (b.requests, b.errors, b.latency_sum, list(b.latency_buckets))
+            seen[url] = counters
+            requests, errors, latency_sum, buckets = self._seen.get(
+                url, (0, 0, 0.0, load.empty_buckets()))
+            figures[url] = {
+                "requests": b.requests - requests,
+                "errors": b.errors - errors,
+                "latency_sum": round(b.latency_sum - latency_sum, 6),
+                "latency_buckets": [n - m for n, m in zip(b.latency_buckets, buckets)],
+                "inflight": b.active,
+                "healthy": b.down_until <= now,
+            }
+        self._seen = seen
+        interval = now - self._last_time if self._last_time is not None else self.interval
+        self._last_time = now
+        return {"proxy": self.id, "time": now, "interval": round(interval, 3),
+                "list": self.backends.list_key, "backends": figures}
+
+    def publish(self) -> defer.Deferred | None:
+        if not self.backends.known:
+            return None  # nothing read yet: an empty report would say "no load"
+        report = self.report()
+        self.backends.published = report
+        ttl_ms = int(load.REPORT_TTL * 1000)
+        d = self.redis.eval(_PUBLISH, [keys.proxy_load(self.id), keys.LOAD_PROXIES],
+                            [json.dumps(report), ttl_ms, self.id, report["time"],
+                             report["time"] - load.REPORT_TTL])
+        d.addCallbacks(self._published, self._not_published)
+        return d
+
+    def _published(self, _) -> None:
+        if self._failing:
+            self._failing = False
+            self.log.info("load reports are published again")
+
+    def _not_published(self, failure) -> None:
+        if not self._failing:
+            self._failing = True
+            if failure.check(RedisUnavailable):
+                self.log.warn("cannot publish load reports: {error}",
+                              error=failure.getErrorMessage())
+            else:
+                self.log.failure("publishing a load report", failure)
+
+
+async def read_reports(redis: RedisService, now: float) -> list[dict]:
+    """Every proxy's current report (none older than ``load.REPORT_TTL``).
+
+    Raises RedisUnavailable when Redis cannot answer: the caller decides what "unknown" means.
+    """
+    ids = await redis.call("ZRANGEBYSCORE", keys.LOAD_PROXIES, now - load.REPORT_TTL, "+inf")
+    if not ids:
+        return []
+    raws = await redis.call("MGET", *[keys.proxy_load(i) for i in ids])
+    reports = (load.decode(raw, now) for raw in raws)
+    return [report for report in reports if report is not None]

@@ -1,0 +1,216 @@
+"""The autoscaler service on a real Redis, fed by the real load publisher; time is a Clock.
+
+Each evaluation is run by hand so "nothing happened" is shown after the windows elapse.
+"""
+
+import json
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+
+from dockpart import keys, load
+from dockpart.infra_autoscale import Autoscaler, Policy, Settings
+from dockpart.proxy_backends import BackendSet
+from dockpart.proxy_load import LoadPublisher
+from dockpart.redisconn import RedisAddress, RedisService
+from helpers import free_port
+
+FIRST = "http://127.0.0.1:5000"
+
+
+def url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+class Lease:
+    leased = True
+
+
+class Tier:
+    """A Redis client, a proxy's publisher over fake backends, and an autoscaler; one Clock."""
+
+    def __init__(self, redis_url: str, **settings):
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
+        self.backends = BackendSet(self.redis, keys.SERVERS, "local", self.clock)
+        self.publisher = LoadPublisher(self.backends, self.redis, self.clock, name="test:1")
+        self.lease = Lease()
+        self.settings = Settings(**{"min_instances": 1, "max_instances": 4, "target": 2.0,
+                                    "cooldown": 0.0, "window": 30.0, **settings})
+        self.scaler = self.new_scaler()
+
+    def new_scaler(self) -> Autoscaler:
+        """What a restarted infra runs: no memory of the previous one's decisions."""
+        return Autoscaler(self.redis, self.lease, Policy(self.settings, self.clock),
+                          host="127.0.0.1", first_port=5000, clock=self.clock)
+
+    async def __aenter__(self):
+        self.redis.startService()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.redis.stopService()
+
+    async def load(self, inflight: dict[str, int]) -> None:
+        """The proxy sees these requests in flight and publishes its report."""
+        self.backends.update(list(inflight))
+        for u, n in inflight.items():
+            self.backends.by_url[u].active = n
+        await self.publisher.publish()
+
+    async def evaluate(self, seconds: float = 1.0):
+        self.clock.advance(seconds)
+        return await self.scaler.evaluate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_above_target_asks_for_spawns_up_to_max_and_no_further(redis_db, redis_server):
+    redis_db.rpush(keys.SERVERS, FIRST)
+    async with Tier(redis_server.url, max_instances=3) as t:
+        await t.load({FIRST: 20})
+        d = await t.evaluate()
+        assert (d.action, d.current, d.desired) == ("up", 1, 3)
+        assert redis_db.lrange(keys.SPAWN_QUEUE, 0, -1) == [url(5002), url(5001)]
+        await t.load({FIRST: 20})
+        d = await t.evaluate()  # both still spawning: counted, nothing more asked
+        assert (d.action, d.current, d.spawning) == ("hold", 3, 2)
+        assert redis_db.llen(keys.SPAWN_QUEUE) == 2
+        redis_db.delete(keys.SPAWN_QUEUE)
+        redis_db.rpush(keys.SERVERS, url(5001), url(5002))  # the worker spawned them
+        await t.load({FIRST: 20, url(5001): 20, url(5002): 20})
+        d = await t.evaluate()
+        assert (d.action, d.desired) == ("hold", 3) and "at most 3 instances" in d.reason
+        assert redis_db.llen(keys.SPAWN_QUEUE) == 0
+        assert redis_db.get(keys.AUTOSCALE_DESIRED) == "3"
+        records = [json.loads(r) for r in redis_db.lrange(keys.AUTOSCALE_DECISIONS, 0, -1)]
+        assert [r["action"] for r in records] == ["hold", "up"]  # a hold is said once
+        assert records[-1]["reason"] == "1 instance, 20.0 in flight each (target 2) -> 3 " \
+                                        "(at most 3 instances)"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_infra_neither_repeats_nor_loses_a_spawn(redis_db, redis_server):
+    """Decisions are made from what Redis holds: a queued spawn is counted, a missing one asked."""
+    redis_db.rpush(keys.SERVERS, FIRST)
+    async with Tier(redis_server.url) as t:
+        await t.load({FIRST: 6})
+        assert (await t.evaluate()).desired == 3
+        assert redis_db.llen(keys.SPAWN_QUEUE) == 2
+        # Killed after the decision; one request was taken by the worker, one not yet made.
+        redis_db.lmove(keys.SPAWN_QUEUE, keys.SPAWNING, "RIGHT", "LEFT")
+        redis_db.delete(keys.SPAWN_QUEUE)
+        t.scaler = t.new_scaler()
+        await t.load({FIRST: 6})
+        d = await t.evaluate()
+        assert (d.action, d.current, d.spawning, d.desired) == ("up", 2, 1, 3)
+        assert redis_db.lrange(keys.SPAWNING, 0, -1) == [url(5001)]
+        assert redis_db.lrange(keys.SPAWN_QUEUE, 0, -1) == [url(5002)]
+        t.scaler = t.new_scaler()  # and once more: nothing is asked twice
+        await t.load({FIRST: 6})
+        d = await t.evaluate()
+        assert (d.action, d.current) == ("hold", 3)
+        assert redis_db.llen(keys.SPAWN_QUEUE) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_gone_scales_down_to_min_only_after_the_window(redis_db, redis_server):
+    redis_db.rpush(keys.SERVERS, FIRST, url(5001), url(5002))
+    async with Tier(redis_server.url, window=30.0) as t:
+        idle = {FIRST: 0, url(5001): 0, url(5002): 0}
+        for _ in range(30):  # the window starts at the first evaluation with the lease
+            await t.load(idle)
+            d = await t.evaluate()
+            assert d.action == "hold", d.reason
+        assert redis_db.llen(keys.DESTROY_QUEUE) == 0
+        await t.load(idle)
+        d = await t.evaluate(1.5)
+        assert (d.action, d.desired) == ("down", 1)
+        assert sorted(redis_db.lrange(keys.DESTROY_QUEUE, 0, -1)) == [url(5001), url(5002)]
+        await t.load(idle)
+        d = await t.evaluate()  # leaving instances no longer count
+        assert (d.action, d.current) == ("hold", 1)
+        assert redis_db.llen(keys.DESTROY_QUEUE) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_or_stale_figures_never_scale_down(redis_db, redis_server):
+    redis_db.rpush(keys.SERVERS, FIRST, url(5001), url(5002))
+    async with Tier(redis_server.url, window=5.0) as t:
+        for _ in range(10):
+            d = await t.evaluate()  # no proxy ever reported
+            assert d.action == "none" and "no load figures" in d.reason
+        await t.load({FIRST: 0, url(5001): 0, url(5002): 0})
+        t.clock.advance(load.REPORT_TTL + 0.5)  # the proxy stopped reporting
+        for _ in range(10):
+            d = await t.evaluate()
+            assert d.action == "none"
+        assert redis_db.llen(keys.DESTROY_QUEUE) == 0
+        records = [json.loads(r) for r in redis_db.lrange(keys.AUTOSCALE_DECISIONS, 0, -1)]
+        assert len(records) == 1 and records[0]["action"] == "none"  # said once, not each time
+        assert redis_db.get(keys.AUTOSCALE_DESIRED) == "3"
+
+
+@pytest_twisted.ensureDeferred
+async def test_runtime_limits_override_the_options_when_valid(redis_db, redis_server):
+    redis_db.rpush(keys.SERVERS, FIRST)
+    async with Tier(redis_server.url, max_instances=4) as t:
+        redis_db.hset(keys.AUTOSCALE_LIMITS, mapping={"min": 1, "max": 2})
+        await t.load({FIRST: 20})
+        assert (await t.evaluate()).desired == 2
+        redis_db.delete(keys.SPAWN_QUEUE)
+        redis_db.hset(keys.AUTOSCALE_LIMITS, mapping={"min": 1, "max": 9})  # above --max
+        await t.load({FIRST: 20})
+        assert (await t.evaluate()).desired == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_lease_holder_decides(redis_db, redis_server):
+    redis_db.rpush(keys.SERVERS, FIRST)
+    async with Tier(redis_server.url) as t:
+        t.lease.leased = False
+        await t.load({FIRST: 20})
+        assert await t.evaluate() is None
+        assert redis_db.llen(keys.SPAWN_QUEUE) == 0 and not redis_db.exists(keys.AUTOSCALE_DESIRED)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_published_report_counts_since_the_last_one(redis_db, redis_server):
+    async with Tier(redis_server.url) as t:
+        t.backends.update([FIRST])
+        backend = t.backends.by_url[FIRST]
+        for seconds in (0.003, 0.003, 0.3):
+            backend.requests += 1
+            backend.timed(seconds)
+        backend.active = 2
+        await t.publisher.publish()
+        first = json.loads(redis_db.get(keys.proxy_load("test:1")))["backends"][FIRST]
+        assert (first["requests"], first["inflight"], round(first["latency_sum"], 3)) == \
+            (3, 2, 0.306)
+        assert load.quantile(first["latency_buckets"], 0.5) == 0.005
+        assert load.quantile(first["latency_buckets"], 0.95) == 0.5
+        t.clock.advance(1)
+        await t.publisher.publish()
+        second = json.loads(redis_db.get(keys.proxy_load("test:1")))["backends"][FIRST]
+        assert (second["requests"], second["latency_sum"], sum(second["latency_buckets"])) == \
+            (0, 0, 0)
+        assert 0 < redis_db.pttl(keys.proxy_load("test:1")) <= load.REPORT_TTL * 1000
+        assert redis_db.zrange(keys.LOAD_PROXIES, 0, -1) == ["test:1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_away_means_no_decision_said_once_and_the_loop_goes_on():
+    events = []
+    observer = lambda event: events.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        async with Tier(f"redis://127.0.0.1:{free_port()}/0") as t:
+            t.redis.timeout = 0.2
+            for _ in range(3):
+                t.clock.advance(1)
+                await t.scaler.tick()  # never raises: a LoopingCall must not stop
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert sum("Redis is away" in e and "no decision" in e for e in events) == 1

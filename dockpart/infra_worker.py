@@ -81,6 +81,8 @@ class EntryRules:
     low: int
     high: int
     first_port: int
+    #: Swarm: instances run on the cluster's nodes, so an entry's host is where its task runs.
+    any_host: bool = False
 
     def check(self, queue: Queue, entry: str) -> int:
         """The port ``entry`` names, or BadEntry saying why it cannot be done."""
@@ -88,7 +90,7 @@ class EntryRules:
             host, port = parse_instance_url(entry)
         except BadInstanceURL as e:
             raise BadEntry(f"not a valid instance URL: {e}") from None
-        if host != self.host:
+        if host != self.host and not self.any_host:
             raise BadEntry(f"host {host!r} is not this infra's host {self.host!r}")
         if queue is DESTROY and port == self.first_port:
             raise BadEntry(f"the first instance (port {port}) is never destroyed")
@@ -153,12 +155,12 @@ class _QuietFactory(protocol.Factory):
     protocol = protocol.Protocol
 
 
-async def http_answers(reactor, port: int, timeout: float = 1.0) -> bool:
-    """Whether the instance on a local port answers ``GET /`` (any status below 500)."""
+async def http_answers(reactor, port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """Whether the instance on ``host:port`` answers ``GET /`` (any status below 500)."""
     pool = HTTPConnectionPool(reactor, persistent=False)
     pool._factory = _QuietHTTPFactory
     try:
-        response = await treq.get(f"http://127.0.0.1:{port}/", timeout=timeout, pool=pool,
+        response = await treq.get(f"http://{host}:{port}/", timeout=timeout, pool=pool,
                                   reactor=reactor)
         await treq.content(response)
     except Exception:
@@ -175,6 +177,12 @@ async def port_in_use(reactor, port: int) -> bool:
         return False
     proto.transport.abortConnection()
     return True
+
+
+def _probe_host(placed) -> str:
+    """Where to probe an instance: the host of the URL its driver placed it at (swarm), else
+    loopback, where the process and Docker drivers' instances listen."""
+    return parse_instance_url(placed)[0] if isinstance(placed, str) else "127.0.0.1"
 
 
 class Worker(Service):
@@ -198,7 +206,7 @@ class Worker(Service):
         self.max_active = max_active
         self.retry_max = retry_max
         self.lease = lease
-        self.probe = probe  # async (reactor, port) -> whether the instance answers
+        self.probe = probe  # async (reactor, port, host) -> whether the instance answers
         self.reactor = reactor
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._leased: bool | None = None  # not known before the first look
@@ -383,22 +391,26 @@ class Worker(Service):
             raise DriverError(f"port {port} is in use by something dockpart does not manage")
         self.log.info("starting {what} for {url}", what=what, url=url)
         try:
-            await self._retrying(lambda: self.driver.start(port))
+            # A driver that places instances (swarm) says where this one answers.
+            placed = await self._retrying(lambda: self.driver.start(port))
         except DriverError:
             await self._retrying(lambda: self.driver.remove(port))
             raise
-        if not await self._answers_within(port, self.spawn_timeout):
+        served = placed or url
+        if not await self._answers_within(port, _probe_host(placed), self.spawn_timeout):
             await self._retrying(lambda: self.driver.remove(port))
             raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
                               f"removed it")
-        await self._retrying(lambda: tier.register(self.redis, url, keys.SPAWNING))
+        await self._retrying(lambda: tier.register(self.redis, served, keys.SPAWNING))
+        if served != url:  # in servers first: the instance is never in no list
+            await self._retrying(lambda: self.redis.call("LREM", keys.SPAWNING, 1, url))
         self.log.info("{url} answers and is in servers ({seconds:.2f} s)",
-                      url=url, seconds=self.reactor.seconds() - began)
+                      url=served, seconds=self.reactor.seconds() - began)
 
-    async def _answers_within(self, port: int, timeout: float) -> bool:
+    async def _answers_within(self, port: int, host: str, timeout: float) -> bool:
         deadline = self.reactor.seconds() + timeout
         while self.reactor.seconds() < deadline:
-            if await self.probe(self.reactor, port):
+            if await self.probe(self.reactor, port, host):
                 return True
             await deferLater(self.reactor, HEALTH_POLL, lambda: None)
         return False
@@ -444,17 +456,26 @@ class Worker(Service):
         def busy(port):
             return port in pending or port in self._locks
 
+        def where(port, up):  # the URL where a running instance answers
+            return up if isinstance(up, str) else instance_url(self.rules.host, port)
+
+        def moved(port):  # swarm: the instance runs now on another node than registered
+            up = running.get(port)
+            return isinstance(up, str) and registered[port] != up
+
         for port, up in sorted(running.items()):
-            url = instance_url(self.rules.host, port)
-            if not up or port in registered or busy(port) or self.rules.owns(url) is None:
+            url = where(port, up)
+            if not up or (port in registered and not moved(port)) or busy(port) \
+                    or self.rules.owns(url) is None:
                 continue
             # Asked again after the probe: a destroy taken meanwhile must not see it come back.
-            if await self.probe(self.reactor, port) and not busy(port) \
+            if await self.probe(self.reactor, port, _probe_host(up)) \
+                    and not busy(port) \
                     and await tier.register(self.redis, url):
                 self.log.info("reconcile: {what} answers; added {url} back to servers",
                               what=self.driver.describe(port), url=url)
         for port, url in registered.items():
-            if not running.get(port) and not busy(port):
+            if (not running.get(port) or moved(port)) and not busy(port):
                 if await tier.unregister(self.redis, url):
                     self.log.info("reconcile: {what} is gone; removed {url} from servers",
                                   what=self.driver.describe(port), url=url)

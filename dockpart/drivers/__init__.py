@@ -36,14 +36,18 @@ class Driver(Protocol):
     def describe(self, port: int) -> str:
         """How log lines name the instance on ``port``."""
 
-    async def start(self, port: int) -> None:
-        """Make sure the instance on ``port`` runs (adopting one that already does)."""
+    async def start(self, port: int) -> str | None:
+        """Make sure the instance on ``port`` runs (adopting one that already does).
+
+        None: it answers at the spawn request's URL.  A driver that places instances on
+        other hosts (swarm) returns the URL where this one answers instead.
+        """
 
     async def remove(self, port: int) -> None:
         """Stop and remove the instance on ``port``, if there is one."""
 
-    async def managed(self) -> dict[int, bool]:
-        """Every managed instance's port, and whether it runs."""
+    async def managed(self) -> dict[int, bool | str]:
+        """Every managed instance's port, and whether it runs (swarm: the URL where it runs)."""
 
 
 class ThreadPoolService(Service):

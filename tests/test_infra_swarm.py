@@ -8,10 +8,14 @@ Containers outside those services are never touched: a one-node swarm does not s
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import docker
 import pytest
@@ -29,6 +33,7 @@ from test_infra_docker import HIGH, LOW, free_test_port
 pytestmark = [pytest.mark.docker, pytest.mark.swarm]
 
 STACK_FILE = ROOT / "docker-stack.yml"
+SERVED_PORT = re.compile(r"Served by the instance at <b>http://[^<]+:(\d+)</b>")
 
 
 def _docker(*args: str, timeout: float = 120) -> str:
@@ -352,3 +357,136 @@ def test_the_stack_answers_through_the_proxy_in_rotation_with_a_spawned_instance
         "node.labels.dockpart.redis==true"]
     assert service_of(engine, int(env["DOCKPART_WEB_PORT"]) + 1).attrs["Spec"]["Labels"][
         LABEL_TIER] == redis_url
+
+
+class Engine:
+    """A dockerd of its own in network namespace ``netns`` (its own data, exec root, socket)."""
+
+    def __init__(self, netns: str, address: str):
+        self.netns, self.address = netns, address
+        # Short: containerd's socket lives under it, and a socket path has at most 107 bytes.
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{netns}-"))
+        self.socket = f"unix://{self.dir}/docker.sock"
+        self.proc = None
+
+    def enter(self) -> list[str]:
+        """The argv prefix that runs a program inside the namespace."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}"]
+
+    def start(self) -> "Engine":
+        self.log = open(self.dir / "dockerd.log", "wb")
+        self.proc = subprocess.Popen(
+            [*self.enter(), "dockerd", "--data-root", str(self.dir / "data"),
+             "--exec-root", str(self.dir / "exec"), "--pidfile", str(self.dir / "dockerd.pid"),
+             "-H", self.socket, "--iptables=false", "--ip6tables=false", "--bridge=none",
+             "--ip-masq=false"], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.docker("info", check=False), 60, interval=0.5,
+                 what=f"the dockerd in {self.netns}")
+        return self
+
+    def docker(self, *args: str, check: bool = True, **kw):
+        done = subprocess.run(["docker", "-H", self.socket, *args], capture_output=True,
+                              text=True, timeout=120, **kw)
+        if check:
+            assert done.returncode == 0, f"docker {' '.join(args)}: {done.stdout}{done.stderr}"
+        return done.returncode == 0 and done.stdout
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.docker("swarm", "leave", "--force", check=False)
+            self.proc.terminate()
+            self.proc.wait(60)
+            self.log.close()
+        # dockerd leaves mounts under its roots (its netns handle, the data root's bind mount).
+        with open("/proc/self/mounts") as mounts:
+            points = [line.split()[1] for line in mounts if line.split()[1].startswith(
+                f"{self.dir}/")]
+        for point in sorted(points, reverse=True):
+            subprocess.run(["umount", "-l", point], check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes(tmp_path, docker_images):
+    """Two engines in two network namespaces joined by a veth pair (10.77.0.1 and .2, which
+    exist only inside them), one swarm: A the manager, B a worker; dockpart-web loaded in both."""
+    tag = uuid.uuid4().hex[:5]
+    a = Engine(f"dpA{tag}", "10.77.0.1")
+    b = Engine(f"dpB{tag}", "10.77.0.2")
+    made = []
+    try:
+        for engine, peer in ((a, f"vA{tag}"), (b, f"vB{tag}")):
+            subprocess.run(["ip", "netns", "add", engine.netns], check=True)
+            made.append(engine)
+        subprocess.run(["ip", "link", "add", f"vA{tag}", "type", "veth", "peer", "name",
+                        f"vB{tag}"], check=True)
+        for engine, link in ((a, f"vA{tag}"), (b, f"vB{tag}")):
+            ns = ["ip", "-n", engine.netns]
+            subprocess.run(["ip", "link", "set", link, "netns", engine.netns], check=True)
+            subprocess.run([*ns, "addr", "add", f"{engine.address}/24", "dev", link], check=True)
+            subprocess.run([*ns, "link", "set", link, "up"], check=True)
+            subprocess.run([*ns, "link", "set", "lo", "up"], check=True)
+        image = tmp_path / "web.tar"
+        _docker("save", "-o", str(image), docker_images["web"])
+        for engine in (a, b):
+            engine.start().docker("load", "-q", "-i", str(image))
+        a.docker("swarm", "init", "--advertise-addr", a.address,
+                 "--listen-addr", f"{a.address}:2377")
+        token = a.docker("swarm", "join-token", "-q", "worker").strip()
+        b.docker("swarm", "join", "--token", token, "--advertise-addr", b.address,
+                 "--listen-addr", f"{b.address}:2377", f"{a.address}:2377")
+        yield a, b
+    finally:
+        for engine in (b, a):
+            engine.stop()  # leaving the swarm stops the services' tasks first
+        for engine in made:
+            subprocess.run(["ip", "netns", "del", engine.netns])
+
+
+def test_two_nodes_get_an_instance_each_and_the_proxy_sends_to_both(two_nodes, tmp_path):
+    a, b = two_nodes
+    sock = tmp_path / "redis.sock"
+    redis_port = free_port()
+    redis_url = f"redis://{a.address}:{redis_port}/0"
+    redis = subprocess.Popen([*a.enter(), "redis-server", "--port", str(redis_port), "--bind",
+                              a.address, "--unixsocket", str(sock), "--save", "",
+                              "--appendonly", "no", "--protected-mode", "no"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = []
+    try:
+        import redis as redis_py
+        db = redis_py.Redis(unix_socket_path=str(sock), decode_responses=True)
+        wait_for(db.ping, 10, what="redis-server in the manager's namespace")
+        proxy_port = free_port()
+        for daemon in (
+                Daemon("dockpart-infra", "--driver", "swarm", "--redis", redis_url,
+                       "--image", "dockpart-web:latest", "--advertise-host", a.address,
+                       "--port-range", f"{LOW}-{HIGH}", "--interval", "0.05",
+                       "--max-per-node", "1", "--instance-interface", "0.0.0.0",
+                       ready="dockpart-infra started", env={"DOCKER_HOST": a.socket}),
+                Daemon("dockpart-proxy", "--redis", redis_url,
+                       "--listen", f"tcp:{proxy_port}:interface=127.0.0.1", ready="listening")):
+            daemon.argv = [*a.enter(), *daemon.argv]
+            started.append(daemon.start())
+        ports = [free_test_port(), free_test_port()]
+        for port in ports:
+            db.lpush(keys.SPAWN_QUEUE, f"http://{a.address}:{port}")
+        wait_for(lambda: db.llen(keys.SERVERS) == 2, 120, interval=0.2,
+                 what=f"two instances in servers (dead letters: "
+                      f"{db.lrange(keys.DEAD_LETTERS, 0, -1)})")
+        hosts = {url.rpartition(":")[0] for url in db.lrange(keys.SERVERS, 0, -1)}
+        assert hosts == {f"http://{a.address}", f"http://{b.address}"}
+
+        def through_proxy() -> str:
+            page = subprocess.run([*a.enter(), "curl", "-fsS", f"http://127.0.0.1:{proxy_port}/"],
+                                  capture_output=True, text=True, timeout=10)
+            assert page.returncode == 0, page.stderr
+            # Each instance names --advertise-host with its own port (README: known limits).
+            return SERVED_PORT.search(page.stdout).group(1)
+        wait_for(lambda: {int(through_proxy()) for _ in range(4)} == set(ports), 30,
+                 what="the proxy to send to both nodes' instances")
+    finally:
+        for daemon in started:
+            daemon.stop()
+        redis.terminate()
+        redis.wait(10)

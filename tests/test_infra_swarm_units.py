@@ -111,10 +111,12 @@ async def test_reconcile_follows_an_instance_that_swarm_moved_to_another_node(re
         await until(moved)
 
 
-def test_a_managers_address_comes_from_its_manager_status_when_status_reads_0000():
+def test_a_managers_address_comes_from_its_manager_status_when_status_reads_no_address():
     assert node_address({"Status": {"Addr": "10.1.2.3"}}) == "10.1.2.3"
     assert node_address({"Status": {"Addr": "0.0.0.0"},
                          "ManagerStatus": {"Addr": "10.1.2.4:2377"}}) == "10.1.2.4"
+    assert node_address({"Status": {"Addr": "127.0.0.1"},
+                         "ManagerStatus": {"Addr": "10.1.2.5:2377"}}) == "10.1.2.5"
     assert node_address({"Status": {"Addr": "127.0.0.1"},
                          "ManagerStatus": {"Addr": "127.0.0.1:2377"}}) == "127.0.0.1"
 

@@ -10,7 +10,7 @@ Swarm restart policy.  ``MaxReplicas=1`` keeps two tasks of one port off one nod
 The address: a task runs on whichever node Swarm picks, so the URL where it answers is known
 only once it is placed: ``http://<node address>:<port>``.  :meth:`SwarmDriver.start` waits for
 that and returns it; :meth:`SwarmDriver.managed` reports it for each running instance.  The
-worker probes and registers that URL (README, "Swarm driver").
+worker probes and registers that URL (README, "Docker Swarm", the address decision).
 """
 
 from docker.errors import APIError, ImageNotFound, NotFound
@@ -32,11 +32,11 @@ POLL = 0.1
 
 
 def node_address(node: dict) -> str:
-    """Where a node's instances answer: ``Status.Addr``, or the manager address's host part
-    when that reads 0.0.0.0 or is empty (as it can on a manager)."""
+    """Where a node's instances answer: ``Status.Addr``, or the host part of the manager
+    address when that reads 0.0.0.0 or 127.0.0.1 or is empty (as it can on a manager)."""
     addr = (node.get("Status") or {}).get("Addr") or ""
     manager = (node.get("ManagerStatus") or {}).get("Addr") or ""
-    if addr in ("", "0.0.0.0") and manager:
+    if addr in ("", "0.0.0.0", "127.0.0.1") and manager:
         addr = manager.rpartition(":")[0]
     return addr
 
@@ -228,7 +228,7 @@ class SwarmDriver(DockerDriver):
         args = [*self.instance_args, "--listen", f"tcp:{port}:interface={self.interface}"]
         async with self._place_lock:
             constraints = list(self.constraints)
-            if self.max_per_node is not None and not (await self.managed()).get(port):
+            if self.max_per_node is not None:
                 full = await self._call(_thd_full_nodes, self.tier, self.max_per_node)
                 constraints += [f"node.id!={node}" for node in full]
             if await self._call(_thd_create, self.tier, port, image, self.environment, args,

@@ -10,8 +10,9 @@ import pytest_twisted
 from docker.errors import APIError
 from requests import Response
 from twisted.internet import defer, reactor
+from twisted.python import usage
 
-from dockpart import infra_worker, keys
+from dockpart import infra, infra_worker, keys
 from dockpart.drivers import DriverError, ThreadPoolService, Unavailable
 from dockpart.drivers.swarm import SwarmDriver, node_address
 from dockpart.redisconn import RedisAddress, RedisService
@@ -142,3 +143,28 @@ async def test_a_swarm_without_a_leader_is_waited_out_and_a_bad_request_is_not(s
             await driver._call(fails)
     finally:
         await pool.stopService()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--driver", "swarm", "--constraint", "node.labels.dockpart"], "Swarm's syntax"),
+    (["--driver", "swarm", "--max-per-node", "0"], "at least 1"),
+    (["--driver", "docker", "--constraint", "node.role==manager"], "only apply to --driver swarm"),
+    (["--driver", "process", "--max-per-node", "2"], "only apply to --driver swarm"),
+])
+def test_bad_swarm_options_are_refused_with_a_clear_message(args, message):
+    with pytest.raises(usage.UsageError, match=message):
+        infra.Options().parseOptions(args)
+
+
+def test_swarm_options_reach_the_driver_and_any_node_host_is_accepted():
+    config = infra.Options()
+    config.parseOptions(["--driver", "swarm", "--constraint", "node.labels.dockpart==web",
+                         "--constraint", "node.role!=manager", "--max-per-node", "3",
+                         "--instance-interface", "0.0.0.0", "--spawn-timeout", "12"])
+    driver = infra.make_driver(config, ThreadPoolService("test"), reactor)
+    assert isinstance(driver, SwarmDriver)
+    assert driver.constraints == ["node.labels.dockpart==web", "node.role!=manager"]
+    assert (driver.max_per_node, driver.interface, driver.place_timeout) == (3, "0.0.0.0", 12)
+    service = infra.makeService(config, reactor)
+    worker, = [s for s in service if isinstance(s, infra_worker.Worker)]
+    assert worker.rules.check(infra_worker.DESTROY, "http://10.9.0.7:3005") == 3005

@@ -304,12 +304,32 @@ def test_scripts_images_push_tags_and_pushes_every_image_to_a_registry(engine, d
 
 
 @pytest.fixture
-def stack(engine, swarm, docker_images):
+def stack_images(engine, docker_images):
+    """dockpart-NAME:TAG for the stack, web and proxy built from this checkout: the shared
+    :latest images are rebuilt from whichever checkout ran scripts/images last."""
+    tag = f"stack-test-{uuid.uuid4().hex[:6]}"
+    made = []
+    try:
+        for name in ("web", "proxy"):
+            engine.images.build(path=str(ROOT), dockerfile=f"Dockerfiles/{name}.Dockerfile",
+                                tag=f"dockpart-{name}:{tag}", network_mode="host", rm=True,
+                                buildargs={"BASE_IMAGE": "dockpart-base:bookworm"})
+            made.append(f"dockpart-{name}:{tag}")
+        engine.images.get(docker_images["redis"]).tag("dockpart-redis", tag)
+        made.append(f"dockpart-redis:{tag}")
+        yield tag
+    finally:
+        for image in made:
+            engine.images.remove(image)
+
+
+@pytest.fixture
+def stack(engine, swarm, stack_images):
     """docker-stack.yml deployed as a stack of its own, on free ports; removed at the end."""
     name = f"dockpart-test-{uuid.uuid4().hex[:6]}"
     web = free_port_run(3)
     env = {"DOCKPART_REDIS_PORT": str(free_port()), "DOCKPART_WEB_PORT": str(web),
-           "DOCKPART_PROXY_PORT": str(free_port())}
+           "DOCKPART_PROXY_PORT": str(free_port()), "DOCKPART_TAG": stack_images}
     redis_url = f"redis://127.0.0.1:{env['DOCKPART_REDIS_PORT']}/0"
     node = engine.nodes.get(swarm["ID"])
     spec = node.attrs["Spec"]

@@ -87,7 +87,7 @@ class Options(RedisOptions):
         self["constraints"] = []
 
     def opt_constraint(self, value: str) -> None:
-        """Swarm: a placement constraint in Swarm's syntax (repeatable), e.g. node.labels.dockpart==web"""
+        """Swarm: a placement constraint (repeatable), e.g. node.labels.dockpart==web"""
         if not any(op in value for op in ("==", "!=")):
             raise usage.UsageError(f"--constraint {value!r}: expected Swarm's syntax, "
                                    f"e.g. node.labels.dockpart==web or node.role!=manager")

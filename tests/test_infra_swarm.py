@@ -411,12 +411,18 @@ class Engine:
             assert done.returncode == 0, f"docker {' '.join(args)}: {done.stdout}{done.stderr}"
         return done.returncode == 0 and done.stdout
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the dockerd, keeping its state (it is still a swarm node when started again)."""
         if self.proc is not None:
-            self.docker("swarm", "leave", "--force", check=False)
             self.proc.terminate()
             self.proc.wait(60)
             self.log.close()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.docker("swarm", "leave", "--force", check=False)
+        self.halt()
         # dockerd leaves mounts under its roots (its netns handle, the data root's bind mount).
         with open("/proc/self/mounts") as mounts:
             points = [line.split()[1] for line in mounts if line.split()[1].startswith(
@@ -481,7 +487,8 @@ def test_two_nodes_get_an_instance_each_and_the_proxy_sends_to_both(two_nodes, t
         for daemon in (
                 Daemon("dockpart-infra", "--driver", "swarm", "--redis", redis_url,
                        "--image", "dockpart-web:latest", "--advertise-host", a.address,
-                       "--port-range", f"{LOW}-{HIGH}", "--interval", "0.05",
+                       "--port-range", f"{LOW}-{HIGH}", "--interval", "0.05", "--drain", "0.5",
+                       "--retry-max", "1",
                        "--max-per-node", "1", "--instance-interface", "0.0.0.0",
                        ready="dockpart-infra started", env={"DOCKER_HOST": a.socket}),
                 Daemon("dockpart-proxy", "--redis", redis_url,
@@ -505,6 +512,22 @@ def test_two_nodes_get_an_instance_each_and_the_proxy_sends_to_both(two_nodes, t
             return SERVED_PORT.search(page.stdout).group(1)
         wait_for(lambda: {int(through_proxy()) for _ in range(4)} == set(ports), 30,
                  what="the proxy to send to both nodes' instances")
+
+        # The manager's engine goes away while a destroy is in hand: it waits, then is done.
+        infra = started[0]
+        on_b = next(url for url in db.lrange(keys.SERVERS, 0, -1) if b.address in url)
+        a.halt()
+        db.lpush(keys.DESTROY_QUEUE, on_b)
+        wait_for(lambda: "engine is unreachable" in infra.output(), 30,
+                 what="the infra to notice that the manager's engine is away")
+        assert db.lrange(keys.DESTROYING, 0, -1) == [on_b] and db.llen(keys.DEAD_LETTERS) == 0
+        a.start()
+        wait_for(lambda: db.llen(keys.DESTROYING) == 0, 120, interval=0.2,
+                 what="the destroy to be done once the engine is back")
+        assert on_b not in db.lrange(keys.SERVERS, 0, -1) and db.llen(keys.DEAD_LETTERS) == 0
+        assert instance_name(int(on_b.rpartition(":")[2])) not in a.docker(
+            "service", "ls", "--format", "{{.Name}}")
+        assert "engine is reachable again" in infra.output()
     finally:
         for daemon in started:
             daemon.stop()

@@ -470,6 +470,8 @@ def two_nodes(tmp_path, docker_images):
 
 
 def test_two_nodes_get_an_instance_each_and_the_proxy_sends_to_both(two_nodes, tmp_path):
+    """Redis, infra and proxy run in the manager's namespace; then its engine goes away and
+    comes back while a destroy is in hand."""
     a, b = two_nodes
     sock = tmp_path / "redis.sock"
     redis_port = free_port()

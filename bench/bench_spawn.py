@@ -1,17 +1,19 @@
 """How long from ``GET /spawn`` to the first response served by the new instance.
 
 For each setup (process driver, Docker driver with the image built, Docker driver
-with ``--rebuild``, the seed's way) it starts its own redis-server, the first
+with ``--rebuild``, the seed's way, and the swarm driver) it starts its own redis-server, the first
 dockpart-web, dockpart-proxy (when that plugin is installed; else it polls the new
 instance directly and says so) and dockpart-infra, then times several spawns:
 ``GET /spawn`` on the first instance, then ``GET /`` through the proxy until a
 page names the new instance.  Prints the median and the worst per setup.
 
-    python bench/bench_spawn.py [--spawns 5] [--only process|docker|rebuild ...]
+    python bench/bench_spawn.py [--spawns 5] [--only process|docker|rebuild|swarm ...]
 
 Needs redis-server; the Docker setups need the engine and the images
-(``scripts/images all``).  Everything listens on 127.0.0.1; the instances and
-containers it starts are removed at the end.
+(``scripts/images all``).  The swarm setup makes the engine a one-node swarm
+(``--advertise-addr 127.0.0.1``) unless it is one, and leaves it afterwards if it
+made it.  Everything listens on 127.0.0.1; the instances, containers and services
+it starts are removed at the end.
 """
 
 import argparse
@@ -36,6 +38,7 @@ SETUPS = {
     "docker": ["--driver", "docker", "--image", "dockpart-web:latest"],
     "rebuild": ["--driver", "docker", "--rebuild", "--build-context", str(ROOT),
                 "--build-arg", "BASE_IMAGE=dockpart-base:bookworm"],
+    "swarm": ["--driver", "swarm", "--image", "dockpart-web:latest"],
 }
 SERVED_BY = re.compile(r"Served by the instance at <b>([^<]+)</b>")
 
@@ -105,7 +108,28 @@ def daemon(plugin: str, args, log_dir: Path, ready: str, setup: str) -> Proc:
     return proc
 
 
+def swarm_init() -> bool:
+    """Make the engine a one-node swarm unless it is one; whether this run made it."""
+    state = subprocess.run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"],
+                           capture_output=True, text=True, timeout=30).stdout.strip()
+    if state == "active":
+        return False
+    subprocess.run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"], check=True,
+                   capture_output=True, timeout=60)
+    return True
+
+
 def run_setup(name: str, spawns: int, use_proxy: bool, log_dir: Path) -> list[float]:
+    made_swarm = name == "swarm" and swarm_init()
+    try:
+        return _run_setup(name, spawns, use_proxy, log_dir)
+    finally:
+        if made_swarm:
+            subprocess.run(["docker", "swarm", "leave", "--force"], capture_output=True,
+                           timeout=60)
+
+
+def _run_setup(name: str, spawns: int, use_proxy: bool, log_dir: Path) -> list[float]:
     first = free_block(spawns + 1)
     redis_port = free_port()
     redis = subprocess.Popen([shutil.which("redis-server"), "--port", str(redis_port), "--bind",
@@ -179,6 +203,13 @@ def remove_leftovers(name: str, state: Path, ports) -> None:
     from dockpart.drivers import instance_name
     client = docker.from_env()
     for port in ports:
+        if name == "swarm":
+            for service in client.services.list(filters={"name": instance_name(port),
+                                                         "label": "dockpart.managed=true"}):
+                service.remove()
+            # Swarm removes the task's container a moment later; the swarm may be left next.
+            wait(lambda: not client.containers.list(
+                all=True, filters={"label": f"dockpart.port={port}"}), 60, "the task to go")
         for c in client.containers.list(all=True, filters={"name": f"^{instance_name(port)}$",
                                                            "label": "dockpart.managed=true"}):
             c.remove(force=True)

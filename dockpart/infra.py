@@ -1,6 +1,7 @@
 """dockpart-infra, the daemon: its options and the services it runs.
 
-Run it with ``twistd -n dockpart-infra --driver docker`` (or ``--driver process``).  The
+Run it with ``twistd -n dockpart-infra --driver docker`` (or ``--driver process``, or
+``--driver swarm`` on a Docker Swarm manager).  The
 work itself (queues, lease, reconcile) is :mod:`dockpart.infra_worker`'s; how instances
 run is the chosen driver's (:mod:`dockpart.drivers`).
 """
@@ -17,7 +18,7 @@ from dockpart.infra_worker import EntryRules, Worker
 from dockpart.redisconn import RedisOptions, RedisService
 from dockpart.tier import FIRST_PORT, MAX_PORT
 
-DRIVERS = ("docker", "process")
+DRIVERS = ("docker", "process", "swarm")
 
 
 def _port_range(value: str) -> tuple[int, int]:
@@ -69,6 +70,11 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
                              "per Redis; another waits that long after a crash).", float],
         ["retry-max", None, 5.0, "Longest wait between retries while Docker or Redis is away.",
          float],
+        ["max-per-node", None, None, "Swarm: at most this many instances on one node "
+                                     "(default: no limit).", int],
+        ["instance-interface", None, "127.0.0.1",
+         "Swarm: the address instances listen on, on their node (0.0.0.0 on a cluster, so that "
+         "proxies on other nodes reach them)."],
         ["state-dir", None, None, "Process driver: instances' logs and identity "
                                   "(default $XDG_STATE_HOME/dockpart-infra)."],
     ]
@@ -76,6 +82,14 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
     def __init__(self):
         super().__init__()
         self["build-args"] = {}
+        self["constraints"] = []
+
+    def opt_constraint(self, value: str) -> None:
+        """Swarm: a placement constraint (repeatable), e.g. node.labels.dockpart==web"""
+        if not any(op in value for op in ("==", "!=")):
+            raise usage.UsageError(f"--constraint {value!r}: expected Swarm's syntax, "
+                                   f"e.g. node.labels.dockpart==web or node.role!=manager")
+        self["constraints"].append(value)
 
     def opt_build_arg(self, value: str) -> None:
         """Docker: KEY=VALUE passed to the image build (repeatable), e.g. BASE_IMAGE=..."""
@@ -102,6 +116,10 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
             raise usage.UsageError("--lease must be longer than two --interval")
         if self["max-active"] < 1:
             raise usage.UsageError("--max-active must be at least 1")
+        if self["max-per-node"] is not None and self["max-per-node"] < 1:
+            raise usage.UsageError("--max-per-node must be at least 1")
+        if self["driver"] != "swarm" and (self["constraints"] or self["max-per-node"]):
+            raise usage.UsageError("--constraint and --max-per-node only apply to --driver swarm")
         self["state-dir"] = self["state-dir"] or _default_state_dir()
 
 
@@ -114,13 +132,19 @@ def make_driver(config, pool: ThreadPoolService, reactor):
                              config["first-port"], config["stop-timeout"], reactor)
     from dockpart.drivers.docker import DockerDriver
     context = Path(config["build-context"]).resolve()
-    return DockerDriver(pool, config["image"], str(context), config["dockerfile"],
-                        config["build-args"], redis_url, str(config["redis"]),
-                        rebuild=config["rebuild"],
-                        stop_timeout=config["stop-timeout"],
-                        # As the process driver does: an instance must know which one is first.
-                        instance_args=["--first-port", str(config["first-port"]),
-                                       "--advertise-host", config["advertise-host"]])
+    args = (pool, config["image"], str(context), config["dockerfile"], config["build-args"],
+            redis_url, str(config["redis"]))
+    kw = dict(stop_timeout=config["stop-timeout"],
+              # As the process driver does: an instance must know which one is first.
+              instance_args=["--first-port", str(config["first-port"]),
+                             "--advertise-host", config["advertise-host"]])
+    if config["driver"] == "swarm":
+        from dockpart.drivers.swarm import SwarmDriver
+        return SwarmDriver(*args, constraints=config["constraints"],
+                           max_per_node=config["max-per-node"],
+                           interface=config["instance-interface"],
+                           place_timeout=config["spawn-timeout"], reactor=reactor, **kw)
+    return DockerDriver(*args, rebuild=config["rebuild"], **kw)
 
 
 def makeService(config, reactor=None):
@@ -132,7 +156,8 @@ def makeService(config, reactor=None):
     pool = ThreadPoolService(f"dockpart-infra-{config['driver']}", reactor=reactor)
     pool.setServiceParent(top)
     low, high = config["port-range"]
-    rules = EntryRules(config["advertise-host"], low, high, config["first-port"])
+    rules = EntryRules(config["advertise-host"], low, high, config["first-port"],
+                       any_host=config["driver"] == "swarm")
     worker = Worker(redis, make_driver(config, pool, reactor), rules, interval=config["interval"],
                     reconcile_interval=config["reconcile-interval"], drain=config["drain"],
                     spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],

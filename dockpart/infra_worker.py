@@ -85,6 +85,8 @@ class EntryRules:
     low: int
     high: int
     first_port: int
+    #: Swarm: instances run on the cluster's nodes, so an entry's host is where its task runs.
+    any_host: bool = False
 
     def check(self, queue: Queue, entry: str) -> int:
         """The port ``entry`` names, or BadEntry saying why it cannot be done."""
@@ -92,7 +94,7 @@ class EntryRules:
             host, port = parse_instance_url(entry)
         except BadInstanceURL as e:
             raise BadEntry(f"not a valid instance URL: {e}") from None
-        if host != self.host:
+        if host != self.host and not self.any_host:
             raise BadEntry(f"host {host!r} is not this infra's host {self.host!r}")
         if queue is DESTROY and port == self.first_port:
             raise BadEntry(f"the first instance (port {port}) is never destroyed")
@@ -144,6 +146,12 @@ class Outage:
 def retry_policy(most: float):
     """Seconds to wait before retry number ``attempt`` (from 0): doubling, at most ``most``."""
     return backoffPolicy(RETRY_FIRST, most, factor=2.0, jitter=lambda: 0.0)
+
+
+def _probe_host(url) -> str:
+    """Where to probe an instance: the host of the URL its driver placed it at (swarm), else
+    loopback, where the process and Docker drivers' instances listen."""
+    return parse_instance_url(url)[0] if isinstance(url, str) else INSTANCE_HOST
 
 
 class Worker(Service):
@@ -373,25 +381,29 @@ class Worker(Service):
             raise DriverError(f"port {port} is in use by something dockpart does not manage")
         self.log.info("starting {what} for {url}", what=what, url=url)
         try:
-            await self._retrying(lambda: self.driver.start(port))
+            # A driver that places instances (swarm) says where this one answers.
+            placed = await self._retrying(lambda: self.driver.start(port))
         except DriverError:
             await self._retrying(lambda: self.driver.remove(port))
             raise
-        if not await self._answers_within(port, self.spawn_timeout):
+        served = placed or url
+        if not await self._answers_within(port, _probe_host(placed), self.spawn_timeout):
             await self._retrying(lambda: self.driver.remove(port))
             raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
                               f"removed it")
-        await self._retrying(lambda: tier.register(self.redis, url, keys.SPAWNING))
+        await self._retrying(lambda: tier.register(self.redis, served, keys.SPAWNING))
+        if served != url:  # in servers first: the instance is never in no list
+            await self._retrying(lambda: self.redis.call("LREM", keys.SPAWNING, 1, url))
         self.log.info("{url} answers and is in servers ({seconds:.2f} s)",
-                      url=url, seconds=self.reactor.seconds() - began)
+                      url=served, seconds=self.reactor.seconds() - began)
 
-    def _answers(self, reactor, port: int) -> defer.Deferred:
-        return probe.answers(reactor, INSTANCE_HOST, port, timeout=self.probe_timeout)
+    def _answers(self, reactor, port: int, host: str = INSTANCE_HOST) -> defer.Deferred:
+        return probe.answers(reactor, host, port, timeout=self.probe_timeout)
 
-    async def _answers_within(self, port: int, timeout: float) -> bool:
+    async def _answers_within(self, port: int, host: str, timeout: float) -> bool:
         deadline = self.reactor.seconds() + timeout
         while self.reactor.seconds() < deadline:
-            if await defer.ensureDeferred(self.probe(self.reactor, port)):
+            if await defer.ensureDeferred(self.probe(self.reactor, port, host)):
                 return True
             await deferLater(self.reactor, HEALTH_POLL, lambda: None)
         return False
@@ -448,39 +460,49 @@ class Worker(Service):
         def busy(port):
             return port in pending or port in self._locks
 
-        for port, runs in sorted(instances.items()):
-            if not runs and not busy(port) and self.rules.owns(self._url(port)) is not None:
-                await self._replace_exited(port)
+        def moved(port):  # swarm: the instance runs now on another node than listed
+            up = instances.get(port)
+            return isinstance(up, str) and listed[port] != up
+
+        for port, up in sorted(instances.items()):
+            if not up and not busy(port) and self.rules.owns(self._url(port)) is not None:
+                await self._replace_exited(port, listed.get(port))
         for port, url in listed.items():
-            if port not in instances and not busy(port):
+            if (port not in instances or moved(port)) and not busy(port):
                 if await tier.unregister(self.redis, url):
                     self.log.info("reconcile: {what} is gone; removed {url} from servers",
                                   what=self.driver.describe(port), url=url)
         await self._probe_and_list(
-            {port: self._url(port) for port, runs in instances.items()
-             if runs and not busy(port) and self.rules.owns(self._url(port)) is not None},
+            {port: (self._url(port, up), _probe_host(up)) for port, up in instances.items()
+             if up and not busy(port) and self.rules.owns(self._url(port, up)) is not None},
             listed, first, busy)
         for outage in self.outages.values():
             outage.ok()
 
-    def _url(self, port: int) -> str:
-        return instance_url(self.rules.host, port)
+    def _url(self, port: int, up: bool | str = True) -> str:
+        """Where the instance on ``port`` answers: the URL its driver reports (swarm places
+        instances on nodes), else this infra's host."""
+        return up if isinstance(up, str) else instance_url(self.rules.host, port)
 
-    async def _probe_and_list(self, candidates: dict[int, str], listed: dict[int, str],
-                              first: str | None, busy) -> None:
-        """Probe every running instance (and a listed first one) at once; list what answers."""
+    async def _probe_and_list(self, candidates: dict[int, tuple[str, str]],
+                              listed: dict[int, str], first: str | None, busy) -> None:
+        """Probe every running instance (and a listed first one) at once; list what answers.
+
+        ``candidates``: per port, the URL to list and the host to probe it on.
+        """
         if first is not None:
-            candidates[self.rules.first_port] = first
+            candidates[self.rules.first_port] = (first, INSTANCE_HOST)
         ports = sorted(candidates)
         answers = await defer.gatherResults(
-            [defer.ensureDeferred(self.probe(self.reactor, port)) for port in ports])
+            [defer.ensureDeferred(self.probe(self.reactor, port, candidates[port][1]))
+             for port in ports])
         for port, answered in zip(ports, answers):
-            url = candidates[port]
+            url = candidates[port][0]
             # Asked again after the probe: a destroy taken meanwhile must not see it come back.
             if busy(port):
                 continue
             what = ("the first instance" if url == first else self.driver.describe(port))
-            was_listed = port in listed or url == first
+            was_listed = listed.get(port) == url or url == first
             if answered and not was_listed:
                 if await tier.register(self.redis, url):
                     self.log.info("reconcile: {what} answers; added {url} back to servers",
@@ -491,13 +513,13 @@ class Worker(Service):
                                   "removed {url} from servers until it answers again",
                                   what=what, url=url, timeout=self.probe_timeout)
 
-    async def _replace_exited(self, port: int) -> None:
+    async def _replace_exited(self, port: int, listed_url: str | None) -> None:
         """An instance that exited leaves servers and is removed; a spawn replaces it unless
         someone else owns the count."""
         url = self._url(port)
         what = self.driver.describe(port)
         async with self._port_lock(port):
-            await tier.unregister(self.redis, url)
+            await tier.unregister(self.redis, listed_url or url)
             if self.keep_count:
                 # Queued before the removal: a crash in between still ends with the instance.
                 await self.redis.call("LPUSH", keys.SPAWN_QUEUE, url)

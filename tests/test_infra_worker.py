@@ -75,7 +75,7 @@ class Setup:
     def __init__(self, redis_url: str, **kw):
         self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
         self.driver = FakeDriver(self.redis)
-        probe = lambda _reactor, port: defer.succeed(  # noqa: E731
+        probe = lambda _reactor, port, _host: defer.succeed(  # noqa: E731
             port in self.driver.running - self.driver.frozen or port in self.first_answers)
         self.first_answers = set()
         options = dict(interval=0.02, reconcile_interval=60, drain=0.3, retry_max=0.05,
@@ -141,7 +141,7 @@ async def test_what_was_in_processing_is_finished_before_anything_new(redis_db, 
     redis_db.lpush(keys.SPAWN_QUEUE, "http://127.0.0.1:4002")
     gate = defer.Deferred()
 
-    async def slow_probe(_reactor, port):
+    async def slow_probe(_reactor, port, _host):
         if port == 4001:
             await gate
         return True
@@ -177,7 +177,7 @@ async def test_a_reconcile_that_overlaps_a_destroy_does_not_put_the_url_back(red
     gate = defer.Deferred()
     probing = []
 
-    async def gated_probe(_reactor, port):
+    async def gated_probe(_reactor, port, _host):
         probing.append(port)
         await gate
         return True

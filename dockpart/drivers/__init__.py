@@ -3,12 +3,13 @@
 A driver starts, removes and lists the instances it manages, one per port,
 always named :func:`instance_name`.  Its interface: ``name``, ``describe(port)``
 (how log lines name an instance), and the coroutines ``start(port)`` (make sure
-it runs, adopting one that does), ``remove(port)`` (stop and remove it, if there
-is one) and ``managed()`` (every managed instance's port, and whether it runs:
-False for one that exited and is still there, which reconcile replaces).  Every
+it runs, adopting one that does; None when it answers at the spawn request's URL,
+or the URL where it answers, for a driver that places instances on other hosts:
+swarm), ``remove(port)`` (stop and remove it, if there is one) and ``managed()``
+(every managed instance's port, and whether it runs: False for one that exited and
+is still there, which reconcile replaces; swarm: the URL where it runs).  Every
 action is idempotent, so a request finished twice (after a crash) has the effect
-of finishing it once.  Blocking
-work runs in a :class:`ThreadPoolService`, in functions named ``_thd_*`` that
+of finishing it once.  Blocking work runs in a :class:`ThreadPoolService`, in functions named ``_thd_*`` that
 never touch the reactor.
 """
 

@@ -151,6 +151,13 @@ class DockerDriver:
         """``--rebuild``: the seed's image per instance, built for its port."""
         return f"{instance_name(port)}:latest"
 
+    async def ensure_image(self) -> str:
+        """``--image``, built first if it is missing (the swarm driver's too)."""
+        async with self._build_lock:  # one build, however many spawns wait for it
+            if await self._call(_thd_ensure_image, self.image, *self.build):
+                self.log.info("built the image {image}", image=self.image)
+        return self.image
+
     async def managed(self) -> dict[int, bool]:
         return await self._call(_thd_managed, self.tier)
 
@@ -164,10 +171,7 @@ class DockerDriver:
             await self._call(_thd_build, image, context, dockerfile,
                              {**build_args, "start_port": str(port)})
         else:
-            image = self.image
-            async with self._build_lock:  # one build, however many spawns wait for it
-                if await self._call(_thd_ensure_image, image, *self.build):
-                    self.log.info("built the image {image}", image=image)
+            image = await self.ensure_image()
         # Instances answer on loopback only, as the process driver's do; the proxy faces users.
         args = [*self.instance_args, "--listen", f"tcp:{port}:interface=127.0.0.1"]
         if await self._call(_thd_run, self.tier, port, image, self.environment, args):

@@ -8,6 +8,8 @@ directions: each transport is registered as the producer of the other, as in
 filling memory.  After a backend's ``101`` the two connections become a plain byte tunnel.
 """
 
+import enum
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -26,15 +28,22 @@ OWN_HEADERS = frozenset([b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarde
 #: Headers whose values the proxy needs (framing, forwarding).
 WATCHED = frozenset([b"host", b"x-forwarded-for", b"content-length", b"transfer-encoding",
                      b"connection"])
+#: Headers that decide where a message ends or where it goes: never dropped by Connection.
+FRAMING = frozenset([b"content-length", b"transfer-encoding", b"host"])
 #: Connection tokens that name no header.
 CONNECTION_OPTIONS = frozenset([b"keep-alive", b"close", b"upgrade"])
 NO_BODY_STATUS = frozenset([204, 304])
+#: Methods a request may be sent again with (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+#: A Host value: RFC 3986's reg-name / IP-literal characters and an optional port.
+HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 #: Pooled connections idle longer are not reused: backends close theirs after a few seconds
 #: (node's default is 5 s), and a request on a connection closing under it may be lost.
 POOL_IDLE_TIME = 4.0
 
 REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
            408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+           505: b"HTTP Version Not Supported",
            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
 
@@ -47,6 +56,9 @@ class Limits:
     connect_timeout: float = 3.0
     backend_timeout: float = 30.0
     first_read_wait: float = 2.0
+    #: Per try, for an idempotent request without a body: past it with no byte of an answer,
+    #: the request is sent once to another backend (None: no such retry).
+    try_timeout: float | None = None
 
 
 class Stats:
@@ -60,12 +72,20 @@ class Stats:
         self.tunnels = 0
 
 
+class Refused(Exception):
+    """A message the proxy will not forward: its framing or routing is ambiguous."""
+
+
 def end_to_end(headers, out: list, skip=frozenset(), upgrade: bool = False) -> dict:
     """Append the headers to forward to ``out`` as ``Name: value`` lines.
 
     Hop-by-hop headers (and the ones ``Connection`` names) and those in ``skip`` stay behind;
     ``Upgrade`` and ``Connection`` go on when ``upgrade``.  Returns the values of the
-    WATCHED headers by lower-case name (repeated ones joined with ", ").
+    WATCHED headers by lower-case name (repeated ones joined with ", "), from the same view
+    as what is forwarded: a header ``Connection`` names is neither forwarded nor returned.
+    Raises :class:`Refused` for a second ``Host`` and for ``Connection`` naming a header that
+    frames or routes the message (``Content-Length``, ``Transfer-Encoding``, ``Host``): the
+    proxy would frame by a header the next hop never sees.
     """
     seen = {}
     start = len(out)
@@ -73,7 +93,12 @@ def end_to_end(headers, out: list, skip=frozenset(), upgrade: bool = False) -> d
     for name, value in headers:
         lname = name.lower()
         if lname in WATCHED:
-            seen[lname] = seen[lname] + b", " + value if lname in seen else value
+            if lname in seen:
+                if lname == b"host":
+                    raise Refused("two Host headers")
+                seen[lname] = seen[lname] + b", " + value
+            else:
+                seen[lname] = value
         if lname in HOP_BY_HOP or lname in skip or lname[:6] == b"proxy-":
             if upgrade and (lname == b"upgrade" or lname == b"connection"):
                 append(name + b": " + value)
@@ -83,9 +108,19 @@ def end_to_end(headers, out: list, skip=frozenset(), upgrade: bool = False) -> d
     if connection is not None:
         named = {t.strip().lower() for t in connection.split(b",")} - CONNECTION_OPTIONS
         if named:
+            if not named.isdisjoint(FRAMING):
+                raise Refused("Connection names a header that frames or routes the message: "
+                              + ", ".join(sorted(t.decode("latin-1") for t in named & FRAMING)))
             out[start:] = [line for line in out[start:]
                            if line.split(b":", 1)[0].lower() not in named]
+            for lname in named & WATCHED:
+                seen.pop(lname, None)
     return seen
+
+
+def codings(value: bytes) -> list[bytes]:
+    """The transfer codings of a ``Transfer-Encoding`` value, lower-cased, in order."""
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
 def direct_writer(transport):
@@ -178,7 +213,8 @@ class Exchange:
     __slots__ = ("client", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "backend", "conn", "tried", "sent_body",
                  "status", "chunked_out", "close_after", "responded", "response_done",
-                 "started", "head_only", "host", "reread")
+                 "started", "head_only", "host", "reread", "early", "idempotent", "retried",
+                 "client_slow")
 
     def __init__(self, client, method, head, version, keep_alive, upgrade, chunked_in, has_body,
                  host):
@@ -203,6 +239,11 @@ class Exchange:
         self.started = 0.0
         self.head_only = method == b"HEAD"
         self.reread = False  # the list was read again before answering 503
+        self.early: list[bytes] = []  # bytes after an Upgrade head, held until a 101
+        # Without a body, sending it again cannot do twice what the client asked once.
+        self.idempotent = method in IDEMPOTENT and not has_body
+        self.retried = False  # sent again after its try timed out
+        self.client_slow = False  # the client was given time to read a stalled response
 
 
 class ClientConnection(_Reading, protocol.Protocol):
@@ -307,16 +348,31 @@ class ClientConnection(_Reading, protocol.Protocol):
                                         "it is not a forward proxy\n")
             url = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
         version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            return self.answer(505, "only HTTP/1.0 and HTTP/1.1 are served\n")
         upgrade = parser.should_upgrade()
         out = [method + b" " + url + b" HTTP/1.1"]
         append = out.append
-        seen = end_to_end(self._headers, out, OWN_HEADERS, upgrade)
+        try:
+            seen = end_to_end(self._headers, out, OWN_HEADERS, upgrade)
+        except Refused as e:
+            return self.answer(400, f"{e}\n")
         host = seen.get(b"host")
+        if host is None:
+            if version == "1.1":
+                return self.answer(400, "an HTTP/1.1 request needs a Host header\n")
+        elif not HOST_VALUE.fullmatch(host):
+            return self.answer(400, "the Host header is not a valid host[:port]\n")
         forwarded_for = seen.get(b"x-forwarded-for")
-        chunked = b"transfer-encoding" in seen
+        coded = seen.get(b"transfer-encoding")
+        chunked = coded is not None
         has_body = chunked or seen.get(b"content-length", b"0").strip() != b"0"
+        if upgrade and has_body:
+            # The parser takes what follows an Upgrade head as the new protocol's bytes.
+            return self.answer(400, "an Upgrade request cannot carry a body here\n")
         if chunked:
-            append(b"Transfer-Encoding: chunked")
+            # The parser accepts only codings that end in one chunked; the others go on.
+            append(b"Transfer-Encoding: " + b", ".join(codings(coded)))
         peer_ip = self.peer_ip  # empty on a UNIX socket
         if forwarded_for or peer_ip:
             append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer_ip
@@ -371,7 +427,7 @@ class ClientConnection(_Reading, protocol.Protocol):
             else:
                 exchange.pending.append(b"0\r\n\r\n")
         if attached and not exchange.responded:
-            self.deadline = self.clock.seconds() + self.limits.backend_timeout
+            self.deadline = self.clock.seconds() + self.factory.answer_wait(exchange)
 
     # Answers of the proxy itself.
 
@@ -454,7 +510,10 @@ class ClientConnection(_Reading, protocol.Protocol):
         if tunnel is not None:
             tunnel.write(data)
         elif exchange is not None and exchange.upgrade:
-            exchange.pending.append(data)
+            # Not the backend's yet: it may refuse to switch, and then these bytes are no
+            # part of any request it was sent (the connection closes after its answer).
+            exchange.early.append(data)
+            self.pause_reading("upgrading")
         # Anything else after an upgrade request that was refused is dropped with the close.
 
     def start_tunnel(self, conn) -> None:
@@ -462,6 +521,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.factory.stats.tunnels += 1
         self.deadline = None
         self.resume_reading("queued")
+        self.resume_reading("upgrading")
         if self._producing_for is None:
             _produce(conn.transport, self._throttle)
             self._producing_for = conn
@@ -477,20 +537,35 @@ class ClientConnection(_Reading, protocol.Protocol):
             else:
                 self.closed = True
                 self.transport.loseConnection()
-        elif exchange.responded:
-            self.abort()
-        else:
-            stalled = not exchange.request_done
-            if exchange.conn is not None:
-                exchange.conn.drop()
-            if exchange.backend is not None:
-                exchange.backend.errors += not stalled
-                exchange.backend.active -= 1
-                exchange.backend = None
-            if stalled:
-                self.fail_exchange(exchange, 408, "the request body stopped coming\n")
-            else:
-                self.fail_exchange(exchange, 504, "the backend did not answer in time\n")
+            return
+        conn = exchange.conn
+        backend = exchange.backend
+        if exchange.responded:
+            if conn is not None and "peer" in conn._paused and not exchange.client_slow:
+                # The backend waits for this client to read: the client's own limit applies.
+                exchange.client_slow = True
+                self.deadline = now + self.limits.idle_timeout
+                return
+            if backend is not None and conn is not None:
+                self.log.warn("backend {url} stalled in the middle of a response",
+                              url=backend.url)
+                self.factory.backends.failed(backend)
+            return self.abort()
+        stalled = not exchange.request_done
+        if conn is not None:
+            conn.exchange = exchange.conn = None
+            conn.drop()
+        if backend is not None:
+            backend.active -= 1
+            exchange.backend = None
+            if not stalled:
+                # Time-outs count as failures: a hung backend leaves the rotation.
+                self.log.warn("backend {url} did not answer in time", url=backend.url)
+                self.factory.backends.failed(backend)
+        if stalled:
+            self.fail_exchange(exchange, 408, "the request body stopped coming\n")
+        elif not self.factory.try_elsewhere(exchange):
+            self.fail_exchange(exchange, 504, "the backend did not answer in time\n")
 
     def abort(self) -> None:
         self.closed = True
@@ -508,14 +583,43 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.queue.clear()
 
 
+class Phase(enum.Enum):
+    """Where a backend connection is in its life; :meth:`BackendConnection.transition` moves it."""
+
+    IDLE = "idle"            # connected, no exchange: pooled or about to be
+    AWAITING = "awaiting"    # a request sent (its body may still stream), no final head yet
+    BODY = "body"            # the response head went to the client, its body streams
+    SETTLING = "settling"    # the response ended inside the read being parsed
+    TUNNEL = "tunnel"        # after a 101: bytes both ways, no HTTP
+    CLOSED = "closed"        # closing or closed: never lent again
+
+
+#: The moves a backend connection may make; anything else is a bug, and closes it.
+MOVES = {
+    Phase.IDLE: {Phase.AWAITING, Phase.CLOSED},
+    Phase.AWAITING: {Phase.BODY, Phase.SETTLING, Phase.TUNNEL, Phase.CLOSED},
+    Phase.BODY: {Phase.SETTLING, Phase.CLOSED},
+    Phase.SETTLING: {Phase.IDLE, Phase.CLOSED},
+    Phase.TUNNEL: {Phase.CLOSED},
+    Phase.CLOSED: {Phase.CLOSED},
+}
+
+
 class BackendConnection(_Reading, protocol.Protocol):
-    """A persistent connection to one backend, lent to one exchange at a time."""
+    """A persistent connection to one backend, lent to one exchange at a time.
+
+    A response that ends inside a read is settled only once the whole read is parsed
+    (:attr:`Phase.SETTLING`): bytes after its end (a body after ``HEAD``, ``204`` or ``304``,
+    a second response) mean the backend and the proxy disagree on framing, and the
+    connection is closed rather than lent to the next request.
+    """
 
     log = Logger()
 
     def __init__(self, backend: Backend, factory):
         self.backend = backend
         self.proxy = factory
+        self.phase = Phase.IDLE
         self.exchange: Exchange | None = None
         self.parser = None
         self.throttle = _Throttle(self)
@@ -525,14 +629,28 @@ class BackendConnection(_Reading, protocol.Protocol):
         self._headers: list = []
         self.got_bytes = False
         self.until_close = False
-        self.closed = False
+        self.keep = False  # the settling response allows another on this connection
+        self.stray = False  # bytes came after the end of a response
         # What one read of the backend produced for the client, written at once.
         self.out: list[bytes] = []
         self.out_to = None
         self.idle_since = 0.0
 
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def transition(self, to: Phase) -> None:
+        if to not in MOVES[self.phase]:
+            self.log.error("backend connection: no move from {old} to {new}",
+                           old=self.phase.value, new=to.value)
+            to = Phase.CLOSED
+        self.phase = to
+        if to is Phase.CLOSED and self.transport is not None:
+            self.transport.loseConnection()
+
     def connectionMade(self):
-        self.transport.setTcpNoDelay(True)  # backends are always TCP
+        _no_delay(self.transport)  # small requests leave at once
         self.write = direct_writer(self.transport)
         connector, self.factory = self.factory, None
         if connector is not None:
@@ -541,9 +659,11 @@ class BackendConnection(_Reading, protocol.Protocol):
     # Sending.
 
     def send(self, exchange: Exchange) -> None:
+        self.transition(Phase.AWAITING)
         self.exchange = exchange
         exchange.conn = self
         self.got_bytes = False
+        self.stray = False
         if self.parser is None:
             self.parser = httptools.HttpResponseParser(self)
         self.out_to = exchange.client
@@ -566,18 +686,22 @@ class BackendConnection(_Reading, protocol.Protocol):
         # until then the body must keep coming (see on_body).
         limits = self.proxy.limits
         client.deadline = exchange.started + (
-            limits.backend_timeout if exchange.request_done else limits.idle_timeout)
+            self.proxy.answer_wait(exchange) if exchange.request_done else limits.idle_timeout)
 
     # Receiving.
 
     def dataReceived(self, data):
-        if self.tunnel is not None:
+        phase = self.phase
+        if phase is Phase.TUNNEL:
             return self.tunnel.write(data)
-        exchange = self.exchange
-        if exchange is None:
+        if phase is not Phase.AWAITING and phase is not Phase.BODY:
             # An idle connection has nothing to say; whatever it is, it cannot be reused.
             return self.drop()
         self.got_bytes = True
+        if phase is Phase.BODY:
+            # Every read from the backend restarts its time limit, mid-body too.
+            self.exchange.client.deadline = self.proxy.clock.seconds() + \
+                self.proxy.limits.backend_timeout
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -585,21 +709,35 @@ class BackendConnection(_Reading, protocol.Protocol):
             rest = data[e.args[0]:]
             if self.tunnel is not None and rest:
                 self.tunnel.write(rest)
-        except httptools.HttpParserCallbackError:
-            self.log.failure("handling a response from {url}", url=self.backend.url)
+        except httptools.HttpParserCallbackError as e:
             self.out = []
-            self.bad_response("the proxy failed handling the backend's response")
+            if self.phase is Phase.SETTLING:
+                self.stray = True
+            elif isinstance(e.__context__, _BadResponse):
+                self.bad_response(str(e.__context__))
+            else:
+                self.log.failure("handling a response from {url}", url=self.backend.url)
+                self.bad_response("the proxy failed handling the backend's response")
         except httptools.HttpParserError as e:
-            self.out = []
-            self.bad_response(f"the backend sent a malformed response: {e}")
+            if self.phase is Phase.SETTLING:
+                self.stray = True  # what follows the response is not even HTTP
+            else:
+                self.out = []
+                self.bad_response(f"malformed response: {e}")
         if self.out:
             self.flush()
+        if self.phase is Phase.SETTLING:
+            self._settle()
 
     def flush(self) -> None:
         out = self.out
         if out:
             self.out = []
             self.out_to.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def on_message_begin(self):
+        if self.phase is Phase.SETTLING:
+            self.stray = True
 
     def on_status(self, reason):
         self._reason += reason
@@ -608,6 +746,9 @@ class BackendConnection(_Reading, protocol.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self):
+        if self.phase is not Phase.AWAITING:
+            self.stray = True
+            return
         exchange = self.exchange
         parser = self.parser
         status = parser.get_status_code()
@@ -620,26 +761,49 @@ class BackendConnection(_Reading, protocol.Protocol):
             self._reason = b""
             self._headers = []
             return
-        backend.latency_sum += now - exchange.started
-        backend.latency_count += 1
-        client.deadline = None
-        exchange.status = status
         headers = self._headers
         self._headers = []
         out = [b"HTTP/1.1 %d %s" % (status, self._reason)]
         self._reason = b""
         append = out.append
-        seen = end_to_end(headers, out, upgrade=status == 101)
-        length = b"content-length" in seen
-        chunked_in = b"transfer-encoding" in seen
+        try:
+            seen = end_to_end(headers, out, upgrade=status == 101)
+        except Refused as e:
+            raise _BadResponse(str(e)) from None
         no_body = exchange.head_only or status in NO_BODY_STATUS or status == 101
+        length = b"content-length" in seen
+        coded = seen.get(b"transfer-encoding")
+        chunked_in = False
+        others: list = []
+        if coded is not None:
+            them = codings(coded)
+            chunked_in = them[-1] == b"chunked"
+            others = them[:-1] if chunked_in else them
+            if b"chunked" in others:
+                raise _BadResponse("chunked applied twice")
+        # With codings other than chunked and no final chunked, the close ends the body.
         self.until_close = not (no_body or length or chunked_in)
-        if not no_body and not length:
-            if exchange.version == "1.1":
+        if no_body or (length and not coded):
+            pass
+        elif others:
+            # The sender's own codings (gzip, ...) go on; only chunked is ours to redo.
+            if exchange.version != "1.1":
+                raise _BadResponse("transfer codings an HTTP/1.0 client cannot take")
+            if chunked_in:
                 exchange.chunked_out = True
-                append(b"Transfer-Encoding: chunked")
+                append(b"Transfer-Encoding: " + b", ".join(others) + b", chunked")
             else:
                 exchange.close_after = True
+                append(b"Transfer-Encoding: " + b", ".join(others))
+        elif exchange.version == "1.1":
+            exchange.chunked_out = True
+            append(b"Transfer-Encoding: chunked")
+        else:
+            exchange.close_after = True
+        backend.latency_sum += now - exchange.started
+        backend.latency_count += 1
+        client.deadline = now + self.proxy.limits.backend_timeout
+        exchange.status = status
         if status == 101:
             self.tunnel = client
         elif exchange.close_after or exchange.upgrade or not exchange.request_done:
@@ -650,56 +814,75 @@ class BackendConnection(_Reading, protocol.Protocol):
         client.response_head(exchange)
         self.out.append(b"\r\n".join(out) + b"\r\n\r\n")
         if status == 101:
+            self.transition(Phase.TUNNEL)
             self.exchange = None
             backend.active -= 1
             self.flush()
             client.start_tunnel(self)
-            if exchange.pending:
-                self.write(b"".join(exchange.pending))
-                exchange.pending.clear()
+            if exchange.early:
+                self.write(b"".join(exchange.early))
+                exchange.early.clear()
         elif exchange.head_only:
-            self._response_complete(keep=parser.should_keep_alive())
+            # The parser cannot be told the response to HEAD has no body: it would wait for
+            # the one the head announces, so this connection serves no other request.
+            self._response_complete(keep=False)
+        else:
+            self.transition(Phase.BODY)
 
     def on_body(self, body):
-        exchange = self.exchange
-        if exchange is None:
+        if self.phase is not Phase.BODY:
+            self.stray = True
             return
-        if exchange.chunked_out:
+        if self.exchange.chunked_out:
             self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
         else:
             self.out.append(body)
 
     def on_message_complete(self):
-        exchange = self.exchange
-        if exchange is None or self.tunnel is not None or exchange.status == 0:
+        phase = self.phase
+        if phase is Phase.AWAITING:
+            return  # the end of an interim (1xx) answer
+        if phase is not Phase.BODY:
+            if phase is Phase.SETTLING:
+                self.stray = True
             return
-        if exchange.chunked_out:
+        if self.exchange.chunked_out:
             self.out.append(b"0\r\n\r\n")
         self._response_complete(keep=self.parser.should_keep_alive())
 
     def _response_complete(self, keep: bool) -> None:
-        self.flush()
+        """The response ended in this read; :meth:`_settle` finishes once the read is parsed."""
+        self.transition(Phase.SETTLING)
+        self.keep = keep
         exchange = self.exchange
-        self.exchange = None
         exchange.response_done = True
-        exchange.conn = None
-        if exchange.head_only:
-            self.parser = None  # it still waits for the body a HEAD answer announces
         backend = self.backend
         backend.requests += 1
         backend.active -= 1
+
+    def _settle(self) -> None:
+        """After the read that ended a response: pool the connection or close it, then let
+        the client go on."""
+        self.flush()
+        exchange, self.exchange = self.exchange, None
+        exchange.conn = None
         client = exchange.client
         if self.producing_for_client:
             self.producing_for_client = False
             client.detach_producer(self)
         self.resume_reading("peer")
-        reusable = keep and exchange.request_done and not self.closed
         if client._producing_for is self:
             client._producing_for = None
             if self.transport.producer is client._throttle:
                 self.transport.unregisterProducer()
             client.resume_reading("peer")
-        if reusable and backend.listed and len(backend.idle) < MAX_IDLE:
+        backend = self.backend
+        if self.stray:
+            self.log.warn("backend {url} sent bytes after the end of a response; "
+                          "connection closed", url=backend.url)
+        if (self.keep and not self.stray and exchange.request_done and not exchange.upgrade
+                and backend.listed and len(backend.idle) < MAX_IDLE):
+            self.transition(Phase.IDLE)
             self.idle_since = self.proxy.clock.seconds()
             backend.idle.append(self)
         else:
@@ -710,21 +893,22 @@ class BackendConnection(_Reading, protocol.Protocol):
         exchange, self.exchange = self.exchange, None
         self.drop()
         if exchange is not None:
+            self.log.warn("backend {url}: {why}", url=self.backend.url, why=why)
             self.backend.errors += 1
             self.backend.active -= 1
             exchange.conn = None
-            exchange.client.fail_exchange(exchange, 502, why + "\n")
+            exchange.client.fail_exchange(exchange, 502, "the backend's response could not "
+                                                         "be passed on\n")
 
     # Endings.
 
     def drop(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.loseConnection()
+        if self.phase is not Phase.CLOSED:
+            self.transition(Phase.CLOSED)
 
     def connectionLost(self, reason):
-        self.closed = True
+        phase = self.phase
+        self.phase = Phase.CLOSED
         backend = self.backend
         try:
             backend.idle.remove(self)
@@ -749,7 +933,7 @@ class BackendConnection(_Reading, protocol.Protocol):
             client.detach_producer(self)
         if client.closed:
             return
-        if exchange.status:
+        if phase is Phase.BODY:
             if self.until_close:
                 # A body without length or chunks: the close is its end.
                 if exchange.chunked_out:
@@ -770,6 +954,10 @@ class BackendConnection(_Reading, protocol.Protocol):
         else:
             client.fail_exchange(exchange, 502, "the backend closed the connection "
                                                 "before answering\n")
+
+
+class _BadResponse(Exception):
+    """A response head the proxy will not pass on (502)."""
 
 
 class _Connector(protocol.ClientFactory):
@@ -796,6 +984,7 @@ class ProxyFactory(protocol.Factory):
 
     protocol = ClientConnection
     noisy = False
+    log = Logger()
 
     def __init__(self, backends: BackendSet, reactor, limits: Limits | None = None):
         self.backends = backends
@@ -841,8 +1030,10 @@ class ProxyFactory(protocol.Factory):
             return
         if backend is None:
             if exchange.tried:
-                client.fail_exchange(exchange, 502, "every backend failed: " + ", ".join(
-                    b.url for b in exchange.tried) + "\n")
+                # Backend addresses go to the log and the admin listener, not to clients.
+                self.log.warn("every backend failed for a request: {urls}",
+                              urls=", ".join(b.url for b in exchange.tried))
+                client.fail_exchange(exchange, 502, "every backend failed\n")
             elif self.backends.known and not exchange.reread and not self.backends.shared:
                 # Empty as far as we know; a notice of a first backend may be on its way.
                 # A 503 should be true when said, so read the list once more first.
@@ -850,11 +1041,9 @@ class ProxyFactory(protocol.Factory):
                 self.backends.reread().addBoth(lambda _: self._picked(self.backends.pick(),
                                                                       exchange))
             elif self.backends.known:
-                client.fail_exchange(exchange, 503, "no backend is available: the list "
-                                     f"{self.backends.list_key!r} is empty\n")
+                client.fail_exchange(exchange, 503, "no backend is available\n")
             else:
-                client.fail_exchange(exchange, 503, "no backend is known yet: Redis has not "
-                                     "answered since the proxy started\n")
+                client.fail_exchange(exchange, 503, "no backend is known yet\n")
             return
         exchange.backend = backend
         exchange.tried.append(backend)
@@ -872,7 +1061,7 @@ class ProxyFactory(protocol.Factory):
         self.reactor.connectTCP(backend.host, backend.port, _Connector(self, backend, exchange),
                                 timeout=self.limits.connect_timeout)
         client.deadline = self.clock.seconds() + self.limits.connect_timeout + \
-            self.limits.backend_timeout
+            self.answer_wait(exchange)
 
     def connected(self, conn: BackendConnection, exchange: Exchange) -> None:
         if exchange.backend is not conn.backend or exchange.conn is not None:
@@ -894,6 +1083,28 @@ class ProxyFactory(protocol.Factory):
             return
         self.stats.retries += 1
         self._picked(self.backends.pick(exchange.tried), exchange)
+
+    def answer_wait(self, exchange: Exchange) -> float:
+        """How long the answer to a fully sent request is waited for on this try."""
+        limits = self.limits
+        if limits.try_timeout is not None and exchange.idempotent and not exchange.retried:
+            return min(limits.try_timeout, limits.backend_timeout)
+        return limits.backend_timeout
+
+    def try_elsewhere(self, exchange: Exchange) -> bool:
+        """After a try timed out without a byte of an answer: send it once to another backend.
+
+        False when the request may not be sent again or no other backend is left.
+        """
+        if self.limits.try_timeout is None or not exchange.idempotent or exchange.retried:
+            return False
+        backend = self.backends.pick(exchange.tried)
+        if backend is None:
+            return False
+        exchange.retried = True
+        self.stats.retries += 1
+        self._picked(backend, exchange)
+        return True
 
     def retry(self, exchange: Exchange, backend: Backend, stale: bool) -> None:
         """Send again after a connection died before answering; a dead backend is left out."""

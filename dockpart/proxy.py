@@ -11,7 +11,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from dockpart import keys
-from dockpart.proxy_backends import BackendSet, BackendSync, HealthChecks
+from dockpart.proxy_backends import BackendSet, BackendSync
+from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_http import Limits, ProxyFactory
 from dockpart.listening import Listener
 from dockpart.redisconn import RedisOptions, RedisService
@@ -81,8 +82,10 @@ def makeService(config, reactor=None):
                           down_time=config["down-time"])
     BackendSync(backends, reactor, config["refresh-interval"]).setServiceParent(top)
     if config["health-path"]:
+        # An answer slower than the interval (a second at least) counts as none.
         HealthChecks(backends, config["health-path"], config["health-interval"],
-                     config["connect-timeout"], reactor).setServiceParent(top)
+                     min(config["connect-timeout"], max(config["health-interval"], 1.0)),
+                     reactor).setServiceParent(top)
     limits = Limits(max_header_size=config["max-header-size"],
                     header_timeout=config["header-timeout"], idle_timeout=config["idle-timeout"],
                     connect_timeout=config["connect-timeout"],

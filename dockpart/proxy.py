@@ -11,8 +11,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from dockpart import keys
-from dockpart.proxy_backends import BackendSet, BackendSync
+from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
+from dockpart.proxy_sync import BackendSync
 from dockpart.proxy_http import Limits, ProxyFactory
 from dockpart.listening import Listener
 from dockpart.redisconn import RedisOptions, RedisService

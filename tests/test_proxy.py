@@ -383,36 +383,70 @@ def test_every_backend_failing_gives_502_naming_them_in_the_log_only(fresh):
 
 def test_redis_stopped_and_restarted_under_load_fails_no_request(fresh):
     codes = {"local": [], "shared": []}
+    answered = {"local": [], "shared": []}  # when each request was answered
     stop = threading.Event()
 
     def load(name, daemon):
         with requests.Session() as session:
             while not stop.is_set():
                 codes[name].append(session.get(daemon.url + "/load", timeout=10).status_code)
+                answered[name].append(time.monotonic())
 
     threads = [threading.Thread(target=load, args=("local", fresh.local)),
                threading.Thread(target=load, args=("shared", fresh.shared))]
     for t in threads:
         t.start()
     try:
-        time.sleep(0.3)
+        wait_for(lambda: answered["local"] and answered["shared"], what="the load to start")
         fresh.redis.stop()
-        time.sleep(1.5)
+        down_from = time.monotonic()
+        wait_for(lambda: not fresh.status()["redis_connected"], timeout=5,
+                 what="the proxy to see Redis gone")
+        wait_for(lambda: all(sum(t > down_from for t in answered[n]) >= 20 for n in answered),
+                 timeout=5, what="20 requests per proxy answered while Redis is down")
         fresh.redis.start()
+        down_until = time.monotonic()
         # This Redis keeps nothing on disk: put the list back as a persistent one would have it.
         set_servers(fresh.client, fresh.urls)
-        time.sleep(1.5)
+        wait_for(lambda: fresh.status()["redis_connected"], timeout=5, what="the reconnection")
+        after = time.monotonic()
+        wait_for(lambda: all(sum(t > after for t in answered[n]) >= 20 for n in answered),
+                 timeout=5, what="20 requests per proxy answered after the restart")
     finally:
         stop.set()
         for t in threads:
             t.join(10)
+    for name in answered:
+        while_down = [t for t in answered[name] if down_from < t < down_until]
+        assert len(while_down) >= 20, (name, len(while_down))
     assert codes["local"] and set(codes["local"]) == {200}
     assert codes["shared"] and set(codes["shared"]) == {200}
     # The proxy reconnected and sees changes made there.
     set_servers(fresh.client, [fresh.urls[2]])
     wait_for(lambda: all(fresh.get().text.startswith("b2 ") for _ in range(3)), timeout=8,
              what="the proxy to read the list from the restarted Redis")
-    wait_for(lambda: fresh.status()["redis_connected"], timeout=5, what="the Redis connection")
+
+
+def test_an_empty_list_after_a_redis_restart_is_not_taken_without_a_notice(fresh):
+    fresh.redis.stop()
+    try:
+        wait_for(lambda: not fresh.status()["redis_connected"], timeout=5,
+                 what="the proxy to see Redis gone")
+        assert [fresh.get(f"/down{i}").status_code for i in range(3)] == [200] * 3
+    finally:
+        fresh.redis.start()  # empty: this one keeps nothing on disk
+    wait_for(lambda: fresh.status()["redis_connected"], timeout=5, what="the reconnection")
+    # Several periodic reads (one a second) of the empty list later, both proxies still serve.
+    until = time.monotonic() + 2.5
+    while time.monotonic() < until:
+        for proxy in (fresh.local, fresh.shared):
+            assert fresh.get("/up", proxy=proxy).status_code == 200
+    assert "read empty after Redis was away" in fresh.local.output()
+    assert len(fresh.status()["backends"]) == 3
+    # A notice says the tier really is empty now: that is taken at once.
+    set_servers(fresh.client, [])
+    wait_for(lambda: fresh.get().status_code == 503, timeout=3, what="503 after the notice")
+    assert fresh.get(proxy=fresh.shared).status_code == 503
 
 
 # Seeing it.

@@ -265,6 +265,8 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.upgraded = False
         self.closed = False
         self.pending_head = 0
+        self.refusal = None  # (code, text, head_only) of a request refused behind others
+        self._head_request = False
         self._head_began = False
         self._url = b""
         self._headers: list = []
@@ -280,7 +282,7 @@ class ClientConnection(_Reading, protocol.Protocol):
     # Reading.
 
     def dataReceived(self, data):
-        if self.closed:
+        if self.closed or self.refusal is not None:
             return
         if self.upgraded:
             return self._tunnel_in(data)
@@ -293,18 +295,24 @@ class ClientConnection(_Reading, protocol.Protocol):
             if rest:
                 self._tunnel_in(rest)
             return
-        except httptools.HttpParserCallbackError:
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _Refused):
+                return  # refuse() stopped the parser: nothing after that head is read
             self.log.failure("handling a request")
             return self.abort()
         except httptools.HttpParserError as e:
-            return self.answer(400, f"malformed request: {e}\n")
+            try:  # an answer to HEAD has no body, even this one
+                head = self.parser.get_method() == b"HEAD"
+            except httptools.HttpParserError:
+                head = False
+            return self.refuse(400, f"malformed request: {e}\n", head_only=head)
         if self.parsing and not self.closed:
             # A head begun in this read counts from its start, not from the read's (the read
             # may hold the body of a request before it); one that goes on counts every byte.
             self.pending_head = (self._head_size if self._head_began
                                  else self.pending_head + len(data))
             if self.pending_head > self.limits.max_header_size:
-                self.answer(431, "request headers are too large\n")
+                self.refuse(431, "request headers are too large\n")
 
     def on_message_begin(self):
         self.parsing = True
@@ -324,7 +332,8 @@ class ClientConnection(_Reading, protocol.Protocol):
         self._headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.limits.max_header_size:
-            self.answer(431, "request headers are too large\n")
+            self.refuse(431, "request headers are too large\n")
+            raise _Refused()
 
     def on_headers_complete(self):
         self.parsing = False
@@ -332,44 +341,45 @@ class ClientConnection(_Reading, protocol.Protocol):
             return
         parser = self.parser
         method = parser.get_method()
+        self._head_request = method == b"HEAD"
         url = self._url
         if method == b"CONNECT":
-            return self.answer(405, "CONNECT is not served: this is not a forward proxy\n")
+            return self._refuse_head(405, "CONNECT is not served: this is not a forward proxy\n")
         if not url.startswith(b"/") and url != b"*":
             try:
                 parts = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
-                return self.answer(400, "malformed request target\n")
+                return self._refuse_head(400, "malformed request target\n")
             here = self.transport.getHost()
             port = parts.port or (443 if parts.schema == b"https" else 80)
             own_host = getattr(here, "host", "").encode()
             if parts.host not in (own_host, b"localhost") or port != getattr(here, "port", None):
-                return self.answer(403, "dockpart-proxy only serves its own backends; "
+                return self._refuse_head(403, "dockpart-proxy only serves its own backends; "
                                         "it is not a forward proxy\n")
             url = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
-            return self.answer(505, "only HTTP/1.0 and HTTP/1.1 are served\n")
+            return self._refuse_head(505, "only HTTP/1.0 and HTTP/1.1 are served\n")
         upgrade = parser.should_upgrade()
         out = [method + b" " + url + b" HTTP/1.1"]
         append = out.append
         try:
             seen = end_to_end(self._headers, out, OWN_HEADERS, upgrade)
         except Refused as e:
-            return self.answer(400, f"{e}\n")
+            return self._refuse_head(400, f"{e}\n")
         host = seen.get(b"host")
         if host is None:
             if version == "1.1":
-                return self.answer(400, "an HTTP/1.1 request needs a Host header\n")
+                return self._refuse_head(400, "an HTTP/1.1 request needs a Host header\n")
         elif not HOST_VALUE.fullmatch(host):
-            return self.answer(400, "the Host header is not a valid host[:port]\n")
+            return self._refuse_head(400, "the Host header is not a valid host[:port]\n")
         forwarded_for = seen.get(b"x-forwarded-for")
         coded = seen.get(b"transfer-encoding")
         chunked = coded is not None
         has_body = chunked or seen.get(b"content-length", b"0").strip() != b"0"
         if upgrade and has_body:
             # The parser takes what follows an Upgrade head as the new protocol's bytes.
-            return self.answer(400, "an Upgrade request cannot carry a body here\n")
+            return self._refuse_head(400, "an Upgrade request cannot carry a body here\n")
         if chunked:
             # The parser accepts only codings that end in one chunked; the others go on.
             append(b"Transfer-Encoding: " + b", ".join(codings(coded)))
@@ -431,6 +441,25 @@ class ClientConnection(_Reading, protocol.Protocol):
 
     # Answers of the proxy itself.
 
+    def _refuse_head(self, code: int, text: str):
+        """Refuse the request whose head was just parsed, and stop the parser on it."""
+        self.refuse(code, text, head_only=self._head_request)
+        raise _Refused()
+
+    def refuse(self, code: int, text: str, head_only: bool = False) -> None:
+        """Answer ``code`` and close, once the requests before this one are answered.
+
+        Nothing the client sent after the refused request is read: its body could be
+        anything, including what looks like further requests.
+        """
+        if self.refusal is not None or self.closed:
+            return
+        self.refusal = (code, text, head_only)
+        self.parsing = False
+        self.pause_reading("refused")
+        if self.current is None and not self.queue:
+            self.answer(code, text, head_only=head_only)
+
     def answer(self, code: int, text: str, close: bool = True, head_only: bool = False) -> None:
         """A response of our own; closes the connection unless told otherwise."""
         if self.closed:
@@ -487,6 +516,8 @@ class ClientConnection(_Reading, protocol.Protocol):
             self.transport.loseConnection()
             return
         self.resume_reading("no backend yet")
+        if not self.queue and self.refusal is not None:
+            return self.answer(*self.refusal[:2], head_only=self.refusal[2])
         if self.queue:
             self.current = self.queue.popleft()
             self.factory.start(self.current)
@@ -505,7 +536,7 @@ class ClientConnection(_Reading, protocol.Protocol):
     # Tunnels (after a 101).
 
     def _tunnel_in(self, data):
-        exchange = self.current
+        exchange = self.queue[-1] if self.queue else self.current
         tunnel = self.tunnel_to
         if tunnel is not None:
             tunnel.write(data)
@@ -954,6 +985,10 @@ class BackendConnection(_Reading, protocol.Protocol):
         else:
             client.fail_exchange(exchange, 502, "the backend closed the connection "
                                                 "before answering\n")
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop it on a refused request (see ``refuse``)."""
 
 
 class _BadResponse(Exception):

@@ -230,3 +230,24 @@ def test_a_backend_stalling_mid_body_is_cut_after_the_backend_timeout(tier, back
     # The client is told the response is cut (the connection ends) well before the stall does.
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith((b"<closed>", b"<reset>")), reply
     assert time.monotonic() - started < 4
+
+
+def test_a_refused_request_behind_another_is_answered_in_turn_and_its_body_never_forwarded(tier,
+                                                                                          backend):
+    slow = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nfirst\n"
+
+    def later(request):
+        def send(conn):
+            time.sleep(0.3)  # the refused request is parsed while this one is in flight
+            conn.sendall(slow)
+        return send
+    backend.answer = later
+    hidden = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = exchange(tier.port, b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: Content-Length\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(hidden), hidden))
+    first, refused = reply.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and first.endswith(b"first\n"), reply
+    assert refused.startswith(b"400") and refused.endswith(b"<closed>"), reply
+    assert [r.url for r in backend.requests] == [b"/first"]
+    assert b"/smuggled" not in received(backend)

@@ -130,6 +130,11 @@ def direct_writer(transport):
     epoll changes and a loop iteration per response; a proxy forwarding small messages
     spends most of its time there.  Whatever the socket does not take goes through the
     ordinary ``write`` (and so through flow control).  Other transports (TLS) are left alone.
+
+    Twisted has no public "is anything queued?": this reads ``tcp.Connection``'s private
+    ``_tempDataLen``, ``dataBuffer`` and ``_writeDisconnected``, which is why pyproject.toml
+    pins Twisted's range and ``test_direct_writer_finds_the_twisted_internals_it_reads``
+    fails loudly when they move.
     """
     if not isinstance(transport, tcp.Connection) or ISSLTransport.providedBy(transport):
         return transport.write

@@ -204,3 +204,33 @@ def test_notices_are_read_as_resp_even_split_across_reads():
         notices.dataReceived(stream[i:i + 1])
     # Two messages (one whose payload is the word "message"); the confirmation is none.
     assert owner.refreshes == 2
+
+
+def test_direct_writer_finds_the_twisted_internals_it_reads():
+    """proxy_http.direct_writer reads private tcp.Connection attributes (for speed): if a
+    Twisted release renames them, this fails, rather than the proxy corrupting streams."""
+    import socket
+
+    from twisted.internet import protocol, tcp
+    from twisted.internet.testing import MemoryReactor
+
+    from dockpart.proxy_http import direct_writer
+
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        conn = tcp.Connection(a, protocol.Protocol(), MemoryReactor())
+        conn.connected = True
+        for name in ("_tempDataLen", "dataBuffer", "_writeDisconnected", "disconnecting",
+                     "connected", "socket"):
+            assert hasattr(conn, name), f"Twisted's tcp.Connection has no {name} any more"
+        send = direct_writer(conn)
+        assert send is not conn.write
+        send(b"straight")  # nothing queued: it goes to the socket at once
+        assert b.recv(100) == b"straight"
+        conn.dataBuffer = b"queued"  # something queued: the ordinary write keeps the order
+        send(b"after")
+        assert conn._tempDataBuffer == [b"after"] or b"after" in bytes(conn.dataBuffer)
+    finally:
+        a.close()
+        b.close()

@@ -212,12 +212,25 @@ class _Reading:
                 self.transport.resumeProducing()
 
 
+class Reply(enum.Enum):
+    """How far the answer to an exchange has gone; :meth:`Exchange.reply_moves` moves it."""
+
+    AWAITED = "awaited"      # nothing written to the client yet: it may still be retried
+    STREAMING = "streaming"  # a response head went to the client; its body may follow
+    DONE = "done"            # the answer is complete (the backend's, or one of ours)
+
+
+#: AWAITED -> DONE is an answer of our own (502, 503, 504, 408) or a response without a body.
+REPLY_MOVES = {Reply.AWAITED: {Reply.STREAMING, Reply.DONE}, Reply.STREAMING: {Reply.DONE},
+               Reply.DONE: set()}
+
+
 class Exchange:
     """One request and its response, from the first attempt to the last byte."""
 
     __slots__ = ("client", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "backend", "conn", "tried", "sent_body",
-                 "status", "chunked_out", "close_after", "responded", "response_done",
+                 "status", "chunked_out", "close_after", "reply",
                  "started", "head_only", "host", "reread", "early", "idempotent", "retried",
                  "client_slow")
 
@@ -239,8 +252,7 @@ class Exchange:
         self.status = 0
         self.chunked_out = False
         self.close_after = not keep_alive
-        self.responded = False  # response head written to the client
-        self.response_done = False
+        self.reply = Reply.AWAITED
         self.started = 0.0
         self.head_only = method == b"HEAD"
         self.reread = False  # the list was read again before answering 503
@@ -249,6 +261,20 @@ class Exchange:
         self.idempotent = method in IDEMPOTENT and not has_body
         self.retried = False  # sent again after its try timed out
         self.client_slow = False  # the client was given time to read a stalled response
+
+    @property
+    def responded(self) -> bool:
+        """Something of the answer went to the client: it can no longer be retried."""
+        return self.reply is not Reply.AWAITED
+
+    @property
+    def response_done(self) -> bool:
+        return self.reply is Reply.DONE
+
+    def reply_moves(self, to: Reply) -> None:
+        if to not in REPLY_MOVES[self.reply]:
+            raise AssertionError(f"an exchange's reply cannot go from {self.reply} to {to}")
+        self.reply = to
 
 
 class ClientConnection(_Reading, protocol.Protocol):
@@ -485,7 +511,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         """The exchange ends in an answer of ours; keep the connection if the request is read."""
         if exchange.responded:
             return self.abort()
-        exchange.responded = exchange.response_done = True
+        exchange.reply_moves(Reply.DONE)
         keep = exchange.request_done and not exchange.close_after and not exchange.upgrade
         self.answer(code, text, close=not keep, head_only=exchange.head_only)
         if keep:
@@ -495,7 +521,7 @@ class ClientConnection(_Reading, protocol.Protocol):
 
     def response_head(self, exchange: Exchange) -> None:
         """The backend's response head is about to be written: its body may stream."""
-        exchange.responded = True
+        exchange.reply_moves(Reply.STREAMING)
         if exchange.backend is not None and exchange.conn is not None:
             conn = exchange.conn
             if not exchange.head_only:
@@ -891,7 +917,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.transition(Phase.SETTLING)
         self.keep = keep
         exchange = self.exchange
-        exchange.response_done = True
+        exchange.reply_moves(Reply.DONE)
         backend = self.backend
         backend.requests += 1
         backend.active -= 1
@@ -974,7 +1000,7 @@ class BackendConnection(_Reading, protocol.Protocol):
                 # A body without length or chunks: the close is its end.
                 if exchange.chunked_out:
                     client.write(b"0\r\n\r\n")
-                exchange.response_done = True
+                exchange.reply_moves(Reply.DONE)
                 backend.requests += 1
                 client.exchange_done(exchange)
             else:

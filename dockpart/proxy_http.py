@@ -6,6 +6,12 @@ to an :class:`Exchange`, which borrows a persistent connection to a backend
 directions: each transport is registered as the producer of the other, as in
 ``twisted/protocols/portforward.py``, so a slow reader pauses the fast writer instead of
 filling memory.  After a backend's ``101`` the two connections become a plain byte tunnel.
+
+Framing is the point where a proxy gets smuggled through, so each message is framed from the
+same view of its headers as what is forwarded (:func:`end_to_end`), anything ambiguous is
+refused rather than guessed, a refused request stops the parser, and a backend connection goes
+back to the pool only when its response ended cleanly (:class:`Phase`).  The states are
+explicit: :class:`Phase` for a backend connection, :class:`Reply` for an exchange's answer.
 """
 
 import enum

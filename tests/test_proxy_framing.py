@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from helpers import Daemon, RedisProcess, free_port, wait_for
+from helpers import Daemon, RedisProcess, free_port
 from proxykit import RawBackend
 
 KEY = "framing:servers"

@@ -609,12 +609,13 @@ class ClientConnection(_Reading, protocol.Protocol):
         conn = exchange.conn
         backend = exchange.backend
         if exchange.responded:
-            if conn is not None and "peer" in conn._paused and not exchange.client_slow:
+            if conn is not None and "peer" in conn._paused:
                 # The backend waits for this client to read: the client's own limit applies.
-                exchange.client_slow = True
-                self.deadline = now + self.limits.idle_timeout
-                return
-            if backend is not None and conn is not None:
+                if not exchange.client_slow:
+                    exchange.client_slow = True
+                    self.deadline = now + self.limits.idle_timeout
+                    return
+            elif backend is not None and conn is not None:
                 self.log.warn("backend {url} stalled in the middle of a response",
                               url=backend.url)
                 self.factory.backends.failed(backend)
@@ -768,7 +769,9 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.got_bytes = True
         if phase is Phase.BODY:
             # Every read from the backend restarts its time limit, mid-body too.
-            self.exchange.client.deadline = self.proxy.clock.seconds() + \
+            exchange = self.exchange
+            exchange.client_slow = False
+            exchange.client.deadline = self.proxy.clock.seconds() + \
                 self.proxy.limits.backend_timeout
         try:
             self.parser.feed_data(data)

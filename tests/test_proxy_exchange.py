@@ -213,3 +213,25 @@ def test_early_bytes_after_a_refused_upgrade_are_dropped_with_the_connection():
     conn.dataReceived(OK % (2, b"no"))
     assert b"Connection: close" in out.value() and out.disconnecting
     assert wire.value() == b"" and conn.phase is Phase.CLOSED  # never pooled
+
+
+def test_a_client_slow_to_read_gets_the_idle_timeout_not_the_backend_timeout():
+    proxy = Proxy(backend_timeout=2.0, idle_timeout=10.0)
+    client, out = proxy.client()
+    client.dataReceived(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+    for _ in range(2):  # the client's buffer fills: the backend is paused, through no fault
+        conn.pause_reading("peer")
+        proxy.reactor.advance(2.5)
+        proxy.factory.sweep()
+        assert not client.closed
+        conn.resume_reading("peer")
+        conn.dataReceived(b"more")
+    conn.pause_reading("peer")
+    proxy.reactor.advance(2.5)
+    proxy.factory.sweep()
+    proxy.reactor.advance(10.1)
+    proxy.factory.sweep()
+    assert client.closed  # a client that stops reading altogether is let go
+    assert conn.backend.down_until <= proxy.reactor.seconds()  # and the backend is not blamed

@@ -11,7 +11,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from dockpart import keys
-from dockpart.proxy_backends import BackendSet, BackendSync, HealthChecks
+from dockpart.proxy_backends import BackendSet
+from dockpart.proxy_health import HealthChecks
+from dockpart.proxy_sync import BackendSync
 from dockpart.proxy_http import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
 from dockpart.listening import Listener
@@ -37,6 +39,9 @@ class Options(RedisOptions):
         ["health-interval", None, 5.0, "Seconds between active health checks.", float],
         ["connect-timeout", None, 3.0, "Seconds to connect to a backend.", float],
         ["backend-timeout", None, 30.0, "Seconds to wait for a backend's response (504).", float],
+        ["try-timeout", None, None, "Seconds one backend gets to start answering an idempotent "
+                                    "request without a body before it is sent once to another "
+                                    "(off unless given).", float],
         ["header-timeout", None, 10.0, "Seconds a client has to send request headers (408).",
          float],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client connection stays, "
@@ -55,6 +60,8 @@ class Options(RedisOptions):
                      "backend-timeout", "header-timeout", "idle-timeout", "max-header-size"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        if self["try-timeout"] is not None and self["try-timeout"] <= 0:
+            raise usage.UsageError("--try-timeout must be positive")
         path = self["health-path"]
         if path is not None and not path.startswith("/"):
             raise usage.UsageError(f"--health-path {path!r} must start with /")
@@ -78,12 +85,14 @@ def makeService(config, reactor=None):
     BackendSync(backends, reactor, config["refresh-interval"]).setServiceParent(top)
     LoadPublisher(backends, redis, reactor).setServiceParent(top)
     if config["health-path"]:
+        # An answer slower than the interval (a second at least) counts as none.
         HealthChecks(backends, config["health-path"], config["health-interval"],
-                     config["connect-timeout"], reactor).setServiceParent(top)
+                     min(config["connect-timeout"], max(config["health-interval"], 1.0)),
+                     reactor).setServiceParent(top)
     limits = Limits(max_header_size=config["max-header-size"],
                     header_timeout=config["header-timeout"], idle_timeout=config["idle-timeout"],
                     connect_timeout=config["connect-timeout"],
-                    backend_timeout=config["backend-timeout"],
+                    backend_timeout=config["backend-timeout"], try_timeout=config["try-timeout"],
                     first_read_wait=config["redis-timeout"])
     proxy = ProxyFactory(backends, reactor, limits)
     shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout)

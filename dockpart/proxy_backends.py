@@ -1,22 +1,17 @@
-"""The backends dockpart-proxy sends to: the Redis list, its rotation, health and figures.
+"""The backends dockpart-proxy sends to: each one's figures, the rotation, passive health.
 
-The list lives in Redis (``servers`` unless ``--servers-key`` says otherwise).  The proxy keeps
-the last list it read, so traffic goes on while Redis is away; a pub/sub notice on
-``keys.changes_channel(KEY)`` makes it read the list again at once, and a periodic read
-catches anything a notice missed.
+What a backend is (:class:`Backend`: its address, idle connections and counters) and how the
+next one is chosen (:class:`BackendSet`: local or shared rotation, failed backends left out).
+Keeping the list current is :mod:`dockpart.proxy_sync`'s job; asking backends whether they
+answer is :mod:`dockpart.proxy_health`'s.
 """
 
 from collections import deque
 
-from twisted.application.internet import ClientService
-from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from dockpart import keys, load
+from dockpart import load
 from dockpart.tier import BadInstanceURL, parse_instance_url
 from dockpart.redisconn import RedisService, RedisUnavailable
 
@@ -86,7 +81,10 @@ class BackendSet:
         self.by_url: dict[str, Backend] = {}
         self._next = 0
         self.known = False  # a list was read at least once
-        self.rotation: "_Rotation | None" = None  # the connection for LMOVE (shared mode)
+        self.rotation = None  # proxy_sync's connection for LMOVE (shared mode), when up
+        # After Redis was away, an empty read may be a list Redis lost, not an empty tier.
+        self._distrust_empty = False
+        self._holding = False  # serving the last list although Redis now says empty
         self._bad: set[str] = set()
         self._rereading = None
         self._waiting: list = []
@@ -130,9 +128,35 @@ class BackendSet:
         Fires True when the list was read, False when Redis could not answer.
         """
         d = self.redis.call("LRANGE", self.list_key, 0, -1)
-        d.addCallback(lambda urls: self.update(urls) or True)
-        d.addErrback(lambda f: f.trap(RedisUnavailable) and False)
+        d.addCallback(self._read)
+        d.addErrback(self._unavailable)
         return d
+
+    def _read(self, urls: list[str]) -> bool:
+        if urls:
+            self._distrust_empty = self._holding = False
+        elif self._distrust_empty and self.ring:
+            if not self._holding:
+                self._holding = True
+                self.log.warn("{key} read empty after Redis was away, with no change notice "
+                              "(a restart that lost it?): still serving the {n} backends read "
+                              "before, and reading again", key=self.list_key, n=len(self.ring))
+            return True
+        self.update(urls)
+        return True
+
+    def _unavailable(self, failure) -> bool:
+        failure.trap(RedisUnavailable)
+        self.distrust_empty()
+        return False
+
+    def distrust_empty(self) -> None:
+        """Redis was away: an empty list is not taken until a notice or a non-empty read."""
+        self._distrust_empty = True
+
+    def trust_empty(self) -> None:
+        """A change notice: what the list says next is what the tier is."""
+        self._distrust_empty = self._holding = False
 
     def reread(self) -> defer.Deferred:
         """A read of the list that started now; concurrent callers share one read."""
@@ -189,7 +213,8 @@ class BackendSet:
     def shared_choice(self, url):
         """The backend for what LMOVE answered (a string, None for an empty list, or an error)."""
         if url is None:
-            return None
+            # An empty list in Redis; unless Redis just came back without its data.
+            return self.pick() if self._distrust_empty else None
         if url.__class__ is not str:
             return self.pick()
         backend = self.by_url.get(url)
@@ -230,280 +255,3 @@ class BackendSet:
             "list_known": self.known,
             "backends": [b.status(now) for b in self.ring],
         }
-
-
-class _Notices(Protocol):
-    """SUBSCRIBE to the list's channel; any message means: read the list again."""
-
-    def connectionMade(self):
-        owner = self.factory.owner
-        password = owner.redis.address.password
-        if password:
-            self.transport.write(_command(b"AUTH", password.encode()))
-        self.transport.write(_command(b"SUBSCRIBE", keys.changes_channel(owner.list_key).encode()))
-        # Whatever changed while no notice could arrive.
-        owner.refresh()
-
-    def dataReceived(self, data):
-        if b"message" in data:
-            self.factory.owner.refresh()
-
-
-class _Rotation(Protocol):
-    """A lean Redis connection for the per-request LMOVE of ``--balance shared``.
-
-    Commands are pipelined and answered in order; no Deferred per request.  A connection
-    that stops answering is dropped by :meth:`watch`, and requests fall back to the local
-    rotation until it is back.
-    """
-
-    log = Logger()
-
-    def connectionMade(self):
-        owner = self.factory.owner
-        self.backends = owner.backends
-        self.transport.setTcpNoDelay(True)
-        self.waiting: deque = deque()
-        self.buffer = b""
-        self.replies = 0
-        self._seen = 0
-        self._stalled = 0.0
-        self._lmove = _command(b"LMOVE", *[self.backends.list_key.encode()] * 2, b"RIGHT", b"LEFT")
-        address = owner.redis.address
-        if address.password:
-            self._send(_command(b"AUTH", address.password.encode()), None)
-        if address.db:
-            self._send(_command(b"SELECT", str(address.db).encode()), None)
-        self.backends.rotation = self
-
-    def _send(self, command: bytes, callback, arg=None) -> None:
-        self.transport.write(command)
-        self.waiting.append((callback, arg))
-
-    def lmove(self, callback, arg) -> None:
-        self.transport.write(self._lmove)
-        self.waiting.append((callback, arg))
-
-    def dataReceived(self, data):
-        buf = self.buffer + data if self.buffer else data
-        pos = 0
-        size = len(buf)
-        waiting = self.waiting
-        backends = self.backends
-        while pos < size:
-            end = buf.find(b"\r\n", pos)
-            if end < 0:
-                break
-            kind = buf[pos]
-            if kind == 36:  # $: a bulk string, or nil
-                n = int(buf[pos + 1:end])
-                if n < 0:
-                    value = None
-                    pos = end + 2
-                else:
-                    if size < end + 4 + n:
-                        break
-                    value = buf[end + 2:end + 2 + n].decode()
-                    pos = end + 4 + n
-            elif kind in (43, 58):  # +simple string, :integer
-                value = buf[pos + 1:end].decode()
-                pos = end + 2
-            elif kind == 45:  # -error
-                value = RedisUnavailable(buf[pos + 1:end].decode(errors="replace"))
-                pos = end + 2
-            else:
-                self.transport.abortConnection()
-                return
-            self.replies += 1
-            callback, arg = waiting.popleft()
-            if callback is not None:
-                try:
-                    callback(backends.shared_choice(value), arg)
-                except Exception:
-                    self.log.failure("handling a request after LMOVE")
-        self.buffer = buf[pos:]
-
-    def watch(self, elapsed: float, timeout: float) -> None:
-        """Called periodically: drop the connection when answers stopped coming."""
-        if self.waiting and self.replies == self._seen:
-            self._stalled += elapsed
-            if self._stalled >= timeout:
-                self.transport.abortConnection()
-        else:
-            self._stalled = 0.0
-        self._seen = self.replies
-
-    def connectionLost(self, reason):
-        backends = self.backends
-        if backends.rotation is self:
-            backends.rotation = None
-        waiting, self.waiting = self.waiting, deque()
-        for callback, arg in waiting:
-            if callback is not None:
-                callback(backends.pick(), arg)
-
-
-def _command(*parts: bytes) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return b"".join(out)
-
-
-class BackendSync(MultiService):
-    """Keeps a BackendSet's list current: notices on the channel plus a periodic read."""
-
-    log = Logger()
-
-    def __init__(self, backends: BackendSet, reactor, interval: float = 1.0):
-        super().__init__()
-        self.backends = backends
-        self.redis = backends.redis
-        self.list_key = backends.list_key
-        self._connection(_Notices, reactor)
-        if backends.shared:
-            self._connection(_Rotation, reactor)
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = reactor
-        self.interval = interval
-        self._refreshing = None
-        self._again = False
-        self.reactor = reactor
-
-    def _connection(self, protocol_class, reactor) -> None:
-        """A Redis connection of our own, made again whenever it is lost."""
-        factory = Factory.forProtocol(protocol_class)
-        factory.noisy = False
-        factory.owner = self
-        address = self.redis.address
-        endpoint = TCP4ClientEndpoint(reactor, address.host, address.port,
-                                      timeout=self.redis.timeout)
-        # Retry every half second or so: a restarted Redis is heard from at once.
-        ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
-                      clock=reactor).setServiceParent(self)
-
-    def startService(self):
-        super().startService()
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self):
-        if self._loop.running:
-            self._loop.stop()
-        return super().stopService()
-
-    def _tick(self) -> None:
-        rotation = self.backends.rotation
-        if rotation is not None:
-            rotation.watch(self.interval, self.redis.timeout)
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Read the list; notices that arrive during a read cause one more read after it."""
-        if self._refreshing is not None:
-            self._again = True
-            return
-        self._refreshing = self.backends.refresh()
-        self._refreshing.addErrback(lambda f: self.log.failure("reading {key}", f, key=self.list_key))
-        self._refreshing.addBoth(self._refreshed)
-
-    def _refreshed(self, read):
-        self._refreshing = None
-        if read is False and not self.backends.known and self.running:
-            # Starting up before the Redis connection is: try again soon, not in a second.
-            self.reactor.callLater(0.1, self.refresh)
-        elif self._again:
-            self._again = False
-            self.refresh()
-
-
-class _Probe(Protocol):
-    """One health-check request; ``status`` fires with the response's status code."""
-
-    def __init__(self, request: bytes):
-        self.request = request
-        self.status = defer.Deferred()
-        self._buffer = b""
-
-    def connectionMade(self):
-        self.transport.write(self.request)
-
-    def dataReceived(self, data):
-        self._buffer += data
-        line, found, _ = self._buffer.partition(b"\r\n")
-        if found and not self.status.called:
-            parts = line.split(b" ", 2)
-            if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
-                self.status.callback(int(parts[1]))
-            else:
-                self.status.errback(ValueError(f"not an HTTP answer: {line[:80]!r}"))
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason):
-        if not self.status.called:
-            self.status.errback(reason)
-
-    def abort(self):
-        if self.transport is not None:
-            self.transport.abortConnection()
-        raise defer.TimeoutError("no answer in time")
-
-
-class _QuietFactory(Factory):
-    """Connects one given protocol without a log line per connection (checks are frequent)."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol):
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr):
-        return self.protocol_instance
-
-
-class HealthChecks(Service):
-    """Optional active checks: GET PATH on every backend each interval; marks up or down."""
-
-    log = Logger()
-
-    def __init__(self, backends: BackendSet, path: str, interval: float, timeout: float, reactor):
-        self.backends = backends
-        self.path = path
-        self.timeout = timeout
-        self.reactor = reactor
-        self._loop = LoopingCall(self.check_all)
-        self._loop.clock = reactor
-        self.interval = interval
-
-    def startService(self):
-        super().startService()
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-
-    def check_all(self) -> defer.Deferred:
-        checks = [self.check(b) for b in list(self.backends.ring)]
-        return defer.DeferredList(checks, consumeErrors=True)
-
-    def check(self, backend: Backend) -> defer.Deferred:
-        request = (f"GET {self.path} HTTP/1.1\r\nHost: {backend.host}:{backend.port}\r\n"
-                   f"User-Agent: dockpart-proxy health check\r\nConnection: close\r\n\r\n")
-        probe = _Probe(request.encode())
-        endpoint = TCP4ClientEndpoint(self.reactor, backend.host, backend.port,
-                                      timeout=self.timeout)
-        d = endpoint.connect(_QuietFactory(probe)).addCallback(lambda _: probe.status)
-        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=lambda *_: probe.abort())
-        d.addCallback(self._answered, backend)
-        d.addErrback(self._no_answer, backend)
-        return d
-
-    def _answered(self, code, backend):
-        if code >= 500:
-            self.backends.failed(backend, count=False)
-        else:
-            self.backends.healthy(backend)
-
-    def _no_answer(self, failure, backend):
-        self.backends.failed(backend, count=False)

@@ -10,13 +10,18 @@
   GET  /nobody?code=C     -> status C (204, 304) without a body or a length
   GET  /hop               -> a response carrying hop-by-hop headers
   GET  /ws                -> 101 for an Upgrade: websocket request, then echoes bytes upper-cased
+
+:class:`RawBackend` is the other kind: a socket server in a thread of the test that records every
+byte and every request it receives and answers each with bytes the test chose, right or wrong.
 """
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -150,6 +155,128 @@ class Backend:
             os.killpg(self.proc.pid, sig)
             self.proc.wait(10)
         self.proc = None
+
+
+class _Request:
+    """One request as a backend parsed it."""
+
+    def __init__(self):
+        self.method = b""
+        self.url = b""
+        self.headers: list = []
+        self.body = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+class RawBackend:
+    """A recording backend: ``answer(request) -> bytes`` decides each reply, byte for byte.
+
+    ``answer`` may also return a callable, called with the socket (to stall, or send in parts).
+    ``received`` holds every byte per connection; ``requests`` every request parsed, in order.
+    """
+
+    def __init__(self, answer=None):
+        import httptools
+        self._httptools = httptools
+        self.answer = answer or (lambda request: b"HTTP/1.1 200 OK\r\nContent-Length: "
+                                 b"%d\r\n\r\n%s" % (len(request.url), request.url))
+        self.received: list[bytearray] = []
+        self.requests: list[_Request] = []
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._conns: list = []
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self, answer=None) -> None:
+        with self.lock:
+            self.received.clear()
+            self.requests.clear()
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._conns.clear()
+        if answer is not None:
+            self.answer = answer
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self._conns.append(conn)
+                raw = bytearray()
+                self.received.append(raw)
+            threading.Thread(target=self._serve, args=(conn, raw), daemon=True).start()
+
+    def _serve(self, conn, raw: bytearray) -> None:
+        backend = self
+        done: list[_Request] = []
+
+        class Parser:
+            current = None
+
+            def on_message_begin(self):
+                self.current = _Request()
+
+            def on_url(self, url):
+                self.current.url += url
+
+            def on_header(self, name, value):
+                self.current.headers.append((name, value))
+
+            def on_body(self, body):
+                self.current.body += body
+
+            def on_message_complete(self):
+                self.current.method = parser.get_method()
+                done.append(self.current)
+
+        parser = self._httptools.HttpRequestParser(Parser())
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                with self.lock:
+                    raw += data
+                try:
+                    parser.feed_data(data)
+                except self._httptools.HttpParserUpgrade:
+                    pass
+                except self._httptools.HttpParserError:
+                    break
+                while done:
+                    request = done.pop(0)
+                    with self.lock:
+                        backend.requests.append(request)
+                    reply = self.answer(request)
+                    if callable(reply):
+                        reply(conn)
+                    else:
+                        conn.sendall(reply)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        self.reset()
 
 
 if __name__ == "__main__":

@@ -142,3 +142,95 @@ def test_end_to_end_keeps_upgrade_for_a_websocket_handshake():
     out = []
     end_to_end([(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")], out, upgrade=True)
     assert out == [b"Upgrade: websocket", b"Connection: Upgrade"]
+
+
+def test_an_empty_read_after_redis_was_away_keeps_the_list_until_a_notice():
+    redis = ListRedis([])
+    pool = BackendSet(redis, "servers", "local", Clock())
+    pool.update(URLS)
+    pool.distrust_empty()  # what a failed read or a lost notice connection does
+    pool.refresh()
+    redis.answer_all()
+    assert [b.url for b in pool.ring] == URLS
+    # A non-empty read, then an empty one: the list was there, so empty is now the truth.
+    redis.urls = [URLS[0]]
+    pool.refresh()
+    redis.answer_all()
+    redis.urls = []
+    pool.refresh()
+    redis.answer_all()
+    assert pool.ring == []
+    # Or a change notice does it.
+    pool.update(URLS)
+    pool.distrust_empty()
+    pool.trust_empty()
+    pool.refresh()
+    redis.answer_all()
+    assert pool.ring == []
+
+
+def test_notices_are_read_as_resp_even_split_across_reads():
+    from twisted.internet.testing import StringTransport
+
+    from dockpart.proxy_sync import _Notices
+
+    class Owner:
+        list_key = "servers"
+        refreshes = 0
+
+        class redis:
+            class address:
+                password = None
+
+        class backends:
+            @staticmethod
+            def distrust_empty():
+                pass
+
+        def notices_connected(self):
+            pass
+
+        def refresh(self, notice=False):
+            self.refreshes += notice
+
+    owner = Owner()
+    notices = _Notices()
+    notices.factory = type("F", (), {"owner": owner})()
+    notices.makeConnection(StringTransport())
+    stream = (b"*3\r\n$9\r\nsubscribe\r\n$24\r\ndockpart:servers:changed\r\n:1\r\n"
+              b"*3\r\n$7\r\nmessage\r\n$24\r\ndockpart:servers:changed\r\n$7\r\nmessage\r\n"
+              b"*3\r\n$7\r\nmessage\r\n$24\r\ndockpart:servers:changed\r\n$3\r\nadd\r\n")
+    for i in range(len(stream)):
+        notices.dataReceived(stream[i:i + 1])
+    # Two messages (one whose payload is the word "message"); the confirmation is none.
+    assert owner.refreshes == 2
+
+
+def test_direct_writer_finds_the_twisted_internals_it_reads():
+    """proxy_http.direct_writer reads private tcp.Connection attributes (for speed): if a
+    Twisted release renames them, this fails, rather than the proxy corrupting streams."""
+    import socket
+
+    from twisted.internet import protocol, tcp
+    from twisted.internet.testing import MemoryReactor
+
+    from dockpart.proxy_http import direct_writer
+
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        conn = tcp.Connection(a, protocol.Protocol(), MemoryReactor())
+        conn.connected = True
+        for name in ("_tempDataLen", "dataBuffer", "_writeDisconnected", "disconnecting",
+                     "connected", "socket"):
+            assert hasattr(conn, name), f"Twisted's tcp.Connection has no {name} any more"
+        send = direct_writer(conn)
+        assert send is not conn.write
+        send(b"straight")  # nothing queued: it goes to the socket at once
+        assert b.recv(100) == b"straight"
+        conn.dataBuffer = b"queued"  # something queued: the ordinary write keeps the order
+        send(b"after")
+        assert conn._tempDataBuffer == [b"after"] or b"after" in bytes(conn.dataBuffer)
+    finally:
+        a.close()
+        b.close()

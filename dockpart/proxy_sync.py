@@ -1,0 +1,263 @@
+"""dockpart-proxy's copy of the Redis list: its change notices, its periodic read, and the
+Redis client of ``--balance shared``.
+
+The proxy keeps the last list it read, so traffic goes on while Redis is away; a pub/sub notice
+on ``keys.changes_channel(KEY)`` makes it read the list again at once, and a periodic read
+catches anything a notice missed.  Right after Redis comes back, an empty list read without a
+notice is most likely a Redis that lost its data, not a tier with no instance: the proxy keeps
+serving what it had, logs it, and goes on reading until the list or a notice says otherwise.
+"""
+
+from collections import deque
+
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from dockpart import keys
+from dockpart.proxy_backends import BackendSet
+from dockpart.redisconn import RedisUnavailable
+
+#: A reply that is not complete in the buffer yet.
+INCOMPLETE = object()
+
+
+def command(*parts: bytes) -> bytes:
+    """One Redis command in RESP."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+def read_reply(buf: bytes, pos: int):
+    """The RESP reply starting at ``pos``: ``(value, end)``, or ``(INCOMPLETE, pos)``.
+
+    Bulk and simple strings come back as ``str``, integers as ``int``, nil as None, errors
+    as :class:`RedisUnavailable`, arrays as lists.  Raises ValueError on what is not RESP.
+    """
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return INCOMPLETE, pos
+    kind = buf[pos]
+    if kind == 36:  # $: a bulk string, or nil
+        n = int(buf[pos + 1:end])
+        if n < 0:
+            return None, end + 2
+        if len(buf) < end + 4 + n:
+            return INCOMPLETE, pos
+        return buf[end + 2:end + 2 + n].decode(), end + 4 + n
+    if kind == 43:  # +simple string
+        return buf[pos + 1:end].decode(), end + 2
+    if kind == 58:  # :integer
+        return int(buf[pos + 1:end]), end + 2
+    if kind == 45:  # -error
+        return RedisUnavailable(buf[pos + 1:end].decode(errors="replace")), end + 2
+    if kind == 42:  # *array
+        n = int(buf[pos + 1:end])
+        if n < 0:
+            return None, end + 2
+        items = []
+        at = end + 2
+        for _ in range(n):
+            item, after = read_reply(buf, at)
+            if item is INCOMPLETE:
+                return INCOMPLETE, pos
+            items.append(item)
+            at = after
+        return items, at
+    raise ValueError(f"not a RESP reply: {buf[pos:pos + 20]!r}")
+
+
+class _Notices(Protocol):
+    """SUBSCRIBE to the list's channel; each ``message`` means: read the list again."""
+
+    log = Logger()
+
+    def connectionMade(self):
+        owner = self.factory.owner
+        self.buffer = b""
+        password = owner.redis.address.password
+        if password:
+            self.transport.write(command(b"AUTH", password.encode()))
+        self.transport.write(command(b"SUBSCRIBE", keys.changes_channel(owner.list_key).encode()))
+        owner.notices_connected()
+
+    def dataReceived(self, data):
+        buf = self.buffer + data
+        pos = 0
+        try:
+            while pos < len(buf):
+                reply, pos = read_reply(buf, pos)
+                if reply is INCOMPLETE:
+                    break
+                if isinstance(reply, list) and reply and reply[0] == "message":
+                    self.factory.owner.refresh(notice=True)
+                elif isinstance(reply, RedisUnavailable):
+                    self.log.warn("Redis refused the subscription: {error}", error=str(reply))
+        except ValueError:
+            self.log.warn("not a Redis reply on the notice connection; reconnecting")
+            self.transport.abortConnection()
+            return
+        self.buffer = buf[pos:]
+
+    def connectionLost(self, reason):
+        self.factory.owner.backends.distrust_empty()
+
+
+class _Rotation(Protocol):
+    """A lean Redis connection for the per-request LMOVE of ``--balance shared``.
+
+    Why not txredisapi: measured on the project's 2-core machine (50 LMOVEs in flight against
+    a local redis-server, 30,000 each), txredisapi's ``execute_command`` answered about 6,000
+    LMOVE/s and this client 84,000 to 200,000; the proxy serves about 14,000 requests/s in
+    shared mode (README), so txredisapi alone would cap it under half of that.  Here commands
+    are pipelined and answered in order, each with a plain callback and no Deferred.
+    A connection that stops answering is dropped by :meth:`watch`, and requests fall back to
+    the local rotation until it is back.
+    """
+
+    log = Logger()
+
+    def connectionMade(self):
+        owner = self.factory.owner
+        self.backends = owner.backends
+        self.transport.setTcpNoDelay(True)
+        self.waiting: deque = deque()
+        self.buffer = b""
+        self.replies = 0
+        self._seen = 0
+        self._stalled = 0.0
+        self._lmove = command(b"LMOVE", *[self.backends.list_key.encode()] * 2, b"RIGHT", b"LEFT")
+        address = owner.redis.address
+        if address.password:
+            self._send(command(b"AUTH", address.password.encode()), None)
+        if address.db:
+            self._send(command(b"SELECT", str(address.db).encode()), None)
+        self.backends.rotation = self
+
+    def _send(self, data: bytes, callback, arg=None) -> None:
+        self.transport.write(data)
+        self.waiting.append((callback, arg))
+
+    def lmove(self, callback, arg) -> None:
+        self.transport.write(self._lmove)
+        self.waiting.append((callback, arg))
+
+    def dataReceived(self, data):
+        buf = self.buffer + data if self.buffer else data
+        pos = 0
+        size = len(buf)
+        waiting = self.waiting
+        backends = self.backends
+        while pos < size:
+            try:
+                value, pos = read_reply(buf, pos)
+            except ValueError:
+                self.transport.abortConnection()
+                return
+            if value is INCOMPLETE:
+                break
+            self.replies += 1
+            callback, arg = waiting.popleft()
+            if callback is not None:
+                try:
+                    callback(backends.shared_choice(value), arg)
+                except Exception:
+                    self.log.failure("handling a request after LMOVE")
+        self.buffer = buf[pos:]
+
+    def watch(self, elapsed: float, timeout: float) -> None:
+        """Called periodically: drop the connection when answers stopped coming."""
+        if self.waiting and self.replies == self._seen:
+            self._stalled += elapsed
+            if self._stalled >= timeout:
+                self.transport.abortConnection()
+        else:
+            self._stalled = 0.0
+        self._seen = self.replies
+
+    def connectionLost(self, reason):
+        backends = self.backends
+        if backends.rotation is self:
+            backends.rotation = None
+        waiting, self.waiting = self.waiting, deque()
+        for callback, arg in waiting:
+            if callback is not None:
+                callback(backends.pick(), arg)
+
+
+class BackendSync(MultiService):
+    """Keeps a BackendSet's list current: notices on the channel plus a periodic read."""
+
+    log = Logger()
+
+    def __init__(self, backends: BackendSet, reactor, interval: float = 1.0):
+        super().__init__()
+        self.backends = backends
+        self.redis = backends.redis
+        self.list_key = backends.list_key
+        self._connection(_Notices, reactor)
+        if backends.shared:
+            self._connection(_Rotation, reactor)
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self.interval = interval
+        self._refreshing = None
+        self._again = False
+        self.reactor = reactor
+
+    def _connection(self, protocol_class, reactor) -> None:
+        """A Redis connection of our own, made again whenever it is lost."""
+        factory = Factory.forProtocol(protocol_class)
+        factory.noisy = False
+        factory.owner = self
+        address = self.redis.address
+        endpoint = TCP4ClientEndpoint(reactor, address.host, address.port,
+                                      timeout=self.redis.timeout)
+        # Retry every half second or so: a restarted Redis is heard from at once.
+        ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
+                      clock=reactor).setServiceParent(self)
+
+    def startService(self):
+        super().startService()
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self):
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def notices_connected(self) -> None:
+        """The notice connection is (back) up: read whatever changed while it was away."""
+        self.refresh()
+
+    def _tick(self) -> None:
+        rotation = self.backends.rotation
+        if rotation is not None:
+            rotation.watch(self.interval, self.redis.timeout)
+        self.refresh()
+
+    def refresh(self, notice: bool = False) -> None:
+        """Read the list; notices that arrive during a read cause one more read after it."""
+        if notice:
+            self.backends.trust_empty()
+        if self._refreshing is not None:
+            self._again = True
+            return
+        self._refreshing = self.backends.refresh()
+        self._refreshing.addErrback(lambda f: self.log.failure("reading {key}", f,
+                                                               key=self.list_key))
+        self._refreshing.addBoth(self._refreshed)
+
+    def _refreshed(self, read):
+        self._refreshing = None
+        if read is False and not self.backends.known and self.running:
+            # Starting up before the Redis connection is: try again soon, not in a second.
+            self.reactor.callLater(0.1, self.refresh)
+        elif self._again:
+            self._again = False
+            self.refresh()

@@ -1,0 +1,237 @@
+"""The proxy exchange's states, in memory: a ClientConnection and its BackendConnections on
+StringTransports, a MemoryReactorClock for connections and time.  No socket, no process: each
+test feeds exact bytes in exact reads, so none depends on how TCP happens to split them."""
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from dockpart.proxy_backends import BackendSet
+from dockpart.proxy_http import Limits, Phase, ProxyFactory
+
+URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002"]
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+
+
+class NoRedis:
+    connected = False
+
+
+class Proxy:
+    """One proxy in memory; ``client()`` opens a client connection, ``backend()`` answers the
+    next connection attempt the proxy made."""
+
+    def __init__(self, urls=URLS, **limits):
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1000)
+        self.backends = BackendSet(NoRedis(), "servers", "local", self.reactor)
+        self.backends.update(list(urls))
+        self.factory = ProxyFactory(self.backends, self.reactor, Limits(**limits))
+        self._taken = 0
+
+    def client(self):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 3456),
+                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def attempts(self) -> int:
+        return len(self.reactor.tcpClients)
+
+    def backend(self):
+        """Complete the oldest connection attempt not completed yet."""
+        host, port, connector, _, _ = self.reactor.tcpClients[self._taken]
+        self._taken += 1
+        conn = connector.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        conn.makeConnection(transport)
+        return conn, transport
+
+
+def sent(transport) -> bytes:
+    data = transport.value()
+    transport.clear()
+    return data
+
+
+def test_pipelined_requests_go_one_at_a_time_and_reuse_the_connection():
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    assert sent(wire).startswith(b"GET /1 HTTP/1.1\r\n")  # /2 waits for /1's answer
+    conn.dataReceived(OK % (2, b"r1"))
+    assert sent(out).endswith(b"\r\n\r\nr1")
+    assert sent(wire).startswith(b"GET /2 HTTP/1.1\r\n") and proxy.attempts() == 1
+    conn.dataReceived(OK % (2, b"r2"))
+    assert sent(out).endswith(b"\r\n\r\nr2")
+    assert conn.phase is Phase.IDLE and proxy.backends.ring[0].idle[-1] is conn
+
+
+def test_body_and_the_next_head_in_one_read_then_the_rest_of_that_head():
+    proxy = Proxy(urls=URLS[:1], max_header_size=1024)
+    client, out = proxy.client()
+    body = b"x" * 4000  # much larger than the header limit
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                        b"GET /next HTTP/1.1\r\nHo" % (len(body), body))
+    client.dataReceived(b"st: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    assert sent(wire).endswith(b"\r\n\r\n" + body)
+    conn.dataReceived(OK % (2, b"up"))
+    assert sent(out).startswith(b"HTTP/1.1 200")  # not 431: the head is small
+    assert sent(wire).startswith(b"GET /next HTTP/1.1\r\n")
+
+
+def test_expect_100_continue_passes_the_interim_answer_before_the_body():
+    proxy = Proxy()
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                        b"Expect: 100-continue\r\n\r\n")
+    conn, wire = proxy.backend()
+    assert b"Expect: 100-continue" in sent(wire)
+    conn.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert sent(out) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    client.dataReceived(b"hello")
+    assert sent(wire) == b"hello"
+    conn.dataReceived(OK % (2, b"ok"))
+    assert sent(out).startswith(b"HTTP/1.1 200") and conn.phase is Phase.IDLE
+
+
+def test_an_answer_to_head_ends_with_its_head_and_the_connection_is_not_reused():
+    proxy = Proxy()
+    client, out = proxy.client()
+    client.dataReceived(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /g HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    assert sent(out).endswith(b"Content-Length: 100\r\n\r\n")
+    # The parser would wait for the 100 bytes announced: a new connection serves /g.
+    assert conn.phase is Phase.CLOSED and proxy.attempts() == 2
+    conn2, wire2 = proxy.backend()
+    assert sent(wire2).startswith(b"GET /g ")
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_bytes_after_a_bodiless_answer_close_the_connection_instead_of_answering_the_next(
+        status):
+    proxy = Proxy()
+    client, out = proxy.client()
+    client.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    sent(wire)
+    conn.dataReceived(b"HTTP/1.1 %d X\r\n\r\n" % status + OK % (4, b"EVIL"))
+    assert b"EVIL" not in out.value() and out.value().startswith(b"HTTP/1.1 %d" % status)
+    assert conn.phase is Phase.CLOSED and wire.value() == b""
+    conn2, wire2 = proxy.backend()
+    assert sent(wire2).startswith(b"GET /b ")
+
+
+def test_a_pooled_connection_closed_before_answering_is_retried_before_any_body():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    sent(wire)
+    conn.dataReceived(OK % (1, b"1"))
+    sent(out)
+    client.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sent(wire).startswith(b"GET /2 ")
+    conn.connectionLost(Failure(ConnectionDone()))  # the backend had closed it meanwhile
+    conn2, wire2 = proxy.backend()
+    assert sent(wire2).startswith(b"GET /2 ") and conn2.backend is conn.backend
+    conn2.dataReceived(OK % (1, b"2"))
+    assert sent(out).endswith(b"\r\n\r\n2")
+
+
+def test_try_timeout_sends_an_idempotent_request_once_to_another_backend():
+    proxy = Proxy(try_timeout=1.0, backend_timeout=5.0)
+    client, out = proxy.client()
+    client.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    frozen, wire = proxy.backend()
+    assert sent(wire)
+    proxy.reactor.advance(1.1)
+    proxy.factory.sweep()
+    assert frozen.phase is Phase.CLOSED and out.value() == b""
+    other, wire2 = proxy.backend()
+    assert other.backend is not frozen.backend and sent(wire2).startswith(b"GET /slow ")
+    # The frozen one is marked down: time-outs count as failures.
+    assert frozen.backend.down_until > proxy.reactor.seconds()
+    other.dataReceived(OK % (2, b"ok"))
+    assert sent(out).endswith(b"ok")
+
+
+def test_try_timeout_does_not_send_a_request_with_a_body_twice():
+    proxy = Proxy(try_timeout=1.0, backend_timeout=3.0)
+    client, out = proxy.client()
+    client.dataReceived(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+    proxy.backend()
+    proxy.reactor.advance(1.1)
+    proxy.factory.sweep()
+    assert proxy.attempts() == 1 and out.value() == b""
+    proxy.reactor.advance(2)
+    proxy.factory.sweep()
+    assert out.value().startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
+
+
+def test_a_stall_in_the_middle_of_a_body_ends_the_client_connection():
+    proxy = Proxy(backend_timeout=2.0)
+    client, out = proxy.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+    proxy.reactor.advance(1.5)
+    conn.dataReceived(b"more")  # each read restarts the limit
+    proxy.reactor.advance(1.5)
+    proxy.factory.sweep()
+    assert not out.disconnecting and not client.closed
+    proxy.reactor.advance(1)
+    proxy.factory.sweep()
+    assert client.closed and conn.backend.down_until > proxy.reactor.seconds()
+
+
+def test_early_bytes_after_an_upgrade_wait_for_the_101():
+    proxy = Proxy()
+    client, out = proxy.client()
+    client.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: ws\r\nConnection: Upgrade\r\n"
+                        b"\r\nearly")
+    conn, wire = proxy.backend()
+    assert sent(wire).endswith(b"\r\n\r\n")  # the head alone
+    conn.dataReceived(b"HTTP/1.1 101 Switching\r\nUpgrade: ws\r\nConnection: Upgrade\r\n\r\n")
+    assert out.value().startswith(b"HTTP/1.1 101") and sent(wire) == b"early"
+    assert conn.phase is Phase.TUNNEL
+
+
+def test_early_bytes_after_a_refused_upgrade_are_dropped_with_the_connection():
+    proxy = Proxy()
+    client, out = proxy.client()
+    client.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: ws\r\nConnection: Upgrade\r\n"
+                        b"\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    sent(wire)
+    conn.dataReceived(OK % (2, b"no"))
+    assert b"Connection: close" in out.value() and out.disconnecting
+    assert wire.value() == b"" and conn.phase is Phase.CLOSED  # never pooled
+
+
+def test_a_client_slow_to_read_gets_the_idle_timeout_not_the_backend_timeout():
+    proxy = Proxy(backend_timeout=2.0, idle_timeout=10.0)
+    client, out = proxy.client()
+    client.dataReceived(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+    for _ in range(2):  # the client's buffer fills: the backend is paused, through no fault
+        conn.pause_reading("peer")
+        proxy.reactor.advance(2.5)
+        proxy.factory.sweep()
+        assert not client.closed
+        conn.resume_reading("peer")
+        conn.dataReceived(b"more")
+    conn.pause_reading("peer")
+    proxy.reactor.advance(2.5)
+    proxy.factory.sweep()
+    proxy.reactor.advance(10.1)
+    proxy.factory.sweep()
+    assert client.closed  # a client that stops reading altogether is let go
+    assert conn.backend.down_until <= proxy.reactor.seconds()  # and the backend is not blamed

@@ -73,6 +73,10 @@ class Options(RedisOptions):
          float],
         ["state-dir", None, None, "Process driver: instances' logs and identity "
                                   "(default $XDG_STATE_HOME/dockpart-infra)."],
+        ["dashboard", None, None, "Endpoint of the live dashboard, e.g. "
+                                  "tcp:8080:interface=127.0.0.1 (off by default)."],
+        ["dashboard-token", None, None, "Token the dashboard asks for, buttons included "
+                                        "(env DOCKPART_DASHBOARD_TOKEN; default: none)."],
     ]
 
     def __init__(self):
@@ -105,6 +109,8 @@ class Options(RedisOptions):
         if self["max-active"] < 1:
             raise usage.UsageError("--max-active must be at least 1")
         self["state-dir"] = self["state-dir"] or _default_state_dir()
+        self["dashboard-token"] = self["dashboard-token"] or os.environ.get(
+            "DOCKPART_DASHBOARD_TOKEN") or None
 
 
 def make_driver(config, pool: ThreadPoolService, reactor):
@@ -135,9 +141,13 @@ def makeService(config, reactor=None):
     pool.setServiceParent(top)
     low, high = config["port-range"]
     rules = EntryRules(config["advertise-host"], low, high, config["first-port"])
-    Worker(redis, make_driver(config, pool, reactor), rules, interval=config["interval"],
-           reconcile_interval=config["reconcile-interval"], drain=config["drain"],
-           spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
-           retry_max=config["retry-max"], lease=config["lease"],
-           reactor=reactor).setServiceParent(top)
+    worker = Worker(redis, make_driver(config, pool, reactor), rules,
+                    interval=config["interval"],
+                    reconcile_interval=config["reconcile-interval"], drain=config["drain"],
+                    spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
+                    retry_max=config["retry-max"], lease=config["lease"], reactor=reactor)
+    worker.setServiceParent(top)
+    if config["dashboard"]:
+        from dockpart.dashboard import make_dashboard
+        make_dashboard(config, redis, worker, reactor).setServiceParent(top)
     return top

@@ -45,6 +45,10 @@ class Driver(Protocol):
     async def managed(self) -> dict[int, bool]:
         """Every managed instance's port, and whether it runs."""
 
+    async def inventory(self) -> dict[int, dict]:
+        """Every managed instance's port, and what a person asks of it: ``running`` (bool),
+        ``state`` (the engine's word) and ``id`` (container or process id)."""
+
 
 class ThreadPoolService(Service):
     """A thread pool of its own, so blocking calls never starve the reactor's pool."""

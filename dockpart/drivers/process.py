@@ -93,6 +93,10 @@ class ProcessDriver:
     async def managed(self) -> dict[int, bool]:
         return {port: True for port in await self.pool.run(_thd_scan, self.mark)}
 
+    async def inventory(self) -> dict[int, dict]:
+        return {port: {"running": True, "state": "running", "id": f"pid {pids[0]}"}
+                for port, pids in (await self.pool.run(_thd_scan, self.mark)).items()}
+
     async def start(self, port: int) -> None:
         if await self._pids(port):
             return  # already runs: adopt it

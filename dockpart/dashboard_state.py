@@ -148,7 +148,8 @@ class TierWatch(Service):
         holder = await call("GET", keys.INFRA_LEASE)
         decisions = await call("GET", keys.AUTOSCALE_DECISIONS)
         desired = await call("GET", keys.AUTOSCALE_DESIRED)
-        limits = await call("HGETALL", keys.AUTOSCALE_LIMITS)
+        fields = await call("HGETALL", keys.AUTOSCALE_LIMITS) or []  # a flat list, raw
+        limits = dict(zip(fields[::2], fields[1::2]))
         live = await call("LRANGE", keys.DEPLOY_LIVE, 0, -1)
         reports = await read_reports(self.redis, now)
         active = holder == self.worker.id
@@ -190,7 +191,7 @@ class TierWatch(Service):
             "dead_letters": [_letter(raw) for raw in letters],
             "autoscale": {"decisions": _json_list(decisions),
                           "desired": int(desired) if desired and desired.isdigit() else None,
-                          "limits": {k: int(v) for k, v in (limits or {}).items()
+                          "limits": {k: int(v) for k, v in limits.items()
                                      if k in ("min", "max") and str(v).isdigit()}},
             "deploy": {"live": live},
         }

@@ -128,6 +128,7 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="dashboard-csrf" content="{csrf}">
+<link rel="icon" href="data:,">
 <title>dockpart dashboard</title>
 <link rel="stylesheet" href="static/uPlot.min.css">
 <link rel="stylesheet" href="static/dashboard.css">
@@ -164,7 +165,7 @@ def message_html(title: str, text: str) -> str:
 def login_html(error: str = "") -> str:
     said = f'<p class="error">{escape(error)}</p>' if error else ""
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<title>dockpart dashboard: token</title></head>\n<body><h1>dockpart dashboard</h1>\n'
+            f'<link rel="icon" href="data:,"><title>dockpart dashboard: token</title></head>\n<body><h1>dockpart dashboard</h1>\n'
             f'{said}<form method="post" action="login"><label>Token '
             f'<input name="token" type="password" autofocus></label> '
             f'<button type="submit">open</button></form>\n'

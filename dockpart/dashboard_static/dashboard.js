@@ -101,9 +101,25 @@
     charts.per.setData([hist.time].concat(urls.map(function (u) { return hist.per[u]; })));
   }
 
+  // What a person typed in the page's inputs survives the swap of the tables each second.
+  var edits = {};
+  function field(input) { return input.form.className + " " + input.name; }
+  live.addEventListener("input", function (event) {
+    if (event.target.form) { edits[field(event.target)] = event.target.value; }
+  });
+
+  function swap(html) {
+    live.innerHTML = html;
+    live.querySelectorAll("form input[name]").forEach(function (input) {
+      if (Object.prototype.hasOwnProperty.call(edits, field(input))) {
+        input.value = edits[field(input)];
+      }
+    });
+  }
+
   function poll() {
     return Promise.all([
-      get("live", "text/html").then(function (html) { live.innerHTML = html; }),
+      get("live", "text/html").then(swap),
       get("api/history?since=" + since, "application/json").then(function (chunk) {
         append(chunk);
         draw();
@@ -116,6 +132,7 @@
     if (!form.classList.contains("action")) { return; }
     event.preventDefault();
     var body = new URLSearchParams(new FormData(form));
+    form.querySelectorAll("input[name]").forEach(function (input) { delete edits[field(input)]; });
     fetch(form.getAttribute("action"), {
       method: "POST", body: body, credentials: "same-origin",
       headers: {Accept: "application/json", "X-CSRF-Token": csrf}

@@ -126,11 +126,14 @@ def _port_of(pid: int) -> int | None:
     return None
 
 
-def test_a_dead_letter_appears_with_its_reason(tier, rdb, page):
+def test_a_dead_letter_appears_with_its_reason_as_text(tier, rdb, page):
     page.goto(tier.infra.base + "/")
-    rdb.lpush(keys.SPAWN_QUEUE, "http://127.0.0.1:1")
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
+    rdb.lpush(keys.SPAWN_QUEUE, "http://127.0.0.1:1", hostile)
     letter = page.locator("table.dead-letters tr", has_text="http://127.0.0.1:1")
     expect(letter.locator("td.reason")).to_contain_text("outside the allowed range")
+    expect(page.locator("table.dead-letters td", has_text=hostile)).to_have_count(1)
+    assert page.title() == "dockpart dashboard"
     assert page.problems == []
 
 

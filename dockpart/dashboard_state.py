@@ -23,8 +23,9 @@ from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
 SAMPLE_INTERVAL = 1.0
 #: Seconds of history the charts show.
 HISTORY_SECONDS = 15 * 60
-#: Newest dead letters shown.
+#: Newest dead letters and autoscaling decisions shown.
 DEAD_LETTERS_SHOWN = 20
+DECISIONS_SHOWN = 10
 
 #: The lists an instance URL can be in, as the snapshot names them.
 LISTS = {"servers": keys.SERVERS, "spawn_queue": keys.SPAWN_QUEUE, "spawning": keys.SPAWNING,
@@ -134,7 +135,11 @@ class TierWatch(Service):
         try:
             snapshot = await self._look(now)
         except RedisUnavailable as e:
-            snapshot = {**self.snapshot, "time": now, "error": f"Redis is unreachable: {e}"}
+            snapshot = {**self.snapshot, "error": f"Redis is unreachable: {e}"}
+        except Exception as e:  # said on the page each time, logged once
+            if not (self.snapshot.get("error") or "").startswith("could not look"):
+                self.log.failure("looking at the tier")
+            snapshot = {**self.snapshot, "error": f"could not look at the tier: {e!r}"}
         else:
             if record:
                 self._record(snapshot)
@@ -146,7 +151,7 @@ class TierWatch(Service):
         lists = {name: await call("LRANGE", key, 0, -1) for name, key in LISTS.items()}
         letters = await call("LRANGE", keys.DEAD_LETTERS, 0, DEAD_LETTERS_SHOWN - 1)
         holder = await call("GET", keys.INFRA_LEASE)
-        decisions = await call("GET", keys.AUTOSCALE_DECISIONS)
+        decisions = await call("LRANGE", keys.AUTOSCALE_DECISIONS, 0, DECISIONS_SHOWN - 1)
         desired = await call("GET", keys.AUTOSCALE_DESIRED)
         fields = await call("HGETALL", keys.AUTOSCALE_LIMITS) or []  # a flat list, raw
         limits = dict(zip(fields[::2], fields[1::2]))
@@ -189,7 +194,7 @@ class TierWatch(Service):
             "instances": instances,
             "queues": lists,
             "dead_letters": [_letter(raw) for raw in letters],
-            "autoscale": {"decisions": _json_list(decisions),
+            "autoscale": {"decisions": [d for d in map(_json, decisions) if isinstance(d, dict)],
                           "desired": int(desired) if desired and desired.isdigit() else None,
                           "limits": {k: int(v) for k, v in limits.items()
                                      if k in ("min", "max") and str(v).isdigit()}},
@@ -225,20 +230,16 @@ class TierWatch(Service):
                 "events": [e for e in self.events if e["time"] > since]}
 
 
+def _json(raw: str):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
 def _letter(raw: str) -> dict:
     """A dead letter as infra writes it, or the raw text if it is not that JSON."""
-    try:
-        letter = json.loads(raw)
-        if isinstance(letter, dict):
-            return letter
-    except ValueError:
-        pass
+    letter = _json(raw)
+    if isinstance(letter, dict):
+        return letter
     return {"entry": raw, "reason": "(not a dead letter infra wrote)"}
-
-
-def _json_list(raw: str | None) -> list:
-    try:
-        value = json.loads(raw) if raw else []
-    except ValueError:
-        return []
-    return value if isinstance(value, list) else []

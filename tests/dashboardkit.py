@@ -8,6 +8,7 @@ exactly as :mod:`dockpart.load` describes.
 
 import json
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -16,9 +17,20 @@ from pathlib import Path
 import requests
 
 from dockpart import keys, load
-from helpers import SERVED_BY, Daemon, RedisProcess, free_port, free_port_run, start_web
+from helpers import SERVED_BY, Daemon, RedisProcess, free_port, port_open, start_web
 
 RUN = 20  # ports after the first instance's that spawned instances may take
+
+
+def instance_ports() -> int:
+    """A first port and RUN free ones after it, below Linux's ephemeral range (32768-60999):
+    the load reporter's many connections take ephemeral ports, and an instance could not
+    listen on one of those."""
+    for _ in range(100):
+        first = random.randrange(20000, 32768 - RUN - 1)
+        if not any(port_open(p) for p in range(first, first + RUN + 1)):
+            return first
+    raise AssertionError(f"no run of {RUN + 1} free ports found below 32768")
 
 
 def start_dashboard_infra(redis_url: str, state_dir: Path, first: int, dash_port: int,
@@ -158,7 +170,7 @@ def start_tier(state_dir: Path, *infra_args: str, token: str | None = None) -> T
     redis = RedisProcess().start()
     parts = []
     try:
-        first = free_port_run(RUN + 1)
+        first = instance_ports()
         web = start_web(redis.url, "--first-port", str(first), port=first)
         parts.append(web)
         env = {"DOCKPART_DASHBOARD_TOKEN": token} if token else None

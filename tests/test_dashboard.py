@@ -28,7 +28,8 @@ def rdb(tier):
     """The tier's Redis; what a test queued or dead-lettered is gone afterwards."""
     client = tier.redis.client()
     yield client
-    for key in (keys.SPAWN_QUEUE, keys.DESTROY_QUEUE, keys.DEAD_LETTERS, keys.AUTOSCALE_LIMITS):
+    for key in (keys.SPAWN_QUEUE, keys.DESTROY_QUEUE, keys.DEAD_LETTERS, keys.AUTOSCALE_LIMITS,
+                keys.AUTOSCALE_DECISIONS, keys.AUTOSCALE_DESIRED, keys.DEPLOY_LIVE):
         client.delete(key)
     client.close()
 
@@ -234,3 +235,18 @@ def test_the_json_api_is_json(tier, rdb):
     reply = requests.get(tier.infra.base + "/api/history?since=nonsense", timeout=5)
     assert reply.status_code == 400 and "since" in reply.json()["error"]
     assert json.loads(requests.get(tier.infra.base + "/api/state", timeout=5).text)["csrf"]
+
+
+def test_the_autoscalers_decisions_and_the_live_deploy_slice_are_shown(tier, rdb):
+    decision = {"time": 1700000000.0, "current": 1, "spawning": 0, "inflight": 12,
+                "per_instance": 4, "target": 4, "desired": 3, "action": "up",
+                "reason": "12 in flight over 1 instance(s), above the target of 4"}
+    rdb.lpush(keys.AUTOSCALE_DECISIONS, json.dumps(decision))
+    rdb.set(keys.AUTOSCALE_DESIRED, 3)
+    rdb.rpush(keys.DEPLOY_LIVE, "http://127.0.0.1:8001")
+    auto = wait_for(lambda: state(tier.infra.base)["autoscale"]["decisions"]
+                    and state(tier.infra.base)["autoscale"], 10, what="the decision")
+    assert auto["decisions"] == [decision] and auto["desired"] == 3
+    assert state(tier.infra.base)["deploy"]["live"] == ["http://127.0.0.1:8001"]
+    page = requests.get(tier.infra.base + "/", headers=HTML, timeout=5).text
+    assert "above the target of 4" in page and "http://127.0.0.1:8001" in page

@@ -3,9 +3,11 @@
 from types import SimpleNamespace
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from dockpart import load
+from dockpart.redisconn import RedisUnavailable
 from dockpart.dashboard_page import live_html
 from dockpart.dashboard_state import TierWatch, figures, instance_state
 
@@ -116,3 +118,21 @@ def test_a_standby_page_has_no_buttons_and_names_the_lease_holder():
     assert "<form" not in html
     active = live_html({**snapshot, "role": "active"}, "csrf")
     assert active.count("<form") == 3  # spawn, destroy A, limits
+
+
+class _Away:
+    """A Redis handle whose every call fails as RedisService's do while Redis is down."""
+
+    def call(self, *args):
+        return defer.fail(RedisUnavailable("no connection to redis://127.0.0.1:1/0"))
+
+
+def test_while_redis_is_away_the_last_figures_stay_and_the_page_says_so():
+    w = watch(Clock())
+    w.snapshot = {"time": 5.0, "error": None, "instances": [{"url": A}]}
+    w.redis = _Away()
+    looked = []
+    defer.ensureDeferred(w.refresh(record=True)).addCallback(looked.append)
+    assert looked[0]["time"] == 5.0 and looked[0]["instances"] == [{"url": A}]
+    assert looked[0]["error"].startswith("Redis is unreachable")
+    assert w.history()["time"] == []  # nothing made up for the charts

@@ -44,7 +44,7 @@ def _instance_row(row: dict, csrf: str, writable: bool) -> str:
     health_cls = {"healthy": "ok", "down": "bad"}.get(row["health"], "")
     return (f'<tr data-url="{escape(url)}"><td class="url">{escape(url)}</td>'
             f'<td class="state {state_cls}">{escape(row["state"])}</td>'
-            f'<td>{_text(row["id"])}</td>'
+            f'<td>{_text(row["id"])}{" on " + escape(row["node"]) if row.get("node") else ""}</td>'
             f'<td class="health {health_cls}">{escape(row["health"])}</td>'
             f'<td class="num">{_text(row["rps"])}</td><td class="num">{_text(row["p50_ms"])}</td>'
             f'<td class="num">{_text(row["p95_ms"])}</td><td class="num">{_text(row["errors"])}</td>'

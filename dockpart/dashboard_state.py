@@ -175,6 +175,7 @@ class TierWatch(Service):
             row = {"url": url,
                    "state": instance_state(url, lists, seen, inventory is not None),
                    "id": seen["id"] if seen else None,
+                   "node": seen.get("node") if seen else None,  # a Swarm driver's, if it says
                    "in_servers": url in lists["servers"],
                    "first": url == instance_url(self.host, self.worker.rules.first_port),
                    "health": _health(merged.get(url))}

@@ -35,6 +35,7 @@ def instance_ports() -> int:
 
 def start_dashboard_infra(redis_url: str, state_dir: Path, first: int, dash_port: int,
                           *args: str, env: dict | None = None) -> Daemon:
+    """dockpart-infra with the dashboard on ``dash_port``; ``args`` may choose another driver."""
     daemon = Daemon("dockpart-infra", "--driver", "process", "--redis", redis_url,
                     "--state-dir", str(state_dir), "--first-port", str(first),
                     "--port-range", f"{first + 1}-{first + RUN}", "--interval", "0.05",

@@ -10,10 +10,9 @@ from playwright.sync_api import expect, sync_playwright
 
 from dockpart import keys
 from dashboardkit import managed_pids, start_tier
-from helpers import ROOT, wait_for
+from helpers import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = ROOT / "docs" / "dashboard.png"
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +75,6 @@ def test_the_page_shows_every_instance_and_draws_its_charts(tier, rdb, page, tmp
         "() => window.dashboard.charts.per && window.dashboard.charts.per.series.length > 1")
     assert page.locator("#charts canvas").count() >= 3
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
-    if SCREENSHOT.parent.is_dir():
-        shutil.copy(tmp_path / "dashboard.png", SCREENSHOT)  # the README's picture
     assert page.problems == []
 
 

@@ -47,7 +47,8 @@ class Driver(Protocol):
 
     async def inventory(self) -> dict[int, dict]:
         """Every managed instance's port, and what a person asks of it: ``running`` (bool),
-        ``state`` (the engine's word) and ``id`` (container or process id)."""
+        ``state`` (the engine's word), ``id`` (container or process id) and, where instances
+        run on several machines, ``node``."""
 
 
 class ThreadPoolService(Service):

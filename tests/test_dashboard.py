@@ -2,6 +2,9 @@
 a real tier (Redis, the first dockpart-web, dockpart-infra with the process driver, a proxy)."""
 
 import json
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import requests
@@ -10,7 +13,7 @@ from twisted.python import usage
 
 from dockpart import infra, keys
 from dashboardkit import start_dashboard_infra, start_tier
-from helpers import free_port, wait_for
+from helpers import ROOT, free_port, wait_for
 
 HTML = {"Accept": "text/html"}
 JSON = {"Accept": "application/json"}
@@ -250,3 +253,13 @@ def test_the_autoscalers_decisions_and_the_live_deploy_slice_are_shown(tier, rdb
     assert state(tier.infra.base)["deploy"]["live"] == ["http://127.0.0.1:8001"]
     page = requests.get(tier.infra.base + "/", headers=HTML, timeout=5).text
     assert "above the target of 4" in page and "http://127.0.0.1:8001" in page
+
+
+def test_a_built_wheel_ships_the_page_assets_and_uplots_licence(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path),
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("dockpart-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE", "dashboard.js",
+                 "dashboard.css"):
+        assert f"dockpart/dashboard_static/{name}" in names

@@ -146,14 +146,14 @@ class Dashboard(Resource):
                 self._check_same_origin(request)
             answer = await handler(request)
         except Refused as e:
-            return self._refusal(request, e, path)
+            return self._refusal(request, e)
         except RedisUnavailable as e:
-            return self._refusal(request, Refused(503, f"Redis is unreachable: {e}"), path)
+            return self._refusal(request, Refused(503, f"Redis is unreachable: {e}"))
         if self.token and request.args.get(b"token"):
             answer.headers["set-cookie"] = self._cookie()
         return answer
 
-    def _refusal(self, request, e: Refused, path: str) -> Answer:
+    def _refusal(self, request, e: Refused) -> Answer:
         """JSON for programs; a page for a browser (the login form when the token is missing)."""
         if _wants_json(request) or "text/html" not in (request.getHeader("accept") or ""):
             return json_answer(e.code, {"error": str(e)})
@@ -182,14 +182,18 @@ class Dashboard(Resource):
     def _cookie(self) -> str:
         return f"{COOKIE}={self.session}; Path=/; HttpOnly; SameSite=Strict"
 
-    def _check_same_origin(self, request) -> None:
-        """Cross-site POSTs are refused; the CSRF token proves the page sent the form."""
+    def _refuse_cross_site(self, request) -> None:
+        """A POST whose browser says it comes from another site (or origin) is refused."""
         if (request.getHeader("sec-fetch-site") or "same-origin") not in ("same-origin", "none"):
             raise Refused(403, "cross-site request refused")
         origin = request.getHeader("origin")
         host = request.getHeader("host")
         if origin is not None and (origin == "null" or urlsplit(origin).netloc != host):
             raise Refused(403, f"cross-site request refused (Origin {origin}, Host {host})")
+
+    def _check_same_origin(self, request) -> None:
+        """Cross-site POSTs are refused; the CSRF token proves the page sent the form."""
+        self._refuse_cross_site(request)
         bearer = (request.getHeader("authorization") or "").lower().startswith("bearer ")
         if self.token and bearer:
             return  # a browser never adds our token to another site's request
@@ -205,16 +209,11 @@ class Dashboard(Resource):
             return html_answer(200, dashboard_page.login_html())
         if method != "POST":
             raise Refused(405, "/login takes GET or POST")
-        self._check_origin_only(request)
+        self._refuse_cross_site(request)
         given = _first(request.args, "token") or ""
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             return html_answer(401, dashboard_page.login_html("That is not the token."))
         return html_answer(303, "", {"location": "./", "set-cookie": self._cookie()})
-
-    def _check_origin_only(self, request) -> None:
-        origin = request.getHeader("origin")
-        if origin is not None and urlsplit(origin).netloc != request.getHeader("host"):
-            raise Refused(403, "cross-site login refused")
 
     # -- pages
 

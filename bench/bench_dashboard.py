@@ -6,7 +6,7 @@ in the proxies' format (so the dashboard reads and merges figures as it would in
 Then drives the proxy with ``wrk -t1 -cC -dDs`` in rounds that take turns: no dashboard open,
 then ten dashboard clients polling at the page's rate (``/live`` and ``/api/history?since=``
 once a second each, after loading the page and its assets once), and prints the median
-requests/s of each and the change.
+requests/s of each, the change, and the share of one core dockpart-infra used meanwhile.
 
     python bench/bench_dashboard.py [--duration 5] [--connections 50] [--rounds 3] [--clients 10]
 
@@ -16,6 +16,7 @@ Needs redis-server and wrk.  Everything listens on 127.0.0.1 and stops at the en
 import argparse
 import json
 import multiprocessing
+import os
 import shutil
 import statistics
 import sys
@@ -76,6 +77,12 @@ class Viewer(threading.Thread):
                 self.polls += 1
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=5)
@@ -117,28 +124,34 @@ def main() -> None:
         target = f"http://127.0.0.1:{proxy_port}/"
         wrk(target, 1, args.connections)  # warm up
         runs = {"no dashboard open": [], f"{args.clients} dashboards open": []}
+        infra_cpu = {name: 0.0 for name in runs}
         polls = 0
         for _ in range(args.rounds):
+            before = cpu_seconds(infra.proc.pid)
             runs["no dashboard open"].append(wrk(target, args.duration, args.connections))
+            infra_cpu["no dashboard open"] += cpu_seconds(infra.proc.pid) - before
             stop = threading.Event()
             viewers = [Viewer(base, stop) for _ in range(args.clients)]
             for v in viewers:
                 v.start()
             time.sleep(POLL)  # every viewer has loaded its page
+            before = cpu_seconds(infra.proc.pid)
             runs[f"{args.clients} dashboards open"].append(
                 wrk(target, args.duration, args.connections))
+            infra_cpu[f"{args.clients} dashboards open"] += cpu_seconds(infra.proc.pid) - before
             stop.set()
             for v in viewers:
                 v.join(10)
             polls += sum(v.polls for v in viewers)
         print(f"wrk -t1 -c{args.connections} -d{args.duration}s through dockpart-proxy, medians "
               f"of {args.rounds} rounds; {polls} dashboard polls answered in the 'open' rounds")
-        print(f"{'':24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"{'':24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'infra CPU':>10}")
         medians = {}
         for name, rs in runs.items():
             medians[name] = statistics.median(r["rps"] for r in rs)
+            share = 100 * infra_cpu[name] / (args.rounds * args.duration)
             print(f"{name:24} {medians[name]:9.0f} {statistics.median(r['p50'] for r in rs):8.2f} "
-                  f"{statistics.median(r['p99'] for r in rs):8.2f}")
+                  f"{statistics.median(r['p99'] for r in rs):8.2f} {share:9.1f}%")
         without, with_ = medians.values()
         print(f"change with dashboards open: {100 * (with_ - without) / without:+.1f} %")
     finally:

@@ -78,17 +78,17 @@ class Dashboard(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, watch: TierWatch, first_port: int, token: str | None = None):
+    def __init__(self, watch: TierWatch, token: str | None = None):
         super().__init__()
         self.watch = watch
         self.redis = watch.redis
         self.rules = watch.worker.rules
-        self.first_port = first_port
         self.token = token
         self.csrf = secrets.token_urlsafe(24)
         self.session = (hmac.new(token.encode(), b"dockpart dashboard session",
                                  hashlib.sha256).hexdigest() if token else None)
-        self.static = {p.name: p for p in STATIC.iterdir() if p.suffix in STATIC_TYPES}
+        self.static = {p.name: (p.read_bytes(), STATIC_TYPES[p.suffix])  # read once, here
+                       for p in STATIC.iterdir() if p.suffix in STATIC_TYPES}
         self.routes = {
             ("GET", ""): self.index,
             ("GET", "live"): self.live,
@@ -235,11 +235,10 @@ class Dashboard(Resource):
         return json_answer(200, self.watch.history(since))
 
     def static_file(self, name: str) -> Answer:
-        path = self.static.get(name)
-        if path is None:
+        if name not in self.static:
             raise Refused(404, f"no static file {name!r}")
-        return Answer(200, path.read_bytes(), STATIC_TYPES[path.suffix],
-                      {"cache-control": "max-age=3600"})
+        body, content_type = self.static[name]
+        return Answer(200, body, content_type, {"cache-control": "max-age=3600"})
 
     # -- buttons
 
@@ -261,7 +260,7 @@ class Dashboard(Resource):
         limits = await self.redis.call("HGET", keys.AUTOSCALE_LIMITS, "max")
         ceiling = int(limits) if limits and str(limits).isdigit() else DEFAULT_MAX_INSTANCES
         try:
-            url = await tier.request_spawn(self.redis, self.rules.host, self.first_port,
+            url = await tier.request_spawn(self.redis, self.rules.host, self.rules.first_port,
                                            ceiling, self.rules.high)
         except (tier.InstancesFull, tier.NoPortLeft) as e:
             raise Refused(429, f"not spawning: {e}") from None
@@ -276,7 +275,7 @@ class Dashboard(Resource):
             raise Refused(400, "say which instance to destroy: url=http://HOST:PORT")
         try:
             tier.parse_instance_url(url)
-            await tier.request_destroy_url(self.redis, url, self.first_port)
+            await tier.request_destroy_url(self.redis, url, self.rules.first_port)
         except tier.BadInstanceURL as e:
             raise Refused(400, str(e)) from None
         except tier.CannotDestroy as e:
@@ -330,7 +329,7 @@ def make_dashboard(config, redis, worker, reactor) -> MultiService:
     top = MultiService()
     watch = TierWatch(redis, worker, reactor=reactor)
     watch.setServiceParent(top)
-    site = server.Site(Dashboard(watch, config["first-port"], config["dashboard-token"]))
+    site = server.Site(Dashboard(watch, config["dashboard-token"]))
     site.noisy = False
     site.log = lambda request: None  # a poll a second per browser would flood the log
     Listener("dockpart-infra dashboard",

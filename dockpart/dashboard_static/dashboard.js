@@ -9,9 +9,11 @@
   var hist = {time: [], rps: [], p95_ms: [], instances: [], per: {}, events: []};
   var charts = {};
   var since = 0;
+  var stale = false;  // the notice says the last poll failed
   window.dashboard = {charts: charts, history: hist};
 
   function say(text, bad) {
+    stale = false;
     notice.textContent = text;
     notice.className = bad ? "bad" : "ok";
   }
@@ -117,15 +119,27 @@
     });
   }
 
+  var polling = null;  // one poll at a time: two would append the same history twice
+
   function poll() {
+    if (document.hidden) { return Promise.resolve(); }  // a background tab costs nothing
+    if (!polling) { polling = pollOnce().then(function () { polling = null; }); }
+    return polling;
+  }
+
+  function pollOnce() {
     return Promise.all([
       get("live", "text/html").then(swap),
       get("api/history?since=" + since, "application/json").then(function (chunk) {
         append(chunk);
         draw();
       })
-    ]).catch(function (e) { say("Not updated: " + e.message, true); });
+    ]).then(function () {
+      if (stale) { say("", false); }
+    }, function (e) { say("Not updated: " + e.message, true); stale = true; });
   }
+
+  document.addEventListener("visibilitychange", poll);
 
   document.addEventListener("submit", function (event) {
     var form = event.target;
@@ -145,7 +159,9 @@
           say(answer.error || ("HTTP " + r.status), true);
         }
       });
-    }).catch(function (e) { say(e.message, true); }).then(poll);
+    }).catch(function (e) { say(e.message, true); }).then(function () {
+      return (polling || Promise.resolve()).then(poll);  // a poll begun after the action
+    });
   });
 
   window.addEventListener("resize", function () {

@@ -263,3 +263,22 @@ def test_a_built_wheel_ships_the_page_assets_and_uplots_licence(tmp_path):
     for name in ("uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE", "dashboard.js",
                  "dashboard.css"):
         assert f"dockpart/dashboard_static/{name}" in names
+
+
+def test_while_redis_is_away_the_dashboard_says_so_and_buttons_answer_503(tmp_path):
+    tier = start_tier(tmp_path / "state")
+    try:
+        wait_for(lambda: state(tier.infra.base)["tier"]["proxies"], 10, what="a first look")
+        csrf = state(tier.infra.base)["csrf"]
+        tier.reporter.stop()
+        tier.redis.stop()
+        snapshot = wait_for(lambda: (s := state(tier.infra.base))["error"] and s, 15,
+                            what="the dashboard to notice")
+        assert snapshot["error"].startswith("Redis is unreachable")
+        assert tier.url(tier.first) in {row["url"] for row in snapshot["instances"]}
+        page = requests.get(tier.infra.base + "/", headers=HTML, timeout=5)
+        assert page.status_code == 200 and "Redis is unreachable" in page.text
+        reply = post(tier.infra.base, "/api/spawn", csrf)
+        assert reply.status_code == 503 and "Redis is unreachable" in reply.json()["error"]
+    finally:
+        tier.stop()

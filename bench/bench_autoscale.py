@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dockpart import keys, load  # noqa: E402
 from dockpart.drivers.process import _thd_scan  # noqa: E402
-from dockpart.proxy_load import read_reports  # noqa: E402
+from dockpart.load import read_reports  # noqa: E402
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 WORK_MS = 50

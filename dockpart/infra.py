@@ -77,6 +77,10 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
          "proxies on other nodes reach them)."],
         ["state-dir", None, None, "Process driver: instances' logs and identity "
                                   "(default $XDG_STATE_HOME/dockpart-infra)."],
+        ["dashboard", None, None, "Endpoint of the live dashboard, e.g. "
+                                  "tcp:8080:interface=127.0.0.1 (off by default)."],
+        ["dashboard-token", None, None, "Token the dashboard asks for, buttons included "
+                                        "(env DOCKPART_DASHBOARD_TOKEN; default: none)."],
     ]
 
     def __init__(self):
@@ -121,6 +125,8 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
         if self["driver"] != "swarm" and (self["constraints"] or self["max-per-node"]):
             raise usage.UsageError("--constraint and --max-per-node only apply to --driver swarm")
         self["state-dir"] = self["state-dir"] or _default_state_dir()
+        self["dashboard-token"] = self["dashboard-token"] or os.environ.get(
+            "DOCKPART_DASHBOARD_TOKEN") or None
 
 
 def make_driver(config, pool: ThreadPoolService, reactor):
@@ -168,4 +174,7 @@ def makeService(config, reactor=None):
                     reactor=reactor)
     worker.setServiceParent(top)
     infra_autoscale.attach(config, redis, worker, top, reactor)
+    if config["dashboard"]:
+        from dockpart.dashboard import make_dashboard
+        make_dashboard(config, redis, worker, reactor).setServiceParent(top)
     return top

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from dockpart import keys, load, tier
-from dockpart.proxy_load import read_reports
+from dockpart.load import read_reports
 from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Decisions kept in keys.AUTOSCALE_DECISIONS.

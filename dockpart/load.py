@@ -20,6 +20,8 @@ A report is JSON::
 import bisect
 import json
 
+from dockpart import keys
+
 #: Seconds a report stays in Redis; readers also ignore reports older than this.
 REPORT_TTL = 5.0
 
@@ -75,3 +77,16 @@ def quantile(buckets: list[int], q: float) -> float | None:
         if seen >= rank and n:
             return LATENCY_BOUNDS[i] if i < len(LATENCY_BOUNDS) else float("inf")
     return float("inf")
+
+
+async def read_reports(redis, now: float) -> list[dict]:
+    """Every proxy's current report (none older than REPORT_TTL), from a RedisService.
+
+    Raises RedisUnavailable when Redis cannot answer: the caller decides what "unknown" means.
+    """
+    ids = await redis.call("ZRANGEBYSCORE", keys.LOAD_PROXIES, now - REPORT_TTL, "+inf")
+    if not ids:
+        return []
+    raws = await redis.call("MGET", *[keys.proxy_load(i) for i in ids])
+    reports = (decode(raw, now) for raw in raws)
+    return [report for report in reports if report is not None]

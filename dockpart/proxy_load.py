@@ -115,14 +115,3 @@ class LoadPublisher(Service):
                 self.log.failure("publishing a load report", failure)
 
 
-async def read_reports(redis: RedisService, now: float) -> list[dict]:
-    """Every proxy's current report (none older than ``load.REPORT_TTL``).
-
-    Raises RedisUnavailable when Redis cannot answer: the caller decides what "unknown" means.
-    """
-    ids = await redis.call("ZRANGEBYSCORE", keys.LOAD_PROXIES, now - load.REPORT_TTL, "+inf")
-    if not ids:
-        return []
-    raws = await redis.call("MGET", *[keys.proxy_load(i) for i in ids])
-    reports = (load.decode(raw, now) for raw in raws)
-    return [report for report in reports if report is not None]

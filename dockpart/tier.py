@@ -119,6 +119,17 @@ redis.call('LPUSH', KEYS[2], url)
 return url
 """
 
+_REQUEST_DESTROY_URL = _PORT + """
+-- KEYS: servers, destroy queue, destroying; ARGV: the URL, first port
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 'unknown' end
+if port_of(ARGV[1]) == tonumber(ARGV[2]) then return 'first' end
+for i = 2, 3 do
+  if redis.call('LPOS', KEYS[i], ARGV[1]) then return 'queued' end
+end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 'ok'
+"""
+
 
 class InstancesFull(Exception):
     """The ceiling on instances is reached."""
@@ -126,6 +137,15 @@ class InstancesFull(Exception):
 
 class NoPortLeft(Exception):
     """The next port would be past the highest allowed."""
+
+
+class CannotDestroy(Exception):
+    """A named instance that is not in ``servers`` (``kind`` "unknown"), is the first
+    ("first"), or is already leaving ("queued")."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
 
 
 def register(redis: RedisService, url: str, processing: str = "", list_key: str = keys.SERVERS):
@@ -163,3 +183,15 @@ async def request_destroy(redis: RedisService, first_port: int, random_number: i
     return await redis.eval(
         _REQUEST_DESTROY, [keys.SERVERS, keys.DESTROY_QUEUE, keys.DESTROYING],
         [first_port, random_number])
+
+
+async def request_destroy_url(redis: RedisService, url: str, first_port: int) -> None:
+    """Queue the named live instance for removal, with the checks of :func:`request_destroy`."""
+    status = await redis.eval(_REQUEST_DESTROY_URL,
+                              [keys.SERVERS, keys.DESTROY_QUEUE, keys.DESTROYING],
+                              [url, first_port])
+    reasons = {"unknown": f"{url} is not in {keys.SERVERS}",
+               "first": f"{url} is the first instance; it is never destroyed",
+               "queued": f"{url} is already queued for removal"}
+    if status != "ok":
+        raise CannotDestroy(status, reasons[status])

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from dockpart import keys, load
-from dockpart.proxy_load import read_reports
+from dockpart.load import read_reports
 from helpers import Daemon, free_port, port_open, start_web, wait_for
 from proxykit import Backend
 from test_infra import kill_instances

@@ -51,14 +51,19 @@ def _thd_container(client, tier: str, port: int):
     return container
 
 
-def _thd_managed(client, tier: str) -> dict[int, bool]:
+def _thd_inventory(client, tier: str) -> dict[int, dict]:
     found = {}
     wanted = [f"{k}={v}" for k, v in _labels(tier).items()]
     for c in client.containers.list(all=True, sparse=True, filters={"label": wanted}):
         port = (c.attrs.get("Labels") or {}).get(LABEL_PORT, "")  # sparse: no inspect
         if port.isdigit():
-            found[int(port)] = c.status in ALIVE
+            found[int(port)] = {"running": c.status in ALIVE, "state": c.status,
+                                "id": c.short_id}
     return found
+
+
+def _thd_managed(client, tier: str) -> dict[int, bool]:
+    return {port: seen["running"] for port, seen in _thd_inventory(client, tier).items()}
 
 
 def _thd_remove(client, tier: str, port: int, stop_timeout: float,
@@ -160,6 +165,9 @@ class DockerDriver:
 
     async def managed(self) -> dict[int, bool]:
         return await self._call(_thd_managed, self.tier)
+
+    async def inventory(self) -> dict[int, dict]:
+        return await self._call(_thd_inventory, self.tier)
 
     async def start(self, port: int) -> None:
         if (await self.managed()).get(port):

@@ -110,6 +110,10 @@ class ProcessDriver:
     async def managed(self) -> dict[int, bool]:
         return await self.pool.run(_thd_instances, self.mark, self.state_dir)
 
+    async def inventory(self) -> dict[int, dict]:
+        return {port: {"running": True, "state": "running", "id": f"pid {pids[0]}"}
+                for port, pids in (await self.pool.run(_thd_scan, self.mark)).items()}
+
     async def start(self, port: int) -> None:
         if await self._pids(port):
             return  # already runs: adopt it

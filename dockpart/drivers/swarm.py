@@ -69,7 +69,9 @@ def _placed(tasks: list[dict], addresses: dict[str, str], port: int) -> str | No
     return None
 
 
-def _thd_managed(client, tier: str) -> dict[int, str | bool]:
+def _thd_inventory(client, tier: str) -> dict[int, dict]:
+    """Per port: ``url`` where its task is up (or None), ``running``, ``state`` (the newest
+    task's), ``id`` (the service's) and ``node`` (the address of the node it runs on)."""
     wanted = [f"{k}={v}" for k, v in _labels(tier).items()]
     services = client.services.list(filters={"label": wanted})
     if not services:
@@ -82,8 +84,18 @@ def _thd_managed(client, tier: str) -> dict[int, str | bool]:
     for service in services:
         port = (service.attrs["Spec"].get("Labels") or {}).get(LABEL_PORT, "")
         if port.isdigit():
-            found[int(port)] = _placed(tasks.get(service.id, []), addresses, int(port)) or False
+            own = tasks.get(service.id, [])
+            url = _placed(own, addresses, int(port))
+            newest = max(own, key=lambda t: t.get("UpdatedAt", ""), default=None)
+            found[int(port)] = {
+                "url": url, "running": url is not None, "id": service.short_id,
+                "state": newest["Status"]["State"] if newest else "no task",
+                "node": addresses.get(newest.get("NodeID", "")) if newest else None}
     return found
+
+
+def _thd_managed(client, tier: str) -> dict[int, str | bool]:
+    return {port: seen["url"] or False for port, seen in _thd_inventory(client, tier).items()}
 
 
 def _thd_full_nodes(client, tier: str, most: int) -> list[str]:
@@ -212,6 +224,9 @@ class SwarmDriver(DockerDriver):
     async def managed(self) -> dict[int, str | bool]:
         """Every managed instance's port: the URL where it is up, or False."""
         return await self._call(_thd_managed, self.tier)
+
+    async def inventory(self) -> dict[int, dict]:
+        return await self._call(_thd_inventory, self.tier)
 
     async def _wait(self, f, *args, timeout: float):
         """Poll ``f(client, *args)`` until it returns something true or ``timeout`` passes."""

@@ -1,0 +1,237 @@
+"""What the dashboard shows: the tier read once a second, and the last 15 minutes of it.
+
+One :class:`TierWatch` per dockpart-infra reads Redis (the lists, the queues, the dead
+letters, the lease, the autoscaler's keys, the deploy route, every proxy's load report) and,
+while this infra holds the lease, its driver.  Every page and API client is served from the
+latest snapshot, so ten open dashboards cost the tier what one does.
+"""
+
+import json
+from collections import deque
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from dockpart import keys, load
+from dockpart.drivers import DriverError, Unavailable
+from dockpart.redisconn import RedisService, RedisUnavailable
+from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
+
+#: Seconds between two looks at the tier (the page polls at the same rate).
+SAMPLE_INTERVAL = 1.0
+#: Seconds of history the charts show.
+HISTORY_SECONDS = 15 * 60
+#: Newest dead letters and autoscaling decisions shown.
+DEAD_LETTERS_SHOWN = 20
+DECISIONS_SHOWN = 10
+
+#: The lists an instance URL can be in, as the snapshot names them.
+LISTS = {"servers": keys.SERVERS, "spawn_queue": keys.SPAWN_QUEUE, "spawning": keys.SPAWNING,
+         "destroy_queue": keys.DESTROY_QUEUE, "destroying": keys.DESTROYING}
+
+
+def _ms(seconds: float | None) -> float | None:
+    if seconds is None:
+        return None
+    return None if seconds == float("inf") else round(seconds * 1000, 3)
+
+
+def figures(merged: dict, interval: float) -> dict:
+    """A backend's (or the tier's) merged report as rates and latency quantiles."""
+    return {"rps": round(merged["requests"] / interval, 2),
+            "errors": round(merged["errors"] / interval, 2),
+            "p50_ms": _ms(load.quantile(merged["latency_buckets"], 0.5)),
+            "p95_ms": _ms(load.quantile(merged["latency_buckets"], 0.95)),
+            "inflight": merged["inflight"]}
+
+
+def tier_totals(merged: dict[str, dict]) -> dict:
+    """The sum over every backend, in the format of one backend."""
+    each = [{"backends": {"tier": m}} for m in merged.values()]
+    return load.merge(each or [{"backends": {"tier": {}}}])["tier"]
+
+
+def instance_state(url: str, lists: dict[str, list[str]], seen: dict | None,
+                   driver_known: bool) -> str:
+    """One word for where an instance is in its life, from the lists and the driver."""
+    if url in lists["destroying"] or url in lists["destroy_queue"]:
+        return "draining"
+    if url in lists["spawning"]:
+        return "starting"
+    if url in lists["spawn_queue"]:
+        return "queued"
+    if not driver_known:
+        return "listed"  # a standby does not ask the driver
+    if seen is None:
+        return "external"  # in servers, not started by this infra (e.g. the first instance)
+    if not seen["running"]:
+        return seen["state"]
+    return "running" if url in lists["servers"] else "unlisted"
+
+
+def _health(merged: dict | None) -> str:
+    if merged is None:
+        return "no figures"
+    return "healthy" if merged["healthy"] else "down"
+
+
+def _port(url: str) -> int:
+    try:
+        return parse_instance_url(url)[1]
+    except BadInstanceURL:
+        return 0
+
+
+class TierWatch(Service):
+    """Looks at the tier every ``interval`` seconds; keeps the snapshot and the history."""
+
+    log = Logger()
+
+    def __init__(self, redis: RedisService, worker, interval: float = SAMPLE_INTERVAL,
+                 history: float = HISTORY_SECONDS, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.redis = redis
+        self.worker = worker
+        self.driver = worker.driver
+        self.host = worker.rules.host
+        self.interval = interval
+        self.reactor = reactor
+        self.snapshot: dict = {"time": None, "error": "not looked yet", "instances": []}
+        self.points: deque = deque(maxlen=max(1, int(history / interval)))
+        self.events: deque = deque(maxlen=1000)
+        self._last_servers: set[str] | None = None
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+
+    def startService(self):
+        super().startService()
+        self._loop.start(self.interval)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def _tick(self):
+        d = defer.ensureDeferred(self.refresh(record=True))
+        d.addErrback(lambda f: self.log.failure("looking at the tier", f))
+        return d
+
+    async def refresh(self, record: bool = False) -> dict:
+        """Look at the tier now; with ``record``, add the look to the history."""
+        now = self.reactor.seconds()
+        try:
+            snapshot = await self._look(now)
+        except RedisUnavailable as e:
+            snapshot = {**self.snapshot, "error": f"Redis is unreachable: {e}"}
+        except Exception as e:  # said on the page each time, logged once
+            if not (self.snapshot.get("error") or "").startswith("could not look"):
+                self.log.failure("looking at the tier")
+            snapshot = {**self.snapshot, "error": f"could not look at the tier: {e!r}"}
+        else:
+            if record:
+                self._record(snapshot)
+        self.snapshot = snapshot
+        return snapshot
+
+    async def _look(self, now: float) -> dict:
+        call = self.redis.call
+        lists = {name: await call("LRANGE", key, 0, -1) for name, key in LISTS.items()}
+        letters = await call("LRANGE", keys.DEAD_LETTERS, 0, DEAD_LETTERS_SHOWN - 1)
+        holder = await call("GET", keys.INFRA_LEASE)
+        decisions = await call("LRANGE", keys.AUTOSCALE_DECISIONS, 0, DECISIONS_SHOWN - 1)
+        desired = await call("GET", keys.AUTOSCALE_DESIRED)
+        fields = await call("HGETALL", keys.AUTOSCALE_LIMITS) or []  # a flat list, raw
+        limits = dict(zip(fields[::2], fields[1::2]))
+        live = await call("LRANGE", keys.DEPLOY_LIVE, 0, -1)
+        reports = await load.read_reports(self.redis, now)
+        active = holder == self.worker.id
+        inventory, driver_error = None, None
+        if active:
+            try:
+                inventory = await self.driver.inventory()
+            except (Unavailable, DriverError) as e:
+                driver_error = str(e)
+        interval = max((float(r.get("interval", 1.0)) for r in reports), default=1.0) or 1.0
+        merged = load.merge(reports)
+        by_port = {port: seen for port, seen in (inventory or {}).items()}
+        urls = set().union(*lists.values(), merged,
+                           (instance_url(self.host, port) for port in by_port))
+        instances = []
+        for url in sorted(urls, key=lambda u: (_port(u), u)):
+            seen = by_port.get(_port(url)) if url.startswith(f"http://{self.host}:") else None
+            row = {"url": url,
+                   "state": instance_state(url, lists, seen, inventory is not None),
+                   "id": seen["id"] if seen else None,
+                   "node": seen.get("node") if seen else None,  # a Swarm driver's, if it says
+                   "in_servers": url in lists["servers"],
+                   "first": url == instance_url(self.host, self.worker.rules.first_port),
+                   "health": _health(merged.get(url))}
+            row.update(figures(merged[url], interval) if url in merged
+                       else {"rps": None, "errors": None, "p50_ms": None, "p95_ms": None,
+                             "inflight": None})
+            instances.append(row)
+        return {
+            "time": now,
+            "error": None,
+            "role": "active" if active else "standby",
+            "infra": {"id": self.worker.id, "driver": self.driver.name,
+                      "driver_error": driver_error},
+            "lease_holder": holder,
+            "tier": {"instances": len(lists["servers"]), "proxies": len(reports),
+                     **figures(tier_totals(merged), interval)},
+            "instances": instances,
+            "queues": lists,
+            "dead_letters": [_letter(raw) for raw in letters],
+            "autoscale": {"decisions": [d for d in map(_json, decisions) if isinstance(d, dict)],
+                          "desired": int(desired) if desired and desired.isdigit() else None,
+                          "limits": {k: int(v) for k, v in limits.items()
+                                     if k in ("min", "max") and str(v).isdigit()}},
+            "deploy": {"live": live},
+        }
+
+    def _record(self, snapshot: dict) -> None:
+        servers = set(snapshot["queues"]["servers"])
+        now = snapshot["time"]
+        if self._last_servers is not None:
+            for url in sorted(servers - self._last_servers):
+                self.events.append({"time": now, "kind": "spawn", "url": url})
+            for url in sorted(self._last_servers - servers):
+                self.events.append({"time": now, "kind": "destroy", "url": url})
+        self._last_servers = servers
+        self.points.append({"time": now, "rps": snapshot["tier"]["rps"],
+                            "p95_ms": snapshot["tier"]["p95_ms"], "instances": len(servers),
+                            "per_instance": {row["url"]: row["rps"]
+                                             for row in snapshot["instances"]
+                                             if row["rps"] is not None}})
+
+    def history(self, since: float = 0.0) -> dict:
+        """The recorded looks after ``since`` as columns (what a chart takes), and the marks."""
+        points = [p for p in self.points if p["time"] > since]
+        urls = sorted({url for p in points for url in p["per_instance"]}, key=lambda u: (_port(u), u))
+        return {"interval": self.interval,
+                "time": [p["time"] for p in points],
+                "rps": [p["rps"] for p in points],
+                "p95_ms": [p["p95_ms"] for p in points],
+                "instances": [p["instances"] for p in points],
+                "per_instance": {url: [p["per_instance"].get(url) for p in points]
+                                 for url in urls},
+                "events": [e for e in self.events if e["time"] > since]}
+
+
+def _json(raw: str):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _letter(raw: str) -> dict:
+    """A dead letter as infra writes it, or the raw text if it is not that JSON."""
+    letter = _json(raw)
+    if isinstance(letter, dict):
+        return letter
+    return {"entry": raw, "reason": "(not a dead letter infra wrote)"}

@@ -1,0 +1,284 @@
+"""dockpart-infra --dashboard over HTTP: its JSON API, its access rules and its buttons, against
+a real tier (Redis, the first dockpart-web, dockpart-infra with the process driver, a proxy)."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import requests
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+
+from dockpart import infra, keys
+from dashboardkit import start_dashboard_infra, start_tier
+from helpers import ROOT, free_port, wait_for
+
+HTML = {"Accept": "text/html"}
+JSON = {"Accept": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def tier(tmp_path_factory):
+    tier = start_tier(tmp_path_factory.mktemp("dash-state"))
+    yield tier
+    tier.stop()
+
+
+@pytest.fixture
+def rdb(tier):
+    """The tier's Redis; what a test queued or dead-lettered is gone afterwards."""
+    client = tier.redis.client()
+    yield client
+    for key in (keys.SPAWN_QUEUE, keys.DESTROY_QUEUE, keys.DEAD_LETTERS, keys.AUTOSCALE_LIMITS,
+                keys.AUTOSCALE_DECISIONS, keys.AUTOSCALE_DESIRED, keys.DEPLOY_LIVE):
+        client.delete(key)
+    client.close()
+
+
+def state(base: str, headers: dict | None = None) -> dict:
+    reply = requests.get(base + "/api/state", headers={**JSON, **(headers or {})}, timeout=5)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def post(base: str, path: str, csrf: str | None = None, headers: dict | None = None, **kw):
+    headers = {**JSON, **(headers or {})}
+    if csrf:
+        headers["X-CSRF-Token"] = csrf
+    return requests.post(base + path, headers=headers, timeout=10, allow_redirects=False, **kw)
+
+
+def test_dashboard_is_off_by_default_and_token_falls_back_to_the_environment(monkeypatch):
+    options = infra.Options()
+    options.parseOptions([])
+    assert options["dashboard"] is None and options["dashboard-token"] is None
+    monkeypatch.setenv("DOCKPART_DASHBOARD_TOKEN", "from-env")
+    options = infra.Options()
+    options.parseOptions(["--dashboard", "tcp:0"])
+    assert options["dashboard-token"] == "from-env"
+    options = infra.Options()
+    options.parseOptions(["--dashboard-token", "from-option"])
+    assert options["dashboard-token"] == "from-option"
+
+
+def test_a_bad_dashboard_endpoint_is_a_usage_error(tmp_path):
+    options = infra.Options()
+    options.parseOptions(["--driver", "process", "--state-dir", str(tmp_path),
+                          "--dashboard", "tcp:notaport"])
+    with pytest.raises(usage.UsageError, match="--dashboard 'tcp:notaport'"):
+        infra.makeService(options, MemoryReactorClock())
+
+
+def test_state_lists_every_instance_with_the_proxies_figures(tier, rdb):
+    first = tier.url(tier.first)
+
+    def healthy_with_traffic():
+        rows = {row["url"]: row for row in state(tier.infra.base)["instances"]}
+        row = rows.get(first)
+        return row if row and row["health"] == "healthy" and row["rps"] else None
+
+    row = wait_for(healthy_with_traffic, 15, what="the first instance's figures")
+    assert row["state"] == "external"  # started by hand, not by this infra
+    assert row["p50_ms"] is not None and row["p95_ms"] >= row["p50_ms"]
+    snapshot = state(tier.infra.base)
+    assert snapshot["role"] == "active"
+    assert snapshot["lease_holder"] == snapshot["infra"]["id"]
+    assert snapshot["tier"]["proxies"] == 1
+    assert snapshot["queues"]["servers"] == rdb.lrange(keys.SERVERS, 0, -1)
+    history = requests.get(tier.infra.base + "/api/history", timeout=5).json()
+    assert len(history["time"]) == len(history["rps"]) == len(history["instances"]) > 0
+    assert any(history["per_instance"][first])
+
+
+def test_the_page_is_drawn_on_the_server(tier, rdb):
+    page = requests.get(tier.infra.base + "/", headers=HTML, timeout=5)
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert f'<td class="url">{tier.url(tier.first)}</td>' in page.text
+    assert "holds the lease" in page.text
+    assert '<button type="submit">spawn one</button>' in page.text
+    for name in ("uPlot.iife.min.js", "uPlot.min.css", "dashboard.js"):
+        asset = requests.get(f"{tier.infra.base}/static/{name}", timeout=5)
+        assert asset.status_code == 200 and len(asset.content) > 500, name
+    assert requests.get(tier.infra.base + "/static/../dashboard.py", timeout=5).status_code == 404
+
+
+def test_a_form_posted_without_javascript_queues_and_redirects(tier, rdb):
+    csrf = state(tier.infra.base)["csrf"]
+    reply = requests.post(tier.infra.base + "/api/spawn", data={"csrf": csrf}, headers=HTML,
+                          allow_redirects=False, timeout=10)
+    assert reply.status_code == 303 and reply.headers["location"] == "../"
+    url = tier.url(tier.first + 1)
+    wait_for(lambda: url in rdb.lrange(keys.SERVERS, 0, -1), 20, what=f"{url} in servers")
+    row = wait_for(lambda: [r for r in state(tier.infra.base)["instances"] if r["url"] == url
+                            and r["state"] == "running"], 10, what="the new row running")[0]
+    assert row["id"].startswith("pid ")
+    reply = post(tier.infra.base, "/api/destroy", csrf, data={"url": url})
+    assert reply.status_code == 202, reply.text
+    wait_for(lambda: url not in {r["url"] for r in state(tier.infra.base)["instances"]}, 20,
+             what=f"{url} gone from the dashboard")
+
+
+@pytest.mark.parametrize("path, body, code, message", [
+    ("/api/destroy", {"url": "http://127.0.0.1:1"}, 404, "is not in servers"),
+    ("/api/destroy", {}, 400, "say which instance"),
+    ("/api/destroy", {"url": "ftp://x"}, 400, "http://HOST:PORT"),
+    ("/api/limits", {"min": "5", "max": "2"}, 400, "1 <= min <= max"),
+    ("/api/limits", {"min": "0", "max": "2"}, 400, "1 <= min <= max"),
+    ("/api/limits", {"min": "one", "max": "2"}, 400, "whole number"),
+    ("/api/nothing", {}, 404, "no page"),
+])
+def test_bad_input_is_a_4xx_with_a_reason_and_changes_nothing(tier, rdb, path, body, code,
+                                                              message):
+    before = {key: rdb.lrange(key, 0, -1) for key in (keys.SERVERS, keys.DESTROY_QUEUE)}
+    reply = post(tier.infra.base, path, state(tier.infra.base)["csrf"], data=body)
+    assert reply.status_code == code, reply.text
+    assert message in reply.json()["error"]
+    assert {key: rdb.lrange(key, 0, -1) for key in before} == before
+    assert rdb.hgetall(keys.AUTOSCALE_LIMITS) == {}
+
+
+def test_the_first_instance_cannot_be_destroyed(tier, rdb):
+    reply = post(tier.infra.base, "/api/destroy", state(tier.infra.base)["csrf"],
+                 json={"url": tier.url(tier.first)})
+    assert reply.status_code == 409 and "never destroyed" in reply.json()["error"]
+    assert rdb.lrange(keys.DESTROY_QUEUE, 0, -1) == []
+
+
+def test_a_malformed_json_body_is_refused(tier, rdb):
+    reply = post(tier.infra.base, "/api/limits", state(tier.infra.base)["csrf"],
+                 headers={"Content-Type": "application/json"}, data=b'{"min": 1, "max":')
+    assert reply.status_code == 400 and "not JSON" in reply.json()["error"]
+    assert rdb.hgetall(keys.AUTOSCALE_LIMITS) == {}
+
+
+def test_limits_are_written_for_the_autoscaler(tier, rdb):
+    reply = post(tier.infra.base, "/api/limits", state(tier.infra.base)["csrf"],
+                 json={"min": 2, "max": 4})
+    assert reply.status_code == 200 and reply.json() == {"min": 2, "max": 4}
+    assert rdb.hgetall(keys.AUTOSCALE_LIMITS) == {"min": "2", "max": "4"}
+    assert state(tier.infra.base)["autoscale"]["limits"] == {"min": 2, "max": 4}
+
+
+@pytest.mark.parametrize("headers, why", [
+    ({}, "CSRF token"),
+    ({"X-CSRF-Token": "guessed"}, "CSRF token"),
+    ({"Origin": "http://evil.example"}, "cross-site"),
+    ({"Sec-Fetch-Site": "cross-site"}, "cross-site"),
+])
+def test_a_post_from_elsewhere_is_refused(tier, rdb, headers, why):
+    csrf = state(tier.infra.base)["csrf"] if "Origin" in headers or "Sec-Fetch-Site" in headers \
+        else None
+    reply = post(tier.infra.base, "/api/spawn", csrf, headers=headers)
+    assert reply.status_code == 403 and why in reply.json()["error"]
+    assert rdb.lrange(keys.SPAWN_QUEUE, 0, -1) == []
+
+
+def test_a_dead_letter_shows_with_its_reason(tier, rdb):
+    rdb.lpush(keys.SPAWN_QUEUE, "http://127.0.0.1:1")
+    letters = wait_for(lambda: state(tier.infra.base)["dead_letters"], 10, what="a dead letter")
+    assert letters[0]["entry"] == "http://127.0.0.1:1"
+    assert "outside the allowed range" in letters[0]["reason"]
+
+
+def test_with_a_token_everything_needs_it(tmp_path):
+    token = "s3cret-token"
+    tier = start_tier(tmp_path / "state", token=token)
+    try:
+        base = tier.infra.base
+        page = requests.get(base + "/", headers=HTML, timeout=5)
+        assert page.status_code == 401 and 'name="token"' in page.text
+        for path in ("/api/state", "/api/history", "/live", "/static/dashboard.js"):
+            assert requests.get(base + path, timeout=5).status_code == 401, path
+        assert requests.get(base + "/api/state", timeout=5,
+                            headers={"Authorization": "Bearer wrong"}).status_code == 401
+        refused = post(base, "/api/spawn")
+        assert refused.status_code == 401
+        assert tier.redis.client().lrange(keys.SPAWN_QUEUE, 0, -1) == []
+        # The header, the query and the login form each let a person in.
+        assert state(base, headers={"Authorization": f"Bearer {token}"})["role"] == "active"
+        assert requests.get(base + f"/api/state?token={token}", timeout=5).status_code == 200
+        with requests.Session() as browser:
+            bad = browser.post(base + "/login", data={"token": "nope"}, headers=HTML, timeout=5)
+            assert bad.status_code == 401 and "not the token" in bad.text
+            good = browser.post(base + "/login", data={"token": token}, headers=HTML, timeout=5)
+            assert good.status_code == 200 and "holds the lease" in good.text
+            csrf = browser.get(base + "/api/state", timeout=5).json()["csrf"]
+            reply = browser.post(base + "/api/spawn", headers={**JSON, "X-CSRF-Token": csrf},
+                                 timeout=10)
+            assert reply.status_code == 202, reply.text
+        # A script with the token in a header needs no CSRF token: no browser adds it.
+        reply = post(base, "/api/limits", headers={"Authorization": f"Bearer {token}"},
+                     json={"min": 1, "max": 3})
+        assert reply.status_code == 200, reply.text
+    finally:
+        tier.stop()
+
+
+def test_a_standby_infra_serves_the_dashboard_read_only(tier, rdb, tmp_path):
+    standby = start_dashboard_infra(tier.redis.url, tmp_path / "standby", tier.first,
+                                    free_port())
+    try:
+        snapshot = wait_for(lambda: state(standby.base).get("role") == "standby"
+                            and state(standby.base), 10, what="the standby's first look")
+        assert snapshot["lease_holder"] == state(tier.infra.base)["infra"]["id"]
+        assert tier.url(tier.first) in {row["url"] for row in snapshot["instances"]}
+        page = requests.get(standby.base + "/", headers=HTML, timeout=5).text
+        assert "<b>standby</b>" in page and "spawn one" not in page
+        reply = post(standby.base, "/api/spawn", snapshot["csrf"])
+        assert reply.status_code == 409 and "standby" in reply.json()["error"]
+        assert rdb.lrange(keys.SPAWN_QUEUE, 0, -1) == []
+    finally:
+        standby.stop()
+
+
+def test_the_json_api_is_json(tier, rdb):
+    reply = requests.get(tier.infra.base + "/api/history?since=nonsense", timeout=5)
+    assert reply.status_code == 400 and "since" in reply.json()["error"]
+    assert json.loads(requests.get(tier.infra.base + "/api/state", timeout=5).text)["csrf"]
+
+
+def test_the_autoscalers_decisions_and_the_live_deploy_slice_are_shown(tier, rdb):
+    decision = {"time": 1700000000.0, "current": 1, "spawning": 0, "inflight": 12,
+                "per_instance": 4, "target": 4, "desired": 3, "action": "up",
+                "reason": "12 in flight over 1 instance(s), above the target of 4"}
+    rdb.lpush(keys.AUTOSCALE_DECISIONS, json.dumps(decision))
+    rdb.set(keys.AUTOSCALE_DESIRED, 3)
+    rdb.rpush(keys.DEPLOY_LIVE, "http://127.0.0.1:8001")
+    auto = wait_for(lambda: state(tier.infra.base)["autoscale"]["decisions"]
+                    and state(tier.infra.base)["autoscale"], 10, what="the decision")
+    assert auto["decisions"] == [decision] and auto["desired"] == 3
+    assert state(tier.infra.base)["deploy"]["live"] == ["http://127.0.0.1:8001"]
+    page = requests.get(tier.infra.base + "/", headers=HTML, timeout=5).text
+    assert "above the target of 4" in page and "http://127.0.0.1:8001" in page
+
+
+def test_a_built_wheel_ships_the_page_assets_and_uplots_licence(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path),
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("dockpart-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE", "dashboard.js",
+                 "dashboard.css"):
+        assert f"dockpart/dashboard_static/{name}" in names
+
+
+def test_while_redis_is_away_the_dashboard_says_so_and_buttons_answer_503(tmp_path):
+    tier = start_tier(tmp_path / "state")
+    try:
+        wait_for(lambda: state(tier.infra.base)["tier"]["proxies"], 10, what="a first look")
+        csrf = state(tier.infra.base)["csrf"]
+        tier.reporter.stop()
+        tier.redis.stop()
+        snapshot = wait_for(lambda: (s := state(tier.infra.base))["error"] and s, 15,
+                            what="the dashboard to notice")
+        assert snapshot["error"].startswith("Redis is unreachable")
+        assert tier.url(tier.first) in {row["url"] for row in snapshot["instances"]}
+        page = requests.get(tier.infra.base + "/", headers=HTML, timeout=5)
+        assert page.status_code == 200 and "Redis is unreachable" in page.text
+        reply = post(tier.infra.base, "/api/spawn", csrf)
+        assert reply.status_code == 503 and "Redis is unreachable" in reply.json()["error"]
+    finally:
+        tier.stop()

@@ -1,0 +1,138 @@
+"""The dashboard's pieces in memory: instance states, the history and its marks, the page."""
+
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from dockpart import load
+from dockpart.redisconn import RedisUnavailable
+from dockpart.dashboard_page import live_html
+from dockpart.dashboard_state import TierWatch, figures, instance_state
+
+EMPTY = {"servers": [], "spawn_queue": [], "spawning": [], "destroy_queue": [], "destroying": []}
+A, B = "http://127.0.0.1:3001", "http://127.0.0.1:3002"
+
+
+def lists(**kw):
+    return {**EMPTY, **kw}
+
+
+@pytest.mark.parametrize("where, seen, driver_known, state", [
+    (lists(servers=[A], destroying=[A]), {"running": True}, True, "draining"),
+    (lists(destroy_queue=[A], servers=[A]), {"running": True}, True, "draining"),
+    (lists(spawning=[A]), {"running": True}, True, "starting"),
+    (lists(spawn_queue=[A]), None, True, "queued"),
+    (lists(servers=[A]), {"running": True}, True, "running"),
+    (lists(servers=[A]), None, True, "external"),
+    (lists(servers=[A]), {"running": False, "state": "exited"}, True, "exited"),
+    (lists(), {"running": True}, True, "unlisted"),
+    (lists(servers=[A]), None, False, "listed"),
+])
+def test_an_instance_state_says_where_it_is_in_its_life(where, seen, driver_known, state):
+    assert instance_state(A, where, seen, driver_known) == state
+
+
+def test_figures_are_rates_and_quantiles_in_milliseconds():
+    buckets = load.empty_buckets()
+    buckets[load.bucket_of(0.004)] = 90
+    buckets[load.bucket_of(0.08)] = 10
+    merged = load.merge([{"backends": {A: {"requests": 100, "errors": 4, "inflight": 2,
+                                           "latency_buckets": buckets, "healthy": True}}}])[A]
+    assert figures(merged, 2.0) == {"rps": 50.0, "errors": 2.0, "p50_ms": 5.0, "p95_ms": 100.0,
+                                    "inflight": 2}
+
+
+def watch(clock, history=10.0):
+    worker = SimpleNamespace(driver=SimpleNamespace(name="process"), id="me",
+                             rules=SimpleNamespace(host="127.0.0.1", first_port=3000))
+    return TierWatch(None, worker, interval=1.0, history=history, reactor=clock)
+
+
+def look(time, servers):
+    """A snapshot as TierWatch makes it, reduced to what the history records."""
+    return {"time": time, "queues": lists(servers=servers), "tier": {"rps": 0.0, "p95_ms": None},
+            "instances": [{"url": u, "rps": None} for u in servers]}
+
+
+def test_the_history_marks_each_spawn_and_destroy_once():
+    w = watch(Clock())
+    w._record(look(1.0, [A]))
+    w._record(look(2.0, [A, B]))
+    w._record(look(3.0, [A, B]))
+    w._record(look(4.0, [B]))
+    history = w.history()
+    assert history["time"] == [1.0, 2.0, 3.0, 4.0]
+    assert history["instances"] == [1, 2, 2, 1]
+    assert history["events"] == [{"time": 2.0, "kind": "spawn", "url": B},
+                                 {"time": 4.0, "kind": "destroy", "url": A}]
+    later = w.history(since=3.0)
+    assert later["time"] == [4.0] and later["events"] == [{"time": 4.0, "kind": "destroy",
+                                                           "url": A}]
+
+
+def test_the_history_keeps_only_its_window_and_per_instance_columns_line_up():
+    w = watch(Clock(), history=3.0)
+    for t in range(1, 6):
+        w._record({**look(float(t), [A]), "instances": [{"url": A, "rps": float(t)}]})
+    w._record({**look(6.0, [A, B]), "instances": [{"url": A, "rps": 6.0}, {"url": B, "rps": 1.0}]})
+    history = w.history()
+    assert history["time"] == [4.0, 5.0, 6.0]
+    assert history["per_instance"] == {A: [4.0, 5.0, 6.0], B: [None, None, 1.0]}
+
+
+def test_looking_happens_every_interval_and_stops_with_the_service():
+    clock = Clock()
+    w = watch(clock)
+    calls = []
+
+    async def refresh(record=False):
+        calls.append(record)
+        return {}
+    w.refresh = refresh
+    w.startService()
+    clock.advance(1.0)
+    clock.advance(1.0)
+    assert calls == [True, True, True]
+    w.stopService()
+    clock.advance(5.0)
+    assert calls == [True, True, True]
+
+
+def test_a_standby_page_has_no_buttons_and_names_the_lease_holder():
+    snapshot = {"time": 1.0, "error": None, "role": "standby",
+                "infra": {"id": "standby-id", "driver": "process", "driver_error": None},
+                "lease_holder": "holder-id",
+                "tier": {"instances": 1, "proxies": 0, "rps": 0.0, "errors": 0.0,
+                         "p50_ms": None, "p95_ms": None, "inflight": 0},
+                "instances": [{"url": A, "state": "listed", "id": None, "in_servers": True,
+                               "first": False, "health": "no figures", "rps": None,
+                               "errors": None, "p50_ms": None, "p95_ms": None,
+                               "inflight": None}],
+                "queues": lists(servers=[A]), "dead_letters": [],
+                "autoscale": {"decisions": [], "desired": None, "limits": {}},
+                "deploy": {"live": []}}
+    html = live_html(snapshot, "csrf")
+    assert "<b>standby</b>" in html and "holder-id" in html
+    assert "<form" not in html
+    active = live_html({**snapshot, "role": "active"}, "csrf")
+    assert active.count("<form") == 3  # spawn, destroy A, limits
+
+
+class _Away:
+    """A Redis handle whose every call fails as RedisService's do while Redis is down."""
+
+    def call(self, *args):
+        return defer.fail(RedisUnavailable("no connection to redis://127.0.0.1:1/0"))
+
+
+def test_while_redis_is_away_the_last_figures_stay_and_the_page_says_so():
+    w = watch(Clock())
+    w.snapshot = {"time": 5.0, "error": None, "instances": [{"url": A}]}
+    w.redis = _Away()
+    looked = []
+    defer.ensureDeferred(w.refresh(record=True)).addCallback(looked.append)
+    assert looked[0]["time"] == 5.0 and looked[0]["instances"] == [{"url": A}]
+    assert looked[0]["error"].startswith("Redis is unreachable")
+    assert w.history()["time"] == []  # nothing made up for the charts

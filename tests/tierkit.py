@@ -6,7 +6,9 @@ waited.
 """
 
 import os
+import random
 import secrets
+import socket
 import shutil
 import signal
 import subprocess
@@ -21,10 +23,26 @@ import requests
 
 from dockpart import keys
 from dockpart.drivers.process import _thd_scan
-from helpers import Daemon, free_port, free_port_run, served_by, wait_for
+from helpers import Daemon, served_by, wait_for
 
 #: The proxy's flags in docker-compose.yml and scripts/up (README "Compose and scripts/up").
 SHIPPED_PROXY_ARGS = ("--health-path", "/", "--health-interval", "1")
+
+
+def quiet_ports(count: int) -> int:
+    """The first of ``count`` free ports below Linux's ephemeral range (32768-60999): a load
+    loop opens thousands of outgoing connections, and one of them could take an instance's
+    port (or Redis's, while it restarts) if it lay in that range."""
+    for _ in range(100):
+        first = random.randrange(20000, 32768 - count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise AssertionError(f"no run of {count} free ports below 32768")
 
 
 class AofRedis:
@@ -32,8 +50,8 @@ class AofRedis:
     Dockerfiles/redis.Dockerfile and scripts/up run it; it can be stopped and started again on
     the same port and data folder."""
 
-    def __init__(self):
-        self.port = free_port()
+    def __init__(self, port: int):
+        self.port = port
         self.password = secrets.token_hex(24)
         self.dir = Path(tempfile.mkdtemp(prefix="dockpart-aof-"))
         self.proc = None
@@ -76,9 +94,10 @@ class Tier:
     """Redis, the first web instance, the proxy and infra, on free loopback ports."""
 
     def __init__(self, driver: str = "process", infra_args: tuple = ()):
-        self.redis = AofRedis()
-        self.first_port = free_port_run(8)
-        self.proxy_port = free_port()
+        ports = quiet_ports(10)  # Redis, the proxy, the first instance and 7 after it
+        self.redis = AofRedis(ports)
+        self.proxy_port = ports + 1
+        self.first_port = ports + 2
         self.state_dir = Path(tempfile.mkdtemp(prefix="dockpart-tier-"))
         self.driver = driver
         self.infra_args = infra_args

@@ -69,8 +69,8 @@ def test_redis_restarted_empty_fails_no_request_and_the_tier_refills(tier):
         restarted = time.monotonic()
         wait_for(lambda: tier.first in tier.servers(), timeout=5,
                  what="the first instance back in servers")
-        wait_for(lambda: set(tier.servers()) == before, timeout=15,
-                 what=f"reconcile to refill servers; infra log:\n{tier.infra_log()}")
+        tier.wait_for(lambda: set(tier.servers()) == before, timeout=15,
+                      what="reconcile to refill servers")
         loop.wait_served(100)
     assert not loop.failures(), loop.summary()
     assert not loop.failures(since=restarted), loop.summary()
@@ -81,20 +81,29 @@ def test_frozen_instance_delays_no_request_and_comes_back(tier):
     """An instance whose process is stopped (SIGSTOP: the kernel still accepts connections)
     costs no request more than a few seconds, and serves again once it runs again."""
     frozen = tier.spawned[0]
-    pids = tier.instance_pids(frozen)
-    assert pids, f"no process for {frozen}"
-    with RequestLoop(tier.url + "/", timeout=30) as loop:
+    assert tier.instance_pids(frozen), f"no process for {frozen}"
+
+    def signal_all(sig):
+        for pid in tier.instance_pids(frozen):
+            os.kill(pid, sig)
+
+    check_frozen(tier, frozen, lambda: signal_all(signal.SIGSTOP),
+                 lambda: signal_all(signal.SIGCONT))
+
+
+def check_frozen(tier: Tier, frozen: str, freeze, thaw) -> None:
+    """Under load, ``freeze()`` the instance at ``frozen`` for a while, then ``thaw()`` it
+    (always): no request failed or waited long, and it is back in rotation."""
+    with RequestLoop(tier.url + "/", clients=4, timeout=30) as loop:
         loop.wait_served(50)
         try:
-            for pid in pids:
-                os.kill(pid, signal.SIGSTOP)
+            freeze()
             frozen_at = time.monotonic()
             # Long enough for several health checks and per-try timeouts.
             wait_for(lambda: time.monotonic() - frozen_at > 8 and len(loop.since(frozen_at)) > 50,
                      timeout=40, interval=0.1, what="requests while the instance is frozen")
         finally:
-            for pid in tier.instance_pids(frozen):
-                os.kill(pid, signal.SIGCONT)
+            thaw()
         during = loop.since(frozen_at)
         loop.wait_served(20)
     longest = max(o.waited for o in during)
@@ -102,7 +111,7 @@ def test_frozen_instance_delays_no_request_and_comes_back(tier):
     assert not loop.failures(), loop.summary()
     seen = set()
     wait_for(lambda: seen.add(served_by(tier.url + "/")) or frozen in seen, timeout=15,
-             interval=0.01, what=f"{frozen} back in rotation after SIGCONT")
+             interval=0.01, what=f"{frozen} back in rotation after it resumed")
 
 
 def test_killed_instance_is_replaced_without_failed_requests(tier):
@@ -118,33 +127,55 @@ def test_killed_instance_is_replaced_without_failed_requests(tier):
         def three_answer():
             return len(tier.servers()) == 3 and len(served_set(tier, 6)) == 3
 
-        wait_for(three_answer, timeout=30, interval=0.5,
-                 what=f"three instances again; infra log:\n{tier.infra_log()}")
+        tier.wait_for(three_answer, timeout=30, interval=0.5, what="three instances again")
         loop.wait_served(50)
     assert not loop.failures(), loop.summary()
 
 
-@pytest.mark.docker
-def test_killed_container_is_removed_and_replaced(docker_images):
-    """Docker driver: a killed instance container does not stay behind, exited, and the tier
-    runs with the number of instances asked for again."""
+@pytest.fixture
+def docker_tier(docker_images):
+    """A docker-driver tier (instances are dockpart-web:latest containers) with two spawned."""
     tier = Tier(driver="docker", infra_args=("--reconcile-interval", "1")).start()
     try:
-        spawned = tier.spawn(2)
-        victim, = [c for c in tier.containers() if c.labels["dockpart.port"]
-                   == spawned[0].rsplit(":", 1)[1]]
-        with RequestLoop(tier.url + "/") as loop:
-            loop.wait_served(50)
-            victim.kill()
-
-            def whole_again():
-                states = {c.name: c.status for c in tier.containers(all=True)}
-                return (len(states) == 2 and set(states.values()) == {"running"}
-                        and len(tier.servers()) == 3 and len(served_set(tier, 6)) == 3)
-
-            wait_for(whole_again, timeout=40, interval=0.5,
-                     what=f"the killed container replaced; infra log:\n{tier.infra_log()}")
-            loop.wait_served(50)
-        assert not loop.failures(), loop.summary()
+        tier.spawned = tier.spawn(2)
+        yield tier
     finally:
         tier.stop()
+
+
+def container_of(tier: Tier, url: str):
+    container, = [c for c in tier.containers() if c.labels["dockpart.port"]
+                  == url.rsplit(":", 1)[1]]
+    return container
+
+
+@pytest.mark.docker
+def test_frozen_container_delays_no_request_and_comes_back(docker_tier):
+    """The issue's case: an instance container whose process is stopped, while Docker still
+    says "running"."""
+    frozen = docker_tier.spawned[0]
+    container = container_of(docker_tier, frozen)
+    check_frozen(docker_tier, frozen, lambda: container.kill(signal="SIGSTOP"),
+                 lambda: container.reload() or container.status != "running"
+                 or container.kill(signal="SIGCONT"))
+
+
+@pytest.mark.docker
+def test_killed_container_is_removed_and_replaced(docker_tier):
+    """Docker driver: a killed instance container does not stay behind, exited, and the tier
+    runs with the number of instances asked for again."""
+    tier = docker_tier
+    victim = container_of(tier, tier.spawned[1])
+    with RequestLoop(tier.url + "/") as loop:
+        loop.wait_served(50)
+        victim.kill()
+
+        def whole_again():
+            states = {c.name: c.status for c in tier.containers(all=True)}
+            return (len(states) == 2 and set(states.values()) == {"running"}
+                    and len(tier.servers()) == 3 and len(served_set(tier, 6)) == 3)
+
+        tier.wait_for(whole_again, timeout=40, interval=0.5,
+                      what="the killed container replaced")
+        loop.wait_served(50)
+    assert not loop.failures(), loop.summary()

@@ -148,11 +148,8 @@ class Tier:
         for _ in range(count):
             reply = requests.get(self.url + "/spawn", timeout=5)
             assert reply.status_code == 202, reply.text[:300]
-        try:
-            wait_for(lambda: len(set(self.servers()) - before) == count, timeout=40,
-                     interval=0.1, what=f"{count} spawned instances in servers")
-        except AssertionError as e:
-            raise AssertionError(f"{e}; {self.describe()}") from None
+        self.wait_for(lambda: len(set(self.servers()) - before) == count, timeout=40,
+                      what=f"{count} spawned instances in servers")
         spawned = sorted(set(self.servers()) - before)
         seen = set()
         wait_for(lambda: seen.update({served_by(self.url + "/")}) or set(spawned) <= seen,
@@ -162,6 +159,13 @@ class Tier:
     def instance_pids(self, url: str) -> list[int]:
         """The processes of a process-driver instance (``url`` names its port)."""
         return _thd_scan(str(self.state_dir)).get(int(url.rsplit(":", 1)[1]), [])
+
+    def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.1):
+        """helpers.wait_for, with Redis's lists and infra's log in the failure."""
+        try:
+            return wait_for(predicate, timeout, interval=interval, what=what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; {self.describe()}") from None
 
     def describe(self) -> str:
         """Redis's lists and infra's log, for a failure message."""
@@ -213,19 +217,21 @@ class Outcome:
 
 
 class RequestLoop:
-    """One client sending ``GET /`` through the proxy, a new connection each time, in a
-    thread; bounded in count and time, so it stops by itself even if a test fails."""
+    """``clients`` clients, each a thread sending ``GET`` requests one after another through the
+    proxy, a new connection each time; bounded in count and time, so it stops by itself even
+    if a test fails."""
 
-    def __init__(self, url: str, max_requests: int = 20000, max_seconds: float = 120,
-                 timeout: float = 30, pause: float = 0.005):
+    def __init__(self, url: str, clients: int = 1, max_requests: int = 20000,
+                 max_seconds: float = 120, timeout: float = 30, pause: float = 0.005):
         self.url, self.timeout, self.pause = url, timeout, pause
         self.max_requests, self.max_seconds = max_requests, max_seconds
         self.outcomes: list[Outcome] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def __enter__(self) -> "RequestLoop":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -233,7 +239,8 @@ class RequestLoop:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(self.timeout + 5)
+        for thread in self._threads:
+            thread.join(self.timeout + 5)
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.max_seconds
@@ -247,7 +254,7 @@ class RequestLoop:
                                   None if reply.status_code == 200 else reply.text[:200])
             except requests.RequestException as e:
                 outcome = Outcome(started, time.monotonic() - started, None, repr(e)[:200])
-            self.outcomes.append(outcome)
+            self.outcomes.append(outcome)  # list.append is atomic: no lock needed
             time.sleep(self.pause)
 
     def since(self, moment: float) -> list[Outcome]:

@@ -82,7 +82,7 @@ def instance_frozen(tier, spawned, limit):
     container = None
     if tier.driver == "docker":
         container, = [c for c in tier.containers() if c.name.endswith(frozen.rsplit(":", 1)[1])]
-        container.pause()  # the cgroup freezer: the same as SIGSTOP for every process in it
+        container.kill(signal="SIGSTOP")  # Docker still says "running"
     try:
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
@@ -94,7 +94,7 @@ def instance_frozen(tier, spawned, limit):
             except ProcessLookupError:  # replaced meanwhile
                 pass
         if container is not None:
-            container.unpause()
+            container.kill(signal="SIGCONT")
     seen = set()
     back = until(lambda: seen.add(served_by(tier.url + "/")) or frozen in seen, limit)
     return back, f"served again, from when it resumed ({FREEZE:.0f} s frozen)"

@@ -22,7 +22,8 @@ from dockerkit import compose, docker_client
 from dockpart.drivers import instance_name
 from dockpart.tier import parse_instance_url
 from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
-from test_up import listening_addresses, redis_password
+from test_up import contains_run, listening_addresses, redis_password
+from tierkit import SHIPPED_PROXY_ARGS
 
 pytestmark = pytest.mark.docker
 
@@ -122,6 +123,12 @@ def remove_volumes(project: str) -> None:
 
 def test_first_instance_answers_through_the_proxy(stack):
     assert served_by(stack.proxy + "/") == stack.first
+
+
+def test_proxy_runs_with_the_fault_tests_health_checks(stack):
+    """Compose's proxy has the flags that tests/test_faults.py's tier is measured with."""
+    proxy, = [c for c in stack.containers() if c.labels.get("com.docker.compose.service") == "proxy"]
+    assert contains_run(proxy.attrs["Args"], SHIPPED_PROXY_ARGS), proxy.attrs["Args"]
 
 
 def test_every_part_listens_on_loopback_and_redis_wants_the_password(stack):

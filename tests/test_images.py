@@ -9,7 +9,8 @@ import requests
 from dockerkit import docker_client, run_images
 from helpers import ROOT, free_port, wait_for
 from test_packaging import PLUGINS
-from test_up import listening_addresses
+from test_up import contains_run, listening_addresses
+from tierkit import SHIPPED_PROXY_ARGS
 
 pytestmark = pytest.mark.docker
 
@@ -86,6 +87,15 @@ def test_web_image_serves_the_app_as_a_non_root_user(web_container, redis_db):
     assert container.exec_run("id -u").output.decode().strip() != "0"
     wait_for(lambda: container.reload() or container.attrs["State"]["Health"]["Status"] == "healthy",
              timeout=30, interval=0.5, what="the image's healthcheck to pass")
+
+
+def test_proxy_image_runs_on_loopback_with_health_checks(docker_images):
+    """Its default command is the shipped setup's: loopback, active checks every second."""
+    client = docker_client()
+    command = client.images.get(docker_images["proxy"]).attrs["Config"]["Cmd"]
+    client.close()
+    assert command[:2] == ["--listen", "tcp:3456:interface=127.0.0.1"], command
+    assert contains_run(command, SHIPPED_PROXY_ARGS), command
 
 
 def test_infra_image_holds_python_and_dockpart_only(docker_images):

@@ -12,6 +12,7 @@ import redis as redis_py
 import requests
 
 from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
+from tierkit import SHIPPED_PROXY_ARGS
 
 
 def run_up(env: dict, *args: str) -> str:
@@ -31,6 +32,11 @@ def listening_addresses(port: int) -> set[str]:
         if state == "0A" and int(port_hex, 16) == port:
             found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
     return found
+
+
+def contains_run(argv: list[str], run: tuple) -> bool:
+    """Whether ``run`` appears in ``argv`` as consecutive arguments."""
+    return any(tuple(argv[i:i + len(run)]) == run for i in range(len(argv)))
 
 
 def redis_password(run_dir: str) -> str:
@@ -73,6 +79,10 @@ def test_no_docker_runs_the_tier_as_processes_and_down_stops_it(tier):
         return len({served_by(proxy + "/") for _ in range(4)}) == 2
 
     wait_for(two_instances, timeout=30, interval=0.5, what="a spawned process behind the proxy")
+    # The proxy runs as the fault tests' tier does: active health checks every second.
+    pid = Path(tier["run_dir"], "dockpart-proxy.pid").read_text().strip()
+    argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    assert contains_run(argv, SHIPPED_PROXY_ARGS), argv
     # Everything listens on loopback only; the proxy too, by default.
     for port in (tier["redis_port"], tier["web_port"], tier["web_port"] + 1, tier["proxy_port"]):
         assert listening_addresses(port) == {"127.0.0.1"}, port

@@ -193,6 +193,8 @@ class Tier:
             for container in self.containers(all=True):
                 container.remove(force=True)
         self.redis.stop()
+        shutil.rmtree(self.redis.dir, ignore_errors=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def containers(self, all: bool = False) -> list:
         """Docker driver: this tier's instance containers (labelled with its Redis)."""

@@ -24,6 +24,7 @@ WORKDIR /data
 USER dockpart
 EXPOSE 7000 8000
 # The plugin and its options follow the image name: docker run ... dockpart-fileio dockpart-fileweb
-# --source tcp:127.0.0.1:7000.  Alone, it runs the writer with the seed's file, port and pace.
+# --source tcp:127.0.0.1:7000.  Alone, it runs the writer with the seed's file, port and pace,
+# listening on loopback only (host networking; --listen tcp:7000 opens it).
 ENTRYPOINT ["twistd", "-n", "--pidfile=", "--logfile=-"]
-CMD ["dockpart-writer"]
+CMD ["dockpart-writer", "--listen", "tcp:7000:interface=127.0.0.1"]

@@ -16,5 +16,7 @@ RUN pip install --no-cache-dir --no-index --no-deps /wheels/dockpart/*.whl \
 USER dockpart
 EXPOSE 3456
 # Arguments after the image name replace the default options (docker run ... dockpart-proxy --help).
+# By default it listens on loopback only: opening it to a network is a deliberate
+# --listen tcp:3456:interface=0.0.0.0 (compose: DOCKPART_PROXY_INTERFACE).
 ENTRYPOINT ["twistd", "-n", "--pidfile=", "--logfile=-", "dockpart-proxy"]
-CMD ["--listen", "tcp:3456"]
+CMD ["--listen", "tcp:3456:interface=127.0.0.1", "--health-path", "/", "--health-interval", "1", "--try-timeout", "1"]

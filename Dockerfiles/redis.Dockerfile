@@ -6,8 +6,16 @@ FROM ${BASE_IMAGE}
 RUN command -v redis-server >/dev/null || (apt-get update \
     && apt-get install -y --no-install-recommends redis-server \
     && rm -rf /var/lib/apt/lists/*)
-WORKDIR /var/lib/redis
+# The tier's state (servers, the spawn/destroy queues, dead letters, the lease) lives here:
+# mount a volume on it (compose does) so that it outlives the container.
+RUN mkdir -p /data && chown redis:redis /data
+VOLUME /data
+WORKDIR /data
 USER redis
-# Host networking: Redis listens on loopback only; a cache, so nothing is written to disk.
-ENTRYPOINT ["redis-server", "--bind", "127.0.0.1", "--protected-mode", "no", "--save", "", "--appendonly", "no"]
+# Host networking: Redis listens on loopback only.  Persistence: an append-only file, fsynced
+# every second (a crash loses at most the last second of writes); no RDB snapshots besides.
+# A password is required: REDISCLI_AUTH (the variable redis-cli reads too, so the healthcheck
+# needs nothing more; compose sets it from DOCKPART_REDIS_PASSWORD).  It reaches redis-server
+# as configuration on stdin, not as an argument that `ps` would show.
+ENTRYPOINT ["sh", "-c", "[ -n \"$REDISCLI_AUTH\" ] || { echo 'dockpart-redis: set a password in REDISCLI_AUTH (compose: DOCKPART_REDIS_PASSWORD); refusing to run without one' >&2; exit 64; }\nexec redis-server - --bind 127.0.0.1 --dir /data --save '' --appendonly yes --appendfsync everysec \"$@\" <<EOF\nrequirepass $REDISCLI_AUTH\nEOF", "dockpart-redis"]
 CMD ["--port", "6379"]

@@ -98,7 +98,7 @@ class RedisProcess:
         assert exe, "redis-server is not installed (apt-get install redis-server)"
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
+             "--appendonly", "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.client().ping(), what=f"redis-server on {self.port}")
         return self

@@ -6,6 +6,7 @@ dockpart that a person runs on the usual ports.  The tests run in file order on 
 """
 
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,8 @@ from dockerkit import compose, docker_client
 from dockpart.drivers import instance_name
 from dockpart.tier import parse_instance_url
 from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
+from test_up import contains_run, listening_addresses, redis_password
+from tierkit import SHIPPED_PROXY_ARGS
 
 pytestmark = pytest.mark.docker
 
@@ -67,7 +70,8 @@ class Stack:
         return self.script("down", timeout=120)
 
     def redis(self) -> redis_py.Redis:
-        return redis_py.Redis(port=self.redis_port, decode_responses=True, socket_timeout=5)
+        return redis_py.Redis(port=self.redis_port, password=redis_password(self.run_dir),
+                              decode_responses=True, socket_timeout=5)
 
     def infra_log(self) -> str:
         path = Path(self.run_dir, "dockpart-infra.log")
@@ -106,10 +110,50 @@ def stack(docker_images):
     finally:
         if stack.is_up:
             stack.down()
+        remove_volumes(stack.project)
+
+
+def remove_volumes(project: str) -> None:
+    """Redis's data volume outlives `scripts/up down` (that is its point); a test's goes."""
+    client = docker_client()
+    for volume in client.volumes.list(filters={"label": f"com.docker.compose.project={project}"}):
+        volume.remove(force=True)
+    client.close()
 
 
 def test_first_instance_answers_through_the_proxy(stack):
     assert served_by(stack.proxy + "/") == stack.first
+
+
+def test_proxy_runs_with_the_fault_tests_health_checks(stack):
+    """Compose's proxy has the flags that tests/test_faults.py's tier is measured with."""
+    proxy, = [c for c in stack.containers() if c.labels.get("com.docker.compose.service") == "proxy"]
+    assert contains_run(proxy.attrs["Args"], SHIPPED_PROXY_ARGS), proxy.attrs["Args"]
+
+
+def test_every_part_listens_on_loopback_and_redis_wants_the_password(stack):
+    for port in (stack.redis_port, stack.web_port, stack.proxy_port):
+        assert listening_addresses(port) == {"127.0.0.1"}, port
+    with pytest.raises(redis_py.AuthenticationError):
+        redis_py.Redis(port=stack.redis_port, socket_timeout=5).ping()
+    assert stack.redis().ping()
+
+
+def test_redis_restart_keeps_the_tier_state(stack):
+    """Redis's append-only file on the named volume brings its keys back after a restart."""
+    client = stack.redis()
+    client.rpush("dockpart:test:kept", "a", "b")
+    redis_container, = [c for c in stack.containers()
+                        if c.labels.get("com.docker.compose.service") == "redis"]
+    assert any(m["Type"] == "volume" and m["Destination"] == "/data"
+               for m in redis_container.attrs["Mounts"])
+    redis_container.restart(timeout=10)
+    stack.wait_for(lambda: stack.redis().ping(), timeout=30, what="redis back after a restart")
+    assert stack.redis().lrange("dockpart:test:kept", 0, -1) == ["a", "b"]
+    stack.redis().delete("dockpart:test:kept")
+    # The app reconnects by itself: its Redis routes answer again.
+    stack.wait_for(lambda: requests.get(stack.proxy + "/set", timeout=5).status_code == 200,
+                   timeout=30, what="/set through the proxy after the restart")
 
 
 def test_two_spawns_bring_three_instances_into_the_rotation(stack):
@@ -194,7 +238,8 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
     ports = {"DOCKPART_REDIS_PORT": free_port(), "DOCKPART_WEB_PORT": free_port_run(3),
              "DOCKPART_PROXY_PORT": free_port()}
     project = f"dockpart-e2e-infra-{os.getpid()}"
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}}
+    password = secrets.token_hex(24)
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DOCKPART_REDIS_PASSWORD": password}
     web = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT']}"
     spawned = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT'] + 1}"
 
@@ -203,7 +248,8 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
     try:
         infra_compose("up", "-d", "--wait", "--wait-timeout", "60", "redis", "web", "infra")
         assert requests.get(web + "/spawn", timeout=5).status_code == 202
-        client = redis_py.Redis(port=ports["DOCKPART_REDIS_PORT"], decode_responses=True)
+        client = redis_py.Redis(port=ports["DOCKPART_REDIS_PORT"], password=password,
+                                decode_responses=True)
         try:
             wait_for(lambda: set(client.lrange("servers", 0, -1)) == {web, spawned}, timeout=30,
                      interval=0.5, what=f"{spawned} in servers")
@@ -213,8 +259,13 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
             raise AssertionError(f"{e}; infra log:\n{infra_compose('logs', 'infra')[-3000:]}\n"
                                  f"instance log:\n{instance.stdout}{instance.stderr}") from None
         assert served_by(spawned + "/") == spawned
+        # Its own image, not the web app's: the one that holds the Docker socket carries less.
+        infra_container, = docker_client().containers.list(
+            filters={"label": [f"com.docker.compose.project={project}",
+                               "com.docker.compose.service=infra"]})
+        assert infra_container.image.tags == ["dockpart-infra:latest"]
     finally:
-        infra_compose("down", "--timeout", "5")
+        infra_compose("down", "--volumes", "--timeout", "5")
         client = docker_client()
         for c in client.containers.list(all=True, filters={"name": f"^/{container_name(spawned)}$"}):
             c.remove(force=True)

@@ -1,11 +1,16 @@
 """The images scripts/images builds offline run dockpart as the README says."""
 
+import secrets
+
 import pytest
+import redis as redis_py
 import requests
 
 from dockerkit import docker_client, run_images
 from helpers import ROOT, free_port, wait_for
 from test_packaging import PLUGINS
+from test_up import contains_run, listening_addresses
+from tierkit import SHIPPED_PROXY_ARGS
 
 pytestmark = pytest.mark.docker
 
@@ -26,7 +31,7 @@ def web_container(docker_images, redis_db, redis_server):
 
 def test_every_dockerfile_gives_a_tagged_image(docker_images):
     """Each Dockerfiles/NAME.Dockerfile is built as dockpart-NAME:latest from the local base."""
-    assert {"redis", "web", "proxy"} <= set(docker_images)
+    assert {"redis", "web", "proxy", "infra"} <= set(docker_images)
     client = docker_client()
     base = client.images.get("dockpart-base:bookworm")
     for tag in docker_images.values():
@@ -51,7 +56,7 @@ def test_python_images_carry_the_whole_package_and_every_plugin(docker_images):
     """The wheel misses no subpackage, and twistd in the image lists every dockpart plugin."""
     source = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "dockpart").rglob("*.py"))
     client = docker_client()
-    for name in ("web", "proxy"):
+    for name in ("web", "proxy", "infra"):
         listing = client.containers.run(
             docker_images[name], ["-c", "import dockpart, pathlib; root = pathlib.Path(dockpart.__file__)"
                                   ".parent.parent; print(*(p.relative_to(root) for p in "
@@ -84,15 +89,81 @@ def test_web_image_serves_the_app_as_a_non_root_user(web_container, redis_db):
              timeout=30, interval=0.5, what="the image's healthcheck to pass")
 
 
-def test_redis_image_answers_on_the_port_given(docker_images):
+def test_proxy_image_runs_on_loopback_with_health_checks(docker_images):
+    """Its default command is the shipped setup's: loopback, active checks every second."""
     client = docker_client()
+    command = client.images.get(docker_images["proxy"]).attrs["Config"]["Cmd"]
+    client.close()
+    assert command[:2] == ["--listen", "tcp:3456:interface=127.0.0.1"], command
+    assert contains_run(command, SHIPPED_PROXY_ARGS), command
+
+
+def test_infra_image_holds_python_and_dockpart_only(docker_images):
+    """The image that gets the Docker socket has no tools beyond Python and dockpart: no git, no
+    compiler (and no pip download: it installs from the wheelhouse)."""
+    client = docker_client()
+    found = client.containers.run(
+        docker_images["infra"], ["-c", "for t in git gcc cc make docker; do command -v $t; done; "
+                                 "twistd dockpart-infra --help | head -1"],
+        entrypoint="sh", network_mode="host", remove=True).decode()
+    assert found.splitlines() == ["Usage: twistd [options] dockpart-infra [options]"], found
+    assert client.images.get(docker_images["infra"]).attrs["Config"]["User"] == "dockpart"
+    client.close()
+
+
+@pytest.fixture
+def container():
+    """Runs containers for a test on host networking and removes them afterwards."""
+    client = docker_client()
+    started = []
+
+    def run(image, *args, **kwargs):
+        started.append(client.containers.run(image, list(args) or None, detach=True,
+                                             network_mode="host",
+                                             labels={"dockpart.test": "images"}, **kwargs))
+        return started[-1]
+    yield run
+    for c in started:
+        c.remove(force=True, v=True)
+    client.close()
+
+
+def test_redis_image_needs_a_password_and_persists(docker_images, container):
+    """Redis from the image: refuses to start without a password, refuses clients without it,
+    and writes an append-only file (fsync every second) into /data."""
     port = free_port()
-    container = client.containers.run(docker_images["redis"], ["--port", str(port)], detach=True,
-                                      network_mode="host", labels={"dockpart.test": "images"})
-    try:
-        wait_for(lambda: container.exec_run(["redis-cli", "-p", str(port), "ping"]).output
-                 == b"PONG\n", timeout=20, what="redis in a container")
-        assert container.exec_run("id -un").output.decode().strip() == "redis"
-    finally:
-        container.remove(force=True)
-        client.close()
+    refused = container(docker_images["redis"], "--port", str(port))
+    assert refused.wait(timeout=30)["StatusCode"] == 64
+    assert b"refusing to run without one" in refused.logs()
+
+    password = secrets.token_hex(24)
+    server = container(docker_images["redis"], "--port", str(port),
+                       environment={"REDISCLI_AUTH": password})
+    client = redis_py.Redis(port=port, password=password, decode_responses=True, socket_timeout=5)
+    wait_for(client.ping, timeout=20, what="redis in a container")
+    with pytest.raises(redis_py.AuthenticationError):
+        redis_py.Redis(port=port, socket_timeout=5).ping()
+    assert client.config_get("appendonly") == {"appendonly": "yes"}
+    assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+    assert client.config_get("dir") == {"dir": "/data"}
+    # The password is no argument of the server process (ps shows those).
+    assert password not in server.exec_run(["cat", "/proc/1/cmdline"]).output.decode()
+    assert server.exec_run(["redis-cli", "-p", str(port), "ping"]).output == b"PONG\n"
+    assert server.exec_run("id -un").output.decode().strip() == "redis"
+    assert listening_addresses(port) == {"127.0.0.1"}
+
+
+def test_images_listen_on_loopback_unless_told_otherwise(docker_images, container, redis_server):
+    """A plain `docker run` of each serving image, with its default command, is not exposed."""
+    web_port = free_port()
+    taken = [port for port in (3456, 7000) if listening_addresses(port)]
+    assert not taken, f"the images' default ports {taken} are taken on this host; free them"
+    container(docker_images["web"], environment={"start_port": str(web_port),
+                                                 "DOCKPART_REDIS": redis_server.url})
+    container(docker_images["proxy"], environment={"DOCKPART_REDIS": redis_server.url})
+    container(docker_images["fileio"])
+    found = {}
+    for name, port in (("proxy", 3456), ("fileio", 7000), ("web", web_port)):
+        found[name] = wait_for(lambda: listening_addresses(port), timeout=30,
+                               what=f"dockpart-{name} listening on {port}")
+    assert found == {"proxy": {"127.0.0.1"}, "fileio": {"127.0.0.1"}, "web": {"127.0.0.1"}}

@@ -305,12 +305,12 @@ def test_scripts_images_push_tags_and_pushes_every_image_to_a_registry(engine, d
 
 @pytest.fixture
 def stack_images(engine, docker_images):
-    """dockpart-NAME:TAG for the stack, web and proxy built from this checkout: the shared
+    """dockpart-NAME:TAG for the stack, web, proxy and infra built from this checkout: the shared
     :latest images are rebuilt from whichever checkout ran scripts/images last."""
     tag = f"stack-test-{uuid.uuid4().hex[:6]}"
     made = []
     try:
-        for name in ("web", "proxy"):
+        for name in ("web", "proxy", "infra"):
             engine.images.build(path=str(ROOT), dockerfile=f"Dockerfiles/{name}.Dockerfile",
                                 tag=f"dockpart-{name}:{tag}", network_mode="host", rm=True,
                                 buildargs={"BASE_IMAGE": "dockpart-base:bookworm"})
@@ -329,7 +329,8 @@ def stack(engine, swarm, stack_images):
     name = f"dockpart-test-{uuid.uuid4().hex[:6]}"
     web = free_port_run(3)
     env = {"DOCKPART_REDIS_PORT": str(free_port()), "DOCKPART_WEB_PORT": str(web),
-           "DOCKPART_PROXY_PORT": str(free_port()), "DOCKPART_TAG": stack_images}
+           "DOCKPART_PROXY_PORT": str(free_port()), "DOCKPART_TAG": stack_images,
+           "DOCKPART_REDIS_PASSWORD": uuid.uuid4().hex}
     redis_url = f"redis://127.0.0.1:{env['DOCKPART_REDIS_PORT']}/0"
     node = engine.nodes.get(swarm["ID"])
     spec = node.attrs["Spec"]

@@ -1,13 +1,19 @@
 """`scripts/up --no-docker`: the whole tier as local processes, for a machine without an engine."""
 
 import os
+import stat
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
+import pytest
+import redis as redis_py
 import requests
 
 from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
+from tierkit import SHIPPED_PROXY_ARGS
+
 
 def run_up(env: dict, *args: str) -> str:
     done = subprocess.run(["bash", str(ROOT / "scripts" / "up"), *args], env=env,
@@ -17,26 +23,109 @@ def run_up(env: dict, *args: str) -> str:
     return output
 
 
-def test_no_docker_runs_the_tier_as_processes_and_down_stops_it():
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses that TCP sockets in LISTEN state on ``port`` are bound to (IPv4)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def contains_run(argv: list[str], run: tuple) -> bool:
+    """Whether ``run`` appears in ``argv`` as consecutive arguments."""
+    return any(tuple(argv[i:i + len(run)]) == run for i in range(len(argv)))
+
+
+def redis_password(run_dir: str) -> str:
+    """The password scripts/up keeps in RUN_DIR/redis.env; the file must be for root's eyes only."""
+    path = Path(run_dir, "redis.env")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
+    line, = path.read_text().split()
+    name, _, password = line.partition("=")
+    assert name == "DOCKPART_REDIS_PASSWORD" and len(password) == 48, line
+    int(password, 16)  # hex: a URL carries it as it is
+    return password
+
+
+@pytest.fixture
+def tier():
+    """Ports and environment for a process-mode tier; taken down even if the test fails."""
     redis_port, web_port, proxy_port = free_port(), free_port_run(3), free_port()
     run_dir = tempfile.mkdtemp(prefix="dockpart-up-run-")
     env = {**os.environ, "DOCKPART_REDIS_PORT": str(redis_port), "DOCKPART_WEB_PORT": str(web_port),
            "DOCKPART_PROXY_PORT": str(proxy_port), "DOCKPART_RUN": run_dir,
            "DOCKPART_VENV": sys.prefix}
-    proxy = f"http://127.0.0.1:{proxy_port}"
-    try:
-        output = run_up(env, "--no-docker")
-        assert "asked for no Docker: running redis, web, proxy and infra as local processes" in output
-        assert f"point a browser at {proxy}/" in output
-
-        assert requests.get(proxy + "/spawn", timeout=5).status_code == 202
-
-        def two_instances():
-            return len({served_by(proxy + "/") for _ in range(4)}) == 2
-
-        wait_for(two_instances, timeout=30, interval=0.5, what="a spawned process behind the proxy")
-    finally:
-        output = run_up(env, "down")
+    tier = {"env": env, "run_dir": run_dir, "redis_port": redis_port, "web_port": web_port,
+            "proxy_port": proxy_port, "proxy": f"http://127.0.0.1:{proxy_port}"}
+    yield tier
+    output = run_up(env, "down")
     assert "dockpart is down" in output
     for port in (redis_port, web_port, web_port + 1, proxy_port):
         assert not port_open(port), port
+
+
+def test_no_docker_runs_the_tier_as_processes_and_down_stops_it(tier):
+    proxy = tier["proxy"]
+    output = run_up(tier["env"], "--no-docker")
+    assert "asked for no Docker: running redis, web, proxy and infra as local processes" in output
+    assert f"point a browser at {proxy}/" in output
+
+    assert requests.get(proxy + "/spawn", timeout=5).status_code == 202
+
+    def two_instances():
+        return len({served_by(proxy + "/") for _ in range(4)}) == 2
+
+    wait_for(two_instances, timeout=30, interval=0.5, what="a spawned process behind the proxy")
+    # The proxy runs as the fault tests' tier does: active health checks every second.
+    pid = Path(tier["run_dir"], "dockpart-proxy.pid").read_text().strip()
+    argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    assert contains_run(argv, SHIPPED_PROXY_ARGS), argv
+    # Everything listens on loopback only; the proxy too, by default.
+    for port in (tier["redis_port"], tier["web_port"], tier["web_port"] + 1, tier["proxy_port"]):
+        assert listening_addresses(port) == {"127.0.0.1"}, port
+
+
+def test_redis_has_a_password_and_keeps_its_data_across_down_and_up(tier):
+    """Redis refuses clients without the generated password, and its append-only file brings
+    the tier's state back after `scripts/up down` and `scripts/up` (same run folder)."""
+    run_up(tier["env"], "--no-docker")
+    password = redis_password(tier["run_dir"])
+    anonymous = redis_py.Redis(port=tier["redis_port"], socket_timeout=5)
+    with pytest.raises(redis_py.AuthenticationError):
+        anonymous.ping()
+    with pytest.raises(redis_py.AuthenticationError):
+        redis_py.Redis(port=tier["redis_port"], password="wrong", socket_timeout=5).ping()
+    client = redis_py.Redis(port=tier["redis_port"], password=password, decode_responses=True,
+                            socket_timeout=5)
+    # The first instance reached Redis with that password: it registered itself.
+    first = f"http://127.0.0.1:{tier['web_port']}"
+    wait_for(lambda: first in client.lrange("servers", 0, -1), timeout=10,
+             what="the first instance in servers")
+    client.set("dockpart:test:kept", "yes")
+    assert Path(tier["run_dir"], "redis", "appendonlydir").is_dir()
+    # The password is in no daemon's command line (ps shows those to every user).
+    for name in ("dockpart-web", "dockpart-proxy", "dockpart-infra", "redis-server"):
+        pid = Path(tier["run_dir"], f"{name}.pid").read_text().strip()
+        assert password not in Path(f"/proc/{pid}/cmdline").read_text(), name
+
+    run_up(tier["env"], "down")
+    assert not port_open(tier["redis_port"])
+    run_up(tier["env"], "--no-docker")
+    assert redis_password(tier["run_dir"]) == password  # made once, kept
+    client = redis_py.Redis(port=tier["redis_port"], password=password, decode_responses=True,
+                            socket_timeout=5)
+    assert client.get("dockpart:test:kept") == "yes"
+    assert served_by(tier["proxy"] + "/") == first
+
+
+def test_proxy_interface_is_one_setting(tier):
+    """DOCKPART_PROXY_INTERFACE moves the proxy, and only the proxy, to another address."""
+    tier["env"]["DOCKPART_PROXY_INTERFACE"] = "0.0.0.0"
+    output = run_up(tier["env"], "--no-docker")
+    assert f"point a browser at {tier['proxy']}/" in output
+    assert listening_addresses(tier["proxy_port"]) == {"0.0.0.0"}
+    for port in (tier["redis_port"], tier["web_port"]):
+        assert listening_addresses(port) == {"127.0.0.1"}, port

@@ -1,0 +1,188 @@
+"""Faults under load: how many requests fail and how long the tier takes to be whole again.
+
+For each fault it starts a tier set up as `scripts/up` runs it (tests/tierkit.py: Redis with its
+append-only file and a password; the first dockpart-web; dockpart-proxy with active health
+checks every second; dockpart-infra with its default intervals) plus two spawned instances,
+runs 4 clients each sending ``GET /`` through the proxy one after another (a new connection each
+time, 30 s timeout), causes the fault, and prints a table: fault, failed requests of all sent,
+requests that waited more than a second, the longest wait, and the time to recover (from the fault until the state named in
+the last column; "not within N s" when it did not happen).
+
+    python bench/bench_faults.py [--driver process|docker] [--only NAME ...] [--limit 30]
+
+Needs redis-server; --driver docker needs the engine and the images (`scripts/images all`).
+Everything listens on 127.0.0.1 and is stopped at the end; each run is bounded in time.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from dockpart import keys  # noqa: E402
+from helpers import served_by, wait_for  # noqa: E402
+from tierkit import RequestLoop, Tier  # noqa: E402
+
+#: How long a frozen instance stays frozen.
+FREEZE = 10.0
+
+
+def until(predicate, limit: float, since: float | None = None) -> float | None:
+    """Seconds from ``since`` (default: now) until ``predicate()`` is true (polled), or None
+    after ``limit`` seconds."""
+    start = time.monotonic() if since is None else since
+    while time.monotonic() - start < limit:
+        try:
+            if predicate():
+                return time.monotonic() - start
+        except Exception:  # a part still coming back
+            pass
+        time.sleep(0.05)
+    return None
+
+
+def served_set(tier: Tier, rounds: int = 6) -> set[str]:
+    return {served_by(tier.url + "/") for _ in range(rounds)}
+
+
+def whole(tier: Tier, instances: set[str] | int):
+    """A predicate: `servers` holds those instances (or that many) and each answers through
+    the proxy."""
+    def check():
+        now = set(tier.servers())
+        wanted = len(now) == instances if isinstance(instances, int) else now == instances
+        return wanted and served_set(tier, 2 * len(now)) == now
+    return check
+
+
+def kill_all(pids) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def instance_killed(tier, spawned, limit):
+    victim, start = spawned[1], time.monotonic()
+    if tier.driver == "docker":
+        container, = [c for c in tier.containers() if c.name.endswith(victim.rsplit(":", 1)[1])]
+        container.kill()
+    else:
+        kill_all(tier.instance_pids(victim))
+    return until(whole(tier, 3), limit, start), "3 instances in servers, each answering"
+
+
+def instance_frozen(tier, spawned, limit):
+    frozen = spawned[0]
+    pids = tier.instance_pids(frozen) if tier.driver == "process" else []
+    container = None
+    if tier.driver == "docker":
+        container, = [c for c in tier.containers() if c.name.endswith(frozen.rsplit(":", 1)[1])]
+        container.kill(signal="SIGSTOP")  # Docker still says "running"
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(FREEZE)  # the fault's length, not a wait for something
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:  # replaced meanwhile
+                pass
+        if container is not None:
+            container.kill(signal="SIGCONT")
+    seen = set()
+    back = until(lambda: seen.add(served_by(tier.url + "/")) or frozen in seen, limit)
+    return back, f"served again, from when it resumed ({FREEZE:.0f} s frozen)"
+
+
+def redis_restart(tier, spawned, limit):
+    start = time.monotonic()
+    tier.redis.stop()
+    tier.redis.start()
+    ok = until(lambda: requests.get(tier.url + "/set", timeout=2).status_code == 200, limit,
+               start)
+    return ok, "/set answers through the proxy (state kept: append-only file)"
+
+
+def redis_lost(tier, spawned, limit):
+    before, start = set(tier.servers()), time.monotonic()
+    tier.redis.stop(signal.SIGKILL)
+    tier.redis.wipe()
+    tier.redis.start()
+    return until(whole(tier, before), limit, start), "servers refilled, each instance answering"
+
+
+def proxy_restart(tier, spawned, limit):
+    start = time.monotonic()
+    tier.proxy.stop()
+    tier.start_proxy()
+    return until(whole(tier, 3), limit, start), "the proxy serves every instance"
+
+
+def infra_killed_mid_spawn(tier, spawned, limit):
+    client = tier.redis.client()
+    assert requests.get(tier.url + "/spawn", timeout=5).status_code == 202
+    wait_for(lambda: client.lrange(keys.SPAWNING, 0, -1), timeout=10, interval=0.01,
+             what="the spawn in hand")
+    start = time.monotonic()
+    tier.infra.stop(signal.SIGKILL)
+    tier.start_infra()
+    return until(whole(tier, 4), limit, start), "the new instance in servers, answering"
+
+
+FAULTS = {
+    "instance killed": instance_killed,
+    "instance frozen": instance_frozen,
+    "redis restart": redis_restart,
+    "redis lost its data": redis_lost,
+    "proxy restart": proxy_restart,
+    "infra killed mid-spawn": infra_killed_mid_spawn,
+}
+
+
+def run(name: str, driver: str, limit: float) -> tuple:
+    tier = Tier(driver=driver).start()
+    try:
+        spawned = tier.spawn(2)
+        with RequestLoop(tier.url + "/", clients=4, max_seconds=limit + FREEZE + 60) as loop:
+            loop.wait_served(50)
+            recovered, state = FAULTS[name](tier, spawned, limit)
+            try:
+                loop.wait_served(20, timeout=limit)  # and a few more requests after it
+            except AssertionError:
+                pass  # the table says it did not recover
+        failed = len(loop.failures())
+        slow = sum(o.waited > 1 for o in loop.outcomes)
+        longest = max(o.waited for o in loop.outcomes)
+        return name, failed, slow, len(loop.outcomes), longest, recovered, state
+    finally:
+        tier.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--driver", choices=("process", "docker"), default="process")
+    parser.add_argument("--only", nargs="+", choices=sorted(FAULTS), metavar="NAME")
+    parser.add_argument("--limit", type=float, default=30.0,
+                        help="seconds to wait for recovery (default 30)")
+    args = parser.parse_args()
+    rows = []
+    for name in args.only or FAULTS:
+        print(f"{name}...", file=sys.stderr, flush=True)
+        rows.append(run(name, args.driver, args.limit))
+    print(f"\n--driver {args.driver}\n")
+    print("| fault | failed requests | waited > 1 s | longest wait | time to recover "
+          "| recovered means |")
+    print("|---|---|---|---|---|---|")
+    for name, failed, slow, total, longest, recovered, state in rows:
+        took = f"{recovered:.1f} s" if recovered is not None else f"not within {args.limit:.0f} s"
+        print(f"| {name} | {failed} of {total} | {slow} | {longest:.2f} s | {took} | {state} |")
+
+
+if __name__ == "__main__":
+    main()

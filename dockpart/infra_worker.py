@@ -16,7 +16,6 @@ again, and is not destroyed), and replaces an instance that exited.
 import json
 import os
 import socket
-import time
 import uuid
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -359,7 +358,7 @@ class Worker(Service):
         self.log.warn("dead-lettered {queue} request {entry!r}: {reason}",
                       queue=queue.name, entry=entry, reason=reason)
         letter = json.dumps({"queue": queue.name, "entry": entry, "reason": reason,
-                             "time": time.time()})
+                             "time": self.reactor.seconds()})
         await self._retrying(lambda: self.redis.eval(
             _DEAD_LETTER, [queue.processing, keys.DEAD_LETTERS], [entry, letter]))
 

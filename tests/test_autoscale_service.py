@@ -154,6 +154,60 @@ async def test_missing_or_stale_figures_never_scale_down(redis_db, redis_server)
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_dead_lettered_spawn_holds_scale_ups_longer_each_time_in_a_row(
+        redis_db, redis_server):
+    """Asking again after every cooldown would fail the same way: 10 s, then 20 s, and a
+    spawn that goes through makes the next failure hold 10 s again."""
+    events = []
+    observer = lambda event: events.append(formatEvent(event))  # noqa: E731
+    redis_db.rpush(keys.SERVERS, FIRST)
+    globalLogPublisher.addObserver(observer)
+    try:
+        async with Tier(redis_server.url, max_instances=2) as t:
+
+            def spawn_dead_lettered():
+                """What the worker does with a spawn it cannot carry out, a while later."""
+                t.clock.advance(0.5)
+                [entry] = redis_db.lrange(keys.SPAWN_QUEUE, 0, -1)
+                redis_db.delete(keys.SPAWN_QUEUE)
+                redis_db.lpush(keys.DEAD_LETTERS, json.dumps({
+                    "queue": "spawn", "entry": entry, "reason": "did not answer HTTP",
+                    "time": t.clock.seconds()}))
+
+            async def held_for(seconds: int) -> None:
+                for _ in range(seconds):
+                    await t.load({FIRST: 20})
+                    d = await t.evaluate()
+                    assert d.action == "hold" and "a spawn was dead-lettered (did not answer " \
+                        "HTTP)" in d.reason, d.reason
+                    assert redis_db.llen(keys.SPAWN_QUEUE) == 0
+
+            await t.load({FIRST: 20})
+            assert (await t.evaluate()).action == "up"
+            for hold in (10, 20):
+                spawn_dead_lettered()
+                await held_for(hold)
+                await t.load({FIRST: 20})
+                assert (await t.evaluate()).action == "up"
+            redis_db.delete(keys.SPAWN_QUEUE)
+            redis_db.rpush(keys.SERVERS, url(5001))  # this time the spawn went through
+            await t.load({FIRST: 10, url(5001): 10})
+            assert (await t.evaluate()).action == "hold"
+            redis_db.lrem(keys.SERVERS, 0, url(5001))  # it exited and was removed
+            await t.load({FIRST: 20})
+            assert (await t.evaluate()).action == "up"
+            spawn_dead_lettered()
+            await held_for(10)
+            await t.load({FIRST: 20})
+            assert (await t.evaluate()).action == "up"
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    said = [e for e in events if "was dead-lettered (did not answer HTTP); no scale-up" in e]
+    assert [e.split("no scale-up for ")[1].split(" s")[0] for e in said] == ["10", "20", "10"]
+    assert sum("spawns succeed again" in e for e in events) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_runtime_limits_override_the_options_when_valid(redis_db, redis_server):
     redis_db.rpush(keys.SERVERS, FIRST)
     async with Tier(redis_server.url, max_instances=4) as t:

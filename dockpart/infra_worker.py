@@ -255,10 +255,18 @@ class Worker(Service):
         return self._leased
 
     async def _take(self) -> None:
-        if not await self._hold_lease():
+        # After each wait for Redis: stopped meanwhile, nothing new begins (stopService
+        # cancelled what was in hand; an entry just moved waits in processing for the next start).
+        if not await self._hold_lease() or not self.running:
             return
         if self._recovery is None:
-            await self._recover()
+            left = await self._left_in_processing()
+            if not self.running:
+                return
+            if left:
+                self.log.info("finishing {n} request(s) left in processing from before",
+                              n=len(left))
+            self._recovery = [self._begin(queue, entry) for queue, entry in left]
         if any(not d.called for d in self._recovery):
             return  # what was left from before is finished first
         more = True
@@ -269,13 +277,16 @@ class Worker(Service):
                     break
                 entry = await self.redis.call("LMOVE", queue.waiting, queue.processing,
                                               "RIGHT", "LEFT")
+                if not self.running:
+                    return
                 if entry is not None:
                     self._begin(queue, entry)
                     more = True
         self.outages[RedisUnavailable].ok()
         self._redis_failures = 0
 
-    async def _recover(self) -> None:
+    async def _left_in_processing(self) -> list[tuple[Queue, str]]:
+        """What processing holds that is not in hand here, oldest first."""
         left = []
         busy = Counter(self._inflight)
         for queue in QUEUES:
@@ -283,10 +294,8 @@ class Worker(Service):
                 if busy[queue, entry]:
                     busy[queue, entry] -= 1  # still in hand here (the lease came back)
                 else:
-                    left.append((queue, entry))  # oldest first
-        if left:
-            self.log.info("finishing {n} request(s) left in processing from before", n=len(left))
-        self._recovery = [self._begin(queue, entry) for queue, entry in left]
+                    left.append((queue, entry))
+        return left
 
     def _begin(self, queue: Queue, entry: str) -> defer.Deferred:
         self._inflight[queue, entry] += 1

@@ -273,3 +273,37 @@ async def test_a_spawn_that_never_answers_is_removed_and_dead_lettered(redis_db,
                                     "removed it")
         assert s.driver.started == [4001] and len(s.driver.removed) == 1
         assert await s.servers() == [] and redis_db.llen(keys.SPAWNING) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_taken_while_the_worker_stops_is_left_for_the_next_start(
+        redis_db, redis_server):
+    """The queue's LMOVE answers after stopService: nothing is begun (stopService no longer
+    cancels anything), the entry waits in processing, and the next start finishes it."""
+    redis_db.lpush(keys.SPAWN_QUEUE, URL)
+    s = Setup(redis_server.url)
+    call = s.redis.call
+    taken = defer.Deferred()
+
+    def stop_during_the_take(command, *args):
+        d = call(command, *args)
+        if command != "LMOVE" or taken.called:
+            return d
+        s.worker.stopService()  # while the LMOVE is on its way
+        handed = defer.Deferred()
+
+        def arrived(entry):
+            handed.callback(entry)  # the worker goes on from here, before the test does
+            taken.callback(entry)
+        d.addCallbacks(arrived, handed.errback)
+        return handed
+    s.redis.call = stop_during_the_take
+    async with s:
+        assert await taken == URL
+        assert s.driver.calls == 0 and not s.worker._tasks
+    assert redis_db.lrange(keys.SPAWNING, 0, -1) == [URL]
+    async with Setup(redis_server.url) as again:
+        async def registered():
+            return URL in await again.servers()
+        await until(registered)
+        assert again.driver.started == [4001]

@@ -220,7 +220,8 @@ class WebApp(Resource):
         return await handler(request, *args)
 
     async def record(self, request) -> None:
-        host = (request.getHeader("host") or self.url or "").removeprefix("http://")
+        host = ((request.getHeader(b"host") or b"").decode("utf-8", "replace")
+                or (self.url or "").removeprefix("http://"))
         url = f"http://{host}{_without_token(request.uri).decode('utf-8', 'replace')}"
         await self.redis.eval(_RECORD, [keys.RECENT], [url, RECENT_COUNT])
 
@@ -290,10 +291,11 @@ class WebApp(Resource):
         (``?token=`` or ``Authorization: Bearer``), compared in constant time."""
         if self.scale_token is None:
             return True
-        scheme, _, credentials = (request.getHeader("authorization") or "").partition(" ")
+        # Headers as bytes: a value that is not UTF-8 is a wrong token, not an error.
+        scheme, _, credentials = (request.getHeader(b"authorization") or b"").partition(b" ")
         given = [*request.args.get(TOKEN_PARAM, [])]
-        if scheme.lower() == "bearer":
-            given.append(credentials.strip().encode())
+        if scheme.lower() == b"bearer":
+            given.append(credentials.strip())
         return any(hmac.compare_digest(token, self.scale_token) for token in given)
 
     @staticmethod
@@ -332,8 +334,7 @@ class WebApp(Resource):
         destroying = (await self.redis.call("LRANGE", keys.DESTROY_QUEUE, 0, -1)
                       + await self.redis.call("LRANGE", keys.DESTROYING, 0, -1))
         autoscale = await self._autoscale()
-        accept = request.getHeader("accept") or ""
-        if "application/json" in accept:
+        if b"application/json" in (request.getHeader(b"accept") or b""):
             body = json.dumps({"servers": live, "spawning": spawning, "destroying": destroying,
                                "autoscale": autoscale})
             return Reply(200, body + "\n", "application/json")

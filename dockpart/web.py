@@ -23,7 +23,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from dockpart import keys, tier
-from dockpart.tier import FIRST_PORT, instance_url
+from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
 from dockpart.listening import Listener, server_endpoint, with_backlog
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 
@@ -493,6 +493,8 @@ class Options(RedisOptions):
             self["listen"] = f"tcp:{port}:interface=127.0.0.1"
         self["max-upload"] = _size("max-upload", self["max-upload"])
         self["scale-token"] = self["scale-token"] or os.environ.get(SCALE_TOKEN_ENV) or None
+        if not 1 <= self["first-port"] <= MAX_PORT:
+            raise usage.UsageError(f"--first-port {self['first-port']}: need 1 to {MAX_PORT}")
         if self["max-instances"] < 1:
             raise usage.UsageError("--max-instances must be at least 1")
         if self["max-queued-images"] < 1:

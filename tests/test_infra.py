@@ -124,6 +124,8 @@ def wait_registered(redis_db, urls, timeout=20.0):
     (["--probe-timeout", "-1"], "--probe-timeout must be positive"),
     (["--redis", "rediss://h"], "TLS"),
     (["--build-arg", "NOEQUALS"], "KEY=VALUE"),
+    (["--first-port", "0"], "--first-port 0: need 1 to 65535"),
+    (["--first-port", "70000"], "--first-port 70000: need 1 to 65535"),
 ])
 def test_bad_options_are_refused_with_a_reason(args, message):
     with pytest.raises(usage.UsageError, match=message):

@@ -42,6 +42,9 @@ def test_bad_start_port_and_sizes_are_usage_errors(monkeypatch):
             options("--max-upload", size)
     with pytest.raises(usage.UsageError, match="max-queued-images"):
         options("--max-queued-images", "0")
+    for port in ("0", "65536"):
+        with pytest.raises(usage.UsageError, match=f"--first-port {port}: need 1 to 65535"):
+            options("--first-port", port)
     assert options("--max-upload", "2MiB")["max-upload"] == 2 * 1024 * 1024
     assert options("--max-upload", "512k")["max-upload"] == 512 * 1024
 

@@ -3,7 +3,6 @@ spawned by a real dockpart-infra (process driver), and load through the proxy on
 """
 
 import asyncio
-import random
 import signal
 import threading
 import time
@@ -14,19 +13,9 @@ import requests
 
 from dockpart import keys, load
 from dockpart.proxy_load import read_reports
-from helpers import Daemon, free_port, port_open, start_web, wait_for
+from helpers import (Daemon, SyncRedis, free_port, kill_instances, port_block, start_web,
+                     wait_for)
 from proxykit import Backend
-from test_infra import kill_instances
-
-
-class SyncRedis:
-    """The reader's ``redis.call`` over redis-py, so the real read_reports runs in a test."""
-
-    def __init__(self, client):
-        self.client = client
-
-    async def call(self, *args):
-        return self.client.execute_command(*args)
 
 
 def reports(client) -> list[dict]:
@@ -35,16 +24,6 @@ def reports(client) -> list[dict]:
 
 def inflight(client, url: str) -> int:
     return load.merge(reports(client)).get(url, {}).get("inflight", 0)
-
-
-def port_block(count: int) -> int:
-    """A first port with ``count`` free ones from it, below the ephemeral range (32768 up):
-    the load's own connections cannot take a port an instance is about to listen on."""
-    for _ in range(100):
-        first = random.randrange(30000, 32700 - count)
-        if not any(port_open(p) for p in range(first, first + count)):
-            return first
-    raise AssertionError(f"no block of {count} free ports in 30000-32700")
 
 
 def start_proxy(redis_url: str, *args: str) -> Daemon:

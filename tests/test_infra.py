@@ -14,7 +14,8 @@ import requests
 from twisted.python import usage
 
 from dockpart import infra, infra_worker, keys
-from helpers import Daemon, RedisProcess, free_port, port_open, start_web, wait_for
+from helpers import (Daemon, RedisProcess, free_port, instance_pids, kill_instances,
+                     port_open, start_web, wait_for)
 
 #: The module infra's first port: nothing listens there (a test that needs a first instance
 #: runs an infra of its own).
@@ -23,40 +24,6 @@ FIRST = free_port()
 
 def url_of(port: int) -> str:
     return f"http://127.0.0.1:{port}"
-
-
-def instance_pids(port: int) -> list[int]:
-    """Processes whose command line makes them listen on ``port``, read from /proc."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if f"tcp:{port}:interface=127.0.0.1".encode() in argv and state != b"Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_instances(state_dir: Path) -> None:
-    """Stop every instance a test's infra started (they outlive the infra by design).
-
-    Their files go first: an instance with a file and no process exited, and a running
-    infra would replace it.
-    """
-    for marker in state_dir.glob("dockpart-web-*.instance"):
-        marker.unlink()
-    for log in state_dir.glob("dockpart-web-*.log"):
-        port = int(log.stem.rsplit("-", 1)[1])
-        for pid in instance_pids(port):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_for(lambda: not instance_pids(port), 10, what=f"instance on {port} to exit")
 
 
 def start_infra(redis_url: str, state_dir: Path, *args: str) -> Daemon:

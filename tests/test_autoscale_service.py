@@ -65,23 +65,25 @@ class Tier:
         self.clock.advance(seconds)
         return await self.scaler.evaluate()
 
+    async def step(self, inflight: dict[str, int], seconds: float = 1.0):
+        """The proxy reports this load, then the autoscaler evaluates ``seconds`` later."""
+        await self.load(inflight)
+        return await self.evaluate(seconds)
+
 
 @pytest_twisted.ensureDeferred
 async def test_load_above_target_asks_for_spawns_up_to_max_and_no_further(redis_db, redis_server):
     redis_db.rpush(keys.SERVERS, FIRST)
     async with Tier(redis_server.url, max_instances=3) as t:
-        await t.load({FIRST: 20})
-        d = await t.evaluate()
+        d = await t.step({FIRST: 20})
         assert (d.action, d.current, d.desired) == ("up", 1, 3)
         assert redis_db.lrange(keys.SPAWN_QUEUE, 0, -1) == [url(5002), url(5001)]
-        await t.load({FIRST: 20})
-        d = await t.evaluate()  # both still spawning: counted, nothing more asked
+        d = await t.step({FIRST: 20})  # both still spawning: counted, nothing more asked
         assert (d.action, d.current, d.spawning) == ("hold", 3, 2)
         assert redis_db.llen(keys.SPAWN_QUEUE) == 2
         redis_db.delete(keys.SPAWN_QUEUE)
         redis_db.rpush(keys.SERVERS, url(5001), url(5002))  # the worker spawned them
-        await t.load({FIRST: 20, url(5001): 20, url(5002): 20})
-        d = await t.evaluate()
+        d = await t.step({FIRST: 20, url(5001): 20, url(5002): 20})
         assert (d.action, d.desired) == ("hold", 3) and "at most 3 instances" in d.reason
         assert redis_db.llen(keys.SPAWN_QUEUE) == 0
         assert redis_db.get(keys.AUTOSCALE_DESIRED) == "3"
@@ -96,21 +98,18 @@ async def test_a_restarted_infra_neither_repeats_nor_loses_a_spawn(redis_db, red
     """Decisions are made from what Redis holds: a queued spawn is counted, a missing one asked."""
     redis_db.rpush(keys.SERVERS, FIRST)
     async with Tier(redis_server.url) as t:
-        await t.load({FIRST: 6})
-        assert (await t.evaluate()).desired == 3
+        assert (await t.step({FIRST: 6})).desired == 3
         assert redis_db.llen(keys.SPAWN_QUEUE) == 2
         # Killed after the decision; one request was taken by the worker, one not yet made.
         redis_db.lmove(keys.SPAWN_QUEUE, keys.SPAWNING, "RIGHT", "LEFT")
         redis_db.delete(keys.SPAWN_QUEUE)
         t.scaler = t.new_scaler()
-        await t.load({FIRST: 6})
-        d = await t.evaluate()
+        d = await t.step({FIRST: 6})
         assert (d.action, d.current, d.spawning, d.desired) == ("up", 2, 1, 3)
         assert redis_db.lrange(keys.SPAWNING, 0, -1) == [url(5001)]
         assert redis_db.lrange(keys.SPAWN_QUEUE, 0, -1) == [url(5002)]
         t.scaler = t.new_scaler()  # and once more: nothing is asked twice
-        await t.load({FIRST: 6})
-        d = await t.evaluate()
+        d = await t.step({FIRST: 6})
         assert (d.action, d.current) == ("hold", 3)
         assert redis_db.llen(keys.SPAWN_QUEUE) == 1
 
@@ -121,16 +120,13 @@ async def test_load_gone_scales_down_to_min_only_after_the_window(redis_db, redi
     async with Tier(redis_server.url, window=30.0) as t:
         idle = {FIRST: 0, url(5001): 0, url(5002): 0}
         for _ in range(30):  # the window starts at the first evaluation with the lease
-            await t.load(idle)
-            d = await t.evaluate()
+            d = await t.step(idle)
             assert d.action == "hold", d.reason
         assert redis_db.llen(keys.DESTROY_QUEUE) == 0
-        await t.load(idle)
-        d = await t.evaluate(1.5)
+        d = await t.step(idle, 1.5)
         assert (d.action, d.desired) == ("down", 1)
         assert sorted(redis_db.lrange(keys.DESTROY_QUEUE, 0, -1)) == [url(5001), url(5002)]
-        await t.load(idle)
-        d = await t.evaluate()  # leaving instances no longer count
+        d = await t.step(idle)  # leaving instances no longer count
         assert (d.action, d.current) == ("hold", 1)
         assert redis_db.llen(keys.DESTROY_QUEUE) == 2
 
@@ -176,30 +172,24 @@ async def test_a_dead_lettered_spawn_holds_scale_ups_longer_each_time_in_a_row(
 
             async def held_for(seconds: int) -> None:
                 for _ in range(seconds):
-                    await t.load({FIRST: 20})
-                    d = await t.evaluate()
+                    d = await t.step({FIRST: 20})
                     assert d.action == "hold" and "a spawn was dead-lettered (did not answer " \
                         "HTTP)" in d.reason, d.reason
                     assert redis_db.llen(keys.SPAWN_QUEUE) == 0
 
-            await t.load({FIRST: 20})
-            assert (await t.evaluate()).action == "up"
+            assert (await t.step({FIRST: 20})).action == "up"
             for hold in (10, 20):
                 spawn_dead_lettered()
                 await held_for(hold)
-                await t.load({FIRST: 20})
-                assert (await t.evaluate()).action == "up"
+                assert (await t.step({FIRST: 20})).action == "up"
             redis_db.delete(keys.SPAWN_QUEUE)
             redis_db.rpush(keys.SERVERS, url(5001))  # this time the spawn went through
-            await t.load({FIRST: 10, url(5001): 10})
-            assert (await t.evaluate()).action == "hold"
+            assert (await t.step({FIRST: 10, url(5001): 10})).action == "hold"
             redis_db.lrem(keys.SERVERS, 0, url(5001))  # it exited and was removed
-            await t.load({FIRST: 20})
-            assert (await t.evaluate()).action == "up"
+            assert (await t.step({FIRST: 20})).action == "up"
             spawn_dead_lettered()
             await held_for(10)
-            await t.load({FIRST: 20})
-            assert (await t.evaluate()).action == "up"
+            assert (await t.step({FIRST: 20})).action == "up"
     finally:
         globalLogPublisher.removeObserver(observer)
     said = [e for e in events if "was dead-lettered (did not answer HTTP); no scale-up" in e]
@@ -212,12 +202,10 @@ async def test_runtime_limits_override_the_options_when_valid(redis_db, redis_se
     redis_db.rpush(keys.SERVERS, FIRST)
     async with Tier(redis_server.url, max_instances=4) as t:
         redis_db.hset(keys.AUTOSCALE_LIMITS, mapping={"min": 1, "max": 2})
-        await t.load({FIRST: 20})
-        assert (await t.evaluate()).desired == 2
+        assert (await t.step({FIRST: 20})).desired == 2
         redis_db.delete(keys.SPAWN_QUEUE)
         redis_db.hset(keys.AUTOSCALE_LIMITS, mapping={"min": 1, "max": 9})  # above --max
-        await t.load({FIRST: 20})
-        assert (await t.evaluate()).desired == 4
+        assert (await t.step({FIRST: 20})).desired == 4
 
 
 @pytest_twisted.ensureDeferred
@@ -225,8 +213,7 @@ async def test_only_the_lease_holder_decides(redis_db, redis_server):
     redis_db.rpush(keys.SERVERS, FIRST)
     async with Tier(redis_server.url) as t:
         t.lease.leased = False
-        await t.load({FIRST: 20})
-        assert await t.evaluate() is None
+        assert await t.step({FIRST: 20}) is None
         assert redis_db.llen(keys.SPAWN_QUEUE) == 0 and not redis_db.exists(keys.AUTOSCALE_DESIRED)
 
 

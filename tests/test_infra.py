@@ -273,11 +273,17 @@ def test_reconcile_adds_back_live_instances_and_drops_dead_entries(infra_d, redi
     assert f"added {url} back" in output and f"removed {ghost} from servers" in output
 
 
-def test_a_frozen_instance_leaves_servers_and_is_back_once_it_answers(infra_d, redis_db):
+def running_instance(redis_db) -> tuple[int, str, int]:
+    """An instance spawned and in servers: its port, URL and pid."""
     port = free_port()
     [url] = spawn(redis_db, port)
     wait_registered(redis_db, [url])
     [pid] = instance_pids(port)
+    return port, url, pid
+
+
+def test_a_frozen_instance_leaves_servers_and_is_back_once_it_answers(infra_d, redis_db):
+    port, url, pid = running_instance(redis_db)
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_for(lambda: url not in servers(redis_db), 10,
@@ -294,10 +300,7 @@ def test_a_frozen_instance_leaves_servers_and_is_back_once_it_answers(infra_d, r
 
 
 def test_a_killed_instance_is_replaced_on_its_port(infra_d, redis_db):
-    port = free_port()
-    [url] = spawn(redis_db, port)
-    wait_registered(redis_db, [url])
-    [pid] = instance_pids(port)
+    port, url, pid = running_instance(redis_db)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: instance_pids(port) not in ([], [pid]) and url in servers(redis_db), 30,
              what="a new instance on the port, in servers")

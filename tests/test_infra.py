@@ -35,14 +35,6 @@ def start_infra(redis_url: str, state_dir: Path, *args: str) -> Daemon:
                   ready="dockpart-infra started").start()
 
 
-@pytest.fixture
-def own_redis():
-    """A Redis of the test's own: one infra per Redis, and the module's infra is running."""
-    server = RedisProcess().start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module")
 def state_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("infra-state")

@@ -176,14 +176,6 @@ def test_unknown_route_and_wrong_method(web, redis_db):
     assert requests.post(web.base + "/spawn", timeout=10).status_code == 405
 
 
-@pytest.fixture
-def own_redis():
-    """A Redis of the test's own, to restart, flush or count commands on."""
-    server = RedisProcess().start()
-    yield server
-    server.stop()
-
-
 def evals(client) -> int:
     """How many EVALs the server ran: each registration round is one."""
     return client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)

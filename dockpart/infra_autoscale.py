@@ -251,9 +251,7 @@ class Autoscaler(Service):
     log = Logger()
 
     def __init__(self, redis: RedisService, worker, policy: Policy, *, host: str, first_port: int,
-                 max_port: int = tier.MAX_PORT, interval: float = 2.0, clock=None):
-        if clock is None:
-            from twisted.internet import reactor as clock
+                 max_port: int = tier.MAX_PORT, interval: float = 2.0, clock):
         self.redis = redis
         self.worker = worker  # has .leased
         self.policy = policy

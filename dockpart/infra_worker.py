@@ -153,9 +153,7 @@ class Worker(Service):
     def __init__(self, redis: RedisService, driver, rules: EntryRules, *, interval: float = 0.2,
                  reconcile_interval: float = 2.0, drain: float = 3.0, spawn_timeout: float = 30.0,
                  max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0,
-                 probe_timeout: float = 1.0, keep_count: bool = True, probe=None, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+                 probe_timeout: float = 1.0, keep_count: bool = True, probe=None, reactor):
         self.redis = redis
         self.driver = driver
         self.rules = rules

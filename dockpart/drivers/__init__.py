@@ -36,9 +36,7 @@ class DriverError(Exception):
 class ThreadPoolService(Service):
     """A thread pool of its own, so blocking calls never starve the reactor's pool."""
 
-    def __init__(self, name: str, max_threads: int = 4, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, name: str, *, reactor, max_threads: int = 4):
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=max_threads, name=name)
 

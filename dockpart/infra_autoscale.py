@@ -126,9 +126,10 @@ class Policy:
         self.failure_reason = ""
         self.held_until = -math.inf
 
-    def unknown(self, reason: str, observed: Observed | None = None) -> Decision:
-        current = observed.ready + observed.spawning if observed else 0
-        return Decision(self.clock.seconds(), current, observed.spawning if observed else 0, 0, None,
+    def unknown(self, reason: str, seen: Observed) -> Decision:
+        """No decision: the size stays what it is, whatever the load might be."""
+        current = seen.ready + seen.spawning
+        return Decision(self.clock.seconds(), current, seen.spawning, 0, None,
                         self.settings.target, current, "none", reason)
 
     def decide(self, seen: Observed, low: int | None = None, high: int | None = None) -> Decision:

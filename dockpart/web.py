@@ -132,13 +132,13 @@ class WebApp(Resource):
 
     isLeaf = True
     log = Logger()
-    clock = None  # the reactor unless a test sets one
 
     def __init__(self, redis: RedisService, advertise_host: str, first_port: int,
                  max_instances: int, max_upload: int, max_queued_images: int = 20,
-                 scale_token: str | None = None):
+                 scale_token: str | None = None, *, reactor):
         super().__init__()
         self.redis = redis
+        self.reactor = reactor  # /work's timer
         self.advertise_host = advertise_host
         self.first_port = first_port
         self.max_instances = max_instances
@@ -365,8 +365,7 @@ class WebApp(Resource):
         if not raw.isdigit() or int(raw) > MAX_WORK_MS:
             return message("Bad request", f"ms must be a whole number from 0 to {MAX_WORK_MS}.",
                            400)
-        from twisted.internet import reactor
-        await task.deferLater(self.clock or reactor, int(raw) / 1000)
+        await task.deferLater(self.reactor, int(raw) / 1000)
         return Reply(200, f"worked {raw} ms\n", "text/plain; charset=utf-8")
 
 
@@ -393,13 +392,12 @@ class FirstInstanceRegistration(Service):
 
     log = Logger()
 
-    def __init__(self, listener: Listener, app: WebApp, interval: float = 1.0, reactor=None):
+    def __init__(self, listener: Listener, app: WebApp, interval: float, *, reactor):
         self.listener = listener
         self.app = app
         self.interval = interval
         self.registration = LoopingCall(self._register)
-        if reactor is not None:
-            self.registration.clock = reactor
+        self.registration.clock = reactor
         self._registered_before = False
         self._failing = False
 
@@ -511,7 +509,7 @@ def makeService(config, reactor=None):
     redis.setServiceParent(top)
     app = WebApp(redis, config["advertise-host"], config["first-port"],
                  config["max-instances"], config["max-upload"], config["max-queued-images"],
-                 config["scale-token"])
+                 config["scale-token"], reactor=reactor)
     endpoint = server_endpoint(reactor, "listen", with_backlog(config["listen"]))
     listener = Listener("dockpart-web", endpoint, WebSite(app, config["max-upload"]))
     listener.setServiceParent(top)

@@ -141,7 +141,9 @@ class Outage:
 
 
 def retry_policy(most: float):
-    """Seconds to wait before retry number ``attempt`` (from 0): doubling, at most ``most``."""
+    """The wait before each retry while the engine or Redis is away, as a function of the
+    attempt (from 0): RETRY_FIRST, doubling, never more than ``most``, without jitter (one
+    infra retries; there is no crowd to spread)."""
     return backoffPolicy(RETRY_FIRST, most, factor=2.0, jitter=lambda: 0.0)
 
 

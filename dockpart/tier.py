@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 from dockpart import keys
 from dockpart.redisconn import RedisService
 
-#: The first instance: never destroyed, registers itself at start.
+#: The first instance's port: no daemon starts or destroys it; it keeps itself in ``servers``.
 FIRST_PORT = 3000
 
-#: Ports an instance may take (the first port up to the last unprivileged one).
+#: The highest TCP port: spawned instances take ports above the first one up to it.
 MAX_PORT = 65535
 
 
@@ -144,7 +144,7 @@ def replace(redis: RedisService, urls: list[str], list_key: str):
 
 
 async def request_spawn(redis: RedisService, host: str, first_port: int,
-                        max_instances: int, max_port: int = 65535) -> str:
+                        max_instances: int, max_port: int = MAX_PORT) -> str:
     """Queue a new instance one port above the highest in use; return its URL."""
     status, value = await redis.eval(
         _REQUEST_SPAWN,

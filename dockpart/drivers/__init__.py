@@ -7,9 +7,8 @@ it runs, adopting one that does), ``remove(port)`` (stop and remove it, if there
 is one) and ``managed()`` (every managed instance's port, and whether it runs:
 False for one that exited and is still there, which reconcile replaces).  Every
 action is idempotent, so a request finished twice (after a crash) has the effect
-of finishing it once.  Blocking
-work runs in a :class:`ThreadPoolService`, in functions named ``_thd_*`` that
-never touch the reactor.
+of finishing it once.  Blocking work runs in a :class:`ThreadPoolService`, in
+functions named ``_thd_*`` that never touch the reactor.
 """
 
 from twisted.application.service import Service

@@ -317,9 +317,7 @@ class Autoscaler(Service):
         if not leased:
             return None
         low, high = await self.limits()
-        lists = {key: await self.redis.call("LRANGE", key, 0, -1)
-                 for key in (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING,
-                             keys.DESTROY_QUEUE, keys.DESTROYING)}
+        lists = await tier.snapshot(self.redis)
         # After the lists: a spawn that left them for the dead letters is among these.
         letters = await self.redis.call("LRANGE", keys.DEAD_LETTERS, 0, LETTERS_READ - 1)
         reports = await read_reports(self.redis, self.clock.seconds())

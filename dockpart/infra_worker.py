@@ -438,10 +438,9 @@ class Worker(Service):
                 await self._reconcile()
 
     async def _reconcile(self) -> None:
-        # servers first, instances second: an instance registered in between is never dropped.
-        lists = {key: await self.redis.call("LRANGE", key, 0, -1)
-                 for key in (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING,
-                             keys.DESTROY_QUEUE, keys.DESTROYING)}
+        # The lists (as of one moment) first, instances second: an instance registered in
+        # between is never dropped.
+        lists = await tier.snapshot(self.redis)
         instances = await self.driver.managed()
         pending = {self.rules.owns(url) for key, urls in lists.items() if key != keys.SERVERS
                    for url in urls}

@@ -120,6 +120,16 @@ return url
 """
 
 
+_SNAPSHOT = """
+local lists = {}
+for i, key in ipairs(KEYS) do lists[i] = redis.call('LRANGE', key, 0, -1) end
+return lists
+"""
+
+#: The lists an instance moves through: asked for, being spawned, live, leaving.
+TIER_LISTS = (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING, keys.DESTROY_QUEUE, keys.DESTROYING)
+
+
 class InstancesFull(Exception):
     """The ceiling on instances is reached."""
 
@@ -141,6 +151,15 @@ def unregister(redis: RedisService, url: str, list_key: str = keys.SERVERS):
 def replace(redis: RedisService, urls: list[str], list_key: str):
     """Make ``list_key`` exactly ``urls`` in one step (never empty in between); fires the count."""
     return redis.eval(_REPLACE, [list_key, keys.changes_channel(list_key)], urls)
+
+
+async def snapshot(redis: RedisService) -> dict[str, list[str]]:
+    """Every list of :data:`TIER_LISTS` as of one moment.
+
+    Read one by one, an instance that moved from "spawning" to ``servers`` between two
+    reads was in neither, and the tier looked one instance smaller than it was.
+    """
+    return dict(zip(TIER_LISTS, await redis.eval(_SNAPSHOT, TIER_LISTS)))
 
 
 async def request_spawn(redis: RedisService, host: str, first_port: int,

@@ -328,11 +328,10 @@ class WebApp(Resource):
         return message("Destroy requested", f"Requested removal of the instance at {url}.", 202)
 
     async def listservers(self, request) -> Reply:
-        live = await self.redis.call("LRANGE", keys.SERVERS, 0, -1)
-        spawning = (await self.redis.call("LRANGE", keys.SPAWN_QUEUE, 0, -1)
-                    + await self.redis.call("LRANGE", keys.SPAWNING, 0, -1))
-        destroying = (await self.redis.call("LRANGE", keys.DESTROY_QUEUE, 0, -1)
-                      + await self.redis.call("LRANGE", keys.DESTROYING, 0, -1))
+        lists = await tier.snapshot(self.redis)
+        live = lists[keys.SERVERS]
+        spawning = lists[keys.SPAWN_QUEUE] + lists[keys.SPAWNING]
+        destroying = lists[keys.DESTROY_QUEUE] + lists[keys.DESTROYING]
         autoscale = await self._autoscale()
         if b"application/json" in (request.getHeader(b"accept") or b""):
             body = json.dumps({"servers": live, "spawning": spawning, "destroying": destroying,

@@ -115,6 +115,28 @@ async def test_a_restarted_infra_neither_repeats_nor_loses_a_spawn(redis_db, red
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_instance_that_joins_servers_while_the_lists_are_read_is_counted(
+        redis_db, redis_server):
+    """The worker registers a spawned instance (SPAWNING -> servers) just after the autoscaler
+    has read servers: it must still count as one of the 2, not make the tier look like 1."""
+    redis_db.rpush(keys.SERVERS, FIRST)
+    redis_db.rpush(keys.SPAWNING, url(5001))
+    async with Tier(redis_server.url) as t:
+        call = t.redis.call
+
+        def register_after_servers_is_read(command, *args):
+            d = call(command, *args)
+            if keys.SERVERS in args and redis_db.llen(keys.SPAWNING):
+                d.addCallback(lambda result: (
+                    redis_db.lmove(keys.SPAWNING, keys.SERVERS, "LEFT", "RIGHT"), result)[1])
+            return d
+        t.redis.call = register_after_servers_is_read
+        d = await t.step({FIRST: 4})
+        assert (d.current, d.per_instance) == (2, 2.0)
+        assert redis_db.lrange(keys.SERVERS, 0, -1) == [FIRST, url(5001)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_load_gone_scales_down_to_min_only_after_the_window(redis_db, redis_server):
     redis_db.rpush(keys.SERVERS, FIRST, url(5001), url(5002))
     async with Tier(redis_server.url, window=30.0) as t:

@@ -178,6 +178,7 @@ class Worker(Service):
         self.outages = {Unavailable: Outage(f"the {driver.name} driver's engine", reactor),
                         RedisUnavailable: Outage("Redis", reactor)}
         self._tasks: set[defer.Deferred] = set()
+        self._passes: set[defer.Deferred] = set()  # reconcile passes under way
         self._inflight: Counter = Counter()  # (queue, entry) pairs in hand
         self._locks: dict[int, defer.DeferredLock] = {}
         self._recovery: list[defer.Deferred] | None = None
@@ -211,7 +212,8 @@ class Worker(Service):
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        tasks = list(self._tasks)
+        # A pass left running would list or unlist instances after the stop.
+        tasks = [*self._tasks, *self._passes]
         for task in tasks:
             task.cancel()
         done = defer.DeferredList(tasks)
@@ -416,10 +418,16 @@ class Worker(Service):
 
     def _reconcile_tick(self):
         d = defer.ensureDeferred(self.reconcile())
+        self._passes.add(d)
         d.addErrback(self._reconcile_failed)
+        d.addBoth(lambda _: self._passes.discard(d))
         return d
 
     def _reconcile_failed(self, failure):
+        if failure.check(defer.FirstError):  # from the probes, gathered
+            failure = failure.value.subFailure
+        if failure.check(defer.CancelledError):
+            return  # stopped
         if failure.check(Unavailable, RedisUnavailable):
             self.outages[failure.type].failed(failure.value)
         else:  # logged, never raised: that would stop the LoopingCall for good
@@ -480,7 +488,8 @@ class Worker(Service):
             candidates[self.rules.first_port] = first
         ports = sorted(candidates)
         answers = await defer.gatherResults(
-            [defer.ensureDeferred(self.probe(self.reactor, port)) for port in ports])
+            [defer.ensureDeferred(self.probe(self.reactor, port)) for port in ports],
+            consumeErrors=True)
         for port, answered in zip(ports, answers):
             url = candidates[port]
             # Asked again after the probe: a destroy taken meanwhile must not see it come back.

@@ -307,3 +307,24 @@ async def test_a_request_taken_while_the_worker_stops_is_left_for_the_next_start
             return URL in await again.servers()
         await until(registered)
         assert again.driver.started == [4001]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconcile_pass_under_way_ends_with_the_stop(redis_db, redis_server):
+    """Its probe answers after stopService: a stopped infra lists nothing."""
+    gate = defer.Deferred()
+    probing = []
+
+    async def gated_probe(_reactor, port):
+        probing.append(port)
+        await gate
+        return True
+    async with Setup(redis_server.url, probe=gated_probe) as s:
+        s.driver.running.add(4001)
+        # Holding the lease starts a pass: it finds 4001 unlisted and probes it.
+        await until(lambda: defer.succeed(probing == [4001]))
+        await s.worker.stopService()
+        if not gate.called:  # the stop cancelled the probe
+            gate.callback(None)
+        assert await s.servers() == []
+        assert not any("reconciling" in line for line in s.logs), s.logs  # a stop is no failure

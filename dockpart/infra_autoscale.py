@@ -264,7 +264,7 @@ class Autoscaler(Service):
         self._last: tuple | None = None  # (action, desired) of the last decision recorded
         self._bad_limits: str | None = None
         self._redis_down = False
-        self._busy = False
+        self._evaluation: defer.Deferred | None = None  # under way
         self._letters_seen = clock.seconds()  # dead letters up to this time are known
         self._last_up = -math.inf  # when this autoscaler last asked for spawns
         self._loop = LoopingCall(self.tick)
@@ -281,25 +281,29 @@ class Autoscaler(Service):
         self._loop.start(self.interval, now=False)
 
     def stopService(self):
+        """Stop evaluating; one under way ends here too, so a stopped infra asks for nothing."""
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        if self._evaluation is not None:
+            self._evaluation.cancel()
 
     def tick(self) -> defer.Deferred | None:
         """One evaluation unless one is still running; never raises (the loop must go on)."""
-        if self._busy:
+        if self._evaluation is not None:
             return None
-        self._busy = True
-        d = defer.ensureDeferred(self.evaluate())
+        d = self._evaluation = defer.ensureDeferred(self.evaluate())
         d.addErrback(self._failed)
         d.addBoth(self._done)
         return d
 
     def _done(self, result):
-        self._busy = False
+        self._evaluation = None
         return result
 
     def _failed(self, failure) -> None:
+        if failure.check(defer.CancelledError):
+            return  # stopped
         if failure.check(RedisUnavailable):
             if not self._redis_down:
                 self._redis_down = True

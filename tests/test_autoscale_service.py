@@ -6,8 +6,8 @@ Each evaluation is run by hand so "nothing happened" is shown after the windows 
 import json
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import Clock
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from dockpart import keys, load
@@ -134,6 +134,39 @@ async def test_an_instance_that_joins_servers_while_the_lists_are_read_is_counte
         d = await t.step({FIRST: 4})
         assert (d.current, d.per_instance) == (2, 2.0)
         assert redis_db.lrange(keys.SERVERS, 0, -1) == [FIRST, url(5001)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_evaluation_under_way_when_infra_stops_asks_for_nothing(redis_db, redis_server):
+    """The tier's lists answer after stopService: a stopped infra decides and asks nothing."""
+    redis_db.rpush(keys.SERVERS, FIRST)
+    async with Tier(redis_server.url) as t:
+        await t.load({FIRST: 20})
+        call = t.redis.call
+        held = []
+
+        def hold_the_lists(command, *args):
+            d = call(command, *args)
+            if keys.SERVERS not in args or held:
+                return d
+            answer = defer.Deferred()
+            held.append((d, answer))
+            return answer
+        t.redis.call = hold_the_lists
+        t.scaler.startService()
+        t.clock.advance(1)
+        evaluation = t.scaler.tick()
+        for _ in range(500):  # 5 s at most, for the run-time limits to be read first
+            if held:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        [(lists, answer)] = held
+        t.scaler.stopService()
+        if not answer.called:  # the stop did not end the evaluation: let it go on
+            answer.callback(await lists)
+        assert await evaluation is None
+        t.redis.call = call
+        assert redis_db.llen(keys.SPAWN_QUEUE) == 0 and not redis_db.exists(keys.AUTOSCALE_DESIRED)
 
 
 @pytest_twisted.ensureDeferred

@@ -172,19 +172,33 @@ async def test_a_request_that_cannot_even_be_dead_lettered_is_logged_and_kept(re
         assert redis_db.lrange(keys.SPAWNING, 0, -1) == ["not a url"]
 
 
+class GatedProbe:
+    """A probe that says yes once ``gate`` fires; ``probing``: the ports it was asked about."""
+
+    def __init__(self):
+        self.gate = defer.Deferred()
+        self.probing = []
+
+    async def __call__(self, _reactor, port):
+        self.probing.append(port)
+        await self.gate
+        return True
+
+
+def probing_an_unlisted_instance(redis_url: str) -> tuple[Setup, GatedProbe]:
+    """A worker whose first reconcile pass (the lease held) waits on the probe of 4001."""
+    probe = GatedProbe()
+    setup = Setup(redis_url, probe=probe)
+    setup.driver.running.add(4001)
+    return setup, probe
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_reconcile_that_overlaps_a_destroy_does_not_put_the_url_back(redis_db, redis_server):
-    gate = defer.Deferred()
-    probing = []
-
-    async def gated_probe(_reactor, port):
-        probing.append(port)
-        await gate
-        return True
-    async with Setup(redis_server.url, probe=gated_probe) as s:
-        s.driver.running.add(4001)
-        # Holding the lease starts a reconcile: it finds 4001 unregistered and probes it.
-        await until(lambda: defer.succeed(probing == [4001]))
+    s, probe = probing_an_unlisted_instance(redis_server.url)
+    gate = probe.gate
+    async with s:
+        await until(lambda: defer.succeed(probe.probing == [4001]))
         redis_db.lpush(keys.DESTROY_QUEUE, URL)
         await until(lambda: defer.succeed(redis_db.llen(keys.DESTROYING) == 1))
         gate.callback(None)  # the probe answers while the destroy drains
@@ -312,17 +326,10 @@ async def test_a_request_taken_while_the_worker_stops_is_left_for_the_next_start
 @pytest_twisted.ensureDeferred
 async def test_a_reconcile_pass_under_way_ends_with_the_stop(redis_db, redis_server):
     """Its probe answers after stopService: a stopped infra lists nothing."""
-    gate = defer.Deferred()
-    probing = []
-
-    async def gated_probe(_reactor, port):
-        probing.append(port)
-        await gate
-        return True
-    async with Setup(redis_server.url, probe=gated_probe) as s:
-        s.driver.running.add(4001)
-        # Holding the lease starts a pass: it finds 4001 unlisted and probes it.
-        await until(lambda: defer.succeed(probing == [4001]))
+    s, probe = probing_an_unlisted_instance(redis_server.url)
+    gate = probe.gate
+    async with s:
+        await until(lambda: defer.succeed(probe.probing == [4001]))
         await s.worker.stopService()
         if not gate.called:  # the stop cancelled the probe
             gate.callback(None)

@@ -185,6 +185,7 @@ class Worker(Service):
         self._reconciling = defer.DeferredLock()  # one pass at a time
         self._retry_delay = retry_policy(retry_max)
         self._redis_failures = 0  # in a row, for the next take's delay
+        self._take_error: str | None = None  # the last one logged, until a take works
         self._next_take = 0.0
         self._loops = [LoopingCall(self._tick), LoopingCall(self._reconcile_tick)]
         for loop in self._loops:
@@ -237,8 +238,11 @@ class Worker(Service):
             self.outages[RedisUnavailable].failed(failure.value)
             self._next_take = self.reactor.seconds() + self._retry_delay(self._redis_failures)
             self._redis_failures += 1
-        else:
-            self.log.failure("taking requests", failure)
+        elif failure.getErrorMessage() != self._take_error:
+            # Once, not every --interval: a broken queue key would flood the log.
+            self._take_error = failure.getErrorMessage()
+            self.log.failure("taking requests (said once until it works or fails otherwise)",
+                             failure)
 
     async def _hold_lease(self) -> bool:
         """Renew this infra's lease on the queues; whether it holds it."""
@@ -286,6 +290,9 @@ class Worker(Service):
                     more = True
         self.outages[RedisUnavailable].ok()
         self._redis_failures = 0
+        if self._take_error is not None:
+            self._take_error = None
+            self.log.info("taking requests works again")
 
     async def _left_in_processing(self) -> list[tuple[Queue, str]]:
         """What processing holds that is not in hand here, oldest first."""

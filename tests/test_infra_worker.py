@@ -335,3 +335,27 @@ async def test_a_reconcile_pass_under_way_ends_with_the_stop(redis_db, redis_ser
             gate.callback(None)
         assert await s.servers() == []
         assert not any("reconciling" in line for line in s.logs), s.logs  # a stop is no failure
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_that_cannot_be_read_is_logged_once_not_every_tick(redis_db, redis_server):
+    redis_db.set(keys.SPAWN_QUEUE, "not a list")  # every LMOVE fails with WRONGTYPE
+    s = Setup(redis_server.url)
+    call = s.redis.call
+    moves = []
+
+    def counted(command, *args):
+        if command == "LMOVE":
+            moves.append(args[0])
+        return call(command, *args)
+    s.redis.call = counted
+    async with s:
+        await until(lambda: defer.succeed(moves.count(keys.SPAWN_QUEUE) >= 20))
+        assert sum("taking requests" in line for line in s.logs) == 1
+        redis_db.delete(keys.SPAWN_QUEUE)
+        redis_db.lpush(keys.SPAWN_QUEUE, URL)
+
+        async def registered():
+            return URL in await s.servers()
+        await until(registered)
+    assert sum("taking requests works again" in line for line in s.logs) == 1

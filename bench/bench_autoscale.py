@@ -22,91 +22,24 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import redis as redis_py
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 from dockpart import keys, load  # noqa: E402
-from dockpart.drivers.process import _thd_scan  # noqa: E402
 from dockpart.load import read_reports  # noqa: E402
+from helpers import (Daemon, RedisProcess, SyncRedis, free_port, kill_instances,  # noqa: E402
+                     port_block, wait_for)
 
-TWISTD = str(Path(sys.executable).parent / "twistd")
 WORK_MS = 50
 #: --driver docker: an image of this tree's dockpart-web, built for the run and removed after.
 IMAGE = "dockpart-web:bench-autoscale"
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "dockpart-base:bookworm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_block(size: int) -> int:
-    """A first port with ``size`` free ports after it, outside the ephemeral range."""
-    for first in range(24000, 29000, size + 1):
-        ok = True
-        for port in range(first, first + size + 1):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return first
-    raise SystemExit("no block of free ports between 24000 and 29000")
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-class Started:
-    """The processes this run started, stopped in reverse order."""
-
-    def __init__(self):
-        self.procs = []
-        self.dir = Path(tempfile.mkdtemp(prefix="bench-autoscale-"))
-
-    def run(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.dir / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        proc.log_path = self.dir / f"{name}.log"
-        self.procs.append(proc)
-        return proc
-
-    def twistd(self, name: str, plugin: str, *args: str, ready: str) -> subprocess.Popen:
-        proc = self.run(name, [TWISTD, "-n", "--pidfile=", "--logfile=-", plugin, *args])
-        wait(lambda: ready in proc.log_path.read_text(errors="replace"), 60, f"{name} to start")
-        return proc
-
-    def stop(self):
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
 
 
 class Client:
@@ -171,14 +104,6 @@ class Stats:
     def take(self) -> list[float]:
         taken, self.latencies = self.latencies, []
         return taken
-
-
-class SyncRedis:
-    def __init__(self, client):
-        self.client = client
-
-    async def call(self, *args):
-        return self.client.execute_command(*args)
 
 
 def p95(values: list[float]) -> float | None:
@@ -294,48 +219,45 @@ def main():
     args = parser.parse_args()
     if not shutil.which("redis-server"):
         raise SystemExit("needs redis-server")
-    started = Started()
-    first = 0
+    state = Path(tempfile.mkdtemp(prefix="bench-autoscale-")) / "state"
+    redis = RedisProcess().start()
+    daemons: list[Daemon] = []
+    first = port_block(args.max + 2)
     try:
-        redis_port = free_port()
-        started.run("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                              "--save", "", "--appendonly", "no"])
-        db = redis_py.Redis(port=redis_port, decode_responses=True)
-        wait(db.ping, 10, "redis-server")
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        first = free_block(args.max + 2)
+        db = redis.client()
         proxy_port = free_port()
-        started.twistd("web", "dockpart-web", "--listen", f"tcp:{first}:interface=127.0.0.1",
-                       "--first-port", str(first), "--redis", redis_url,
-                       "--max-instances", str(args.max), ready="listening on")
-        started.twistd("proxy", "dockpart-proxy", "--listen",
-                       f"tcp:{proxy_port}:interface=127.0.0.1", "--redis", redis_url,
-                       ready="listening on")
-        driver = ["--driver", "process", "--state-dir", str(started.dir / "state")]
+        for plugin, *options in (
+                ("dockpart-web", "--listen", f"tcp:{first}:interface=127.0.0.1",
+                 "--first-port", str(first), "--max-instances", str(args.max)),
+                ("dockpart-proxy", "--listen", f"tcp:{proxy_port}:interface=127.0.0.1")):
+            daemons.append(Daemon(plugin, *options, "--redis", redis.url,
+                                  ready="listening on").start(60))
+        driver = ["--driver", "process", "--state-dir", str(state)]
         if args.driver == "docker":
             build_image()
             driver = ["--driver", "docker", "--image", IMAGE, "--stop-timeout", "2"]
-        infra = started.twistd(
-            "infra", "dockpart-infra", *driver, "--redis", redis_url, "--first-port", str(first),
+        infra = Daemon(
+            "dockpart-infra", *driver, "--redis", redis.url, "--first-port", str(first),
             "--port-range", f"{first + 1}-{first + args.max + 1}", "--drain", str(args.drain),
             "--autoscale", "--max-instances", str(args.max), "--target-inflight", str(args.target),
             "--evaluate-interval", "1", "--scale-up-cooldown", "3",
             "--scale-down-window", str(args.window), ready="dockpart-infra started")
-        wait(lambda: db.llen(keys.SERVERS) == 1, 20, "the first instance in servers")
+        daemons.append(infra.start(60))
+        wait_for(lambda: db.llen(keys.SERVERS) == 1, 20, what="the first instance in servers")
         samples, stats, stopped, began = asyncio.run(drive(args, proxy_port, db))
         decisions = [json.loads(r) for r in db.lrange(keys.AUTOSCALE_DECISIONS, 0, -1)][::-1]
         report(samples, stats, stopped, decisions, args, began)
         if plot(samples, args, Path(args.png)):
             print(f"plot: {args.png}")
-        print(f"logs: {started.dir} (infra: {infra.log_path.name})")
+        print(f"infra's log: {infra.log_path}")
     finally:
-        started.stop()
+        for daemon in reversed(daemons):
+            daemon.stop()
+        redis.stop()
         if args.driver == "docker":
             remove_docker(first, args.max)
-        if args.driver == "process":  # instances outlive the infra by design
-            for pids in _thd_scan(str((started.dir / "state").resolve())).values():
-                for pid in pids:
-                    os.kill(pid, signal.SIGTERM)
+        else:  # instances outlive the infra by design
+            kill_instances(state)
 
 
 def report(samples, stats, stopped, decisions, args, began):

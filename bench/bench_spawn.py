@@ -17,11 +17,7 @@ it starts are removed at the end.
 """
 
 import argparse
-import os
 import re
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +28,11 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-TWISTD = str(Path(sys.executable).parent / "twistd")
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import (BIN, SERVED_BY, Daemon, RedisProcess, free_port,  # noqa: E402
+                     kill_instances, port_block, wait_for)
+
+TWISTD = str(BIN / "twistd")
 SETUPS = {
     "process": ["--driver", "process"],
     "docker": ["--driver", "docker", "--image", "dockpart-web:latest"],
@@ -40,41 +40,6 @@ SETUPS = {
                 "--build-arg", "BASE_IMAGE=dockpart-base:bookworm"],
     "swarm": ["--driver", "swarm", "--image", "dockpart-web:latest"],
 }
-SERVED_BY = re.compile(r"Served by the instance at <b>([^<]+)</b>")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_block(size: int) -> int:
-    """A first port with ``size`` free ports after it (outside the ephemeral range)."""
-    for first in range(23000, 29000, size + 1):
-        ok = True
-        for port in range(first, first + size + 1):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return first
-    raise SystemExit("no block of free ports between 23000 and 29000")
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception:
-            pass
-        time.sleep(0.02)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def has_plugin(name: str) -> bool:
@@ -82,30 +47,8 @@ def has_plugin(name: str) -> bool:
     return name in out
 
 
-class Proc:
-    def __init__(self, argv, log_dir: Path, name: str):
-        self.log = log_dir / f"{name}.log"
-        self.proc = subprocess.Popen(argv, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-
-
-def daemon(plugin: str, args, log_dir: Path, ready: str, setup: str) -> Proc:
-    proc = Proc([TWISTD, "-n", "--pidfile=", "--logfile=-", plugin, *args], log_dir,
-                f"{setup}-{plugin}")
-    wait(lambda: ready in proc.output(), 30, f"{plugin} to log {ready!r}")
-    return proc
+def daemon(plugin: str, args, ready: str) -> Daemon:
+    return Daemon(plugin, *args, ready=ready).start(30)
 
 
 def swarm_init() -> bool:
@@ -130,31 +73,27 @@ def run_setup(name: str, spawns: int, use_proxy: bool, log_dir: Path) -> list[fl
 
 
 def _run_setup(name: str, spawns: int, use_proxy: bool, log_dir: Path) -> list[float]:
-    first = free_block(spawns + 1)
-    redis_port = free_port()
-    redis = subprocess.Popen([shutil.which("redis-server"), "--port", str(redis_port), "--bind",
-                              "127.0.0.1", "--save", "", "--appendonly", "no"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    first = port_block(spawns + 1)
+    redis = RedisProcess().start()
+    redis_url = redis.url
     state = log_dir / f"state-{name}"
     started = []
     try:
-        wait(lambda: socket.create_connection(("127.0.0.1", redis_port), 1), 10, "redis-server")
         web = daemon("dockpart-web", ["--listen", f"tcp:{first}:interface=127.0.0.1",
                                       "--first-port", str(first), "--max-instances", "100",
-                                      "--redis", redis_url], log_dir, "listening on", name)
+                                      "--redis", redis_url], "listening on")
         started.append(web)
         front = f"http://127.0.0.1:{first}"
         if use_proxy:
             proxy_port = free_port()
             started.append(daemon("dockpart-proxy", [
                 "--listen", f"tcp:{proxy_port}:interface=127.0.0.1", "--redis", redis_url],
-                log_dir, "listening", name))
+                "listening"))
             front = f"http://127.0.0.1:{proxy_port}"
         started.append(daemon("dockpart-infra", [
             *SETUPS[name], "--redis", redis_url, "--first-port", str(first),
             "--port-range", f"{first + 1}-{first + spawns}", "--interval", "0.05",
-            "--state-dir", str(state), "--drain", "0.2"], log_dir, "dockpart-infra started", name))
+            "--state-dir", str(state), "--drain", "0.2"], "dockpart-infra started"))
         times = []
         session = requests.Session()
         for _ in range(spawns):
@@ -168,7 +107,7 @@ def _run_setup(name: str, spawns: int, use_proxy: bool, log_dir: Path) -> list[f
                 page = session.get(target + "/", timeout=5)
                 m = SERVED_BY.search(page.text)
                 return m and m.group(1) == url
-            wait(served, 600, f"{url} to answer")
+            wait_for(served, 600, what=f"{url} to answer")
             times.append(time.monotonic() - t0)
             print(f"  {name}: {url} served after {times[-1]:.2f} s", flush=True)
         session.close()
@@ -177,27 +116,25 @@ def _run_setup(name: str, spawns: int, use_proxy: bool, log_dir: Path) -> list[f
             return requests.get(f"{front_web}/listservers", timeout=5,
                                 headers={"accept": "application/json"}).json()
         front_web = f"http://127.0.0.1:{first}"
-        wait(lambda: len(listing()["servers"]) == spawns + 1, 60, "every spawn to be registered")
+        wait_for(lambda: len(listing()["servers"]) == spawns + 1, 60,
+                 what="every spawn to be registered")
         for _ in range(spawns):  # the infra removes what it started, through its own queue
             requests.get(f"{front_web}/destroy", timeout=10)
-        wait(lambda: listing() == {"servers": [front_web], "spawning": [], "destroying": []},
-             120, "the instances to be destroyed")
+        wait_for(lambda: [listing()[k] for k in ("servers", "spawning", "destroying")]
+                 == [[front_web], [], []], 120, what="the instances to be destroyed")
         return times
     finally:
         for proc in reversed(started):
             proc.stop()
-        redis.terminate()
-        redis.wait(10)
+        redis.stop()
+        print(f"  {name}: logs {' '.join(str(proc.log_path) for proc in started)}")
         remove_leftovers(name, state, range(first + 1, first + spawns + 1))
 
 
 def remove_leftovers(name: str, state: Path, ports) -> None:
     """Instances outlive their infra by design; a failed run must not leave any behind."""
     if name == "process":
-        from dockpart.drivers.process import _thd_scan
-        for pids in _thd_scan(str(state.resolve())).values():
-            for pid in pids:
-                os.kill(pid, signal.SIGTERM)
+        kill_instances(state)
         return
     import docker
     from dockpart.drivers import instance_name
@@ -208,8 +145,8 @@ def remove_leftovers(name: str, state: Path, ports) -> None:
                                                          "label": "dockpart.managed=true"}):
                 service.remove()
             # Swarm removes the task's container a moment later; the swarm may be left next.
-            wait(lambda: not client.containers.list(
-                all=True, filters={"label": f"dockpart.port={port}"}), 60, "the task to go")
+            wait_for(lambda: not client.containers.list(
+                all=True, filters={"label": f"dockpart.port={port}"}), 60, what="the task to go")
         for c in client.containers.list(all=True, filters={"name": f"^{instance_name(port)}$",
                                                            "label": "dockpart.managed=true"}):
             c.remove(force=True)
@@ -236,7 +173,7 @@ def main():
     print(f"\n{'setup':<10} {'median s':>9} {'worst s':>9}")
     for name, times in results.items():
         print(f"{name:<10} {statistics.median(times):>9.2f} {max(times):>9.2f}")
-    print(f"(logs in {log_dir})")
+    print(f"(the instances' logs are in {log_dir})")
 
 
 if __name__ == "__main__":

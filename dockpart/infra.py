@@ -108,8 +108,10 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
             raise usage.UsageError(f"--driver {self['driver']!r}: choose {' or '.join(DRIVERS)}")
         if self["rebuild"] and self["driver"] != "docker":
             raise usage.UsageError("--rebuild only applies to --driver docker")
-        self["port-range"] = _port_range(self["port-range"]
-                                         or f"{self['first-port'] + 1}-{MAX_PORT}")
+        first = self["first-port"]
+        if not 1 <= first <= MAX_PORT:
+            raise usage.UsageError(f"--first-port {first}: need 1 to {MAX_PORT}")
+        self["port-range"] = _port_range(self["port-range"] or f"{first + 1}-{MAX_PORT}")
         for name in ("interval", "reconcile-interval", "spawn-timeout", "stop-timeout", "retry-max",
                      "lease", "probe-timeout"):
             if self[name] <= 0:

@@ -5,7 +5,9 @@ The policy is the Kubernetes Horizontal Pod Autoscaler's, on requests in flight 
 the target, at most double (or +step) per scale-up, a short cooldown between scale-ups, and a
 long stabilisation before scaling down (the highest recommendation over the window wins, so a
 dip does not shed instances).  Instances still spawning count toward ``current`` and carry no
-load yet, so a warming instance is never spawned twice.
+load yet, so a warming instance is never spawned twice.  A spawn that was dead-lettered holds
+further scale-ups for a while that doubles with each failure in a row: asking again after
+every cooldown would only fail the same way (a broken image, a port taken by a stranger).
 
 :class:`Policy` is the arithmetic (no I/O; tested with ``Clock``).  :class:`Autoscaler` is the
 service: while this infra holds the lease it reads every proxy's report, asks the policy and
@@ -20,6 +22,7 @@ import random
 from collections import deque
 from dataclasses import asdict, dataclass
 
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -32,6 +35,10 @@ from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Decisions kept in keys.AUTOSCALE_DECISIONS.
 DECISIONS_KEPT = 50
+#: Newest dead letters read per evaluation, to learn of spawns that failed.
+LETTERS_READ = 20
+#: Longest part of a dead letter's reason quoted in a decision.
+REASON_QUOTED = 120
 
 # KEYS: decisions, desired; ARGV: the record ('' for none), desired, how many records to keep.
 _RECORD = """
@@ -52,6 +59,8 @@ class Settings:
     step: int = 4  # a scale-up may add max(current, step) instances
     cooldown: float = 5.0  # seconds between scale-ups
     window: float = 60.0  # scale-down stabilisation, seconds
+    failed_spawn_hold: float = 10.0  # no scale-up this long after a dead-lettered spawn,
+    failed_spawn_hold_max: float = 300.0  # doubling with each failure in a row up to this
 
 
 @dataclass(frozen=True)
@@ -87,16 +96,40 @@ class Policy:
         self.started = clock.seconds()
         self.recommendations: deque[tuple[float, int]] = deque()
         self.last_scale_up = -math.inf
+        self.failures = 0  # dead-lettered spawns noticed in a row, with no success between
+        self.failure_reason = ""
+        self.held_until = -math.inf  # no scale-up before this, after a failed spawn
+        self._hold = backoffPolicy(settings.failed_spawn_hold, settings.failed_spawn_hold_max,
+                                   factor=2.0, jitter=lambda: 0.0)
 
     def restart(self) -> None:
         """Forget the history (this infra just took the lease: it saw none of it)."""
         self.started = self.clock.seconds()
         self.recommendations.clear()
         self.last_scale_up = -math.inf
+        self.spawns_succeed()
 
-    def unknown(self, reason: str, observed: Observed | None = None) -> Decision:
-        current = observed.ready + observed.spawning if observed else 0
-        return Decision(self.clock.seconds(), current, observed.spawning if observed else 0, 0, None,
+    def spawn_failed(self, reason: str) -> float:
+        """A spawn was dead-lettered: hold scale-ups (longer for each failure in a row).
+
+        Returns the seconds held from now.
+        """
+        hold = self._hold(self.failures)
+        self.failures += 1
+        self.failure_reason = reason
+        self.held_until = self.clock.seconds() + hold
+        return hold
+
+    def spawns_succeed(self) -> None:
+        """A scale-up after the last failure went through: the next failure holds briefly."""
+        self.failures = 0
+        self.failure_reason = ""
+        self.held_until = -math.inf
+
+    def unknown(self, reason: str, seen: Observed) -> Decision:
+        """No decision: the size stays what it is, whatever the load might be."""
+        current = seen.ready + seen.spawning
+        return Decision(self.clock.seconds(), current, seen.spawning, 0, None,
                         self.settings.target, current, "none", reason)
 
     def decide(self, seen: Observed, low: int | None = None, high: int | None = None) -> Decision:
@@ -135,6 +168,11 @@ class Policy:
                             s.target, desired, action, reason)
 
         if wanted > current:
+            held = self.held_until - now
+            if held > 0:
+                return decision(current, "hold", f"wants {wanted}; a spawn was dead-lettered "
+                                                 f"({self.failure_reason}), next try in "
+                                                 f"{held:.1f} s")
             wait = self.last_scale_up + s.cooldown - now
             if wait > 0:
                 return decision(current, "hold", f"wants {wanted}; scale-up cooldown, "
@@ -214,9 +252,7 @@ class Autoscaler(Service):
     log = Logger()
 
     def __init__(self, redis: RedisService, worker, policy: Policy, *, host: str, first_port: int,
-                 max_port: int = tier.MAX_PORT, interval: float = 2.0, clock=None):
-        if clock is None:
-            from twisted.internet import reactor as clock
+                 max_port: int = tier.MAX_PORT, interval: float = 2.0, clock):
         self.redis = redis
         self.worker = worker  # has .leased
         self.policy = policy
@@ -228,7 +264,9 @@ class Autoscaler(Service):
         self._last: tuple | None = None  # (action, desired) of the last decision recorded
         self._bad_limits: str | None = None
         self._redis_down = False
-        self._busy = False
+        self._evaluation: defer.Deferred | None = None  # under way
+        self._letters_seen = clock.seconds()  # dead letters up to this time are known
+        self._last_up = -math.inf  # when this autoscaler last asked for spawns
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock
         self.interval = interval
@@ -243,25 +281,29 @@ class Autoscaler(Service):
         self._loop.start(self.interval, now=False)
 
     def stopService(self):
+        """Stop evaluating; one under way ends here too, so a stopped infra asks for nothing."""
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        if self._evaluation is not None:
+            self._evaluation.cancel()
 
     def tick(self) -> defer.Deferred | None:
         """One evaluation unless one is still running; never raises (the loop must go on)."""
-        if self._busy:
+        if self._evaluation is not None:
             return None
-        self._busy = True
-        d = defer.ensureDeferred(self.evaluate())
+        d = self._evaluation = defer.ensureDeferred(self.evaluate())
         d.addErrback(self._failed)
         d.addBoth(self._done)
         return d
 
     def _done(self, result):
-        self._busy = False
+        self._evaluation = None
         return result
 
     def _failed(self, failure) -> None:
+        if failure.check(defer.CancelledError):
+            return  # stopped
         if failure.check(RedisUnavailable):
             if not self._redis_down:
                 self._redis_down = True
@@ -275,15 +317,17 @@ class Autoscaler(Service):
         if leased != self._leased:
             self._leased = leased
             self.policy.restart()
+            self._letters_seen = self.clock.seconds()
         if not leased:
             return None
         low, high = await self.limits()
-        lists = {key: await self.redis.call("LRANGE", key, 0, -1)
-                 for key in (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING,
-                             keys.DESTROY_QUEUE, keys.DESTROYING)}
+        lists = await tier.snapshot(self.redis)
+        # After the lists: a spawn that left them for the dead letters is among these.
+        letters = await self.redis.call("LRANGE", keys.DEAD_LETTERS, 0, LETTERS_READ - 1)
         reports = await read_reports(self.redis, self.clock.seconds())
         self._redis_down = False
         seen = observe(lists, reports)
+        self._learn_from_spawns(letters, seen)
         if not reports:
             decision = self.policy.unknown(
                 f"no load figures (no proxy reported in the last {load.REPORT_TTL:g} s)", seen)
@@ -291,10 +335,38 @@ class Autoscaler(Service):
             decision = self.policy.decide(seen, low, high)
         await self._record(decision)
         if decision.action == "up":
+            self._last_up = self.clock.seconds()
             await self._spawn(decision.desired - decision.current, decision.desired, high)
         elif decision.action == "down":
             await self._destroy(decision.current - decision.desired)
         return decision
+
+    def _learn_from_spawns(self, raw_letters: list[str], seen: Observed) -> None:
+        """Hold scale-ups after a spawn newer than the last one known was dead-lettered;
+        end the hold once a scale-up asked for after it has no spawn left and no letter."""
+        newest = None
+        for raw in raw_letters:
+            try:
+                letter = json.loads(raw)
+                at = float(letter["time"])
+            except (TypeError, ValueError, KeyError):
+                continue  # not a worker's letter: not ours to judge
+            if letter.get("queue") == "spawn" and at > self._letters_seen \
+                    and (newest is None or at > newest[0]):
+                newest = (at, letter)
+        if newest is not None:
+            self._letters_seen, letter = newest
+            reason = str(letter.get("reason", ""))
+            if len(reason) > REASON_QUOTED:
+                reason = reason[:REASON_QUOTED - 3] + "..."
+            hold = self.policy.spawn_failed(reason)
+            self.log.warn("autoscale: the spawn of {entry} was dead-lettered ({reason}); no "
+                          "scale-up for {hold:g} s ({n} failed in a row)",
+                          entry=letter.get("entry"), reason=reason, hold=hold,
+                          n=self.policy.failures)
+        elif self.policy.failures and not seen.spawning and self._last_up > self._letters_seen:
+            self.policy.spawns_succeed()
+            self.log.info("autoscale: spawns succeed again")
 
     async def limits(self) -> tuple[int, int]:
         """min/max from keys.AUTOSCALE_LIMITS when valid there, else the options'."""

@@ -16,7 +16,6 @@ again, and is not destroyed), and replaces an instance that exited.
 import json
 import os
 import socket
-import time
 import uuid
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -144,7 +143,9 @@ class Outage:
 
 
 def retry_policy(most: float):
-    """Seconds to wait before retry number ``attempt`` (from 0): doubling, at most ``most``."""
+    """The wait before each retry while the engine or Redis is away, as a function of the
+    attempt (from 0): RETRY_FIRST, doubling, never more than ``most``, without jitter (one
+    infra retries; there is no crowd to spread)."""
     return backoffPolicy(RETRY_FIRST, most, factor=2.0, jitter=lambda: 0.0)
 
 
@@ -162,9 +163,7 @@ class Worker(Service):
     def __init__(self, redis: RedisService, driver, rules: EntryRules, *, interval: float = 0.2,
                  reconcile_interval: float = 2.0, drain: float = 3.0, spawn_timeout: float = 30.0,
                  max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0,
-                 probe_timeout: float = 1.0, keep_count: bool = True, probe=None, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+                 probe_timeout: float = 1.0, keep_count: bool = True, probe=None, reactor):
         self.redis = redis
         self.driver = driver
         self.rules = rules
@@ -187,12 +186,14 @@ class Worker(Service):
         self.outages = {Unavailable: Outage(f"the {driver.name} driver's engine", reactor),
                         RedisUnavailable: Outage("Redis", reactor)}
         self._tasks: set[defer.Deferred] = set()
+        self._passes: set[defer.Deferred] = set()  # reconcile passes under way
         self._inflight: Counter = Counter()  # (queue, entry) pairs in hand
         self._locks: dict[int, defer.DeferredLock] = {}
         self._recovery: list[defer.Deferred] | None = None
         self._reconciling = defer.DeferredLock()  # one pass at a time
         self._retry_delay = retry_policy(retry_max)
         self._redis_failures = 0  # in a row, for the next take's delay
+        self._take_error: str | None = None  # the last one logged, until a take works
         self._next_take = 0.0
         self._loops = [LoopingCall(self._tick), LoopingCall(self._reconcile_tick)]
         for loop in self._loops:
@@ -220,7 +221,8 @@ class Worker(Service):
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        tasks = list(self._tasks)
+        # A pass left running would list or unlist instances after the stop.
+        tasks = [*self._tasks, *self._passes]
         for task in tasks:
             task.cancel()
         done = defer.DeferredList(tasks)
@@ -244,8 +246,11 @@ class Worker(Service):
             self.outages[RedisUnavailable].failed(failure.value)
             self._next_take = self.reactor.seconds() + self._retry_delay(self._redis_failures)
             self._redis_failures += 1
-        else:
-            self.log.failure("taking requests", failure)
+        elif failure.getErrorMessage() != self._take_error:
+            # Once, not every --interval: a broken queue key would flood the log.
+            self._take_error = failure.getErrorMessage()
+            self.log.failure("taking requests (said once until it works or fails otherwise)",
+                             failure)
 
     async def _hold_lease(self) -> bool:
         """Renew this infra's lease on the queues; whether it holds it."""
@@ -264,10 +269,18 @@ class Worker(Service):
         return self._leased
 
     async def _take(self) -> None:
-        if not await self._hold_lease():
+        # After each wait for Redis: stopped meanwhile, nothing new begins (stopService
+        # cancelled what was in hand; an entry just moved waits in processing for the next start).
+        if not await self._hold_lease() or not self.running:
             return
         if self._recovery is None:
-            await self._recover()
+            left = await self._left_in_processing()
+            if not self.running:
+                return
+            if left:
+                self.log.info("finishing {n} request(s) left in processing from before",
+                              n=len(left))
+            self._recovery = [self._begin(queue, entry) for queue, entry in left]
         if any(not d.called for d in self._recovery):
             return  # what was left from before is finished first
         more = True
@@ -278,13 +291,19 @@ class Worker(Service):
                     break
                 entry = await self.redis.call("LMOVE", queue.waiting, queue.processing,
                                               "RIGHT", "LEFT")
+                if not self.running:
+                    return
                 if entry is not None:
                     self._begin(queue, entry)
                     more = True
         self.outages[RedisUnavailable].ok()
         self._redis_failures = 0
+        if self._take_error is not None:
+            self._take_error = None
+            self.log.info("taking requests works again")
 
-    async def _recover(self) -> None:
+    async def _left_in_processing(self) -> list[tuple[Queue, str]]:
+        """What processing holds that is not in hand here, oldest first."""
         left = []
         busy = Counter(self._inflight)
         for queue in QUEUES:
@@ -292,10 +311,8 @@ class Worker(Service):
                 if busy[queue, entry]:
                     busy[queue, entry] -= 1  # still in hand here (the lease came back)
                 else:
-                    left.append((queue, entry))  # oldest first
-        if left:
-            self.log.info("finishing {n} request(s) left in processing from before", n=len(left))
-        self._recovery = [self._begin(queue, entry) for queue, entry in left]
+                    left.append((queue, entry))
+        return left
 
     def _begin(self, queue: Queue, entry: str) -> defer.Deferred:
         self._inflight[queue, entry] += 1
@@ -367,7 +384,7 @@ class Worker(Service):
         self.log.warn("dead-lettered {queue} request {entry!r}: {reason}",
                       queue=queue.name, entry=entry, reason=reason)
         letter = json.dumps({"queue": queue.name, "entry": entry, "reason": reason,
-                             "time": time.time()})
+                             "time": self.reactor.seconds()})
         await self._retrying(lambda: self.redis.eval(
             _DEAD_LETTER, [queue.processing, keys.DEAD_LETTERS], [entry, letter]))
 
@@ -420,10 +437,16 @@ class Worker(Service):
 
     def _reconcile_tick(self):
         d = defer.ensureDeferred(self.reconcile())
+        self._passes.add(d)
         d.addErrback(self._reconcile_failed)
+        d.addBoth(lambda _: self._passes.discard(d))
         return d
 
     def _reconcile_failed(self, failure):
+        if failure.check(defer.FirstError):  # from the probes, gathered
+            failure = failure.value.subFailure
+        if failure.check(defer.CancelledError):
+            return  # stopped
         if failure.check(Unavailable, RedisUnavailable):
             self.outages[failure.type].failed(failure.value)
         else:  # logged, never raised: that would stop the LoopingCall for good
@@ -442,10 +465,9 @@ class Worker(Service):
                 await self._reconcile()
 
     async def _reconcile(self) -> None:
-        # servers first, instances second: an instance registered in between is never dropped.
-        lists = {key: await self.redis.call("LRANGE", key, 0, -1)
-                 for key in (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING,
-                             keys.DESTROY_QUEUE, keys.DESTROYING)}
+        # The lists (as of one moment) first, instances second: an instance registered in
+        # between is never dropped.
+        lists = await tier.snapshot(self.redis)
         instances = await self.driver.managed()
         pending = {self.rules.owns(url) for key, urls in lists.items() if key != keys.SERVERS
                    for url in urls}
@@ -495,7 +517,8 @@ class Worker(Service):
         ports = sorted(candidates)
         answers = await defer.gatherResults(
             [defer.ensureDeferred(self.probe(self.reactor, port, candidates[port][1]))
-             for port in ports])
+             for port in ports],
+            consumeErrors=True)
         for port, answered in zip(ports, answers):
             url = candidates[port][0]
             # Asked again after the probe: a destroy taken meanwhile must not see it come back.

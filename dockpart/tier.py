@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 from dockpart import keys
 from dockpart.redisconn import RedisService
 
-#: The first instance: never destroyed, registers itself at start.
+#: The first instance's port: no daemon starts or destroys it; it keeps itself in ``servers``.
 FIRST_PORT = 3000
 
-#: Ports an instance may take (the first port up to the last unprivileged one).
+#: The highest TCP port: spawned instances take ports above the first one up to it.
 MAX_PORT = 65535
 
 
@@ -131,6 +131,16 @@ return 'ok'
 """
 
 
+_SNAPSHOT = """
+local lists = {}
+for i, key in ipairs(KEYS) do lists[i] = redis.call('LRANGE', key, 0, -1) end
+return lists
+"""
+
+#: The lists an instance moves through: asked for, being spawned, live, leaving.
+TIER_LISTS = (keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING, keys.DESTROY_QUEUE, keys.DESTROYING)
+
+
 class InstancesFull(Exception):
     """The ceiling on instances is reached."""
 
@@ -163,8 +173,17 @@ def replace(redis: RedisService, urls: list[str], list_key: str):
     return redis.eval(_REPLACE, [list_key, keys.changes_channel(list_key)], urls)
 
 
+async def snapshot(redis: RedisService) -> dict[str, list[str]]:
+    """Every list of :data:`TIER_LISTS` as of one moment.
+
+    Read one by one, an instance that moved from "spawning" to ``servers`` between two
+    reads was in neither, and the tier looked one instance smaller than it was.
+    """
+    return dict(zip(TIER_LISTS, await redis.eval(_SNAPSHOT, TIER_LISTS)))
+
+
 async def request_spawn(redis: RedisService, host: str, first_port: int,
-                        max_instances: int, max_port: int = 65535) -> str:
+                        max_instances: int, max_port: int = MAX_PORT) -> str:
     """Queue a new instance one port above the highest in use; return its URL."""
     status, value = await redis.eval(
         _REQUEST_SPAWN,

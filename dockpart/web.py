@@ -23,7 +23,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from dockpart import keys, tier
-from dockpart.tier import FIRST_PORT, instance_url
+from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
 from dockpart.listening import Listener, server_endpoint, with_backlog
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 
@@ -132,13 +132,13 @@ class WebApp(Resource):
 
     isLeaf = True
     log = Logger()
-    clock = None  # the reactor unless a test sets one
 
     def __init__(self, redis: RedisService, advertise_host: str, first_port: int,
                  max_instances: int, max_upload: int, max_queued_images: int = 20,
-                 scale_token: str | None = None):
+                 scale_token: str | None = None, *, reactor):
         super().__init__()
         self.redis = redis
+        self.reactor = reactor  # /work's timer
         self.advertise_host = advertise_host
         self.first_port = first_port
         self.max_instances = max_instances
@@ -220,7 +220,8 @@ class WebApp(Resource):
         return await handler(request, *args)
 
     async def record(self, request) -> None:
-        host = (request.getHeader("host") or self.url or "").removeprefix("http://")
+        host = ((request.getHeader(b"host") or b"").decode("utf-8", "replace")
+                or (self.url or "").removeprefix("http://"))
         url = f"http://{host}{_without_token(request.uri).decode('utf-8', 'replace')}"
         await self.redis.eval(_RECORD, [keys.RECENT], [url, RECENT_COUNT])
 
@@ -290,10 +291,11 @@ class WebApp(Resource):
         (``?token=`` or ``Authorization: Bearer``), compared in constant time."""
         if self.scale_token is None:
             return True
-        scheme, _, credentials = (request.getHeader("authorization") or "").partition(" ")
+        # Headers as bytes: a value that is not UTF-8 is a wrong token, not an error.
+        scheme, _, credentials = (request.getHeader(b"authorization") or b"").partition(b" ")
         given = [*request.args.get(TOKEN_PARAM, [])]
-        if scheme.lower() == "bearer":
-            given.append(credentials.strip().encode())
+        if scheme.lower() == b"bearer":
+            given.append(credentials.strip())
         return any(hmac.compare_digest(token, self.scale_token) for token in given)
 
     @staticmethod
@@ -326,14 +328,12 @@ class WebApp(Resource):
         return message("Destroy requested", f"Requested removal of the instance at {url}.", 202)
 
     async def listservers(self, request) -> Reply:
-        live = await self.redis.call("LRANGE", keys.SERVERS, 0, -1)
-        spawning = (await self.redis.call("LRANGE", keys.SPAWN_QUEUE, 0, -1)
-                    + await self.redis.call("LRANGE", keys.SPAWNING, 0, -1))
-        destroying = (await self.redis.call("LRANGE", keys.DESTROY_QUEUE, 0, -1)
-                      + await self.redis.call("LRANGE", keys.DESTROYING, 0, -1))
+        lists = await tier.snapshot(self.redis)
+        live = lists[keys.SERVERS]
+        spawning = lists[keys.SPAWN_QUEUE] + lists[keys.SPAWNING]
+        destroying = lists[keys.DESTROY_QUEUE] + lists[keys.DESTROYING]
         autoscale = await self._autoscale()
-        accept = request.getHeader("accept") or ""
-        if "application/json" in accept:
+        if b"application/json" in (request.getHeader(b"accept") or b""):
             body = json.dumps({"servers": live, "spawning": spawning, "destroying": destroying,
                                "autoscale": autoscale})
             return Reply(200, body + "\n", "application/json")
@@ -364,8 +364,7 @@ class WebApp(Resource):
         if not raw.isdigit() or int(raw) > MAX_WORK_MS:
             return message("Bad request", f"ms must be a whole number from 0 to {MAX_WORK_MS}.",
                            400)
-        from twisted.internet import reactor
-        await task.deferLater(self.clock or reactor, int(raw) / 1000)
+        await task.deferLater(self.reactor, int(raw) / 1000)
         return Reply(200, f"worked {raw} ms\n", "text/plain; charset=utf-8")
 
 
@@ -392,13 +391,12 @@ class FirstInstanceRegistration(Service):
 
     log = Logger()
 
-    def __init__(self, listener: Listener, app: WebApp, interval: float = 1.0, reactor=None):
+    def __init__(self, listener: Listener, app: WebApp, interval: float, *, reactor):
         self.listener = listener
         self.app = app
         self.interval = interval
         self.registration = LoopingCall(self._register)
-        if reactor is not None:
-            self.registration.clock = reactor
+        self.registration.clock = reactor
         self._registered_before = False
         self._failing = False
 
@@ -492,6 +490,8 @@ class Options(RedisOptions):
             self["listen"] = f"tcp:{port}:interface=127.0.0.1"
         self["max-upload"] = _size("max-upload", self["max-upload"])
         self["scale-token"] = self["scale-token"] or os.environ.get(SCALE_TOKEN_ENV) or None
+        if not 1 <= self["first-port"] <= MAX_PORT:
+            raise usage.UsageError(f"--first-port {self['first-port']}: need 1 to {MAX_PORT}")
         if self["max-instances"] < 1:
             raise usage.UsageError("--max-instances must be at least 1")
         if self["max-queued-images"] < 1:
@@ -508,7 +508,7 @@ def makeService(config, reactor=None):
     redis.setServiceParent(top)
     app = WebApp(redis, config["advertise-host"], config["first-port"],
                  config["max-instances"], config["max-upload"], config["max-queued-images"],
-                 config["scale-token"])
+                 config["scale-token"], reactor=reactor)
     endpoint = server_endpoint(reactor, "listen", with_backlog(config["listen"]))
     listener = Listener("dockpart-web", endpoint, WebSite(app, config["max-upload"]))
     listener.setServiceParent(top)

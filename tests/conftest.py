@@ -19,3 +19,12 @@ def redis_db(redis_server):
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of the test's own, to restart, flush, count commands on, or give an
+    infra of its own (one infra per Redis)."""
+    server = RedisProcess().start()
+    yield server
+    server.stop()

@@ -1,12 +1,6 @@
-"""A real tier with the dashboard on, and load reports in the proxies' format.
+"""A real tier with the dashboard on, and traffic through its real proxy, whose own load
+reports (dockpart/proxy_load.py) the dashboard shows."""
 
-The proxy's own load publisher (dockpart/proxy_load.py, the autoscaling issue) is not on this
-branch yet, so :class:`LoadReporter` stands in for it: it sends real requests through the real
-dockpart-proxy, learns from each page which instance served it, and publishes what it saw
-exactly as :mod:`dockpart.load` describes.
-"""
-
-import json
 import os
 import random
 import threading
@@ -16,15 +10,14 @@ from pathlib import Path
 
 import requests
 
-from dockpart import keys, load
-from helpers import SERVED_BY, Daemon, RedisProcess, free_port, port_open, start_web
+from helpers import Daemon, RedisProcess, free_port, port_open, start_web
 
 RUN = 20  # ports after the first instance's that spawned instances may take
 
 
 def instance_ports() -> int:
     """A first port and RUN free ones after it, below Linux's ephemeral range (32768-60999):
-    the load reporter's many connections take ephemeral ports, and an instance could not
+    the traffic's many connections take ephemeral ports, and an instance could not
     listen on one of those."""
     for _ in range(100):
         first = random.randrange(20000, 32768 - RUN - 1)
@@ -82,65 +75,30 @@ def stop_managed(state_dir: Path) -> None:
         time.sleep(0.05)
 
 
-class LoadReporter:
-    """Requests through the proxy, published each ``interval`` as one proxy's load report."""
+class Traffic:
+    """Requests through the proxy, one at a time, until stopped: the proxy publishes its own
+    load report (dockpart/proxy_load.py) of what it forwarded."""
 
-    def __init__(self, redis: RedisProcess, proxy_base: str, interval: float = 0.5,
-                 proxy_id: str = "test-reporter"):
-        self.redis = redis.client()
+    def __init__(self, proxy_base: str):
         self.proxy_base = proxy_base
-        self.interval = interval
-        self.proxy_id = proxy_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "LoadReporter":
+    def start(self) -> "Traffic":
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
-        self.redis.close()
 
     def _run(self) -> None:
-        session = requests.Session()
-        while not self._stop.is_set():
-            began = time.time()
-            seen: dict[str, dict] = {}
-            while time.time() - began < self.interval and not self._stop.is_set():
-                start = time.monotonic()
+        with requests.Session() as session:
+            while not self._stop.wait(0.02):
                 try:
-                    page = session.get(self.proxy_base + "/", timeout=2)
+                    session.get(self.proxy_base + "/", timeout=2)
                 except requests.RequestException:
-                    continue
-                match = SERVED_BY.search(page.text)
-                if not match:
-                    continue
-                figures = seen.setdefault(match.group(1), _figures())
-                figures["requests"] += 1
-                spent = time.monotonic() - start
-                figures["latency_sum"] += spent
-                figures["latency_buckets"][load.bucket_of(spent)] += 1
-                time.sleep(0.02)
-            for url in self.redis.lrange(keys.SERVERS, 0, -1):
-                seen.setdefault(url, _figures())
-            self.publish(seen, began)
-        session.close()
-
-    def publish(self, backends: dict, began: float) -> None:
-        now = time.time()
-        report = {"proxy": self.proxy_id, "time": now, "interval": now - began,
-                  "list": keys.SERVERS, "backends": backends}
-        pipe = self.redis.pipeline()
-        pipe.set(keys.proxy_load(self.proxy_id), json.dumps(report), px=int(load.REPORT_TTL * 1000))
-        pipe.zadd(keys.LOAD_PROXIES, {self.proxy_id: now})
-        pipe.execute()
-
-
-def _figures() -> dict:
-    return {"requests": 0, "errors": 0, "latency_sum": 0.0,
-            "latency_buckets": load.empty_buckets(), "inflight": 0, "healthy": True}
+                    pass
 
 
 @dataclass
@@ -149,7 +107,7 @@ class Tier:
     web: Daemon
     infra: Daemon
     proxy: Daemon
-    reporter: LoadReporter
+    traffic: Traffic
     state_dir: Path
     first: int
 
@@ -157,7 +115,7 @@ class Tier:
         return f"http://127.0.0.1:{port}"
 
     def stop(self) -> None:
-        for part in (self.reporter, self.proxy, self.infra, self.web):
+        for part in (self.traffic, self.proxy, self.infra, self.web):
             try:
                 part.stop()
             except Exception:  # stop the rest whatever one of them does
@@ -180,11 +138,11 @@ def start_tier(state_dir: Path, *infra_args: str, token: str | None = None) -> T
         parts.append(infra)
         proxy = start_proxy(redis.url)
         parts.append(proxy)
-        reporter = LoadReporter(redis, proxy.base).start()
+        traffic = Traffic(proxy.base).start()
     except BaseException:
         for part in parts:
             part.stop()
         stop_managed(state_dir)
         redis.stop()
         raise
-    return Tier(redis, web, infra, proxy, reporter, state_dir, first)
+    return Tier(redis, web, infra, proxy, traffic, state_dir, first)

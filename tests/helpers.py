@@ -1,6 +1,7 @@
 """Real parts for tests: free ports, a redis-server, a twistd daemon, bounded waits."""
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -34,6 +35,16 @@ def free_port_run(count: int) -> int:
         if first + count < 65536 and not any(port_open(p) for p in range(first + 1, first + count)):
             return first
     raise AssertionError(f"no run of {count} free ports found")
+
+
+def port_block(count: int) -> int:
+    """A first port with ``count`` free ones from it, below the ephemeral range (32768 up):
+    the load's own connections cannot take a port an instance is about to listen on."""
+    for _ in range(100):
+        first = random.randrange(30000, 32700 - count)
+        if not any(port_open(p) for p in range(first, first + count)):
+            return first
+    raise AssertionError(f"no block of {count} free ports in 30000-32700")
 
 
 class GaveUp(AssertionError):
@@ -156,6 +167,41 @@ class Daemon:
         return code
 
 
+def instance_pids(port: int) -> list[int]:
+    """Processes whose command line makes them listen on ``port``, read from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if f"tcp:{port}:interface=127.0.0.1".encode() in argv and state != b"Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_instances(state_dir: Path) -> None:
+    """Stop every instance an infra (process driver) started with ``state_dir``: they outlive
+    the infra by design.
+
+    Their files go first: an instance with a file and no process exited, and a running
+    infra would replace it.
+    """
+    for marker in state_dir.glob("dockpart-web-*.instance"):
+        marker.unlink()
+    for log in state_dir.glob("dockpart-web-*.log"):
+        port = int(log.stem.rsplit("-", 1)[1])
+        for pid in instance_pids(port):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not instance_pids(port), 10, what=f"instance on {port} to exit")
+
+
 def png_bytes(size: int = 0) -> bytes:
     """A real 1x1 PNG, padded with an ancillary chunk to reach about ``size`` bytes."""
     def chunk(kind, data):
@@ -173,3 +219,14 @@ def start_web(redis_url: str, *args: str, port: int | None = None, env: dict | N
     daemon.port = port
     daemon.base = f"http://127.0.0.1:{port}"
     return daemon.start()
+
+
+class SyncRedis:
+    """``redis.call`` over a redis-py client, so dockpart's readers (``read_reports``) run in
+    a test or a benchmark without a reactor."""
+
+    def __init__(self, client: redis_py.Redis):
+        self.client = client
+
+    async def call(self, *args):
+        return self.client.execute_command(*args)

@@ -10,8 +10,8 @@ import requests
 from dockerkit import docker_client
 from dockpart import keys
 from dockpart.drivers import instance_name
-from helpers import ROOT, Daemon, start_web, wait_for
-from test_autoscale import LoadGenerator, port_block, start_proxy
+from helpers import ROOT, Daemon, port_block, start_web, wait_for
+from test_autoscale import LoadGenerator, start_proxy
 
 pytestmark = pytest.mark.docker
 

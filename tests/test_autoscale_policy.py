@@ -150,3 +150,15 @@ def test_defaults():
     assert not config["autoscale"]
     assert (config["min-instances"], config["max-instances"], config["scale-down-window"]) \
         == (1, 10, 60.0)
+
+
+def test_a_failed_spawn_holds_scale_ups_doubling_up_to_the_most_and_success_resets_it():
+    p, clock = policy(cooldown=0, failed_spawn_hold=10, failed_spawn_hold_max=25)
+    assert [p.spawn_failed("no answer") for _ in range(3)] == [10, 20, 25]
+    clock.advance(24)
+    d = p.decide(Observed(1, 0, 40))
+    assert d.action == "hold" and "dead-lettered (no answer), next try in 1.0 s" in d.reason
+    clock.advance(1)
+    assert p.decide(Observed(1, 0, 40)).action == "up"
+    p.spawns_succeed()
+    assert p.spawn_failed("no answer") == 10

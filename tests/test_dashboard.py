@@ -270,7 +270,7 @@ def test_while_redis_is_away_the_dashboard_says_so_and_buttons_answer_503(tmp_pa
     try:
         wait_for(lambda: state(tier.infra.base)["tier"]["proxies"], 10, what="a first look")
         csrf = state(tier.infra.base)["csrf"]
-        tier.reporter.stop()
+        tier.traffic.stop()
         tier.redis.stop()
         snapshot = wait_for(lambda: (s := state(tier.infra.base))["error"] and s, 15,
                             what="the dashboard to notice")

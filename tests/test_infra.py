@@ -14,7 +14,8 @@ import requests
 from twisted.python import usage
 
 from dockpart import infra, infra_worker, keys
-from helpers import Daemon, RedisProcess, free_port, port_open, start_web, wait_for
+from helpers import (Daemon, RedisProcess, free_port, instance_pids, kill_instances,
+                     port_open, start_web, wait_for)
 
 #: The module infra's first port: nothing listens there (a test that needs a first instance
 #: runs an infra of its own).
@@ -25,40 +26,6 @@ def url_of(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def instance_pids(port: int) -> list[int]:
-    """Processes whose command line makes them listen on ``port``, read from /proc."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if f"tcp:{port}:interface=127.0.0.1".encode() in argv and state != b"Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_instances(state_dir: Path) -> None:
-    """Stop every instance a test's infra started (they outlive the infra by design).
-
-    Their files go first: an instance with a file and no process exited, and a running
-    infra would replace it.
-    """
-    for marker in state_dir.glob("dockpart-web-*.instance"):
-        marker.unlink()
-    for log in state_dir.glob("dockpart-web-*.log"):
-        port = int(log.stem.rsplit("-", 1)[1])
-        for pid in instance_pids(port):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_for(lambda: not instance_pids(port), 10, what=f"instance on {port} to exit")
-
-
 def start_infra(redis_url: str, state_dir: Path, *args: str) -> Daemon:
     return Daemon("dockpart-infra", "--driver", "process", "--redis", redis_url,
                   "--state-dir", str(state_dir), "--port-range", "1024-65535",
@@ -66,14 +33,6 @@ def start_infra(redis_url: str, state_dir: Path, *args: str) -> Daemon:
                   "--reconcile-interval", "1", "--probe-timeout", "0.5", "--spawn-timeout", "20",
                   "--lease", "2", *args,
                   ready="dockpart-infra started").start()
-
-
-@pytest.fixture
-def own_redis():
-    """A Redis of the test's own: one infra per Redis, and the module's infra is running."""
-    server = RedisProcess().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +83,8 @@ def wait_registered(redis_db, urls, timeout=20.0):
     (["--probe-timeout", "-1"], "--probe-timeout must be positive"),
     (["--redis", "rediss://h"], "TLS"),
     (["--build-arg", "NOEQUALS"], "KEY=VALUE"),
+    (["--first-port", "0"], "--first-port 0: need 1 to 65535"),
+    (["--first-port", "70000"], "--first-port 70000: need 1 to 65535"),
 ])
 def test_bad_options_are_refused_with_a_reason(args, message):
     with pytest.raises(usage.UsageError, match=message):
@@ -304,11 +265,17 @@ def test_reconcile_adds_back_live_instances_and_drops_dead_entries(infra_d, redi
     assert f"added {url} back" in output and f"removed {ghost} from servers" in output
 
 
-def test_a_frozen_instance_leaves_servers_and_is_back_once_it_answers(infra_d, redis_db):
+def running_instance(redis_db) -> tuple[int, str, int]:
+    """An instance spawned and in servers: its port, URL and pid."""
     port = free_port()
     [url] = spawn(redis_db, port)
     wait_registered(redis_db, [url])
     [pid] = instance_pids(port)
+    return port, url, pid
+
+
+def test_a_frozen_instance_leaves_servers_and_is_back_once_it_answers(infra_d, redis_db):
+    port, url, pid = running_instance(redis_db)
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_for(lambda: url not in servers(redis_db), 10,
@@ -325,10 +292,7 @@ def test_a_frozen_instance_leaves_servers_and_is_back_once_it_answers(infra_d, r
 
 
 def test_a_killed_instance_is_replaced_on_its_port(infra_d, redis_db):
-    port = free_port()
-    [url] = spawn(redis_db, port)
-    wait_registered(redis_db, [url])
-    [pid] = instance_pids(port)
+    port, url, pid = running_instance(redis_db)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: instance_pids(port) not in ([], [pid]) and url in servers(redis_db), 30,
              what="a new instance on the port, in servers")

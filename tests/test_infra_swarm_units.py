@@ -161,7 +161,7 @@ def test_swarm_options_reach_the_driver_and_any_node_host_is_accepted():
     config.parseOptions(["--driver", "swarm", "--constraint", "node.labels.dockpart==web",
                          "--constraint", "node.role!=manager", "--max-per-node", "3",
                          "--instance-interface", "0.0.0.0", "--spawn-timeout", "12"])
-    driver = infra.make_driver(config, ThreadPoolService("test"), reactor)
+    driver = infra.make_driver(config, ThreadPoolService("test", reactor=reactor), reactor)
     assert isinstance(driver, SwarmDriver)
     assert driver.constraints == ["node.labels.dockpart==web", "node.role!=manager"]
     assert (driver.max_per_node, driver.interface, driver.place_timeout) == (3, "0.0.0.0", 12)

@@ -172,19 +172,33 @@ async def test_a_request_that_cannot_even_be_dead_lettered_is_logged_and_kept(re
         assert redis_db.lrange(keys.SPAWNING, 0, -1) == ["not a url"]
 
 
+class GatedProbe:
+    """A probe that says yes once ``gate`` fires; ``probing``: the ports it was asked about."""
+
+    def __init__(self):
+        self.gate = defer.Deferred()
+        self.probing = []
+
+    async def __call__(self, _reactor, port, _host):
+        self.probing.append(port)
+        await self.gate
+        return True
+
+
+def probing_an_unlisted_instance(redis_url: str) -> tuple[Setup, GatedProbe]:
+    """A worker whose first reconcile pass (the lease held) waits on the probe of 4001."""
+    probe = GatedProbe()
+    setup = Setup(redis_url, probe=probe)
+    setup.driver.running.add(4001)
+    return setup, probe
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_reconcile_that_overlaps_a_destroy_does_not_put_the_url_back(redis_db, redis_server):
-    gate = defer.Deferred()
-    probing = []
-
-    async def gated_probe(_reactor, port, _host):
-        probing.append(port)
-        await gate
-        return True
-    async with Setup(redis_server.url, probe=gated_probe) as s:
-        s.driver.running.add(4001)
-        # Holding the lease starts a reconcile: it finds 4001 unregistered and probes it.
-        await until(lambda: defer.succeed(probing == [4001]))
+    s, probe = probing_an_unlisted_instance(redis_server.url)
+    gate = probe.gate
+    async with s:
+        await until(lambda: defer.succeed(probe.probing == [4001]))
         redis_db.lpush(keys.DESTROY_QUEUE, URL)
         await until(lambda: defer.succeed(redis_db.llen(keys.DESTROYING) == 1))
         gate.callback(None)  # the probe answers while the destroy drains
@@ -273,3 +287,75 @@ async def test_a_spawn_that_never_answers_is_removed_and_dead_lettered(redis_db,
                                     "removed it")
         assert s.driver.started == [4001] and len(s.driver.removed) == 1
         assert await s.servers() == [] and redis_db.llen(keys.SPAWNING) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_taken_while_the_worker_stops_is_left_for_the_next_start(
+        redis_db, redis_server):
+    """The queue's LMOVE answers after stopService: nothing is begun (stopService could no
+    longer cancel it), the entry waits in processing, and the next start finishes it."""
+    redis_db.lpush(keys.SPAWN_QUEUE, URL)
+    s = Setup(redis_server.url)
+    call = s.redis.call
+    taken = defer.Deferred()
+
+    def stop_during_the_take(command, *args):
+        d = call(command, *args)
+        if command != "LMOVE" or taken.called:
+            return d
+        s.worker.stopService()  # while the LMOVE is on its way
+        handed = defer.Deferred()
+
+        def arrived(entry):
+            handed.callback(entry)  # the worker goes on from here, before the test does
+            taken.callback(entry)
+        d.addCallbacks(arrived, handed.errback)
+        return handed
+    s.redis.call = stop_during_the_take
+    async with s:
+        assert await taken == URL
+        assert not s.worker._tasks and s.driver.started == []  # nothing in hand
+    assert redis_db.lrange(keys.SPAWNING, 0, -1) == [URL]
+    async with Setup(redis_server.url) as again:
+        async def registered():
+            return URL in await again.servers()
+        await until(registered)
+        assert again.driver.started == [4001]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconcile_pass_under_way_ends_with_the_stop(redis_db, redis_server):
+    """Its probe answers after stopService: a stopped infra lists nothing."""
+    s, probe = probing_an_unlisted_instance(redis_server.url)
+    gate = probe.gate
+    async with s:
+        await until(lambda: defer.succeed(probe.probing == [4001]))
+        await s.worker.stopService()
+        if not gate.called:  # the stop cancelled the probe
+            gate.callback(None)
+        assert await s.servers() == []
+        assert not any("reconciling" in line for line in s.logs), s.logs  # a stop is no failure
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_that_cannot_be_read_is_logged_once_not_every_tick(redis_db, redis_server):
+    redis_db.set(keys.SPAWN_QUEUE, "not a list")  # every LMOVE fails with WRONGTYPE
+    s = Setup(redis_server.url)
+    call = s.redis.call
+    moves = []
+
+    def counted(command, *args):
+        if command == "LMOVE":
+            moves.append(args[0])
+        return call(command, *args)
+    s.redis.call = counted
+    async with s:
+        await until(lambda: defer.succeed(moves.count(keys.SPAWN_QUEUE) >= 20))
+        assert sum("taking requests" in line for line in s.logs) == 1
+        redis_db.delete(keys.SPAWN_QUEUE)
+        redis_db.lpush(keys.SPAWN_QUEUE, URL)
+
+        async def registered():
+            return URL in await s.servers()
+        await until(registered)
+    assert sum("taking requests works again" in line for line in s.logs) == 1

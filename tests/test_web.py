@@ -1,6 +1,7 @@
 """dockpart-web as a user meets it: a real twistd process on a real Redis."""
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -175,14 +176,6 @@ def test_unknown_route_and_wrong_method(web, redis_db):
     assert requests.post(web.base + "/spawn", timeout=10).status_code == 405
 
 
-@pytest.fixture
-def own_redis():
-    """A Redis of the test's own, to restart, flush or count commands on."""
-    server = RedisProcess().start()
-    yield server
-    server.stop()
-
-
 def evals(client) -> int:
     """How many EVALs the server ran: each registration round is one."""
     return client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)
@@ -296,6 +289,32 @@ def test_spawn_and_destroy_need_the_scale_token_when_one_is_set(guarded, redis_d
     assert redis_db.llen(keys.SPAWN_QUEUE) == 2 and redis_db.llen(keys.DESTROY_QUEUE) == 1
     assert "s3cret" not in get(guarded, "/recent").text  # the public list never shows it
     assert "wrong" not in get(guarded, "/recent").text
+
+
+def raw_get(web, path: str, header: bytes) -> tuple[int, bytes]:
+    """GET ``path`` with one header line sent as raw bytes (requests would encode it)."""
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\n".encode() + header
+                  + b"\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1]), reply
+
+
+def test_header_values_that_are_not_utf8_are_read_not_a_500(guarded, redis_db):
+    """Twisted decodes a header asked for by a str name as UTF-8: a client's \\xff made every
+    route a 500 (Host, recorded for /recent), and /spawn one with a scale token set."""
+    redis_db.rpush(keys.SERVERS, "http://127.0.0.1:3000", "http://127.0.0.1:3001")
+    assert raw_get(guarded, "/", b"Host: \xffhost")[0] == 200
+    assert "\ufffdhost/" in get(guarded, "/recent").text
+    code, body = raw_get(guarded, "/spawn", b"Host: h\r\nAuthorization: Bearer \xff")
+    assert code == 403 and b"scale token" in body
+    code, body = raw_get(guarded, "/listservers", b"Host: h\r\nAccept: \xff, application/json")
+    assert code == 200 and json.loads(body.split(b"\r\n\r\n", 1)[1])["servers"][1] \
+        == "http://127.0.0.1:3001"
+    assert redis_db.llen(keys.SPAWN_QUEUE) == 0
+    assert "Traceback" not in guarded.output()
 
 
 def test_an_upload_past_the_queue_cap_is_refused_and_changes_nothing(guarded, redis_db):

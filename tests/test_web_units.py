@@ -1,7 +1,10 @@
-"""Fast checks of dockpart-web's option parsing and input rules (no sockets)."""
+"""Fast checks of dockpart-web's option parsing, input rules and /work (no sockets)."""
 
 import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.python import usage
+from twisted.web.test.requesthelper import DummyRequest
 
 from dockpart import web
 from dockpart.tier import BadInstanceURL, parse_instance_url
@@ -42,6 +45,9 @@ def test_bad_start_port_and_sizes_are_usage_errors(monkeypatch):
             options("--max-upload", size)
     with pytest.raises(usage.UsageError, match="max-queued-images"):
         options("--max-queued-images", "0")
+    for port in ("0", "65536"):
+        with pytest.raises(usage.UsageError, match=f"--first-port {port}: need 1 to 65535"):
+            options("--first-port", port)
     assert options("--max-upload", "2MiB")["max-upload"] == 2 * 1024 * 1024
     assert options("--max-upload", "512k")["max-upload"] == 512 * 1024
 
@@ -79,3 +85,22 @@ def test_instance_url_within_range():
     assert parse_instance_url("http://127.0.0.1:3001") == ("127.0.0.1", 3001)
     with pytest.raises(BadInstanceURL, match="outside 3001-3010"):
         parse_instance_url("http://127.0.0.1:3000", 3001, 3010)
+
+
+class RecordsNothing:
+    """Redis for routes that only record the visit."""
+
+    def eval(self, *args):
+        return defer.succeed(None)
+
+
+def test_work_answers_after_n_ms_of_the_reactors_clock():
+    clock = Clock()
+    app = web.WebApp(RecordsNothing(), "127.0.0.1", 3000, 10, 1024, reactor=clock)
+    request = DummyRequest([b"work"])
+    request.uri, request.args = b"/work?ms=500", {b"ms": [b"500"]}
+    app.render(request)
+    clock.advance(0.499)
+    assert not request.finished
+    clock.advance(0.001)
+    assert request.finished and b"".join(request.written) == b"worked 500 ms\n"

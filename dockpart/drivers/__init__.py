@@ -12,8 +12,8 @@ is still there, which reconcile replaces; swarm: the URL where it runs) and
 ``state`` (the engine's word), ``id`` (container or process id) and, where instances
 run on several machines, ``node``).  Every
 action is idempotent, so a request finished twice (after a crash) has the effect
-of finishing it once.  Blocking work runs in a :class:`ThreadPoolService`, in functions named ``_thd_*`` that
-never touch the reactor.
+of finishing it once.  Blocking work runs in a :class:`ThreadPoolService`, in
+functions named ``_thd_*`` that never touch the reactor.
 """
 
 from twisted.application.service import Service
@@ -40,9 +40,7 @@ class DriverError(Exception):
 class ThreadPoolService(Service):
     """A thread pool of its own, so blocking calls never starve the reactor's pool."""
 
-    def __init__(self, name: str, max_threads: int = 4, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, name: str, *, reactor, max_threads: int = 4):
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=max_threads, name=name)
 

@@ -83,9 +83,7 @@ class ProcessDriver:
     log = Logger()
 
     def __init__(self, pool: ThreadPoolService, state_dir: str, redis_url: str,
-                 advertise_host: str, first_port: int, stop_timeout: float = 10.0, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+                 advertise_host: str, first_port: int, stop_timeout: float, reactor):
         self.pool = pool
         self.state_dir = Path(state_dir).resolve()
         self.redis_url = redis_url

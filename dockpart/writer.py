@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import string
-import tempfile
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -22,6 +21,7 @@ from twisted.python import usage
 from twisted.runner.procmon import ProcessMonitor
 
 from dockpart import socatlike
+from dockpart.files import write_atomically
 
 SERVE_ENV = "DOCKPART_SERVE"
 SERVE_CHOICES = ("dockpart", "socat", "none")
@@ -52,20 +52,6 @@ def random_text(size: int, rng: random.Random) -> bytes:
         chars += rng.randbytes(size).translate(_TO_ALPHABET, _UNEVEN)
     chars = chars[:size]
     return b"".join(chars[i:i + LINE] + b"\n" for i in range(0, size, LINE))
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` beside ``path`` and rename it over ``path``: readers never see half."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from readers run as others
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 class Rewriter:

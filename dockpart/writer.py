@@ -86,7 +86,8 @@ def socat_argv(socat: str, listen: str, path: str) -> list[str]:
 
 
 class Options(usage.Options):
-    synopsis = "[--file random] [--interval 120] [--serve dockpart|socat|none] [--listen tcp:7000]"
+    synopsis = ("[--file random] [--interval 120] [--serve dockpart|socat|none] "
+                f"[--listen {socatlike.DEFAULT_LISTEN}]")
     longdesc = ("Rewrite a file with random text at start and every interval, atomically, and "
                 "serve it like `socat TCP-LISTEN:7000,fork,reuseaddr,crlf OPEN:random,rdonly`.")
     optParameters = [
@@ -96,7 +97,8 @@ class Options(usage.Options):
         ["serve", None, None,
          f"Who serves the file: dockpart (default), socat (the real one) or none "
          f"(env {SERVE_ENV})."],
-        ["listen", "l", socatlike.DEFAULT_LISTEN, "Endpoint the file is served on."],
+        ["listen", "l", socatlike.DEFAULT_LISTEN,
+         "Endpoint the file is served on (loopback unless told otherwise)."],
         ["max-connections", None, socatlike.DEFAULT_MAX_CONNECTIONS,
          "Simultaneous connections at most for --serve dockpart.", int],
     ]
@@ -106,7 +108,7 @@ class Options(usage.Options):
             raise usage.UsageError("--interval must be a positive number of seconds")
         if not 1 <= self["size"] <= MAX_SIZE:
             raise usage.UsageError(f"--size must be between 1 and {MAX_SIZE}")
-        socatlike.check_max_connections(self["max-connections"])
+        socatlike.check_options(self)
         serve = self["serve"] or os.environ.get(SERVE_ENV) or "dockpart"
         if serve not in SERVE_CHOICES:
             raise usage.UsageError(f"--serve {serve!r}: choose one of {', '.join(SERVE_CHOICES)}")

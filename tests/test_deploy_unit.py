@@ -14,9 +14,10 @@ import pytest
 
 from deploykit import AppRepo, reserved_ports_restored  # noqa: F401  (an autouse fixture)
 from dockpart import keys
-from dockpart.deploy import hook, repos
+from dockpart.deploy import front, hook, repos
 from dockpart.deploy.hook import ZERO, run_hook
 from dockpart.deploy.release import History, Release, slice_lock
+from dockpart.redisconn import RedisAddress, RedisUnavailable
 from helpers import BIN, Daemon, free_port, wait_for
 
 DOCKPART = [str(BIN / "dockpart")]
@@ -182,7 +183,7 @@ def test_switch_replaces_the_front_route_atomically_and_announces_it(tmp_path, r
     repos.init(tmp_path, {"ports": {"green": green_port, "blue": blue_port}}, say=lambda line: None)
     redis_db.rpush(keys.DEPLOY_LIVE, "http://127.0.0.1:1", "http://127.0.0.1:2")
     pubsub = redis_db.pubsub()
-    pubsub.subscribe(keys.changes_channel(keys.DEPLOY_LIVE))
+    pubsub.subscribe("dockpart:deploy:live:changed")  # the name the README gives
     wait_for(lambda: pubsub.get_message(timeout=0.1), what="the subscription")
     try:
         done = dockpart("deploy", "switch", "green", "--dir", str(tmp_path), "--redis", redis_server.url)
@@ -348,3 +349,19 @@ def test_forwarder_gives_up_on_a_port_in_use_after_its_bind_timeout(tmp_path):
              "--bind-timeout", "1"], capture_output=True, text=True, timeout=30)
     assert f"dockpart-forward gave up: port {port} still cannot be bound after 1 s" in result.stdout
     assert "listening on" not in result.stdout
+
+
+def test_the_change_channel_of_a_namespaced_list_is_not_prefixed_twice():
+    assert keys.changes_channel(keys.SERVERS) == "dockpart:servers:changed"
+    assert keys.changes_channel(keys.DEPLOY_LIVE) == "dockpart:deploy:live:changed"
+
+
+def test_front_route_calls_work_again_and_again_in_one_process(redis_server, redis_db):
+    """A blocking client: no reactor that could run only once (ReactorNotRestartable)."""
+    address = RedisAddress.parse(redis_server.url)
+    for url in ("http://127.0.0.1:50100", "http://127.0.0.1:50101"):
+        front.switch(address, 2.0, url)
+        assert front.live(address, 2.0) == [url]
+    assert redis_db.lrange(keys.DEPLOY_LIVE, 0, -1) == ["http://127.0.0.1:50101"]
+    with pytest.raises(RedisUnavailable, match="127.0.0.1:1/0"):
+        front.live(RedisAddress("127.0.0.1", 1, 0), 1.0)

@@ -192,7 +192,7 @@ def status(options) -> None:
     deploy_dir = options.deploy_dir
     config = deploy_dir.load()
     try:
-        live = front.run(options["redis"], options["redis-timeout"], front.live)
+        live = front.live(options["redis"], options["redis-timeout"])
         say(f"front route ({keys.DEPLOY_LIVE}): {', '.join(live) or 'not set'}")
     except RedisUnavailable as e:
         live = []
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
             if not sub["force"] and not docker_ops.http_ok(url + config.health_path):
                 raise repos.DeployError(f"{url}{config.health_path} does not answer 2xx; "
                                         "the front route stays (--force switches anyway)")
-            front.run(sub["redis"], sub["redis-timeout"], lambda redis: front.switch(redis, url))
+            front.switch(sub["redis"], sub["redis-timeout"], url)
             say(f"the front route now sends to {sub['slice']} ({url})")
         elif command == "up":
             slices.up(sub.deploy_dir, sub.deploy_dir.load(), say)

@@ -14,7 +14,7 @@ import pytest
 
 from deploykit import AppRepo, reserved_ports_restored  # noqa: F401  (an autouse fixture)
 from dockpart import keys
-from dockpart.deploy import front, hook, repos
+from dockpart.deploy import front, hook, repos, supervise
 from dockpart.deploy.hook import ZERO, run_hook
 from dockpart.deploy.release import History, Release, slice_lock
 from dockpart.redisconn import RedisAddress, RedisUnavailable
@@ -365,3 +365,27 @@ def test_front_route_calls_work_again_and_again_in_one_process(redis_server, red
     assert redis_db.lrange(keys.DEPLOY_LIVE, 0, -1) == ["http://127.0.0.1:50101"]
     with pytest.raises(RedisUnavailable, match="127.0.0.1:1/0"):
         front.live(RedisAddress("127.0.0.1", 1, 0), 1.0)
+
+
+def test_the_hook_says_when_a_slice_port_is_in_use_and_serves_once_it_is_free(tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    repos.init(tmp_path, {"ports": {"green": port, "blue": free_port()}}, say=lambda line: None)
+    deploy_dir = repos.DeployDir(tmp_path)
+    config = deploy_dir.load()
+    said, started = [], []
+    starting = threading.Thread(target=lambda: started.append(
+        supervise.ensure_forwarder(deploy_dir, config, "green", said.append, bind_timeout=30)))
+    starting.start()
+    try:
+        wait_for(lambda: any("is in use" in line for line in said), 20, what="the hook to say why it waits")
+        assert f"port {port} is in use (a TIME_WAIT connection?); the forwarder keeps trying for up " \
+               "to 30 s" in said
+        assert not started
+        taken.close()
+        starting.join(20)
+        assert started and started[0] == supervise.forwarder_pid(deploy_dir, "green")
+    finally:
+        taken.close()
+        starting.join(40)
+        supervise.stop_forwarder(deploy_dir, "green")

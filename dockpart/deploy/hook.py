@@ -6,6 +6,7 @@ after a fix deploys it (a post-receive hook can do neither).  Everything the pus
 goes to ``DIR/run/SLICE-deploy.log``, with the details (a traceback) the pusher is spared.
 """
 
+import contextlib
 import os
 import subprocess
 import time
@@ -37,33 +38,30 @@ def run_hook(deploy_dir: DeployDir, slice_name: str, lines, say=print) -> int:
     try:
         deploy_dir.run.mkdir(exist_ok=True)
         log = open(path, "a")
-    except OSError:  # no deploy directory: the error below says so
-        log = None
+    except OSError:  # no deploy directory: loading its configuration says so
+        log, path = None, None
+    with log or contextlib.nullcontext():
 
-    def tell(line: str = "") -> None:
-        say(line)
-        if log is not None:
-            log.write(line + "\n")
-            log.flush()
+        def tell(line: str = "") -> None:
+            say(line)
+            if log is not None:
+                log.write(line + "\n")
+                log.flush()
 
-    try:
         if log is not None:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} push to {slice_name}\n")
-        return _deploy(deploy_dir, slice_name, lines, tell)
-    except DeployError as e:
-        reason, details = str(e), ""
-    except Exception as e:
-        reason, details = f"unexpected error: {type(e).__name__}: {e}", traceback.format_exc()
-    finally:
+        try:
+            return _deploy(deploy_dir, slice_name, lines, tell)
+        except DeployError as e:
+            reason, details = str(e), ""
+        except Exception as e:
+            reason, details = f"unexpected error: {type(e).__name__}: {e}", traceback.format_exc()
         if log is not None:
-            log.close()
-    if log is not None:
-        with open(path, "a") as log:
             log.write(f"{reason}\n{details}")
     # One line for the pusher: the steps above it and the log say the rest.
     first, *more = reason.splitlines() or [""]
     say(f"DEPLOY FAILED, {slice_name} keeps serving its previous release: {first}"
-        + (" [...]" if more else "") + (f" (log: {path})" if log is not None else ""))
+        + (" [...]" if more else "") + (f" (log: {path})" if path else ""))
     return 1
 
 

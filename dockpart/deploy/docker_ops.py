@@ -70,11 +70,11 @@ def _progress_line(item: dict) -> str:
 
 
 def _transfer(c: docker.DockerClient, verb: str, name: str, say) -> str | None:
-    repository, at, digest = name.partition("@")
+    repository, at, reference = name.partition("@")  # the engine takes a digest as the tag
     if not at:
-        repository, digest = name.rsplit(":", 1)
+        repository, reference = name.rsplit(":", 1)
     try:
-        stream = getattr(c.api, verb)(repository, tag=digest, stream=True, decode=True)
+        stream = getattr(c.api, verb)(repository, tag=reference, stream=True, decode=True)
         return _stream_errors(stream, say, _progress_line)
     except APIError as e:
         raise DeployError(f"the {verb} of {name} failed: {e.explanation or e}") from None

@@ -80,13 +80,9 @@ def ensure_forwarder(deploy_dir: DeployDir, config: DeployConfig, slice_name: st
          "--bind-timeout", f"{bind_timeout:g}"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=deploy_dir.run,
         timeout=START_TIMEOUT)
-    if started.returncode:
-        reason = (started.stderr.strip() or started.stdout.strip()).splitlines()
-        raise DeployError(f"the forwarder of {slice_name} did not start on port {port}: "
-                          f"{reason[-1] if reason else 'no reason given'} (log: {logfile})")
     deadline = time.monotonic() + bind_timeout + START_TIMEOUT
     told = False
-    while time.monotonic() < deadline:
+    while started.returncode == 0 and time.monotonic() < deadline:
         log = _log_since(logfile, offset)
         pid = forwarder_pid(deploy_dir, slice_name)
         if LISTENING in log and pid:
@@ -98,9 +94,12 @@ def ensure_forwarder(deploy_dir: DeployDir, config: DeployConfig, slice_name: st
         if "gave up" in log:
             break
         time.sleep(0.05)
-    lines = [line for line in _log_since(logfile, offset).splitlines() if line.strip()]
+    # The log's last line is the reason in full (twistd's own message cuts it short).
+    lines = [line.split("] ", 1)[-1] for line in _log_since(logfile, offset).splitlines()
+             if line.strip()] or (started.stderr + started.stdout).strip().splitlines()
+    reason = next((line for line in lines if "gave up" in line), lines[-1] if lines else None)
     raise DeployError(f"the forwarder of {slice_name} did not start on port {port}: "
-                      f"{lines[-1] if lines else 'no word from it'} (log: {logfile})")
+                      f"{reason or 'no word from it'} (log: {logfile})")
 
 
 def stop_forwarder(deploy_dir: DeployDir, slice_name: str, timeout: float = 10.0) -> bool:

@@ -6,6 +6,7 @@ target file in ``DIR/run/``.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,12 +95,33 @@ def ensure_forwarder(deploy_dir: DeployDir, config: DeployConfig, slice_name: st
         if "gave up" in log:
             break
         time.sleep(0.05)
-    # The log's last line is the reason in full (twistd's own message cuts it short).
-    lines = [line.split("] ", 1)[-1] for line in _log_since(logfile, offset).splitlines()
-             if line.strip()] or (started.stderr + started.stdout).strip().splitlines()
-    reason = next((line for line in lines if "gave up" in line), lines[-1] if lines else None)
+    said = (started.stderr + started.stdout).strip().splitlines()
     raise DeployError(f"the forwarder of {slice_name} did not start on port {port}: "
-                      f"{reason or 'no word from it'} (log: {logfile})")
+                      f"{_reason(logfile, offset, said[0] if said else 'no word from it')} "
+                      f"(log: {logfile})")
+
+
+#: A log line that names an exception: ``twisted.internet.error.CannotListenError: ...``.
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+_CHAINED = "above exception"
+
+
+def _reason(logfile: Path, offset: int, fallback: str, wait: float = 2.0) -> str:
+    """Why the forwarder stopped, from its log: its 'gave up' line or its exception in full.
+
+    twistd's own message cuts the exception short; the log has it, once the dying daemon's
+    last lines are written (waited for, briefly).
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        lines = [line.split("] ", 1)[-1] for line in _log_since(logfile, offset).splitlines()]
+        found = ([line for line in lines if "gave up" in line]
+                 or [line for line in lines if _EXCEPTION.match(line)])
+        # A chained exception ("During handling of the above exception...") ends with its last one.
+        chained = found and any(_CHAINED in line for line in lines[lines.index(found[-1]):])
+        if (found and not chained) or time.monotonic() > deadline:
+            return found[-1] if found else fallback
+        time.sleep(0.05)
 
 
 def stop_forwarder(deploy_dir: DeployDir, slice_name: str, timeout: float = 10.0) -> bool:

@@ -6,7 +6,8 @@ Run as root on a machine with the Docker engine up (``sudo scripts/test`` sets i
 
 It starts its own registry on 127.0.0.1:5000, Redis, the front route (``dockpart-proxy
 --servers-key dockpart:deploy:live``) and uses the slice ports 50100 and 50101; everything is
-removed at the end.  Request loops are bounded in count and time.
+removed at the end (and ``net.ipv4.ip_local_reserved_ports``, which ``deploy init`` adds the
+slice ports to, set back).  Request loops are bounded in count and time.
 """
 
 import argparse
@@ -23,7 +24,7 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from deploykit import AppRepo, Registry, RequestLoop, get  # noqa: E402
+from deploykit import RESERVED_PORTS, AppRepo, Registry, RequestLoop, get  # noqa: E402
 from helpers import BIN, Daemon, RedisProcess, free_port  # noqa: E402
 
 from dockpart import keys  # noqa: E402
@@ -76,6 +77,7 @@ def main() -> None:
 
     subprocess.run(["bash", str(ROOT / "scripts" / "images"), "base"], check=True,
                    stdout=subprocess.DEVNULL)
+    reserved_before = RESERVED_PORTS.read_text()  # `deploy init` as root adds the slice ports
     work = Path(tempfile.mkdtemp(prefix="dockpart-bench-deploy-"))
     deploy_dir = work / "deploy"
     registry = Registry().start()
@@ -133,6 +135,7 @@ def main() -> None:
                 client.images.remove(name)
         redis.stop()
         registry.stop()
+        RESERVED_PORTS.write_text(reserved_before)
 
 
 if __name__ == "__main__":

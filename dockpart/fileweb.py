@@ -7,7 +7,7 @@ Run it with ``twistd -n dockpart-fileweb --listen tcp:8000 --source tcp:writer:7
 """
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import clientFromString, connectProtocol, serverFromString
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -15,8 +15,9 @@ from twisted.python import usage
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from dockpart.listening import Listener
+from dockpart.listening import Listener, client_endpoint, server_endpoint
 
+DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 DEFAULT_SOURCE = "tcp:127.0.0.1:7000"
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
@@ -104,6 +105,8 @@ class SourcePage(Resource):
     def render(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
+        # The text is whatever the source sends: a browser must not guess it is HTML.
+        request.setHeader(b"x-content-type-options", b"nosniff")
         d = self.fetch()
         d.addCallbacks(lambda body: (200, body), self._failure_answer, errbackArgs=(request,))
         d.addCallback(self._answer, request)
@@ -133,10 +136,10 @@ class SourcePage(Resource):
 
 
 class Options(usage.Options):
-    synopsis = "[--listen tcp:8000] [--source tcp:writer:7000] [--timeout 10]"
+    synopsis = f"[--listen {DEFAULT_LISTEN}] [--source tcp:writer:7000] [--timeout 10]"
     longdesc = "Answer every HTTP request with the bytes a TCP source sends (the seed's port 8000)."
     optParameters = [
-        ["listen", "l", "tcp:8000", "Endpoint to listen on."],
+        ["listen", "l", DEFAULT_LISTEN, "Endpoint to listen on (loopback unless told otherwise)."],
         ["source", "s", DEFAULT_SOURCE, "Client endpoint of the source, e.g. tcp:writer:7000."],
         ["timeout", "t", DEFAULT_TIMEOUT,
          "Seconds the source may take to accept, and to stay silent, before a 504.", float],
@@ -148,19 +151,16 @@ class Options(usage.Options):
             raise usage.UsageError("--timeout must be a positive number of seconds")
         if self["max-bytes"] < 0:
             raise usage.UsageError("--max-bytes cannot be negative")
+        from twisted.internet import reactor
+        server_endpoint(reactor, "listen", self["listen"])  # bad ones: a usage error, not a traceback
+        client_endpoint(reactor, "source", self["source"])
 
 
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    try:
-        listen = serverFromString(reactor, config["listen"])
-    except ValueError as e:
-        raise usage.UsageError(f"--listen {config['listen']!r}: {e}") from None
-    try:
-        source = clientFromString(reactor, config["source"])
-    except ValueError as e:
-        raise usage.UsageError(f"--source {config['source']!r}: {e}") from None
+    listen = server_endpoint(reactor, "listen", config["listen"])
+    source = client_endpoint(reactor, "source", config["source"])
     page = SourcePage(source, config["source"], config["timeout"], config["max-bytes"], reactor)
     site = server.Site(page)
     site.noisy = False

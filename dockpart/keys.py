@@ -10,8 +10,13 @@ SERVERS = "servers"
 
 
 def changes_channel(list_key: str) -> str:
-    """The pub/sub channel that hears about every change to a list of backends."""
-    return f"dockpart:{list_key}:changed"
+    """The pub/sub channel that hears about every change to a list of backends.
+
+    ``dockpart:servers:changed`` for ``servers``; a key in our namespace is not prefixed
+    twice: ``dockpart:deploy:live:changed`` for ``dockpart:deploy:live``.
+    """
+    namespaced = list_key if list_key.startswith("dockpart:") else f"dockpart:{list_key}"
+    return f"{namespaced}:changed"
 
 
 #: Pub/sub channel that hears about every change to SERVERS.

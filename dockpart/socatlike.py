@@ -7,7 +7,6 @@ client reads (memory stays flat for any size), ``--crlf`` byte for byte like soc
 Run it with ``twistd -n dockpart-socat --listen tcp:7000 --file random --crlf``.
 """
 
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -15,9 +14,9 @@ from twisted.protocols.basic import FileSender
 from twisted.python import usage
 from zope.interface import implementer
 
-from dockpart.listening import Listener
+from dockpart.listening import Listener, server_endpoint
 
-DEFAULT_LISTEN = "tcp:7000"
+DEFAULT_LISTEN = "tcp:7000:interface=127.0.0.1"
 DEFAULT_MAX_CONNECTIONS = 1000
 #: Listen queue for TCP endpoints that do not say: Twisted's 50 overflows in a burst of 200
 #: clients, and a client that only reads never learns that its connection was dropped.
@@ -172,36 +171,37 @@ def file_listener(name: str, reactor, listen: str, path: str, crlf_lines: bool,
     description = listen
     if listen.startswith(("tcp:", "tcp6:")) and "backlog=" not in listen:
         description += f":backlog={BACKLOG}"
-    try:
-        endpoint = serverFromString(reactor, description)
-    except ValueError as e:
-        raise usage.UsageError(f"--listen {listen!r}: {e}") from None
+    server_endpoint(reactor, "listen", listen)  # the error names what the person typed
+    endpoint = server_endpoint(reactor, "listen", description)
     factory = FileServerFactory(path, crlf if crlf_lines else None, max_connections, reactor)
     factory.listener = Listener(name, endpoint, factory)
     return factory.listener
 
 
-def check_max_connections(value: int) -> None:
-    if value < 1:
+def check_options(config: usage.Options) -> None:
+    """What the writer and dockpart-socat check alike: --max-connections and --listen."""
+    if config["max-connections"] < 1:
         raise usage.UsageError("--max-connections must be at least 1")
+    from twisted.internet import reactor
+    server_endpoint(reactor, "listen", config["listen"])  # a usage error here, not a traceback
 
 
 class Options(usage.Options):
-    synopsis = "[--listen tcp:7000] [--file random] [--crlf] [--max-connections N]"
+    synopsis = f"[--listen {DEFAULT_LISTEN}] [--file random] [--crlf] [--max-connections N]"
     longdesc = ("Serve a file's bytes to every TCP connection, then close it; like "
                 "`socat TCP-LISTEN:7000,fork,reuseaddr,crlf OPEN:random,rdonly` in one process.")
     optFlags = [
         ["crlf", None, "Turn each LF into CRLF on the way out, as socat's crlf option does."],
     ]
     optParameters = [
-        ["listen", "l", DEFAULT_LISTEN, "Endpoint to listen on."],
+        ["listen", "l", DEFAULT_LISTEN, "Endpoint to listen on (loopback unless told otherwise)."],
         ["file", "f", "random", "The file to serve; opened afresh for each connection."],
         ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
          "Simultaneous connections at most; more wait in the listen queue.", int],
     ]
 
     def postOptions(self):
-        check_max_connections(self["max-connections"])
+        check_options(self)
 
 
 def makeService(config, reactor=None):

@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import string
-import tempfile
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -22,6 +21,7 @@ from twisted.python import usage
 from twisted.runner.procmon import ProcessMonitor
 
 from dockpart import socatlike
+from dockpart.files import write_atomically
 
 SERVE_ENV = "DOCKPART_SERVE"
 SERVE_CHOICES = ("dockpart", "socat", "none")
@@ -52,20 +52,6 @@ def random_text(size: int, rng: random.Random) -> bytes:
         chars += rng.randbytes(size).translate(_TO_ALPHABET, _UNEVEN)
     chars = chars[:size]
     return b"".join(chars[i:i + LINE] + b"\n" for i in range(0, size, LINE))
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` beside ``path`` and rename it over ``path``: readers never see half."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from readers run as others
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 class Rewriter:
@@ -100,7 +86,8 @@ def socat_argv(socat: str, listen: str, path: str) -> list[str]:
 
 
 class Options(usage.Options):
-    synopsis = "[--file random] [--interval 120] [--serve dockpart|socat|none] [--listen tcp:7000]"
+    synopsis = ("[--file random] [--interval 120] [--serve dockpart|socat|none] "
+                f"[--listen {socatlike.DEFAULT_LISTEN}]")
     longdesc = ("Rewrite a file with random text at start and every interval, atomically, and "
                 "serve it like `socat TCP-LISTEN:7000,fork,reuseaddr,crlf OPEN:random,rdonly`.")
     optParameters = [
@@ -110,7 +97,8 @@ class Options(usage.Options):
         ["serve", None, None,
          f"Who serves the file: dockpart (default), socat (the real one) or none "
          f"(env {SERVE_ENV})."],
-        ["listen", "l", socatlike.DEFAULT_LISTEN, "Endpoint the file is served on."],
+        ["listen", "l", socatlike.DEFAULT_LISTEN,
+         "Endpoint the file is served on (loopback unless told otherwise)."],
         ["max-connections", None, socatlike.DEFAULT_MAX_CONNECTIONS,
          "Simultaneous connections at most for --serve dockpart.", int],
     ]
@@ -120,7 +108,7 @@ class Options(usage.Options):
             raise usage.UsageError("--interval must be a positive number of seconds")
         if not 1 <= self["size"] <= MAX_SIZE:
             raise usage.UsageError(f"--size must be between 1 and {MAX_SIZE}")
-        socatlike.check_max_connections(self["max-connections"])
+        socatlike.check_options(self)
         serve = self["serve"] or os.environ.get(SERVE_ENV) or "dockpart"
         if serve not in SERVE_CHOICES:
             raise usage.UsageError(f"--serve {serve!r}: choose one of {', '.join(SERVE_CHOICES)}")

@@ -1,5 +1,6 @@
 """Real parts for the deploy tests and benchmark: a registry, an app repository, a request loop."""
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -9,10 +10,26 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from helpers import ROOT, wait_for
 
 EXAMPLE_APP = ROOT / "examples" / "app"
 REGISTRY_BIN = "/usr/bin/docker-registry"
+
+
+RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+
+
+@pytest.fixture(autouse=True)
+def reserved_ports_restored():
+    """``deploy init`` as root reserves the slice ports machine-wide: put the setting back."""
+    before = RESERVED_PORTS.read_text() if RESERVED_PORTS.exists() else None
+    try:
+        yield before
+    finally:
+        if before is not None and os.geteuid() == 0 and RESERVED_PORTS.read_text() != before:
+            RESERVED_PORTS.write_text(before.strip() + "\n" if before.strip() else "\n")
 
 
 class Registry:

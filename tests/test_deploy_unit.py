@@ -12,10 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from deploykit import AppRepo, reserved_ports_restored  # noqa: F401  (an autouse fixture)
 from dockpart import keys
-from dockpart.deploy import repos
+from dockpart.deploy import front, hook, repos, supervise
 from dockpart.deploy.hook import ZERO, run_hook
-from dockpart.deploy.release import History, Release
+from dockpart.deploy.release import History, Release, slice_lock
+from dockpart.redisconn import RedisAddress, RedisUnavailable
 from helpers import BIN, Daemon, free_port, wait_for
 
 DOCKPART = [str(BIN / "dockpart")]
@@ -181,7 +183,7 @@ def test_switch_replaces_the_front_route_atomically_and_announces_it(tmp_path, r
     repos.init(tmp_path, {"ports": {"green": green_port, "blue": blue_port}}, say=lambda line: None)
     redis_db.rpush(keys.DEPLOY_LIVE, "http://127.0.0.1:1", "http://127.0.0.1:2")
     pubsub = redis_db.pubsub()
-    pubsub.subscribe(keys.changes_channel(keys.DEPLOY_LIVE))
+    pubsub.subscribe("dockpart:deploy:live:changed")  # the name the README gives
     wait_for(lambda: pubsub.get_message(timeout=0.1), what="the subscription")
     try:
         done = dockpart("deploy", "switch", "green", "--dir", str(tmp_path), "--redis", redis_server.url)
@@ -208,3 +210,207 @@ def test_python_module_runs_the_same_cli(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dockpart.deploy", "init", str(tmp_path / "d")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "pre-receive" in result.stdout
+
+
+def test_init_as_root_reserves_the_slice_ports_beside_those_already_reserved(tmp_path,
+                                                                            reserved_ports_restored):
+    if os.geteuid() != 0:
+        pytest.skip("reserving ports needs root (CI runs as root)")
+    reserved = tmp_path / "ip_local_reserved_ports"
+    (tmp_path / "ip_local_port_range").write_text("32768\t60999\n")
+    reserved.write_text("8080,40000-40010\n")
+    said = []
+    assert repos.reserve_ports([40005, 50100, 50101, 7000], said.append, tmp_path) == [50100, 50101]
+    assert reserved.read_text() == "8080,40000-40010,50100,50101\n"
+    assert said[0].startswith("reserved ports 50100,50101")
+    assert repos.reserve_ports([50100, 50101], said.append, tmp_path) == []  # already reserved
+
+    # The real setting, through the command: added to, not replaced.
+    repos.SYSCTL_IPV4.joinpath("ip_local_reserved_ports").write_text("40000\n")
+    done = dockpart("deploy", "init", str(tmp_path / "d"), "--blue-port", "50102")
+    assert done.returncode == 0, done.stderr
+    assert "reserved ports 50100,50102" in done.stdout
+    assert repos.SYSCTL_IPV4.joinpath("ip_local_reserved_ports").read_text().split(",") == \
+        ["40000", "50100", "50102\n"]
+
+
+def test_init_without_root_warns_about_ports_in_the_ephemeral_range(tmp_path):
+    (tmp_path / "ip_local_port_range").write_text("32768\t60999\n")
+    (tmp_path / "ip_local_reserved_ports").write_text("50101\n")
+    said = []
+    assert repos.reserve_ports([50100, 50101, 8000], said.append, tmp_path, is_root=False) == []
+    assert said == ["warning: ports 50100 lie in the ephemeral port range 32768-60999: an outgoing "
+                    "connection can hold one and a push then fails to listen on it; reserve them "
+                    "as root: sysctl -w net.ipv4.ip_local_reserved_ports=50101,50100"]
+    assert (tmp_path / "ip_local_reserved_ports").read_text() == "50101\n"
+
+
+def test_an_unexpected_error_gives_the_pusher_one_line_and_the_log_a_traceback(tmp_path, monkeypatch):
+    repos.init(tmp_path, {}, say=lambda line: None)
+    deploy_dir = repos.DeployDir(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise KeyError("Config")
+
+    monkeypatch.setattr(hook, "deploy_commit", broken)
+    monkeypatch.setattr(hook, "_ref_value", lambda *args: ZERO)
+    said = []
+    assert run_hook(deploy_dir, "green", [f"{ZERO} {'1' * 40} refs/heads/main\n"], said.append) == 1
+    log = hook.log_path(deploy_dir, "green")
+    assert said[-1] == ("DEPLOY FAILED, green keeps serving its previous release: "
+                        f"unexpected error: KeyError: 'Config' (log: {log})")
+    assert not any("Traceback" in line for line in said)
+    assert "Traceback (most recent call last)" in log.read_text()
+    assert "deploying 1111111 to green" in log.read_text()
+
+
+def _no_engine() -> dict:
+    """An environment whose Docker engine cannot be reached: a deployment fails at its first docker step."""
+    return {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+
+
+def test_a_failed_push_tells_the_pusher_one_line_and_where_the_log_is(tmp_path):
+    repos.init(tmp_path / "deploy", {}, say=lambda line: None)
+    app = AppRepo(tmp_path / "app", tmp_path / "deploy")
+    app.commit("1")
+    result = subprocess.run(["git", "push", "green", "main"], cwd=app.path, env=_no_engine(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert result.returncode != 0
+    log = tmp_path / "deploy" / "run" / "green-deploy.log"
+    failed = [line.rstrip() for line in result.stdout.splitlines() if "DEPLOY FAILED" in line]
+    assert len(failed) == 1 and failed[0].endswith(f"(log: {log})"), result.stdout
+    assert "the Docker engine does not answer" in failed[0]
+    assert "Traceback" not in result.stdout
+    assert "pre-receive hook declined" in result.stdout
+    assert "the Docker engine does not answer" in log.read_text()
+
+
+def test_a_second_push_waits_for_the_first_and_is_refused_if_the_branch_moved(tmp_path):
+    repos.init(tmp_path / "deploy", {}, say=lambda line: None)
+    deploy_dir = repos.DeployDir(tmp_path / "deploy")
+    app = AppRepo(tmp_path / "app", tmp_path / "deploy")
+    first = app.commit("1")
+    second = app.commit("2")
+    git_dir = str(deploy_dir.git_dir("green"))
+    with slice_lock(deploy_dir, "green", doing="deploying 1234567 from refs/heads/main"):
+        pushing = subprocess.Popen(["git", "push", "green", "main"], cwd=app.path, env=_no_engine(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = hook.log_path(deploy_dir, "green")
+        wait_for(lambda: "waiting for the push to green in progress" in log.read_text(), 30,
+                 what="the second push to wait")
+        assert "(deploying 1234567 from refs/heads/main, pid " in log.read_text()
+        assert pushing.poll() is None  # still waiting
+        # Meanwhile the first push made main name another commit.
+        subprocess.run(["git", f"--git-dir={git_dir}", "fetch", "-q", str(app.path), "main"],
+                       check=True)
+        subprocess.run(["git", f"--git-dir={git_dir}", "update-ref", "refs/heads/main", first],
+                       check=True)
+    output, _ = pushing.communicate(timeout=60)
+    assert pushing.returncode != 0
+    assert "waiting for the push to green in progress" in output
+    assert f"refs/heads/main moved to {first[:7]} while this push waited; fetch, merge and push " \
+           "again" in output
+    assert subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", "main"], capture_output=True,
+                          text=True).stdout.strip() == first != second
+
+
+def test_forwarder_refuses_a_bad_listen_endpoint_without_a_traceback(tmp_path):
+    result = subprocess.run([str(BIN / "twistd"), "-n", "dockpart-forward", "--listen", "tcp:notaport",
+                             "--target-file", str(tmp_path / "t")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--listen 'tcp:notaport'" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_forwarder_waits_for_a_port_in_use_and_listens_once_it_is_free(tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    daemon = Daemon("dockpart-forward", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                    "--target-file", str(tmp_path / "t"), "--bind-timeout", "60",
+                    ready=f"port {port} is in use")
+    try:
+        daemon.start()
+        assert "listening on" not in daemon.output()
+        taken.close()
+        wait_for(lambda: "dockpart-forward listening on" in daemon.output(), 10,
+                 what="the forwarder to bind once the port is free")
+    finally:
+        taken.close()
+        daemon.stop()
+
+
+def test_forwarder_gives_up_on_a_port_in_use_after_its_bind_timeout(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "dockpart-forward",
+             "--listen", f"tcp:{port}:interface=127.0.0.1", "--target-file", str(tmp_path / "t"),
+             "--bind-timeout", "1"], capture_output=True, text=True, timeout=30)
+    assert f"dockpart-forward gave up: port {port} still cannot be bound after 1 s" in result.stdout
+    assert "listening on" not in result.stdout
+
+
+def test_the_change_channel_of_a_namespaced_list_is_not_prefixed_twice():
+    assert keys.changes_channel(keys.SERVERS) == "dockpart:servers:changed"
+    assert keys.changes_channel(keys.DEPLOY_LIVE) == "dockpart:deploy:live:changed"
+
+
+def test_front_route_calls_work_again_and_again_in_one_process(redis_server, redis_db):
+    """A blocking client: no reactor that could run only once (ReactorNotRestartable)."""
+    address = RedisAddress.parse(redis_server.url)
+    for url in ("http://127.0.0.1:50100", "http://127.0.0.1:50101"):
+        front.switch(address, 2.0, url)
+        assert front.live(address, 2.0) == [url]
+    assert redis_db.lrange(keys.DEPLOY_LIVE, 0, -1) == ["http://127.0.0.1:50101"]
+    with pytest.raises(RedisUnavailable, match="127.0.0.1:1/0"):
+        front.live(RedisAddress("127.0.0.1", 1, 0), 1.0)
+
+
+def test_the_hook_says_when_a_slice_port_is_in_use_and_serves_once_it_is_free(tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    repos.init(tmp_path, {"ports": {"green": port, "blue": free_port()}}, say=lambda line: None)
+    deploy_dir = repos.DeployDir(tmp_path)
+    config = deploy_dir.load()
+    said, started = [], []
+    starting = threading.Thread(target=lambda: started.append(
+        supervise.ensure_forwarder(deploy_dir, config, "green", said.append, bind_timeout=30)))
+    starting.start()
+    try:
+        wait_for(lambda: any("is in use" in line for line in said), 20, what="the hook to say why it waits")
+        assert f"port {port} is in use (a TIME_WAIT connection?); the forwarder keeps trying for up " \
+               "to 30 s" in said
+        assert not started
+        taken.close()
+        starting.join(20)
+        assert started and started[0] == supervise.forwarder_pid(deploy_dir, "green")
+    finally:
+        taken.close()
+        starting.join(40)
+        supervise.stop_forwarder(deploy_dir, "green")
+
+
+def test_a_forwarder_that_cannot_start_gives_the_hook_its_reason_in_one_line(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        repos.init(tmp_path, {"ports": {"green": port, "blue": free_port()}}, say=lambda line: None)
+        deploy_dir = repos.DeployDir(tmp_path)
+        with pytest.raises(repos.DeployError) as failed:
+            supervise.ensure_forwarder(deploy_dir, deploy_dir.load(), "green", bind_timeout=0)
+    log = tmp_path / "run" / "green-forward.log"
+    assert str(failed.value) == (
+        f"the forwarder of green did not start on port {port}: twisted.internet.error."
+        f"CannotListenError: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in "
+        f"use. (log: {log})")
+
+
+def test_a_forwarder_that_gives_up_on_a_port_in_use_says_so_to_the_hook(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        repos.init(tmp_path, {"ports": {"green": port, "blue": free_port()}}, say=lambda line: None)
+        deploy_dir = repos.DeployDir(tmp_path)
+        with pytest.raises(repos.DeployError) as failed:
+            supervise.ensure_forwarder(deploy_dir, deploy_dir.load(), "green", bind_timeout=1)
+    assert f"did not start on port {port}: dockpart-forward gave up: port {port} still cannot be " \
+           "bound after 1 s" in str(failed.value)

@@ -7,7 +7,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 
 from dockpart import fileweb, socatlike, writer
@@ -67,7 +67,7 @@ def test_writer_default_is_the_seed_pace_of_two_minutes_served_by_us(monkeypatch
     assert (config["interval"], config["serve"], config["file"]) == (120.0, "dockpart", "random")
     monkeypatch.setenv(writer.SERVE_ENV, "socat")
     assert writer_config()["socat-argv"][1:] == [
-        "TCP-LISTEN:7000,fork,reuseaddr,crlf", "OPEN:random,rdonly"]
+        "TCP-LISTEN:7000,fork,reuseaddr,crlf,bind=127.0.0.1", "OPEN:random,rdonly"]
     assert writer_config("--serve", "none")["serve"] == "none"  # the option beats the env
 
 
@@ -86,13 +86,65 @@ def test_writer_refuses_bad_options(args, message):
 
 def test_bad_endpoints_are_usage_errors():
     config = socatlike.Options()
-    config.parseOptions(["--listen", "tcp:notaport"])
+    config.parseOptions(["--listen", "tcp:7000:interface=127.0.0.1"])
+    config["listen"] = "tcp:notaport"  # past the options' own check: makeService checks too
     with pytest.raises(usage.UsageError, match="--listen 'tcp:notaport'"):
         socatlike.makeService(config, reactor=MemoryReactorClock())
-    config = fileweb.Options()
-    config.parseOptions(["--source", "nonsense:x"])
-    with pytest.raises(usage.UsageError, match="--source 'nonsense:x'"):
-        fileweb.makeService(config, reactor=MemoryReactorClock())
+    for options, args, message in [
+            (socatlike.Options, ["--listen", "tcp:notaport"], "--listen 'tcp:notaport'"),
+            (writer.Options, ["--listen", "tcp:notaport"], "--listen 'tcp:notaport'"),
+            (fileweb.Options, ["--listen", "tcp:notaport"], "--listen 'tcp:notaport'"),
+            (fileweb.Options, ["--source", "nonsense:x"], "--source 'nonsense:x'")]:
+        with pytest.raises(usage.UsageError, match=message):
+            options().parseOptions(args)
+
+
+@pytest.mark.parametrize("daemon", [socatlike, writer, fileweb])
+def test_daemons_listen_on_loopback_unless_told_otherwise(daemon, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the writer writes its file at start
+    monkeypatch.delenv(writer.SERVE_ENV, raising=False)
+    config = daemon.Options()
+    config.parseOptions([])
+    reactor = MemoryReactorClock()
+    service = daemon.makeService(config, reactor=reactor)
+    service.privilegedStartService()
+    try:
+        [(_port, _factory, _backlog, interface)] = reactor.tcpServers
+        assert interface == "127.0.0.1"
+    finally:
+        service.stopService()
+
+
+def test_fileweb_gives_up_on_a_silent_source_after_its_idle_timeout_not_before():
+    clock = Clock()
+    reader = fileweb.SourceReader(0.5, 1000, clock)
+    reader.makeConnection(StringTransport())
+    outcome = []
+    reader.done.addBoth(outcome.append)
+    clock.advance(0.4)
+    reader.dataReceived(b"some")  # each byte restarts the idle time
+    clock.advance(0.4)
+    assert outcome == []
+    clock.advance(0.1)
+    [failure] = outcome
+    assert failure.value.code == 504
+    assert str(failure.value) == "the source sent nothing for 0.5 s (after 4 bytes)"
+
+
+def test_at_max_connections_the_port_stops_accepting_until_one_ends():
+    """socat's max-children: the listening port stops reading; the next client waits in the queue."""
+    factory = socatlike.FileServerFactory("unused", max_connections=2, clock=Clock())
+    port = MemoryReactorClock().listenTCP(0, factory)
+    calls = []
+    port.connected = True
+    port.stopReading = lambda: calls.append("stop")
+    port.startReading = lambda: calls.append("start")
+    factory.listener = type("L", (), {"port": port})()
+    assert factory.admit() and calls == []
+    assert factory.admit() and calls == ["stop"]
+    assert not factory.admit()  # one accepted in the same burst is turned away
+    factory.release()
+    assert calls == ["stop", "start"]
 
 
 def test_crlf_adds_a_cr_before_every_lf_like_socat():

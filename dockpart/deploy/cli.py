@@ -10,7 +10,7 @@ import sys
 from twisted.python import usage
 
 from dockpart import keys
-from dockpart.deploy import docker_ops, forward, front, repos, slices
+from dockpart.deploy import docker_ops, front, repos, slices, supervise
 from dockpart.deploy.hook import run_hook
 from dockpart.deploy.release import History, slice_lock
 from dockpart.redisconn import RedisOptions, RedisUnavailable
@@ -192,7 +192,7 @@ def status(options) -> None:
     deploy_dir = options.deploy_dir
     config = deploy_dir.load()
     try:
-        live = front.run(options["redis"], options["redis-timeout"], front.live)
+        live = front.live(options["redis"], options["redis-timeout"])
         say(f"front route ({keys.DEPLOY_LIVE}): {', '.join(live) or 'not set'}")
     except RedisUnavailable as e:
         live = []
@@ -213,8 +213,8 @@ def status(options) -> None:
             labels = container.labels
             port = int(labels.get(f"{docker_ops.LABEL}.port", 0))
             healthy = docker_ops.http_ok(f"http://127.0.0.1:{port}{config.health_path}")
-            forwarding = forward.current_target(deploy_dir, slice_name) == ("127.0.0.1", port)
-            pid = forward.forwarder_pid(deploy_dir, slice_name)
+            forwarding = supervise.current_target(deploy_dir, slice_name) == ("127.0.0.1", port)
+            pid = supervise.forwarder_pid(deploy_dir, slice_name)
             say(f"  container {container.name}: {container.status}, "
                 f"{'healthy' if healthy else 'NOT healthy'} on 127.0.0.1:{port}")
             say(f"  image     {container.attrs['Config']['Image']}")
@@ -226,7 +226,8 @@ def status(options) -> None:
         say("  releases (newest first):" if releases else "  no releases yet")
         for i, release in enumerate(releases):
             mark = "*" if i == 0 else " "
-            say(f"  {mark} {release.tag}  {release.commit}  {release.since()}")
+            say(f"  {mark} {release.tag}  {release.commit}  {release.since()}  "
+                f"{release.digest or 'no digest recorded'}")
 
 
 def main(argv=None) -> int:
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
             status(sub)
         elif command == "rollback":
             config = sub.deploy_dir.load()
-            with slice_lock(sub.deploy_dir, sub["slice"], say):
+            with slice_lock(sub.deploy_dir, sub["slice"], say, "a rollback"):
                 slices.rollback(sub.deploy_dir, config, sub["slice"], sub["release"], say)
         elif command == "switch":
             config = sub.deploy_dir.load()
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
             if not sub["force"] and not docker_ops.http_ok(url + config.health_path):
                 raise repos.DeployError(f"{url}{config.health_path} does not answer 2xx; "
                                         "the front route stays (--force switches anyway)")
-            front.run(sub["redis"], sub["redis-timeout"], lambda redis: front.switch(redis, url))
+            front.switch(sub["redis"], sub["redis-timeout"], url)
             say(f"the front route now sends to {sub['slice']} ({url})")
         elif command == "up":
             slices.up(sub.deploy_dir, sub.deploy_dir.load(), say)

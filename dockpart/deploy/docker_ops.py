@@ -34,14 +34,17 @@ def client() -> docker.DockerClient:
         raise DeployError(f"the Docker engine does not answer: {e}") from None
 
 
-def _stream_errors(stream, say, show) -> None:
-    """Relay a docker JSON progress stream; raise on its error."""
+def _stream_errors(stream, say, show) -> str | None:
+    """Relay a docker JSON progress stream; raise on its error; return the digest it names."""
+    digest = None
     for item in stream:
         if "error" in item:
             raise DeployError(item["error"].strip())
+        digest = (item.get("aux") or {}).get("Digest", digest)
         line = show(item)
         if line:
             say(line)
+    return digest
 
 
 def build(c: docker.DockerClient, context: str, image: str, build_args: dict, say) -> None:
@@ -66,21 +69,27 @@ def _progress_line(item: dict) -> str:
     return item.get("status", "")
 
 
-def _transfer(c: docker.DockerClient, verb: str, name: str, say) -> None:
-    repository, name_tag = name.rsplit(":", 1)
+def _transfer(c: docker.DockerClient, verb: str, name: str, say) -> str | None:
+    repository, at, reference = name.partition("@")  # the engine takes a digest as the tag
+    if not at:
+        repository, reference = name.rsplit(":", 1)
     try:
-        stream = getattr(c.api, verb)(repository, tag=name_tag, stream=True, decode=True)
-        _stream_errors(stream, say, _progress_line)
+        stream = getattr(c.api, verb)(repository, tag=reference, stream=True, decode=True)
+        return _stream_errors(stream, say, _progress_line)
     except APIError as e:
         raise DeployError(f"the {verb} of {name} failed: {e.explanation or e}") from None
 
 
-def push(c: docker.DockerClient, name: str, say) -> None:
-    """Push ``name`` (repository:tag) to its registry."""
-    _transfer(c, "push", name, say)
+def push(c: docker.DockerClient, name: str, say) -> str:
+    """Push ``name`` (repository:tag) to its registry; return the digest the registry keeps."""
+    digest = _transfer(c, "push", name, say) or registry_digest(name)
+    if digest is None:
+        raise DeployError(f"the registry did not tell the digest of {name}")
+    return digest
 
 
 def pull(c: docker.DockerClient, name: str, say) -> None:
+    """Pull ``name``: repository:tag, or repository@digest (what a tag named when pushed)."""
     _transfer(c, "pull", name, say)
 
 
@@ -123,7 +132,7 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def wait_healthy(container, url: str, timeout: float, say) -> None:
-    """Wait until ``url`` answers 2xx; raise with the container's last log lines otherwise."""
+    """Wait until ``url`` answers 2xx; otherwise show the container's last log lines and raise."""
     say(f"waiting up to {timeout:g} s for {url} to answer")
     deadline = time.monotonic() + timeout
     reason = f"{url} did not answer with 2xx within {timeout:g} s"
@@ -135,8 +144,10 @@ def wait_healthy(container, url: str, timeout: float, say) -> None:
             reason = f"the container exited with code {container.attrs['State'].get('ExitCode')}"
             break
         time.sleep(0.2)
-    raise DeployError(f"health check failed: {reason}\n"
-                      f"last log lines of {container.name}:\n{last_logs(container)}")
+    say(f"last log lines of {container.name}:")
+    for line in last_logs(container).splitlines():
+        say("  " + line)
+    raise DeployError(f"health check failed: {reason}")
 
 
 def get(c: docker.DockerClient, name: str):
@@ -187,9 +198,10 @@ def registry_digest(name: str) -> str | None:
         return None
 
 
-def registry_delete(name: str, keep_digests: set) -> str:
-    """Delete ``name``'s manifest from the registry unless a kept tag shares it; say what happened."""
-    digest = registry_digest(name)
+def registry_delete(name: str, digest: str | None, keep_digests: set) -> str:
+    """Delete ``name``'s manifest (``digest``, recorded at its push, else what the tag names now)
+    from the registry unless a kept release shares it; say what happened."""
+    digest = digest or registry_digest(name)
     if digest is None:
         return f"{name} is not in the registry"
     if digest in keep_digests:
@@ -200,6 +212,8 @@ def registry_delete(name: str, keep_digests: set) -> str:
         with urllib.request.urlopen(request, timeout=10):
             return f"deleted {name} from the registry"
     except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return f"{name} is not in the registry"
         detail = e.read().decode(errors="replace")[:200]
         try:
             detail = json.loads(detail)["errors"][0]["message"]

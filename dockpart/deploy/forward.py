@@ -4,39 +4,43 @@ The deploy hook starts the new release's container on a port of its own, checks 
 then rewrites the target file (an atomic rename): connections accepted from then on go to
 the new container while those already open finish on the old one, which is stopped only
 after a short drain.  No connection is refused at any moment, because the slice port never
-closes.  Run by the hook as ``twistd --pidfile=... dockpart-forward --listen tcp:50100
---target-file DIR/run/green.target``; reading the target per connection costs a small
-file read and needs no other channel.
+closes.  Run by the hook (:mod:`dockpart.deploy.supervise`) as ``twistd --pidfile=...
+dockpart-forward --listen tcp:50100:interface=127.0.0.1 --target-file DIR/run/green.target``;
+reading the target per connection costs a small file read and needs no other channel.
 """
 
-import os
-import socket
-import subprocess
-import sys
-import time
+import errno
 from pathlib import Path
 
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols import portforward
 from twisted.python import usage
 
-from dockpart.deploy.repos import DeployConfig, DeployDir, DeployError
-from dockpart.listening import Listener
+from dockpart.listening import Listener, server_endpoint
+
+#: Seconds a port in use is tried again: a TIME_WAIT socket holds it for up to a minute.
+DEFAULT_BIND_TIMEOUT = 60.0
 
 
 class Options(usage.Options):
     optParameters = [
         ["listen", None, None, "Endpoint of the slice port, e.g. tcp:50100:interface=127.0.0.1."],
         ["target-file", None, None, "File holding HOST:PORT of the current container."],
+        ["bind-timeout", None, DEFAULT_BIND_TIMEOUT,
+         "Seconds to keep trying a port that is in use before giving up (0: at once).", float],
     ]
 
     def postOptions(self) -> None:
         if not self["listen"]:
             raise usage.UsageError("--listen is required (e.g. tcp:50100)")
+        from twisted.internet import reactor
+        server_endpoint(reactor, "listen", self["listen"])  # a bad one is a usage error, here
         if not self["target-file"]:
             raise usage.UsageError("--target-file is required")
+        if self["bind-timeout"] < 0:
+            raise usage.UsageError("--bind-timeout cannot be negative")
 
 
 def read_target(path: Path) -> tuple[str, int]:
@@ -76,101 +80,74 @@ class ForwardFactory(portforward.ProxyFactory):
         self.reactor = reactor
 
 
+def _in_use(e: CannotListenError) -> bool:
+    return getattr(e.socketError, "errno", None) == errno.EADDRINUSE
+
+
+class RetryingListener(Listener):
+    """A :class:`Listener` that tries a port in use again, every ``interval``, for a while.
+
+    The slice ports (50100, 50101) lie in Linux's ephemeral range, so after heavy outgoing
+    traffic a TIME_WAIT socket can hold one for up to a minute (``deploy init`` as root
+    reserves them).  Any other bind error, or a port still in use after ``bind_timeout``
+    seconds, stops the daemon with the reason.
+    """
+
+    interval = 0.5
+
+    def __init__(self, name: str, endpoint, factory, bind_timeout: float, reactor):
+        super().__init__(name, endpoint, factory)
+        self.bind_timeout = bind_timeout
+        self.reactor = reactor
+        self.busy: CannotListenError | None = None
+        self._retry = None
+        self._deadline = 0.0
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            if not _in_use(e) or self.bind_timeout <= 0:
+                raise
+            self.busy = e
+            self.log.warn("{name}: port {port} is in use (a TIME_WAIT connection after heavy "
+                          "outgoing traffic, or another listener); trying again for up to "
+                          "{timeout:g} s", name=self.name, port=e.port, timeout=self.bind_timeout)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.busy is not None:
+            self._deadline = self.reactor.seconds() + self.bind_timeout
+            self._retry = self.reactor.callLater(self.interval, self._try_again)
+
+    def _try_again(self) -> None:
+        self._retry = None
+        try:
+            Listener.privilegedStartService(self)
+        except CannotListenError as e:
+            if _in_use(e) and self.reactor.seconds() < self._deadline:
+                self._retry = self.reactor.callLater(self.interval, self._try_again)
+                return
+            self.log.error("{name} gave up: port {port} still cannot be bound after {timeout:g} s "
+                           "({error}); see who holds it with: ss -tanp 'sport = :{port}'",
+                           name=self.name, port=e.port, timeout=self.bind_timeout,
+                           error=e.socketError)
+            self.reactor.stop()
+        else:
+            self.busy = None
+
+    def stopService(self):
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        return super().stopService()
+
+
 def makeService(config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = MultiService()
     factory = ForwardFactory(Path(config["target-file"]), reactor)
-    Listener("dockpart-forward", serverFromString(reactor, config["listen"]),
-             factory).setServiceParent(top)
+    RetryingListener("dockpart-forward", server_endpoint(reactor, "listen", config["listen"]),
+                     factory, config["bind-timeout"], reactor).setServiceParent(top)
     return top
-
-
-# ---- used by the hook: keep a slice's forwarder running and point it somewhere ----
-
-def _paths(deploy_dir: DeployDir, slice_name: str) -> tuple[Path, Path, Path]:
-    run = deploy_dir.run
-    return run / f"{slice_name}.target", run / f"{slice_name}-forward.pid", run / f"{slice_name}-forward.log"
-
-
-def forwarder_pid(deploy_dir: DeployDir, slice_name: str) -> int | None:
-    """The pid of the slice's running forwarder, or None."""
-    pidfile = _paths(deploy_dir, slice_name)[1]
-    try:
-        pid = int(pidfile.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    return pid if b"dockpart-forward" in cmdline else None
-
-
-def set_target(deploy_dir: DeployDir, slice_name: str, host: str, port: int) -> None:
-    """Send the slice's new connections to HOST:PORT from now on (atomic)."""
-    target = _paths(deploy_dir, slice_name)[0]
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(f"{host}:{port}\n")
-    tmp.replace(target)
-
-
-def current_target(deploy_dir: DeployDir, slice_name: str) -> tuple[str, int] | None:
-    try:
-        return read_target(_paths(deploy_dir, slice_name)[0])
-    except (OSError, ValueError):
-        return None
-
-
-def ensure_forwarder(deploy_dir: DeployDir, config: DeployConfig, slice_name: str,
-                     say=print, timeout: float = 15.0) -> int:
-    """Start the slice's forwarder unless it runs; return its pid."""
-    pid = forwarder_pid(deploy_dir, slice_name)
-    if pid:
-        return pid
-    target, pidfile, logfile = _paths(deploy_dir, slice_name)
-    port = config.ports[slice_name]
-    say(f"starting the forwarder of {slice_name} on {config.host}:{port}")
-    # Not our running forwarder: a stale pid file (its pid may even be a zombie) would stop twistd.
-    pidfile.unlink(missing_ok=True)
-    twistd = Path(sys.executable).parent / "twistd"
-    # twistd without -n daemonizes and points its stdio at /dev/null, so a git push does not
-    # wait for it; its first process exits once the port is bound, or with the reason.
-    started = subprocess.run(
-        [str(twistd), f"--pidfile={pidfile}", f"--logfile={logfile}", "dockpart-forward",
-         "--listen", f"tcp:{port}:interface={config.host}", "--target-file", str(target)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=deploy_dir.run,
-        timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while started.returncode == 0 and time.monotonic() < deadline:
-        pid = forwarder_pid(deploy_dir, slice_name)
-        if pid and _port_open(config.host, port):
-            return pid
-        time.sleep(0.05)
-    reason = started.stderr.strip() if started.returncode else _log_tail(logfile, 5)
-    raise DeployError(f"the forwarder of {slice_name} did not start on port {port} "
-                      f"(log: {logfile}):\n{reason}")
-
-
-def stop_forwarder(deploy_dir: DeployDir, slice_name: str, timeout: float = 10.0) -> bool:
-    """Stop the slice's forwarder; False if none ran."""
-    pid = forwarder_pid(deploy_dir, slice_name)
-    if not pid:
-        return False
-    os.kill(pid, 15)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        time.sleep(0.05)
-    return True
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

@@ -2,12 +2,14 @@
 
 import fcntl
 import json
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from dockpart.deploy.repos import DeployConfig, DeployDir, DeployError
+from dockpart.files import write_atomically
 
 
 @dataclass
@@ -18,10 +20,17 @@ class Release:
     commit: str
     image: str  # registry/app:slice-short
     deployed_at: float = 0.0
+    #: The manifest digest the registry gave at the push: a tag can be overwritten, this cannot.
+    digest: str = ""
 
     @property
     def tag(self) -> str:
         return self.image.rsplit(":", 1)[1]
+
+    @property
+    def pinned(self) -> str:
+        """registry/app@sha256:..., what a rollback pulls (the tag, for a release without one)."""
+        return f"{self.image.rsplit(':', 1)[0]}@{self.digest}" if self.digest else self.image
 
     @property
     def short(self) -> str:
@@ -59,9 +68,7 @@ class History:
         others = [r for r in self.releases() if r.tag != release.tag]
         releases = [release, *others]
         kept, dropped = releases[:keep], releases[keep:]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"releases": [asdict(r) for r in kept]}, indent=2) + "\n")
-        tmp.replace(self.path)
+        write_atomically(self.path, json.dumps({"releases": [asdict(r) for r in kept]}, indent=2) + "\n")
         return dropped
 
     def find(self, name: str | None) -> Release:
@@ -79,14 +86,27 @@ class History:
 
 
 @contextmanager
-def slice_lock(deploy_dir: DeployDir, slice_name: str, say=print):
-    """One deployment per slice at a time; a second push waits for the first."""
+def slice_lock(deploy_dir: DeployDir, slice_name: str, say=print, doing: str = "a push"):
+    """One deployment per slice at a time: a second push (or rollback) waits for the first.
+
+    The holder writes what it does into the lock file, so the one waiting can say whom it waits for.
+    """
     deploy_dir.run.mkdir(exist_ok=True)
-    with open(deploy_dir.run / f"{slice_name}.lock", "w") as f:
+    with open(deploy_dir.run / f"{slice_name}.lock", "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say(f"another deployment of {slice_name} is running; waiting for it")
+            f.seek(0)
+            holder = f.read().strip()
+            say(f"waiting for the push to {slice_name} in progress"
+                + (f" ({holder})" if holder else ""))
             fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
+            say(f"the previous push to {slice_name} is done; going on")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{doing}, pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)

@@ -13,11 +13,15 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from dockpart.files import write_atomically
+
 SLICES = ("green", "blue")
 CONFIG_NAME = "dockpart-deploy.json"
 #: Branches that deploy when no branch is configured.
 DEFAULT_BRANCHES = ("main", "master")
 BASE_IMAGE_ENV = "DOCKPART_BASE_IMAGE"
+#: Where Linux keeps ip_local_port_range and ip_local_reserved_ports.
+SYSCTL_IPV4 = Path("/proc/sys/net/ipv4")
 
 
 class DeployError(Exception):
@@ -93,11 +97,7 @@ def _write_if_changed(path: Path, text: str, mode: int | None = None) -> bool:
     if path.exists() and path.read_text() == text and (
             mode is None or path.stat().st_mode & 0o777 == mode):
         return False
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    if mode is not None:
-        tmp.chmod(mode)
-    tmp.replace(path)
+    write_atomically(path, text, 0o644 if mode is None else mode)
     return True
 
 
@@ -140,11 +140,51 @@ def init(path, overrides: dict, say=print) -> list[str]:
         hook = git_dir / "hooks" / "pre-receive"
         if _write_if_changed(hook, hook_script(deploy_dir, slice_name), 0o755):
             changed.append(str(hook))
+    reserve_ports(sorted(set(config["ports"].values())), say)
     for item in changed:
         say(f"wrote {item}")
     if not changed:
         say(f"{deploy_dir.path} is up to date; nothing changed")
     return changed
+
+
+def _port_ranges(text: str) -> list[tuple[int, int]]:
+    """``"50100-50101,8080"`` (sysctl's list of reserved ports) as (low, high) pairs."""
+    ranges = []
+    for item in text.split(","):
+        if item.strip():
+            low, _, high = item.strip().partition("-")
+            ranges.append((int(low), int(high or low)))
+    return ranges
+
+
+def reserve_ports(ports: list[int], say=print, sysctl: Path = SYSCTL_IPV4,
+                  is_root: bool | None = None) -> list[int]:
+    """Keep the slice ports out of Linux's ephemeral range; return the ports newly reserved.
+
+    An outgoing connection (or its TIME_WAIT, for a minute) may otherwise take a slice port,
+    and the forwarder cannot listen on it.  ``net.ipv4.ip_local_reserved_ports`` keeps them
+    out; the ports are added to what is reserved already.  Without root, only a warning.
+    """
+    try:
+        low, high = map(int, (sysctl / "ip_local_port_range").read_text().split())
+        reserved = (sysctl / "ip_local_reserved_ports").read_text().strip()
+    except (OSError, ValueError):
+        return []  # not Linux, or no such setting: nothing to keep apart
+    taken = _port_ranges(reserved)
+    exposed = [p for p in ports if low <= p <= high and not any(a <= p <= b for a, b in taken)]
+    if not exposed:
+        return []
+    listed = ",".join(map(str, exposed))
+    if not (os.geteuid() == 0 if is_root is None else is_root):
+        say(f"warning: ports {listed} lie in the ephemeral port range {low}-{high}: an outgoing "
+            "connection can hold one and a push then fails to listen on it; reserve them as root: "
+            f"sysctl -w net.ipv4.ip_local_reserved_ports={','.join(filter(None, [reserved, listed]))}")
+        return []
+    (sysctl / "ip_local_reserved_ports").write_text(",".join(filter(None, [reserved, listed])) + "\n")
+    say(f"reserved ports {listed} (net.ipv4.ip_local_reserved_ports; add it to /etc/sysctl.d/ "
+        "to keep it after a reboot)")
+    return exposed
 
 
 def clean_git_env() -> dict:

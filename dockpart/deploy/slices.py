@@ -9,7 +9,7 @@ new connections to it, and the old ``SLICE-app`` is stopped after a short drain.
 import subprocess
 import time
 
-from dockpart.deploy import docker_ops, forward
+from dockpart.deploy import docker_ops, supervise
 from dockpart.deploy.release import History, Release
 from dockpart.deploy.repos import SLICES, DeployConfig, DeployDir, DeployError, clean_git_env
 
@@ -46,7 +46,8 @@ def deploy_commit(deploy_dir: DeployDir, config: DeployConfig, slice_name: str, 
     docker_ops.build(c, str(deploy_dir.work_tree(slice_name)), release.image,
                      config.build_args, lambda line: say("  " + line))
     say(f"pushing {release.image}")
-    docker_ops.push(c, release.image, lambda line: say("  " + line))
+    release.digest = docker_ops.push(c, release.image, lambda line: say("  " + line))
+    say(f"the registry keeps {release.image} as {release.digest}")
     try:
         activate(deploy_dir, config, release, say, c)
     except DeployError:
@@ -62,24 +63,24 @@ def activate(deploy_dir: DeployDir, config: DeployConfig, release: Release, say=
     """Pull ``release`` from the registry, start it beside the old one, check it, swap it in."""
     c = c or docker_ops.client()
     slice_name = release.slice
-    say(f"pulling {release.image}")
-    docker_ops.pull(c, release.image, lambda line: say("  " + line))
+    say(f"pulling {release.pinned}")
+    docker_ops.pull(c, release.pinned, lambda line: say("  " + line))
     port = docker_ops.free_port()
     candidate = candidate_name(slice_name)
     say(f"starting {candidate} on 127.0.0.1:{port}")
-    container = docker_ops.run(c, release.image, candidate, port, {
+    container = docker_ops.run(c, release.pinned, candidate, port, {
         f"{docker_ops.LABEL}.slice": slice_name, f"{docker_ops.LABEL}.commit": release.commit,
         f"{docker_ops.LABEL}.port": str(port)})
     try:
         docker_ops.wait_healthy(container, f"http://127.0.0.1:{port}{config.health_path}",
                                 config.health_timeout, say)
-        forward.ensure_forwarder(deploy_dir, config, slice_name, say)
+        supervise.ensure_forwarder(deploy_dir, config, slice_name, say)
     except BaseException:
         say(f"removing {candidate}; the running release keeps serving")
         docker_ops.remove(c, candidate, stop_timeout=2)
         raise
     say(f"healthy; {config.url(slice_name)} now sends new connections to {candidate}")
-    forward.set_target(deploy_dir, slice_name, "127.0.0.1", port)
+    supervise.set_target(deploy_dir, slice_name, "127.0.0.1", port)
     # It serves from now on: a later failure must not make it a failed release to forget.
     dropped = History(deploy_dir, slice_name).record(release, config.keep)
     old = container_name(slice_name)
@@ -91,7 +92,7 @@ def activate(deploy_dir: DeployDir, config: DeployConfig, release: Release, say=
     docker_ops.keep_running(container)
     # SLICE names what the slice runs, in the registry too.
     slice_image = f"{config.repository()}:{slice_name}"
-    docker_ops.tag(c, release.image, slice_image)
+    docker_ops.tag(c, release.pinned, slice_image)
     say(f"pushing {slice_image}")
     docker_ops.push(c, slice_image, lambda line: say("  " + line))
     prune(c, config, deploy_dir, slice_name, dropped, say)
@@ -103,10 +104,10 @@ def prune(c, config: DeployConfig, deploy_dir: DeployDir, slice_name: str,
     if not dropped:
         return
     kept = History(deploy_dir, slice_name).releases()
-    keep_digests = {docker_ops.registry_digest(r.image) for r in kept}
+    keep_digests = {r.digest or docker_ops.registry_digest(r.image) for r in kept}
     keep_digests.add(docker_ops.registry_digest(f"{config.repository()}:{slice_name}"))
     for release in dropped:
-        say(docker_ops.registry_delete(release.image, keep_digests - {None}))
+        say(docker_ops.registry_delete(release.image, release.digest, keep_digests - {None}))
         docker_ops.remove_image(c, release.image)
 
 
@@ -143,8 +144,8 @@ def up(deploy_dir: DeployDir, config: DeployConfig, say=print) -> None:
         port = int(container.labels[f"{docker_ops.LABEL}.port"])
         docker_ops.wait_healthy(container, f"http://127.0.0.1:{port}{config.health_path}",
                                 config.health_timeout, say)
-        forward.set_target(deploy_dir, slice_name, "127.0.0.1", port)
-        forward.ensure_forwarder(deploy_dir, config, slice_name, say)
+        supervise.set_target(deploy_dir, slice_name, "127.0.0.1", port)
+        supervise.ensure_forwarder(deploy_dir, config, slice_name, say)
         say(f"{slice_name} serves {container.attrs['Config']['Image']} on {config.url(slice_name)}")
 
 
@@ -155,5 +156,5 @@ def down(deploy_dir: DeployDir, say=print) -> None:
         for name in (candidate_name(slice_name), container_name(slice_name)):
             if docker_ops.remove(c, name, stop_timeout=2):
                 say(f"removed {name}")
-        if forward.stop_forwarder(deploy_dir, slice_name):
+        if supervise.stop_forwarder(deploy_dir, slice_name):
             say(f"stopped the forwarder of {slice_name}")

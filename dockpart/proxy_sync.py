@@ -72,6 +72,12 @@ def read_reply(buf: bytes, pos: int):
     raise ValueError(f"not a RESP reply: {buf[pos:pos + 20]!r}")
 
 
+def auth(address) -> bytes:
+    """AUTH as the --redis URL says: with its user name (an ACL user) when it has one."""
+    user = [address.username.encode()] if address.username else []
+    return command(b"AUTH", *user, address.password.encode())
+
+
 class _Notices(Protocol):
     """SUBSCRIBE to the list's channel; each ``message`` means: read the list again."""
 
@@ -80,9 +86,8 @@ class _Notices(Protocol):
     def connectionMade(self):
         owner = self.factory.owner
         self.buffer = b""
-        password = owner.redis.address.password
-        if password:
-            self.transport.write(command(b"AUTH", password.encode()))
+        if owner.redis.address.password:
+            self.transport.write(auth(owner.redis.address))
         self.transport.write(command(b"SUBSCRIBE", keys.changes_channel(owner.list_key).encode()))
         owner.notices_connected()
 
@@ -134,7 +139,7 @@ class _Rotation(Protocol):
         self._lmove = command(b"LMOVE", *[self.backends.list_key.encode()] * 2, b"RIGHT", b"LEFT")
         address = owner.redis.address
         if address.password:
-            self._send(command(b"AUTH", address.password.encode()), None)
+            self._send(auth(address), None)
         if address.db:
             self._send(command(b"SELECT", str(address.db).encode()), None)
         self.backends.rotation = self

@@ -36,7 +36,8 @@ def connected(address: RedisAddress, timeout: float) -> Iterator["redis.Redis"]:
     import redis  # here, not above: every push runs this program and never needs Redis (0.15 s)
 
     client = redis.Redis(host=address.host, port=address.port, db=address.db,
-                         password=address.password, socket_timeout=timeout,
+                         username=address.username, password=address.password,
+                         socket_timeout=timeout,
                          socket_connect_timeout=timeout, decode_responses=True)
     try:
         yield client

@@ -28,19 +28,21 @@ class PlacingDriver:
 
     def __init__(self):
         self.node = "10.9.0.2"
-        self.running: dict[int, str] = {}  # port -> host
+        self.running: dict[int, str | None] = {}  # port -> host, None while it restarts
+        self.removed: list[int] = []
 
     def describe(self, port):
         return f"placed instance {port}"
 
     async def managed(self):
-        return {port: f"http://{host}:{port}" for port, host in self.running.items()}
+        return {port: host and f"http://{host}:{port}" for port, host in self.running.items()}
 
     async def start(self, port):
         self.running.setdefault(port, self.node)
         return f"http://{self.running[port]}:{port}"
 
     async def remove(self, port):
+        self.removed.append(port)
         self.running.pop(port, None)
 
 
@@ -110,6 +112,26 @@ async def test_reconcile_follows_an_instance_that_swarm_moved_to_another_node(re
         async def moved():
             return (await s.lists())[keys.SERVERS] == ["http://10.9.0.3:4001"]
         await until(moved)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_swarm_restarts_leaves_servers_and_comes_back_without_a_respawn(
+        redis_db, redis_server):
+    """No address while its task restarts: unlisted, neither removed nor replaced."""
+    async with Setup(redis_server.url) as s:
+        s.driver.running[4001] = None
+        redis_db.rpush(keys.SERVERS, "http://10.9.0.2:4001")
+
+        async def unlisted():
+            return (await s.lists())[keys.SERVERS] == []
+        await until(unlisted)
+        s.driver.running[4001] = "10.9.0.2"  # placed and up again
+
+        async def back():
+            return (await s.lists())[keys.SERVERS] == ["http://10.9.0.2:4001"]
+        await until(back)
+        assert s.driver.removed == [] and redis_db.lrange(keys.SPAWN_QUEUE, 0, -1) == []
+        assert (await s.lists())[keys.DEAD_LETTERS] == []
 
 
 def test_a_managers_address_comes_from_its_manager_status_when_status_reads_no_address():

@@ -71,7 +71,8 @@ def _placed(tasks: list[dict], addresses: dict[str, str], port: int) -> str | No
 
 def _thd_inventory(client, tier: str) -> dict[int, dict]:
     """Per port: ``url`` where its task is up (or None), ``running``, ``state`` (the newest
-    task's), ``id`` (the service's) and ``node`` (the address of the node it runs on)."""
+    task's), ``id`` (the service's), ``node`` (the address of the node it runs on) and
+    ``replicas`` (0 once a destroy scaled it down)."""
     wanted = [f"{k}={v}" for k, v in _labels(tier).items()]
     services = client.services.list(filters={"label": wanted})
     if not services:
@@ -90,12 +91,16 @@ def _thd_inventory(client, tier: str) -> dict[int, dict]:
             found[int(port)] = {
                 "url": url, "running": url is not None, "id": service.short_id,
                 "state": newest["Status"]["State"] if newest else "no task",
+                "replicas": service.attrs["Spec"]["Mode"].get("Replicated", {}).get("Replicas", 0),
                 "node": addresses.get(newest.get("NodeID", "")) if newest else None}
     return found
 
 
-def _thd_managed(client, tier: str) -> dict[int, str | bool]:
-    return {port: seen["url"] or False for port, seen in _thd_inventory(client, tier).items()}
+def _thd_managed(client, tier: str) -> dict[int, str | None | bool]:
+    # Swarm restarts a task that exited (restart policy "any"): a service without a task up is
+    # one Swarm is (re)starting, not one to replace.  Only a service scaled to 0 has exited.
+    return {port: seen["url"] or (None if seen["replicas"] else False)
+            for port, seen in _thd_inventory(client, tier).items()}
 
 
 def _thd_full_nodes(client, tier: str, most: int) -> list[str]:
@@ -221,8 +226,9 @@ class SwarmDriver(DockerDriver):
                 raise
         return super()._call(sorted_503, *args)
 
-    async def managed(self) -> dict[int, str | bool]:
-        """Every managed instance's port: the URL where it is up, or False."""
+    async def managed(self) -> dict[int, str | None | bool]:
+        """Every managed instance's port: the URL where it is up, None while Swarm (re)starts
+        its task, False once scaled to 0."""
         return await self._call(_thd_managed, self.tier)
 
     async def inventory(self) -> dict[int, dict]:

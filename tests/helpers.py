@@ -36,6 +36,16 @@ def free_port_run(count: int) -> int:
     raise AssertionError(f"no run of {count} free ports found")
 
 
+def entries(client, *lists: str) -> int:
+    """How many entries the Redis ``lists`` hold together, read in one transaction: infra moves
+    a request from its queue to its processing list between two separate reads, which then
+    both read empty while the request is in hand."""
+    pipe = client.pipeline()  # MULTI ... EXEC
+    for name in lists:
+        pipe.llen(name)
+    return sum(pipe.execute())
+
+
 class GaveUp(AssertionError):
     """Raised by a predicate when waiting longer is pointless (a daemon died)."""
 

@@ -157,12 +157,13 @@ class TierWatch(Service):
                 driver_error = str(e)
         interval = max((float(r.get("interval", 1.0)) for r in reports), default=1.0) or 1.0
         merged = load.merge(reports)
-        by_port = {port: seen for port, seen in (inventory or {}).items()}
-        urls = set().union(*lists.values(), merged,
-                           (instance_url(self.host, port) for port in by_port))
+        # Where each instance answers: the URL its driver placed it at (swarm), else this host.
+        by_url = {seen.get("url") or instance_url(self.host, port): seen
+                  for port, seen in (inventory or {}).items()}
+        urls = set().union(*lists.values(), merged, by_url)
         instances = []
         for url in sorted(urls, key=lambda u: (_port(u), u)):
-            seen = by_port.get(_port(url)) if url.startswith(f"http://{self.host}:") else None
+            seen = by_url.get(url)
             row = {"url": url,
                    "state": instance_state(url, lists, seen, inventory is not None),
                    "id": seen["id"] if seen else None,

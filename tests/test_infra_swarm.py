@@ -21,7 +21,7 @@ import docker
 import pytest
 import requests
 
-from dockerkit import docker_client, run_images
+from dockerkit import run_images
 from deploykit import Registry
 from dockpart import keys
 from dockpart.drivers import instance_name
@@ -29,7 +29,8 @@ from dockpart.drivers.docker import LABEL_MANAGED, LABEL_PORT, LABEL_TIER
 from dockpart.drivers.swarm import node_address
 from helpers import (ROOT, Daemon, RedisProcess, entries, free_port, free_port_run, served_by,
                      wait_for)
-from test_infra_docker import HIGH, LOW, free_test_port
+# The Docker driver's module fixtures (engine, redis, db: its infra_daemon is this module's).
+from test_infra_docker import HIGH, LOW, db, engine, free_test_port, redis, servers  # noqa: F401
 
 pytestmark = [pytest.mark.docker, pytest.mark.swarm]
 
@@ -41,13 +42,6 @@ def _docker(*args: str, timeout: float = 120) -> str:
     done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"docker {' '.join(args)}: {done.stdout}{done.stderr}"
     return done.stdout
-
-
-@pytest.fixture(scope="module")
-def engine():
-    client = docker_client()
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +79,6 @@ def remove_services(engine, tier: str) -> None:
              60, what=f"the containers of {tier} to stop")
 
 
-@pytest.fixture(scope="module")
-def redis():
-    server = RedisProcess().start()
-    yield server
-    server.stop()
-
-
 def swarm_infra(redis_url: str, *extra: str) -> Daemon:
     return Daemon("dockpart-infra", "--driver", "swarm", "--redis", redis_url,
                   "--image", "dockpart-web:latest", "--port-range", f"{LOW}-{HIGH}",
@@ -109,18 +96,6 @@ def infra_daemon(redis, docker_images, made):
     daemon.dashboard = f"http://127.0.0.1:{dash_port}"
     yield daemon
     daemon.stop()
-
-
-@pytest.fixture
-def db(redis, infra_daemon):
-    client = redis.client()
-    client.flushall()
-    yield client
-    client.close()
-
-
-def servers(db) -> list[str]:
-    return db.lrange(keys.SERVERS, 0, -1)
 
 
 def spawn(db) -> tuple[int, str]:

@@ -15,7 +15,7 @@ from twisted.python import usage
 from dockpart import infra, infra_worker, keys
 from dockpart.drivers import DriverError, ThreadPoolService, Unavailable
 from dockpart.drivers.swarm import SwarmDriver, node_address
-from dockpart.redisconn import RedisAddress, RedisService
+import test_infra_worker
 from test_infra_worker import until
 
 REQUEST = "http://127.0.0.1:4001"
@@ -46,28 +46,19 @@ class PlacingDriver:
         self.running.pop(port, None)
 
 
-class Setup:
+class Setup(test_infra_worker.Setup):
+    """The worker with a placing driver; the probe answers only at the host it placed."""
+
     def __init__(self, redis_url: str):
-        self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
-        self.driver = PlacingDriver()
+        driver = PlacingDriver()
         self.probed = []
 
         def probe(_reactor, port, host):
             self.probed.append((host, port))
-            return defer.succeed(self.driver.running.get(port) == host)
-        rules = infra_worker.EntryRules("127.0.0.1", 4001, 4999, 4000, any_host=True)
-        self.worker = infra_worker.Worker(self.redis, self.driver, rules, interval=0.02,
-                                          reconcile_interval=0.1, drain=0.05, retry_max=0.05,
-                                          lease=1.0, probe=probe, reactor=reactor)
-
-    async def __aenter__(self):
-        self.redis.startService()
-        self.worker.startService()
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.worker.stopService()
-        await self.redis.stopService()
+            return defer.succeed(driver.running.get(port) == host)
+        super().__init__(redis_url, driver, probe,
+                         infra_worker.EntryRules("127.0.0.1", 4001, 4999, 4000, any_host=True),
+                         reconcile_interval=0.1, drain=0.05)
 
     async def lists(self):
         return {key: await self.redis.call("LRANGE", key, 0, -1)

@@ -102,6 +102,7 @@ class TierWatch(Periodic):
         self.points: deque = deque(maxlen=max(1, int(history / interval)))
         self.events: deque = deque(maxlen=1000)
         self._last_servers: set[str] | None = None
+        self._shown_since = float("-inf")  # when the look behind the snapshot began
 
     def tick(self) -> defer.Deferred:
         return defer.ensureDeferred(self.refresh(record=True))
@@ -120,7 +121,11 @@ class TierWatch(Periodic):
         else:
             if record:
                 self._record(snapshot)
-        self.snapshot = snapshot
+        # A button's look and the periodic one can overlap: an older look that ends last
+        # must not put back what the newer one already replaced.
+        if now >= self._shown_since:
+            self._shown_since = now
+            self.snapshot = snapshot
         return snapshot
 
     async def _look(self, now: float) -> dict:

@@ -181,3 +181,39 @@ def test_swarm_options_reach_the_driver_and_any_node_host_is_accepted():
     service = infra.makeService(config, reactor)
     worker, = [s for s in service if isinstance(s, infra_worker.Worker)]
     assert worker.rules.check(infra_worker.DESTROY, "http://10.9.0.7:3005") == 3005
+
+
+@pytest.mark.parametrize("max_per_node, waits", [(None, False), (1, True)])
+@pytest_twisted.ensureDeferred
+async def test_a_task_no_node_takes_holds_up_other_spawns_only_under_max_per_node(max_per_node,
+                                                                                  waits):
+    """Port 4001's task is never placed; 4002's is at once."""
+    driver = SwarmDriver(None, "img", ".", "Dockerfile", {}, "redis://x", "redis://x",
+                         client_factory=object, reactor=reactor, max_per_node=max_per_node,
+                         place_timeout=2.0)
+    placed = {4002: "http://10.9.0.2:4002"}
+
+    async def ensure_image():
+        return "img"
+    driver.ensure_image = ensure_image
+
+    calls = []
+
+    def call(f, *args):
+        port = args[1] if len(args) > 1 else None
+        calls.append((f.__name__, port))
+        answers = {"_thd_pinned": "img@sha256:x", "_thd_full_nodes": [], "_thd_create": True,
+                   "_thd_node": "node-2" if port in placed else None,
+                   "_thd_url": placed.get(port), "_thd_placement": (None, None, "no node")}
+        return defer.succeed(answers[f.__name__])
+    driver._call = call
+    stuck = defer.ensureDeferred(driver.start(4001))
+    assert await driver.start(4002) == "http://10.9.0.2:4002"
+    with pytest.raises(DriverError, match="was not placed"):
+        await stuck
+    # Under the limit, 4002 is created only once 4001 stopped waiting for a node (many looks
+    # later); without it, right after 4001's first look.
+    created = calls.index(("_thd_create", 4002))
+    looks = [name for name, port in calls[:created] if port == 4001 and name in ("_thd_node",
+                                                                                  "_thd_url")]
+    assert (len(looks) > 1) is waits

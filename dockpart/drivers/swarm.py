@@ -208,8 +208,7 @@ class SwarmDriver(DockerDriver):
         self.max_per_node = max_per_node
         self.interface = interface
         self.place_timeout = place_timeout
-        # One placement at a time: --max-per-node counts the tasks already given a node.
-        self._place_lock = defer.DeferredLock()
+        self._place_lock = defer.DeferredLock()  # with --max-per-node (see start)
 
     def describe(self, port: int) -> str:
         return f"service {instance_name(port)}"
@@ -247,17 +246,17 @@ class SwarmDriver(DockerDriver):
         """Create the service unless it exists; the URL where its task is up, once placed."""
         image = await self._call(_thd_pinned, await self.ensure_image())
         args = [*self.instance_args, "--listen", f"tcp:{port}:interface={self.interface}"]
-        async with self._place_lock:
-            constraints = list(self.constraints)
-            if self.max_per_node is not None:
+        if self.max_per_node is None:
+            await self._create(port, image, args, list(self.constraints))
+        else:
+            # --max-per-node counts the tasks already given a node: one placement at a time, and
+            # the next counts only once this one's node is known (a moment, or place_timeout
+            # for a task no node can take: without the limit, no spawn waits for another).
+            async with self._place_lock:
                 full = await self._call(_thd_full_nodes, self.tier, self.max_per_node)
-                constraints += [f"node.id!={node}" for node in full]
-            if await self._call(_thd_create, self.tier, port, image, self.environment, args,
-                                constraints, self.stop_timeout):
-                self.log.info("created {what} from {image}", what=self.describe(port),
-                              image=image)
-            # The node is known within a moment; the lock is not held while the task starts.
-            await self._wait(_thd_node, self.tier, port, timeout=self.place_timeout)
+                await self._create(port, image, args,
+                                   [*self.constraints, *(f"node.id!={node}" for node in full)])
+                await self._wait(_thd_node, self.tier, port, timeout=self.place_timeout)
         url = await self._wait(_thd_url, self.tier, port, timeout=self.place_timeout)
         if url is None:
             _, _, error = await self._call(_thd_placement, self.tier, port)
@@ -265,6 +264,12 @@ class SwarmDriver(DockerDriver):
                               f"{self.place_timeout:g} s" + (f" (Swarm: {error})" if error else ""))
         self.log.info("{what} runs at {url}", what=self.describe(port), url=url)
         return url
+
+    async def _create(self, port: int, image: str, args: list[str],
+                      constraints: list[str]) -> None:
+        if await self._call(_thd_create, self.tier, port, image, self.environment, args,
+                            constraints, self.stop_timeout):
+            self.log.info("created {what} from {image}", what=self.describe(port), image=image)
 
     async def remove(self, port: int) -> None:
         """Scale to zero, wait until the task stopped (its port is free), remove the service."""

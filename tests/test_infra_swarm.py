@@ -183,8 +183,10 @@ def test_reconcile_adds_back_running_services_and_drops_removed_ones(db, engine,
     wait_for(lambda: url in servers(db), 10, what="reconcile to add it back")
     service_of(engine, port).remove()
     wait_for(lambda: url not in servers(db), 10, what="reconcile to drop it")
-    output = infra_daemon.output()
-    assert f"added {url} back" in output and f"removed {url} from servers" in output
+    # The log line comes through the daemon's pipe a moment after the change in Redis.
+    wait_for(lambda: f"removed {url} from servers" in infra_daemon.output(), 5,
+             what="reconcile to say so")
+    assert f"added {url} back" in infra_daemon.output()
 
 
 def test_a_crashed_instance_comes_back_by_the_restart_policy_and_stays_in_servers(

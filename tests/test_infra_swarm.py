@@ -152,9 +152,14 @@ def test_a_destroyed_instance_leaves_servers_then_serves_through_the_drain(db, e
     wait_for(lambda: url not in servers(db), 10, interval=0.01, what="the url to leave servers")
     assert requests.get(url, timeout=2).status_code == 200  # --drain 1.5: still serving
     wait_for(lambda: service_of(engine, port) is None, 30, what="the service to be removed")
-    output = infra_daemon.output()
-    assert output.index(f"{url} left servers; draining") < output.index(
-        f"destroyed service {instance_name(port)}")
+    done = f"destroyed service {instance_name(port)}"
+    # Said once the request is off the processing list, a moment after the service went.
+
+    def said():
+        output = infra_daemon.output()
+        return done in output and output
+    output = wait_for(said, 10, what="infra to say the destroy is done")
+    assert output.index(f"{url} left servers; draining") < output.index(done)
 
 
 def test_a_service_dockpart_does_not_manage_is_left_alone(db, engine, swarm, infra_daemon):

@@ -100,6 +100,9 @@ class Dashboard(Resource):
         }
 
     def render(self, request):
+        gone = []  # the client hung up: nothing to write
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        request.client_gone = gone
         d = defer.ensureDeferred(self.dispatch(request))
         d.addErrback(self._internal_error, request)
         d.addCallback(self._write, request)
@@ -110,7 +113,7 @@ class Dashboard(Resource):
         return json_answer(500, {"error": "internal error; see dockpart-infra's log"})
 
     def _write(self, answer: Answer, request) -> None:
-        if request._disconnected or request.finished:
+        if request.client_gone or request.finished:
             return
         request.setResponseCode(answer.code)
         request.setHeader("content-type", answer.content_type)

@@ -9,13 +9,12 @@ latest snapshot, so ten open dashboards cost the tier what one does.
 import json
 from collections import deque
 
-from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dockpart import keys, load
 from dockpart.drivers import DriverError, Unavailable
+from dockpart.periodic import Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
 from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
 
@@ -84,7 +83,7 @@ def _port(url: str) -> int:
         return 0
 
 
-class TierWatch(Service):
+class TierWatch(Periodic):
     """Looks at the tier every ``interval`` seconds; keeps the snapshot and the history."""
 
     log = Logger()
@@ -93,32 +92,20 @@ class TierWatch(Service):
                  history: float = HISTORY_SECONDS, reactor=None):
         if reactor is None:
             from twisted.internet import reactor
+        super().__init__(interval, reactor, now=True)
         self.redis = redis
         self.worker = worker
         self.driver = worker.driver
         self.host = worker.rules.host
-        self.interval = interval
         self.reactor = reactor
         self.snapshot: dict = {"time": None, "error": "not looked yet", "instances": []}
         self.points: deque = deque(maxlen=max(1, int(history / interval)))
         self.events: deque = deque(maxlen=1000)
         self._last_servers: set[str] | None = None
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = reactor
+        self._shown_since = float("-inf")  # when the look behind the snapshot began
 
-    def startService(self):
-        super().startService()
-        self._loop.start(self.interval)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-
-    def _tick(self):
-        d = defer.ensureDeferred(self.refresh(record=True))
-        d.addErrback(lambda f: self.log.failure("looking at the tier", f))
-        return d
+    def tick(self) -> defer.Deferred:
+        return defer.ensureDeferred(self.refresh(record=True))
 
     async def refresh(self, record: bool = False) -> dict:
         """Look at the tier now; with ``record``, add the look to the history."""
@@ -134,7 +121,11 @@ class TierWatch(Service):
         else:
             if record:
                 self._record(snapshot)
-        self.snapshot = snapshot
+        # A button's look and the periodic one can overlap: an older look that ends last
+        # must not put back what the newer one already replaced.
+        if now >= self._shown_since:
+            self._shown_since = now
+            self.snapshot = snapshot
         return snapshot
 
     async def _look(self, now: float) -> dict:
@@ -157,12 +148,13 @@ class TierWatch(Service):
                 driver_error = str(e)
         interval = max((float(r.get("interval", 1.0)) for r in reports), default=1.0) or 1.0
         merged = load.merge(reports)
-        by_port = {port: seen for port, seen in (inventory or {}).items()}
-        urls = set().union(*lists.values(), merged,
-                           (instance_url(self.host, port) for port in by_port))
+        # Where each instance answers: the URL its driver placed it at (swarm), else this host.
+        by_url = {seen.get("url") or instance_url(self.host, port): seen
+                  for port, seen in (inventory or {}).items()}
+        urls = set().union(*lists.values(), merged, by_url)
         instances = []
         for url in sorted(urls, key=lambda u: (_port(u), u)):
-            seen = by_port.get(_port(url)) if url.startswith(f"http://{self.host}:") else None
+            seen = by_url.get(url)
             row = {"url": url,
                    "state": instance_state(url, lists, seen, inventory is not None),
                    "id": seen["id"] if seen else None,

@@ -487,13 +487,15 @@ class Worker(Service):
             return isinstance(up, str) and listed[port] != up
 
         for port, up in sorted(instances.items()):
-            if not up and not busy(port) and self.rules.owns(self._url(port)) is not None:
+            if up is False and not busy(port) and self.rules.owns(self._url(port)) is not None:
                 await self._replace_exited(port, listed.get(port))
         for port, url in listed.items():
-            if (port not in instances or moved(port)) and not busy(port):
+            # None: swarm restarts its task; it comes back in servers once placed and answering.
+            if (instances.get(port) is None or moved(port)) and not busy(port):
                 if await tier.unregister(self.redis, url):
-                    self.log.info("reconcile: {what} is gone; removed {url} from servers",
-                                  what=self.driver.describe(port), url=url)
+                    self.log.info("reconcile: {what} is {gone}; removed {url} from servers",
+                                  what=self.driver.describe(port), url=url,
+                                  gone="restarting" if port in instances else "gone")
         await self._probe_and_list(
             {port: (self._url(port, up), _probe_host(up)) for port, up in instances.items()
              if up and not busy(port) and self.rules.owns(self._url(port, up)) is not None},

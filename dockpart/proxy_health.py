@@ -5,15 +5,14 @@ instance still accepts connections, so only asking it tells it is gone, and only
 tells it is back.  The question is :mod:`dockpart.probe`'s, asked the same way everywhere.
 """
 
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dockpart import probe
+from dockpart.periodic import Periodic
 from dockpart.proxy_backends import Backend, BackendSet
 
 
-class HealthChecks(Service):
+class HealthChecks(Periodic):
     """Marks each backend down when its probe fails or times out, up when it answers again.
 
     A check still waiting for its answer is not started twice: a frozen backend costs one
@@ -24,23 +23,15 @@ class HealthChecks(Service):
 
     def __init__(self, backends: BackendSet, path: str, interval: float, timeout: float,
                  reactor):
+        super().__init__(interval, reactor)
         self.backends = backends
         self.path = path
         self.timeout = timeout
         self.reactor = reactor
-        self.interval = interval
-        self._loop = LoopingCall(self.check_all)
-        self._loop.clock = reactor
         self._checking: set[str] = set()
 
-    def startService(self):
-        super().startService()
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+    def tick(self) -> None:
+        self.check_all()
 
     def check_all(self) -> None:
         for backend in list(self.backends.ring):

@@ -11,12 +11,11 @@ import json
 import os
 import socket
 
-from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dockpart import keys, load
+from dockpart.periodic import Periodic
 from dockpart.proxy_backends import BackendSet
 from dockpart.redisconn import RedisService, RedisUnavailable
 
@@ -37,32 +36,23 @@ def proxy_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class LoadPublisher(Service):
+class LoadPublisher(Periodic):
     """Writes this proxy's report every :data:`INTERVAL` seconds; never stops on an error."""
 
     log = Logger()
 
     def __init__(self, backends: BackendSet, redis: RedisService, clock,
                  interval: float = INTERVAL, name: str | None = None):
+        super().__init__(interval, clock)
         self.backends = backends
         self.redis = redis
-        self.clock = clock
-        self.interval = interval
         self.id = name or proxy_id()
         self._seen: dict[str, tuple] = {}  # per URL, the counters at the previous report
         self._last_time: float | None = None
         self._failing = False
-        self._loop = LoopingCall(self.publish)
-        self._loop.clock = clock
 
-    def startService(self):
-        super().startService()
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+    def tick(self) -> defer.Deferred | None:
+        return self.publish()
 
     def report(self) -> dict:
         """The figures since the previous report (and makes them the new starting point)."""

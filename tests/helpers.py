@@ -47,6 +47,16 @@ def port_block(count: int) -> int:
     raise AssertionError(f"no block of {count} free ports in 30000-32700")
 
 
+def entries(client, *lists: str) -> int:
+    """How many entries the Redis ``lists`` hold together, read in one transaction: infra moves
+    a request from its queue to its processing list between two separate reads, which then
+    both read empty while the request is in hand."""
+    pipe = client.pipeline()  # MULTI ... EXEC
+    for name in lists:
+        pipe.llen(name)
+    return sum(pipe.execute())
+
+
 class GaveUp(AssertionError):
     """Raised by a predicate when waiting longer is pointless (a daemon died)."""
 

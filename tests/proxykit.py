@@ -279,5 +279,46 @@ class RawBackend:
         self.reset()
 
 
+class RawTier:
+    """A Redis whose list ``key`` names one :class:`RawBackend`, and a proxy in front of it."""
+
+    def __init__(self, key: str, answer=None, *proxy_args: str):
+        from helpers import Daemon, RedisProcess, free_port
+        self.redis = RedisProcess().start()
+        self.backend = RawBackend(answer)
+        self.redis.client().rpush(key, self.backend.url)
+        self.port = free_port()
+        self.proxy = Daemon(
+            "dockpart-proxy", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            "--redis", self.redis.url, "--servers-key", key, *proxy_args,
+            ready="dockpart-proxy listening on").start()
+
+    def close(self) -> None:
+        self.proxy.stop()
+        self.backend.close()
+        self.redis.stop()
+
+
+def exchange(port: int, data: bytes, read_until: bytes | None = None,
+             timeout: float = 4.0) -> bytes:
+    """Send ``data`` on a new connection; what came back until the proxy closed (``<closed>``
+    or ``<reset>`` at the end), ``read_until`` appeared, or ``timeout`` passed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (read_until and read_until in got):
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                return got + b"<reset>"
+            if not chunk:
+                return got + b"<closed>"
+            got += chunk
+        return got
+
+
 if __name__ == "__main__":
     serve(int(sys.argv[1]), sys.argv[2])

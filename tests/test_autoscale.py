@@ -13,8 +13,8 @@ import requests
 
 from dockpart import keys, load
 from dockpart.load import read_reports
-from helpers import (Daemon, SyncRedis, free_port, kill_instances, port_block, start_web,
-                     wait_for)
+from helpers import (Daemon, SyncRedis, entries, free_port, kill_instances, port_block,
+                     start_web, wait_for)
 from proxykit import Backend
 
 
@@ -156,8 +156,7 @@ def test_load_scales_up_to_max_then_back_to_min_with_no_failed_request(redis_db,
         wait_for(lambda: redis_db.llen(keys.SERVERS) == 3, 40, what="3 instances in servers")
         end = time.monotonic() + 3  # held: the max is not passed
         while time.monotonic() < end:
-            most.append(redis_db.llen(keys.SERVERS) + redis_db.llen(keys.SPAWN_QUEUE)
-                        + redis_db.llen(keys.SPAWNING))
+            most.append(entries(redis_db, keys.SERVERS, keys.SPAWN_QUEUE, keys.SPAWNING))
             time.sleep(0.1)
         assert max(most) == 3
     finally:
@@ -192,7 +191,7 @@ def test_infra_killed_mid_spawn_and_restarted_neither_loses_nor_repeats_it(redis
     daemons.append(start_infra(redis_server.url, state_dir, first, *args))
     heavy = LoadGenerator(proxy.base, "/work?ms=200", 8)
     try:
-        wait_for(lambda: redis_db.llen(keys.SPAWNING) + redis_db.llen(keys.SPAWN_QUEUE), 20,
+        wait_for(lambda: entries(redis_db, keys.SPAWN_QUEUE, keys.SPAWNING), 20,
                  interval=0.01, what="a spawn requested by the autoscaler")
         daemons[0].stop(signal.SIGKILL)  # before the instance answers and joins servers
         assert redis_db.llen(keys.SERVERS) == 1

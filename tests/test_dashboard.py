@@ -85,7 +85,7 @@ def test_state_lists_every_instance_with_the_proxies_figures(tier, rdb):
     snapshot = state(tier.infra.base)
     assert snapshot["role"] == "active"
     assert snapshot["lease_holder"] == snapshot["infra"]["id"]
-    assert snapshot["tier"]["proxies"] == 1
+    assert snapshot["tier"]["proxies"] == 1  # the tier's one dockpart-proxy reports
     assert snapshot["queues"]["servers"] == rdb.lrange(keys.SERVERS, 0, -1)
     history = requests.get(tier.infra.base + "/api/history", timeout=5).json()
     assert len(history["time"]) == len(history["rps"]) == len(history["instances"]) > 0

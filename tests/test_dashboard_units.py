@@ -136,3 +136,23 @@ def test_while_redis_is_away_the_last_figures_stay_and_the_page_says_so():
     assert looked[0]["time"] == 5.0 and looked[0]["instances"] == [{"url": A}]
     assert looked[0]["error"].startswith("Redis is unreachable")
     assert w.history()["time"] == []  # nothing made up for the charts
+
+
+def test_an_older_look_that_ends_last_does_not_replace_a_newer_one():
+    """A button's look (after a spawn) and the periodic one overlap."""
+    clock = Clock()
+    w = watch(clock)
+    slow = defer.Deferred()
+
+    async def look(now):
+        if now == 1.0:
+            await slow
+        return {"time": now, "error": None, "instances": []}
+    w._look = look
+    clock.advance(1.0)
+    older = defer.ensureDeferred(w.refresh())
+    clock.advance(1.0)
+    defer.ensureDeferred(w.refresh())
+    assert w.snapshot["time"] == 2.0
+    slow.callback(None)
+    assert older.result["time"] == 1.0 and w.snapshot["time"] == 2.0

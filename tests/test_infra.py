@@ -14,7 +14,7 @@ import requests
 from twisted.python import usage
 
 from dockpart import infra, infra_worker, keys
-from helpers import (Daemon, RedisProcess, free_port, instance_pids, kill_instances,
+from helpers import (Daemon, RedisProcess, entries, free_port, instance_pids, kill_instances,
                      port_open, start_web, wait_for)
 
 #: The module infra's first port: nothing listens there (a test that needs a first instance
@@ -203,7 +203,7 @@ def test_destroy_under_request_loops_fails_no_request(infra_d, redis_db, proxy):
         wait_for(lambda: direct[url_of(leave)] > 20 and proxied[url_of(leave)] > 20, 10,
                  what="requests to the doomed instance, direct and through the proxy")
         redis_db.lpush(keys.DESTROY_QUEUE, url_of(leave))
-        wait_for(lambda: redis_db.llen(keys.DESTROYING) + redis_db.llen(keys.DESTROY_QUEUE) == 0,
+        wait_for(lambda: entries(redis_db, keys.DESTROY_QUEUE, keys.DESTROYING) == 0,
                  15, what="the destroy request to be done")
         assert not instance_pids(leave) and not port_open(leave)
         after = direct[url_of(keep)], proxied[url_of(keep)]
@@ -214,7 +214,7 @@ def test_destroy_under_request_loops_fails_no_request(infra_d, redis_db, proxy):
         stop.set()
         for loop in loops:
             loop.join(10)
-    assert failures == []
+    assert failures == [], infra_d.output()
     assert servers(redis_db) == [url_of(keep)]
     assert direct[url_of(keep)] > 20 and proxied[url_of(keep)] > 20
     assert "draining for 1 s" in infra_d.output()
@@ -361,7 +361,7 @@ def test_instances_outlive_a_stopped_infra_and_a_new_one_adopts_them(own_redis, 
         assert requests.get(url, timeout=5).status_code == 200
         daemon = start_infra(redis_server.url, state)
         redis_db.lpush(keys.DESTROY_QUEUE, url)
-        wait_for(lambda: redis_db.llen(keys.DESTROYING) + redis_db.llen(keys.DESTROY_QUEUE) == 0,
+        wait_for(lambda: entries(redis_db, keys.DESTROY_QUEUE, keys.DESTROYING) == 0,
                  15, what="the destroy request to be done")
         assert servers(redis_db) == [] and not instance_pids(port)
         assert f"destroyed process dockpart-web-{port}" in daemon.output()

@@ -25,7 +25,7 @@ from dockerkit import docker_client
 from dockpart import keys
 from dockpart.drivers import instance_name
 from dockpart.drivers.docker import LABEL_MANAGED, LABEL_PORT, LABEL_TIER
-from helpers import ROOT, Daemon, RedisProcess, wait_for
+from helpers import ROOT, Daemon, RedisProcess, entries, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -148,7 +148,7 @@ def test_spawn_builds_the_image_once_and_registers_a_labelled_host_network_conta
     assert db.llen(keys.SPAWNING) == 0
     for port, url in spawned:
         db.lpush(keys.DESTROY_QUEUE, url)
-    wait_for(lambda: db.llen(keys.DESTROY_QUEUE) + db.llen(keys.DESTROYING) == 0, 30,
+    wait_for(lambda: entries(db, keys.DESTROY_QUEUE, keys.DESTROYING) == 0, 30,
              what="the destroy requests to be done")
     assert servers(db) == []
     for port, _ in spawned:
@@ -229,7 +229,7 @@ def test_rebuild_builds_an_image_per_instance_like_the_seed_and_removes_it_with_
         reconcile_passes(db)  # the module's infra: another tier's container is not its own
         assert url not in servers(db)
         client.lpush(keys.DESTROY_QUEUE, url)
-        wait_for(lambda: client.llen(keys.DESTROY_QUEUE) + client.llen(keys.DESTROYING) == 0, 30,
+        wait_for(lambda: entries(client, keys.DESTROY_QUEUE, keys.DESTROYING) == 0, 30,
                  what="the destroy to be done")
         assert not engine.images.list(name=f"{instance_name(port)}:latest")
     finally:

@@ -21,14 +21,16 @@ import docker
 import pytest
 import requests
 
-from dockerkit import docker_client, run_images
+from dockerkit import run_images
 from deploykit import Registry
 from dockpart import keys
 from dockpart.drivers import instance_name
 from dockpart.drivers.docker import LABEL_MANAGED, LABEL_PORT, LABEL_TIER
 from dockpart.drivers.swarm import node_address
-from helpers import ROOT, Daemon, RedisProcess, free_port, free_port_run, served_by, wait_for
-from test_infra_docker import HIGH, LOW, free_test_port
+from helpers import (ROOT, Daemon, RedisProcess, entries, free_port, free_port_run, served_by,
+                     wait_for)
+# The Docker driver's module fixtures (engine, redis, db: its infra_daemon is this module's).
+from test_infra_docker import HIGH, LOW, db, engine, free_test_port, redis, servers  # noqa: F401
 
 pytestmark = [pytest.mark.docker, pytest.mark.swarm]
 
@@ -40,13 +42,6 @@ def _docker(*args: str, timeout: float = 120) -> str:
     done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"docker {' '.join(args)}: {done.stdout}{done.stderr}"
     return done.stdout
-
-
-@pytest.fixture(scope="module")
-def engine():
-    client = docker_client()
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +79,6 @@ def remove_services(engine, tier: str) -> None:
              60, what=f"the containers of {tier} to stop")
 
 
-@pytest.fixture(scope="module")
-def redis():
-    server = RedisProcess().start()
-    yield server
-    server.stop()
-
-
 def swarm_infra(redis_url: str, *extra: str) -> Daemon:
     return Daemon("dockpart-infra", "--driver", "swarm", "--redis", redis_url,
                   "--image", "dockpart-web:latest", "--port-range", f"{LOW}-{HIGH}",
@@ -102,21 +90,12 @@ def swarm_infra(redis_url: str, *extra: str) -> Daemon:
 @pytest.fixture(scope="module")
 def infra_daemon(redis, docker_images, made):
     made.append(redis.url)
-    daemon = swarm_infra(redis.url, "--spawn-timeout", "30").start()
+    dash_port = free_port()
+    daemon = swarm_infra(redis.url, "--spawn-timeout", "30",
+                         "--dashboard", f"tcp:{dash_port}:interface=127.0.0.1").start()
+    daemon.dashboard = f"http://127.0.0.1:{dash_port}"
     yield daemon
     daemon.stop()
-
-
-@pytest.fixture
-def db(redis, infra_daemon):
-    client = redis.client()
-    client.flushall()
-    yield client
-    client.close()
-
-
-def servers(db) -> list[str]:
-    return db.lrange(keys.SERVERS, 0, -1)
 
 
 def spawn(db) -> tuple[int, str]:
@@ -156,7 +135,7 @@ def test_each_instance_is_a_labelled_one_replica_host_network_service_at_its_nod
     assert db.llen(keys.SPAWNING) == 0 and db.llen(keys.DEAD_LETTERS) == 0
     for port, url in spawned:
         db.lpush(keys.DESTROY_QUEUE, url)
-    wait_for(lambda: db.llen(keys.DESTROY_QUEUE) + db.llen(keys.DESTROYING) == 0, 60,
+    wait_for(lambda: entries(db, keys.DESTROY_QUEUE, keys.DESTROYING) == 0, 60,
              what="the destroy requests to be done")
     assert servers(db) == []
     for port, _ in spawned:
@@ -173,9 +152,14 @@ def test_a_destroyed_instance_leaves_servers_then_serves_through_the_drain(db, e
     wait_for(lambda: url not in servers(db), 10, interval=0.01, what="the url to leave servers")
     assert requests.get(url, timeout=2).status_code == 200  # --drain 1.5: still serving
     wait_for(lambda: service_of(engine, port) is None, 30, what="the service to be removed")
-    output = infra_daemon.output()
-    assert output.index(f"{url} left servers; draining") < output.index(
-        f"destroyed service {instance_name(port)}")
+    done = f"destroyed service {instance_name(port)}"
+    # Said once the request is off the processing list, a moment after the service went.
+
+    def said():
+        output = infra_daemon.output()
+        return done in output and output
+    output = wait_for(said, 10, what="infra to say the destroy is done")
+    assert output.index(f"{url} left servers; draining") < output.index(done)
 
 
 def test_a_service_dockpart_does_not_manage_is_left_alone(db, engine, swarm, infra_daemon):
@@ -204,14 +188,17 @@ def test_reconcile_adds_back_running_services_and_drops_removed_ones(db, engine,
     wait_for(lambda: url in servers(db), 10, what="reconcile to add it back")
     service_of(engine, port).remove()
     wait_for(lambda: url not in servers(db), 10, what="reconcile to drop it")
-    output = infra_daemon.output()
-    assert f"added {url} back" in output and f"removed {url} from servers" in output
+    # The log line comes through the daemon's pipe a moment after the change in Redis.
+    wait_for(lambda: f"removed {url} from servers" in infra_daemon.output(), 5,
+             what="reconcile to say so")
+    assert f"added {url} back" in infra_daemon.output()
 
 
 def test_a_crashed_instance_comes_back_by_the_restart_policy_and_stays_in_servers(
         db, engine, infra_daemon):
     port, url = spawn(db)
     wait_for(lambda: url in servers(db), 60, what="the service in servers")
+    service_id = service_of(engine, port).id
     crashed, = engine.containers.list(filters={"label": f"{LABEL_PORT}={port}"})
     crashed.kill()
 
@@ -222,6 +209,23 @@ def test_a_crashed_instance_comes_back_by_the_restart_policy_and_stays_in_server
     wait_for(lambda: served_by(url + "/") == url, 30, what="the new task to answer")
     wait_for(lambda: url in servers(db), 15, what="the url in servers (reconcile)")
     assert len(engine.containers.list(filters={"label": f"{LABEL_PORT}={port}"})) == 1
+    # Swarm restarted it; infra neither removed nor replaced the service.
+    assert service_of(engine, port).id == service_id
+    assert f"{instance_name(port)} exited" not in infra_daemon.output()
+
+
+def test_the_dashboard_shows_each_instance_with_its_service_and_node(db, engine, swarm,
+                                                                     infra_daemon):
+    port, url = spawn(db)
+    wait_for(lambda: url in servers(db), 60, what="the service in servers")
+
+    def row():
+        state = requests.get(infra_daemon.dashboard + "/api/state", timeout=5).json()
+        return next((r for r in state["instances"] if r["url"] == url
+                     and r["state"] == "running"), None)
+    seen = wait_for(row, 10, what="the instance's row on the dashboard")
+    assert seen["node"] == node_address(swarm)
+    assert seen["id"] == service_of(engine, port).short_id
 
 
 def test_infra_killed_mid_spawn_and_restarted_leaves_exactly_one_service_registered(
@@ -305,18 +309,16 @@ def test_scripts_images_push_tags_and_pushes_every_image_to_a_registry(engine, d
 
 @pytest.fixture
 def stack_images(engine, docker_images):
-    """dockpart-NAME:TAG for the stack, web, proxy and infra built from this checkout: the shared
-    :latest images are rebuilt from whichever checkout ran scripts/images last."""
+    """dockpart-NAME:TAG for the stack, each built from this checkout: the shared :latest
+    images are rebuilt from whichever checkout ran scripts/images last."""
     tag = f"stack-test-{uuid.uuid4().hex[:6]}"
     made = []
     try:
-        for name in ("web", "proxy", "infra"):
+        for name in ("web", "proxy", "infra", "redis"):
             engine.images.build(path=str(ROOT), dockerfile=f"Dockerfiles/{name}.Dockerfile",
                                 tag=f"dockpart-{name}:{tag}", network_mode="host", rm=True,
                                 buildargs={"BASE_IMAGE": "dockpart-base:bookworm"})
             made.append(f"dockpart-{name}:{tag}")
-        engine.images.get(docker_images["redis"]).tag("dockpart-redis", tag)
-        made.append(f"dockpart-redis:{tag}")
         yield tag
     finally:
         for image in made:
@@ -519,8 +521,10 @@ def test_two_nodes_get_an_instance_each_and_the_proxy_sends_to_both(two_nodes, t
         # The manager's engine goes away while a destroy is in hand: it waits, then is done.
         infra = started[0]
         on_b = next(url for url in db.lrange(keys.SERVERS, 0, -1) if b.address in url)
-        a.halt()
+        a.halt()  # reconcile may say so before the destroy is queued: wait for both
         db.lpush(keys.DESTROY_QUEUE, on_b)
+        wait_for(lambda: f"{on_b} left servers; draining" in infra.output(), 10,
+                 what="the destroy to be in hand")
         wait_for(lambda: "engine is unreachable" in infra.output(), 30,
                  what="the infra to notice that the manager's engine is away")
         assert db.lrange(keys.DESTROYING, 0, -1) == [on_b] and db.llen(keys.DEAD_LETTERS) == 0

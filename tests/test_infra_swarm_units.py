@@ -15,7 +15,7 @@ from twisted.python import usage
 from dockpart import infra, infra_worker, keys
 from dockpart.drivers import DriverError, ThreadPoolService, Unavailable
 from dockpart.drivers.swarm import SwarmDriver, node_address
-from dockpart.redisconn import RedisAddress, RedisService
+import test_infra_worker
 from test_infra_worker import until
 
 REQUEST = "http://127.0.0.1:4001"
@@ -28,44 +28,37 @@ class PlacingDriver:
 
     def __init__(self):
         self.node = "10.9.0.2"
-        self.running: dict[int, str] = {}  # port -> host
+        self.running: dict[int, str | None] = {}  # port -> host, None while it restarts
+        self.removed: list[int] = []
 
     def describe(self, port):
         return f"placed instance {port}"
 
     async def managed(self):
-        return {port: f"http://{host}:{port}" for port, host in self.running.items()}
+        return {port: host and f"http://{host}:{port}" for port, host in self.running.items()}
 
     async def start(self, port):
         self.running.setdefault(port, self.node)
         return f"http://{self.running[port]}:{port}"
 
     async def remove(self, port):
+        self.removed.append(port)
         self.running.pop(port, None)
 
 
-class Setup:
+class Setup(test_infra_worker.Setup):
+    """The worker with a placing driver; the probe answers only at the host it placed."""
+
     def __init__(self, redis_url: str):
-        self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
-        self.driver = PlacingDriver()
+        driver = PlacingDriver()
         self.probed = []
 
         def probe(_reactor, port, host):
             self.probed.append((host, port))
-            return defer.succeed(self.driver.running.get(port) == host)
-        rules = infra_worker.EntryRules("127.0.0.1", 4001, 4999, 4000, any_host=True)
-        self.worker = infra_worker.Worker(self.redis, self.driver, rules, interval=0.02,
-                                          reconcile_interval=0.1, drain=0.05, retry_max=0.05,
-                                          lease=1.0, probe=probe, reactor=reactor)
-
-    async def __aenter__(self):
-        self.redis.startService()
-        self.worker.startService()
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.worker.stopService()
-        await self.redis.stopService()
+            return defer.succeed(driver.running.get(port) == host)
+        super().__init__(redis_url, driver, probe,
+                         infra_worker.EntryRules("127.0.0.1", 4001, 4999, 4000, any_host=True),
+                         reconcile_interval=0.1, drain=0.05)
 
     async def lists(self):
         return {key: await self.redis.call("LRANGE", key, 0, -1)
@@ -110,6 +103,26 @@ async def test_reconcile_follows_an_instance_that_swarm_moved_to_another_node(re
         async def moved():
             return (await s.lists())[keys.SERVERS] == ["http://10.9.0.3:4001"]
         await until(moved)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_swarm_restarts_leaves_servers_and_comes_back_without_a_respawn(
+        redis_db, redis_server):
+    """No address while its task restarts: unlisted, neither removed nor replaced."""
+    async with Setup(redis_server.url) as s:
+        s.driver.running[4001] = None
+        redis_db.rpush(keys.SERVERS, "http://10.9.0.2:4001")
+
+        async def unlisted():
+            return (await s.lists())[keys.SERVERS] == []
+        await until(unlisted)
+        s.driver.running[4001] = "10.9.0.2"  # placed and up again
+
+        async def back():
+            return (await s.lists())[keys.SERVERS] == ["http://10.9.0.2:4001"]
+        await until(back)
+        assert s.driver.removed == [] and redis_db.lrange(keys.SPAWN_QUEUE, 0, -1) == []
+        assert (await s.lists())[keys.DEAD_LETTERS] == []
 
 
 def test_a_managers_address_comes_from_its_manager_status_when_status_reads_no_address():
@@ -168,3 +181,39 @@ def test_swarm_options_reach_the_driver_and_any_node_host_is_accepted():
     service = infra.makeService(config, reactor)
     worker, = [s for s in service if isinstance(s, infra_worker.Worker)]
     assert worker.rules.check(infra_worker.DESTROY, "http://10.9.0.7:3005") == 3005
+
+
+@pytest.mark.parametrize("max_per_node, waits", [(None, False), (1, True)])
+@pytest_twisted.ensureDeferred
+async def test_a_task_no_node_takes_holds_up_other_spawns_only_under_max_per_node(max_per_node,
+                                                                                  waits):
+    """Port 4001's task is never placed; 4002's is at once."""
+    driver = SwarmDriver(None, "img", ".", "Dockerfile", {}, "redis://x", "redis://x",
+                         client_factory=object, reactor=reactor, max_per_node=max_per_node,
+                         place_timeout=2.0)
+    placed = {4002: "http://10.9.0.2:4002"}
+
+    async def ensure_image():
+        return "img"
+    driver.ensure_image = ensure_image
+
+    calls = []
+
+    def call(f, *args):
+        port = args[1] if len(args) > 1 else None
+        calls.append((f.__name__, port))
+        answers = {"_thd_pinned": "img@sha256:x", "_thd_full_nodes": [], "_thd_create": True,
+                   "_thd_node": "node-2" if port in placed else None,
+                   "_thd_url": placed.get(port), "_thd_placement": (None, None, "no node")}
+        return defer.succeed(answers[f.__name__])
+    driver._call = call
+    stuck = defer.ensureDeferred(driver.start(4001))
+    assert await driver.start(4002) == "http://10.9.0.2:4002"
+    with pytest.raises(DriverError, match="was not placed"):
+        await stuck
+    # Under the limit, 4002 is created only once 4001 stopped waiting for a node (many looks
+    # later); without it, right after 4001's first look.
+    created = calls.index(("_thd_create", 4002))
+    looks = [name for name, port in calls[:created] if port == 4001 and name in ("_thd_node",
+                                                                                  "_thd_url")]
+    assert (len(looks) > 1) is waits

@@ -72,16 +72,19 @@ async def until(predicate, timeout=5.0):
 
 
 class Setup:
-    def __init__(self, redis_url: str, **kw):
+    """A worker on ``redis_url`` with the fake driver (or ``driver``) and a probe that knows
+    which instances answer (or ``probe``); ``kw`` are the worker's options."""
+
+    def __init__(self, redis_url: str, driver=None, probe=None,
+                 rules=infra_worker.EntryRules("127.0.0.1", 4001, 4999, 4000), **kw):
         self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
-        self.driver = FakeDriver(self.redis)
-        probe = lambda _reactor, port, _host: defer.succeed(  # noqa: E731
-            port in self.driver.running - self.driver.frozen or port in self.first_answers)
+        self.driver = driver or FakeDriver(self.redis)
+        probe = probe or (lambda _reactor, port, _host: defer.succeed(
+            port in self.driver.running - self.driver.frozen or port in self.first_answers))
         self.first_answers = set()
         options = dict(interval=0.02, reconcile_interval=60, drain=0.3, retry_max=0.05,
                        lease=1.0, probe=probe, reactor=reactor)
-        self.worker = infra_worker.Worker(self.redis, self.driver,
-                                   infra_worker.EntryRules("127.0.0.1", 4001, 4999, 4000), **{**options, **kw})
+        self.worker = infra_worker.Worker(self.redis, self.driver, rules, **{**options, **kw})
         self.logs = []
 
     async def __aenter__(self):

@@ -6,32 +6,14 @@ import time
 
 import pytest
 
-from helpers import Daemon, RedisProcess, free_port
-from proxykit import RawBackend
+from proxykit import RawBackend, RawTier, exchange
 
 KEY = "framing:servers"
 
 
-class Tier:
-    def __init__(self):
-        self.redis = RedisProcess().start()
-        self.backend = RawBackend()
-        self.redis.client().rpush(KEY, self.backend.url)
-        self.port = free_port()
-        self.proxy = Daemon(
-            "dockpart-proxy", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-            "--redis", self.redis.url, "--servers-key", KEY, "--backend-timeout", "1",
-            ready="dockpart-proxy listening on").start()
-
-    def close(self):
-        self.proxy.stop()
-        self.backend.close()
-        self.redis.stop()
-
-
 @pytest.fixture(scope="module")
 def tier():
-    t = Tier()
+    t = RawTier(KEY, None, "--backend-timeout", "1")
     yield t
     t.close()
 
@@ -40,27 +22,6 @@ def tier():
 def backend(tier):
     tier.backend.reset(answer=RawBackend().answer)
     return tier.backend
-
-
-def exchange(port: int, data: bytes, until_closed=True, read_until=None, timeout=4.0) -> bytes:
-    """Send ``data`` on a new connection; read until the proxy closes (or ``read_until``)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        got = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not (read_until and read_until in got):
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            except ConnectionResetError:
-                got += b"<reset>"
-                break
-            if not chunk:
-                got += b"<closed>"
-                break
-            got += chunk
-        return got
 
 
 def received(backend) -> bytes:

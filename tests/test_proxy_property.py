@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import Daemon, RedisProcess, free_port
-from proxykit import RawBackend
+from proxykit import RawTier
 
 KEY = "property:servers"
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\nX-Id: evil\r\n\r\n"
@@ -60,27 +59,10 @@ def answer(request) -> bytes:
     return reply + EVIL if shape == "after+evil" else reply
 
 
-class Tier:
-    def __init__(self):
-        self.redis = RedisProcess().start()
-        self.backend = RawBackend(answer)
-        self.redis.client().rpush(KEY, self.backend.url)
-        self.port = free_port()
-        self.proxy = Daemon(
-            "dockpart-proxy", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-            "--redis", self.redis.url, "--servers-key", KEY, "--backend-timeout", "2",
-            "--header-timeout", "2", "--idle-timeout", "2",
-            ready="dockpart-proxy listening on").start()
-
-    def close(self):
-        self.proxy.stop()
-        self.backend.close()
-        self.redis.stop()
-
-
 @pytest.fixture(scope="module")
 def tier():
-    t = Tier()
+    t = RawTier(KEY, answer, "--backend-timeout", "2", "--header-timeout", "2",
+                "--idle-timeout", "2")
     yield t
     t.close()
 

@@ -7,7 +7,8 @@ it runs, adopting one that does; None when it answers at the spawn request's URL
 or the URL where it answers, for a driver that places instances on other hosts:
 swarm), ``remove(port)`` (stop and remove it, if there is one) and ``managed()``
 (every managed instance's port, and whether it runs: False for one that exited and
-is still there, which reconcile replaces; swarm: the URL where it runs) and
+is still there, which reconcile replaces; swarm: the URL where it runs, or None while
+Swarm itself restarts it, which reconcile leaves to Swarm) and
 ``inventory()`` (per port what a person asks of it, for the dashboard: ``running``,
 ``state`` (the engine's word), ``id`` (container or process id) and, where instances
 run on several machines, ``node``).  Every

@@ -71,7 +71,8 @@ def _placed(tasks: list[dict], addresses: dict[str, str], port: int) -> str | No
 
 def _thd_inventory(client, tier: str) -> dict[int, dict]:
     """Per port: ``url`` where its task is up (or None), ``running``, ``state`` (the newest
-    task's), ``id`` (the service's) and ``node`` (the address of the node it runs on)."""
+    task's), ``id`` (the service's), ``node`` (the address of the node it runs on) and
+    ``replicas`` (0 once a destroy scaled it down)."""
     wanted = [f"{k}={v}" for k, v in _labels(tier).items()]
     services = client.services.list(filters={"label": wanted})
     if not services:
@@ -90,12 +91,16 @@ def _thd_inventory(client, tier: str) -> dict[int, dict]:
             found[int(port)] = {
                 "url": url, "running": url is not None, "id": service.short_id,
                 "state": newest["Status"]["State"] if newest else "no task",
+                "replicas": service.attrs["Spec"]["Mode"].get("Replicated", {}).get("Replicas", 0),
                 "node": addresses.get(newest.get("NodeID", "")) if newest else None}
     return found
 
 
-def _thd_managed(client, tier: str) -> dict[int, str | bool]:
-    return {port: seen["url"] or False for port, seen in _thd_inventory(client, tier).items()}
+def _thd_managed(client, tier: str) -> dict[int, str | None | bool]:
+    # Swarm restarts a task that exited (restart policy "any"): a service without a task up is
+    # one Swarm is (re)starting, not one to replace.  Only a service scaled to 0 has exited.
+    return {port: seen["url"] or (None if seen["replicas"] else False)
+            for port, seen in _thd_inventory(client, tier).items()}
 
 
 def _thd_full_nodes(client, tier: str, most: int) -> list[str]:
@@ -203,8 +208,7 @@ class SwarmDriver(DockerDriver):
         self.max_per_node = max_per_node
         self.interface = interface
         self.place_timeout = place_timeout
-        # One placement at a time: --max-per-node counts the tasks already given a node.
-        self._place_lock = defer.DeferredLock()
+        self._place_lock = defer.DeferredLock()  # with --max-per-node (see start)
 
     def describe(self, port: int) -> str:
         return f"service {instance_name(port)}"
@@ -221,8 +225,9 @@ class SwarmDriver(DockerDriver):
                 raise
         return super()._call(sorted_503, *args)
 
-    async def managed(self) -> dict[int, str | bool]:
-        """Every managed instance's port: the URL where it is up, or False."""
+    async def managed(self) -> dict[int, str | None | bool]:
+        """Every managed instance's port: the URL where it is up, None while Swarm (re)starts
+        its task, False once scaled to 0."""
         return await self._call(_thd_managed, self.tier)
 
     async def inventory(self) -> dict[int, dict]:
@@ -241,17 +246,17 @@ class SwarmDriver(DockerDriver):
         """Create the service unless it exists; the URL where its task is up, once placed."""
         image = await self._call(_thd_pinned, await self.ensure_image())
         args = [*self.instance_args, "--listen", f"tcp:{port}:interface={self.interface}"]
-        async with self._place_lock:
-            constraints = list(self.constraints)
-            if self.max_per_node is not None:
+        if self.max_per_node is None:
+            await self._create(port, image, args, list(self.constraints))
+        else:
+            # --max-per-node counts the tasks already given a node: one placement at a time, and
+            # the next counts only once this one's node is known (a moment, or place_timeout
+            # for a task no node can take: without the limit, no spawn waits for another).
+            async with self._place_lock:
                 full = await self._call(_thd_full_nodes, self.tier, self.max_per_node)
-                constraints += [f"node.id!={node}" for node in full]
-            if await self._call(_thd_create, self.tier, port, image, self.environment, args,
-                                constraints, self.stop_timeout):
-                self.log.info("created {what} from {image}", what=self.describe(port),
-                              image=image)
-            # The node is known within a moment; the lock is not held while the task starts.
-            await self._wait(_thd_node, self.tier, port, timeout=self.place_timeout)
+                await self._create(port, image, args,
+                                   [*self.constraints, *(f"node.id!={node}" for node in full)])
+                await self._wait(_thd_node, self.tier, port, timeout=self.place_timeout)
         url = await self._wait(_thd_url, self.tier, port, timeout=self.place_timeout)
         if url is None:
             _, _, error = await self._call(_thd_placement, self.tier, port)
@@ -259,6 +264,12 @@ class SwarmDriver(DockerDriver):
                               f"{self.place_timeout:g} s" + (f" (Swarm: {error})" if error else ""))
         self.log.info("{what} runs at {url}", what=self.describe(port), url=url)
         return url
+
+    async def _create(self, port: int, image: str, args: list[str],
+                      constraints: list[str]) -> None:
+        if await self._call(_thd_create, self.tier, port, image, self.environment, args,
+                            constraints, self.stop_timeout):
+            self.log.info("created {what} from {image}", what=self.describe(port), image=image)
 
     async def remove(self, port: int) -> None:
         """Scale to zero, wait until the task stopped (its port is free), remove the service."""

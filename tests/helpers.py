@@ -27,16 +27,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_port_run(count: int) -> int:
-    """A free port followed by ``count - 1`` free ones: a first web instance and the ports that
-    spawned instances take after it."""
-    for _ in range(50):
-        first = free_port()
-        if first + count < 65536 and not any(port_open(p) for p in range(first + 1, first + count)):
-            return first
-    raise AssertionError(f"no run of {count} free ports found")
-
-
 def port_block(count: int) -> int:
     """A first port with ``count`` free ones from it, below the ephemeral range (32768 up):
     the load's own connections cannot take a port an instance is about to listen on."""

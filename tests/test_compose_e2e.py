@@ -21,7 +21,7 @@ import requests
 from dockerkit import compose, docker_client
 from dockpart.drivers import instance_name
 from dockpart.tier import parse_instance_url
-from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
+from helpers import ROOT, free_port, port_block, port_open, served_by, wait_for
 from test_up import contains_run, listening_addresses, redis_password
 from tierkit import SHIPPED_PROXY_ARGS
 
@@ -37,7 +37,7 @@ class Stack:
     def __init__(self):
         self.redis_port = free_port()
         self.proxy_port = free_port()
-        self.web_port = free_port_run(6)
+        self.web_port = port_block(6)
         self.project = f"dockpart-e2e-{os.getpid()}"
         self.run_dir = tempfile.mkdtemp(prefix="dockpart-e2e-run-")
         self.env = {
@@ -45,6 +45,7 @@ class Stack:
             "DOCKPART_REDIS_PORT": str(self.redis_port),
             "DOCKPART_WEB_PORT": str(self.web_port),
             "DOCKPART_PROXY_PORT": str(self.proxy_port),
+            "DOCKPART_DASHBOARD_PORT": str(free_port()),
             "COMPOSE_PROJECT_NAME": self.project,
             "DOCKPART_RUN": self.run_dir,
             # The virtualenv running the tests has dockpart, twistd and docker-compose.
@@ -235,8 +236,8 @@ def test_down_leaves_no_dockpart_container(stack):
 
 def test_infra_profile_runs_infra_in_a_container(docker_images):
     """`--profile infra` runs dockpart-infra in a container: it spawns through the socket."""
-    ports = {"DOCKPART_REDIS_PORT": free_port(), "DOCKPART_WEB_PORT": free_port_run(3),
-             "DOCKPART_PROXY_PORT": free_port()}
+    ports = {"DOCKPART_REDIS_PORT": free_port(), "DOCKPART_WEB_PORT": port_block(3),
+             "DOCKPART_PROXY_PORT": free_port(), "DOCKPART_DASHBOARD_PORT": free_port()}
     project = f"dockpart-e2e-infra-{os.getpid()}"
     password = secrets.token_hex(24)
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DOCKPART_REDIS_PASSWORD": password}

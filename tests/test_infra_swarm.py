@@ -27,7 +27,7 @@ from dockpart import keys
 from dockpart.drivers import instance_name
 from dockpart.drivers.docker import LABEL_MANAGED, LABEL_PORT, LABEL_TIER
 from dockpart.drivers.swarm import node_address
-from helpers import (ROOT, Daemon, RedisProcess, entries, free_port, free_port_run, served_by,
+from helpers import (ROOT, Daemon, RedisProcess, entries, free_port, port_block, served_by,
                      wait_for)
 # The Docker driver's module fixtures (engine, redis, db: its infra_daemon is this module's).
 from test_infra_docker import HIGH, LOW, db, engine, free_test_port, redis, servers  # noqa: F401
@@ -329,7 +329,7 @@ def stack_images(engine, docker_images):
 def stack(engine, swarm, stack_images):
     """docker-stack.yml deployed as a stack of its own, on free ports; removed at the end."""
     name = f"dockpart-test-{uuid.uuid4().hex[:6]}"
-    web = free_port_run(3)
+    web = port_block(3)
     env = {"DOCKPART_REDIS_PORT": str(free_port()), "DOCKPART_WEB_PORT": str(web),
            "DOCKPART_PROXY_PORT": str(free_port()), "DOCKPART_TAG": stack_images,
            "DOCKPART_REDIS_PASSWORD": uuid.uuid4().hex}

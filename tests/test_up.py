@@ -11,7 +11,7 @@ import pytest
 import redis as redis_py
 import requests
 
-from helpers import ROOT, free_port, free_port_run, port_open, served_by, wait_for
+from helpers import ROOT, free_port, port_block, port_open, served_by, wait_for
 from tierkit import SHIPPED_PROXY_ARGS
 
 
@@ -53,10 +53,11 @@ def redis_password(run_dir: str) -> str:
 @pytest.fixture
 def tier():
     """Ports and environment for a process-mode tier; taken down even if the test fails."""
-    redis_port, web_port, proxy_port = free_port(), free_port_run(3), free_port()
+    redis_port, web_port, proxy_port = free_port(), port_block(3), free_port()
     run_dir = tempfile.mkdtemp(prefix="dockpart-up-run-")
     env = {**os.environ, "DOCKPART_REDIS_PORT": str(redis_port), "DOCKPART_WEB_PORT": str(web_port),
            "DOCKPART_PROXY_PORT": str(proxy_port), "DOCKPART_RUN": run_dir,
+           "DOCKPART_DASHBOARD_PORT": str(free_port()),
            "DOCKPART_VENV": sys.prefix}
     tier = {"env": env, "run_dir": run_dir, "redis_port": redis_port, "web_port": web_port,
             "proxy_port": proxy_port, "proxy": f"http://127.0.0.1:{proxy_port}"}

@@ -16,20 +16,18 @@ import hashlib
 import hmac
 import json
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import server
-from twisted.web.resource import Resource
 
 from dockpart import dashboard_page, keys, tier
 from dockpart.dashboard_state import TierWatch
 from dockpart.listening import Listener, server_endpoint
 from dockpart.redisconn import RedisUnavailable
+from dockpart.routes import CoroutineResource, Reply
 
 COOKIE = "dockpart_dashboard"
 #: Ceiling on instances for "spawn one" when the autoscaler's max is unset (dockpart-web's
@@ -50,20 +48,12 @@ class Refused(Exception):
         self.code = code
 
 
-@dataclass
-class Answer:
-    code: int
-    body: bytes
-    content_type: str
-    headers: dict = field(default_factory=dict)
+def json_answer(code: int, value) -> Reply:
+    return Reply(code, (json.dumps(value) + "\n").encode(), "application/json")
 
 
-def json_answer(code: int, value) -> Answer:
-    return Answer(code, (json.dumps(value) + "\n").encode(), "application/json")
-
-
-def html_answer(code: int, text: str, headers: dict | None = None) -> Answer:
-    return Answer(code, text.encode("utf-8"), "text/html; charset=utf-8", headers or {})
+def html_answer(code: int, text: str, headers: dict | None = None) -> Reply:
+    return Reply(code, text.encode("utf-8"), "text/html; charset=utf-8", headers or {})
 
 
 def _wants_json(request) -> bool:
@@ -72,11 +62,13 @@ def _wants_json(request) -> bool:
     return "application/json" in accept or kind.startswith("application/json")
 
 
-class Dashboard(Resource):
-    """Every route of the dashboard; handlers return an :class:`Answer` or raise Refused."""
+class Dashboard(CoroutineResource):
+    """Every route of the dashboard; handlers return an :class:`Reply` or raise Refused."""
 
-    isLeaf = True
     log = Logger()
+    default_headers = {"cache-control": "no-store",
+                       "x-frame-options": "DENY",  # no clickjacking of the buttons
+                       "x-content-type-options": "nosniff"}
 
     def __init__(self, watch: TierWatch, token: str | None = None):
         super().__init__()
@@ -99,35 +91,10 @@ class Dashboard(Resource):
             ("POST", "api/limits"): self.limits,
         }
 
-    def render(self, request):
-        gone = []  # the client hung up: nothing to write
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-        request.client_gone = gone
-        d = defer.ensureDeferred(self.dispatch(request))
-        d.addErrback(self._internal_error, request)
-        d.addCallback(self._write, request)
-        return server.NOT_DONE_YET
-
-    def _internal_error(self, failure, request) -> Answer:
-        self.log.failure("answering {uri}", failure, uri=request.uri)
+    def internal_error(self) -> Reply:
         return json_answer(500, {"error": "internal error; see dockpart-infra's log"})
 
-    def _write(self, answer: Answer, request) -> None:
-        if request.client_gone or request.finished:
-            return
-        request.setResponseCode(answer.code)
-        request.setHeader("content-type", answer.content_type)
-        request.setHeader("cache-control", "no-store")
-        request.setHeader("x-frame-options", "DENY")  # no clickjacking of the buttons
-        request.setHeader("x-content-type-options", "nosniff")
-        for name, value in answer.headers.items():
-            request.setHeader(name, value)
-        request.setHeader("content-length", str(len(answer.body)))
-        if request.method != b"HEAD":
-            request.write(answer.body)
-        request.finish()
-
-    async def dispatch(self, request) -> Answer:
+    async def dispatch(self, request) -> Reply:
         method = request.method.decode("ascii", "replace")
         method = "GET" if method == "HEAD" else method
         path = "/".join(s.decode("utf-8", "replace") for s in request.postpath).strip("/")
@@ -156,7 +123,7 @@ class Dashboard(Resource):
             answer.headers["set-cookie"] = self._cookie()
         return answer
 
-    def _refusal(self, request, e: Refused) -> Answer:
+    def _refusal(self, request, e: Refused) -> Reply:
         """JSON for programs; a page for a browser (the login form when the token is missing)."""
         if _wants_json(request) or "text/html" not in (request.getHeader("accept") or ""):
             return json_answer(e.code, {"error": str(e)})
@@ -205,7 +172,7 @@ class Dashboard(Resource):
             raise Refused(403, "missing or wrong CSRF token: post from the dashboard page, or "
                                "send the 'csrf' of GET /api/state as X-CSRF-Token")
 
-    async def login(self, request, method: str) -> Answer:
+    async def login(self, request, method: str) -> Reply:
         if self.token is None:
             return html_answer(303, "", {"location": "./"})
         if method == "GET":
@@ -220,16 +187,16 @@ class Dashboard(Resource):
 
     # -- pages
 
-    async def index(self, request) -> Answer:
+    async def index(self, request) -> Reply:
         return html_answer(200, dashboard_page.page_html(self.watch.snapshot, self.csrf))
 
-    async def live(self, request) -> Answer:
+    async def live(self, request) -> Reply:
         return html_answer(200, dashboard_page.live_html(self.watch.snapshot, self.csrf))
 
-    async def state(self, request) -> Answer:
+    async def state(self, request) -> Reply:
         return json_answer(200, {**self.watch.snapshot, "csrf": self.csrf})
 
-    async def history(self, request) -> Answer:
+    async def history(self, request) -> Reply:
         raw = _first(request.args, "since") or "0"
         try:
             since = float(raw)
@@ -237,11 +204,11 @@ class Dashboard(Resource):
             raise Refused(400, f"since={raw!r}: expected seconds since the epoch") from None
         return json_answer(200, self.watch.history(since))
 
-    def static_file(self, name: str) -> Answer:
+    def static_file(self, name: str) -> Reply:
         if name not in self.static:
             raise Refused(404, f"no static file {name!r}")
         body, content_type = self.static[name]
-        return Answer(200, body, content_type, {"cache-control": "max-age=3600"})
+        return Reply(200, body, content_type, {"cache-control": "max-age=3600"})
 
     # -- buttons
 
@@ -251,13 +218,13 @@ class Dashboard(Resource):
             raise Refused(409, f"this is the standby infra (read-only); use the dashboard of "
                                f"the lease holder {holder}")
 
-    async def _done(self, request, code: int, value: dict) -> Answer:
+    async def _done(self, request, code: int, value: dict) -> Reply:
         await self.watch.refresh()
         if _wants_json(request):
             return json_answer(code, value)
         return html_answer(303, "", {"location": "../"})
 
-    async def spawn(self, request) -> Answer:
+    async def spawn(self, request) -> Reply:
         self._body(request)
         self._writable()
         limits = await self.redis.call("HGET", keys.AUTOSCALE_LIMITS, "max")
@@ -270,7 +237,7 @@ class Dashboard(Resource):
         self.log.info("dashboard: spawn requested for {url}", url=url)
         return await self._done(request, 202, {"queued": "spawn", "url": url})
 
-    async def destroy(self, request) -> Answer:
+    async def destroy(self, request) -> Reply:
         body = self._body(request)
         self._writable()
         url = body.get("url")
@@ -286,7 +253,7 @@ class Dashboard(Resource):
         self.log.info("dashboard: destroy requested for {url}", url=url)
         return await self._done(request, 202, {"queued": "destroy", "url": url})
 
-    async def limits(self, request) -> Answer:
+    async def limits(self, request) -> Reply:
         body = self._body(request)
         self._writable()
         values = {}

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from html import escape
 
 from twisted.application.service import MultiService, Service
@@ -20,12 +19,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import server
-from twisted.web.resource import Resource
 
 from dockpart import keys, tier
 from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
 from dockpart.listening import Listener, server_endpoint, with_backlog
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
+from dockpart.routes import CoroutineResource, Reply
 
 MESSAGE = "this message will self-destruct in 10 seconds"
 MESSAGE_TTL = 10
@@ -74,14 +73,6 @@ def sniff_image(data: bytes) -> str | None:
     return None
 
 
-@dataclass
-class Reply:
-    code: int
-    body: str
-    content_type: str = "text/html; charset=utf-8"
-    headers: dict = field(default_factory=dict)
-
-
 def page(title: str, body_html: str, code: int = 200) -> Reply:
     return Reply(code, f"<!doctype html>\n<html><head><meta charset=\"utf-8\">"
                        f"<title>{escape(title)}</title></head>\n"
@@ -127,10 +118,9 @@ class WebSite(server.Site):
         self.max_body = max_body
 
 
-class WebApp(Resource):
+class WebApp(CoroutineResource):
     """All routes; each handler returns a :class:`Reply`."""
 
-    isLeaf = True
     log = Logger()
 
     def __init__(self, redis: RedisService, advertise_host: str, first_port: int,
@@ -159,32 +149,11 @@ class WebApp(Resource):
             ("GET", "work"): self.work,
         }
 
-    def render(self, request):
-        gone = []  # the client hung up: nothing to write
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-        request.client_gone = gone
-        d = defer.ensureDeferred(self.dispatch(request))
-        d.addErrback(self._internal_error, request)
-        d.addCallback(self._write, request)
-        return server.NOT_DONE_YET
-
-    def _internal_error(self, failure, request) -> Reply:
-        self.log.failure("answering {uri}", failure,
-                         uri=_without_token(request.uri).decode("utf-8", "replace"))
+    def internal_error(self) -> Reply:
         return message("Internal error", "Something went wrong; the error is in the log.", 500)
 
-    def _write(self, reply: Reply, request) -> None:
-        if request.client_gone or request.finished:
-            return
-        request.setResponseCode(reply.code)
-        request.setHeader("content-type", reply.content_type)
-        for name, value in reply.headers.items():
-            request.setHeader(name, value)
-        body = reply.body.encode("utf-8")
-        request.setHeader("content-length", str(len(body)))
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
+    def loggable_uri(self, request) -> str:
+        return _without_token(request.uri).decode("utf-8", "replace")
 
     async def dispatch(self, request) -> Reply:
         method = request.method.decode("ascii", "replace")

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import httptools
-from twisted.internet import protocol, tcp
+from twisted.internet import defer, protocol, tcp
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
@@ -804,6 +804,40 @@ class ProxyFactory(protocol.Factory):
         self.limits = limits or Limits()
         self.stats = Stats()
         self.clients: set[ClientConnection] = set()
+
+    def drain(self, timeout: float, poll: float = 0.05) -> defer.Deferred:
+        """Finish what is in flight, take nothing new; fires with the number of connections cut.
+
+        Called once the listener stopped accepting.  Every ``poll`` seconds: idle keep-alive
+        connections close, busy ones close after their current response (``Connection:
+        close``), and after ``timeout`` seconds whatever is left is cut.  Polling keeps this
+        apart from the exchange's own state handling.
+        """
+        done = defer.Deferred()
+        give_up = self.clock.seconds() + timeout
+
+        def tick() -> None:
+            cut = 0
+            past = self.clock.seconds() >= give_up
+            for client in list(self.clients):
+                if client.closed:
+                    continue
+                exchange = client.current
+                if past:
+                    cut += 1
+                    client.abort()
+                elif exchange is None and not client.parsing:
+                    client.closed = True
+                    client.transport.loseConnection()
+                elif exchange is not None:
+                    exchange.close_after = True
+            if past or not self.clients:
+                done.callback(cut)
+            else:
+                self.reactor.callLater(poll, tick)
+
+        tick()
+        return done
 
     def sweep(self) -> None:
         """Enforce every deadline (header, idle, backend answer); called about twice a second."""

@@ -808,13 +808,15 @@ class ProxyFactory(protocol.Factory):
     def drain(self, timeout: float, poll: float = 0.05) -> defer.Deferred:
         """Finish what is in flight, take nothing new; fires with the number of connections cut.
 
-        Called once the listener stopped accepting.  Every ``poll`` seconds: idle keep-alive
-        connections close, busy ones close after their current response (``Connection:
-        close``), and after ``timeout`` seconds whatever is left is cut.  Polling keeps this
-        apart from the exchange's own state handling.
+        Called once the listener stopped accepting.  Every ``poll`` seconds: a busy connection
+        is marked to close after its response (``Connection: close``), one idle since the
+        previous poll is closed (a client's next request, already on its way, is answered
+        rather than cut), and after ``timeout`` seconds whatever is left is cut.  Polling keeps
+        this apart from the exchange's own state handling.
         """
         done = defer.Deferred()
         give_up = self.clock.seconds() + timeout
+        idle_at: dict[ClientConnection, float | None] = {}
 
         def tick() -> None:
             cut = 0
@@ -826,11 +828,16 @@ class ProxyFactory(protocol.Factory):
                 if past:
                     cut += 1
                     client.abort()
-                elif exchange is None and not client.parsing:
-                    client.closed = True
-                    client.transport.loseConnection()
                 elif exchange is not None:
                     exchange.close_after = True
+                elif client.parsing:
+                    pass
+                elif idle_at.get(client, -1.0) == client.deadline:
+                    # Its idle deadline was set when its last response ended: nothing since.
+                    client.closed = True
+                    client.transport.loseConnection()
+                else:
+                    idle_at[client] = client.deadline
             if past or not self.clients:
                 done.callback(cut)
             else:

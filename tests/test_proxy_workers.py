@@ -1,0 +1,236 @@
+"""dockpart-proxy --workers, graceful stop and restart with no refused connection: real twistd
+processes, a real Redis and real backends."""
+
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from dockpart import keys
+from helpers import Daemon, free_port, port_open, wait_for
+from proxykit import Backend
+
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+@pytest.fixture(scope="module")
+def backends():
+    started = [Backend(free_port(), f"b{i}").start() for i in range(2)]
+    yield started
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture
+def tier(redis_db, redis_server, backends):
+    """Redis listing two backends; proxies started through ``tier.proxy`` are stopped after."""
+
+    class Tier:
+        redis = redis_server
+        daemons: list[Daemon] = []
+
+        def proxy(self, *args, port=None, ready="dockpart-proxy listening on"):
+            port = port or free_port()
+            admin = free_port()
+            daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                            "--admin", f"tcp:{admin}:interface=127.0.0.1",
+                            "--redis", redis_server.url, *args, ready=ready)
+            daemon.port = port
+            daemon.admin = admin
+            daemon.base = f"http://127.0.0.1:{port}"
+            self.daemons.append(daemon)
+            return daemon.start()
+
+    redis_db.rpush(keys.SERVERS, *[b.url for b in backends])
+    made = Tier()
+    made.daemons = []
+    yield made
+    for daemon in made.daemons:
+        daemon.stop(signal.SIGKILL)
+
+
+def admin_status(port: int) -> dict:
+    return requests.get(f"http://127.0.0.1:{port}/", timeout=5).json()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it has stopped all the same.
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def start_workers(tier, count=2):
+    return tier.proxy("--workers", str(count), ready=f"with {count} workers")
+
+
+def wait_in_flight(proxy) -> None:
+    """Until a request is at a backend, as the proxy's admin listener counts."""
+    wait_for(lambda: any(b["active"] for b in admin_status(proxy.admin)["backends"]),
+             what="a request to reach a backend")
+
+
+def test_n_workers_share_the_port_and_the_admin_listener_adds_them_up(tier):
+    proxy = start_workers(tier, 2)
+    for _ in range(40):  # a new connection each: the kernel spreads them over the workers
+        reply = requests.get(proxy.base + "/hello", headers={"Connection": "close"}, timeout=5)
+        assert reply.status_code == 200 and reply.text.endswith("/hello\n")
+    status = admin_status(proxy.admin)
+    workers = status["workers"]
+    assert len(workers) == 2 and len({w["pid"] for w in workers}) == 2
+    assert all(alive(w["pid"]) and w["pid"] != proxy.proc.pid for w in workers)
+    assert all(w["requests"] > 0 for w in workers), workers
+    assert status["requests"] == 40 == sum(b["requests"] for b in status["backends"])
+    metrics = requests.get(f"http://127.0.0.1:{proxy.admin}/metrics", timeout=5).text
+    assert 'dockpart_proxy_requests_total{worker="1"}' in metrics
+    assert 'dockpart_proxy_requests_total{worker="2"}' in metrics
+    assert metrics.count("# TYPE dockpart_proxy_requests_total counter") == 1
+
+
+def test_a_killed_worker_is_restarted_and_serves_again(tier):
+    proxy = start_workers(tier, 2)
+    before = {w["worker"]: w["pid"] for w in admin_status(proxy.admin)["workers"]}
+    os.kill(before[1], signal.SIGKILL)
+
+    def replaced():
+        now = {w["worker"]: w["pid"] for w in admin_status(proxy.admin)["workers"]}
+        return len(now) == 2 and now[1] != before[1] and now[2] == before[2] and now
+
+    now = wait_for(replaced, timeout=15, what="worker 1 to be restarted")
+    assert "worker 1 exited" in proxy.output()
+    for _ in range(40):
+        assert requests.get(proxy.base + "/", headers={"Connection": "close"},
+                            timeout=5).status_code == 200
+    assert {w["worker"]: w["requests"] > 0 for w in admin_status(proxy.admin)["workers"]} \
+        == {1: True, 2: True}, now
+
+
+def test_sigterm_to_the_parent_stops_every_worker(tier):
+    proxy = start_workers(tier, 2)
+    pids = [w["pid"] for w in admin_status(proxy.admin)["workers"]]
+    os.kill(proxy.proc.pid, signal.SIGTERM)
+    proxy.proc.wait(15)
+    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=10, what="workers to exit")
+    assert not port_open(proxy.port)
+    assert "worker 1 exited" not in proxy.output()  # stopped, not restarted
+
+
+def test_a_killed_parent_takes_its_workers_with_it(tier):
+    proxy = start_workers(tier, 2)
+    pids = [w["pid"] for w in admin_status(proxy.admin)["workers"]]
+    os.kill(proxy.proc.pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=10,
+             what="workers to exit after their parent was killed")
+
+
+def test_workers_refuse_a_unix_listener_clearly(tier, tmp_path):
+    daemon = Daemon("dockpart-proxy", "--listen", f"unix:{tmp_path}/p.sock", "--workers", "2",
+                    "--redis", tier.redis.url, ready="never")
+    with pytest.raises(AssertionError, match="needs a tcp: listener"):
+        daemon.start(timeout=10)
+
+
+def raw_keep_alive(port: int) -> socket.socket:
+    """A client connection that made one request and now sits idle, keep-alive."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = b""
+    while b"/idle\n" not in reply:
+        reply += sock.recv(65536)
+    return sock
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_lets_requests_in_flight_finish_and_closes_idle_connections(tier, workers):
+    proxy = start_workers(tier, workers) if workers > 1 else tier.proxy()
+    idle = raw_keep_alive(proxy.port)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(requests.get, proxy.base + "/slow?s=2", timeout=15)
+        wait_in_flight(proxy)
+        os.kill(proxy.proc.pid, signal.SIGTERM)
+        assert idle.recv(100) == b""  # the idle keep-alive connection is closed at once
+        wait_for(lambda: not port_open(proxy.port), timeout=5, what="the port to close")
+        reply = slow.result(15)
+    assert reply.status_code == 200 and reply.text == "slow\n"
+    assert reply.headers.get("Connection") == "close"
+    proxy.proc.wait(10)
+
+
+def test_sigterm_cuts_what_outlasts_the_shutdown_timeout(tier):
+    proxy = tier.proxy("--shutdown-timeout", "0.5")
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(requests.get, proxy.base + "/slow?s=5", timeout=15)
+        wait_in_flight(proxy)
+        started = time.monotonic()
+        os.kill(proxy.proc.pid, signal.SIGTERM)
+        proxy.proc.wait(10)
+        with pytest.raises(requests.ConnectionError):
+            slow.result(15)
+    assert time.monotonic() - started < 5
+    assert "cut 1 connections" in proxy.output()
+
+
+def test_a_burst_of_200_new_connections_all_connect(tier):
+    proxy = tier.proxy()
+    with ThreadPoolExecutor(200) as pool:
+        barrier = threading.Barrier(200)
+
+        def connect(_):
+            barrier.wait(10)
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+                sock.sendall(b"GET /burst HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+                return reply.split(b"\r\n", 1)[0]
+
+        results = list(pool.map(connect, range(200)))
+    assert results == [b"HTTP/1.1 200 OK"] * 200
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_new_proxy_replaces_the_old_under_a_request_loop_with_no_failed_request(
+        tier, workers):
+    """The documented restart: start the new proxy on the same port, then SIGTERM the old."""
+    def start(port=None):
+        args = ("--workers", str(workers)) if workers > 1 else ()
+        ready = f"with {workers} workers" if workers > 1 else "dockpart-proxy listening on"
+        return tier.proxy(*args, port=port, ready=ready)
+
+    old = start()
+    failures, served, stop = [], [], threading.Event()
+
+    def loop():
+        with requests.Session() as keep_alive:
+            while not stop.is_set():
+                for get in (keep_alive.get, requests.get):  # pooled, and a new connection
+                    try:
+                        reply = get(old.base + "/loop", timeout=10)
+                        (served if reply.status_code == 200 else failures).append(reply.status_code)
+                    except requests.RequestException as e:
+                        failures.append(repr(e))
+
+    with ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(requests.get, old.base + "/slow?s=1.5", timeout=15)
+        loops = [pool.submit(loop) for _ in range(2)]
+        wait_for(lambda: len(served) > 50, what="the loop to run")
+        wait_in_flight(old)
+        new = start(port=old.port)
+        os.kill(old.proc.pid, signal.SIGTERM)
+        old.proc.wait(15)
+        count = len(served)
+        wait_for(lambda: len(served) > count + 100, what="the new proxy to serve the loop")
+        stop.set()
+        for done in loops:
+            done.result(15)
+        assert slow.result(15).text == "slow\n"
+    assert failures == []
+    assert requests.get(new.base + "/after", timeout=5).status_code == 200

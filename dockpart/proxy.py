@@ -16,7 +16,7 @@ from twisted.python import usage
 from dockpart import keys
 from dockpart.proxy_backends import BackendSet, BackendSync, HealthChecks
 from dockpart.proxy_http import Limits, ProxyFactory
-from dockpart.listening import Listener, server_endpoint
+from dockpart.listening import Listener
 from dockpart.proxy_workers import (BACKLOG, Workers, WorkersAdmin, die_with_parent,
                                     shared_port_endpoint, tcp_address)
 from dockpart.redisconn import RedisOptions, RedisService
@@ -142,7 +142,7 @@ def makeService(config, reactor=None):
     top.listener.setServiceParent(top)
     if config["admin"]:
         from dockpart.proxy_admin import admin_site
-        Listener("dockpart-proxy admin", server_endpoint(reactor, "admin", config["admin"]),
+        Listener("dockpart-proxy admin", shared_port_endpoint(reactor, "admin", config["admin"]),
                  admin_site(proxy)).setServiceParent(top)
     return top
 
@@ -155,6 +155,6 @@ def _parent_service(config, reactor) -> MultiService:
     workers.setServiceParent(top)
     if config["admin"]:
         from dockpart.proxy_admin import quiet_site
-        Listener("dockpart-proxy admin", server_endpoint(reactor, "admin", config["admin"]),
+        Listener("dockpart-proxy admin", shared_port_endpoint(reactor, "admin", config["admin"]),
                  quiet_site(WorkersAdmin(workers))).setServiceParent(top)
     return top

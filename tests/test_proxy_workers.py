@@ -4,6 +4,7 @@ processes, a real Redis and real backends."""
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ import pytest
 import requests
 
 from dockpart import keys
-from helpers import Daemon, free_port, port_open, wait_for
+from helpers import BIN, ROOT, Daemon, free_port, port_open, wait_for
 from proxykit import Backend
 
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
@@ -55,6 +56,19 @@ def tier(redis_db, redis_server, backends):
         daemon.stop(signal.SIGKILL)
 
 
+@pytest.fixture
+def migrate_req():
+    """net.ipv4.tcp_migrate_req on, as the README's restart asks (scripts/up restart-proxy
+    sets it when root): connections queued on the old proxy's closing listener go to the new
+    one instead of being reset.  Put back as it was afterwards."""
+    before = MIGRATE_REQ.read_text() if MIGRATE_REQ.exists() else None
+    if before is not None and os.access(MIGRATE_REQ, os.W_OK):
+        MIGRATE_REQ.write_text("1")
+    yield
+    if before is not None and os.access(MIGRATE_REQ, os.W_OK):
+        MIGRATE_REQ.write_text(before)
+
+
 def admin_status(port: int) -> dict:
     return requests.get(f"http://127.0.0.1:{port}/", timeout=5).json()
 
@@ -76,6 +90,50 @@ def wait_in_flight(proxy) -> None:
     """Until a request is at a backend, as the proxy's admin listener counts."""
     wait_for(lambda: any(b["active"] for b in admin_status(proxy.admin)["backends"]),
              what="a request to reach a backend")
+
+
+class RequestLoop:
+    """Clients that request ``url`` over and over until stopped; every failure is kept.
+
+    ``keep_alive`` clients reuse their connection, the others open one per request.
+    """
+
+    def __init__(self, url: str, clients: int = 2, keep_alive: bool = True):
+        self.url = url
+        self.failures: list = []
+        self.served = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(keep_alive and i % 2 == 0,))
+                         for i in range(clients)]
+
+    def _run(self, keep_alive: bool) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                try:
+                    reply = session.get(self.url, timeout=10) if keep_alive \
+                        else requests.get(self.url, timeout=10)
+                    if reply.status_code == 200:
+                        self.served += 1
+                    else:
+                        self.failures.append(reply.status_code)
+                except requests.RequestException as e:
+                    self.failures.append(repr(e))
+
+    def __enter__(self) -> "RequestLoop":
+        for thread in self._threads:
+            thread.start()
+        wait_for(lambda: self.served > 50, what="the request loop to run")
+        return self
+
+    def more(self, count: int = 100) -> None:
+        """Until ``count`` more requests were served."""
+        target = self.served + count
+        wait_for(lambda: self.served >= target, what=f"{count} more requests served")
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(15)
 
 
 def test_n_workers_share_the_port_and_the_admin_listener_adds_them_up(tier):
@@ -198,7 +256,7 @@ def test_a_burst_of_200_new_connections_all_connect(tier):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_new_proxy_replaces_the_old_under_a_request_loop_with_no_failed_request(
-        tier, workers):
+        tier, workers, migrate_req):
     """The documented restart: start the new proxy on the same port, then SIGTERM the old."""
     def start(port=None):
         args = ("--workers", str(workers)) if workers > 1 else ()
@@ -206,31 +264,51 @@ def test_a_new_proxy_replaces_the_old_under_a_request_loop_with_no_failed_reques
         return tier.proxy(*args, port=port, ready=ready)
 
     old = start()
-    failures, served, stop = [], [], threading.Event()
-
-    def loop():
-        with requests.Session() as keep_alive:
-            while not stop.is_set():
-                for get in (keep_alive.get, requests.get):  # pooled, and a new connection
-                    try:
-                        reply = get(old.base + "/loop", timeout=10)
-                        (served if reply.status_code == 200 else failures).append(reply.status_code)
-                    except requests.RequestException as e:
-                        failures.append(repr(e))
-
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(1) as pool, RequestLoop(old.base + "/loop", clients=4) as loop:
         slow = pool.submit(requests.get, old.base + "/slow?s=1.5", timeout=15)
-        loops = [pool.submit(loop) for _ in range(2)]
-        wait_for(lambda: len(served) > 50, what="the loop to run")
         wait_in_flight(old)
         new = start(port=old.port)
         os.kill(old.proc.pid, signal.SIGTERM)
         old.proc.wait(15)
-        count = len(served)
-        wait_for(lambda: len(served) > count + 100, what="the new proxy to serve the loop")
-        stop.set()
-        for done in loops:
-            done.result(15)
+        loop.more(100)
         assert slow.result(15).text == "slow\n"
-    assert failures == []
+    assert loop.failures == []
     assert requests.get(new.base + "/after", timeout=5).status_code == 200
+
+
+def test_scripts_up_restart_proxy_replaces_a_process_proxy_under_a_request_loop(
+        tier, tmp_path, migrate_req):
+    run = tmp_path / "run"
+    run.mkdir()
+    port, admin = free_port(), free_port()
+    env = {**os.environ, "DOCKPART_RUN": str(run), "DOCKPART_VENV": str(BIN.parent),
+           "COMPOSE_PROJECT_NAME": f"dockpart-restart-{port}"}
+    subprocess.run([str(BIN / "twistd"), f"--pidfile={run}/dockpart-proxy.pid",
+                    f"--logfile={run}/dockpart-proxy.log", "dockpart-proxy",
+                    "--listen", f"tcp:{port}:interface=127.0.0.1", "--workers", "2",
+                    "--admin", f"tcp:{admin}:interface=127.0.0.1", "--redis", tier.redis.url],
+                   check=True, env=env, timeout=30)
+    old_pid = int(wait_for(lambda: (run / "dockpart-proxy.pid").read_text(), what="pid file"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: "with 2 workers" in (run / "dockpart-proxy.log").read_text(),
+                 what="the proxy's workers")
+        with ThreadPoolExecutor(1) as pool, RequestLoop(base + "/loop", clients=4) as loop:
+            slow = pool.submit(requests.get, base + "/slow?s=1.5", timeout=15)
+            wait_for(lambda: any(b["active"] for b in admin_status(admin)["backends"]),
+                     what="the slow request to reach a backend")
+            done = subprocess.run(["bash", str(ROOT / "scripts" / "up"), "restart-proxy"],
+                                  env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            loop.more(100)
+            assert slow.result(15).text == "slow\n"
+        assert loop.failures == []
+        assert not alive(old_pid)
+        new_pid = int((run / "dockpart-proxy.pid").read_text())
+        assert new_pid != old_pid and alive(new_pid)
+    finally:
+        for pid_file in run.glob("*.pid"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (ValueError, ProcessLookupError):
+                pass

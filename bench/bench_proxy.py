@@ -17,6 +17,7 @@ proxies: compare gains and ratios, not absolute figures.
 """
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -153,10 +154,10 @@ def main() -> None:
             dockpart(n, port, redis.url, stack)
         for name, port in rows.items():
             wait_for(lambda: port_open(port), what=f"{name} on {port}")
-        print(f"wrk -t1 -dDURATION={args.duration}s, medians of {args.rounds} rounds taking turns; "
+        print(f"wrk -t1 -d{args.duration}s, medians of {args.rounds} rounds taking turns; "
               f"backends: 3 nginx return 200 servers (one nginx worker); "
-              f"dockpart-proxy --balance local; on {len(__import__('os').sched_getaffinity(0))} "
-              f"cores shared with wrk and the backends")
+              f"dockpart-proxy --balance local; {len(os.sched_getaffinity(0))} cores shared "
+              f"with wrk and the backends; load average before: {os.getloadavg()[0]:.1f}")
         results = {}
         for connections in levels:
             runs = {name: [] for name in rows}
@@ -181,20 +182,18 @@ def main() -> None:
         print("\nratios (targets: gain >= 0.9 of nginx's, req/s >= 0.4 of nginx's, "
               "p99 at -c50 <= 3x nginx's)")
         for connections, table in results.items():
-            def rps(name):
-                return table[name]["rps"]
-            nginx_gain = rps("nginx, 2 workers") / rps("nginx, 1 worker")
-            haproxy_gain = rps("HAProxy, nbthread 2") / rps("HAProxy, nbthread 1")
-            ours_gain = rps("dockpart-proxy --workers 2") / rps("dockpart-proxy --workers 1")
+            def ratio(name, other, figure="rps"):
+                return table[name][figure] / table[other][figure]
+            ours1, ours2 = "dockpart-proxy --workers 1", "dockpart-proxy --workers 2"
+            nginx1, nginx2 = "nginx, 1 worker", "nginx, 2 workers"
+            nginx_gain, ours_gain = ratio(nginx2, nginx1), ratio(ours2, ours1)
             print(f"-c{connections}: gain 1 -> 2: nginx x{nginx_gain:.2f}, HAProxy "
-                  f"x{haproxy_gain:.2f}, dockpart x{ours_gain:.2f} "
-                  f"({ours_gain / nginx_gain:.2f} of nginx's); dockpart / nginx req/s: "
-                  f"1 process {rps('dockpart-proxy --workers 1') / rps('nginx, 1 worker'):.2f}, "
-                  f"2 processes {rps('dockpart-proxy --workers 2') / rps('nginx, 2 workers'):.2f}; "
-                  f"p99 / nginx's: 1 process "
-                  f"{table['dockpart-proxy --workers 1']['p99'] / table['nginx, 1 worker']['p99']:.1f}x, "
-                  f"2 processes "
-                  f"{table['dockpart-proxy --workers 2']['p99'] / table['nginx, 2 workers']['p99']:.1f}x")
+                  f"x{ratio('HAProxy, nbthread 2', 'HAProxy, nbthread 1'):.2f}, dockpart "
+                  f"x{ours_gain:.2f} ({ours_gain / nginx_gain:.2f} of nginx's); "
+                  f"dockpart / nginx req/s: 1 process {ratio(ours1, nginx1):.2f}, "
+                  f"2 processes {ratio(ours2, nginx2):.2f}; p99 / nginx's: 1 process "
+                  f"{ratio(ours1, nginx1, 'p99'):.1f}x, 2 processes "
+                  f"{ratio(ours2, nginx2, 'p99'):.1f}x")
     finally:
         for stop in reversed(stack):
             try:

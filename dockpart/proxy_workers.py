@@ -271,12 +271,13 @@ class Workers(Service):
 
     @defer.inlineCallbacks
     def ask(self, path: bytes):
-        """``path`` from every worker's admin listener: {worker number: body} (failures left out)."""
+        """``path`` from each worker's admin listener: {worker number: body}, failures left out."""
         agent = Agent.usingEndpointFactory(self.reactor, _WorkerSockets(self.reactor, self))
         numbers = sorted(self.running_workers)
 
         def get(number):
-            return agent.request(b"GET", b"http://worker-%d%s" % (number, path)).addCallback(readBody)
+            url = b"http://worker-%d%s" % (number, path)
+            return agent.request(b"GET", url).addCallback(readBody)
 
         results = yield defer.DeferredList([get(n) for n in numbers], consumeErrors=True)
         return {n: body for n, (ok, body) in zip(numbers, results) if ok}

@@ -73,8 +73,9 @@ class Options(RedisOptions):
         if not workers.isdigit() or int(workers) < 1:
             raise usage.UsageError(f"--workers must be a positive number or auto, not {workers!r}")
         self["workers"] = int(workers)
-        if self["workers"] > 1:
-            tcp_address(self["listen"])
+        if self["workers"] > 1 and tcp_address(self["listen"])[1] == 0:
+            raise usage.UsageError("--workers above 1 needs a fixed --listen port, not 0 "
+                                   "(each worker would get a port of its own)")
         for name in ("refresh-interval", "down-time", "health-interval", "connect-timeout",
                      "backend-timeout", "header-timeout", "idle-timeout", "max-header-size",
                      "shutdown-timeout", "backlog"):

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from twisted.python import usage
+
 from dockpart import keys
+from dockpart.proxy import Options as ProxyOptions
 from dockpart.proxy_workers import merge_metrics, sum_status
 from helpers import BIN, ROOT, Daemon, free_port, port_open, wait_for
 from proxykit import Backend
@@ -194,6 +197,25 @@ def test_workers_refuse_a_unix_listener_clearly(tier, tmp_path):
                     "--redis", tier.redis.url, ready="never")
     with pytest.raises(AssertionError, match="needs a tcp: listener"):
         daemon.start(timeout=10)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "positive number or auto"),
+    (["--workers", "many"], "positive number or auto"),
+    (["--workers", "2", "--listen", "tcp:0"], "fixed --listen port"),
+    (["--workers", "2", "--listen", "unix:/tmp/p.sock"], "needs a tcp: listener"),
+    (["--shutdown-timeout", "0"], "--shutdown-timeout must be positive"),
+    (["--backlog", "-1"], "--backlog must be positive"),
+])
+def test_bad_worker_options_are_refused_clearly(args, message):
+    with pytest.raises(usage.UsageError, match=message):
+        ProxyOptions().parseOptions(args)
+
+
+def test_workers_auto_is_one_per_cpu():
+    options = ProxyOptions()
+    options.parseOptions(["--workers", "auto", "--listen", "tcp:3456"])
+    assert options["workers"] == len(os.sched_getaffinity(0))
 
 
 def raw_keep_alive(port: int) -> socket.socket:

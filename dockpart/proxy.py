@@ -2,7 +2,10 @@
 
 Run it with ``twistd -n dockpart-proxy --listen tcp:3456 --redis redis://127.0.0.1:6379/0``.
 It never writes the list it rotates over; when Redis is away it keeps serving from the last
-list it read and reconnects by itself.
+list it read and reconnects by itself.  ``--workers N`` runs N such processes on one port
+(:mod:`dockpart.proxy_workers`); on SIGTERM each stops accepting and finishes its requests in
+flight first (``--shutdown-timeout``), so a new proxy started on the same port beforehand
+takes over with no refused connection.
 """
 
 import os

@@ -805,40 +805,46 @@ class ProxyFactory(protocol.Factory):
         self.stats = Stats()
         self.clients: set[ClientConnection] = set()
 
-    def drain(self, timeout: float, poll: float = 0.05) -> defer.Deferred:
+    def drain(self, timeout: float, poll: float = 0.05, idle_grace: float = 1.0
+              ) -> defer.Deferred:
         """Finish what is in flight, take nothing new; fires with the number of connections cut.
 
         Called once the listener stopped accepting.  Every ``poll`` seconds: a busy connection
-        is marked to close after its response (``Connection: close``), one idle since the
-        previous poll is closed (a client's next request, already on its way, is answered
-        rather than cut), and after ``timeout`` seconds whatever is left is cut.  Polling keeps
-        this apart from the exchange's own state handling.
+        is marked to close after a response that has not begun (``Connection: close``), one
+        that stayed idle for ``idle_grace`` seconds is closed (a request a client is about to
+        send on a connection it just opened or just used is answered, not cut), and after
+        ``timeout`` seconds whatever is left is cut.  Polling keeps this apart from the
+        exchange's own state handling.
         """
         done = defer.Deferred()
         give_up = self.clock.seconds() + timeout
-        idle_at: dict[ClientConnection, float | None] = {}
+        idle_since: dict[ClientConnection, tuple] = {}
 
         def tick() -> None:
             cut = 0
-            past = self.clock.seconds() >= give_up
+            now = self.clock.seconds()
             for client in list(self.clients):
                 if client.closed:
                     continue
                 exchange = client.current
-                if past:
+                if now >= give_up:
                     cut += 1
                     client.abort()
                 elif exchange is not None:
-                    exchange.close_after = True
-                elif client.parsing:
-                    pass
-                elif idle_at.get(client, -1.0) == client.deadline:
-                    # Its idle deadline was set when its last response ended: nothing since.
-                    client.closed = True
-                    client.transport.loseConnection()
-                else:
-                    idle_at[client] = client.deadline
-            if past or not self.clients:
+                    if not exchange.responded:
+                        # Its response head says so; one already on its way did not, and
+                        # the client may send its next request: it is answered, then closed.
+                        exchange.close_after = True
+                elif not client.parsing:
+                    # Its idle deadline is set anew when a response ends: unchanged, nothing
+                    # happened on the connection since it was first seen idle.
+                    deadline, since = idle_since.get(client, (None, None))
+                    if since is None or deadline != client.deadline:
+                        idle_since[client] = (client.deadline, now)
+                    elif now - since >= idle_grace:
+                        client.closed = True
+                        client.transport.loseConnection()
+            if now >= give_up or not self.clients:
                 done.callback(cut)
             else:
                 self.reactor.callLater(poll, tick)

@@ -120,7 +120,8 @@ class RequestLoop:
                     else:
                         self.failures.append(reply.status_code)
                 except requests.RequestException as e:
-                    self.failures.append(repr(e))
+                    self.failures.append(("keep-alive" if keep_alive else "new connection",
+                                          repr(e)))
 
     def __enter__(self) -> "RequestLoop":
         for thread in self._threads:

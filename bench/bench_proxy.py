@@ -1,21 +1,23 @@
-"""dockpart-proxy against nginx, side by side, in one run on this machine.
+"""dockpart-proxy against nginx and HAProxy, with one and two processes, in one run.
 
-Starts a redis-server, three fast backends (nginx ``return 200`` servers; a small asyncio
-server when nginx is missing), nginx as a reference round-robin proxy with keep-alive
-(one worker, like our one reactor), and dockpart-proxy in ``--balance local`` and
-``--balance shared``.  Drives each with ``wrk -t1 -c50 -dDs --latency``, in several rounds
-that take turns (so that a busy moment of a shared machine hits every target alike), and
-prints the median requests/s, p50 and p99, plus each proxy's share of nginx's requests/s.
+Starts a redis-server, three fast backends (one nginx process with three ``return 200``
+servers), and as proxies over them: nginx with 1 and 2 workers (upstream keep-alive,
+``reuseport`` like ours), HAProxy with ``nbthread`` 1 and 2 (``http-reuse always``), and
+dockpart-proxy ``--balance local`` with ``--workers 1`` and ``2``.  Drives each with
+``wrk -t1 -cC -dDs --latency`` at each concurrency, in rounds that take turns (a busy moment
+of a shared machine hits every target alike), and prints the median requests/s, p50, p99,
+then the ratios the issue asks for: dockpart's gain from 1 to 2 processes against nginx's,
+dockpart's req/s against nginx's at equal process counts, and p99 against nginx's.
 
-    python bench/bench_proxy.py [--duration 5] [--connections 50] [--rounds 3]
+    python bench/bench_proxy.py [--duration 5] [--rounds 3] [--concurrency 50,200]
 
-Needs redis-server and wrk (Debian packages); nginx is optional.  Everything listens on
-127.0.0.1 and stops at the end.
+Needs redis-server, nginx, haproxy and wrk (Debian packages).  Everything listens on
+127.0.0.1 and stops at the end.  The load generator shares the machine's cores with the
+proxies: compare gains and ratios, not absolute figures.
 """
 
 import argparse
-import asyncio
-import multiprocessing
+import os
 import re
 import shutil
 import statistics
@@ -26,12 +28,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from helpers import Daemon, RedisProcess, free_port, wait_for, port_open  # noqa: E402
+from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa: E402
 
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n\r\nhello\n"
-
-NGINX_CONF = """
-worker_processes 1;
+NGINX_HEAD = """
+worker_processes {workers};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -42,38 +42,41 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    {backends}
-    upstream pool {{ {servers} keepalive 64; }}
+    {servers}
+}}
+"""
+NGINX_PROXY = """
+    upstream pool {{ {upstreams} keepalive 64; }}
     server {{
-        listen 127.0.0.1:{proxy_port};
+        listen 127.0.0.1:{port} reuseport;
         location / {{
             proxy_pass http://pool;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}
     }}
-}}
 """
-
 NGINX_BACKEND = ("server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000; "
                  "location / {{ return 200 \"hello\\n\"; }} }}")
 
-
-def asyncio_backend(port: int) -> None:
-    """A canned-response HTTP/1.1 server, for machines without nginx."""
-
-    class Canned(asyncio.Protocol):
-        def connection_made(self, transport):
-            self.transport = transport
-
-        def data_received(self, data):
-            self.transport.write(RESPONSE * data.count(b"\r\n\r\n"))
-
-    async def main():
-        server = await asyncio.get_running_loop().create_server(Canned, "127.0.0.1", port)
-        await server.serve_forever()
-
-    asyncio.run(main())
+HAPROXY = """
+global
+    nbthread {threads}
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend front
+    bind 127.0.0.1:{port}
+    default_backend pool
+backend pool
+    balance roundrobin
+    http-reuse always
+{servers}
+"""
 
 
 def wrk(url: str, duration: int, connections: int) -> dict:
@@ -94,73 +97,103 @@ def wrk(url: str, duration: int, connections: int) -> dict:
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
 
+def nginx(workers: int, servers: str, stack: list) -> None:
+    workdir = tempfile.mkdtemp(prefix="dockpart-bench-nginx-")
+    conf = Path(workdir) / "nginx.conf"
+    conf.write_text(NGINX_HEAD.format(workers=workers, dir=workdir, servers=servers))
+    proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-p", workdir,
+                             "-c", str(conf), "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+    stack.append(lambda: (proc.terminate(), proc.wait(10)))
+
+
+def haproxy(threads: int, port: int, backends: list[int], stack: list) -> None:
+    conf = Path(tempfile.mkdtemp(prefix="dockpart-bench-haproxy-")) / "haproxy.cfg"
+    conf.write_text(HAPROXY.format(threads=threads, port=port, servers="\n".join(
+        f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))))
+    proc = subprocess.Popen([shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f",
+                             str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.append(lambda: (proc.terminate(), proc.wait(10)))
+
+
+def dockpart(workers: int, port: int, redis_url: str, stack: list) -> None:
+    daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                    "--redis", redis_url, "--workers", str(workers),
+                    ready=f"with {workers} workers" if workers > 1
+                    else "dockpart-proxy listening on").start()
+    stack.append(daemon.stop)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", default="50,200")
     args = parser.parse_args()
-    assert shutil.which("wrk"), "wrk is not installed (apt-get install wrk)"
-    nginx = shutil.which("nginx") or (Path("/usr/sbin/nginx").exists() and "/usr/sbin/nginx")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    for tool in ("wrk", "nginx", "haproxy", "redis-server"):
+        assert shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists(), \
+            f"{tool} is not installed (apt-get install {tool})"
 
     stack = []
     redis = RedisProcess().start()
     stack.append(redis.stop)
     try:
-        ports = [free_port() for _ in range(3)]
-        targets = {}
-        if nginx:
-            workdir = tempfile.mkdtemp(prefix="dockpart-bench-nginx-")
-            nginx_port = free_port()
-            conf = Path(workdir) / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(
-                dir=workdir, proxy_port=nginx_port,
-                backends="\n    ".join(NGINX_BACKEND.format(port=p) for p in ports),
-                servers=" ".join(f"server 127.0.0.1:{p};" for p in ports)))
-            proc = subprocess.Popen([nginx, "-p", workdir, "-c", str(conf), "-g", "daemon off;"],
-                                    stderr=subprocess.DEVNULL)
-            stack.append(lambda: (proc.terminate(), proc.wait(10)))
-            targets["nginx round robin (reference)"] = nginx_port
-        else:
-            for p in ports:
-                proc = multiprocessing.Process(target=asyncio_backend, args=(p,), daemon=True)
-                proc.start()
-                stack.append(proc.terminate)
-        for p in ports:
-            wait_for(lambda p=p: port_open(p), what=f"backend on {p}")
-        redis.client().rpush("servers", *[f"http://127.0.0.1:{p}" for p in ports])
-        for balance in ("local", "shared"):
-            port = free_port()
-            daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                            "--redis", redis.url, "--balance", balance,
-                            ready="dockpart-proxy listening on").start()
-            stack.append(daemon.stop)
-            targets[f"dockpart-proxy --balance {balance}"] = port
-        rows = {"one backend directly": ports[0], **targets}
-        wait_for(lambda: all(port_open(p) for p in rows.values()), what="every listener")
-        print(f"wrk -t1 -c{args.connections} -d{args.duration}s, medians of {args.rounds} rounds, "
-              f"backends: {'nginx return 200' if nginx else 'asyncio canned response'}")
-        runs = {name: [] for name in rows}
-        for port in rows.values():
-            wrk(f"http://127.0.0.1:{port}/", 1, args.connections)  # warm up pools and caches
-        for _ in range(args.rounds):
-            for name, port in rows.items():
-                runs[name].append(wrk(f"http://127.0.0.1:{port}/", args.duration, args.connections))
-        results = {name: {"rps": statistics.median(r["rps"] for r in rs),
-                          "p50": statistics.median(r["p50"] for r in rs),
-                          "p99": statistics.median(r["p99"] for r in rs),
-                          "non2xx": sum(r["non2xx"] for r in rs),
-                          "socket_errors": "; ".join(filter(None, (r["socket_errors"] for r in rs)))}
-                   for name, rs in runs.items()}
-        reference = results.get("nginx round robin (reference)", {}).get("rps")
-        print(f"{'':34} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'of nginx':>9}  errors")
-        for name, r in results.items():
-            share = f"{100 * r['rps'] / reference:8.1f}%" if reference else f"{'-':>9}"
-            errors = ", ".join(filter(None, [f"{r['non2xx']} non-2xx" if r["non2xx"] else "",
-                                             r["socket_errors"]])) or "none"
-            print(f"{name:34} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f} {share}  {errors}")
-        shared = redis.client().lrange("servers", 0, -1)
-        print(f"servers after the run (shared mode rotated it, never rewrote it): {shared}")
+        backends = [free_port() for _ in range(3)]
+        nginx(1, "\n    ".join(NGINX_BACKEND.format(port=p) for p in backends), stack)
+        upstreams = " ".join(f"server 127.0.0.1:{p};" for p in backends)
+        redis.client().rpush("servers", *[f"http://127.0.0.1:{p}" for p in backends])
+        rows = {"one backend directly": backends[0]}
+        for n in (1, 2):
+            rows[f"nginx, {n} worker{'s' * (n > 1)}"] = port = free_port()
+            nginx(n, NGINX_PROXY.format(upstreams=upstreams, port=port), stack)
+        for n in (1, 2):
+            rows[f"HAProxy, nbthread {n}"] = port = free_port()
+            haproxy(n, port, backends, stack)
+        for n in (1, 2):
+            rows[f"dockpart-proxy --workers {n}"] = port = free_port()
+            dockpart(n, port, redis.url, stack)
+        for name, port in rows.items():
+            wait_for(lambda: port_open(port), what=f"{name} on {port}")
+        print(f"wrk -t1 -d{args.duration}s, medians of {args.rounds} rounds taking turns; "
+              f"backends: 3 nginx return 200 servers (one nginx worker); "
+              f"dockpart-proxy --balance local; {len(os.sched_getaffinity(0))} cores shared "
+              f"with wrk and the backends; load average before: {os.getloadavg()[0]:.1f}")
+        results = {}
+        for connections in levels:
+            runs = {name: [] for name in rows}
+            for port in rows.values():
+                wrk(f"http://127.0.0.1:{port}/", 1, connections)  # warm up pools and caches
+            for _ in range(args.rounds):
+                for name, port in rows.items():
+                    runs[name].append(wrk(f"http://127.0.0.1:{port}/", args.duration, connections))
+            results[connections] = table = {
+                name: {"rps": statistics.median(r["rps"] for r in rs),
+                       "p50": statistics.median(r["p50"] for r in rs),
+                       "p99": statistics.median(r["p99"] for r in rs),
+                       "errors": ", ".join(filter(None, [
+                           f"{sum(r['non2xx'] for r in rs)} non-2xx"
+                           if any(r["non2xx"] for r in rs) else "",
+                           "; ".join(filter(None, (r["socket_errors"] for r in rs)))])) or "none"}
+                for name, rs in runs.items()}
+            print(f"\n-c{connections}")
+            print(f"{'':30} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}  errors")
+            for name, r in table.items():
+                print(f"{name:30} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f}  {r['errors']}")
+        print("\nratios (targets: gain >= 0.9 of nginx's, req/s >= 0.4 of nginx's, "
+              "p99 at -c50 <= 3x nginx's)")
+        for connections, table in results.items():
+            def ratio(name, other, figure="rps"):
+                return table[name][figure] / table[other][figure]
+            ours1, ours2 = "dockpart-proxy --workers 1", "dockpart-proxy --workers 2"
+            nginx1, nginx2 = "nginx, 1 worker", "nginx, 2 workers"
+            nginx_gain, ours_gain = ratio(nginx2, nginx1), ratio(ours2, ours1)
+            print(f"-c{connections}: gain 1 -> 2: nginx x{nginx_gain:.2f}, HAProxy "
+                  f"x{ratio('HAProxy, nbthread 2', 'HAProxy, nbthread 1'):.2f}, dockpart "
+                  f"x{ours_gain:.2f} ({ours_gain / nginx_gain:.2f} of nginx's); "
+                  f"dockpart / nginx req/s: 1 process {ratio(ours1, nginx1):.2f}, "
+                  f"2 processes {ratio(ours2, nginx2):.2f}; p99 / nginx's: 1 process "
+                  f"{ratio(ours1, nginx1, 'p99'):.1f}x, 2 processes "
+                  f"{ratio(ours2, nginx2, 'p99'):.1f}x")
     finally:
         for stop in reversed(stack):
             try:

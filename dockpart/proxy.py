@@ -2,12 +2,18 @@
 
 Run it with ``twistd -n dockpart-proxy --listen tcp:3456 --redis redis://127.0.0.1:6379/0``.
 It never writes the list it rotates over; when Redis is away it keeps serving from the last
-list it read and reconnects by itself.
+list it read and reconnects by itself.  ``--workers N`` runs N such processes on one port
+(:mod:`dockpart.proxy_workers`); on SIGTERM each stops accepting and finishes its requests in
+flight first (``--shutdown-timeout``), so a new proxy started on the same port beforehand
+takes over with no refused connection.
 """
+
+import os
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python import usage
 
 from dockpart import keys
@@ -17,6 +23,8 @@ from dockpart.proxy_sync import BackendSync
 from dockpart.proxy_http import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
 from dockpart.listening import Listener
+from dockpart.proxy_workers import (BACKLOG, Workers, WorkersAdmin, die_with_parent,
+                                    shared_port_endpoint, tcp_address)
 from dockpart.redisconn import RedisOptions, RedisService
 
 BALANCES = ("local", "shared")
@@ -47,7 +55,19 @@ class Options(RedisOptions):
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client connection stays, "
                                      "and the longest pause inside a request body (408).", float],
         ["max-header-size", None, 16384, "Largest request head in bytes (431 beyond).", int],
+        ["workers", "w", "1", "Processes serving the port (SO_REUSEPORT), each with its own "
+                              "reactor and backend pools; auto = one per CPU."],
+        ["shutdown-timeout", None, 10.0, "Seconds a stopping proxy lets requests in flight "
+                                         "finish before it cuts them.", float],
+        ["backlog", None, BACKLOG, "Length of the listen queue (takes the place of the "
+                                   "endpoint's backlog=).", int],
+        ["worker-of", None, None, "(internal) The pid of the --workers parent.", int],
     ]
+
+    def parseOptions(self, options=None):
+        # What the parent of --workers passes on to each worker, exactly as given.
+        self.args = list(options) if options is not None else []
+        super().parseOptions(options)
 
     def postOptions(self):
         super().postOptions()
@@ -56,8 +76,18 @@ class Options(RedisOptions):
                                    f"not {self['balance']!r}")
         if not self["servers-key"]:
             raise usage.UsageError("--servers-key must not be empty")
+        workers = self["workers"]
+        if workers == "auto":
+            workers = str(len(os.sched_getaffinity(0)))
+        if not workers.isdigit() or int(workers) < 1:
+            raise usage.UsageError(f"--workers must be a positive number or auto, not {workers!r}")
+        self["workers"] = int(workers)
+        if self["workers"] > 1 and tcp_address(self["listen"])[1] == 0:
+            raise usage.UsageError("--workers above 1 needs a fixed --listen port, not 0 "
+                                   "(each worker would get a port of its own)")
         for name in ("refresh-interval", "down-time", "health-interval", "connect-timeout",
-                     "backend-timeout", "header-timeout", "idle-timeout", "max-header-size"):
+                     "backend-timeout", "header-timeout", "idle-timeout", "max-header-size",
+                     "shutdown-timeout", "backlog"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         if self["try-timeout"] is not None and self["try-timeout"] <= 0:
@@ -67,17 +97,40 @@ class Options(RedisOptions):
             raise usage.UsageError(f"--health-path {path!r} must start with /")
 
 
-def _endpoint(reactor, option: str, description: str):
-    try:
-        return serverFromString(reactor, description)
-    except ValueError as e:
-        raise usage.UsageError(f"--{option} {description!r}: {e}") from None
+class ProxyService(MultiService):
+    """Stops gracefully: no new connection, requests in flight finish (bounded), then the rest."""
+
+    log = Logger()
+
+    def __init__(self, shutdown_timeout: float):
+        super().__init__()
+        self.shutdown_timeout = shutdown_timeout
+        self.proxy: ProxyFactory | None = None  # set once built, with its listener
+        self.listener: Listener | None = None
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        if self.listener is not None:
+            yield self.listener.stopService()
+        busy = len(self.proxy.clients)
+        if busy:
+            self.log.info("stopping: {busy} client connections open; waiting up to {timeout} s "
+                          "for their requests in flight", busy=busy, timeout=self.shutdown_timeout)
+        cut = yield self.proxy.drain(self.shutdown_timeout)
+        if cut:
+            self.log.warn("stopping: cut {cut} connections still busy after {timeout} s",
+                          cut=cut, timeout=self.shutdown_timeout)
+        yield super().stopService()
 
 
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    top = MultiService()
+    if config["workers"] > 1:
+        return _parent_service(config, reactor)
+    if config["worker-of"]:
+        die_with_parent(config["worker-of"])
+    top = ProxyService(config["shutdown-timeout"])
     redis = RedisService(config["redis"], config["redis-timeout"], reactor)
     redis.setServiceParent(top)
     backends = BackendSet(redis, config["servers-key"], config["balance"], reactor,
@@ -94,15 +147,29 @@ def makeService(config, reactor=None):
                     connect_timeout=config["connect-timeout"],
                     backend_timeout=config["backend-timeout"], try_timeout=config["try-timeout"],
                     first_read_wait=config["redis-timeout"])
-    proxy = ProxyFactory(backends, reactor, limits)
+    proxy = top.proxy = ProxyFactory(backends, reactor, limits)
     shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout)
     sweep = TimerService(min(0.5, shortest / 4), proxy.sweep)
     sweep.clock = reactor
     sweep.setServiceParent(top)
-    Listener("dockpart-proxy", _endpoint(reactor, "listen", config["listen"]),
-             proxy).setServiceParent(top)
+    top.listener = Listener("dockpart-proxy", shared_port_endpoint(
+        reactor, "listen", config["listen"], config["backlog"]), proxy)
+    top.listener.setServiceParent(top)
     if config["admin"]:
         from dockpart.proxy_admin import admin_site
-        Listener("dockpart-proxy admin", _endpoint(reactor, "admin", config["admin"]),
+        Listener("dockpart-proxy admin", shared_port_endpoint(reactor, "admin", config["admin"]),
                  admin_site(proxy)).setServiceParent(top)
+    return top
+
+
+def _parent_service(config, reactor) -> MultiService:
+    """--workers N: N worker processes serve; this one runs them and sums their figures."""
+    top = MultiService()
+    workers = Workers(config.args, config["workers"], config["listen"],
+                      config["shutdown-timeout"], bool(config["admin"]), reactor)
+    workers.setServiceParent(top)
+    if config["admin"]:
+        from dockpart.proxy_admin import quiet_site
+        Listener("dockpart-proxy admin", shared_port_endpoint(reactor, "admin", config["admin"]),
+                 quiet_site(WorkersAdmin(workers))).setServiceParent(top)
     return top

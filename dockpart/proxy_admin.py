@@ -93,7 +93,11 @@ class _QuietSite(server.Site):
         pass
 
 
-def admin_site(proxy: ProxyFactory) -> server.Site:
-    site = _QuietSite(AdminResource(proxy))
+def quiet_site(root: resource.Resource) -> server.Site:
+    site = _QuietSite(root)
     site.displayTracebacks = False
     return site
+
+
+def admin_site(proxy: ProxyFactory) -> server.Site:
+    return quiet_site(AdminResource(proxy))

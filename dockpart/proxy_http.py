@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import httptools
-from twisted.internet import protocol, tcp
+from twisted.internet import defer, protocol, tcp
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
@@ -1067,6 +1067,53 @@ class ProxyFactory(protocol.Factory):
         self.limits = limits or Limits()
         self.stats = Stats()
         self.clients: set[ClientConnection] = set()
+
+    def drain(self, timeout: float, poll: float = 0.05, idle_grace: float = 1.0
+              ) -> defer.Deferred:
+        """Finish what is in flight, take nothing new; fires with the number of connections cut.
+
+        Called once the listener stopped accepting.  Every ``poll`` seconds: a busy connection
+        is marked to close after a response that has not begun (``Connection: close``), one
+        that stayed idle for ``idle_grace`` seconds is closed (a request a client is about to
+        send on a connection it just opened or just used is answered, not cut), and after
+        ``timeout`` seconds whatever is left is cut.  Polling keeps this apart from the
+        exchange's own state handling.
+        """
+        done = defer.Deferred()
+        give_up = self.clock.seconds() + timeout
+        idle_since: dict[ClientConnection, tuple] = {}
+
+        def tick() -> None:
+            cut = 0
+            now = self.clock.seconds()
+            for client in list(self.clients):
+                if client.closed:
+                    continue
+                exchange = client.current
+                if now >= give_up:
+                    cut += 1
+                    client.abort()
+                elif exchange is not None:
+                    if not exchange.responded:
+                        # Its response head says so; one already on its way did not, and
+                        # the client may send its next request: it is answered, then closed.
+                        exchange.close_after = True
+                elif not client.parsing:
+                    # Its idle deadline is set anew when a response ends: unchanged, nothing
+                    # happened on the connection since it was first seen idle.
+                    deadline, since = idle_since.get(client, (None, None))
+                    if since is None or deadline != client.deadline:
+                        idle_since[client] = (client.deadline, now)
+                    elif now - since >= idle_grace:
+                        client.closed = True
+                        client.transport.loseConnection()
+            if now >= give_up or not self.clients:
+                done.callback(cut)
+            else:
+                self.reactor.callLater(poll, tick)
+
+        tick()
+        return done
 
     def sweep(self) -> None:
         """Enforce every deadline (header, idle, backend answer); called about twice a second."""

@@ -5,9 +5,10 @@ append-only file and a password; the first dockpart-web; dockpart-proxy with the
 tierkit.SHIPPED_PROXY_ARGS: active health checks every second, --try-timeout 1; dockpart-infra
 with its default intervals) plus two spawned instances, runs 4 clients each sending ``GET /``
 through the proxy one after another (a new connection each time, 30 s timeout), causes the
-fault, and prints a table: fault, failed requests of all sent, requests that waited more than a
-second, the longest wait, and the time to recover (from the fault until the state named in the
-last column; "not within N s" when it did not happen).
+fault, and prints a table: fault, failed requests of all sent, how long requests failed (from
+the first failed request to the end of the last; the kinds of failure go to stderr), requests
+that waited more than a second, the longest wait, and the time to recover (from the fault until
+the state named in the last column; "not within N s" when it did not happen).
 
     python bench/bench_faults.py [--driver process|docker] [--only NAME ...] [--limit 30]
 
@@ -179,6 +180,18 @@ FAULTS = {
 }
 
 
+def kind(outcome) -> str:
+    """A failure's sort: the status, or the exception's innermost cause."""
+    if outcome.status is not None:
+        return f"HTTP {outcome.status}"
+    if "Max retries exceeded" in outcome.error:  # requests' wording for a failed connect
+        return "could not connect"
+    for cause in ("Connection reset", "Read timed out", "RemoteDisconnected"):
+        if cause in outcome.error:
+            return cause
+    return outcome.error[:80]
+
+
 def run(name: str, driver: str, limit: float) -> tuple:
     tier = Tier(driver=driver).start()
     try:
@@ -190,10 +203,16 @@ def run(name: str, driver: str, limit: float) -> tuple:
                 loop.wait_served(20, timeout=limit)  # and a few more requests after it
             except AssertionError:
                 pass  # the table says it did not recover
-        failed = len(loop.failures())
+        failures = loop.failures()
+        # how long requests failed: a refused connection fails at once, so the count alone
+        # says more about the clients' pace than about the outage
+        span = (max(o.started + o.waited for o in failures) - min(o.started for o in failures)
+                if failures else 0.0)
+        for error in sorted({kind(o) for o in failures}):
+            print(f"  {name}: failed with {error}", file=sys.stderr)
         slow = sum(o.waited > 1 for o in loop.outcomes)
         longest = max(o.waited for o in loop.outcomes)
-        return name, failed, slow, len(loop.outcomes), longest, recovered, state
+        return name, len(failures), span, slow, len(loop.outcomes), longest, recovered, state
     finally:
         tier.stop()
 
@@ -210,12 +229,13 @@ def main() -> None:
         print(f"{name}...", file=sys.stderr, flush=True)
         rows.append(run(name, args.driver, args.limit))
     print(f"\n--driver {args.driver}\n")
-    print("| fault | failed requests | waited > 1 s | longest wait | time to recover "
-          "| recovered means |")
-    print("|---|---|---|---|---|---|")
-    for name, failed, slow, total, longest, recovered, state in rows:
+    print("| fault | failed requests | failing for | waited > 1 s | longest wait "
+          "| time to recover | recovered means |")
+    print("|---|---|---|---|---|---|---|")
+    for name, failed, span, slow, total, longest, recovered, state in rows:
         took = f"{recovered:.1f} s" if recovered is not None else f"not within {args.limit:.0f} s"
-        print(f"| {name} | {failed} of {total} | {slow} | {longest:.2f} s | {took} | {state} |")
+        print(f"| {name} | {failed} of {total} | {span:.2f} s | {slow} | {longest:.2f} s "
+              f"| {took} | {state} |")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Faults under load: how many requests fail and how long the tier takes to be whole again.
 
 For each fault it starts a tier set up as `scripts/up` runs it (tests/tierkit.py: Redis with its
-append-only file and a password; the first dockpart-web; dockpart-proxy with active health
-checks every second; dockpart-infra with its default intervals) plus two spawned instances,
-runs 4 clients each sending ``GET /`` through the proxy one after another (a new connection each
-time, 30 s timeout), causes the fault, and prints a table: fault, failed requests of all sent,
-requests that waited more than a second, the longest wait, and the time to recover (from the fault until the state named in
-the last column; "not within N s" when it did not happen).
+append-only file and a password; the first dockpart-web; dockpart-proxy with the shipped flags,
+tierkit.SHIPPED_PROXY_ARGS: active health checks every second, --try-timeout 1; dockpart-infra
+with its default intervals) plus two spawned instances, runs 4 clients each sending ``GET /``
+through the proxy one after another (a new connection each time, 30 s timeout), causes the
+fault, and prints a table: fault, failed requests of all sent, how long requests failed (from
+the first failed request to the end of the last; the kinds of failure go to stderr), requests
+that waited more than a second, the longest wait, and the time to recover (from the fault until
+the state named in the last column; "not within N s" when it did not happen).
 
     python bench/bench_faults.py [--driver process|docker] [--only NAME ...] [--limit 30]
 
@@ -19,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -31,6 +34,8 @@ from tierkit import RequestLoop, Tier  # noqa: E402
 
 #: How long a frozen instance stays frozen.
 FREEZE = 10.0
+#: Hands the connections queued on a closing listener to another listener of the port.
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
 def until(predicate, limit: float, since: float | None = None) -> float | None:
@@ -118,10 +123,39 @@ def redis_lost(tier, spawned, limit):
 
 
 def proxy_restart(tier, spawned, limit):
+    """Stop, then start: nothing listens in between."""
     start = time.monotonic()
     tier.proxy.stop()
     tier.start_proxy()
     return until(whole(tier, 3), limit, start), "the proxy serves every instance"
+
+
+@contextmanager
+def migrate_req():
+    """net.ipv4.tcp_migrate_req=1 while the block runs, as `scripts/up restart-proxy` sets it
+    (when root), then the value it had before."""
+    writable = MIGRATE_REQ.exists() and os.access(MIGRATE_REQ, os.W_OK)
+    before = MIGRATE_REQ.read_text() if writable else None
+    if writable:
+        MIGRATE_REQ.write_text("1")
+    else:
+        print(f"cannot write {MIGRATE_REQ}: queued connections of the old proxy may be reset",
+              file=sys.stderr)
+    try:
+        yield
+    finally:
+        if before is not None:
+            MIGRATE_REQ.write_text(before)
+
+
+def proxy_replaced(tier, spawned, limit):
+    """The graceful restart of `scripts/up restart-proxy`: a new proxy on the same port
+    (SO_REUSEPORT), then SIGTERM to the old one, which finishes what it has and exits."""
+    old, start = tier.proxy, time.monotonic()
+    with migrate_req():
+        tier.start_proxy()
+        old.stop()
+    return until(whole(tier, 3), limit, start), "the new proxy alone serves every instance"
 
 
 def infra_killed_mid_spawn(tier, spawned, limit):
@@ -141,8 +175,21 @@ FAULTS = {
     "redis restart": redis_restart,
     "redis lost its data": redis_lost,
     "proxy restart": proxy_restart,
+    "proxy replaced": proxy_replaced,
     "infra killed mid-spawn": infra_killed_mid_spawn,
 }
+
+
+def kind(outcome) -> str:
+    """A failure's sort: the status, or the exception's innermost cause."""
+    if outcome.status is not None:
+        return f"HTTP {outcome.status}"
+    if "Max retries exceeded" in outcome.error:  # requests' wording for a failed connect
+        return "could not connect"
+    for cause in ("Connection reset", "Read timed out", "RemoteDisconnected"):
+        if cause in outcome.error:
+            return cause
+    return outcome.error[:80]
 
 
 def run(name: str, driver: str, limit: float) -> tuple:
@@ -156,10 +203,16 @@ def run(name: str, driver: str, limit: float) -> tuple:
                 loop.wait_served(20, timeout=limit)  # and a few more requests after it
             except AssertionError:
                 pass  # the table says it did not recover
-        failed = len(loop.failures())
+        failures = loop.failures()
+        # how long requests failed: a refused connection fails at once, so the count alone
+        # says more about the clients' pace than about the outage
+        span = (max(o.started + o.waited for o in failures) - min(o.started for o in failures)
+                if failures else 0.0)
+        for error in sorted({kind(o) for o in failures}):
+            print(f"  {name}: failed with {error}", file=sys.stderr)
         slow = sum(o.waited > 1 for o in loop.outcomes)
         longest = max(o.waited for o in loop.outcomes)
-        return name, failed, slow, len(loop.outcomes), longest, recovered, state
+        return name, len(failures), span, slow, len(loop.outcomes), longest, recovered, state
     finally:
         tier.stop()
 
@@ -176,12 +229,13 @@ def main() -> None:
         print(f"{name}...", file=sys.stderr, flush=True)
         rows.append(run(name, args.driver, args.limit))
     print(f"\n--driver {args.driver}\n")
-    print("| fault | failed requests | waited > 1 s | longest wait | time to recover "
-          "| recovered means |")
-    print("|---|---|---|---|---|---|")
-    for name, failed, slow, total, longest, recovered, state in rows:
+    print("| fault | failed requests | failing for | waited > 1 s | longest wait "
+          "| time to recover | recovered means |")
+    print("|---|---|---|---|---|---|---|")
+    for name, failed, span, slow, total, longest, recovered, state in rows:
         took = f"{recovered:.1f} s" if recovered is not None else f"not within {args.limit:.0f} s"
-        print(f"| {name} | {failed} of {total} | {slow} | {longest:.2f} s | {took} | {state} |")
+        print(f"| {name} | {failed} of {total} | {span:.2f} s | {slow} | {longest:.2f} s "
+              f"| {took} | {state} |")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dockpart import keys
+from dockpart.periodic import Periodic
 from dockpart.proxy_backends import BackendSet
 from dockpart.redisconn import RedisUnavailable
 
@@ -195,6 +195,17 @@ class _Rotation(Protocol):
                 callback(backends.pick(), arg)
 
 
+class _Reads(Periodic):
+    """BackendSync's periodic read: the safety net for a notice that never came."""
+
+    def __init__(self, sync: "BackendSync", interval: float, clock):
+        super().__init__(interval, clock, now=True)
+        self.sync = sync
+
+    def tick(self) -> None:
+        self.sync.tick()
+
+
 class BackendSync(MultiService):
     """Keeps a BackendSet's list current: notices on the channel plus a periodic read."""
 
@@ -208,8 +219,8 @@ class BackendSync(MultiService):
         self._connection(_Notices, reactor)
         if backends.shared:
             self._connection(_Rotation, reactor)
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = reactor
+        # Added last: started after the connections, stopped before them.
+        _Reads(self, interval, reactor).setServiceParent(self)
         self.interval = interval
         self._refreshing = None
         self._again = False
@@ -227,20 +238,11 @@ class BackendSync(MultiService):
         ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
                       clock=reactor).setServiceParent(self)
 
-    def startService(self):
-        super().startService()
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self):
-        if self._loop.running:
-            self._loop.stop()
-        return super().stopService()
-
     def notices_connected(self) -> None:
         """The notice connection is (back) up: read whatever changed while it was away."""
         self.refresh()
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         rotation = self.backends.rotation
         if rotation is not None:
             rotation.watch(self.interval, self.redis.timeout)

@@ -224,6 +224,7 @@ class BackendSync(MultiService):
         self.interval = interval
         self._refreshing = None
         self._again = False
+        self._retry = None  # the soon read of a start before Redis answered
         self.reactor = reactor
 
     def _connection(self, protocol_class, reactor) -> None:
@@ -237,6 +238,11 @@ class BackendSync(MultiService):
         # Retry every half second or so: a restarted Redis is heard from at once.
         ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
                       clock=reactor).setServiceParent(self)
+
+    def stopService(self):
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        return super().stopService()
 
     def notices_connected(self) -> None:
         """The notice connection is (back) up: read whatever changed while it was away."""
@@ -263,8 +269,10 @@ class BackendSync(MultiService):
     def _refreshed(self, read):
         self._refreshing = None
         if read is False and not self.backends.known and self.running:
-            # Starting up before the Redis connection is: try again soon, not in a second.
-            self.reactor.callLater(0.1, self.refresh)
+            # Starting up before the Redis connection is: try again soon, not in a second
+            # (once: a read already due soon is not doubled).
+            if self._retry is None or not self._retry.active():
+                self._retry = self.reactor.callLater(0.1, self.refresh)
         elif self._again:
             self._again = False
             self.refresh()

@@ -439,8 +439,8 @@ def test_an_empty_list_after_a_redis_restart_is_not_taken_without_a_notice(fresh
     # Several periodic reads (one a second) of the empty list later, both proxies still serve.
     until = time.monotonic() + 2.5
     while time.monotonic() < until:
-        for proxy in (fresh.local, fresh.shared):
-            assert fresh.get("/up", proxy=proxy).status_code == 200
+        for server in (fresh.local, fresh.shared):
+            assert fresh.get("/up", proxy=server).status_code == 200
     assert "read empty after Redis was away" in fresh.local.output()
     assert len(fresh.status()["backends"]) == 3
     # A notice says the tier really is empty now: that is taken at once.

@@ -36,6 +36,11 @@ class Proxy:
         proto.makeConnection(transport)
         return proto, transport
 
+    def later(self, seconds: float) -> None:
+        """``seconds`` pass, then the proxy's sweep enforces its deadlines, as it would."""
+        self.reactor.advance(seconds)
+        self.factory.sweep()
+
     def attempts(self) -> int:
         return len(self.reactor.tcpClients)
 
@@ -151,8 +156,7 @@ def test_try_timeout_sends_an_idempotent_request_once_to_another_backend():
     client.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     frozen, wire = proxy.backend()
     assert sent(wire)
-    proxy.reactor.advance(1.1)
-    proxy.factory.sweep()
+    proxy.later(1.1)
     assert frozen.phase is Phase.CLOSED and out.value() == b""
     other, wire2 = proxy.backend()
     assert other.backend is not frozen.backend and sent(wire2).startswith(b"GET /slow ")
@@ -167,11 +171,9 @@ def test_try_timeout_does_not_send_a_request_with_a_body_twice():
     client, out = proxy.client()
     client.dataReceived(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
     proxy.backend()
-    proxy.reactor.advance(1.1)
-    proxy.factory.sweep()
+    proxy.later(1.1)
     assert proxy.attempts() == 1 and out.value() == b""
-    proxy.reactor.advance(2)
-    proxy.factory.sweep()
+    proxy.later(2)
     assert out.value().startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
 
 
@@ -183,11 +185,9 @@ def test_a_stall_in_the_middle_of_a_body_ends_the_client_connection():
     conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
     proxy.reactor.advance(1.5)
     conn.dataReceived(b"more")  # each read restarts the limit
-    proxy.reactor.advance(1.5)
-    proxy.factory.sweep()
+    proxy.later(1.5)
     assert not out.disconnecting and not client.closed
-    proxy.reactor.advance(1)
-    proxy.factory.sweep()
+    proxy.later(1)
     assert client.closed and conn.backend.down_until > proxy.reactor.seconds()
 
 
@@ -223,15 +223,12 @@ def test_a_client_slow_to_read_gets_the_idle_timeout_not_the_backend_timeout():
     conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
     for _ in range(2):  # the client's buffer fills: the backend is paused, through no fault
         conn.pause_reading("peer")
-        proxy.reactor.advance(2.5)
-        proxy.factory.sweep()
+        proxy.later(2.5)
         assert not client.closed
         conn.resume_reading("peer")
         conn.dataReceived(b"more")
     conn.pause_reading("peer")
-    proxy.reactor.advance(2.5)
-    proxy.factory.sweep()
-    proxy.reactor.advance(10.1)
-    proxy.factory.sweep()
+    proxy.later(2.5)
+    proxy.later(10.1)
     assert client.closed  # a client that stops reading altogether is let go
     assert conn.backend.down_until <= proxy.reactor.seconds()  # and the backend is not blamed

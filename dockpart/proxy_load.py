@@ -1,4 +1,4 @@
-"""The proxy's load publisher, and the reader of every proxy's reports.
+"""The proxy's load publisher; every proxy's reports are read by :func:`dockpart.load.read_reports`.
 
 Each dockpart-proxy process writes, once a second, what it measured per backend since its
 previous report (format: :mod:`dockpart.load`) under a key of its own that expires, and

@@ -30,7 +30,6 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from dockpart import keys, load, tier
-from dockpart.load import read_reports
 from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Decisions kept in keys.AUTOSCALE_DECISIONS.
@@ -324,7 +323,7 @@ class Autoscaler(Service):
         lists = await tier.snapshot(self.redis)
         # After the lists: a spawn that left them for the dead letters is among these.
         letters = await self.redis.call("LRANGE", keys.DEAD_LETTERS, 0, LETTERS_READ - 1)
-        reports = await read_reports(self.redis, self.clock.seconds())
+        reports = await load.read_reports(self.redis, self.clock.seconds())
         self._redis_down = False
         seen = observe(lists, reports)
         self._learn_from_spawns(letters, seen)

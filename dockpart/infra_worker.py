@@ -486,8 +486,11 @@ class Worker(Service):
             up = instances.get(port)
             return isinstance(up, str) and listed[port] != up
 
+        # Where each instance answers, for those this infra's rules cover.
+        urls = {port: self._url(port, up) for port, up in instances.items()}
+        ours = {port: url for port, url in urls.items() if self.rules.owns(url) is not None}
         for port, up in sorted(instances.items()):
-            if up is False and not busy(port) and self.rules.owns(self._url(port)) is not None:
+            if up is False and port in ours and not busy(port):
                 await self._replace_exited(port, listed.get(port))
         for port, url in listed.items():
             # None: swarm restarts its task; it comes back in servers once placed and answering.
@@ -497,8 +500,8 @@ class Worker(Service):
                                   what=self.driver.describe(port), url=url,
                                   gone="restarting" if port in instances else "gone")
         await self._probe_and_list(
-            {port: (self._url(port, up), _probe_host(up)) for port, up in instances.items()
-             if up and not busy(port) and self.rules.owns(self._url(port, up)) is not None},
+            {port: (ours[port], _probe_host(up)) for port, up in instances.items()
+             if up and port in ours and not busy(port)},
             listed, first, busy)
         for outage in self.outages.values():
             outage.ok()

@@ -47,9 +47,8 @@ async def test_no_server_gives_unavailable_after_the_timeout():
     ("redis://[::1]:6390/0", RedisAddress("::1", 6390, 0)),
 ])
 def test_redis_urls_are_read_as_redis_py_reads_them(url, address):
-    import redis
     assert RedisAddress.parse(url) == address
-    kwargs = redis.connection.parse_url(url)  # the reference
+    kwargs = redis_py.connection.parse_url(url)  # the reference
     assert (kwargs.get("host", "localhost"), kwargs.get("port", 6379), kwargs.get("db", 0),
             kwargs.get("password"), kwargs.get("username")) == (
         address.host, address.port, address.db, address.password,

@@ -65,6 +65,14 @@ def _thd_instances(mark: str, state_dir: Path) -> dict[int, bool]:
     return found
 
 
+def _thd_prepare(state_dir: Path, marker: Path, log_path: Path) -> int:
+    """Make the state directory and the instance's marker; the log file opened for appending
+    (its descriptor, which the caller closes)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
 class _Instance(protocol.ProcessProtocol):
     """Says when an instance this infra started exits."""
 
@@ -121,10 +129,9 @@ class ProcessDriver:
         env = {**os.environ, MANAGED_VAR: self.mark, PORT_VAR: str(port),
                "DOCKPART_REDIS": self.redis_url}
         log_path = self.state_dir / f"{instance_name(port)}.log"
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self._marker(port).touch()
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:  # in the pool: the state directory may be on a slow or remote disk
+            log_fd = await self.pool.run(_thd_prepare, self.state_dir, self._marker(port),
+                                         log_path)
         except OSError as e:
             raise DriverError(f"cannot write {log_path}: {e}") from None
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -150,7 +157,7 @@ class ProcessDriver:
                 deadline = float("inf")
             await deferLater(self.reactor, 0.05, lambda: None)
             pids = await self._pids(port)
-        self._marker(port).unlink(missing_ok=True)
+        await self.pool.run(self._marker(port).unlink, missing_ok=True)
 
     @staticmethod
     def _signal(pids: list[int], sig: int) -> None:

@@ -65,6 +65,7 @@ def proxy_load(proxy_id: str) -> str:
     """The key of one proxy process's latest load report."""
     return LOAD_PREFIX + proxy_id
 
+
 #: The autoscaler (dockpart-infra --autoscale): its last decisions (JSON, newest first,
 #: capped), the size it wants now, and min/max set at run time (a hash with fields
 #: ``min`` and ``max``; the dashboard writes it; absent fields mean the options' values).

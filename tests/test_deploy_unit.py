@@ -12,13 +12,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from deploykit import AppRepo, reserved_ports_restored  # noqa: F401  (an autouse fixture)
+from deploykit import AppRepo
 from dockpart import keys
 from dockpart.deploy import front, hook, repos, supervise
 from dockpart.deploy.hook import ZERO, run_hook
 from dockpart.deploy.release import History, Release, slice_lock
 from dockpart.redisconn import RedisAddress, RedisUnavailable
 from helpers import BIN, Daemon, free_port, wait_for
+
+pytestmark = pytest.mark.usefixtures("reserved_ports_restored")
 
 DOCKPART = [str(BIN / "dockpart")]
 
@@ -212,8 +214,7 @@ def test_python_module_runs_the_same_cli(tmp_path):
     assert result.returncode == 0 and "pre-receive" in result.stdout
 
 
-def test_init_as_root_reserves_the_slice_ports_beside_those_already_reserved(tmp_path,
-                                                                            reserved_ports_restored):
+def test_init_as_root_reserves_the_slice_ports_beside_those_already_reserved(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("reserving ports needs root (CI runs as root)")
     reserved = tmp_path / "ip_local_reserved_ports"

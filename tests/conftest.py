@@ -1,7 +1,10 @@
 import pytest
 
-from dockerkit import docker_images  # noqa: F401  (a fixture for tests marked docker)
 from helpers import RedisProcess
+
+# Fixtures kept beside their helpers: docker_images (tests marked docker),
+# reserved_ports_restored (the deploy tests, which name it in their pytestmark).
+pytest_plugins = ("dockerkit", "deploykit")
 
 
 @pytest.fixture(scope="session")

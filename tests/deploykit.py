@@ -21,9 +21,13 @@ REGISTRY_BIN = "/usr/bin/docker-registry"
 RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def reserved_ports_restored():
-    """``deploy init`` as root reserves the slice ports machine-wide: put the setting back."""
+    """``deploy init`` as root reserves the slice ports machine-wide: put the setting back.
+
+    A test module that runs ``deploy init`` uses it for all its tests:
+    ``pytestmark = pytest.mark.usefixtures("reserved_ports_restored")``.
+    """
     before = RESERVED_PORTS.read_text() if RESERVED_PORTS.exists() else None
     try:
         yield before

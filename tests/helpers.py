@@ -47,6 +47,22 @@ def entries(client, *lists: str) -> int:
     return sum(pipe.execute())
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses that TCP sockets in LISTEN state on ``port`` are bound to (IPv4)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def contains_run(argv: list[str], run: tuple) -> bool:
+    """Whether ``run`` appears in ``argv`` as consecutive arguments."""
+    return any(tuple(argv[i:i + len(run)]) == run for i in range(len(argv)))
+
+
 class GaveUp(AssertionError):
     """Raised by a predicate when waiting longer is pointless (a daemon died)."""
 

@@ -21,8 +21,9 @@ import requests
 from dockerkit import compose, docker_client
 from dockpart.drivers import instance_name
 from dockpart.tier import parse_instance_url
-from helpers import ROOT, free_port, port_block, port_open, served_by, wait_for
-from test_up import contains_run, listening_addresses, redis_password
+from helpers import (ROOT, contains_run, free_port, listening_addresses, port_block, port_open,
+                     served_by, wait_for)
+from test_up import redis_password
 from tierkit import SHIPPED_PROXY_ARGS
 
 pytestmark = pytest.mark.docker

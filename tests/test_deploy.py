@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deploykit import AppRepo, Registry, RequestLoop, get, reserved_ports_restored  # noqa: F401
+from deploykit import AppRepo, Registry, RequestLoop, get
 from dockerkit import docker_client, run_images
 from dockpart import keys
 from dockpart.deploy.docker_ops import registry_digest
@@ -20,7 +20,7 @@ from dockpart.deploy.release import History
 from dockpart.deploy.repos import DeployDir
 from helpers import BIN, Daemon, free_port, port_open, wait_for
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("reserved_ports_restored")]
 
 BASE_IMAGE = "dockpart-base:bookworm"
 APP = "localhost:5000/dockpart-example"

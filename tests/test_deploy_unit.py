@@ -12,13 +12,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from deploykit import AppRepo, reserved_ports_restored  # noqa: F401  (an autouse fixture)
+from deploykit import AppRepo
 from dockpart import keys
 from dockpart.deploy import front, hook, repos, supervise
 from dockpart.deploy.hook import ZERO, run_hook
 from dockpart.deploy.release import History, Release, slice_lock
 from dockpart.redisconn import RedisAddress, RedisUnavailable
 from helpers import BIN, Daemon, free_port, wait_for
+
+pytestmark = pytest.mark.usefixtures("reserved_ports_restored")
 
 DOCKPART = [str(BIN / "dockpart")]
 
@@ -212,8 +214,7 @@ def test_python_module_runs_the_same_cli(tmp_path):
     assert result.returncode == 0 and "pre-receive" in result.stdout
 
 
-def test_init_as_root_reserves_the_slice_ports_beside_those_already_reserved(tmp_path,
-                                                                            reserved_ports_restored):
+def test_init_as_root_reserves_the_slice_ports_beside_those_already_reserved(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("reserving ports needs root (CI runs as root)")
     reserved = tmp_path / "ip_local_reserved_ports"
@@ -391,26 +392,27 @@ def test_the_hook_says_when_a_slice_port_is_in_use_and_serves_once_it_is_free(tm
         supervise.stop_forwarder(deploy_dir, "green")
 
 
-def test_a_forwarder_that_cannot_start_gives_the_hook_its_reason_in_one_line(tmp_path):
+def _start_on_a_port_in_use(tmp_path, bind_timeout: float) -> tuple[int, str]:
+    """Start green's forwarder while its port is held; return the port and the hook's error."""
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         repos.init(tmp_path, {"ports": {"green": port, "blue": free_port()}}, say=lambda line: None)
         deploy_dir = repos.DeployDir(tmp_path)
         with pytest.raises(repos.DeployError) as failed:
-            supervise.ensure_forwarder(deploy_dir, deploy_dir.load(), "green", bind_timeout=0)
+            supervise.ensure_forwarder(deploy_dir, deploy_dir.load(), "green", bind_timeout=bind_timeout)
+    return port, str(failed.value)
+
+
+def test_a_forwarder_that_cannot_start_gives_the_hook_its_reason_in_one_line(tmp_path):
+    port, error = _start_on_a_port_in_use(tmp_path, bind_timeout=0)
     log = tmp_path / "run" / "green-forward.log"
-    assert str(failed.value) == (
+    assert error == (
         f"the forwarder of green did not start on port {port}: twisted.internet.error."
         f"CannotListenError: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in "
         f"use. (log: {log})")
 
 
 def test_a_forwarder_that_gives_up_on_a_port_in_use_says_so_to_the_hook(tmp_path):
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
-        repos.init(tmp_path, {"ports": {"green": port, "blue": free_port()}}, say=lambda line: None)
-        deploy_dir = repos.DeployDir(tmp_path)
-        with pytest.raises(repos.DeployError) as failed:
-            supervise.ensure_forwarder(deploy_dir, deploy_dir.load(), "green", bind_timeout=1)
+    port, error = _start_on_a_port_in_use(tmp_path, bind_timeout=1)
     assert f"did not start on port {port}: dockpart-forward gave up: port {port} still cannot be " \
-           "bound after 1 s" in str(failed.value)
+           "bound after 1 s" in error

@@ -7,9 +7,8 @@ import redis as redis_py
 import requests
 
 from dockerkit import docker_client, run_images
-from helpers import ROOT, free_port, wait_for
+from helpers import ROOT, contains_run, free_port, listening_addresses, wait_for
 from test_packaging import PLUGINS
-from test_up import contains_run, listening_addresses
 from tierkit import SHIPPED_PROXY_ARGS
 
 pytestmark = pytest.mark.docker

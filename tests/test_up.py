@@ -11,7 +11,8 @@ import pytest
 import redis as redis_py
 import requests
 
-from helpers import ROOT, free_port, port_block, port_open, served_by, wait_for
+from helpers import (ROOT, contains_run, free_port, listening_addresses, port_block, port_open,
+                     served_by, wait_for)
 from tierkit import SHIPPED_PROXY_ARGS
 
 
@@ -21,22 +22,6 @@ def run_up(env: dict, *args: str) -> str:
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"scripts/up {' '.join(args)} failed:\n{output[-4000:]}"
     return output
-
-
-def listening_addresses(port: int) -> set[str]:
-    """The local addresses that TCP sockets in LISTEN state on ``port`` are bound to (IPv4)."""
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, port_hex = local.split(":")
-        if state == "0A" and int(port_hex, 16) == port:
-            found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
-    return found
-
-
-def contains_run(argv: list[str], run: tuple) -> bool:
-    """Whether ``run`` appears in ``argv`` as consecutive arguments."""
-    return any(tuple(argv[i:i + len(run)]) == run for i in range(len(argv)))
 
 
 def redis_password(run_dir: str) -> str:

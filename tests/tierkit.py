@@ -6,9 +6,7 @@ waited.
 """
 
 import os
-import random
 import secrets
-import socket
 import shutil
 import signal
 import subprocess
@@ -23,26 +21,10 @@ import requests
 
 from dockpart import keys
 from dockpart.drivers.process import _thd_scan
-from helpers import Daemon, served_by, wait_for
+from helpers import Daemon, port_block, served_by, wait_for
 
 #: The proxy's flags in docker-compose.yml and scripts/up (README "Compose and scripts/up").
 SHIPPED_PROXY_ARGS = ("--health-path", "/", "--health-interval", "1", "--try-timeout", "1")
-
-
-def quiet_ports(count: int) -> int:
-    """The first of ``count`` free ports below Linux's ephemeral range (32768-60999): a load
-    loop opens thousands of outgoing connections, and one of them could take an instance's
-    port (or Redis's, while it restarts) if it lay in that range."""
-    for _ in range(100):
-        first = random.randrange(20000, 32768 - count)
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise AssertionError(f"no run of {count} free ports below 32768")
 
 
 class AofRedis:
@@ -94,7 +76,7 @@ class Tier:
     """Redis, the first web instance, the proxy and infra, on free loopback ports."""
 
     def __init__(self, driver: str = "process", infra_args: tuple = ()):
-        ports = quiet_ports(10)  # Redis, the proxy, the first instance and 7 after it
+        ports = port_block(10)  # Redis, the proxy, the first instance and 7 after it
         self.redis = AofRedis(ports)
         self.proxy_port = ports + 1
         self.first_port = ports + 2

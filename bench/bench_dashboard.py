@@ -30,7 +30,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_proxy import asyncio_backend, wrk  # noqa: E402
+from bench_proxy import asyncio_backend, stop_all, wrk  # noqa: E402
 from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa: E402
 
 from dockpart import keys, load  # noqa: E402
@@ -155,11 +155,7 @@ def main() -> None:
         without, with_ = medians.values()
         print(f"change with dashboards open: {100 * (with_ - without) / without:+.1f} %")
     finally:
-        for stop in reversed(stack):
-            try:
-                stop()
-            except Exception as e:  # keep stopping the rest
-                print(f"while stopping: {e!r}", file=sys.stderr)
+        stop_all(stack)
 
 
 if __name__ == "__main__":

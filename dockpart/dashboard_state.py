@@ -97,7 +97,6 @@ class TierWatch(Periodic):
         self.worker = worker
         self.driver = worker.driver
         self.host = worker.rules.host
-        self.reactor = reactor
         self.snapshot: dict = {"time": None, "error": "not looked yet", "instances": []}
         self.points: deque = deque(maxlen=max(1, int(history / interval)))
         self.events: deque = deque(maxlen=1000)
@@ -109,7 +108,7 @@ class TierWatch(Periodic):
 
     async def refresh(self, record: bool = False) -> dict:
         """Look at the tier now; with ``record``, add the look to the history."""
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         try:
             snapshot = await self._look(now)
         except RedisUnavailable as e:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import requests
 
+from dockpart.drivers.process import _thd_scan
 from helpers import Daemon, RedisProcess, free_port, port_open, start_web
 
 RUN = 20  # ports after the first instance's that spawned instances may take
@@ -49,29 +50,20 @@ def start_proxy(redis_url: str) -> Daemon:
     return daemon
 
 
-def managed_pids(state_dir: Path) -> list[int]:
-    """Processes the process driver started with this state directory (its environment mark)."""
-    mark = f"DOCKPART_MANAGED={Path(state_dir).resolve()}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if mark in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+def managed(state_dir: Path) -> dict[int, list[int]]:
+    """The live processes the process driver started with this state directory, by port."""
+    return _thd_scan(str(Path(state_dir).resolve()))
 
 
 def stop_managed(state_dir: Path) -> None:
     """Kill the instances a test's infra started: they outlive the infra by design."""
-    for pid in managed_pids(state_dir):
+    for pid in [pid for pids in managed(state_dir).values() for pid in pids]:
         try:
             os.kill(pid, 9)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 10
-    while managed_pids(state_dir) and time.monotonic() < deadline:
+    while managed(state_dir) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

@@ -2,7 +2,6 @@
 reports (dockpart/proxy_load.py) the dashboard shows."""
 
 import os
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -11,20 +10,10 @@ from pathlib import Path
 import requests
 
 from dockpart.drivers.process import _thd_scan
-from helpers import Daemon, RedisProcess, free_port, port_open, start_web
+from helpers import Daemon, RedisProcess, free_port, start_web
+from tierkit import quiet_ports
 
 RUN = 20  # ports after the first instance's that spawned instances may take
-
-
-def instance_ports() -> int:
-    """A first port and RUN free ones after it, below Linux's ephemeral range (32768-60999):
-    the traffic's many connections take ephemeral ports, and an instance could not
-    listen on one of those."""
-    for _ in range(100):
-        first = random.randrange(20000, 32768 - RUN - 1)
-        if not any(port_open(p) for p in range(first, first + RUN + 1)):
-            return first
-    raise AssertionError(f"no run of {RUN + 1} free ports found below 32768")
 
 
 def start_dashboard_infra(redis_url: str, state_dir: Path, first: int, dash_port: int,
@@ -121,7 +110,7 @@ def start_tier(state_dir: Path, *infra_args: str, token: str | None = None) -> T
     redis = RedisProcess().start()
     parts = []
     try:
-        first = instance_ports()
+        first = quiet_ports(RUN + 1)  # the traffic's ephemeral ports stay clear of them
         web = start_web(redis.url, "--first-port", str(first), port=first)
         parts.append(web)
         env = {"DOCKPART_DASHBOARD_TOKEN": token} if token else None

@@ -30,7 +30,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_proxy import asyncio_backend, stop_all, wrk  # noqa: E402
+from bench_load_publish import serve  # noqa: E402
+from bench_proxy import stop_all, wrk  # noqa: E402
 from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa: E402
 
 from dockpart import keys, load  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
     try:
         ports = [free_port() for _ in range(3)]
         for p in ports:
-            proc = multiprocessing.Process(target=asyncio_backend, args=(p,), daemon=True)
+            proc = multiprocessing.Process(target=serve, args=(p,), daemon=True)
             proc.start()
             stack.append(proc.terminate)
         for p in ports:

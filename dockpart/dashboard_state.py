@@ -10,7 +10,6 @@ import json
 from collections import deque
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from dockpart import keys, load
 from dockpart.drivers import DriverError, Unavailable
@@ -85,8 +84,6 @@ def _port(url: str) -> int:
 
 class TierWatch(Periodic):
     """Looks at the tier every ``interval`` seconds; keeps the snapshot and the history."""
-
-    log = Logger()
 
     def __init__(self, redis: RedisService, worker, interval: float = SAMPLE_INTERVAL,
                  history: float = HISTORY_SECONDS, reactor=None):

@@ -30,7 +30,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_proxy import asyncio_backend, wrk  # noqa: E402
+from bench_load_publish import serve  # noqa: E402
+from bench_proxy import stop_all, wrk  # noqa: E402
 from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa: E402
 
 from dockpart import keys, load  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
     try:
         ports = [free_port() for _ in range(3)]
         for p in ports:
-            proc = multiprocessing.Process(target=asyncio_backend, args=(p,), daemon=True)
+            proc = multiprocessing.Process(target=serve, args=(p,), daemon=True)
             proc.start()
             stack.append(proc.terminate)
         for p in ports:
@@ -155,11 +156,7 @@ def main() -> None:
         without, with_ = medians.values()
         print(f"change with dashboards open: {100 * (with_ - without) / without:+.1f} %")
     finally:
-        for stop in reversed(stack):
-            try:
-                stop()
-            except Exception as e:  # keep stopping the rest
-                print(f"while stopping: {e!r}", file=sys.stderr)
+        stop_all(stack)
 
 
 if __name__ == "__main__":

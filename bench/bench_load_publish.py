@@ -14,16 +14,16 @@ Needs redis-server and wrk.  Everything listens on 127.0.0.1 and stops at the en
 import argparse
 import asyncio
 import multiprocessing
-import re
 import shutil
 import statistics
 from concurrent.futures import ThreadPoolExecutor
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_proxy import wrk  # noqa: E402
 from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa: E402
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n\r\nhello\n"
@@ -51,17 +51,6 @@ def serve(port: int) -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
         await server.serve_forever()
     asyncio.run(main())
-
-
-def wrk(url: str, duration: int, connections: int) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
-                         capture_output=True, text=True, timeout=duration + 30).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rate": rate, "p99_ms": float(p99.group(1)) * scale,
-            "non2xx": int(errors.group(1)) if errors else 0}
 
 
 def main():
@@ -108,12 +97,12 @@ def main():
         print(f"{'dockpart-proxy':<20} {'requests/s':>10} {'p99 ms':>7} {'non-2xx':>7}  rounds")
         medians = {}
         for name, runs in results.items():
-            medians[name] = statistics.median(r["rate"] for r in runs)
+            medians[name] = statistics.median(r["rps"] for r in runs)
             print(f"{name:<20} {medians[name]:>10.0f} "
-                  f"{statistics.median(r['p99_ms'] for r in runs):>7.2f} "
+                  f"{statistics.median(r['p99'] for r in runs):>7.2f} "
                   f"{sum(r['non2xx'] for r in runs):>7}  "
-                  + " ".join(f"{r['rate']:.0f}" for r in runs))
-        ratios = [a["rate"] / b["rate"] for a, b in zip(results["with publisher"],
+                  + " ".join(f"{r['rps']:.0f}" for r in runs))
+        ratios = [a["rps"] / b["rps"] for a, b in zip(results["with publisher"],
                                                         results["without publisher"])]
         print(f"with / without, per round: {' '.join(f'{r:.3f}' for r in ratios)}; "
               f"median {statistics.median(ratios):.3f}")

@@ -123,6 +123,15 @@ def dockpart(workers: int, port: int, redis_url: str, stack: list) -> None:
     stack.append(daemon.stop)
 
 
+def stop_all(stack: list) -> None:
+    """Calls every stopper in ``stack``, last started first; one that fails does not stop the rest."""
+    for stop in reversed(stack):
+        try:
+            stop()
+        except Exception as e:  # keep stopping the rest
+            print(f"while stopping: {e!r}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=5)
@@ -195,11 +204,7 @@ def main() -> None:
                   f"{ratio(ours1, nginx1, 'p99'):.1f}x, 2 processes "
                   f"{ratio(ours2, nginx2, 'p99'):.1f}x")
     finally:
-        for stop in reversed(stack):
-            try:
-                stop()
-            except Exception as e:  # keep stopping the rest
-                print(f"while stopping: {e!r}", file=sys.stderr)
+        stop_all(stack)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
-from twisted.logger import Logger
 from twisted.web import server
 
 from dockpart import dashboard_page, keys, tier
@@ -65,7 +64,6 @@ def _wants_json(request) -> bool:
 class Dashboard(CoroutineResource):
     """Every route of the dashboard; handlers return an :class:`Reply` or raise Refused."""
 
-    log = Logger()
     default_headers = {"cache-control": "no-store",
                        "x-frame-options": "DENY",  # no clickjacking of the buttons
                        "x-content-type-options": "nosniff"}

@@ -10,7 +10,6 @@ import json
 from collections import deque
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from dockpart import keys, load
 from dockpart.drivers import DriverError, Unavailable
@@ -86,8 +85,6 @@ def _port(url: str) -> int:
 class TierWatch(Periodic):
     """Looks at the tier every ``interval`` seconds; keeps the snapshot and the history."""
 
-    log = Logger()
-
     def __init__(self, redis: RedisService, worker, interval: float = SAMPLE_INTERVAL,
                  history: float = HISTORY_SECONDS, reactor=None):
         if reactor is None:
@@ -97,7 +94,6 @@ class TierWatch(Periodic):
         self.worker = worker
         self.driver = worker.driver
         self.host = worker.rules.host
-        self.reactor = reactor
         self.snapshot: dict = {"time": None, "error": "not looked yet", "instances": []}
         self.points: deque = deque(maxlen=max(1, int(history / interval)))
         self.events: deque = deque(maxlen=1000)
@@ -109,7 +105,7 @@ class TierWatch(Periodic):
 
     async def refresh(self, record: bool = False) -> dict:
         """Look at the tier now; with ``record``, add the look to the history."""
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         try:
             snapshot = await self._look(now)
         except RedisUnavailable as e:

@@ -72,19 +72,19 @@ def status(reactor, host: str, port: int, path: str = "/", timeout: float = 1.0,
                f"Connection: close\r\n\r\n").encode()
     protocol = _StatusLine(request)
     endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    connecting = endpoint.connect(_ProbeFactory(protocol))
+    d = endpoint.connect(_ProbeFactory(protocol))
 
     def connected(_):
         return protocol.status
 
-    def cancel(d):
-        connecting.cancel()
+    def give_up(failure):  # the attempt itself is over: addTimeout cancelled it, or it failed
         if protocol.transport is not None:
             protocol.transport.abortConnection()
+        return failure
 
-    d = connecting.addCallback(connected)
+    d.addCallback(connected)
     d.addTimeout(timeout, reactor)
-    d.addErrback(lambda f: (cancel(d), f)[1])
+    d.addErrback(give_up)
     return d
 
 

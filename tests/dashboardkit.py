@@ -2,7 +2,6 @@
 reports (dockpart/proxy_load.py) the dashboard shows."""
 
 import os
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -10,20 +9,11 @@ from pathlib import Path
 
 import requests
 
-from helpers import Daemon, RedisProcess, free_port, port_open, start_web
+from dockpart.drivers.process import _thd_scan
+from helpers import Daemon, RedisProcess, free_port, start_web
+from tierkit import quiet_ports
 
 RUN = 20  # ports after the first instance's that spawned instances may take
-
-
-def instance_ports() -> int:
-    """A first port and RUN free ones after it, below Linux's ephemeral range (32768-60999):
-    the traffic's many connections take ephemeral ports, and an instance could not
-    listen on one of those."""
-    for _ in range(100):
-        first = random.randrange(20000, 32768 - RUN - 1)
-        if not any(port_open(p) for p in range(first, first + RUN + 1)):
-            return first
-    raise AssertionError(f"no run of {RUN + 1} free ports found below 32768")
 
 
 def start_dashboard_infra(redis_url: str, state_dir: Path, first: int, dash_port: int,
@@ -49,29 +39,20 @@ def start_proxy(redis_url: str) -> Daemon:
     return daemon
 
 
-def managed_pids(state_dir: Path) -> list[int]:
-    """Processes the process driver started with this state directory (its environment mark)."""
-    mark = f"DOCKPART_MANAGED={Path(state_dir).resolve()}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if mark in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+def managed(state_dir: Path) -> dict[int, list[int]]:
+    """The live processes the process driver started with this state directory, by port."""
+    return _thd_scan(str(Path(state_dir).resolve()))
 
 
 def stop_managed(state_dir: Path) -> None:
     """Kill the instances a test's infra started: they outlive the infra by design."""
-    for pid in managed_pids(state_dir):
+    for pid in [pid for pids in managed(state_dir).values() for pid in pids]:
         try:
             os.kill(pid, 9)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 10
-    while managed_pids(state_dir) and time.monotonic() < deadline:
+    while managed(state_dir) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -129,7 +110,7 @@ def start_tier(state_dir: Path, *infra_args: str, token: str | None = None) -> T
     redis = RedisProcess().start()
     parts = []
     try:
-        first = instance_ports()
+        first = quiet_ports(RUN + 1)  # the traffic's ephemeral ports stay clear of them
         web = start_web(redis.url, "--first-port", str(first), port=first)
         parts.append(web)
         env = {"DOCKPART_DASHBOARD_TOKEN": token} if token else None

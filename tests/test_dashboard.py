@@ -1,10 +1,12 @@
 """dockpart-infra --dashboard over HTTP: its JSON API, its access rules and its buttons, against
 a real tier (Redis, the first dockpart-web, dockpart-infra with the process driver, a proxy)."""
 
+import http.client
 import json
 import subprocess
 import sys
 import zipfile
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -102,7 +104,11 @@ def test_the_page_is_drawn_on_the_server(tier, rdb):
     for name in ("uPlot.iife.min.js", "uPlot.min.css", "dashboard.js"):
         asset = requests.get(f"{tier.infra.base}/static/{name}", timeout=5)
         assert asset.status_code == 200 and len(asset.content) > 500, name
-    assert requests.get(tier.infra.base + "/static/../dashboard.py", timeout=5).status_code == 404
+    # Sent as is: requests would remove the "..", and ask for /dashboard.py instead.
+    connection = http.client.HTTPConnection(urlsplit(tier.infra.base).netloc, timeout=5)
+    connection.request("GET", "/static/../dashboard.py")
+    assert connection.getresponse().status == 404
+    connection.close()
 
 
 def test_a_form_posted_without_javascript_queues_and_redirects(tier, rdb):

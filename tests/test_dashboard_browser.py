@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from dockpart import keys
-from dashboardkit import managed_pids, start_tier
+from dashboardkit import managed, start_tier
 from helpers import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -106,21 +106,10 @@ def test_destroy_drains_and_removes_exactly_the_named_instance(tier, rdb, page):
     expect(row(page, victim)).to_have_count(0)
     assert victim not in servers(rdb) and keeper in servers(rdb)
     expect(row(page, keeper).locator("td.state")).to_have_text("running")
-    wait_for(lambda: not any(_port_of(pid) == ports[0] for pid in managed_pids(tier.state_dir)),
-             10, what=f"the process on {ports[0]} to stop")
-    assert any(_port_of(pid) == ports[1] for pid in managed_pids(tier.state_dir))
+    wait_for(lambda: ports[0] not in managed(tier.state_dir), 10,
+             what=f"the process on {ports[0]} to stop")
+    assert ports[1] in managed(tier.state_dir)
     assert page.problems == []
-
-
-def _port_of(pid: int) -> int | None:
-    try:
-        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-    except OSError:
-        return None
-    for var in env:
-        if var.startswith(b"DOCKPART_PORT="):
-            return int(var.split(b"=", 1)[1])
-    return None
 
 
 def test_a_dead_letter_appears_with_its_reason_as_text(tier, rdb, page):

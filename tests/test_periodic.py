@@ -2,6 +2,7 @@
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 
 from dockpart.periodic import Periodic
 
@@ -25,9 +26,12 @@ class Rounds(Periodic):
 def test_a_round_that_raises_or_fails_is_logged_and_the_next_comes_on_time():
     clock = Clock()
     rounds = Rounds(clock, ["raise", "fail", None])
+    logged = []
+    rounds.log = Logger(observer=logged.append)
     rounds.startService()
     clock.pump([2.0] * 4)
     assert rounds.times == [2.0, 4.0, 6.0, 8.0]
+    assert [str(e["log_failure"].value) for e in logged] == ["a bad round", "a failed round"]
     rounds.stopService()
     clock.pump([2.0] * 3)
     assert rounds.times == [2.0, 4.0, 6.0, 8.0]

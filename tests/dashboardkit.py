@@ -10,8 +10,7 @@ from pathlib import Path
 import requests
 
 from dockpart.drivers.process import _thd_scan
-from helpers import Daemon, RedisProcess, free_port, start_web
-from tierkit import quiet_ports
+from helpers import Daemon, RedisProcess, free_port, port_block, start_web
 
 RUN = 20  # ports after the first instance's that spawned instances may take
 
@@ -110,7 +109,7 @@ def start_tier(state_dir: Path, *infra_args: str, token: str | None = None) -> T
     redis = RedisProcess().start()
     parts = []
     try:
-        first = quiet_ports(RUN + 1)  # the traffic's ephemeral ports stay clear of them
+        first = port_block(RUN + 1)  # the traffic's ephemeral ports stay clear of them
         web = start_web(redis.url, "--first-port", str(first), port=first)
         parts.append(web)
         env = {"DOCKPART_DASHBOARD_TOKEN": token} if token else None

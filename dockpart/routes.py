@@ -2,7 +2,8 @@
 
 ``Resource.render`` must answer at once, but both sites' handlers wait on Redis.  This base
 runs ``dispatch`` as a coroutine, logs what it did not expect and answers 500 for it (never a
-traceback to the client), and writes nothing to a client that has hung up.
+traceback to the client), and writes nothing to a client that has hung up.  Both sites take a
+``?token=`` (scale token, dashboard token): it never reaches the log or /recent.
 """
 
 from dataclasses import dataclass, field
@@ -11,6 +12,18 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
+
+#: The query parameter that may carry a site's token.
+TOKEN_PARAM = b"token"
+
+
+def without_token(uri: bytes) -> bytes:
+    """``uri`` without its ``token`` query parameters: a token is not for logs or /recent."""
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri
+    kept = [p for p in query.split(b"&") if p.partition(b"=")[0] != TOKEN_PARAM]
+    return path + (b"?" + b"&".join(kept) if kept else b"")
 
 
 @dataclass
@@ -36,10 +49,6 @@ class CoroutineResource(Resource):
         """What a client sees when a handler raised: nothing of the error itself."""
         return Reply(500, "Internal error: the error is in the log.", "text/plain; charset=utf-8")
 
-    def loggable_uri(self, request) -> str:
-        """The request's URI as the log may show it (a subclass hides secrets in it)."""
-        return request.uri.decode("utf-8", "replace")
-
     def render(self, request):
         gone = []  # the client hung up: nothing to write
         request.notifyFinish().addErrback(lambda _: gone.append(True))
@@ -49,7 +58,8 @@ class CoroutineResource(Resource):
         return server.NOT_DONE_YET
 
     def _failed(self, failure, request) -> Reply:
-        self.log.failure("answering {uri}", failure, uri=self.loggable_uri(request))
+        self.log.failure("answering {uri}", failure,
+                         uri=without_token(request.uri).decode("utf-8", "replace"))
         return self.internal_error()
 
     def _write(self, reply: Reply, request, gone: list) -> None:

@@ -24,7 +24,7 @@ from dockpart import keys, tier
 from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
 from dockpart.listening import Listener, server_endpoint, with_backlog
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
-from dockpart.routes import CoroutineResource, Reply
+from dockpart.routes import TOKEN_PARAM, CoroutineResource, Reply, without_token
 
 MESSAGE = "this message will self-destruct in 10 seconds"
 MESSAGE_TTL = 10
@@ -39,8 +39,6 @@ DECISIONS_SHOWN = 10
 KEYED_ROUTES = {"set", "get"}
 #: Where --scale-token comes from when the option is not given.
 SCALE_TOKEN_ENV = "DOCKPART_SCALE_TOKEN"
-#: The query parameter that may carry the scale token (never recorded in /recent).
-TOKEN_PARAM = b"token"
 
 #: Leading bytes of the image formats a browser shows, and their types.
 IMAGE_MAGIC = [
@@ -152,9 +150,6 @@ class WebApp(CoroutineResource):
     def internal_error(self) -> Reply:
         return message("Internal error", "Something went wrong; the error is in the log.", 500)
 
-    def loggable_uri(self, request) -> str:
-        return _without_token(request.uri).decode("utf-8", "replace")
-
     async def dispatch(self, request) -> Reply:
         method = request.method.decode("ascii", "replace")
         if method == "HEAD":
@@ -191,7 +186,7 @@ class WebApp(CoroutineResource):
     async def record(self, request) -> None:
         host = ((request.getHeader(b"host") or b"").decode("utf-8", "replace")
                 or (self.url or "").removeprefix("http://"))
-        url = f"http://{host}{_without_token(request.uri).decode('utf-8', 'replace')}"
+        url = f"http://{host}{without_token(request.uri).decode('utf-8', 'replace')}"
         await self.redis.eval(_RECORD, [keys.RECENT], [url, RECENT_COUNT])
 
     async def index(self, request) -> Reply:
@@ -404,15 +399,6 @@ class FirstInstanceRegistration(Service):
         super().stopService()
         if self.registration.running:
             self.registration.stop()
-
-
-def _without_token(uri: bytes) -> bytes:
-    """``uri`` without its ``token`` query parameters: /recent is public, the token is not."""
-    path, sep, query = uri.partition(b"?")
-    if not sep:
-        return uri
-    kept = [p for p in query.split(b"&") if p.partition(b"=")[0] != TOKEN_PARAM]
-    return path + (b"?" + b"&".join(kept) if kept else b"")
 
 
 def _size(option: str, value: str) -> int:

@@ -7,7 +7,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from dockpart.proxy_backends import BackendSet
-from dockpart.proxy_http import Limits, Phase, ProxyFactory
+from dockpart.proxy_dispatch import Limits, ProxyFactory
+from dockpart.proxy_upstream import Phase
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002"]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"

@@ -16,8 +16,7 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
-from dockpart.proxy_exchange import (Exchange, Reply, _no_delay, _produce, _Reading, _Throttle,
-                                     direct_writer)
+from dockpart.proxy_exchange import Exchange, Reply, _no_delay, _Reading, direct_writer
 from dockpart.proxy_framing import HOST_VALUE, OWN_HEADERS, REASONS, Refused, codings, end_to_end
 
 
@@ -49,8 +48,6 @@ class ClientConnection(_Reading, protocol.Protocol):
         self._head_began = False
         self._url = b""
         self._headers: list = []
-        self._throttle = _Throttle(self)
-        self._producing_for = None
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "").encode()
         self.proto = b"https" if ISSLTransport.providedBy(self.transport) else b"http"
@@ -193,11 +190,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         if conn is not None and conn.exchange is exchange:
             if not exchange.responded:
                 self.deadline = self.clock.seconds() + self.limits.idle_timeout
-            if not exchange.sent_body:
-                exchange.sent_body = True
-                _produce(conn.transport, self._throttle)
-                self._producing_for = conn
-            conn.write(body)
+            conn.write(body)  # its pipe carries the body since the request was sent
         else:
             exchange.pending.append(body)
             if len(exchange.pending) > 8:
@@ -270,11 +263,9 @@ class ClientConnection(_Reading, protocol.Protocol):
     def response_head(self, exchange: Exchange) -> None:
         """The backend's response head is about to be written: its body may stream."""
         exchange.reply_moves(Reply.STREAMING)
-        if exchange.backend is not None and exchange.conn is not None:
-            conn = exchange.conn
-            if not exchange.head_only:
-                _produce(self.transport, conn.throttle)
-                conn.producing_for_client = True
+        conn = exchange.conn
+        if exchange.backend is not None and conn is not None and not exchange.head_only:
+            conn.pipe.response_flows()
         stats = self.factory.stats
         stats.responses[exchange.status] = stats.responses.get(exchange.status, 0) + 1
 
@@ -282,12 +273,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         """The response is complete: next request, idle, or close."""
         if exchange is not self.current:
             return
-        self.current = None
-        if self._producing_for is not None:
-            conn, self._producing_for = self._producing_for, None
-            if conn.transport is not None and conn.transport.producer is self._throttle:
-                conn.transport.unregisterProducer()
-            self.resume_reading("peer")
+        self.current = None  # the backend side closed the exchange's pipe before this
         if self.closed:
             return
         if exchange.close_after or exchange.upgrade or not exchange.request_done:
@@ -306,11 +292,6 @@ class ClientConnection(_Reading, protocol.Protocol):
             self.resume_reading("queued")
             self.deadline = self.clock.seconds() + (
                 self.limits.header_timeout if self.parsing else self.limits.idle_timeout)
-
-    def detach_producer(self, conn) -> None:
-        """``conn`` stops feeding this transport (its response ended or it went away)."""
-        if self.transport.producer is conn.throttle:
-            self.transport.unregisterProducer()
 
     # Tunnels (after a 101).
 
@@ -332,9 +313,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.deadline = None
         self.resume_reading("queued")
         self.resume_reading("upgrading")
-        if self._producing_for is None:
-            _produce(conn.transport, self._throttle)
-            self._producing_for = conn
+        conn.pipe.request_flows()
 
     # Time limits and endings.
 
@@ -351,7 +330,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         conn = exchange.conn
         backend = exchange.backend
         if exchange.responded:
-            if conn is not None and "peer" in conn._paused:
+            if conn is not None and conn.pipe.client_behind:
                 # The backend waits for this client to read: the client's own limit applies.
                 if not exchange.client_slow:
                     exchange.client_slow = True
@@ -364,11 +343,9 @@ class ClientConnection(_Reading, protocol.Protocol):
             return self.abort()
         stalled = not exchange.request_done
         if conn is not None:
-            conn.exchange = exchange.conn = None
-            conn.drop()
+            conn.give_up()
+        exchange.end_try()
         if backend is not None:
-            backend.active -= 1
-            exchange.backend = None
             if not stalled:
                 # Time-outs count as failures: a hung backend leaves the rotation.
                 self.log.warn("backend {url} did not answer in time", url=backend.url)

@@ -180,9 +180,7 @@ class ProxyFactory(protocol.Factory):
             else:
                 client.fail_exchange(exchange, 503, "no backend is known yet\n")
             return
-        exchange.backend = backend
-        exchange.tried.append(backend)
-        backend.active += 1
+        exchange.try_on(backend)
         idle = backend.idle
         if idle:
             too_old = self.clock.seconds() - POOL_IDLE_TIME
@@ -202,8 +200,7 @@ class ProxyFactory(protocol.Factory):
         if exchange.backend is not conn.backend or exchange.conn is not None:
             conn.drop()  # the exchange ended (timeout) while connecting
         elif exchange.client.closed:
-            exchange.backend = None
-            conn.backend.active -= 1
+            exchange.end_try()
             conn.drop()
         else:
             conn.send(exchange)
@@ -211,8 +208,7 @@ class ProxyFactory(protocol.Factory):
     def connect_failed(self, exchange: Exchange, backend: Backend) -> None:
         if exchange.backend is not backend or exchange.conn is not None:
             return
-        backend.active -= 1
-        exchange.backend = None
+        exchange.end_try()
         self.backends.failed(backend)
         if exchange.client.closed:
             return
@@ -243,7 +239,6 @@ class ProxyFactory(protocol.Factory):
 
     def retry(self, exchange: Exchange, backend: Backend, stale: bool) -> None:
         """Send again after a connection died before answering; a dead backend is left out."""
-        exchange.backend = None
         if len(exchange.tried) > len(self.backends.ring) + 2:
             return exchange.client.fail_exchange(exchange, 502, "every backend failed\n")
         tried = exchange.tried

@@ -2,7 +2,8 @@
 
 Bodies stream through in both directions: each transport is registered as the producer of
 the other, as in ``twisted/protocols/portforward.py``, so a slow reader pauses the fast
-writer instead of filling memory (:func:`_produce`, :class:`_Throttle`, :class:`_Reading`).
+writer instead of filling memory: one :class:`Pipe` per pairing of a client connection and a
+backend connection owns that both ways.
 The exchange names the connections it is carried on through :class:`Upstream` and
 :class:`Downstream`, so this module imports neither side.
 """
@@ -10,7 +11,7 @@ The exchange names the connections it is carried on through :class:`Upstream` an
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
@@ -18,28 +19,39 @@ from twisted.internet.interfaces import ISSLTransport
 from dockpart.proxy_framing import IDEMPOTENT
 
 if TYPE_CHECKING:
-    from dockpart.proxy_backends import Backend
+    from dockpart.proxy_backends import Backend, Slot
 
 
-class Upstream(Protocol):
+class _Reader(Protocol):
+    """A connection whose reading a :class:`Pipe` pauses and resumes."""
+
+    transport: Any
+
+    def pause_reading(self, reason: str) -> None: ...
+
+    def resume_reading(self, reason: str) -> None: ...
+
+    def reading_paused(self, reason: str) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+class Upstream(_Reader, Protocol):
     """What an exchange and the client need of the backend connection carrying it."""
 
     exchange: Exchange | None
-    transport: object
-    throttle: object
-
-    def write(self, data: bytes) -> None: ...
+    pipe: Pipe | None
 
     def drop(self) -> None: ...
 
 
-class Downstream(Protocol):
+class Downstream(_Reader, Protocol):
     """What an exchange and the backend side need of the client connection it came from."""
 
-    closed: bool
     deadline: float | None
 
-    def write(self, data: bytes) -> None: ...
+    @property
+    def closed(self) -> bool: ...
 
     def fail_exchange(self, exchange: Exchange, code: int, text: str) -> None: ...
 
@@ -134,6 +146,51 @@ class _Reading:
             if not self._paused and self.transport is not None:
                 self.transport.resumeProducing()
 
+    def reading_paused(self, reason: str) -> bool:
+        return reason in self._paused
+
+
+class Pipe:
+    """Flow control both ways between a client connection and the backend connection lent to
+    its exchange: a side whose write buffer fills pauses the other side's reading.
+
+    As in ``twisted/protocols/portforward.py``, each side is registered as the streaming
+    producer of the other's transport.  This object alone registers and takes back those
+    producers and the "peer" pauses they cause, so neither connection touches the other's.
+    """
+
+    __slots__ = ("client", "upstream", "_up", "_down")
+
+    def __init__(self, client: Downstream, upstream: Upstream):
+        self.client = client
+        self.upstream = upstream
+        self._up = _Throttle(client)  # on the backend's transport: it pauses the client
+        self._down = _Throttle(upstream)  # on the client's transport: it pauses the backend
+
+    def request_flows(self) -> None:
+        """Request bytes (a body, a tunnel's) go up: a full backend buffer pauses the client."""
+        _produce(self.upstream.transport, self._up)
+
+    def response_flows(self) -> None:
+        """A response body goes down: a full client buffer pauses the backend."""
+        _produce(self.client.transport, self._down)
+
+    @property
+    def client_behind(self) -> bool:
+        """The backend waits for the client to read what it was sent (no fault of the backend)."""
+        return self.upstream.reading_paused("peer")
+
+    def close(self) -> None:
+        """The connections part: each producer this pipe registered is taken back, each side
+        reads again (once a transport is gone, Twisted has already dropped its producer)."""
+        client, upstream = self.client, self.upstream
+        if client.transport is not None and client.transport.producer is self._down:
+            client.transport.unregisterProducer()
+        upstream.resume_reading("peer")
+        if upstream.transport is not None and upstream.transport.producer is self._up:
+            upstream.transport.unregisterProducer()
+        client.resume_reading("peer")
+
 
 class Reply(enum.Enum):
     """How far the answer to an exchange has gone; :meth:`Exchange.reply_moves` moves it."""
@@ -152,7 +209,7 @@ class Exchange:
     """One request and its response, from the first attempt to the last byte."""
 
     __slots__ = ("client", "head", "version", "upgrade", "chunked_in",
-                 "has_body", "pending", "request_done", "backend", "conn", "tried", "sent_body",
+                 "has_body", "pending", "request_done", "slot", "conn", "tried", "sent_body",
                  "status", "chunked_out", "close_after", "reply",
                  "started", "head_only", "host", "reread", "early", "idempotent", "retried",
                  "client_slow")
@@ -168,7 +225,7 @@ class Exchange:
         self.host = host
         self.pending: list[bytes] = []  # request bytes waiting for a backend connection
         self.request_done = False
-        self.backend: Backend | None = None
+        self.slot: Slot | None = None  # this try's place on its backend
         self.conn: Upstream | None = None
         self.tried: list = []
         self.sent_body = False
@@ -184,6 +241,23 @@ class Exchange:
         self.idempotent = method in IDEMPOTENT and not has_body
         self.retried = False  # sent again after its try timed out
         self.client_slow = False  # the client was given time to read a stalled response
+
+    @property
+    def backend(self) -> Backend | None:
+        """The backend of the try in progress."""
+        slot = self.slot
+        return slot.backend if slot is not None else None
+
+    def try_on(self, backend: Backend) -> None:
+        """A try begins on ``backend``: it holds one of its in-flight slots until :meth:`end_try`."""
+        self.slot = backend.take()
+        self.tried.append(backend)
+
+    def end_try(self) -> None:
+        """The try is over (answered, failed or given up): its slot goes back, once."""
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.release()
 
     @property
     def responded(self) -> bool:

@@ -13,8 +13,7 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 
 from dockpart.proxy_backends import MAX_IDLE, Backend
-from dockpart.proxy_exchange import (Exchange, Reply, _no_delay, _produce, _Reading, _Throttle,
-                                     direct_writer)
+from dockpart.proxy_exchange import Exchange, Pipe, Reply, _no_delay, _Reading, direct_writer
 from dockpart.proxy_framing import NO_BODY_STATUS, Refused, codings, end_to_end
 
 
@@ -61,8 +60,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.phase = Phase.IDLE
         self.exchange: Exchange | None = None
         self.parser = None
-        self.throttle = _Throttle(self)
-        self.producing_for_client = False
+        self.pipe: Pipe | None = None  # flow control with the client of the exchange lent
         self.tunnel = None
         self._reason = b""
         self._headers: list = []
@@ -116,9 +114,9 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.write(data)
         client = exchange.client
         exchange.sent_body = exchange.has_body
+        self.pipe = Pipe(client, self)
         if exchange.has_body and not exchange.request_done:
-            _produce(self.transport, client._throttle)
-            client._producing_for = self
+            self.pipe.request_flows()
         client.resume_reading("no backend yet")
         exchange.started = self.proxy.clock.seconds()
         # The answer is awaited from the end of the request (see on_message_complete);
@@ -256,7 +254,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         if status == 101:
             self.transition(Phase.TUNNEL)
             self.exchange = None
-            backend.active -= 1
+            exchange.end_try()
             self.flush()
             client.start_tunnel(self)
             if exchange.early:
@@ -296,26 +294,15 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.keep = keep
         exchange = self.exchange
         exchange.reply_moves(Reply.DONE)
-        backend = self.backend
-        backend.requests += 1
-        backend.active -= 1
+        self.backend.requests += 1
+        exchange.end_try()
 
     def _settle(self) -> None:
         """After the read that ended a response: pool the connection or close it, then let
         the client go on."""
         self.flush()
-        exchange, self.exchange = self.exchange, None
-        exchange.conn = None
+        exchange = self._let_go()
         client = exchange.client
-        if self.producing_for_client:
-            self.producing_for_client = False
-            client.detach_producer(self)
-        self.resume_reading("peer")
-        if client._producing_for is self:
-            client._producing_for = None
-            if self.transport.producer is client._throttle:
-                self.transport.unregisterProducer()
-            client.resume_reading("peer")
         backend = self.backend
         if self.stray:
             self.log.warn("backend {url} sent bytes after the end of a response; "
@@ -330,17 +317,31 @@ class BackendConnection(_Reading, protocol.Protocol):
         client.exchange_done(exchange)
 
     def bad_response(self, why: str) -> None:
-        exchange, self.exchange = self.exchange, None
+        exchange = self._let_go()
         self.drop()
         if exchange is not None:
             self.log.warn("backend {url}: {why}", url=self.backend.url, why=why)
             self.backend.errors += 1
-            self.backend.active -= 1
-            exchange.conn = None
+            exchange.end_try()
             exchange.client.fail_exchange(exchange, 502, "the backend's response could not "
                                                          "be passed on\n")
 
     # Endings.
+
+    def _let_go(self) -> Exchange | None:
+        """The exchange lent is no longer this connection's: their pipe closes."""
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.conn = None
+        pipe, self.pipe = self.pipe, None
+        if pipe is not None:
+            pipe.close()
+        return exchange
+
+    def give_up(self) -> None:
+        """The client side gave up on this try (its time ran out): close without a word."""
+        self._let_go()
+        self.drop()
 
     def drop(self) -> None:
         if self.phase is not Phase.CLOSED:
@@ -360,17 +361,13 @@ class BackendConnection(_Reading, protocol.Protocol):
                 tunnel.closed = True
                 tunnel.transport.loseConnection()
             return
-        exchange, self.exchange = self.exchange, None
+        exchange = self.exchange
         if exchange is None or exchange.response_done:
+            self.exchange = None
             return
-        backend.active -= 1
-        exchange.conn = None
+        self._let_go()
+        exchange.end_try()
         client = exchange.client
-        if client._producing_for is self:
-            client._producing_for = None
-            client.resume_reading("peer")
-        if self.producing_for_client:
-            client.detach_producer(self)
         if client.closed:
             return
         if phase is Phase.BODY:

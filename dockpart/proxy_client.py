@@ -9,6 +9,7 @@ After a backend's ``101`` the two connections become a plain byte tunnel.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 
 import httptools
@@ -24,10 +25,51 @@ class _Refused(Exception):
     """Raised in a parser callback to stop it on a refused request (see ``refuse``)."""
 
 
+class Mode(enum.Enum):
+    """What a client connection does with the bytes it reads; :meth:`ClientConnection.transition`
+    moves it.  (Whether a request head is half read is the parser's: ``parsing``.)"""
+
+    OPEN = "open"            # HTTP requests, read and answered in order
+    REFUSING = "refusing"    # a request was refused: nothing more is read; its answer waits
+    UPGRADING = "upgrading"  # an Upgrade request was read: bytes are held until the 101
+    TUNNEL = "tunnel"        # after a 101: bytes both ways, no HTTP
+    CLOSED = "closed"        # closing or closed
+
+
+#: The moves a client connection may make; anything else is a bug, and closes it.
+MODE_MOVES = {
+    Mode.OPEN: {Mode.REFUSING, Mode.UPGRADING, Mode.CLOSED},
+    Mode.REFUSING: {Mode.CLOSED},
+    Mode.UPGRADING: {Mode.TUNNEL, Mode.CLOSED},
+    Mode.TUNNEL: {Mode.CLOSED},
+    Mode.CLOSED: {Mode.CLOSED},
+}
+
+
 class ClientConnection(_Reading, protocol.Protocol):
     """A client's connection: requests in order, one exchange at a time."""
 
     log = Logger()
+    mode = Mode.OPEN
+
+    @property
+    def closed(self) -> bool:
+        return self.mode is Mode.CLOSED
+
+    def transition(self, to: Mode) -> None:
+        if to not in MODE_MOVES[self.mode]:
+            self.log.error("client connection: no move from {old} to {new}",
+                           old=self.mode.value, new=to.value)
+            self.mode = Mode.CLOSED
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        self.mode = to
+
+    def close(self) -> None:
+        """Close once what was written is sent."""
+        self.transition(Mode.CLOSED)
+        self.transport.loseConnection()
 
     def connectionMade(self):
         factory = self.factory
@@ -39,11 +81,9 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.queue: deque[Exchange] = deque()
         self.current: Exchange | None = None
         self.parsing = False
-        self.tunnel_to = None  # the backend connection once upgraded
-        self.upgraded = False
-        self.closed = False
+        self.tunnel_to = None  # the backend connection, in TUNNEL
         self.pending_head = 0
-        self.refusal = None  # (code, text, head_only) of a request refused behind others
+        self.refusal = None  # in REFUSING: (code, text, head_only), answered after the others
         self._head_request = False
         self._head_began = False
         self._url = b""
@@ -58,15 +98,18 @@ class ClientConnection(_Reading, protocol.Protocol):
     # Reading.
 
     def dataReceived(self, data):
-        if self.closed or self.refusal is not None:
+        mode = self.mode
+        if mode is not Mode.OPEN:
+            if mode is Mode.UPGRADING or mode is Mode.TUNNEL:
+                self._tunnel_in(data)
             return
-        if self.upgraded:
-            return self._tunnel_in(data)
         self._head_began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self.upgraded = True
+            if self.mode is not Mode.OPEN:
+                return
+            self.transition(Mode.UPGRADING)
             rest = data[e.args[0]:]
             if rest:
                 self._tunnel_in(rest)
@@ -224,8 +267,9 @@ class ClientConnection(_Reading, protocol.Protocol):
         Nothing the client sent after the refused request is read: its body could be
         anything, including what looks like further requests.
         """
-        if self.refusal is not None or self.closed:
+        if self.mode is not Mode.OPEN:
             return
+        self.transition(Mode.REFUSING)
         self.refusal = (code, text, head_only)
         self.parsing = False
         self.pause_reading("refused")
@@ -244,9 +288,8 @@ class ClientConnection(_Reading, protocol.Protocol):
                 code, REASONS.get(code, b"Error"), len(body),
                 b"Connection: close\r\n" if close else b"", b"" if head_only else body))
         if close:
-            self.closed = True
             self.parsing = False
-            self.transport.loseConnection()
+            self.close()
 
     def fail_exchange(self, exchange: Exchange, code: int, text: str) -> None:
         """The exchange ends in an answer of ours; keep the connection if the request is read."""
@@ -277,11 +320,10 @@ class ClientConnection(_Reading, protocol.Protocol):
         if self.closed:
             return
         if exchange.close_after or exchange.upgrade or not exchange.request_done:
-            self.closed = True
-            self.transport.loseConnection()
+            self.close()
             return
         self.resume_reading("no backend yet")
-        if not self.queue and self.refusal is not None:
+        if not self.queue and self.mode is Mode.REFUSING:
             return self.answer(*self.refusal[:2], head_only=self.refusal[2])
         if self.queue:
             self.current = self.queue.popleft()
@@ -308,6 +350,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         # Anything else after an upgrade request that was refused is dropped with the close.
 
     def start_tunnel(self, conn) -> None:
+        self.transition(Mode.TUNNEL)
         self.tunnel_to = conn
         self.factory.stats.tunnels += 1
         self.deadline = None
@@ -324,8 +367,7 @@ class ClientConnection(_Reading, protocol.Protocol):
             if self.parsing:
                 self.answer(408, "the request headers took too long\n")
             else:
-                self.closed = True
-                self.transport.loseConnection()
+                self.close()
             return
         conn = exchange.conn
         backend = exchange.backend
@@ -356,12 +398,12 @@ class ClientConnection(_Reading, protocol.Protocol):
             self.fail_exchange(exchange, 504, "the backend did not answer in time\n")
 
     def abort(self) -> None:
-        self.closed = True
+        self.transition(Mode.CLOSED)
         if self.transport is not None:
             self.transport.abortConnection()
 
     def connectionLost(self, reason):
-        self.closed = True
+        self.transition(Mode.CLOSED)
         self.factory.clients.discard(self)
         exchange, self.current = self.current, None
         if exchange is not None and exchange.conn is not None and not exchange.response_done:

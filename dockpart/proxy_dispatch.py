@@ -119,8 +119,7 @@ class ProxyFactory(protocol.Factory):
                     if since is None or deadline != client.deadline:
                         idle_since[client] = (client.deadline, now)
                     elif now - since >= idle_grace:
-                        client.closed = True
-                        client.transport.loseConnection()
+                        client.close()
             if now >= give_up or not self.clients:
                 done.callback(cut)
             else:

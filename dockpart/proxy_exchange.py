@@ -206,17 +206,21 @@ REPLY_MOVES = {Reply.AWAITED: {Reply.STREAMING, Reply.DONE}, Reply.STREAMING: {R
 
 
 class Exchange:
-    """One request and its response, from the first attempt to the last byte."""
+    """One request and its response, from the first attempt to the last byte.
 
-    __slots__ = ("client", "head", "version", "upgrade", "chunked_in",
-                 "has_body", "pending", "request_done", "slot", "conn", "tried", "sent_body",
+    Stored: what the request is and how far it has gone; what can be derived from that
+    (``head_only``, ``idempotent``, ``backend``, ``responded``) is a property.
+    """
+
+    __slots__ = ("client", "method", "head", "version", "upgrade", "chunked_in",
+                 "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
-                 "started", "head_only", "host", "reread", "early", "idempotent", "retried",
-                 "client_slow")
+                 "started", "host", "reread", "early", "retried", "client_slow")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
                  chunked_in, has_body, host):
         self.client = client
+        self.method = method
         self.head = head  # request line and headers to send, without the final CRLF
         self.version = version
         self.upgrade = upgrade
@@ -228,19 +232,25 @@ class Exchange:
         self.slot: Slot | None = None  # this try's place on its backend
         self.conn: Upstream | None = None
         self.tried: list = []
-        self.sent_body = False
         self.status = 0
         self.chunked_out = False
         self.close_after = not keep_alive
         self.reply = Reply.AWAITED
         self.started = 0.0
-        self.head_only = method == b"HEAD"
         self.reread = False  # the list was read again before answering 503
         self.early: list[bytes] = []  # bytes after an Upgrade head, held until a 101
-        # Without a body, sending it again cannot do twice what the client asked once.
-        self.idempotent = method in IDEMPOTENT and not has_body
         self.retried = False  # sent again after its try timed out
         self.client_slow = False  # the client was given time to read a stalled response
+
+    @property
+    def head_only(self) -> bool:
+        """The answer is a head alone (a response to HEAD)."""
+        return self.method == b"HEAD"
+
+    @property
+    def idempotent(self) -> bool:
+        """Without a body, sending it again cannot do twice what the client asked once."""
+        return not self.has_body and self.method in IDEMPOTENT
 
     @property
     def backend(self) -> Backend | None:

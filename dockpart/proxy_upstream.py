@@ -113,7 +113,6 @@ class BackendConnection(_Reading, protocol.Protocol):
             exchange.pending.clear()
         self.write(data)
         client = exchange.client
-        exchange.sent_body = exchange.has_body
         self.pipe = Pipe(client, self)
         if exchange.has_body and not exchange.request_done:
             self.pipe.request_flows()
@@ -358,8 +357,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             if not tunnel.closed:
-                tunnel.closed = True
-                tunnel.transport.loseConnection()
+                tunnel.close()
             return
         exchange = self.exchange
         if exchange is None or exchange.response_done:
@@ -385,7 +383,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         # No answer at all: a pooled connection closed under us, or the backend died.
         # Safe to try again elsewhere while no body byte has left the client's hands.
         backend.errors += 1
-        if not exchange.sent_body:
+        if not exchange.has_body:  # no byte of the request's body left the client's hands
             self.proxy.stats.retries += 1
             self.proxy.retry(exchange, backend, stale=not self.got_bytes)
         else:

@@ -8,6 +8,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_dispatch import Limits, ProxyFactory
+from dockpart.proxy_client import MODE_MOVES, Mode
 from dockpart.proxy_upstream import Phase
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002"]
@@ -233,6 +234,48 @@ def test_a_client_slow_to_read_gets_the_idle_timeout_not_the_backend_timeout():
     proxy.later(10.1)
     assert client.closed  # a client that stops reading altogether is let go
     assert conn.backend.down_until <= proxy.reactor.seconds()  # and the backend is not blamed
+
+
+# The client connection's mode (an enum with its allowed moves).
+
+def test_a_client_connection_goes_from_open_to_upgrading_to_tunnel_to_closed():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    proxy = Proxy()
+    client, out = proxy.client()
+    assert client.mode is Mode.OPEN
+    client.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: ws\r\nConnection: Upgrade\r\n"
+                        b"\r\n")
+    assert client.mode is Mode.UPGRADING
+    conn, wire = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 101 Switching\r\nUpgrade: ws\r\nConnection: Upgrade\r\n\r\n")
+    assert client.mode is Mode.TUNNEL
+    client.dataReceived(b"ping")
+    assert sent(wire).endswith(b"ping")
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert client.mode is Mode.CLOSED and client.closed and out.disconnecting
+
+
+def test_a_refused_request_behind_another_waits_in_refusing_for_its_turn():
+    proxy = Proxy()
+    client, out = proxy.client()
+    client.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 ")
+    assert client.mode is Mode.REFUSING and out.value() == b""  # /1 is answered first
+    conn, wire = proxy.backend()
+    conn.dataReceived(OK % (2, b"r1"))
+    answers = out.value()
+    assert answers.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in answers
+    assert client.mode is Mode.CLOSED and out.disconnecting
+    assert b"/3" not in wire.value()
+
+
+def test_a_move_the_table_does_not_allow_closes_the_client_connection():
+    proxy = Proxy()
+    client, out = proxy.client()
+    client.transition(Mode.TUNNEL)  # OPEN cannot become a tunnel without an upgrade
+    assert client.mode is Mode.CLOSED and out.disconnecting
+    client.transition(Mode.CLOSED)  # closing twice is no error
+    assert set(MODE_MOVES) == set(Mode)
 
 
 # One owner of a backend's in-flight count: the slot.

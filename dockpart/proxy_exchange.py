@@ -215,7 +215,7 @@ class Exchange:
     __slots__ = ("client", "method", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
-                 "started", "host", "reread", "early", "retried", "client_slow")
+                 "started", "host", "reread", "early", "retried", "client_slow", "backends")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
                  chunked_in, has_body, host):
@@ -241,6 +241,7 @@ class Exchange:
         self.early: list[bytes] = []  # bytes after an Upgrade head, held until a 101
         self.retried = False  # sent again after its try timed out
         self.client_slow = False  # the client was given time to read a stalled response
+        self.backends = None  # the BackendSet its Host routes to (dockpart.proxy_routes)
 
     @property
     def head_only(self) -> bool:

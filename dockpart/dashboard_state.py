@@ -134,7 +134,8 @@ class TierWatch(Periodic):
         fields = await call("HGETALL", keys.AUTOSCALE_LIMITS) or []  # a flat list, raw
         limits = dict(zip(fields[::2], fields[1::2]))
         live = await call("LRANGE", keys.DEPLOY_LIVE, 0, -1)
-        reports = await load.read_reports(self.redis, now)
+        every = await load.read_reports(self.redis, now)
+        reports = [r for r in every if "app" not in r]  # the apps' own load is theirs
         active = holder == self.worker.id
         inventory, driver_error = None, None
         if active:

@@ -129,7 +129,7 @@ class AppsRunner(MultiService):
             if empty and app.name in gone:
                 await apps.forget(self.redis, app.name)
                 del self.tiers[app.name]
-                await self.removeService(one.worker)
+                await defer.maybeDeferred(self.removeService, one.worker)
                 self.log.info("apps: {name} is destroyed: no instance, no record left",
                               name=app.name)
 

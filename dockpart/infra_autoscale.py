@@ -354,6 +354,7 @@ class Autoscaler(Service):
             except (TypeError, ValueError, KeyError):
                 continue  # not a worker's letter: not ours to judge
             if letter.get("queue") == "spawn" and at > self._letters_seen \
+                    and letter.get("list", keys.SERVERS) == keys.SERVERS \
                     and (newest is None or at > newest[0]):
                 newest = (at, letter)
         if newest is not None:

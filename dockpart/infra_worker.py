@@ -389,7 +389,7 @@ class Worker(Service):
         self.log.warn("dead-lettered {queue} request {entry!r}: {reason}",
                       queue=queue.name, entry=entry, reason=reason)
         letter = json.dumps({"queue": queue.name, "entry": entry, "reason": reason,
-                             "time": self.reactor.seconds()})
+                             "time": self.reactor.seconds(), "list": self.lists.servers})
         await self._retrying(lambda: self.redis.eval(
             _DEAD_LETTER, [queue.processing, keys.DEAD_LETTERS], [entry, letter]))
 

@@ -190,7 +190,8 @@ class AppsSync(MultiService):
                               down_time=self.down_time)
         services = MultiService()
         LoadPublisher(backends, self.redis, self.reactor,
-                      name=f"{proxy_id()}:app:{app.name}").setServiceParent(services)
+                      name=f"{proxy_id()}:app:{app.name}", app=app.name
+                      ).setServiceParent(services)
         if self.health is not None:
             path, interval, timeout = self.health
             HealthChecks(backends, path, interval, timeout, self.reactor).setServiceParent(

@@ -254,7 +254,7 @@ def test_an_unexpected_error_gives_the_pusher_one_line_and_the_log_a_traceback(t
         raise KeyError("Config")
 
     monkeypatch.setattr(hook, "deploy_commit", broken)
-    monkeypatch.setattr(hook, "_ref_value", lambda *args: ZERO)
+    monkeypatch.setattr(hook, "ref_value", lambda *args: ZERO)
     said = []
     assert run_hook(deploy_dir, "green", [f"{ZERO} {'1' * 40} refs/heads/main\n"], said.append) == 1
     log = hook.log_path(deploy_dir, "green")

@@ -4,7 +4,9 @@ An app is a name (a DNS label), what runs it (``image`` for the docker and swarm
 ``command`` for the process driver; either way the instance's port is in ``PORT``), the host
 names it answers (``domains``, besides ``NAME.<apps domain>``), and how many instances it
 has: ``desired`` (set by ``dockpart apps scale``, or by the autoscaler within ``min``/``max``
-when ``autoscale`` is on).  ``release`` names what runs (filled by ``git push`` releases).
+when ``autoscale`` is on).  ``release`` names the live release (``git push``, rollback or
+config: :mod:`dockpart.releases`); ``rollover`` the release infra is rolling the instances over
+to, while it does (the autoscaler leaves the count alone meanwhile).
 
 Records (names in :mod:`dockpart.keys`):
 
@@ -69,6 +71,7 @@ class App:
     max: int = DEFAULT_MAX
     target: float = DEFAULT_TARGET
     release: str = ""
+    rollover: str = ""
     #: Not a field of the hash: the URLs in the app's ``servers`` when it was read.
     instances: tuple[str, ...] = field(default=(), compare=False)
 
@@ -76,7 +79,7 @@ class App:
         return {"image": self.image, "command": self.command, "domains": " ".join(self.domains),
                 "desired": str(self.desired), "autoscale": "1" if self.autoscale else "0",
                 "min": str(self.min), "max": str(self.max), "target": f"{self.target:g}",
-                "release": self.release}
+                "release": self.release, "rollover": self.rollover}
 
     @classmethod
     def decode(cls, name: str, flat: list[str] | dict, instances=()) -> App:
@@ -84,6 +87,7 @@ class App:
         raw = dict(zip(flat[::2], flat[1::2])) if isinstance(flat, list) else dict(flat)
         app = cls(name, image=raw.get("image", ""), command=raw.get("command", ""),
                   domains=tuple(raw.get("domains", "").split()), release=raw.get("release", ""),
+                  rollover=raw.get("rollover", ""),
                   autoscale=raw.get("autoscale") == "1", instances=tuple(instances))
         for name_, kind in (("desired", int), ("min", int), ("max", int), ("target", float)):
             try:
@@ -103,7 +107,8 @@ class App:
                 "domains": list(self.domains), "desired": self.desired,
                 "autoscale": ({"min": self.min, "max": self.max, "target": self.target}
                               if self.autoscale else None),
-                "release": self.release or None, "instances": list(self.instances)}
+                "release": self.release or None, "rollover": self.rollover or None,
+                "instances": list(self.instances)}
 
 
 def _flat(mapping: dict[str, str]) -> list[str]:
@@ -177,13 +182,15 @@ redis.call('PUBLISH', KEYS[4], 'forget ' .. ARGV[1])
 return 1
 """
 
-# KEYS: ports, the app's spawn queue; ARGV: app, low, high, host, how many.
-# The lowest free ports of the range, each held for the app, each spawn queued.
+# KEYS: ports, the app's spawn queue, its instances' releases; ARGV: app, low, high, host,
+# how many, release.  The lowest free ports of the range, each held for the app, each spawn
+# queued, each URL marked with the release it is to run.
 _ALLOCATE = """
 local urls, port, want = {}, tonumber(ARGV[2]), tonumber(ARGV[5])
 while #urls < want and port <= tonumber(ARGV[3]) do
   if redis.call('HSETNX', KEYS[1], port, ARGV[1]) == 1 then
     local url = 'http://' .. ARGV[4] .. ':' .. port
+    redis.call('HSET', KEYS[3], url, ARGV[6])
     redis.call('LPUSH', KEYS[2], url)
     table.insert(urls, url)
   end
@@ -293,13 +300,16 @@ def read_one(redis, name: str):
 def forget(redis, name: str):
     """The last instance of a destroyed app is gone: its records go too."""
     return redis.eval(_FORGET, [keys.APPS_DESTROYED, keys.app_record(name), keys.APP_PORTS,
-                                keys.APPS_CHANNEL, *keys.app_tier(name).lists], [name])
+                                keys.APPS_CHANNEL, *keys.app_keys(name)], [name])
 
 
-def allocate(redis, name: str, low: int, high: int, host: str, count: int):
-    """Queue ``count`` spawns for the app on the lowest free ports; fires their URLs."""
-    return redis.eval(_ALLOCATE, [keys.APP_PORTS, keys.app_tier(name).spawn_queue],
-                      [name, low, high, host, count])
+def allocate(redis, name: str, low: int, high: int, host: str, count: int,
+             release: str = ""):
+    """Queue ``count`` spawns of ``release`` for the app on the lowest free ports; fires
+    their URLs."""
+    return redis.eval(_ALLOCATE, [keys.APP_PORTS, keys.app_tier(name).spawn_queue,
+                                  keys.app_instance_releases(name)],
+                      [name, low, high, host, count, release])
 
 
 def release_ports(redis, name: str, ports):

@@ -8,6 +8,8 @@ stops, reconcile, dead letters.  :class:`AppsRunner` looks at the records every
 range (``dockpart:apps:ports``: no two apps share one) or for destroys, until the app has
 ``desired`` instances; with ``autoscale`` on, the seed's autoscaling :class:`Policy` sets
 ``desired`` from the proxies' reports on the app's own list, within the app's min and max.
+While an app rolls over to a new release (:mod:`dockpart.rollover`) that replaces keeping
+its count, and the autoscaler leaves it alone.
 
 A destroyed app is brought to zero, then forgotten.  An app whose record vanished without
 being destroyed (a Redis that lost its data) is written back from what this infra knew, and
@@ -24,7 +26,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dockpart import apps, keys, load, tier
+from dockpart import apps, keys, load, rollover, tier
 from dockpart.apps import App
 from dockpart.infra_autoscale import Policy, Settings, observe
 from dockpart.periodic import Periodic
@@ -55,6 +57,7 @@ class AppTier:
     asked: set[str] = field(default_factory=set)  # spawns asked for, not yet seen serving
     failures: int = 0  # spawns that never served, in a row
     held_until: float = 0.0
+    rolling: rollover.Rolling | None = None
 
 
 class _Loop(Periodic):
@@ -73,7 +76,7 @@ class AppsRunner(MultiService):
 
     def __init__(self, redis: RedisService, make_driver, make_worker, *, host: str,
                  ports: tuple[int, int] = APP_PORTS, interval: float = 0.5,
-                 autoscale_interval: float = 2.0, clock):
+                 autoscale_interval: float = 2.0, driver_name: str = "", clock):
         super().__init__()
         self.redis = redis
         self.make_driver = make_driver  # App -> driver
@@ -86,6 +89,10 @@ class AppsRunner(MultiService):
         self.tiers: dict[str, AppTier] = {}
         self._hold = backoffPolicy(*SPAWN_HOLD, factor=2.0, jitter=lambda: 0.0)
         self._redis_down = False
+        self.rollover = rollover.Rollover(redis, host, ports, clock)
+        # Said once in Redis: a push asks it whether to build an image or check out a tree.
+        self.driver_name = driver_name
+        self._driver_said = not driver_name
         _Loop(self, interval, clock).setServiceParent(self)
 
     async def step(self) -> None:
@@ -100,6 +107,9 @@ class AppsRunner(MultiService):
         self._redis_down = False
 
     async def _step(self) -> None:
+        if not self._driver_said:
+            await self.redis.call("SET", keys.APPS_DRIVER, self.driver_name)
+            self._driver_said = True
         live = {app.name: app for app in await apps.read_all(self.redis)}
         gone = {app.name: app for app in await apps.read_all(self.redis, keys.APPS_DESTROYED)}
         for name, known in list(self.tiers.items()):
@@ -148,18 +158,24 @@ class AppsRunner(MultiService):
                         ) -> bool:
         """One step towards the app's count; whether nothing of it is left."""
         t = app.tier
+        marks = await rollover.read_marks(self.redis, app.name)  # before the lists
         lists = await tier.snapshot(self.redis, t)
+        await rollover.plan(self.redis, app, one.driver, marks, lists)
         running = await one.driver.managed()
         leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
         listed = set(lists[t.servers])
         staying = (listed | set(lists[t.spawn_queue]) | set(lists[t.spawning])) - leaving
         self._learn(one, listed, {url for urls in lists.values() for url in urls})
         desired = app.desired
-        if app.autoscale and not destroyed:
+        if app.autoscale and not destroyed and not app.rollover:
             desired = await self._autoscale(one, app, lists, reports)
-        if len(staying) < desired and self.clock.seconds() >= one.held_until:
+        if app.rollover and not destroyed:
+            await self.rollover.step(one, app, lists, marks)
+        elif len(staying) < desired and self.clock.seconds() >= one.held_until:
             urls = await apps.allocate(self.redis, app.name, *self.ports, self.host,
-                                       desired - len(staying))
+                                       desired - len(staying), app.release)
+            for url in urls:  # a port used before runs the live release now
+                one.driver.releases.pop(_port(url), None)
             one.asked.update(urls)
             if urls:
                 self.log.info("apps: {name} has {n}, wants {desired}: spawning {urls}",

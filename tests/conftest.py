@@ -7,6 +7,15 @@ from helpers import RedisProcess
 pytest_plugins = ("dockerkit", "deploykit")
 
 
+@pytest.fixture(autouse=True)
+def apps_dir(tmp_path, monkeypatch):
+    """``dockpart apps create`` makes a git repository: in the test's own directory, never
+    in the machine's default (/var/lib/dockpart/apps for root)."""
+    path = tmp_path / "apps"
+    monkeypatch.setenv("DOCKPART_APPS_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     """One real redis-server for the whole session."""

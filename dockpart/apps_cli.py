@@ -13,7 +13,7 @@ import sys
 
 from twisted.python import usage
 
-from dockpart import apps, apps_deploy, releases
+from dockpart import apps, apps_deploy, keys, releases
 from dockpart.deploy import front
 from dockpart.deploy.repos import DeployError
 from dockpart.deploy.cli import _AnyOrder
@@ -151,6 +151,18 @@ class ConfigOptions(_DirMixin, _AppOptions):
             raise usage.UsageError(str(e)) from None
 
 
+class LogsOptions(_AppOptions):
+    longdesc = ("The output of the app's instances (process driver), newest last, each line "
+                "after its instance's port; -f follows it.")
+    optFlags = [["follow", "f", "Go on printing new lines until interrupted."]]
+    optParameters = [["lines", "n", 50, "How many of the last lines.", int]]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["lines"] < 0:
+            raise usage.UsageError("-n cannot be negative")
+
+
 class HookOptions(_DirMixin, _AppOptions):
     synopsis = "NAME --apps-dir DIR  (git's hook lines on stdin)"
     longdesc = "Make a release of what git pushed and roll the app over to it (the git hook)."
@@ -168,6 +180,7 @@ class AppsOptions(usage.Options):
         ["releases", None, ReleasesOptions, "An app's releases; which one is live."],
         ["rollback", None, RollbackOptions, "Roll an app over to an earlier release."],
         ["config", None, ConfigOptions, "Show or change an app's environment."],
+        ["logs", None, LogsOptions, "An app's instances' output."],
         ["hook", None, HookOptions, "Release what git pushed (run by the app's git hook)."],
     ]
 
@@ -203,6 +216,20 @@ def _print_releases(app: apps.App, found: list[releases.Release], say) -> None:
         say(f" {mark} {release.id:<5} {release.commit[:7] or '-':<8} {release.when():<24} "
             f"{release.note[:18]:<18} {release.what}")
     say("(* live, > rolling over to)")
+
+
+def _logs(client, name: str, lines: int, follow: bool, say) -> None:
+    """The last ``lines`` lines of the app's stream, then (``follow``) each new one."""
+    stream = keys.app_log(name)
+    newest = client.xrevrange(stream, count=max(lines, 1))
+    for _, fields in reversed(newest[:lines]):
+        say(f"[{fields.get('port')}] {fields.get('line')}")
+    last = newest[0][0] if newest else "0-0"
+    while follow:
+        for _, entries in client.xread({stream: last}, block=1000) or []:
+            for entry_id, fields in entries:
+                say(f"[{fields.get('port')}] {fields.get('line')}")
+                last = entry_id
 
 
 def run(options: AppsOptions, say) -> int:
@@ -262,6 +289,9 @@ def run(options: AppsOptions, say) -> int:
                     _print_releases(app, found, say)
             elif command == "rollback":
                 apps_deploy.rollback(sub.apps_dir, client, sub["name"], sub["release"], say)
+            elif command == "logs":
+                apps.read_one(redis, sub["name"])
+                _logs(client, sub["name"], sub["lines"], sub["follow"], say)
             elif command == "config":
                 if sub["set"] or sub["unset"]:
                     apps_deploy.configure(sub.apps_dir, client, sub["name"], sub["set"],

@@ -129,6 +129,12 @@ class AppsRunner(MultiService):
             one = self._tier(app)
             if not one.worker.leased:
                 continue
+            if getattr(one.driver, "logs", None) is not None:  # the process driver's
+                try:
+                    await one.driver.logs.look(self.redis)
+                except OSError as e:
+                    self.log.warn("apps: reading the logs of {name}: {error}", name=app.name,
+                                  error=e)
             try:
                 empty = await self._converge(one, app, held, reports, app.name in gone)
             except RedisUnavailable:

@@ -161,3 +161,33 @@ def test_a_procfile_without_web_is_refused_before_anything_runs(tier, tmp_path):
             "'web: COMMAND' line") in pushed.stderr
     assert redis.client().hget(keys.app_record("blog"), "release") == ""
     assert redis.client().hlen(keys.app_releases("blog")) == 0
+
+
+def test_config_rolls_over_a_new_release_and_logs_show_the_instances_output(tier, tmp_path,
+                                                                             capsys):
+    """``config KEY=VALUE`` is a new release with that environment, rolled over; ``logs``
+    prints what the instances printed, newest last."""
+    redis, infra, proxy, state = tier
+    remote = create(redis, tmp_path, "env", "--scale", "1")
+    work = source(tmp_path, "v1", f"web: {sys.executable} app.py $GREETING\n")
+    assert push(work, remote).returncode == 0
+    capsys.readouterr()
+    assert dockpart_apps(redis.url, "config", "env", "GREETING=hej", "--apps-dir",
+                         str(tmp_path / "apps")) == 0
+    assert "env serves v2" in capsys.readouterr().out
+    assert get(proxy, "env.localhost").text.startswith("hej on port")
+    assert dockpart_apps(redis.url, "config", "env") == 0
+    assert capsys.readouterr().out == "GREETING=hej\n"
+    [v2, v1] = releases_of(redis, tmp_path, "env", capsys)
+    assert (v2["env"], v2["commit"], v2["dir"], v2["live"]) == (
+        {"GREETING": "hej"}, v1["commit"], v1["dir"], True)
+
+    port = serving(redis, "env")[0].rsplit(":", 1)[1]
+
+    def logged():
+        capsys.readouterr()
+        assert dockpart_apps(redis.url, "logs", "env", "-n", "5") == 0
+        return capsys.readouterr().out
+    wait_for(lambda: f"[{port}] hej listening on 127.0.0.1:{port}" in logged(), 10,
+             what="the instance's first line in its logs")
+    assert logged().splitlines()[-1] == f"[{port}] hej listening on 127.0.0.1:{port}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from dockpart.app_logs import LogTail
 from dockpart.apps import App
 from dockpart.drivers import DriverError
 from dockpart.drivers.process import ProcessDriver
@@ -56,6 +57,7 @@ class AppProcessDriver(ReleasePlan, ProcessDriver):
                          stop_timeout, reactor)
         self.app = app
         self.releases = {}
+        self.logs = LogTail(app.name, self.state_dir, pool)
 
     def describe(self, port: int) -> str:
         release = self.release_for(port)

@@ -9,6 +9,7 @@ dockpart-proxy routes to them, both told by pub/sub.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from twisted.python import usage
@@ -163,6 +164,28 @@ class LogsOptions(_AppOptions):
             raise usage.UsageError("-n cannot be negative")
 
 
+class KeyAddOptions(_DirMixin, _AnyOrder):
+    synopsis = "FILE [--apps-dir DIR]"
+    longdesc = ("Let the OpenSSH public key in FILE ('-': standard input) git push to every "
+                "app: a line of APPS_DIR/.ssh/authorized_keys that only runs git on the apps' "
+                "repositories. Point the pushing user's sshd at it (AuthorizedKeysFile).")
+
+    def parseArgs(self, path):
+        self["file"] = path
+
+
+class KeysOptions(usage.Options):
+    subCommands = [["add", None, KeyAddOptions, "Let a public key push to the apps."]]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("name a command: add")
+
+
+class ServeGitOptions(_DirMixin, _AnyOrder):
+    longdesc = "What an SSH key of 'keys add' runs: git-receive-pack on one app's repository."
+
+
 class HookOptions(_DirMixin, _AppOptions):
     synopsis = "NAME --apps-dir DIR  (git's hook lines on stdin)"
     longdesc = "Make a release of what git pushed and roll the app over to it (the git hook)."
@@ -181,6 +204,8 @@ class AppsOptions(usage.Options):
         ["rollback", None, RollbackOptions, "Roll an app over to an earlier release."],
         ["config", None, ConfigOptions, "Show or change an app's environment."],
         ["logs", None, LogsOptions, "An app's instances' output."],
+        ["keys", None, KeysOptions, "SSH keys that may push to the apps."],
+        ["serve-git", None, ServeGitOptions, "Run git for an SSH key (its forced command)."],
         ["hook", None, HookOptions, "Release what git pushed (run by the app's git hook)."],
     ]
 
@@ -238,6 +263,21 @@ def run(options: AppsOptions, say) -> int:
     if command == "hook":
         return apps_deploy.run_hook(sub.apps_dir, sub["name"], sys.stdin, sub["redis"],
                                     sub["redis-timeout"], say)
+    try:
+        if command == "serve-git":
+            argv = apps_deploy.serve_git(sub.apps_dir, os.environ.get("SSH_ORIGINAL_COMMAND"))
+            os.execvp(argv[0], argv)
+        if command == "keys":
+            key_options = sub.subOptions
+            path = key_options["file"]
+            key = sys.stdin.read() if path == "-" else open(path).read()
+            added = apps_deploy.add_key(key_options.apps_dir, key.strip())
+            where = apps_deploy.authorized_keys(key_options.apps_dir)
+            say(f"{'added the key to' if added else 'the key was already in'} {where}")
+            return 0
+    except (apps.BadApp, OSError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     try:
         with front.connected(sub["redis"], sub["redis-timeout"]) as client:
             redis = front.Scripts(client)

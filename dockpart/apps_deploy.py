@@ -285,3 +285,59 @@ def configure(apps_dir: AppsDir, client, name: str, env: dict, unset, say) -> Re
             raise
         _prune(apps_dir, redis, name, release.id)
     return release
+
+
+# -- pushing over SSH (as Dokku and gitolite: one system user, keys with a forced command)
+
+#: The git commands a key may run, and what each is.
+GIT_COMMANDS = {"git-receive-pack": "push", "git-upload-pack": "fetch"}
+
+
+def authorized_line(apps_dir: AppsDir, key: str) -> str:
+    """An ``authorized_keys`` line: ``key`` may only run git on the apps' repositories."""
+    parts = key.split()
+    if len(parts) < 2 or not parts[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        raise BadApp("not an OpenSSH public key (expected e.g. 'ssh-ed25519 AAAA... you@host')")
+    command = shlex.join([sys.executable, "-m", "dockpart", "apps", "serve-git",
+                          "--apps-dir", str(apps_dir.path)])
+    if '"' in command:
+        raise BadApp(f'the apps directory {apps_dir.path} has a " in its path: sshd could not '
+                     f"read the key's forced command")
+    return f'command="{command}",restrict {" ".join(parts)}'
+
+
+def authorized_keys(apps_dir: AppsDir) -> Path:
+    return apps_dir.path / ".ssh" / "authorized_keys"
+
+
+def add_key(apps_dir: AppsDir, key: str) -> bool:
+    """Let ``key`` push to every app (once); whether it was new."""
+    line = authorized_line(apps_dir, key)
+    path = authorized_keys(apps_dir)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    existing = path.read_text().splitlines() if path.exists() else []
+    blob = key.split()[1]
+    if any(blob in old.split() for old in existing):
+        return False
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    os.chmod(path, 0o600)
+    return True
+
+
+def serve_git(apps_dir: AppsDir, original: str | None) -> list[str]:
+    """The git command an SSH key's ``SSH_ORIGINAL_COMMAND`` may run; BadApp for anything
+    else (a shell, another path, an app that is not there)."""
+    try:
+        words = shlex.split(original or "")
+    except ValueError:
+        words = []
+    if len(words) != 2 or words[0] not in GIT_COMMANDS:
+        raise BadApp("this key can only git push to (or fetch from) an app: "
+                     "git push ssh://dockpart@HOST/NAME main")
+    name = words[1].strip("/").removesuffix(".git")
+    apps.check_name(name)
+    git_dir = apps_dir.git_dir(name)
+    if not (git_dir / "HEAD").exists():
+        raise BadApp(f"no app named {name} (dockpart apps create {name})")
+    return [words[0], str(git_dir)]

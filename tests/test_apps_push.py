@@ -12,6 +12,7 @@ import pytest
 
 from dashboardkit import managed, stop_managed
 from dockpart import keys
+from dockpart.apps_deploy import AppsDir
 from helpers import ROOT, Daemon, free_port, port_block, wait_for
 from test_apps import Loop, dockpart_apps, get, serving
 
@@ -191,3 +192,21 @@ def test_config_rolls_over_a_new_release_and_logs_show_the_instances_output(tier
     wait_for(lambda: f"[{port}] hej listening on 127.0.0.1:{port}" in logged(), 10,
              what="the instance's first line in its logs")
     assert logged().splitlines()[-1] == f"[{port}] hej listening on 127.0.0.1:{port}"
+
+
+def test_a_second_push_to_the_same_app_waits_for_the_first_with_a_message(tier, tmp_path):
+    redis, infra, proxy, state = tier
+    remote = create(redis, tmp_path, "queue", "--scale", "0")
+    work = source(tmp_path, "v1")
+    output = tmp_path / "push.out"
+    with AppsDir(tmp_path / "apps").lock("queue", lambda line: None, "a rollback"):
+        with open(output, "w") as out:
+            second = subprocess.Popen(["git", "push", remote, "main"], cwd=work, stdout=out,
+                                      stderr=subprocess.STDOUT)
+        wait_for(lambda: "waiting for the push to app queue in progress (a rollback, pid"
+                 in output.read_text(), 30, what="the second push to wait")
+        assert second.poll() is None
+    assert second.wait(60) == 0
+    text = output.read_text()
+    assert "the previous push to app queue is done; going on" in text
+    assert "queue serves v1" in text

@@ -164,6 +164,19 @@ def test_a_procfile_without_web_is_refused_before_anything_runs(tier, tmp_path):
     assert redis.client().hlen(keys.app_releases("blog")) == 0
 
 
+def test_an_app_that_exits_at_start_is_refused_without_waiting_for_the_bound(tier, tmp_path):
+    redis, infra, proxy, state = tier
+    remote = create(redis, tmp_path, "crash", "--scale", "1", "--command",
+                    f"{sys.executable} {HELLO / 'app.py'} v0")
+    wait_for(lambda: len(serving(redis, "crash")) == 1, 30, what="the first command serving")
+    pushed = push(source(tmp_path, "v1", "web: exit 3\n"), remote)
+    assert pushed.returncode != 0
+    [refusal] = [line for line in pushed.stderr.splitlines() if "PUSH FAILED" in line]
+    assert "exited before it answered HTTP; removed it (log: " in refusal
+    assert get(proxy, "crash.localhost").text.startswith("v0 on port")
+    assert redis.client().hget(keys.app_record("crash"), "release") == ""
+
+
 def test_config_rolls_over_a_new_release_and_logs_show_the_instances_output(tier, tmp_path,
                                                                              capsys):
     """``config KEY=VALUE`` is a new release with that environment, rolled over; ``logs``

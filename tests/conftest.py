@@ -15,6 +15,7 @@ pytest_plugins = ("dockerkit", "deploykit")
 FAST_MODULES = frozenset({
     "test_autoscale_policy.py",
     "test_autoscale_service.py",
+    "test_dashboard_routes.py",
     "test_dashboard_units.py",
     "test_fileio_units.py",
     "test_infra_swarm_units.py",
@@ -24,6 +25,7 @@ FAST_MODULES = frozenset({
     "test_proxy_units.py",
     "test_redisconn.py",
     "test_routes.py",
+    "test_web_routes.py",
     "test_web_units.py",
 })
 

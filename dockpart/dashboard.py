@@ -277,7 +277,7 @@ class Dashboard(CoroutineResource):
         self._writable()
         name, raw = body.get("name"), body.get("count")
         try:
-            count = int(raw)
+            count = int(str(raw))
         except (TypeError, ValueError):
             raise Refused(400, f"count={raw!r}: expected a whole number") from None
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
@@ -49,8 +50,8 @@ def _port(url: str) -> int | None:
 class AppTier:
     """What infra holds for one app."""
     app: App
-    worker: object  # infra_worker.Worker
-    driver: object
+    worker: Any  # infra_worker.Worker
+    driver: Any  # an app driver (dockpart.drivers.apps)
     policy: Policy | None = None
     asked: set[str] = field(default_factory=set)  # spawns asked for, not yet seen serving
     failures: int = 0  # spawns that never served, in a row

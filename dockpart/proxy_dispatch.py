@@ -9,6 +9,7 @@ deadlines and drains on shutdown.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -17,6 +18,9 @@ from dockpart.proxy_backends import Backend, BackendSet
 from dockpart.proxy_client import ClientConnection
 from dockpart.proxy_exchange import Exchange
 from dockpart.proxy_upstream import BackendConnection
+
+if TYPE_CHECKING:
+    from dockpart.proxy_routes import Routes
 
 #: Pooled connections idle longer are not reused: backends close theirs after a few seconds
 #: (node's default is 5 s), and a request on a connection closing under it may be lost.
@@ -84,7 +88,8 @@ class ProxyFactory(protocol.Factory):
         self.limits = limits or Limits()
         self.stats = Stats()
         self.clients: set[ClientConnection] = set()
-        self.routes = None  # dockpart.proxy_routes.Routes: apps by Host; else all to backends
+        # dockpart.proxy_routes.Routes: apps by Host; None: every request to ``backends``.
+        self.routes: Routes | None = None
 
     def drain(self, timeout: float, poll: float = 0.05, idle_grace: float = 1.0
               ) -> defer.Deferred:

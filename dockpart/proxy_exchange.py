@@ -19,7 +19,7 @@ from twisted.internet.interfaces import ISSLTransport
 from dockpart.proxy_framing import IDEMPOTENT
 
 if TYPE_CHECKING:
-    from dockpart.proxy_backends import Backend, Slot
+    from dockpart.proxy_backends import Backend, BackendSet, Slot
 
 
 class _Reader(Protocol):
@@ -53,7 +53,8 @@ class Downstream(_Reader, Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def fail_exchange(self, exchange: Exchange, code: int, text: str) -> None: ...
+    def fail_exchange(self, exchange: Exchange, code: int, text: str,
+                      extra: bytes = b"") -> None: ...
 
     def exchange_done(self, exchange: Exchange) -> None: ...
 
@@ -241,7 +242,8 @@ class Exchange:
         self.early: list[bytes] = []  # bytes after an Upgrade head, held until a 101
         self.retried = False  # sent again after its try timed out
         self.client_slow = False  # the client was given time to read a stalled response
-        self.backends = None  # the BackendSet its Host routes to (dockpart.proxy_routes)
+        # The BackendSet its Host routes to (dockpart.proxy_routes), set when it starts.
+        self.backends: BackendSet = None  # type: ignore[assignment]
 
     @property
     def head_only(self) -> bool:

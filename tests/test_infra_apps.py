@@ -136,7 +136,8 @@ async def test_a_failed_spawn_holds_the_next_one_for_a_while(redis_db, redis_ser
         assert redis_db.llen(keys.app_tier("a").spawn_queue) == 0
         r.clock.advance(1.01)
         await r.step()
-        assert redis_db.llen(keys.app_tier("a").spawn_queue) == 1
+        # On another port: something else may listen on the one that failed.
+        assert redis_db.lrange(keys.app_tier("a").spawn_queue, 0, -1) == [url(LOW + 1)]
     finally:
         await r.stop()
 

@@ -48,7 +48,8 @@ HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(
 POOL_IDLE_TIME = 4.0
 
 REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
-           408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+           408: b"Request Timeout", 429: b"Too Many Requests",
+           431: b"Request Header Fields Too Large", 501: b"Not Implemented",
            505: b"HTTP Version Not Supported",
            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
@@ -418,8 +419,12 @@ class ClientConnection(_Reading, protocol.Protocol):
             # The parser takes what follows an Upgrade head as the new protocol's bytes.
             return self._refuse_head(400, "an Upgrade request cannot carry a body here\n")
         if chunked:
+            them = codings(coded)
+            if not them or them[-1] != b"chunked":
+                # Without a final chunked the body's end cannot be known (RFC 9112 6.3).
+                return self._refuse_head(501, "a request body must be chunked last\n")
             # The parser accepts only codings that end in one chunked; the others go on.
-            append(b"Transfer-Encoding: " + b", ".join(codings(coded)))
+            append(b"Transfer-Encoding: " + b", ".join(them))
         peer_ip = self.peer_ip  # empty on a UNIX socket
         if forwarded_for or peer_ip:
             append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer_ip
@@ -491,11 +496,39 @@ class ClientConnection(_Reading, protocol.Protocol):
         """
         if self.refusal is not None or self.closed:
             return
+        exchange = self.queue[-1] if self.queue else self.current
+        if exchange is not None and not exchange.request_done and not exchange.upgrade:
+            # Its body turned out malformed: the backend waits for the rest, so nothing
+            # later would end this exchange but a timer.
+            return self.cut_body(exchange, code, text)
         self.refusal = (code, text, head_only)
         self.parsing = False
         self.pause_reading("refused")
         if self.current is None and not self.queue:
             self.answer(code, text, head_only=head_only)
+
+    def cut_body(self, exchange: Exchange, code: int, text: str) -> None:
+        """The request whose body is being read cannot go on: answer ``code`` (or cut the
+        connection, if its answer began), give its backend connection and slot back, close."""
+        if exchange is not self.current:
+            self.queue.pop()  # never sent: the refusal is answered in its turn
+            self.refusal = None
+            return self.refuse(code, text, head_only=exchange.head_only)
+        self.let_go(exchange)
+        exchange.close_after = True
+        self.fail_exchange(exchange, code, text)
+
+    def let_go(self, exchange: Exchange) -> Backend | None:
+        """Close the exchange's backend connection, if any, and give its slot back."""
+        conn = exchange.conn
+        if conn is not None:
+            conn.exchange = exchange.conn = None
+            conn.drop()
+        backend = exchange.backend
+        if backend is not None:
+            backend.active -= 1
+            exchange.backend = None
+        return backend
 
     def answer(self, code: int, text: str, close: bool = True, head_only: bool = False) -> None:
         """A response of our own; closes the connection unless told otherwise."""
@@ -621,12 +654,7 @@ class ClientConnection(_Reading, protocol.Protocol):
                 self.factory.backends.failed(backend)
             return self.abort()
         stalled = not exchange.request_done
-        if conn is not None:
-            conn.exchange = exchange.conn = None
-            conn.drop()
-        if backend is not None:
-            backend.active -= 1
-            exchange.backend = None
+        if self.let_go(exchange) is not None:
             if not stalled:
                 # Time-outs count as failures: a hung backend leaves the rotation.
                 self.log.warn("backend {url} did not answer in time", url=backend.url)

@@ -232,3 +232,41 @@ def test_a_client_slow_to_read_gets_the_idle_timeout_not_the_backend_timeout():
     proxy.later(10.1)
     assert client.closed  # a client that stops reading altogether is let go
     assert conn.backend.down_until <= proxy.reactor.seconds()  # and the backend is not blamed
+
+
+@pytest.mark.parametrize("body", [b"ffffffffffffffffff1\r\n", b"5\nhello\r\n",
+                                  b"5\r\nhelloXX", b"0\r\nContent-Length: 5\r\n\r\n"])
+def test_a_malformed_chunked_body_after_the_head_went_out_ends_both_sides_at_once(body):
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3\r\nabc\r\n")
+    conn, wire = proxy.backend()
+    assert sent(wire).endswith(b"3\r\nabc\r\n") and conn.backend.active == 1
+    client.dataReceived(body)  # no time passes: no timer is needed to end it
+    assert out.value().startswith(b"HTTP/1.1 400") and out.disconnecting
+    assert conn.phase is Phase.CLOSED and wire.disconnecting and conn.backend.active == 0
+
+
+def test_a_malformed_body_of_a_request_still_connecting_frees_its_slot():
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"5\nhello\r\n")
+    assert out.value().startswith(b"HTTP/1.1 400") and proxy.backends.ring[0].active == 0
+    conn, wire = proxy.backend()  # the connection made meanwhile is closed, never lent
+    assert conn.phase is Phase.CLOSED and wire.value() == b""
+
+
+def test_a_malformed_body_behind_a_request_in_flight_is_answered_in_turn_never_sent():
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                        b"POST /2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"5\nhello\r\n")
+    conn, wire = proxy.backend()
+    assert b"/2" not in sent(wire)
+    conn.dataReceived(OK % (2, b"r1"))
+    first, refused = out.value().split(b"HTTP/1.1 ")[1:]
+    assert first.endswith(b"r1") and refused.startswith(b"400") and out.disconnecting
+    assert wire.value() == b"" and conn.backend.active == 0

@@ -47,9 +47,10 @@ class Options(RedisOptions):
         ["health-interval", None, 5.0, "Seconds between active health checks.", float],
         ["connect-timeout", None, 3.0, "Seconds to connect to a backend.", float],
         ["backend-timeout", None, 30.0, "Seconds to wait for a backend's response (504).", float],
-        ["try-timeout", None, None, "Seconds one backend gets to start answering an idempotent "
-                                    "request without a body before it is sent once to another "
-                                    "(off unless given).", float],
+        ["try-timeout", None, None, "Seconds a backend gets to start answering before it is "
+                                    "left out and asked whether it answers at all; silent "
+                                    "half that long again, the request gets 504 (never sent "
+                                    "twice; off unless given).", float],
         ["header-timeout", None, 10.0, "Seconds a client has to send request headers (408).",
          float],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client connection stays, "
@@ -146,9 +147,11 @@ def makeService(config, reactor=None):
                     header_timeout=config["header-timeout"], idle_timeout=config["idle-timeout"],
                     connect_timeout=config["connect-timeout"],
                     backend_timeout=config["backend-timeout"], try_timeout=config["try-timeout"],
+                    probe_path=config["health-path"] or "/",
                     first_read_wait=config["redis-timeout"])
     proxy = top.proxy = ProxyFactory(backends, reactor, limits)
-    shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout)
+    shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout,
+                   limits.try_timeout or limits.backend_timeout)
     sweep = TimerService(min(0.5, shortest / 4), proxy.sweep)
     sweep.clock = reactor
     sweep.setServiceParent(top)

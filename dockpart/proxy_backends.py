@@ -23,7 +23,8 @@ class Backend:
     """One entry of the list: where it is, its idle connections and what happened to it."""
 
     __slots__ = ("url", "host", "port", "authority", "idle", "down_until", "requests",
-                 "errors", "latency_sum", "latency_count", "latency_buckets", "active", "listed")
+                 "errors", "latency_sum", "latency_count", "latency_buckets", "active", "listed",
+                 "answered_at")
 
     def __init__(self, url: str, host: str, port: int):
         self.url = url
@@ -39,6 +40,7 @@ class Backend:
         self.latency_buckets = load.empty_buckets()
         self.active = 0
         self.listed = True
+        self.answered_at = 0.0  # when it last answered anything (a response head, a probe)
 
     def timed(self, seconds: float) -> None:
         """One response head arrived ``seconds`` after its request was sent."""

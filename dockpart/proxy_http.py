@@ -25,6 +25,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
 from dockpart.proxy_backends import MAX_IDLE, Backend, BackendSet
+from dockpart.proxy_retry import Tries, never_read
 
 #: RFC 9110 7.6.1, plus the Proxy-* family (checked by prefix).
 HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
@@ -39,8 +40,6 @@ FRAMING = frozenset([b"content-length", b"transfer-encoding", b"host"])
 #: Connection tokens that name no header.
 CONNECTION_OPTIONS = frozenset([b"keep-alive", b"close", b"upgrade"])
 NO_BODY_STATUS = frozenset([204, 304])
-#: Methods a request may be sent again with (RFC 9110 9.2.2).
-IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 #: A Host value: RFC 3986's reg-name / IP-literal characters and an optional port.
 HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 #: Pooled connections idle longer are not reused: backends close theirs after a few seconds
@@ -63,9 +62,11 @@ class Limits:
     connect_timeout: float = 3.0
     backend_timeout: float = 30.0
     first_read_wait: float = 2.0
-    #: Per try, for an idempotent request without a body: past it with no byte of an answer,
-    #: the request is sent once to another backend (None: no such retry).
+    #: Past it with no byte of an answer, the backend is ejected and asked whether it
+    #: answers at all (dockpart.proxy_retry; None: only backend_timeout applies).
     try_timeout: float | None = None
+    #: What that question asks for (the health checks' path).
+    probe_path: str = "/"
 
 
 class Stats:
@@ -238,7 +239,7 @@ class Exchange:
     __slots__ = ("client", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "backend", "conn", "tried", "sent_body",
                  "status", "chunked_out", "close_after", "reply",
-                 "started", "head_only", "host", "reread", "early", "idempotent", "retried",
+                 "started", "head_only", "host", "reread", "early", "suspected_at",
                  "client_slow")
 
     def __init__(self, client, method, head, version, keep_alive, upgrade, chunked_in, has_body,
@@ -264,9 +265,7 @@ class Exchange:
         self.head_only = method == b"HEAD"
         self.reread = False  # the list was read again before answering 503
         self.early: list[bytes] = []  # bytes after an Upgrade head, held until a 101
-        # Without a body, sending it again cannot do twice what the client asked once.
-        self.idempotent = method in IDEMPOTENT and not has_body
-        self.retried = False  # sent again after its try timed out
+        self.suspected_at = 0.0  # when its try timed out (dockpart.proxy_retry)
         self.client_slow = False  # the client was given time to read a stalled response
 
     @property
@@ -654,6 +653,10 @@ class ClientConnection(_Reading, protocol.Protocol):
                 self.factory.backends.failed(backend)
             return self.abort()
         stalled = not exchange.request_done
+        if not stalled and backend is not None:
+            self.deadline = self.factory.tries.more_time(exchange, backend, now)
+            if self.deadline is not None:
+                return
         if self.let_go(exchange) is not None:
             if not stalled:
                 # Time-outs count as failures: a hung backend leaves the rotation.
@@ -661,7 +664,7 @@ class ClientConnection(_Reading, protocol.Protocol):
                 self.factory.backends.failed(backend)
         if stalled:
             self.fail_exchange(exchange, 408, "the request body stopped coming\n")
-        elif not self.factory.try_elsewhere(exchange):
+        else:
             self.fail_exchange(exchange, 504, "the backend did not answer in time\n")
 
     def abort(self) -> None:
@@ -900,6 +903,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         else:
             exchange.close_after = True
         backend.timed(now - exchange.started)
+        backend.answered_at = now
         client.deadline = now + self.proxy.limits.backend_timeout
         exchange.status = status
         if status == 101:
@@ -1044,9 +1048,9 @@ class BackendConnection(_Reading, protocol.Protocol):
                 client.abort()
             return
         # No answer at all: a pooled connection closed under us, or the backend died.
-        # Safe to try again elsewhere while no body byte has left the client's hands.
+        # Sent again only if the backend cannot have read it (dockpart.proxy_retry).
         backend.errors += 1
-        if not exchange.sent_body:
+        if never_read(exchange.has_body, self.got_bytes, reason):
             self.proxy.stats.retries += 1
             self.proxy.retry(exchange, backend, stale=not self.got_bytes)
         else:
@@ -1095,6 +1099,8 @@ class ProxyFactory(protocol.Factory):
         self.limits = limits or Limits()
         self.stats = Stats()
         self.clients: set[ClientConnection] = set()
+        self.tries = Tries(backends, reactor, self.limits.try_timeout,
+                           self.limits.backend_timeout, self.limits.probe_path)
 
     def drain(self, timeout: float, poll: float = 0.05, idle_grace: float = 1.0
               ) -> defer.Deferred:
@@ -1234,26 +1240,8 @@ class ProxyFactory(protocol.Factory):
         self._picked(self.backends.pick(exchange.tried), exchange)
 
     def answer_wait(self, exchange: Exchange) -> float:
-        """How long the answer to a fully sent request is waited for on this try."""
-        limits = self.limits
-        if limits.try_timeout is not None and exchange.idempotent and not exchange.retried:
-            return min(limits.try_timeout, limits.backend_timeout)
-        return limits.backend_timeout
-
-    def try_elsewhere(self, exchange: Exchange) -> bool:
-        """After a try timed out without a byte of an answer: send it once to another backend.
-
-        False when the request may not be sent again or no other backend is left.
-        """
-        if self.limits.try_timeout is None or not exchange.idempotent or exchange.retried:
-            return False
-        backend = self.backends.pick(exchange.tried)
-        if backend is None:
-            return False
-        exchange.retried = True
-        self.stats.retries += 1
-        self._picked(backend, exchange)
-        return True
+        """How long the answer to a fully sent request is waited for before anything is done."""
+        return self.tries.first_wait()
 
     def retry(self, exchange: Exchange, backend: Backend, stale: bool) -> None:
         """Send again after a connection died before answering; a dead backend is left out."""

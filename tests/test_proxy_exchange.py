@@ -3,8 +3,11 @@ StringTransports, a MemoryReactorClock for connections and time.  No socket, no 
 test feeds exact bytes in exact reads, so none depends on how TCP happens to split them."""
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_http import Limits, Phase, ProxyFactory
@@ -131,9 +134,8 @@ def test_bytes_after_a_bodiless_answer_close_the_connection_instead_of_answering
     assert sent(wire2).startswith(b"GET /b ")
 
 
-def test_a_pooled_connection_closed_before_answering_is_retried_before_any_body():
-    from twisted.internet.error import ConnectionDone
-    from twisted.python.failure import Failure
+def pooled_request_lost(reason):
+    """A request sent on a pooled connection, which then goes as ``reason`` says, unanswered."""
     proxy = Proxy(urls=URLS[:1])
     client, out = proxy.client()
     client.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -143,38 +145,77 @@ def test_a_pooled_connection_closed_before_answering_is_retried_before_any_body(
     sent(out)
     client.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert sent(wire).startswith(b"GET /2 ")
-    conn.connectionLost(Failure(ConnectionDone()))  # the backend had closed it meanwhile
+    conn.connectionLost(Failure(reason))
+    return proxy, conn, out
+
+
+def test_a_request_on_a_connection_reset_before_answering_is_sent_again():
+    """Reset, the backend's socket closed with the request unread: it never had it."""
+    proxy, conn, out = pooled_request_lost(ConnectionLost())
     conn2, wire2 = proxy.backend()
     assert sent(wire2).startswith(b"GET /2 ") and conn2.backend is conn.backend
     conn2.dataReceived(OK % (1, b"2"))
     assert sent(out).endswith(b"\r\n\r\n2")
 
 
-def test_try_timeout_sends_an_idempotent_request_once_to_another_backend():
+def test_a_request_on_a_connection_closed_cleanly_before_answering_is_not_sent_again():
+    """A clean close: the backend may have read and run it before it died, so it is a 502."""
+    proxy, conn, out = pooled_request_lost(ConnectionDone())
+    assert sent(out).startswith(b"HTTP/1.1 502") and proxy.attempts() == 1
+    assert conn.backend.active == 0
+
+
+def asked_backends(proxy, answer=None) -> list:
+    """Stub the try time-out's probe: records whom it asks; ``answer`` is its status, or
+    None for a backend that never answers."""
+    asked = []
+
+    def probe(backend):
+        asked.append(backend)
+        return defer.succeed(answer) if answer is not None else defer.Deferred()
+    proxy.factory.tries.probe = probe
+    return asked
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /meow HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"])
+def test_a_try_timeout_never_sends_the_request_elsewhere_a_silent_backend_gets_504(
+        request_bytes):
     proxy = Proxy(try_timeout=1.0, backend_timeout=5.0)
+    asked = asked_backends(proxy)
     client, out = proxy.client()
-    client.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.dataReceived(request_bytes)
     frozen, wire = proxy.backend()
     assert sent(wire)
     proxy.later(1.1)
-    assert frozen.phase is Phase.CLOSED and out.value() == b""
-    other, wire2 = proxy.backend()
-    assert other.backend is not frozen.backend and sent(wire2).startswith(b"GET /slow ")
-    # The frozen one is marked down: time-outs count as failures.
+    # Left out at once (the next requests go elsewhere) and asked whether it answers.
+    assert asked == [frozen.backend] and out.value() == b""
     assert frozen.backend.down_until > proxy.reactor.seconds()
-    other.dataReceived(OK % (2, b"ok"))
-    assert sent(out).endswith(b"ok")
-
-
-def test_try_timeout_does_not_send_a_request_with_a_body_twice():
-    proxy = Proxy(try_timeout=1.0, backend_timeout=3.0)
-    client, out = proxy.client()
-    client.dataReceived(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
-    proxy.backend()
-    proxy.later(1.1)
-    assert proxy.attempts() == 1 and out.value() == b""
-    proxy.later(2)
+    assert proxy.backends.pick() is not frozen.backend
+    proxy.later(0.6)  # the question went unanswered: one try and a half in all
     assert out.value().startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
+    assert frozen.phase is Phase.CLOSED and frozen.backend.active == 0
+
+
+def test_a_slow_request_on_a_backend_that_answers_the_question_waits_for_its_answer():
+    proxy = Proxy(urls=URLS[:1], try_timeout=1.0, backend_timeout=5.0)
+    asked_backends(proxy, answer=200)
+    client, out = proxy.client()
+    client.dataReceived(b"GET /work?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    slow, wire = proxy.backend()
+    proxy.later(1.1)
+    assert slow.backend.down_until <= proxy.reactor.seconds()  # answered: back in rotation
+    proxy.later(0.6)
+    proxy.later(1.5)
+    assert out.value() == b"" and proxy.attempts() == 1
+    slow.dataReceived(OK % (4, b"done"))
+    assert sent(out).endswith(b"done")
+    # Its limit is still the backend timeout from the end of the request.
+    client.dataReceived(b"GET /work?ms=9000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    proxy.later(1.1)
+    proxy.later(4.0)
+    assert sent(out).startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
 
 
 def test_a_stall_in_the_middle_of_a_body_ends_the_client_connection():

@@ -20,7 +20,7 @@ from dockpart import keys
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_sync import BackendSync
-from dockpart.proxy_http import Limits, ProxyFactory
+from dockpart.proxy_dispatch import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
 from dockpart.listening import Listener
 from dockpart.proxy_workers import (BACKLOG, Workers, WorkersAdmin, die_with_parent,
@@ -49,7 +49,7 @@ class Options(RedisOptions):
         ["backend-timeout", None, 30.0, "Seconds to wait for a backend's response (504).", float],
         ["try-timeout", None, None, "Seconds a backend gets to start answering before it is "
                                     "left out and asked whether it answers at all; silent "
-                                    "half that long again, the request gets 504 (never sent "
+                                    "half that long again, the request gets 504 (not sent "
                                     "twice; off unless given).", float],
         ["header-timeout", None, 10.0, "Seconds a client has to send request headers (408).",
          float],

@@ -40,37 +40,37 @@ class Tries:
 
     log = Logger()
 
-    def __init__(self, backends: BackendSet, clock, try_timeout: float | None,
-                 backend_timeout: float, path: str = "/"):
+    def __init__(self, backends: BackendSet, clock, limits):
         self.backends = backends
         self.clock = clock
-        self.try_timeout = try_timeout
-        self.backend_timeout = backend_timeout
-        self.probe_timeout = try_timeout / 2 if try_timeout is not None else 0.0
-        self.path = path
+        self.limits = limits  # try_timeout, backend_timeout, probe_path
         self._asking: set[str] = set()
+
+    @property
+    def probe_timeout(self) -> float:
+        return (self.limits.try_timeout or 0.0) / 2
 
     def first_wait(self) -> float:
         """How long an answer is awaited, from the end of the request, before anything is done."""
-        if self.try_timeout is None:
-            return self.backend_timeout
-        return min(self.try_timeout, self.backend_timeout)
+        try_timeout, backend_timeout = self.limits.try_timeout, self.limits.backend_timeout
+        return backend_timeout if try_timeout is None else min(try_timeout, backend_timeout)
 
     def more_time(self, exchange, backend: Backend, now: float) -> float | None:
         """The request's try ran out at ``now``: its new deadline, or None for a 504."""
-        if self.try_timeout is None or self.try_timeout >= self.backend_timeout:
+        try_timeout, backend_timeout = self.limits.try_timeout, self.limits.backend_timeout
+        if try_timeout is None or try_timeout >= backend_timeout:
             return None
         if not exchange.suspected_at:
             exchange.suspected_at = now
             self.log.warn("backend {url} did not start answering within {seconds} s: left "
                           "out while asked whether it answers", url=backend.url,
-                          seconds=self.try_timeout)
+                          seconds=try_timeout)
             self.backends.failed(backend)
             self.ask(backend)
             return now + self.probe_timeout
         if backend.answered_at >= exchange.suspected_at:
             # Alive: the request is slow, not lost; the ordinary limit applies.
-            last = exchange.suspected_at - self.try_timeout + self.backend_timeout
+            last = exchange.suspected_at - try_timeout + backend_timeout
             return last if last > now else None
         return None
 
@@ -85,7 +85,7 @@ class Tries:
         d.addBoth(lambda _: self._asking.discard(backend.url))
 
     def probe(self, backend: Backend):
-        return probe.status(self.clock, backend.host, backend.port, self.path,
+        return probe.status(self.clock, backend.host, backend.port, self.limits.probe_path,
                             self.probe_timeout, user_agent="dockpart-proxy try timeout")
 
     def _answered(self, code: int, backend: Backend) -> None:

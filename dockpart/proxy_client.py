@@ -231,6 +231,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         exchange = self.queue[-1] if self.queue else self.current
         if exchange is None:
             return
+        exchange.body_bytes += len(body)
         if exchange.chunked_in:
             body = b"%x\r\n%s\r\n" % (len(body), body)
         conn = exchange.conn
@@ -317,6 +318,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         if exchange.responded:
             return self.abort()
         exchange.reply_moves(Reply.DONE)
+        self.factory.per_client.release(exchange)
         keep = exchange.request_done and not exchange.close_after and not exchange.upgrade
         self.answer(code, text, close=not keep, head_only=exchange.head_only)
         if keep:
@@ -338,6 +340,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         if exchange is not self.current:
             return
         self.current = None  # the backend side closed the exchange's pipe before this
+        self.factory.per_client.release(exchange)
         if self.closed:
             return
         if exchange.close_after or exchange.upgrade or not exchange.request_done:
@@ -431,6 +434,8 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.transition(Mode.CLOSED)
         self.factory.clients.discard(self)
         exchange, self.current = self.current, None
+        if exchange is not None:
+            self.factory.per_client.release(exchange)
         if exchange is not None and exchange.conn is not None and not exchange.response_done:
             exchange.conn.drop()
         if self.tunnel_to is not None:

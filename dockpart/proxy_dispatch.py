@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from dockpart.proxy_backends import Backend, BackendSet
 from dockpart.proxy_client import ClientConnection
 from dockpart.proxy_exchange import Exchange
+from dockpart.proxy_limits import PerClient, body_overdue, fair_inflight
 from dockpart.proxy_retry import Tries
 from dockpart.proxy_upstream import BackendConnection
 
@@ -39,6 +40,13 @@ class Limits:
     try_timeout: float | None = None
     #: What that question asks for (the health checks' path).
     probe_path: str = "/"
+    #: One client address (dockpart.proxy_limits; 0: no limit): requests in flight (429
+    #: beyond), a body's time (seconds, plus one per body_min_rate bytes; 408 beyond), and
+    #: its share of the load reported to the autoscaler.
+    max_inflight_per_client: int = 256
+    body_timeout: float = 20.0
+    body_min_rate: float = 500.0
+    load_per_client: int = 8
 
 
 class Stats:
@@ -86,6 +94,7 @@ class ProxyFactory(protocol.Factory):
         self.stats = Stats()
         self.clients: set[ClientConnection] = set()
         self.tries = Tries(backends, reactor, self.limits)
+        self.per_client = PerClient(self.limits.max_inflight_per_client)
 
     def drain(self, timeout: float, poll: float = 0.05, idle_grace: float = 1.0
               ) -> defer.Deferred:
@@ -134,16 +143,34 @@ class ProxyFactory(protocol.Factory):
         return done
 
     def sweep(self) -> None:
-        """Enforce every deadline (header, idle, backend answer); called about twice a second."""
+        """Enforce every deadline (header, idle, body, backend answer); called about twice a
+        second."""
         now = self.clock.seconds()
         for client in list(self.clients):
             deadline = client.deadline
-            if deadline is not None and deadline < now and not client.closed:
-                try:
+            if client.closed:
+                continue
+            try:
+                if deadline is not None and deadline < now:
                     client.expire(now)
-                except Exception:
-                    client.log.failure("enforcing a time limit")
-                    client.abort()
+                elif self._body_overdue(client, now):
+                    client.cut_body(client.current, 408, "the request body took too long\n")
+            except Exception:
+                client.log.failure("enforcing a time limit")
+                client.abort()
+
+    def _body_overdue(self, client: ClientConnection, now: float) -> bool:
+        """The client's body is late, through no fault of ours (no backend yet, or one that
+        does not read)."""
+        exchange = client.current
+        if exchange is None or exchange.request_done or exchange.upgrade or \
+                client.reading_paused("peer") or client.reading_paused("no backend yet"):
+            return False
+        return body_overdue(exchange, now, self.limits.body_timeout, self.limits.body_min_rate)
+
+    def fair_inflight(self) -> dict:
+        """Requests in flight per backend URL as load (dockpart.proxy_limits)."""
+        return fair_inflight(self.clients, self.limits.load_per_client)
 
     # Sending an exchange somewhere.
 
@@ -151,6 +178,11 @@ class ProxyFactory(protocol.Factory):
         backends = self.backends
         if exchange.client.closed:
             return
+        if not self.per_client.admit(exchange):
+            return exchange.client.fail_exchange(
+                exchange, 429, "too many requests in flight from your address\n")
+        if exchange.has_body and not exchange.body_from:
+            exchange.body_from = self.clock.seconds()
         if not backends.known:
             # Just started: the first read of the list is a moment away, or Redis is down.
             if not exchange.started:

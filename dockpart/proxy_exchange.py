@@ -213,7 +213,8 @@ class Exchange:
     __slots__ = ("client", "method", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
-                 "started", "host", "reread", "early", "suspected_at", "client_slow")
+                 "started", "host", "reread", "early", "suspected_at", "client_slow",
+                 "body_from", "body_bytes")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
                  chunked_in, has_body, host):
@@ -239,6 +240,8 @@ class Exchange:
         self.early: list[bytes] = []  # bytes after an Upgrade head, held until a 101
         self.suspected_at = 0.0  # when its try timed out (dockpart.proxy_retry)
         self.client_slow = False  # the client was given time to read a stalled response
+        self.body_from = 0.0  # when its body began to be read (dockpart.proxy_limits)
+        self.body_bytes = 0
 
     @property
     def head_only(self) -> bool:

@@ -34,10 +34,10 @@ class Proxy:
         self.factory = ProxyFactory(self.backends, self.reactor, Limits(**limits))
         self._taken = 0
 
-    def client(self):
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    def client(self, ip: str = "127.0.0.1"):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", ip, 5555))
         transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 3456),
-                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+                                    peerAddress=IPv4Address("TCP", ip, 5555))
         proto.makeConnection(transport)
         return proto, transport
 

@@ -32,7 +32,9 @@ from dockpart.proxy_backends import Backend, BackendSet
 
 def never_read(has_body: bool, got_bytes: bool, reason) -> bool:
     """Whether a connection lost before any answer provably never delivered the request."""
-    return not has_body and not got_bytes and reason.check(error.ConnectionLost) is not None
+    # A reset (ECONNRESET, EPIPE), not our own abort, which Twisted reports as a kind of it.
+    return not has_body and not got_bytes and reason.check(error.ConnectionLost) is not None \
+        and reason.check(error.ConnectionAborted) is None
 
 
 class Tries:

@@ -2,9 +2,9 @@
 
 :class:`ProxyFactory` builds the client connections (:mod:`dockpart.proxy_client`), picks a
 backend for each exchange, lends it a pooled connection or opens one
-(:mod:`dockpart.proxy_upstream`), sends it again when the backend never read it
-(:mod:`dockpart.proxy_retry`), enforces the
-deadlines and drains on shutdown.
+(:mod:`dockpart.proxy_upstream`), sends it again only when the backend never read it
+(:mod:`dockpart.proxy_retry`), holds each client to its share (:mod:`dockpart.proxy_limits`),
+enforces the deadlines and drains on shutdown.
 """
 
 from __future__ import annotations

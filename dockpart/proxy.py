@@ -148,8 +148,10 @@ def makeService(config, reactor=None):
     top = ProxyService(config["shutdown-timeout"])
     redis = RedisService(config["redis"], config["redis-timeout"], reactor)
     redis.setServiceParent(top)
+    try_timeout = config["try-timeout"]
     backends = BackendSet(redis, config["servers-key"], config["balance"], reactor,
-                          down_time=config["down-time"])
+                          down_time=config["down-time"],
+                          quiet_after=try_timeout / 10 if try_timeout else None)
     BackendSync(backends, reactor, config["refresh-interval"]).setServiceParent(top)
     publisher = LoadPublisher(backends, redis, reactor)
     publisher.setServiceParent(top)

@@ -216,6 +216,8 @@ class ProxyFactory(protocol.Factory):
             else:
                 client.fail_exchange(exchange, 503, "no backend is known yet\n")
             return
+        if not backend.active:
+            backend.busy_since = self.clock.seconds()
         exchange.try_on(backend)
         idle = backend.idle
         if idle:

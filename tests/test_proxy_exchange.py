@@ -522,3 +522,28 @@ def test_a_pipe_takes_back_only_what_it_registered_and_closes_twice_harmlessly()
     assert upstream.transport.producer is None and client.transport.producer is None
     assert not client.reading_paused("peer") and not upstream.reading_paused("peer")
     assert client.transport.producerState == upstream.transport.producerState == "producing"
+
+
+def test_a_backend_quiet_with_requests_in_flight_gets_new_ones_after_the_others():
+    """With --try-timeout, one that answered nothing for a tenth of a try while it holds a
+    request (frozen a moment ago, or busy) is passed over, so few requests meet a frozen
+    instance before its try runs out; when every one is quiet the rotation goes on."""
+    proxy = Proxy()
+    proxy.backends.quiet_after = 0.1
+    quiet, other = proxy.backends.ring
+    proxy.client()[0].dataReceived(GET_A)
+    conn, _ = proxy.backend()
+    assert conn.backend is quiet
+    proxy.reactor.advance(0.2)
+    for _ in range(3):  # the rotation would alternate
+        proxy.client()[0].dataReceived(GET_A)
+    assert [c[1] for c in proxy.reactor.tcpClients[1:]] == [3002] * 3
+    proxy.reactor.advance(0.2)  # now both are quiet: the rotation again
+    for _ in range(2):
+        proxy.client()[0].dataReceived(GET_A)
+    assert sorted(c[1] for c in proxy.reactor.tcpClients[4:]) == [3001, 3002]
+    conn.dataReceived(OK % (2, b"ok"))  # it answers: no longer quiet
+    assert quiet.answered_at == proxy.reactor.seconds()
+
+
+GET_A = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"

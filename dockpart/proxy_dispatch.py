@@ -9,6 +9,7 @@ enforces the deadlines and drains on shutdown.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from twisted.internet import defer, protocol
@@ -151,24 +152,24 @@ class ProxyFactory(protocol.Factory):
             if client.closed:
                 continue
             try:
+                exchange = client.current
                 if deadline is not None and deadline < now:
                     client.expire(now)
-                elif self._body_overdue(client, now):
-                    client.cut_body(client.current, 408, "the request body took too long\n")
+                elif exchange is not None and self._body_overdue(client, exchange, now):
+                    client.cut_body(exchange, 408, "the request body took too long\n")
             except Exception:
                 client.log.failure("enforcing a time limit")
                 client.abort()
 
-    def _body_overdue(self, client: ClientConnection, now: float) -> bool:
-        """The client's body is late, through no fault of ours (no backend yet, or one that
-        does not read)."""
-        exchange = client.current
-        if exchange is None or exchange.request_done or exchange.upgrade or \
+    def _body_overdue(self, client: ClientConnection, exchange: Exchange, now: float) -> bool:
+        """The body of the client's request in flight is late, through no fault of ours (no
+        backend yet, or one that does not read)."""
+        if exchange.request_done or exchange.upgrade or \
                 client.reading_paused("peer") or client.reading_paused("no backend yet"):
             return False
         return body_overdue(exchange, now, self.limits.body_timeout, self.limits.body_min_rate)
 
-    def fair_inflight(self) -> dict:
+    def fair_inflight(self) -> Mapping[str, int]:
         """Requests in flight per backend URL as load (dockpart.proxy_limits)."""
         return fair_inflight(self.clients, self.limits.load_per_client)
 

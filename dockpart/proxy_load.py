@@ -10,6 +10,7 @@ its report expires.  The autoscaler, the admin listener and the dashboard read t
 import json
 import os
 import socket
+from collections.abc import Callable, Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -51,7 +52,7 @@ class LoadPublisher(Periodic):
         self._last_time: float | None = None
         self._failing = False
         #: Requests in flight per URL as load (ProxyFactory.fair_inflight); None: every one.
-        self.inflight = None
+        self.inflight: Callable[[], Mapping[str, int]] | None = None
 
     def tick(self) -> defer.Deferred | None:
         return self.publish()

@@ -16,6 +16,7 @@ from dockpart.proxy_upstream import Phase
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002"]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+GET = b"GET /work HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 class NoRedis:
@@ -531,19 +532,91 @@ def test_a_backend_quiet_with_requests_in_flight_gets_new_ones_after_the_others(
     proxy = Proxy()
     proxy.backends.quiet_after = 0.1
     quiet, other = proxy.backends.ring
-    proxy.client()[0].dataReceived(GET_A)
+    proxy.client()[0].dataReceived(GET)
     conn, _ = proxy.backend()
     assert conn.backend is quiet
     proxy.reactor.advance(0.2)
     for _ in range(3):  # the rotation would alternate
-        proxy.client()[0].dataReceived(GET_A)
+        proxy.client()[0].dataReceived(GET)
     assert [c[1] for c in proxy.reactor.tcpClients[1:]] == [3002] * 3
     proxy.reactor.advance(0.2)  # now both are quiet: the rotation again
     for _ in range(2):
-        proxy.client()[0].dataReceived(GET_A)
+        proxy.client()[0].dataReceived(GET)
     assert sorted(c[1] for c in proxy.reactor.tcpClients[4:]) == [3001, 3002]
     conn.dataReceived(OK % (2, b"ok"))  # it answers: no longer quiet
     assert quiet.answered_at == proxy.reactor.seconds()
 
 
-GET_A = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+
+# What one client may hold (dockpart.proxy_limits).
+
+def test_a_client_past_its_requests_in_flight_gets_429_and_others_are_served():
+    proxy = Proxy(urls=URLS[:1], max_inflight_per_client=2)
+    busy = [proxy.client() for _ in range(2)]
+    for client, _ in busy:
+        client.dataReceived(GET)
+    third, out = proxy.client()
+    third.dataReceived(GET)
+    assert out.value().startswith(b"HTTP/1.1 429") and proxy.attempts() == 2
+    assert not out.disconnecting  # the request was read whole: the connection stays
+    other, other_out = proxy.client(ip="10.0.0.2")
+    other.dataReceived(GET)
+    assert proxy.attempts() == 3
+    # One answered: that client has a place again.
+    conn, _ = proxy.backend()
+    conn.dataReceived(OK % (2, b"ok"))
+    sent(out)
+    third.dataReceived(GET)
+    assert proxy.attempts() == 3 and conn.exchange is not None  # the pooled connection
+    assert not out.value().startswith(b"HTTP/1.1 429")
+
+
+def test_places_come_back_when_a_client_goes_away_mid_request():
+    proxy = Proxy(urls=URLS[:1], max_inflight_per_client=1)
+    client, _ = proxy.client()
+    client.dataReceived(GET)
+    client.connectionLost(Failure(ConnectionDone()))
+    again, out = proxy.client()
+    again.dataReceived(GET)
+    assert out.value() == b"" and proxy.attempts() == 2
+    assert proxy.factory.per_client.inflight == {b"127.0.0.1": 1}
+
+
+def test_a_trickled_body_is_cut_408_at_its_deadline_and_its_backend_slot_freed():
+    proxy = Proxy(urls=URLS[:1], body_timeout=20.0, body_min_rate=500.0)
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nx")
+    conn, wire = proxy.backend()
+    for _ in range(4):  # a byte every 5 s: each pause is far below the idle timeout
+        proxy.later(5)
+        client.dataReceived(b"x")
+    assert out.value() == b""
+    proxy.later(1)  # 21 s for 5 bytes: past 20 s + 5/500 s
+    assert out.value().startswith(b"HTTP/1.1 408") and out.disconnecting
+    assert wire.disconnecting and conn.backend.active == 0
+    assert proxy.factory.per_client.inflight == {}
+
+
+def test_a_body_that_keeps_its_rate_is_not_cut():
+    proxy = Proxy(urls=URLS[:1], body_timeout=20.0, body_min_rate=500.0)
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 30000\r\n\r\n")
+    conn, wire = proxy.backend()
+    for _ in range(30):  # 1000 bytes a second for 30 s: slow, but above the rate
+        proxy.later(1)
+        client.dataReceived(b"x" * 1000)
+    assert out.value() == b"" and len(sent(wire)) > 30000
+    conn.dataReceived(OK % (2, b"ok"))
+    assert out.value().startswith(b"HTTP/1.1 200")
+
+
+def test_the_load_counts_complete_requests_and_a_few_of_each_client():
+    proxy = Proxy(urls=URLS[:1], load_per_client=3)
+    for _ in range(6):  # one client, six long requests
+        proxy.client()[0].dataReceived(GET)
+    for _ in range(2):  # and bodies trickling in
+        proxy.client()[0].dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 9"
+                                       b"\r\n\r\nx")
+    proxy.client(ip="10.0.0.2")[0].dataReceived(GET)
+    assert proxy.backends.ring[0].active == 9
+    assert proxy.factory.fair_inflight() == {URLS[0]: 3 + 1}

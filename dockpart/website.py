@@ -81,13 +81,22 @@ class Refused(Exception):
 # -- forms
 
 
-def form_fields(body: bytes, content_type: bytes | None,
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def content_type(value: bytes | None) -> Message:
+    """A ``Content-Type`` value as a header whose ``get_content_type`` and params can be read."""
+    header = Message()
+    header["content-type"] = (value or b"").decode("latin-1")
+    return header
+
+
+def form_fields(body: bytes, type_value: bytes | None,
                 max_parts: int = MAX_FORM_PARTS) -> dict[bytes, list[bytes]]:
     """A POST body's form fields as twisted.web's ``request.args`` has them, or Refused."""
-    if not body or not content_type:
+    if not body or not type_value:
         return {}
-    header = Message()
-    header["content-type"] = content_type.decode("latin-1")
+    header = content_type(type_value)
     kind = header.get_content_type()
     if kind == "application/x-www-form-urlencoded":
         if len(body) > MAX_URLENCODED:
@@ -320,12 +329,11 @@ class BoundedRequest(server.Request):
             super().handleContentChunk(data)
 
     def requestReceived(self, command, path, version):
-        if command == b"POST":
+        type_value = self.requestHeaders.getRawHeaders(b"content-type", [None])[0]
+        if command == b"POST" and content_type(type_value).get_content_type() in FORM_TYPES:
             self.content.seek(0)
             try:
-                self._form = form_fields(self.content.read(),
-                                         self.requestHeaders.getRawHeaders(b"content-type",
-                                                                           [None])[0],
+                self._form = form_fields(self.content.read(), type_value,
                                          self.channel.limits.max_form_parts)
             except Refused as e:
                 self.channel.refuse(e.code, str(e))

@@ -250,3 +250,29 @@ def test_a_form_posted_through_the_site_reaches_request_args_and_a_huge_one_gets
     c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
            b"boundary=b0undary\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     assert c.answer().startswith(b"HTTP/1.1 413") and c.resource.seen == []
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("web", ["--header-timeout", "0"], "--header-timeout must be a positive"),
+    ("fileweb", ["--send-timeout", "-1"], "--send-timeout must be a positive"),
+    ("fileweb", ["--max-connections", "0"], "--max-connections must be at least 1"),
+    ("infra", ["--dashboard-max-connections", "0"], "--dashboard-max-connections must be"),
+    ("socatlike", ["--timeout", "0"], "--timeout must be a positive"),
+])
+def test_bad_site_options_are_usage_errors(module, args, message):
+    import importlib
+
+    from twisted.python import usage
+    options = importlib.import_module(f"dockpart.{module}").Options()
+    with pytest.raises(usage.UsageError, match=message):
+        options.parseOptions(args)
+
+
+def test_the_web_apps_upload_route_takes_max_upload_and_the_rest_the_default():
+    from dockpart import web
+    options = web.Options()
+    options.parseOptions(["--max-upload", "1MiB", "--max-connections", "7"])
+    limits = options["site"]
+    assert limits.body_limit(b"/upload?x") == 1024 * 1024
+    assert limits.body_limit(b"/set") == limits.max_body == 64 * 1024
+    assert limits.max_connections == 7

@@ -141,6 +141,16 @@ def test_a_keep_alive_connection_gets_the_deadline_again_after_each_answer():
     assert c.transport.disconnecting and c.answer().count(b"HTTP/1.1") == 2  # no 408
 
 
+def test_pipelined_requests_are_each_answered_and_an_http_1_0_one_closes():
+    c = Conn(LIMITS)
+    c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\n"
+           b"Content-Length: 3\r\n\r\nabcGET /c HTTP/1.0\r\n\r\n")
+    assert c.answer().count(b" 200 OK\r\n") == 3
+    assert [r.path for r in c.resource.seen] == [b"/a", b"/b", b"/c"]
+    assert c.resource.bodies == [b"", b"abc", b""]
+    assert c.transport.disconnecting
+
+
 def test_a_slow_request_is_not_cut_by_the_header_deadline():
     """The deadline covers the head only: a resource may take its time."""
     class Slow(Resource):

@@ -228,7 +228,7 @@ def test_a_form_of_more_than_1000_parts_is_413_and_refused_in_milliseconds():
     with pytest.raises(Refused, match="1000 parts") as refused:
         form_fields(body, b"multipart/form-data; boundary=b0undary")
     assert refused.value.code == 413
-    assert time.perf_counter() - started < 0.2
+    assert time.perf_counter() - started < 0.5  # about 0.03 s here; twisted.web took 2.2 s
     assert len(form_fields(multipart([("f", b"x")] * 1000),
                            b"multipart/form-data; boundary=b0undary")[b"f"]) == 1000
 
@@ -237,7 +237,7 @@ def test_the_largest_upload_of_1000_parts_parses_in_well_under_a_second():
     body = multipart([("f", b"z\n" * 2600)] * 1000)  # 5 MB of short lines
     started = time.perf_counter()
     assert len(form_fields(body, b'multipart/form-data; boundary="b0undary"')[b"f"]) == 1000
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 1  # about 0.07 s here (the headers of 1000 parts)
 
 
 def test_a_urlencoded_form_is_bounded_in_fields_too():

@@ -25,6 +25,7 @@ then half-closes and discards what the client still sends for up to :data:`LINGE
 """
 
 import enum
+import resource
 from collections import defaultdict
 from dataclasses import dataclass, field
 from email.message import Message
@@ -40,7 +41,6 @@ from dockpart.listening import ConnectionCap, Listener
 DEFAULT_MAX_BODY = 64 * 1024
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_SEND_TIMEOUT = 60.0
-DEFAULT_MAX_CONNECTIONS = 256
 #: Parts of a multipart form, or fields of a urlencoded one (Werkzeug's and Django's 1000).
 MAX_FORM_PARTS = 1000
 #: Largest urlencoded form decoded (Werkzeug's ``max_form_memory_size``).
@@ -50,6 +50,18 @@ MAX_PART_HEAD = 8 * 1024
 #: Seconds a refused client has to read the answer while its body is discarded (nginx's
 #: ``lingering_timeout``).
 LINGER = 5.0
+
+
+def default_max_connections() -> int:
+    """HAProxy's way: from the descriptor limit, a quarter of it (a connection may hold a
+    second descriptor, as fileweb's fetch does, and the daemon needs its own), 16 to 1024."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 4))
+
+
+DEFAULT_MAX_CONNECTIONS = default_max_connections()
 
 REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"}
 
@@ -371,7 +383,8 @@ def site_options(prefix: str = "") -> list:
     """``--[PREFIX]max-connections``, ``header-timeout``, ``send-timeout`` for a daemon's Options."""
     return [
         [f"{prefix}max-connections", None, DEFAULT_MAX_CONNECTIONS,
-         "Connections at once at most; more wait in the listen queue.", int],
+         "Connections at once at most; more wait in the listen queue (default: a quarter of "
+         "the descriptor limit, at most 1024).", int],
         [f"{prefix}header-timeout", None, DEFAULT_HEADER_TIMEOUT,
          "Seconds a request head may take in all (also an idle keep-alive's lifetime).", float],
         [f"{prefix}send-timeout", None, DEFAULT_SEND_TIMEOUT,

@@ -286,3 +286,13 @@ def test_the_web_apps_upload_route_takes_max_upload_and_the_rest_the_default():
     assert limits.body_limit(b"/upload?x") == 1024 * 1024
     assert limits.body_limit(b"/set") == limits.max_body == 64 * 1024
     assert limits.max_connections == 7
+
+
+@pytest.mark.parametrize("soft, expected", [(1024, 256), (20000, 1024), (40, 16)])
+def test_the_default_connection_cap_follows_the_descriptor_limit(monkeypatch, soft, expected):
+    """HAProxy derives maxconn from ulimit -n; with 1024 descriptors a daemon keeps 768."""
+    import resource
+
+    from dockpart import website
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, resource.RLIM_INFINITY))
+    assert website.default_max_connections() == expected

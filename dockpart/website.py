@@ -20,8 +20,9 @@ nginx and HAProxy do instead:
 - at ``max_connections`` the port stops accepting (HAProxy ``maxconn``).
 
 An early refusal is written straight to the transport with ``Connection: close``; the channel
-then half-closes and discards what the client still sends for up to :data:`LINGER` seconds
-(nginx's lingering close), so that the client reads the answer instead of a reset.
+then half-closes and discards what the client still sends (nginx's lingering close: until
+it falls silent for :data:`LINGER` s, at most :data:`LINGER_TIME` s), so that the client reads
+the answer instead of a reset.
 """
 
 import enum
@@ -47,9 +48,10 @@ MAX_FORM_PARTS = 1000
 MAX_URLENCODED = 500 * 1024
 #: Largest header block of one multipart part.
 MAX_PART_HEAD = 8 * 1024
-#: Seconds a refused client has to read the answer while its body is discarded (nginx's
-#: ``lingering_timeout``).
+#: While a refused client's body is discarded: seconds it may fall silent (nginx's
+#: ``lingering_timeout``), and seconds in all (``lingering_time``), before it is cut off.
 LINGER = 5.0
+LINGER_TIME = 30.0
 
 
 def default_max_connections() -> int:
@@ -242,7 +244,8 @@ class BoundedChannel(http.HTTPChannel):
 
     def dataReceived(self, data):
         if self.phase is Phase.REFUSED:
-            return  # lingering: the body of a refused request goes nowhere
+            self.resetTimeout()  # lingering: the body of a refused request goes nowhere
+            return
         if self.phase is Phase.HEAD:
             self._head_bytes = True
         super().dataReceived(data)
@@ -299,16 +302,22 @@ class BoundedChannel(http.HTTPChannel):
             return
         self.transition(Phase.REFUSED)
         self._cancel("_deadline")
-        self.setTimeout(None)
+        self.setTimeout(LINGER)  # twisted.web's idle timer, now the lingering one
         self.log.info("{code} to {peer}: {text}", code=code, text=text,
                       peer=str(self.transport.getPeer()))
         body = f"{code} {REASONS[code]}: {text}\n".encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
                              b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                              % (code, REASONS[code].encode(), len(body), body))
-        self._linger = self.callLater(LINGER, self.transport.abortConnection)
+        self._linger = self.callLater(LINGER_TIME, self.transport.abortConnection)
         half_close = getattr(self.transport, "loseWriteConnection", None)
         (half_close or self.transport.loseConnection)()
+
+    def timeoutConnection(self):
+        if self.phase is Phase.REFUSED:
+            self.transport.abortConnection()  # it had its answer; no 15 s grace for it
+        else:
+            super().timeoutConnection()
 
     def pauseProducing(self):
         """The transport's buffer is full: the client has ``send_timeout`` s to drain it."""

@@ -8,8 +8,8 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
 
-from dockpart.website import (LINGER, BoundedSite, Phase, Refused, SiteLimits, form_fields,
-                              multipart_fields)
+from dockpart.website import (LINGER, LINGER_TIME, BoundedSite, Phase, Refused, SiteLimits,
+                              form_fields, multipart_fields)
 
 
 class Recorder(Resource):
@@ -73,7 +73,18 @@ def test_a_content_length_over_the_limit_is_413_before_any_body_byte_and_no_reso
     c.send(b"x" * 100_000)  # what the client still sends is discarded, not stored
     assert c.answer() == before and c.resource.seen == []
     assert not c.transport.aborted
-    c.clock.advance(LINGER)  # a client that neither reads nor closes is cut off
+    c.clock.advance(LINGER)  # a client that falls silent without closing is cut off
+    assert c.transport.aborted
+
+
+def test_a_refused_client_still_sending_is_cut_off_after_the_lingering_time():
+    c = Conn(LIMITS)
+    c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+    while c.clock.seconds() < LINGER_TIME - LINGER:
+        c.clock.advance(LINGER - 1)
+        c.send(b"z" * 65536)
+        assert not c.transport.aborted
+    c.clock.advance(LINGER_TIME - c.clock.seconds())
     assert c.transport.aborted
 
 

@@ -146,7 +146,8 @@ class Dashboard(CoroutineResource):
         if given is not None:
             return hmac.compare_digest(given.encode(), self.token.encode())
         cookie = request.getCookie(COOKIE.encode())
-        return cookie is not None and hmac.compare_digest(cookie, self.session.encode())
+        return cookie is not None and hmac.compare_digest(
+            cookie, self.session.encode())  # type: ignore[union-attr]  # set with the token
 
     def _cookie(self) -> str:
         return f"{COOKIE}={self.session}; Path=/; HttpOnly; SameSite=Strict"
@@ -259,7 +260,7 @@ class Dashboard(CoroutineResource):
         for name in ("min", "max"):
             raw = body.get(name)
             try:
-                values[name] = int(raw)
+                values[name] = int(raw)  # type: ignore[arg-type]  # None: TypeError, below
             except (TypeError, ValueError):
                 raise Refused(400, f"{name}={raw!r}: expected a whole number") from None
         if not 1 <= values["min"] <= values["max"]:
@@ -301,7 +302,8 @@ def make_dashboard(config, redis, worker, reactor) -> MultiService:
     # Every body is limited to MAX_BODY before it is read, and before the token is checked.
     site = BoundedSite(Dashboard(watch, config["dashboard-token"]),
                        replace(config["dashboard-site"], max_body=MAX_BODY))
-    site.log = lambda request: None  # a poll a second per browser would flood the log
+    # A poll a second per browser would flood the log:
+    site.log = lambda request: None  # type: ignore[method-assign]
     site_listener("dockpart-infra dashboard", server_endpoint(reactor, "dashboard",
                                                               config["dashboard"]),
                   site).setServiceParent(top)

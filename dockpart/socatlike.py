@@ -9,12 +9,15 @@ read cannot hold every ``--max-connections`` slot for ever.
 Run it with ``twistd -n dockpart-socat --listen tcp:7000 --file random --crlf``.
 """
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from typing import BinaryIO
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python import usage
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dockpart.listening import ConnectionCap, Listener, server_endpoint
@@ -72,9 +75,10 @@ class FileServer(Protocol, TimeoutMixin):
     """
 
     log = Logger()
+    transport: ITCPTransport  # set by a TCP (or UNIX) listener before connectionMade
 
     def __init__(self):
-        self.file = None
+        self.file: BinaryIO | None = None
         self.admitted = False
         self.sent = False
         self.client_done = False
@@ -117,6 +121,7 @@ class FileServer(Protocol, TimeoutMixin):
 
     def _sent(self, _):
         self.sent = True
+        assert self.file is not None  # only called once the file is open
         self.file.close()
         self.file = None
         if self.client_done:
@@ -140,7 +145,7 @@ class FileServer(Protocol, TimeoutMixin):
     def writeConnectionLost(self):
         """Our FIN is out; the grace timer (or the client's own close) finishes the job."""
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         self.setTimeout(None)
         if self.closer is not None and self.closer.active():
             self.closer.cancel()

@@ -98,7 +98,7 @@ class WebApp(CoroutineResource):
         self.max_upload = max_upload
         self.max_queued_images = max_queued_images
         self.scale_token = scale_token.encode() if scale_token else None
-        self.url = None  # known once listening
+        self.url = ""  # known once listening
         self.routes = {
             ("GET", ""): self.index,
             ("GET", "set"): self.set,

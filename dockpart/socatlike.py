@@ -92,7 +92,7 @@ class FileServer(Protocol, TimeoutMixin):
                           n=factory.connections.active)
             self.transport.abortConnection()
             return
-        self.callLater = factory.clock.callLater  # TimeoutMixin's timer, on the injected clock
+        self.callLater = factory.clock.callLater  # type: ignore[method-assign]  # TimeoutMixin's clock
         self.setTimeout(factory.timeout)
         try:
             self.file = open(factory.path, "rb")

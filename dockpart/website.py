@@ -32,9 +32,13 @@ from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.utils import collapse_rfc2231_value
+from typing import BinaryIO
 
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from dockpart.listening import ConnectionCap, Listener
@@ -182,6 +186,8 @@ class BoundedChannel(http.HTTPChannel):
     """An HTTP/1.1 channel that enforces its site's :class:`SiteLimits` (see the module)."""
 
     log = Logger()
+    transport: ITCPTransport  # a TCP (or UNIX) listener's connection, set before connectionMade
+    site: "BoundedSite"  # set by Site.buildProtocol
     phase = Phase.HEAD
     admitted = False
     _target: bytes | None = None
@@ -211,13 +217,17 @@ class BoundedChannel(http.HTTPChannel):
             return
         self._await_head()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         for name in ("_deadline", "_send_timer", "_linger"):
             self._cancel(name)
         if self.admitted:
             self.admitted = False
             self.site.connections.release()
         super().connectionLost(reason)
+
+    def loseConnection(self):
+        self._cancel("_deadline")  # closing (twisted.web's own 400s too): no head is awaited
+        super().loseConnection()
 
     def _cancel(self, name: str) -> None:
         call = getattr(self, name)
@@ -234,7 +244,7 @@ class BoundedChannel(http.HTTPChannel):
 
     def _head_too_slow(self) -> None:
         self._deadline = None
-        if self.phase is not Phase.HEAD or self.transport.disconnecting:
+        if self.phase is not Phase.HEAD:
             return
         if self._head_bytes:
             self.refuse(408, f"the request head took more than "
@@ -339,6 +349,8 @@ class BoundedChannel(http.HTTPChannel):
 class BoundedRequest(server.Request):
     """Counts its body against the channel's limit and parses forms with :func:`form_fields`."""
 
+    channel: BoundedChannel
+    content: BinaryIO  # made by gotLength before any body byte
     _form: dict[bytes, list[bytes]] = {}
 
     def __init__(self, channel, *args, **kw):
@@ -370,7 +382,7 @@ class BoundedRequest(server.Request):
 class BoundedSite(server.Site):
     """A Site whose channels and requests keep to ``limits``; ``connections`` is its cap."""
 
-    protocol = BoundedChannel
+    protocol = BoundedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 upgrade
     requestFactory = BoundedRequest
 
     def __init__(self, resource, limits: SiteLimits = SiteLimits(), **kw):

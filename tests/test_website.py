@@ -131,6 +131,14 @@ def test_a_trickled_head_is_cut_by_the_total_deadline_with_408():
     assert c.clock.seconds() == 10
 
 
+def test_twisted_webs_own_400_is_not_followed_by_a_408():
+    c = Conn(LIMITS)
+    c.send(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")
+    assert c.answer().startswith(b"HTTP/1.1 400") and c.transport.disconnecting
+    c.clock.advance(10)  # the deadline went with the close, even while the 400 is unsent
+    assert b"408" not in c.answer()
+
+
 def test_an_idle_connection_is_closed_silently_at_the_deadline():
     c = Conn(LIMITS)
     c.clock.advance(9.9)

@@ -16,7 +16,8 @@ nginx and HAProxy do instead:
   the previous answer): 408, or a silent close for an idle keep-alive connection (nginx
   ``client_header_timeout``, HAProxy ``timeout http-request`` / ``http-keep-alive``);
 - an answer the client stops taking is dropped after ``send_timeout`` seconds (nginx
-  ``send_timeout``);
+  ``send_timeout``; counted from the moment the send buffer fills until it is drained, since
+  twisted.web's transport says no more);
 - at ``max_connections`` the port stops accepting (HAProxy ``maxconn``).
 
 An early refusal is written straight to the transport with ``Connection: close``; the channel
@@ -341,7 +342,7 @@ class BoundedChannel(http.HTTPChannel):
 
     def _send_too_slow(self) -> None:
         self._send_timer = None
-        self.log.info("{peer} took nothing for {timeout:g} s: dropping its answer",
+        self.log.info("{peer} left its answer unread for {timeout:g} s: dropping its answer",
                       peer=str(self.transport.getPeer()), timeout=self.limits.send_timeout)
         self.transport.abortConnection()
 
@@ -409,7 +410,8 @@ def site_options(prefix: str = "") -> list:
         [f"{prefix}header-timeout", None, DEFAULT_HEADER_TIMEOUT,
          "Seconds a request head may take in all (also an idle keep-alive's lifetime).", float],
         [f"{prefix}send-timeout", None, DEFAULT_SEND_TIMEOUT,
-         "Seconds a client may leave an answer unread before it is dropped.", float],
+         "Seconds a client has to take what fills the send buffer before its answer is "
+         "dropped.", float],
     ]
 
 

@@ -26,7 +26,8 @@ command's blocking client (the value).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
 from dockpart import keys
 
@@ -85,18 +86,18 @@ class App:
     def decode(cls, name: str, flat: list[str] | dict, instances=()) -> App:
         """A record as read; a field that does not parse keeps its default."""
         raw = dict(zip(flat[::2], flat[1::2])) if isinstance(flat, list) else dict(flat)
-        app = cls(name, image=raw.get("image", ""), command=raw.get("command", ""),
-                  domains=tuple(raw.get("domains", "").split()), release=raw.get("release", ""),
-                  rollover=raw.get("rollover", ""),
-                  autoscale=raw.get("autoscale") == "1", instances=tuple(instances))
+        numbers: dict[str, Any] = {}
         for name_, kind in (("desired", int), ("min", int), ("max", int), ("target", float)):
             try:
                 value = kind(raw[name_])
             except (KeyError, ValueError):
                 continue
             if value >= 0:
-                app = replace(app, **{name_: value})
-        return app
+                numbers[name_] = value
+        return cls(name, image=raw.get("image", ""), command=raw.get("command", ""),
+                   domains=tuple(raw.get("domains", "").split()), release=raw.get("release", ""),
+                   rollover=raw.get("rollover", ""),
+                   autoscale=raw.get("autoscale") == "1", instances=tuple(instances), **numbers)
 
     @property
     def tier(self) -> keys.TierKeys:

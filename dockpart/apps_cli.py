@@ -32,7 +32,7 @@ class _AppOptions(_AnyOrder, RedisOptions):
     """One app named by the first argument; ``--redis`` (env DOCKPART_REDIS)."""
     synopsis = "NAME [options]"
 
-    def parseArgs(self, name):
+    def parseArgs(self, name):  # type: ignore[override]  # usage.Options passes the arguments
         self["name"] = _name(name)
 
 
@@ -85,7 +85,7 @@ class ScaleOptions(_AppOptions):
     synopsis = "NAME N [options]"
     longdesc = "Run exactly N instances of the app (and stop autoscaling it)."
 
-    def parseArgs(self, name, count):
+    def parseArgs(self, name, count):  # type: ignore[override]  # usage.Options passes the arguments
         super().parseArgs(name)
         if not count.isdigit():
             raise usage.UsageError(f"N must be a number of instances, not {count!r}")
@@ -109,7 +109,7 @@ class _ShowOptions(_AnyOrder, RedisOptions):
 class InfoOptions(_DirMixin, _ShowOptions):
     synopsis = "NAME [options]"
 
-    def parseArgs(self, name):
+    def parseArgs(self, name):  # type: ignore[override]  # usage.Options passes the arguments
         self["name"] = _name(name)
 
 
@@ -211,7 +211,7 @@ class AppsOptions(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: " + ", ".join(c[0] for c in self.subCommands))
+            raise usage.UsageError("name a command: create, scale, autoscale, list, info, destroy")
 
 
 def _scale_text(app: apps.App) -> str:

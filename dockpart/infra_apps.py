@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
@@ -51,13 +52,16 @@ def _port(url: str) -> int | None:
 class AppTier:
     """What infra holds for one app."""
     app: App
-    worker: object  # infra_worker.Worker
-    driver: object
+    worker: Any  # infra_worker.Worker
+    driver: Any  # an app driver (dockpart.drivers.apps)
     policy: Policy | None = None
     asked: set[str] = field(default_factory=set)  # spawns asked for, not yet seen serving
     failures: int = 0  # spawns that never served, in a row
     held_until: float = 0.0
     rolling: rollover.Rolling | None = None
+    #: Ports of failed spawns, kept from the next allocations until then (something else
+    #: may listen there: the next spawn takes another port).
+    quarantine: dict[int, float] = field(default_factory=dict)
 
 
 class _Loop(Periodic):
@@ -172,6 +176,9 @@ class AppsRunner(MultiService):
         listed = set(lists[t.servers])
         staying = (listed | set(lists[t.spawn_queue]) | set(lists[t.spawning])) - leaving
         self._learn(one, listed, {url for urls in lists.values() for url in urls})
+        ours = apps.ports_of(held_flat, app.name)
+        for port in set(running) - ours:  # Redis lost its hash: the running keep theirs
+            await self.redis.call("HSETNX", keys.APP_PORTS, port, app.name)
         desired = app.desired
         if app.autoscale and not destroyed and not app.rollover:
             desired = await self._autoscale(one, app, lists, reports)
@@ -198,10 +205,9 @@ class AppsRunner(MultiService):
                 self.log.info("apps: {name} wants {desired}: destroying {url}",
                               name=app.name, desired=desired, url=url)
         in_lists = {_port(url) for urls in lists.values() for url in urls}
-        ours = apps.ports_of(held_flat, app.name)
-        for port in set(running) - ours:  # Redis lost its hash: the running keep theirs
-            await self.redis.call("HSETNX", keys.APP_PORTS, port, app.name)
-        unused = ours - in_lists - set(running)
+        now = self.clock.seconds()
+        one.quarantine = {p: until for p, until in one.quarantine.items() if until > now}
+        unused = ours - in_lists - set(running) - set(one.quarantine)
         if unused:
             await apps.release_ports(self.redis, app.name, sorted(unused))
         if destroyed and not any(lists.values()) and running:
@@ -222,6 +228,9 @@ class AppsRunner(MultiService):
                 hold = self._hold(one.failures)
                 one.failures += 1
                 one.held_until = self.clock.seconds() + hold
+                port = _port(url)
+                if port is not None:
+                    one.quarantine[port] = self.clock.seconds() + SPAWN_HOLD[1]
                 self.log.warn("apps: the spawn of {url} for {name} failed (see the dead "
                               "letters); next spawn in {hold:g} s", url=url,
                               name=one.app.name, hold=hold)

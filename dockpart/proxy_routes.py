@@ -16,9 +16,14 @@ says it is gone, not when a Redis that lost its data reads empty.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from twisted.application.service import MultiService
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockpart import apps, keys
 from dockpart.periodic import Periodic
@@ -46,9 +51,8 @@ class Routes:
         self.hosts: dict[bytes, BackendSet] = {}
 
     def backends_for(self, host: bytes | None) -> BackendSet:
-        if not self.hosts:
-            return self.seed
-        return self.hosts.get(host_name(host), self.seed)
+        name = host_name(host) if self.hosts else None
+        return self.seed if name is None else self.hosts.get(name, self.seed)
 
     def app_hosts(self, app: apps.App) -> list[bytes]:
         return [f"{app.name}.{self.apps_domain}".encode(), *(d.encode() for d in app.domains)]
@@ -64,6 +68,7 @@ class _AppNotices(Protocol):
     """SUBSCRIBE to the apps' channel, PSUBSCRIBE to every app's list channel."""
 
     log = Logger()
+    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
 
     def connectionMade(self):
         owner = self.factory.owner
@@ -95,7 +100,7 @@ class _AppNotices(Protocol):
             return
         self.buffer = buf[pos:]
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         self.factory.owner.notices_lost()
 
 
@@ -125,9 +130,11 @@ class AppsSync(MultiService):
         self.health = health  # (path, interval, timeout) for active checks, or None
         self.found: dict[str, tuple[apps.App, BackendSet]] = {}
         self._services: dict[str, MultiService] = {}
-        self._reading = None
+        self._reading: Deferred | None = None
         self._again = False
         self._trusted = True  # an absent app may be dropped (no Redis outage since a notice)
+        #: Requests in flight per URL as load (ProxyFactory.fair_inflight), for the reports.
+        self.inflight: Callable[[], Mapping[str, int]] | None = None
         redis_connection(self, _AppNotices, reactor).setServiceParent(self)
         _Reads(self, interval, reactor).setServiceParent(self)
 
@@ -138,7 +145,7 @@ class AppsSync(MultiService):
         self._trusted = False
 
     def list_changed(self, name: str | None) -> None:
-        entry = self.found.get(name)
+        entry = self.found.get(name) if name is not None else None
         if entry is not None:
             entry[1].trust_empty()
             entry[1].refresh()
@@ -150,11 +157,11 @@ class AppsSync(MultiService):
         if self._reading is not None:
             self._again = True
             return
-        self._reading = apps.read_all(self.redis)
-        self._reading.addCallback(self._read)
-        self._reading.addErrback(lambda f: f.trap(RedisUnavailable))
-        self._reading.addErrback(lambda f: self.log.failure("reading the apps", f))
-        self._reading.addBoth(self._done)
+        reading = self._reading = apps.read_all(self.redis)
+        reading.addCallback(self._read)
+        reading.addErrback(lambda f: f.trap(RedisUnavailable))
+        reading.addErrback(lambda f: self.log.failure("reading the apps", f))
+        reading.addBoth(self._done)
 
     def _done(self, _):
         self._reading = None
@@ -189,9 +196,10 @@ class AppsSync(MultiService):
         backends = BackendSet(self.redis, app.tier.servers, "local", self.reactor,
                               down_time=self.down_time)
         services = MultiService()
-        LoadPublisher(backends, self.redis, self.reactor,
-                      name=f"{proxy_id()}:app:{app.name}", app=app.name
-                      ).setServiceParent(services)
+        publisher = LoadPublisher(backends, self.redis, self.reactor,
+                                  name=f"{proxy_id()}:app:{app.name}", app=app.name)
+        publisher.inflight = self.inflight
+        publisher.setServiceParent(services)
         if self.health is not None:
             path, interval, timeout = self.health
             HealthChecks(backends, path, interval, timeout, self.reactor).setServiceParent(

@@ -1,6 +1,8 @@
 """Apps end to end on real parts: ``dockpart apps``, dockpart-infra's process driver running
 examples/hello, and dockpart-proxy routing by Host (real Redis, daemons, sockets)."""
 
+import os
+import signal
 import sys
 import threading
 from collections import Counter
@@ -138,3 +140,37 @@ def test_destroy_removes_the_routes_the_instances_and_the_records(tier):
     wait_for(lambda: managed(state / "apps" / "gone") == {}, 30, what="instances stopped")
     client = redis.client()
     wait_for(lambda: not client.keys("dockpart:app*"), 10, what="records forgotten")
+
+
+def test_a_killed_instance_costs_no_failed_request_and_is_replaced(tier):
+    redis, infra, proxy, state = tier
+    assert dockpart_apps(redis.url, "create", "tough", "--command", command("tough"),
+                         "--scale", "2") == 0
+    wait_for(lambda: len(serving(redis, "tough")) == 2, 30, what="2 instances")
+    loop = Loop(proxy, "tough.localhost")
+    try:
+        wait_for(lambda: len(loop.answers) == 2, 10, what="answers from both")
+        port, pids = sorted(managed(state / "apps" / "tough").items())[0]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: f"http://127.0.0.1:{port}" not in serving(redis, "tough"), 20,
+                 what="the killed instance unlisted")
+        wait_for(lambda: len(serving(redis, "tough")) == 2, 30, what="a replacement serving")
+        before = sum(loop.answers.values())
+        wait_for(lambda: sum(loop.answers.values()) > before + 10, 10, what="more answers")
+    finally:
+        loop.stop()
+    assert loop.failed == []
+
+
+def test_a_redis_that_lost_its_data_gets_the_apps_and_their_lists_back(tier):
+    redis, infra, proxy, state = tier
+    assert dockpart_apps(redis.url, "create", "kept", "--command", command("kept"),
+                         "--domain", "kept.example.org") == 0
+    wait_for(lambda: len(serving(redis, "kept")) == 1, 30, what="1 instance")
+    running = set(managed(state / "apps" / "kept"))
+    redis.client().flushall()
+    wait_for(lambda: len(serving(redis, "kept")) == 1, 20, what="its list refilled")
+    assert set(managed(state / "apps" / "kept")) == running  # the same instance, not a new one
+    assert redis.client().hget(keys.app_record("kept"), "domains") == "kept.example.org"
+    assert get(proxy, "kept.example.org").text.startswith("kept on port")

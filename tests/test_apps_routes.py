@@ -111,3 +111,13 @@ def test_an_empty_read_after_redis_was_away_keeps_routing_until_a_notice():
     s._trusted = True  # what a change notice does (reload(notice=True))
     s._read([])
     assert routes.backends_for(b"a.localhost") is seed
+
+
+def test_the_admin_status_shows_each_apps_backends_beside_the_seeds():
+    from dockpart.proxy_admin import status
+    proxy = Proxy(urls=SEED)
+    routed(proxy)
+    shown = status(proxy.factory)
+    assert [b["url"] for b in shown["backends"]] == SEED
+    assert [b["url"] for b in shown["apps"]["shop"]["backends"]] == SHOP
+    assert shown["apps"]["shop"]["list_key"] == "dockpart:app:shop:servers"

@@ -48,7 +48,7 @@ def run_logged(path: Path, title: str, failed: str, work, say=print,
         path.parent.mkdir(exist_ok=True)
         log = open(path, "a")
     except OSError:  # no deploy directory: loading its configuration says so
-        log, path = None, None
+        log, path = None, None  # type: ignore[assignment]  # no log file to name
     with log or contextlib.nullcontext():
 
         def tell(line: str = "") -> None:

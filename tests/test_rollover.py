@@ -14,7 +14,8 @@ from dockpart.drivers.apps import ReleasePlan
 from dockpart.infra_apps import AppsRunner
 from dockpart.redisconn import RedisAddress, RedisService
 from dockpart.releases import Release
-from test_infra_apps import LOW, HIGH, Driver, Worker, _Blocking, report, url
+from dockpart.deploy.front import Scripts
+from test_infra_apps import LOW, HIGH, Driver, Worker, report, url
 
 
 class PlanDriver(ReleasePlan, Driver):
@@ -26,7 +27,7 @@ class PlanDriver(ReleasePlan, Driver):
 @pytest.fixture
 def rolling(redis_db, redis_server):
     """App ``a``: 2 instances of v1 serving, v2 recorded; a runner stepped by hand."""
-    client = _Blocking(redis_db)
+    client = Scripts(redis_db)
     apps.create(client, apps.App("a", desired=2, release="v1"))
     for n in (1, 2):
         releases.keep(client, "a", Release(f"v{n}", command=f"run v{n}", dir="/tmp"))

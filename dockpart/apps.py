@@ -143,13 +143,20 @@ redis.call('PUBLISH', KEYS[3], 'update ' .. ARGV[1])
 return 'ok'
 """
 
-# KEYS: apps, record, destroyed, channel; ARGV: name.  The record stays until infra has
-# removed the app's instances (it says how they run); the routes go at once.
+# KEYS: apps, record, destroyed, channel, roll-over news; ARGV: name.  The record stays
+# until infra has removed the app's instances (it says how they run); the routes go at once;
+# a push waiting on a roll-over is told.
 _DESTROY = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 'unknown' end
 redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[2], 'desired', '0', 'autoscale', '0')
+local rolling = redis.call('HGET', KEYS[2], 'rollover')
+if rolling and rolling ~= '' then  -- a push waits on it: it ends here
+  redis.call('HSET', KEYS[2], 'rollover', '')
+  redis.call('LPUSH', KEYS[5], cjson.encode({done = false, release = rolling,
+                                             reason = 'the app was destroyed'}))
+end
 redis.call('PUBLISH', KEYS[4], 'destroy ' .. ARGV[1])
 return 'ok'
 """
@@ -273,7 +280,7 @@ def destroy(redis, name: str):
     """Routes go at once; infra drains and removes the instances, then forgets the record."""
     check_name(name)
     return _then(redis.eval(_DESTROY, [keys.APPS, keys.app_record(name), keys.APPS_DESTROYED,
-                                       keys.APPS_CHANNEL], [name]),
+                                       keys.APPS_CHANNEL, keys.app_rollover_news(name)], [name]),
                  lambda status: _outcome(status, name))
 
 

@@ -136,3 +136,12 @@ async def test_a_new_instance_that_never_serves_fails_the_rollover_and_v1_is_kep
     [refill] = redis_db.lrange(t.spawn_queue, 0, -1)
     assert redis_db.hget(keys.app_instance_releases("a"), refill) == "v1"
     assert runner.tiers["a"].driver.release_for(int(refill.rsplit(":", 1)[1])).id == "v1"
+
+
+def test_destroying_an_app_ends_the_wait_of_a_push_rolling_it_over(rolling):
+    redis_db, client, runner, t, clock = rolling
+    releases.start_rollover(client, "a", "v2")
+    apps.destroy(client, "a")
+    assert news(redis_db)[-1] == {"done": False, "release": "v2",
+                                  "reason": "the app was destroyed"}
+    assert redis_db.hget(keys.app_record("a"), "rollover") == ""

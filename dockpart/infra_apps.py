@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from dockpart import apps, keys, load, rollover, tier
 from dockpart.apps import App
+from dockpart.drivers import DriverError, Unavailable
 from dockpart.infra_autoscale import Policy, Settings, observe
 from dockpart.periodic import Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
@@ -133,10 +134,10 @@ class AppsRunner(MultiService):
             one = self._tier(app)
             if not one.worker.leased:
                 continue
-            if getattr(one.driver, "logs", None) is not None:  # the process driver's
+            if getattr(one.driver, "logs", None) is not None:
                 try:
                     await one.driver.logs.look(self.redis)
-                except OSError as e:
+                except (OSError, DriverError, Unavailable) as e:
                     self.log.warn("apps: reading the logs of {name}: {error}", name=app.name,
                                   error=e)
             try:
@@ -180,6 +181,8 @@ class AppsRunner(MultiService):
         for port in set(running) - ours:  # Redis lost its hash: the running keep theirs
             await self.redis.call("HSETNX", keys.APP_PORTS, port, app.name)
         desired = app.desired
+        if not (app.release or app.command or app.image):
+            desired = 0  # nothing to run yet: it waits for its first push
         if app.autoscale and not destroyed and not app.rollover:
             desired = await self._autoscale(one, app, lists, reports)
         if app.rollover and not destroyed:

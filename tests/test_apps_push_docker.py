@@ -11,6 +11,7 @@ import pytest
 from deploykit import Registry
 from dockerkit import docker_client
 from dockpart import keys
+from dockpart.deploy.cli import main
 from dockpart.drivers.docker import LABEL_TIER
 from helpers import Daemon, free_port, port_block, wait_for
 from test_apps import get, serving
@@ -35,7 +36,7 @@ def dockerfile_source(tmp_path, says: str, broken: bool = False):
 
 
 def test_a_dockerfile_app_is_built_pushed_and_run_by_digest(own_redis, docker_images, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, capsys):
     engine = docker_client()
     # A registry of the test's own port: the seed deploy's tests hold 5000.
     registry = Registry(port=free_port()).start()
@@ -65,6 +66,14 @@ def test_a_dockerfile_app_is_built_pushed_and_run_by_digest(own_redis, docker_im
         assert get(proxy, "img.localhost").text.startswith("v2 on port")
         wait_for(lambda: len(containers()) == 1, 30, what="the v1 container removed")
         [running] = containers()
+        port = serving(own_redis, "img")[0].rsplit(":", 1)[1]
+
+        def logged():
+            capsys.readouterr()
+            assert main(["apps", "logs", "img", "-n", "3", "--redis", own_redis.url]) == 0
+            return capsys.readouterr().out
+        wait_for(lambda: f"[{port}] v2 listening on 127.0.0.1:{port}" in logged(), 10,
+                 what="the container's line in the app's logs")
         v2 = own_redis.client().hget(keys.app_releases("img"), "v2")
         image = f"localhost:{registry.port}/img@sha256:"
         assert image in v2 and running.attrs["Config"]["Image"] in v2

@@ -145,3 +145,21 @@ def test_destroying_an_app_ends_the_wait_of_a_push_rolling_it_over(rolling):
     assert news(redis_db)[-1] == {"done": False, "release": "v2",
                                   "reason": "the app was destroyed"}
     assert redis_db.hget(keys.app_record("a"), "rollover") == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_app_with_nothing_to_run_waits_for_its_first_push(redis_db, redis_server):
+    """No command, no image, no release: no spawn is asked for (each would fail)."""
+    apps.create(Scripts(redis_db), apps.App("new", desired=2))
+    redis = RedisService(RedisAddress.parse(redis_server.url), 2.0, reactor)
+    redis.startService()
+    try:
+        runner = AppsRunner(redis, PlanDriver, lambda app, driver: Worker(), host="127.0.0.1",
+                            ports=(LOW, HIGH), clock=Clock())
+        await runner.step()
+        assert redis_db.llen(keys.app_tier("new").spawn_queue) == 0
+        apps.update(Scripts(redis_db), "new", command="run")
+        await runner.step()
+        assert redis_db.llen(keys.app_tier("new").spawn_queue) == 2
+    finally:
+        await redis.stopService()

@@ -7,10 +7,11 @@ push it to the registry and name it by digest: one the engine lacks is pulled).
 
 from docker.errors import DockerException, ImageNotFound
 
+from dockpart.app_logs import ContainerLogTail
 from dockpart.apps import App
 from dockpart.drivers import DriverError
 from dockpart.drivers.apps import ReleasePlan
-from dockpart.drivers.docker import DockerDriver, _thd_run
+from dockpart.drivers.docker import LABEL_PORT, DockerDriver, _labels, _thd_run
 
 
 def _thd_has_image(client, image: str) -> bool:
@@ -34,6 +35,8 @@ class AppDockerDriver(ReleasePlan, DockerDriver):
                          stop_timeout=stop_timeout, client_factory=client_factory)
         self.app = app
         self.releases = {}
+        self.logs = ContainerLogTail(app.name, self, [f"{k}={v}" for k, v in
+                                                      _labels(self.tier).items()], LABEL_PORT)
 
     def describe(self, port: int) -> str:
         release = self.release_for(port)

@@ -11,7 +11,7 @@ from collections import deque
 
 from twisted.internet import defer
 
-from dockpart import apps, keys, load
+from dockpart import apps, keys, load, releases
 from dockpart.drivers import DriverError, Unavailable
 from dockpart.periodic import Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
@@ -75,8 +75,9 @@ def _health(merged: dict | None) -> str:
     return "healthy" if merged["healthy"] else "down"
 
 
-def app_view(app: apps.App, reports: list[dict]) -> dict:
-    """One app as the dashboard shows it: its scale, its instances and their figures."""
+def app_view(app: apps.App, reports: list[dict], history=()) -> dict:
+    """One app as the dashboard shows it: its scale, its instances and their figures, its
+    releases (newest first; ``history``, :func:`releases.read`)."""
     interval = max((float(r.get("interval", 1.0)) for r in reports), default=1.0) or 1.0
     merged = load.merge(reports)
     empty = {"rps": None, "errors": None, "p50_ms": None, "p95_ms": None, "inflight": None}
@@ -84,6 +85,8 @@ def app_view(app: apps.App, reports: list[dict]) -> dict:
             "instances": [{"url": url, "health": _health(merged.get(url)),
                            **(figures(merged[url], interval) if url in merged else empty)}
                           for url in app.instances],
+            "releases": [{"id": r.id, "commit": r.commit[:7], "when": r.at, "note": r.note,
+                          "what": r.what, "live": r.id == app.release} for r in history],
             **figures(tier_totals({u: f for u, f in merged.items() if u in app.instances}),
                       interval)}
 
@@ -150,6 +153,7 @@ class TierWatch(Periodic):
         every = await load.read_reports(self.redis, now)
         reports = [r for r in every if "app" not in r]  # the apps' own load is theirs
         found = await apps.read_all(self.redis)
+        history = {app.name: await releases.read(self.redis, app.name) for app in found}
         active = holder == self.worker.id
         inventory, driver_error = None, None
         if active:
@@ -194,7 +198,8 @@ class TierWatch(Periodic):
                           "limits": {k: int(v) for k, v in limits.items()
                                      if k in ("min", "max") and str(v).isdigit()}},
             "deploy": {"live": live},
-            "apps": [app_view(app, [r for r in every if r.get("app") == app.name])
+            "apps": [app_view(app, [r for r in every if r.get("app") == app.name],
+                              history[app.name])
                      for app in found],
         }
 

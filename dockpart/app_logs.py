@@ -28,7 +28,7 @@ READ_MOST = 256 * 1024
 def _thd_read_new(state_dir: Path, offsets: dict[str, int], first: bool
                   ) -> list[tuple[int, str]]:
     """New complete lines of each instance's log, as (port, line); ``offsets`` moves on."""
-    found = []
+    found: list[tuple[int, str]] = []
     for path in sorted(state_dir.glob(f"{NAME_PREFIX}*.log")):
         port = path.stem[len(NAME_PREFIX):]
         try:

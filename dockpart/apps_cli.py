@@ -38,7 +38,7 @@ class _AppOptions(_AnyOrder, RedisOptions):
 
 class _DirMixin(usage.Options):
     """``--apps-dir`` (env DOCKPART_APPS_DIR): where the apps' repositories and releases are."""
-    optParameters = [
+    optParameters: list = [
         ["apps-dir", None, None, f"The apps' repositories and releases (env "
                                  f"{apps_deploy.APPS_DIR_ENV}; default {apps_deploy.ROOT_APPS_DIR} "
                                  f"for root, $XDG_DATA_HOME/dockpart/apps otherwise)."],
@@ -117,7 +117,7 @@ class ReleasesOptions(_ShowOptions):
     synopsis = "NAME [options]"
     longdesc = "The app's releases, newest first: id, commit, when, what runs, which is live."
 
-    def parseArgs(self, name):
+    def parseArgs(self, name):  # type: ignore[override]  # usage.Options passes the arguments
         self["name"] = _name(name)
 
 
@@ -126,7 +126,7 @@ class RollbackOptions(_DirMixin, _AppOptions):
     longdesc = ("Roll the app's instances over to RELEASE (v3, or a commit's first letters), "
                 "by default the release before the live one, as a push does.")
 
-    def parseArgs(self, name, release=None):
+    def parseArgs(self, name, release=None):  # type: ignore[override]  # usage.Options passes the arguments
         super().parseArgs(name)
         self["release"] = release
 
@@ -144,7 +144,7 @@ class ConfigOptions(_DirMixin, _AppOptions):
         """A variable to remove (repeatable)."""
         self["unset"].append(name)
 
-    def parseArgs(self, name, *assignments):
+    def parseArgs(self, name, *assignments):  # type: ignore[override]  # usage.Options passes the arguments
         super().parseArgs(name)
         try:
             self["set"], self["unset"] = releases.parse_env(assignments, self["unset"])
@@ -170,7 +170,7 @@ class KeyAddOptions(_DirMixin, _AnyOrder):
                 "app: a line of APPS_DIR/.ssh/authorized_keys that only runs git on the apps' "
                 "repositories. Point the pushing user's sshd at it (AuthorizedKeysFile).")
 
-    def parseArgs(self, path):
+    def parseArgs(self, path):  # type: ignore[override]  # usage.Options passes the arguments
         self["file"] = path
 
 

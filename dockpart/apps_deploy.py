@@ -139,7 +139,7 @@ def _push(apps_dir: AppsDir, name: str, lines, address, timeout: float, say) -> 
         with front.connected(address, timeout) as client:
             redis = front.Scripts(client)
             app = apps.read_one(redis, name)
-            driver = client.get(keys.APPS_DRIVER)
+            driver = str(client.get(keys.APPS_DRIVER) or "")
             if not driver:
                 raise DeployError("no dockpart-infra runs apps on this Redis yet (it says its "
                                   f"driver in {keys.APPS_DRIVER})")

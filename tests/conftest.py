@@ -16,6 +16,8 @@ FAST_MODULES = frozenset({
     "test_apps_records.py",
     "test_apps_routes.py",
     "test_infra_apps.py",
+    "test_releases_units.py",
+    "test_rollover.py",
     "test_autoscale_policy.py",
     "test_autoscale_service.py",
     "test_dashboard_routes.py",

@@ -1,12 +1,14 @@
 """App release figures: time from ``git push`` to the new release serving on every instance,
-and requests failed meanwhile, for an app of 1 and of 3 instances (process driver).
+and requests failed meanwhile, for an app of 1 and of 3 instances.
 
-    .venv/bin/python bench/bench_release.py [--pushes 3] [--instances 1 3]
+    .venv/bin/python bench/bench_release.py [--pushes 3] [--instances 1 3] [--driver docker]
 
-It starts its own Redis, dockpart-infra (``--driver process``) and dockpart-proxy on free
-loopback ports, an apps directory in a temporary folder, and examples/hello as the pushed
-app (its Procfile); a request loop through the proxy, bounded in count and time, runs during
-each push.  Everything is stopped at the end.
+It starts its own Redis, dockpart-infra and dockpart-proxy on free loopback ports, an apps
+directory in a temporary folder, and examples/hello as the pushed app (its Procfile for the
+process driver; its Dockerfile for the docker driver, built on the local base image
+``dockpart-base:bookworm`` of scripts/images and pushed to a registry of its own on a free
+port); a request loop through the proxy, bounded in count and time, runs during each push.
+Everything is stopped (and the bench's containers and images removed) at the end.
 """
 
 import argparse
@@ -83,8 +85,17 @@ def everywhere(client, name: str, version: str, count: int) -> bool:
         return False
 
 
-def timed_push(work: Path, remote: str, client, name: str, version: str, count: int):
-    (work / "Procfile").write_text(f"web: {sys.executable} app.py {version}\n")
+def write_version(work: Path, version: str, docker: bool) -> None:
+    if docker:
+        text = (HELLO / "Dockerfile").read_text().replace('"hello"]', f'"{version}"]')
+        (work / "Dockerfile").write_text(text)
+    else:
+        (work / "Procfile").write_text(f"web: {sys.executable} app.py {version}\n")
+
+
+def timed_push(work: Path, remote: str, client, name: str, version: str, count: int,
+               docker: bool = False):
+    write_version(work, version, docker)
     git(work, "commit", "-qam", version)
     seen = []
 
@@ -109,12 +120,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pushes", type=int, default=3)
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--driver", choices=["process", "docker"], default="process")
     args = parser.parse_args()
+    docker = args.driver == "docker"
     tmp = Path(tempfile.mkdtemp(prefix="bench-release-"))
+    registry = None
+    if docker:
+        from deploykit import Registry
+        registry = Registry(port=free_port()).start()
+        os.environ["DOCKPART_REGISTRY"] = f"localhost:{registry.port}"
+        os.environ.setdefault("DOCKPART_BASE_IMAGE", "dockpart-base:bookworm")
     redis = RedisProcess().start()
     low = port_block(8)
     state = tmp / "state"
-    infra = Daemon("dockpart-infra", "--driver", "process", "--redis", redis.url,
+    infra = Daemon("dockpart-infra", "--driver", args.driver, "--redis", redis.url,
                    "--state-dir", str(state), "--first-port", str(free_port()),
                    "--app-ports", f"{low}-{low + 7}", "--interval", "0.05", "--drain", "1",
                    ready="dockpart-infra started").start()
@@ -132,10 +151,10 @@ def main() -> None:
             work = tmp / name
             work.mkdir()
             shutil.copy(HELLO / "app.py", work / "app.py")
-            (work / "Procfile").write_text("")
+            write_version(work, "v0", docker)
             git(work, "init", "-q", "-b", "main")
             git(work, "add", "-A")
-            timed_push(work, remote, client, name, "v0", 0)
+            timed_push(work, remote, client, name, "v0", 0, docker)
             dockpart(redis.url, "scale", name, str(count))
             deadline = time.monotonic() + 60
             while not everywhere(client, name, "v0", count) and time.monotonic() < deadline:
@@ -143,7 +162,8 @@ def main() -> None:
             for i in range(1, args.pushes + 1):
                 loop = Loop(base, f"{name}.localhost")
                 loop.start()
-                returned, served = timed_push(work, remote, client, name, f"v{i}", count)
+                returned, served = timed_push(work, remote, client, name, f"v{i}", count,
+                                              docker)
                 loop.stop()
                 rows.append((count, returned, served, loop.ok, loop.failed))
                 print(f"{count} instance(s), push {i}: returned {returned:.2f} s, v{i} serving "
@@ -154,9 +174,25 @@ def main() -> None:
         infra.stop()
         for app_dir in (state / "apps").glob("*"):
             stop_managed(app_dir)
+        if registry is not None:
+            import docker as docker_sdk
+            engine = docker_sdk.from_env()
+            names = [f"bench{count}" for count in args.instances]
+            for name in names:  # the containers first: the apps' images may be one image
+                for c in engine.containers.list(all=True, filters={
+                        "label": f"dockpart.redis=redis://127.0.0.1:{redis.port}/0 app {name}"}):
+                    c.remove(force=True)
+            for name in names:
+                for image in engine.images.list(name=f"localhost:{registry.port}/{name}"):
+                    try:
+                        engine.images.remove(image.id, force=True)
+                    except docker_sdk.errors.APIError:
+                        pass  # removed with the other app's already
+            registry.stop()
         redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print("\ninstances  push returned (median s)  serving everywhere (median s)  failed/answered")
+    print(f"\ndriver {args.driver}")
+    print("instances  push returned (median s)  serving everywhere (median s)  failed/answered")
     for count in args.instances:
         mine = [r for r in rows if r[0] == count]
         print(f"{count:>9}  {statistics.median(r[1] for r in mine):>24.2f}  "

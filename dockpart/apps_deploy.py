@@ -28,7 +28,7 @@ from dockpart.deploy import front
 from dockpart.deploy.hook import ZERO, ref_value, run_logged
 from dockpart.deploy.release import file_lock
 from dockpart.deploy.repos import (BASE_IMAGE_ENV, DEFAULT_BRANCHES, DeployConfig, DeployError,
-                                   _write_if_changed, clean_git_env)
+                                   write_if_changed, clean_git_env)
 from dockpart.deploy.slices import checkout_into
 from dockpart.releases import BadRelease, Release
 from dockpart.redisconn import RedisUnavailable
@@ -105,7 +105,7 @@ class AppsDir:
             subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(git_dir)],
                            check=True, env=clean_git_env())
         # 0700: it holds the Redis URL, password included.
-        _write_if_changed(git_dir / "hooks" / "pre-receive", self.hook_script(name, redis_url),
+        write_if_changed(git_dir / "hooks" / "pre-receive", self.hook_script(name, redis_url),
                           0o700)
         return git_dir
 

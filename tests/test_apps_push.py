@@ -124,11 +124,16 @@ def test_push_scale_push_under_load_rollback_and_a_refused_push(tier, tmp_path, 
         assert step in pushed.stderr, step
     wait_for(lambda: len(managed(state / "apps" / "shop")) == 2, 20, what="v1 stopped")
 
-    # Rollback: v1 again, rolled over the same way.
+    # Rollback: v1 again, rolled over the same way, no request failed.
     capsys.readouterr()
-    assert dockpart_apps(redis.url, "rollback", "shop", "--apps-dir",
-                         str(tmp_path / "apps")) == 0
+    loop = Loop(proxy, "shop.localhost")
+    try:
+        assert dockpart_apps(redis.url, "rollback", "shop", "--apps-dir",
+                             str(tmp_path / "apps")) == 0
+    finally:
+        loop.stop()
     assert "shop serves v1" in capsys.readouterr().out
+    assert loop.failed == [] and sum(loop.answers.values()) > 0
     assert {get(proxy, "shop.localhost").text.split()[0] for _ in range(6)} == {"v1"}
     listed = releases_of(redis, tmp_path, "shop", capsys)
     assert [(r["id"], r["live"]) for r in listed] == [("v2", False), ("v1", True)]

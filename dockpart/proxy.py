@@ -51,7 +51,7 @@ class Options(RedisOptions):
         ["try-timeout", None, None, "Seconds a backend gets to start answering before it is "
                                     "left out and asked whether it answers at all; silent "
                                     "half that long again, the request gets 504 (not sent "
-                                    "twice; off unless given).", float],
+                                    "twice but for --retry-safe; off unless given).", float],
         ["header-timeout", None, 10.0, "Seconds a client has to send request headers (408).",
          float],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client connection stays, "

@@ -76,7 +76,8 @@ def never_read(has_body: bool, got_bytes: bool, reason) -> bool:
 
 
 class Tries:
-    """Per-try time limits: eject the backend on a try's time-out, ask it, then wait or 504."""
+    """Per-try time limits: eject the backend on a try's time-out and ask it; then send a
+    declared-safe request elsewhere, or wait, or 504."""
 
     log = Logger()
 

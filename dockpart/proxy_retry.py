@@ -15,19 +15,20 @@ connection) only when the backend provably never read it (:func:`never_read`):
 A clean close before any answer (the backend may have run the request and died) is a 502.
 
 A try that timed out (``--try-timeout``: no byte of an answer that long after the request was
-sent) is not sent elsewhere, unless declared safe (below): the backend may be running it.  :class:`Tries` ejects the
-backend at once, so the next requests avoid it, and asks it once whether its process answers
-at all (:mod:`dockpart.probe`, half a try long).  Answering, it is alive and this request is
-merely slow: back in rotation, and the request waits up to ``--backend-timeout``.  Silent
-(frozen, hung): the request is answered 504.  So a frozen instance delays a request by one try
-and a half at most, and a slow request on a live one is neither cut nor run twice.
+sent) is not sent elsewhere, unless declared safe (below): the backend may be running it.
+:class:`Tries` ejects the backend at once, so the next requests avoid it, and asks it once
+whether its process answers at all (:mod:`dockpart.probe`, half a try long).  Answering, it
+is alive and this request is merely slow: back in rotation, and the request waits up to
+``--backend-timeout``.  Silent (frozen, hung): the request is answered 504.  So a frozen
+instance delays a request by one try and a half at most, and a slow request on a live one is
+neither cut nor run twice.
 
 Only routes an operator declared safe to run twice (``--retry-safe``, :func:`safe_routes`:
 none by default, as HAProxy retries no response timeout unless told) go elsewhere after a try
-timed out, once (the one left out is asked all the same): a bodiless GET or HEAD whose path is one of them.  The
-path is matched as sent, undecoded: one with a percent-escape, a backslash, a dot segment or
-an empty segment matches no route, so a backend that normalises paths cannot be led from a
-declared route to another.
+timed out, once (the one left out is asked all the same): a bodiless GET or HEAD whose path is
+one of them.  The path is matched as sent, undecoded: one with a percent-escape, a backslash,
+a dot segment or an empty segment matches no route, so a backend that normalises paths cannot
+be led from a declared route to another.
 """
 
 from twisted.internet import error
@@ -102,13 +103,13 @@ class Tries:
         and asked, as :meth:`more_time` does."""
         if self.limits.try_timeout is None or exchange.resent or \
                 not declared_safe(self.limits.retry_safe, exchange) or \
-                all(b in exchange.tried for b in self.backends.ring):
+                all(b in exchange.tried for b in exchange.backends.ring):
             return False
         exchange.resent = True
         self.log.warn("backend {url} did not start answering within {seconds} s: left out "
                       "while asked whether it answers; the request, declared safe, goes to "
                       "another", url=backend.url, seconds=self.limits.try_timeout)
-        self.backends.failed(backend)
+        exchange.backends.failed(backend)
         self.ask(backend)
         return True
 

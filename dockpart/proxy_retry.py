@@ -26,9 +26,10 @@ neither cut nor run twice.
 Only routes an operator declared safe to run twice (``--retry-safe``, :func:`safe_routes`:
 none by default, as HAProxy retries no response timeout unless told) go elsewhere after a try
 timed out, once (the one left out is asked all the same): a bodiless GET or HEAD whose path is
-one of them.  The path is matched as sent, undecoded: one with a percent-escape, a backslash,
-a dot segment or an empty segment matches no route, so a backend that normalises paths cannot
-be led from a declared route to another.
+one of them, for the seed's list (an app routed by Host, :mod:`dockpart.proxy_routes`, has
+routes of its own, none declared).  The path is matched as sent, undecoded: one with a
+percent-escape, a backslash, a dot segment or an empty segment matches no route, so a backend
+that normalises paths cannot be led from a declared route to another.
 """
 
 from twisted.internet import error
@@ -102,6 +103,7 @@ class Tries:
         safe, not sent again yet, and another backend is known); the silent one is left out
         and asked, as :meth:`more_time` does."""
         if self.limits.try_timeout is None or exchange.resent or \
+                exchange.backends is not self.backends or \
                 not declared_safe(self.limits.retry_safe, exchange) or \
                 all(b in exchange.tried for b in exchange.backends.ring):
             return False

@@ -278,6 +278,24 @@ def test_a_route_not_declared_safe_is_never_sent_again(request_bytes):
     assert out.value().startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
 
 
+def test_a_declared_path_of_an_app_routed_by_host_is_never_sent_again():
+    """--retry-safe names the seed's routes: an app's own instances get never-twice."""
+    from dockpart.proxy_routes import Routes
+    proxy = Proxy(try_timeout=1.0, backend_timeout=5.0, retry_safe=SHIPPED_SAFE)
+    app = BackendSet(NoRedis(), "app:servers", "local", proxy.reactor)
+    app.update(["http://127.0.0.1:4001", "http://127.0.0.1:4002"])
+    routes = proxy.factory.routes = Routes(proxy.backends, "apps.test")
+    routes.hosts = {b"hello.apps.test": app}
+    asked_backends(proxy)
+    client, out = proxy.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: hello.apps.test\r\n\r\n")
+    conn, _ = proxy.backend()
+    assert conn.backend in app.ring
+    proxy.later(1.1)
+    proxy.later(0.6)
+    assert out.value().startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
+
+
 def test_a_stall_in_the_middle_of_a_body_ends_the_client_connection():
     proxy = Proxy(backend_timeout=2.0)
     client, out = proxy.client()

@@ -86,7 +86,8 @@ class Options(RedisOptions):
     def opt_retry_safe(self, paths: str) -> None:
         """Paths (comma-separated; repeatable) whose bodiless GET or HEAD may be sent to
         another backend after --try-timeout: ones harmless to run twice. Exact, or a prefix
-        ending in *; none by default (a timed-out request gets 504, never sent twice)."""
+        ending in *; the seed's list only (apps: never). None by default (a timed-out
+        request gets 504, never sent twice)."""
         try:
             self["retry-safe"] += safe_routes(paths)
         except ValueError as e:

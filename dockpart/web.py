@@ -21,7 +21,7 @@ from twisted.web import server
 
 from dockpart import keys, tier
 from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
-from dockpart.listening import Listener, server_endpoint, with_backlog
+from dockpart.listening import DEFAULT_BACKLOG, Listener, server_endpoint, with_backlog
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 from dockpart.routes import (RETRY_AFTER, CoroutineResource, NoRoute, Reply, Routes,
                              TooManyCredentials, access_log_line, credential, same_token,
@@ -434,12 +434,12 @@ class Options(RedisOptions):
                 "start_port, else 3000; on 127.0.0.1 unless --listen names an interface.")
     optParameters = [
         ["listen", "l", None, "Endpoint to listen on (default tcp:$start_port:interface=127.0.0.1, "
-                              "else tcp:3000:interface=127.0.0.1); TCP and UNIX listeners get "
-                              "a backlog of 1024 unless it names one."],
+                              f"else tcp:3000:interface=127.0.0.1); TCP and UNIX listeners get "
+                              f"a backlog of {DEFAULT_BACKLOG} unless it names one."],
         ["advertise-host", None, "127.0.0.1", "Host name that instance URLs use."],
         ["first-port", None, FIRST_PORT,
          "Port of the first instance: it registers itself and is never destroyed.", int],
-        ["max-instances", None, 10, "Ceiling on instances, the first included.", int],
+        ["max-instances", None, tier.DEFAULT_MAX_INSTANCES, "Ceiling on instances, the first included.", int],
         ["max-upload", None, "5MiB", "Largest accepted upload (bytes, or with K/M/G)."],
         ["max-queued-images", None, 20, "Images that may wait for /meow; an upload past it "
                                         "gets 503 and changes nothing.", int],

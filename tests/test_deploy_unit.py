@@ -197,7 +197,7 @@ def test_switch_replaces_the_front_route_atomically_and_announces_it(tmp_path, r
 
         refused = dockpart("deploy", "switch", "blue", "--dir", str(tmp_path), "--redis", redis_server.url)
         assert refused.returncode == 1
-        assert "does not answer 2xx; the front route stays" in refused.stderr
+        assert "does not answer 2xx or 3xx; the front route stays" in refused.stderr
         assert redis_db.lrange(keys.DEPLOY_LIVE, 0, -1) == [green_url]
 
         status = dockpart("deploy", "status", "--dir", str(tmp_path), "--redis", redis_server.url)

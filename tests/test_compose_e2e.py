@@ -240,8 +240,9 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
     ports = {"DOCKPART_REDIS_PORT": free_port(), "DOCKPART_WEB_PORT": port_block(3),
              "DOCKPART_PROXY_PORT": free_port(), "DOCKPART_DASHBOARD_PORT": free_port()}
     project = f"dockpart-e2e-infra-{os.getpid()}"
-    password = secrets.token_hex(24)
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DOCKPART_REDIS_PASSWORD": password}
+    password, token = secrets.token_hex(24), secrets.token_hex(24)
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DOCKPART_REDIS_PASSWORD": password,
+           "DOCKPART_DASHBOARD_TOKEN": token}
     web = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT']}"
     spawned = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT'] + 1}"
 
@@ -266,6 +267,11 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
             filters={"label": [f"com.docker.compose.project={project}",
                                "com.docker.compose.service=infra"]})
         assert infra_container.image.tags == ["dockpart-infra:latest"]
+        # Its dashboard is locked with the token from the environment (scripts/up's file).
+        dashboard = f"http://127.0.0.1:{ports['DOCKPART_DASHBOARD_PORT']}/api/state"
+        assert requests.get(dashboard, timeout=5).status_code == 401
+        assert requests.get(dashboard, headers={"Authorization": f"Bearer {token}"},
+                            timeout=5).status_code == 200
     finally:
         infra_compose("down", "--volumes", "--timeout", "5")
         client = docker_client()

@@ -227,6 +227,43 @@ def test_set_then_get_agree_across_instances(stack):
     assert {served_by(stack.proxy + "/") for _ in range(2 * len(instances))} == set(instances)
 
 
+def command_lines_while(action) -> list[list[str]]:
+    """Every command line of a ``docker`` client process seen while ``action()`` runs (polled
+    from /proc until it returns)."""
+    seen, done = {}, threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if argv and argv[0].endswith(b"docker"):
+                    seen[entry.name] = [a.decode(errors="replace") for a in argv]
+            time.sleep(0.005)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        action()
+    finally:
+        done.set()
+        watcher.join(10)
+    return list(seen.values())
+
+
+def test_restart_proxy_puts_the_redis_password_on_no_command_line(stack):
+    """`scripts/up restart-proxy` passed the proxy's environment, the password in it, as
+    `docker run --env=...`: every user's `ps` showed it."""
+    password = redis_password(stack.run_dir)
+    lines = command_lines_while(lambda: stack.script("restart-proxy"))
+    runs = [argv for argv in lines if "run" in argv and "dockpart-proxy:latest" in argv]
+    assert runs, lines  # the stand-in was started, and seen
+    assert not [argv for argv in lines if any(password in a for a in argv)]
+    assert served_by(stack.proxy + "/") == stack.first
+    assert not list(Path(stack.run_dir).glob("proxy-env.*"))  # the file is gone too
+
+
 def test_down_leaves_no_dockpart_container(stack):
     assert stack.containers()
     output = stack.down()

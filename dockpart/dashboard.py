@@ -125,7 +125,7 @@ class Dashboard(CoroutineResource):
             except TooManyCredentials as e:
                 raise Refused(400, str(e)) from None
             if path == "login":
-                return await self.login(request, method)
+                return await self.login(request, method, given)
             if not self._authorized(request, given):
                 raise Refused(401, "this dashboard needs its token (--dashboard-token): "
                                    "log in, or send Authorization: Bearer TOKEN")
@@ -226,7 +226,7 @@ class Dashboard(CoroutineResource):
             raise Refused(403, "missing or wrong CSRF token: post from the dashboard page, or "
                                "send the 'csrf' of GET /api/state as X-CSRF-Token")
 
-    async def login(self, request, method: str) -> Reply:
+    async def login(self, request, method: str, given: bytes | None) -> Reply:
         if self.token is None:
             return html_answer(303, "", {"location": "./"})
         if method in ("GET", "HEAD"):
@@ -234,8 +234,14 @@ class Dashboard(CoroutineResource):
         if method != "POST":
             raise Refused(405, "/login takes GET or POST", {"allow": "GET, HEAD, POST"})
         self._refuse_cross_site(request)
-        given = (_first(request.args, "token") or "").encode()
-        if not same_token(given, self.token):
+        # The form's field alone: Twisted's request.args lets a body field hide a query one.
+        if given is not None:
+            raise Refused(400, "POST /login takes the token in its form only, not in the "
+                               "query or a header")
+        form = request.args.get(b"token", [])
+        if len(form) > 1:
+            raise Refused(400, "several tokens in one request; send one")
+        if not same_token(form[0] if form else None, self.token):
             return html_answer(401, dashboard_page.login_html("That is not the token."))
         return html_answer(303, "", {"location": "./", "set-cookie": self._open_session(request)})
 

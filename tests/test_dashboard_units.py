@@ -189,3 +189,13 @@ async def test_a_session_expires_after_its_time_and_then_opens_nothing():
     clock.advance(1)
     assert await live() == 401
     assert dashboard.sessions == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_login_with_two_tokens_is_a_400_whichever_matches():
+    client = StubTreq(_dashboard(Clock()))
+    for url, form in (("http://localhost/login?token=wrong", {"token": "t0ken"}),
+                      ("http://localhost/login", [("token", "wrong"), ("token", "t0ken")])):
+        reply = await client.post(url, data=form, allow_redirects=False)
+        assert reply.code == 400, url
+        assert not reply.headers.hasHeader("set-cookie")

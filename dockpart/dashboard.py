@@ -6,7 +6,8 @@ buttons that queue work exactly as ``/spawn`` and ``/destroy`` do.  What it show
 
 Safety, as Jupyter's: locked by default (``--dashboard-token``; only ``--dashboard-no-token``
 runs it open).  A request whose ``Host`` is not a loopback name, the address it reached, or a
-``--dashboard-host`` is refused (DNS rebinding).  The token (``?token=``, ``Authorization:
+``--dashboard-host`` is refused (DNS rebinding).  Browsing it as ``dashboard.localhost:PORT``
+keeps its cookie from the apps on ``127.0.0.1`` (cookies are per host, not per port).  The token (``?token=``, ``Authorization:
 Bearer``, or the login form) opens a session: a random id per login, kept here, that expires
 and that logout revokes, in an HttpOnly, SameSite=Strict cookie named after the dashboard's
 port and bound to it.  A POST must come from the page itself: a cross-site ``Origin`` or
@@ -163,12 +164,14 @@ class Dashboard(CoroutineResource):
 
     def _check_host(self, request) -> None:
         """DNS rebinding: a page of another site, its name pointed at this machine, sends its
-        own name as Host.  Allowed: loopback names, the address reached, ``--dashboard-host``."""
+        own name as Host.  Allowed: loopback names (``*.localhost`` too, which browsers resolve
+        to loopback themselves, as Vite allows), the address reached, ``--dashboard-host``."""
         header = request.getHeader(b"host")
         if header is None:
             return  # HTTP/1.0 without Host: no browser, so no rebinding
         name = host_name(header.decode("ascii", "replace"))
-        if name not in self.hosts and name != request.getHost().host:
+        if not (name in self.hosts or name.endswith(".localhost")
+                or name == request.getHost().host):
             raise Refused(403, f"Host {name!r} is not this dashboard's; add it with "
                                f"--dashboard-host if it names this machine")
 

@@ -323,7 +323,8 @@ def test_a_foreign_host_header_is_refused_before_anything_else(tier, rdb, host):
         **JSON, "Host": host, "Cookie": cookie, "X-CSRF-Token": csrf})
     assert reply.status_code == 403
     assert rdb.lrange(keys.SPAWN_QUEUE, 0, -1) == []
-    for own in (f"localhost:{dash.port}", f"127.0.0.1:{dash.port}", "localhost"):
+    for own in (f"localhost:{dash.port}", f"127.0.0.1:{dash.port}", "localhost",
+                f"dashboard.localhost:{dash.port}", f"[::1]:{dash.port}"):
         reply = requests.get(dash.base + "/api/state", timeout=5,
                              headers={**JSON, "Host": own, "Cookie": cookie})
         assert reply.json()["csrf"] == csrf

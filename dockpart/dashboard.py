@@ -336,7 +336,7 @@ class Dashboard(CoroutineResource):
         for name in ("min", "max"):
             raw = body.get(name)
             try:
-                values[name] = int(raw)
+                values[name] = int(raw)  # type: ignore[arg-type]  # None: TypeError, below
             except (TypeError, ValueError):
                 raise Refused(400, f"{name}={raw!r}: expected a whole number") from None
         if not 1 <= values["min"] <= values["max"] <= self.max_instances:
@@ -383,7 +383,8 @@ def make_dashboard(config, redis, worker, reactor) -> MultiService:
                                  max_instances=config["max-instances"],
                                  hosts=config["dashboard-hosts"], clock=reactor))
     site.noisy = False
-    site.log = lambda request: None  # a poll a second per browser would flood the log
+    # A poll a second per browser would flood the log:
+    site.log = lambda request: None  # type: ignore[method-assign]
     Listener("dockpart-infra dashboard",
              server_endpoint(reactor, "dashboard", config["dashboard"]), site).setServiceParent(top)
     return top

@@ -1,5 +1,7 @@
 """A listening port as a service that says when it is up and fails loudly when it cannot be."""
 
+from typing import Any
+
 from twisted.application.service import Service
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
@@ -48,11 +50,11 @@ class Listener(Service):
         self.name = name
         self.endpoint = endpoint
         self.factory = factory
-        self.port = None
+        self.port: Any = None  # the IListeningPort (tcp.Port's own attributes are read too)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        outcome = []
+        outcome: list = []
         self.endpoint.listen(self.factory).addBoth(outcome.append)
         # TCP and UNIX endpoints bind synchronously, so the outcome is already known here.
         if outcome and isinstance(outcome[0], Failure):

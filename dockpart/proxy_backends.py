@@ -117,7 +117,7 @@ class BackendSet:
         self._distrust_empty = False
         self._holding = False  # serving the last list although Redis now says empty
         self._bad: set[str] = set()
-        self._rereading = None
+        self._rereading: defer.Deferred | None = None
         self._waiting: list = []
         self.published: dict | None = None  # the last load report (dockpart.proxy_load)
 
@@ -194,7 +194,7 @@ class BackendSet:
         if self._rereading is None:
             self._rereading = self.refresh()
             self._rereading.addBoth(self._reread_done)
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
         return d
 

@@ -12,9 +12,12 @@ from collections import deque
 
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockpart import keys
 from dockpart.periodic import Periodic
@@ -82,6 +85,7 @@ class _Notices(Protocol):
     """SUBSCRIBE to the list's channel; each ``message`` means: read the list again."""
 
     log = Logger()
+    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
 
     def connectionMade(self):
         owner = self.factory.owner
@@ -109,7 +113,7 @@ class _Notices(Protocol):
             return
         self.buffer = buf[pos:]
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         self.factory.owner.backends.distrust_empty()
 
 
@@ -126,6 +130,7 @@ class _Rotation(Protocol):
     """
 
     log = Logger()
+    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
 
     def connectionMade(self):
         owner = self.factory.owner
@@ -185,7 +190,7 @@ class _Rotation(Protocol):
             self._stalled = 0.0
         self._seen = self.replies
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         backends = self.backends
         if backends.rotation is self:
             backends.rotation = None
@@ -222,7 +227,7 @@ class BackendSync(MultiService):
         # Added last: started after the connections, stopped before them.
         _Reads(self, interval, reactor).setServiceParent(self)
         self.interval = interval
-        self._refreshing = None
+        self._refreshing: Deferred | None = None
         self._again = False
         self._retry = None  # the soon read of a start before Redis answered
         self.reactor = reactor
@@ -231,7 +236,7 @@ class BackendSync(MultiService):
         """A Redis connection of our own, made again whenever it is lost."""
         factory = Factory.forProtocol(protocol_class)
         factory.noisy = False
-        factory.owner = self
+        factory.owner = self  # type: ignore[attr-defined]  # the protocols' way back to us
         address = self.redis.address
         endpoint = TCP4ClientEndpoint(reactor, address.host, address.port,
                                       timeout=self.redis.timeout)

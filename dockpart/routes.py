@@ -63,8 +63,8 @@ def credential(request) -> bytes | None:
     spelled, several Authorization headers, or a query token beside a header.
     """
     _, items = _query_items(request.uri)
-    given = [unquote_to_bytes(raw.partition(b"=")[2].replace(b"+", b" "))
-             for name, raw in items if name == TOKEN_PARAM]
+    given: list[bytes | None] = [unquote_to_bytes(raw.partition(b"=")[2].replace(b"+", b" "))
+                                 for name, raw in items if name == TOKEN_PARAM]
     for header in request.requestHeaders.getRawHeaders(b"authorization", []):
         scheme, _, value = header.strip().partition(b" ")
         if scheme.lower() == b"bearer":

@@ -17,6 +17,7 @@ from dockpart.drivers import ThreadPoolService
 from dockpart.infra_worker import EntryRules, Worker
 from dockpart.redisconn import RedisOptions, RedisService
 from dockpart.tier import FIRST_PORT, MAX_PORT
+from dockpart.website import site_limits, site_options
 
 DRIVERS = ("docker", "process", "swarm")
 #: Where --dashboard-token comes from when the option is not given.
@@ -86,6 +87,7 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
         ["dashboard-token", None, None, f"Token the dashboard asks for, buttons included "
                                         f"(env {DASHBOARD_TOKEN_ENV}); required with "
                                         f"--dashboard unless --dashboard-no-token."],
+        *site_options("dashboard-"),
     ]
 
     def __init__(self):
@@ -147,6 +149,7 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
                 f"local process")
         if self["dashboard-token"] and self["dashboard-no-token"]:
             raise usage.UsageError("--dashboard-no-token and a dashboard token: choose one")
+        self["dashboard-site"] = site_limits(self, "dashboard-")
 
 
 def make_driver(config, pool: ThreadPoolService, reactor):

@@ -197,7 +197,7 @@ def test_an_announced_8_MiB_body_is_413_at_once_before_any_check(tier, rdb):
                   b"Content-Length: %d\r\n\r\n" % (8 * 1024 * 1024))
         assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
     assert rdb.llen(keys.SPAWN_QUEUE) == 0
-    assert state(tier.infra.base)["role"] == "active"
+    assert state(tier.infra)["role"] == "active"
 
 
 def test_a_dead_letter_shows_with_its_reason(tier, rdb):

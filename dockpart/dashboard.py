@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from twisted.application.service import MultiService
 from twisted.web import server
 
-from dockpart import dashboard_page, keys, tier
+from dockpart import dashboard_page, records, tier
 from dockpart.dashboard_state import TierWatch
 from dockpart.listening import Listener, server_endpoint
 from dockpart.redisconn import RedisUnavailable
@@ -225,8 +225,7 @@ class Dashboard(CoroutineResource):
     async def spawn(self, request) -> Reply:
         self._body(request)
         self._writable()
-        limits = await self.redis.call("HGET", keys.AUTOSCALE_LIMITS, "max")
-        ceiling = int(limits) if limits and str(limits).isdigit() else DEFAULT_MAX_INSTANCES
+        ceiling = (await records.read_limits(self.redis)).max or DEFAULT_MAX_INSTANCES
         try:
             url = await tier.request_spawn(self.redis, self.rules.host, self.rules.first_port,
                                            ceiling, self.rules.high)
@@ -264,8 +263,7 @@ class Dashboard(CoroutineResource):
         if not 1 <= values["min"] <= values["max"]:
             raise Refused(400, f"need 1 <= min <= max (got min {values['min']}, "
                                f"max {values['max']})")
-        await self.redis.call("HSET", keys.AUTOSCALE_LIMITS, "min", values["min"],
-                              "max", values["max"])
+        await records.write_limits(self.redis, values["min"], values["max"])
         self.log.info("dashboard: autoscaling limits set to {min}-{max}", **values)
         return await self._done(request, 200, values)
 

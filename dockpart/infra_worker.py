@@ -13,7 +13,6 @@ runs (an instance that does not answer leaves ``servers`` until it answers
 again, and is not destroyed), and replaces an instance that exited.
 """
 
-import json
 import os
 import socket
 import uuid
@@ -29,6 +28,7 @@ from twisted.logger import Logger
 
 from dockpart import keys, probe, tier
 from dockpart.drivers import DriverError, Unavailable
+from dockpart.records import DeadLetter, add_dead_letter
 from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
 from dockpart.redisconn import RedisService, RedisUnavailable
 
@@ -52,13 +52,6 @@ return 1
 _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 """
-
-# The letter first: a script that fails half way keeps what it did, and the entry must not go.
-_DEAD_LETTER = """
-redis.call('LPUSH', KEYS[2], ARGV[2])
-redis.call('LREM', KEYS[1], 1, ARGV[1])
-"""
-
 
 @dataclass(frozen=True)
 class Queue:
@@ -383,10 +376,8 @@ class Worker(Service):
     async def _dead_letter(self, queue: Queue, entry: str, reason: str) -> None:
         self.log.warn("dead-lettered {queue} request {entry!r}: {reason}",
                       queue=queue.name, entry=entry, reason=reason)
-        letter = json.dumps({"queue": queue.name, "entry": entry, "reason": reason,
-                             "time": self.reactor.seconds()})
-        await self._retrying(lambda: self.redis.eval(
-            _DEAD_LETTER, [queue.processing, keys.DEAD_LETTERS], [entry, letter]))
+        letter = DeadLetter(queue.name, entry, reason, self.reactor.seconds())
+        await self._retrying(lambda: add_dead_letter(self.redis, queue.processing, letter))
 
     # -- the actions
 

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import server
 
-from dockpart import keys, tier
+from dockpart import keys, records, tier
 from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
 from dockpart.listening import Listener, server_endpoint, with_backlog
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
@@ -311,16 +311,9 @@ class WebApp(CoroutineResource):
 
     async def _autoscale(self) -> dict:
         """The autoscaler's desired size and last decisions (dockpart.infra_autoscale)."""
-        desired = await self.redis.call("GET", keys.AUTOSCALE_DESIRED)
-        raws = await self.redis.call("LRANGE", keys.AUTOSCALE_DECISIONS, 0, DECISIONS_SHOWN - 1)
-        decisions = []
-        for raw in raws:
-            try:
-                decisions.append(json.loads(raw))
-            except ValueError:
-                continue
-        return {"desired": int(desired) if desired and desired.isdigit() else None,
-                "decisions": decisions}
+        return {"desired": await records.read_desired(self.redis),
+                "decisions": [d.shown() for d in
+                              await records.read_decisions(self.redis, DECISIONS_SHOWN)]}
 
     async def work(self, request) -> Reply:
         """Stands for real work: answers after ``ms`` milliseconds without blocking."""
@@ -336,8 +329,8 @@ def _autoscale_html(autoscale: dict) -> str:
     if autoscale["desired"] is None and not autoscale["decisions"]:
         return ""
     items = "\n".join(
-        f"<li>{escape(time.strftime('%H:%M:%S', time.localtime(d.get('time', 0))))} "
-        f"<b>{escape(str(d.get('action')))}</b>: {escape(str(d.get('reason')))}</li>"
+        f"<li>{escape(time.strftime('%H:%M:%S', time.localtime(d['time'])))} "
+        f"<b>{escape(d['action'])}</b>: {escape(d['reason'])}</li>"
         for d in autoscale["decisions"])
     return (f"\n<h2>Autoscaler</h2>\n<p>Desired size: <b>{autoscale['desired']}</b></p>\n"
             f"<ol>\n{items}\n</ol>")

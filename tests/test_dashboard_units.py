@@ -7,6 +7,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from dockpart import load
+from dockpart.records import BackendLoad, LoadReport
 from dockpart.redisconn import RedisUnavailable
 from dockpart.dashboard_page import live_html
 from dockpart.dashboard_state import TierWatch, figures, instance_state
@@ -38,8 +39,8 @@ def test_figures_are_rates_and_quantiles_in_milliseconds():
     buckets = load.empty_buckets()
     buckets[load.bucket_of(0.004)] = 90
     buckets[load.bucket_of(0.08)] = 10
-    merged = load.merge([{"backends": {A: {"requests": 100, "errors": 4, "inflight": 2,
-                                           "latency_buckets": buckets, "healthy": True}}}])[A]
+    merged = load.merge([LoadReport({A: BackendLoad(requests=100, errors=4, inflight=2,
+                                                    latency_buckets=buckets, healthy=True)})])[A]
     assert figures(merged, 2.0) == {"rps": 50.0, "errors": 2.0, "p50_ms": 5.0, "p95_ms": 100.0,
                                     "inflight": 2}
 
@@ -125,6 +126,8 @@ class _Away:
 
     def call(self, *args):
         return defer.fail(RedisUnavailable("no connection to redis://127.0.0.1:1/0"))
+
+    eval = call
 
 
 def test_while_redis_is_away_the_last_figures_stay_and_the_page_says_so():

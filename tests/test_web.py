@@ -171,6 +171,20 @@ def test_listservers_in_html_and_json(web, redis_db):
                         "autoscale": {"desired": None, "decisions": []}}
 
 
+def test_listservers_skips_decisions_of_the_wrong_shape_instead_of_a_500(web, redis_db):
+    """Anyone with the Redis password can write them; /listservers shows the good ones."""
+    good = {"time": 1700000000.0, "current": 1, "spawning": 0, "inflight": 12,
+            "per_instance": 4, "target": 4, "desired": 3, "action": "up", "reason": "good one"}
+    redis_db.lpush(keys.AUTOSCALE_DECISIONS, json.dumps(good), "[1, 2]",
+                   json.dumps({**good, "time": "noon"}), "{broken")
+    redis_db.set(keys.AUTOSCALE_DESIRED, "lots")
+    html = get(web, "/listservers")
+    assert html.status_code == 200 and "good one" in html.text
+    r = get(web, "/listservers", headers={"accept": "application/json"})
+    assert r.status_code == 200
+    assert r.json()["autoscale"] == {"desired": None, "decisions": [good]}
+
+
 def test_unknown_route_and_wrong_method(web, redis_db):
     assert get(web, "/nope").status_code == 404
     assert requests.post(web.base + "/spawn", timeout=10).status_code == 405

@@ -242,15 +242,24 @@ def test_a_load_report_dated_in_the_future_moves_nothing(redis_db, redis_server,
 
 def test_a_malformed_load_report_is_skipped_and_the_others_still_count(redis_db, redis_server,
                                                                        tier):
-    """Before, one such row made every evaluation fail: no decision at all."""
+    """Before, one such row (kept fresh by whoever writes it) made every evaluation fail."""
     first, proxy, daemons, state_dir = tier
-    forge_report(redis_db, "forged:2", {"proxy": "forged:2", "time": time.time() + 1,
-                                        "backends": {"http://127.0.0.1:1": {"inflight": "many"}}},
-                 time.time() + 1)
+    stop = threading.Event()
+
+    def keep_writing():
+        while not stop.is_set():
+            forge_report(redis_db, "forged:2", {"proxy": "forged:2", "time": time.time(),
+                                                "backends": {"http://127.0.0.1:1": {
+                                                    "inflight": "many"}}}, time.time())
+            stop.wait(0.2)
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
     heavy = LoadGenerator(proxy.base, "/work?ms=300", 6)  # the real proxy's figures: 6 in flight
     try:
         daemons.append(start_infra(redis_server.url, state_dir, first, "--max-instances", "3"))
         wait_for(lambda: "autoscale up" in daemons[0].output(), 20, what="a scale-up")
     finally:
         heavy.stop()
+        stop.set()
+        writer.join(5)
     assert "skipping a bad load report" in daemons[0].output()

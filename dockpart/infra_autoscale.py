@@ -22,14 +22,13 @@ from collections import deque
 from dataclasses import dataclass
 
 from twisted.application.internet import backoffPolicy
-from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
 from dockpart import keys, load, records, tier
 from dockpart.records import Decision, DeadLetter, LoadReport
+from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Decisions kept in keys.AUTOSCALE_DECISIONS.
@@ -219,13 +218,14 @@ def settings_from(config) -> Settings:
                     config["scale-down-window"])
 
 
-class Autoscaler(Service):
+class Autoscaler(Periodic):
     """Evaluates every ``interval`` while ``worker`` holds the lease; acts through the queues."""
 
     log = Logger()
 
     def __init__(self, redis: RedisService, worker, policy: Policy, *, host: str, first_port: int,
                  max_port: int = tier.MAX_PORT, interval: float = 2.0, clock):
+        super().__init__(interval, clock)
         self.redis = redis
         self.worker = worker  # has .leased
         self.policy = policy
@@ -236,13 +236,11 @@ class Autoscaler(Service):
         self._leased = False
         self._last: tuple | None = None  # (action, desired) of the last decision recorded
         self._bad_limits: str | None = None
-        self._redis_down = False
+        self._redis = Outage(self.log, "autoscale: Redis is away ({error}); no decision until "
+                                       "it is back", "autoscale: Redis is back")
         self._evaluation: defer.Deferred | None = None  # under way
         self._letters_seen = clock.seconds()  # dead letters up to this time are known
         self._last_up = -math.inf  # when this autoscaler last asked for spawns
-        self._loop = LoopingCall(self.tick)
-        self._loop.clock = clock
-        self.interval = interval
 
     def startService(self):
         super().startService()
@@ -251,13 +249,10 @@ class Autoscaler(Service):
                       "(every {interval:g} s; scale-down after {window:g} s)",
                       low=s.min_instances, high=s.max_instances, target=s.target,
                       interval=self.interval, window=s.window)
-        self._loop.start(self.interval, now=False)
 
     def stopService(self):
         """Stop evaluating; one under way ends here too, so a stopped infra asks for nothing."""
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
         if self._evaluation is not None:
             self._evaluation.cancel()
 
@@ -278,10 +273,7 @@ class Autoscaler(Service):
         if failure.check(defer.CancelledError):
             return  # stopped
         if failure.check(RedisUnavailable):
-            if not self._redis_down:
-                self._redis_down = True
-                self.log.warn("autoscale: Redis is away ({error}); no decision until it is back",
-                              error=failure.getErrorMessage())
+            self._redis.failed(failure.getErrorMessage())
         else:
             self.log.failure("autoscale evaluation", failure)
 
@@ -298,7 +290,8 @@ class Autoscaler(Service):
         # After the lists: a spawn that left them for the dead letters is among these.
         letters = await records.read_dead_letters(self.redis, LETTERS_READ)
         reports = await records.read_load_reports(self.redis, self.clock.seconds())
-        self._redis_down = False
+        self._redis = Outage(self.log, "autoscale: Redis is away ({error}); no decision until "
+                                       "it is back", "autoscale: Redis is back")
         seen = observe(lists, reports)
         self._learn_from_spawns(letters, seen)
         if not reports:

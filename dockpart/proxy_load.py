@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dockpart import load
-from dockpart.periodic import Periodic
+from dockpart.periodic import Outage, Periodic
 from dockpart.proxy_backends import BackendSet
 from dockpart.records import BackendLoad, LoadReport, publish_load_report
 from dockpart.redisconn import RedisService, RedisUnavailable
@@ -41,7 +41,8 @@ class LoadPublisher(Periodic):
         self.id = name or proxy_id()
         self._seen: dict[str, tuple] = {}  # per URL, the counters at the previous report
         self._last_time: float | None = None
-        self._failing = False
+        self._outage = Outage(self.log, "cannot publish load reports: {error}",
+                              "load reports are published again")
 
     def tick(self) -> defer.Deferred | None:
         return self.publish()
@@ -78,17 +79,10 @@ class LoadPublisher(Periodic):
         return d
 
     def _published(self, _) -> None:
-        if self._failing:
-            self._failing = False
-            self.log.info("load reports are published again")
+        self._outage.ok()
 
     def _not_published(self, failure) -> None:
-        if not self._failing:
-            self._failing = True
-            if failure.check(RedisUnavailable):
-                self.log.warn("cannot publish load reports: {error}",
-                              error=failure.getErrorMessage())
-            else:
-                self.log.failure("publishing a load report", failure)
-
-
+        if failure.check(RedisUnavailable):
+            self._outage.failed(failure.getErrorMessage())
+        else:
+            self._outage.failed(failure.getErrorMessage(), failure=failure)

@@ -13,9 +13,8 @@ import random
 import time
 from html import escape
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer, task
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import server
@@ -23,6 +22,7 @@ from twisted.web import server
 from dockpart import keys, records, tier
 from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
 from dockpart.listening import Listener, server_endpoint, with_backlog
+from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 from dockpart.routes import TOKEN_PARAM, CoroutineResource, Reply, without_token
 
@@ -336,7 +336,7 @@ def _autoscale_html(autoscale: dict) -> str:
             f"<ol>\n{items}\n</ol>")
 
 
-class FirstInstanceRegistration(Service):
+class FirstInstanceRegistration(Periodic):
     """Learns this instance's URL from its listener; the first instance keeps itself in ``servers``.
 
     No daemon starts the first instance, so no reconcile puts it back: it registers every
@@ -346,23 +346,19 @@ class FirstInstanceRegistration(Service):
     interval.  Redis being away is logged once per outage, not once per try.
     """
 
-    log = Logger()
-
     def __init__(self, listener: Listener, app: WebApp, interval: float, *, reactor):
+        super().__init__(interval, reactor, now=True)
         self.listener = listener
         self.app = app
-        self.interval = interval
-        self.registration = LoopingCall(self._register)
-        self.registration.clock = reactor
         self._registered_before = False
-        self._failing = False
+        self._outage = Outage(self.log, "cannot register {url} in servers now ({error}); "
+                                        "retrying every {interval:g} s", interval=interval)
 
     def startService(self):
-        super().startService()
         port = self.listener.port.getHost().port
         self.app.url = instance_url(self.app.advertise_host, port)
         if port == self.app.first_port:
-            self.registration.start(self.interval)
+            super().startService()
 
     async def _register_once(self) -> None:
         added = await tier.register(self.app.redis, self.app.url)
@@ -373,25 +369,12 @@ class FirstInstanceRegistration(Service):
         elif not self._registered_before:
             self.log.info("first instance {url} already in servers", url=self.app.url)
         self._registered_before = True
-        self._failing = False
+        self._outage.ok()
 
-    def _register(self):
+    def tick(self):
         d = defer.ensureDeferred(self._register_once())
-        d.addErrback(self._register_failed)
+        d.addErrback(lambda f: self._outage.failed(f.getErrorMessage(), url=self.app.url))
         return d
-
-    def _register_failed(self, failure) -> None:
-        """Logged, never raised: that would stop the LoopingCall for good."""
-        if not self._failing:
-            self._failing = True
-            self.log.warn("cannot register {url} in servers now ({e}); retrying every "
-                          "{interval:g} s", url=self.app.url, e=failure.getErrorMessage(),
-                          interval=self.interval)
-
-    def stopService(self):
-        super().stopService()
-        if self.registration.running:
-            self.registration.stop()
 
 
 def _size(option: str, value: str) -> int:

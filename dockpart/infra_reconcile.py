@@ -1,0 +1,168 @@
+"""dockpart-infra's reconciler: keeps ``servers`` and the instances that run in agreement.
+
+Beside the queue worker (:mod:`dockpart.infra_worker`), on its own interval and while that
+worker holds the lease: it probes what is listed and what runs (an instance that does not
+answer leaves ``servers`` until it answers again, and is not destroyed), and replaces an
+instance that exited.  Ports with a request queued or in the worker's hands are left to it.
+"""
+
+from twisted.internet import defer
+
+from dockpart import keys, tier
+from dockpart.drivers import Unavailable
+from dockpart.periodic import Periodic
+from dockpart.redisconn import RedisUnavailable
+from dockpart.tier import instance_url, parse_instance_url
+
+#: Where instances listen (the drivers bind them to loopback), for the probes.
+INSTANCE_HOST = "127.0.0.1"
+
+
+def probe_host(url) -> str:
+    """Where to probe an instance: the host of the URL its driver placed it at (swarm), else
+    loopback, where the process and Docker drivers' instances listen."""
+    return parse_instance_url(url)[0] if isinstance(url, str) else INSTANCE_HOST
+
+
+class Reconciler(Periodic):
+    """Every ``interval`` seconds, one pass (:meth:`reconcile`) for ``worker``'s tier.
+
+    The worker lends what both need: the Redis handle, the driver, the entry rules, the probe,
+    its per-port locks (a port in the worker's hands is busy here) and its outage logs.
+    """
+
+    def __init__(self, worker, interval: float):
+        super().__init__(interval, worker.reactor)
+        self.worker = worker
+        self._passes: set[defer.Deferred] = set()  # under way
+        self._reconciling = defer.DeferredLock()  # one pass at a time
+
+    def tick(self) -> defer.Deferred:
+        d = defer.ensureDeferred(self.reconcile())
+        self._passes.add(d)
+        d.addErrback(self._failed)
+        d.addBoth(lambda _: self._passes.discard(d))
+        return d
+
+    def stopService(self):
+        """A pass left running would list or unlist instances after the stop."""
+        super().stopService()
+        passes = list(self._passes)
+        for d in passes:
+            d.cancel()
+        return defer.DeferredList(passes)
+
+    def _failed(self, failure):
+        if failure.check(defer.FirstError):  # from the probes, gathered
+            failure = failure.value.subFailure
+        if failure.check(defer.CancelledError):
+            return  # stopped
+        if failure.check(Unavailable, RedisUnavailable):
+            self.worker.outages[failure.type].failed(failure.value)
+        else:  # logged here, with the reason; Periodic would only say a round failed
+            self.log.failure("reconciling", failure)
+
+    async def reconcile(self) -> None:
+        """Make ``servers`` list exactly the instances that answer; replace those that exited.
+
+        An instance that runs but does not answer (frozen, overloaded) leaves ``servers`` and
+        comes back once it answers: it is never destroyed for it.  The first instance is
+        probed too (it puts itself back when it answers again).  Ports with a request queued
+        or in hand are left to that request.
+        """
+        async with self._reconciling:
+            if self.worker.leased:
+                await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        # The lists (as of one moment) first, instances second: an instance registered in
+        # between is never dropped.
+        lists = await tier.snapshot(self.worker.redis)
+        instances = await self.worker.driver.managed()
+        rules = self.worker.rules
+        pending = {rules.owns(url) for key, urls in lists.items() if key != keys.SERVERS
+                   for url in urls}
+        listed, first = {}, None
+        for url in lists[keys.SERVERS]:
+            port = rules.owns(url)
+            if port is not None:
+                listed[port] = url
+            elif rules.is_first(url):
+                first = url
+
+        def busy(port):
+            return port in pending or port in self.worker.port_locks
+
+        def moved(port):  # swarm: the instance runs now on another node than listed
+            up = instances.get(port)
+            return isinstance(up, str) and listed[port] != up
+
+        # Where each instance answers, for those this infra's rules cover.
+        urls = {port: self._url(port, up) for port, up in instances.items()}
+        ours = {port: url for port, url in urls.items() if rules.owns(url) is not None}
+        for port, up in sorted(instances.items()):
+            if up is False and port in ours and not busy(port):
+                await self._replace_exited(port, listed.get(port))
+        for port, url in listed.items():
+            # None: swarm restarts its task; it comes back in servers once placed and answering.
+            if (instances.get(port) is None or moved(port)) and not busy(port):
+                if await tier.unregister(self.worker.redis, url):
+                    self.log.info("reconcile: {what} is {gone}; removed {url} from servers",
+                                  what=self.worker.driver.describe(port), url=url,
+                                  gone="restarting" if port in instances else "gone")
+        await self._probe_and_list(
+            {port: (ours[port], probe_host(up)) for port, up in instances.items()
+             if up and port in ours and not busy(port)},
+            listed, first, busy)
+        for outage in self.worker.outages.values():
+            outage.ok()
+
+    def _url(self, port: int, up: bool | str = True) -> str:
+        """Where the instance on ``port`` answers: the URL its driver reports (swarm places
+        instances on nodes), else this infra's host."""
+        return up if isinstance(up, str) else instance_url(self.worker.rules.host, port)
+
+    async def _probe_and_list(self, candidates: dict[int, tuple[str, str]],
+                              listed: dict[int, str], first: str | None, busy) -> None:
+        """Probe every running instance (and a listed first one) at once; list what answers.
+
+        ``candidates``: per port, the URL to list and the host to probe it on.
+        """
+        if first is not None:
+            candidates[self.worker.rules.first_port] = (first, INSTANCE_HOST)
+        ports = sorted(candidates)
+        answers = await defer.gatherResults(
+            [defer.ensureDeferred(self.worker.probe(self.clock, port, candidates[port][1]))
+             for port in ports],
+            consumeErrors=True)
+        for port, answered in zip(ports, answers):
+            url = candidates[port][0]
+            # Asked again after the probe: a destroy taken meanwhile must not see it come back.
+            if busy(port):
+                continue
+            what = ("the first instance" if url == first else self.worker.driver.describe(port))
+            was_listed = listed.get(port) == url or url == first
+            if answered and not was_listed:
+                if await tier.register(self.worker.redis, url):
+                    self.log.info("reconcile: {what} answers; added {url} back to servers",
+                                  what=what, url=url)
+            elif not answered and was_listed:
+                if await tier.unregister(self.worker.redis, url):
+                    self.log.warn("reconcile: {what} did not answer within {timeout:g} s; "
+                                  "removed {url} from servers until it answers again",
+                                  what=what, url=url, timeout=self.worker.probe_timeout)
+
+    async def _replace_exited(self, port: int, listed_url: str | None) -> None:
+        """An instance that exited leaves servers and is removed; a spawn replaces it unless
+        someone else owns the count."""
+        url = self._url(port)
+        what = self.worker.driver.describe(port)
+        async with self.worker.port_lock(port):
+            await tier.unregister(self.worker.redis, listed_url or url)
+            if self.worker.keep_count:
+                # Queued before the removal: a crash in between still ends with the instance.
+                await self.worker.redis.call("LPUSH", keys.SPAWN_QUEUE, url)
+            await self.worker.driver.remove(port)
+        self.log.warn("reconcile: {what} exited; removed it{then}", what=what,
+                      then=f" and queued a spawn of {url} in its place" if self.worker.keep_count
+                      else " (the count of instances is the autoscaler's)")

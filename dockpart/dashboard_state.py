@@ -132,14 +132,14 @@ class TierWatch(Periodic):
         inventory, driver_error = None, None
         if active:
             try:
-                inventory = await self.driver.inventory()
+                inventory = await self.driver.instances()
             except (Unavailable, DriverError) as e:
                 driver_error = str(e)
         interval = max((r.interval for r in reports), default=1.0)
         merged = load.merge(reports)
         # Where each instance answers: the URL its driver placed it at (swarm), else this host.
-        by_url = {seen.get("url") or instance_url(self.host, port): seen
-                  for port, seen in (inventory or {}).items()}
+        by_url = {found.url or instance_url(self.host, port): found.shown()
+                  for port, found in (inventory or {}).items()}
         urls = set().union(*lists.values(), merged, by_url)
         instances = []
         for url in sorted(urls, key=lambda u: (_port(u), u)):

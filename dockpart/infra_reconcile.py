@@ -9,20 +9,10 @@ instance that exited.  Ports with a request queued or in the worker's hands are 
 from twisted.internet import defer
 
 from dockpart import keys, tier
-from dockpart.drivers import Unavailable
+from dockpart.drivers import INSTANCE_HOST, Instance, Status, Unavailable
 from dockpart.periodic import Periodic
 from dockpart.redisconn import RedisUnavailable
-from dockpart.tier import instance_url, parse_instance_url
-
-#: Where instances listen (the drivers bind them to loopback), for the probes.
-INSTANCE_HOST = "127.0.0.1"
-
-
-def probe_host(url) -> str:
-    """Where to probe an instance: the host of the URL its driver placed it at (swarm), else
-    loopback, where the process and Docker drivers' instances listen."""
-    return parse_instance_url(url)[0] if isinstance(url, str) else INSTANCE_HOST
-
+from dockpart.tier import instance_url
 
 class Reconciler(Periodic):
     """Every ``interval`` seconds, one pass (:meth:`reconcile`) for ``worker``'s tier.
@@ -78,7 +68,7 @@ class Reconciler(Periodic):
         # The lists (as of one moment) first, instances second: an instance registered in
         # between is never dropped.
         lists = await tier.snapshot(self.worker.redis)
-        instances = await self.worker.driver.managed()
+        instances = await self.worker.driver.instances()
         rules = self.worker.rules
         pending = {rules.owns(url) for key, urls in lists.items() if key != keys.SERVERS
                    for url in urls}
@@ -94,33 +84,36 @@ class Reconciler(Periodic):
             return port in pending or port in self.worker.port_locks
 
         def moved(port):  # swarm: the instance runs now on another node than listed
-            up = instances.get(port)
-            return isinstance(up, str) and listed[port] != up
+            found = instances.get(port)
+            return found is not None and found.url is not None and listed[port] != found.url
+
+        def away(port):  # gone, or Swarm restarts its task: back once placed and answering
+            found = instances.get(port)
+            return found is None or found.status is Status.RESTARTING
 
         # Where each instance answers, for those this infra's rules cover.
-        urls = {port: self._url(port, up) for port, up in instances.items()}
+        urls = {port: self._url(found) for port, found in instances.items()}
         ours = {port: url for port, url in urls.items() if rules.owns(url) is not None}
-        for port, up in sorted(instances.items()):
-            if up is False and port in ours and not busy(port):
+        for port, found in sorted(instances.items()):
+            if found.status is Status.EXITED and port in ours and not busy(port):
                 await self._replace_exited(port, listed.get(port))
         for port, url in listed.items():
-            # None: swarm restarts its task; it comes back in servers once placed and answering.
-            if (instances.get(port) is None or moved(port)) and not busy(port):
+            if (away(port) or moved(port)) and not busy(port):
                 if await tier.unregister(self.worker.redis, url):
                     self.log.info("reconcile: {what} is {gone}; removed {url} from servers",
                                   what=self.worker.driver.describe(port), url=url,
                                   gone="restarting" if port in instances else "gone")
         await self._probe_and_list(
-            {port: (ours[port], probe_host(up)) for port, up in instances.items()
-             if up and port in ours and not busy(port)},
+            {port: (ours[port], found.probe_host) for port, found in instances.items()
+             if found.running and port in ours and not busy(port)},
             listed, first, busy)
         for outage in self.worker.outages.values():
             outage.ok()
 
-    def _url(self, port: int, up: bool | str = True) -> str:
-        """Where the instance on ``port`` answers: the URL its driver reports (swarm places
-        instances on nodes), else this infra's host."""
-        return up if isinstance(up, str) else instance_url(self.worker.rules.host, port)
+    def _url(self, found: Instance) -> str:
+        """Where an instance answers: the URL its driver reports (swarm places instances on
+        nodes), else this infra's host."""
+        return found.url or instance_url(self.worker.rules.host, found.port)
 
     async def _probe_and_list(self, candidates: dict[int, tuple[str, str]],
                               listed: dict[int, str], first: str | None, busy) -> None:
@@ -155,7 +148,7 @@ class Reconciler(Periodic):
     async def _replace_exited(self, port: int, listed_url: str | None) -> None:
         """An instance that exited leaves servers and is removed; a spawn replaces it unless
         someone else owns the count."""
-        url = self._url(port)
+        url = instance_url(self.worker.rules.host, port)
         what = self.worker.driver.describe(port)
         async with self.worker.port_lock(port):
             await tier.unregister(self.worker.redis, listed_url or url)

@@ -7,10 +7,9 @@ anything new is taken.  Actions are idempotent (one instance name per port), so
 finishing a request twice does it once.  An entry that cannot be carried out
 goes to the dead-letter list with the reason.  A spawned URL joins ``servers``
 only once the instance answers HTTP; a destroyed one leaves ``servers`` first
-and its instance stops only after a drain period.  A reconciler keeps
-``servers`` and the instances in agreement: it probes what is listed and what
-runs (an instance that does not answer leaves ``servers`` until it answers
-again, and is not destroyed), and replaces an instance that exited.
+and its instance stops only after a drain period.  Beside the queues, the
+reconciler (:mod:`dockpart.infra_reconcile`) keeps ``servers`` and the instances
+in agreement.
 """
 
 import os
@@ -26,12 +25,12 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from dockpart import keys, probe, tier
-from dockpart.drivers import DriverError, Unavailable
-from dockpart.infra_reconcile import INSTANCE_HOST, Reconciler, probe_host
-from dockpart.periodic import Every, Outage
+from dockpart import keys, periodic, probe, tier
+from dockpart.drivers import INSTANCE_HOST, Driver, DriverError, Unavailable, probe_host
+from dockpart.infra_reconcile import Reconciler
+from dockpart.periodic import Every
 from dockpart.records import DeadLetter, add_dead_letter
-from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
+from dockpart.tier import BadInstanceURL, parse_instance_url
 from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Seconds after start during which a dependency not answering yet is not reported.
@@ -109,6 +108,20 @@ class EntryRules:
             return False
 
 
+class Outage(periodic.Outage):
+    """The engine or Redis is unreachable: said once, and once that it is reachable again.
+
+    Failures before ``quiet_until`` (connections still being made at start) are not news.
+    """
+
+    log = Logger()
+
+    def __init__(self, what: str, clock):
+        super().__init__(self.log, "{what} is unreachable ({error}); keeping every request and "
+                                   "retrying", "{what} is reachable again", clock=clock,
+                         what=what)
+
+
 def retry_policy(most: float):
     """The wait before each retry while the engine or Redis is away, as a function of the
     attempt (from 0): RETRY_FIRST, doubling, never more than ``most``, without jitter (one
@@ -122,7 +135,8 @@ class Worker(MultiService):
 
     log = Logger()
 
-    def __init__(self, redis: RedisService, driver, rules: EntryRules, *, interval: float = 0.2,
+    def __init__(self, redis: RedisService, driver: Driver, rules: EntryRules, *,
+                 interval: float = 0.2,
                  reconcile_interval: float = 2.0, drain: float = 3.0, spawn_timeout: float = 30.0,
                  max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0,
                  probe_timeout: float = 1.0, keep_count: bool = True, probe=None, reactor):
@@ -146,8 +160,8 @@ class Worker(MultiService):
         self.reactor = reactor
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._leased: bool | None = None  # not known before the first look
-        self.outages = {Unavailable: self._outage(f"the {driver.name} driver's engine"),
-                        RedisUnavailable: self._outage("Redis")}
+        self.outages = {Unavailable: Outage(f"the {driver.name} driver's engine", reactor),
+                        RedisUnavailable: Outage("Redis", reactor)}
         self._tasks: set[defer.Deferred] = set()
         self._inflight: Counter = Counter()  # (queue, entry) pairs in hand
         self.port_locks: dict[int, defer.DeferredLock] = {}
@@ -161,10 +175,6 @@ class Worker(MultiService):
         # Beside the queues, on its own interval; once more as soon as the lease is held.
         self.reconciler = Reconciler(self, reconcile_interval)
         self.reconciler.setServiceParent(self)
-
-    def _outage(self, what: str) -> Outage:
-        return Outage(self.log, "{what} is unreachable ({error}); keeping every request and "
-                      "retrying", "{what} is reachable again", clock=self.reactor, what=what)
 
     @property
     def leased(self) -> bool:
@@ -351,8 +361,9 @@ class Worker(MultiService):
     async def _spawn(self, url: str, port: int) -> None:
         what = self.driver.describe(port)
         began = self.reactor.seconds()
-        running = await self._retrying(self.driver.managed)
-        if not running.get(port) and await probe.accepts(self.reactor, INSTANCE_HOST, port):
+        found = (await self._retrying(self.driver.instances)).get(port)
+        if not (found and found.running) and await probe.accepts(self.reactor, INSTANCE_HOST,
+                                                                 port):
             raise DriverError(f"port {port} is in use by something dockpart does not manage")
         self.log.info("starting {what} for {url}", what=what, url=url)
         try:

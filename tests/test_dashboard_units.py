@@ -3,12 +3,13 @@
 from types import SimpleNamespace
 
 import pytest
-from twisted.internet import defer
+import pytest_twisted
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
-from dockpart import load
+from dockpart import keys, load
 from dockpart.records import BackendLoad, LoadReport
-from dockpart.redisconn import RedisUnavailable
+from dockpart.redisconn import RedisAddress, RedisService, RedisUnavailable
 from dockpart.dashboard_page import live_html
 from dockpart.dashboard_state import TierWatch, figures, instance_state
 
@@ -159,3 +160,32 @@ def test_an_older_look_that_ends_last_does_not_replace_a_newer_one():
     assert w.snapshot["time"] == 2.0
     slow.callback(None)
     assert older.result["time"] == 1.0 and w.snapshot["time"] == 2.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_moving_into_servers_mid_look_is_seen_exactly_once(redis_db,
+                                                                              redis_server):
+    """The worker registers a spawned instance (spawning -> servers) while the dashboard looks:
+    read list by list, the tier looked an instance short; the view is one moment."""
+    redis = RedisService(RedisAddress.parse(redis_server.url), 2.0, reactor)
+    redis.startService()
+    moving = "http://127.0.0.1:3001"
+    redis_db.rpush(keys.SPAWNING, moving)
+    send, sent = redis.call, []
+
+    def call(*args):  # after the dashboard's first command, the instance moves
+        if len(sent) == 1:
+            redis_db.lmove(keys.SPAWNING, keys.SERVERS, "LEFT", "RIGHT")
+        sent.append(args[0])
+        return send(*args)
+    redis.call = call
+    try:
+        w = watch(reactor)
+        w.redis = redis
+        snapshot = await w.refresh()
+    finally:
+        await redis.stopService()
+    assert snapshot["error"] is None
+    places = [name for name, urls in snapshot["queues"].items() if moving in urls]
+    assert places == ["spawning"]
+    assert [row["url"] for row in snapshot["instances"]] == [moving]

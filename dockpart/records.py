@@ -15,11 +15,14 @@ Records:
 - :class:`Limits`: min and max set at run time (``keys.AUTOSCALE_LIMITS``).
 - :class:`DeadLetter`: a request infra could not carry out (``keys.DEAD_LETTERS``).
 - :class:`TierView`: what the dashboard shows, read in one script (one moment).
+- :class:`QueuedImage`: an upload waiting for ``/meow`` (``keys.IMAGES``), between web
+  instances.
 
 Records that belong to a tier carry ``app``: None is the seed tier (``servers``); a named
 app's records say its name, and the seed's JSON stays what it always was.
 """
 
+import binascii
 import json
 import math
 from collections import OrderedDict
@@ -471,3 +474,28 @@ async def read_tier_view(redis, letters: int, decisions: int) -> TierView:
                     holder if isinstance(holder, str) else None,
                     decode_decisions(raw_decisions or []), decode_desired(desired),
                     Limits.decode(limits or []), list(live or []))
+
+
+# -- the web app's image queue
+
+
+@dataclass(frozen=True)
+class QueuedImage:
+    """An uploaded image waiting for /meow: its type and its bytes in base64."""
+    type: str  # image/png ... (dockpart.web.sniff_image's word)
+    data: str  # base64
+
+    def encode(self) -> str:
+        return json.dumps({"type": self.type, "data": self.data})
+
+    @classmethod
+    def decode(cls, raw) -> "QueuedImage":
+        d = _object(_json(raw))
+        kind, data = _text(d.get("type"), "type"), _text(d.get("data"), "data")
+        if not kind.startswith("image/") or not kind[6:].isalnum():
+            raise BadRecord(f"type {kind!r} is not an image type")
+        try:
+            binascii.a2b_base64(data.encode("ascii"), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise BadRecord("data is not base64") from None
+        return cls(kind, data)

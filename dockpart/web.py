@@ -233,7 +233,7 @@ class WebApp(CoroutineResource):
         mime = sniff_image(data)
         if mime is None:
             return message("Not an image", "The upload is not a JPEG, PNG, GIF, BMP or WebP image.", 415)
-        entry = json.dumps({"type": mime, "data": base64.b64encode(data).decode("ascii")})
+        entry = records.QueuedImage(mime, base64.b64encode(data).decode("ascii")).encode()
         length = await self.redis.eval(_QUEUE_IMAGE, [keys.IMAGES],
                                        [entry, self.max_queued_images])
         if length == -1:
@@ -243,11 +243,15 @@ class WebApp(CoroutineResource):
                                  f"{length} in the queue. See it at /meow.", 201)
 
     async def meow(self, request) -> Reply:
-        entry = await self.redis.call("LPOP", keys.IMAGES)
-        if entry is None:
-            return message("No image", "The image queue is empty; upload one at /upload first.", 404)
-        image = json.loads(entry)
-        src = f"data:{image['type']};base64,{image['data']}"
+        image = None
+        while image is None:  # a row no web app wrote is taken off and skipped
+            entry = await self.redis.call("LPOP", keys.IMAGES)
+            if entry is None:
+                return message("No image", "The image queue is empty; upload one at /upload "
+                                           "first.", 404)
+            image = next(iter(records.decode_each([entry], records.QueuedImage.decode,
+                                                  "queued image")), None)
+        src = f"data:{image.type};base64,{image.data}"
         return page("Meow", f'<img src="{escape(src)}" alt="the most recent upload">')
 
     def _may_scale(self, request) -> bool:

@@ -83,6 +83,20 @@ def test_upload_then_meow_shows_the_image_and_empties_the_queue(web, redis_db):
     assert r.status_code == 404 and "empty" in r.text
 
 
+def test_meow_skips_queued_rows_that_no_web_app_wrote(web, redis_db):
+    """Anyone with the Redis password can push them: /meow takes them off and shows the next
+    real image, never a 500."""
+    image = png_bytes(5)
+    requests.post(web.base + "/upload", files={"image": ("x.png", image)}, timeout=10)
+    redis_db.lpush(keys.IMAGES, "[1]", "{not json", '{"type": "text/html", "data": "PGI+"}',
+                   '{"type": "image/png", "data": "%%%"}')
+    r = get(web, "/meow")
+    assert r.status_code == 200 and 'src="data:image/png;base64,' in r.text
+    assert redis_db.llen(keys.IMAGES) == 0
+    redis_db.lpush(keys.IMAGES, "{not json")
+    assert get(web, "/meow").status_code == 404
+
+
 def test_meow_shows_the_most_recent_upload_first(web, redis_db):
     import base64
     first, second = png_bytes(10), png_bytes(20)

@@ -9,10 +9,11 @@ latest snapshot, so ten open dashboards cost the tier what one does.
 from collections import deque
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from dockpart import load, records
 from dockpart.drivers import DriverError, Unavailable
-from dockpart.periodic import Periodic
+from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
 from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
 
@@ -99,6 +100,8 @@ class TierWatch(Periodic):
         self.events: deque = deque(maxlen=1000)
         self._last_servers: set[str] | None = None
         self._shown_since = float("-inf")  # when the look behind the snapshot began
+        self._failing = Outage(self.log, "could not look at the tier ({error})",
+                               "looking at the tier works again")
 
     def tick(self) -> defer.Deferred:
         return defer.ensureDeferred(self.refresh(record=True))
@@ -111,10 +114,10 @@ class TierWatch(Periodic):
         except RedisUnavailable as e:
             snapshot = {**self.snapshot, "error": f"Redis is unreachable: {e}"}
         except Exception as e:  # said on the page each time, logged once
-            if not (self.snapshot.get("error") or "").startswith("could not look"):
-                self.log.failure("looking at the tier")
+            self._failing.failed(repr(e), failure=Failure())
             snapshot = {**self.snapshot, "error": f"could not look at the tier: {e!r}"}
         else:
+            self._failing.ok()
             if record:
                 self._record(snapshot)
         # A button's look and the periodic one can overlap: an older look that ends last

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from dockpart import keys, load  # noqa: E402
-from dockpart.load import read_reports  # noqa: E402
+from dockpart.records import read_load_reports as read_reports  # noqa: E402
 from helpers import (Daemon, RedisProcess, SyncRedis, free_port, kill_instances,  # noqa: E402
                      port_block, wait_for)
 
@@ -229,7 +229,9 @@ def main():
         for plugin, *options in (
                 ("dockpart-web", "--listen", f"tcp:{first}:interface=127.0.0.1",
                  "--first-port", str(first), "--max-instances", str(args.max)),
-                ("dockpart-proxy", "--listen", f"tcp:{proxy_port}:interface=127.0.0.1")):
+                # Every simulated client is 127.0.0.1: count them all as load.
+                ("dockpart-proxy", "--listen", f"tcp:{proxy_port}:interface=127.0.0.1",
+                 "--load-per-client", "0")):
             daemons.append(Daemon(plugin, *options, "--redis", redis.url,
                                   ready="listening on").start(60))
         driver = ["--driver", "process", "--state-dir", str(state)]

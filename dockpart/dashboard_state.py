@@ -11,7 +11,7 @@ from collections import deque
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from dockpart import load, records
+from dockpart import apps, load, records
 from dockpart.drivers import DriverError, Unavailable
 from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
@@ -76,6 +76,19 @@ def _health(merged: dict | None) -> str:
     return "healthy" if merged["healthy"] else "down"
 
 
+def app_view(app: apps.App, reports: list[records.LoadReport]) -> dict:
+    """One app as the dashboard shows it: its scale, its instances and their figures."""
+    interval = max((r.interval for r in reports), default=1.0)
+    merged = load.merge(reports)
+    empty = {"rps": None, "errors": None, "p50_ms": None, "p95_ms": None, "inflight": None}
+    return {**app.as_json(),
+            "instances": [{"url": url, "health": _health(merged.get(url)),
+                           **(figures(merged[url], interval) if url in merged else empty)}
+                          for url in app.instances],
+            **figures(tier_totals({u: f for u, f in merged.items() if u in app.instances}),
+                      interval)}
+
+
 def _port(url: str) -> int:
     try:
         return parse_instance_url(url)[1]
@@ -130,7 +143,9 @@ class TierWatch(Periodic):
     async def _look(self, now: float) -> dict:
         view = await records.read_tier_view(self.redis, DEAD_LETTERS_SHOWN, DECISIONS_SHOWN)
         lists, holder = view.lists, view.lease_holder
-        reports = await records.read_load_reports(self.redis, now)
+        every = await records.read_load_reports(self.redis, now)
+        reports = [r for r in every if r.app is None]  # the apps' own load is theirs
+        found = await apps.read_all(self.redis)
         active = holder == self.worker.id
         inventory, driver_error = None, None
         if active:
@@ -173,6 +188,7 @@ class TierWatch(Periodic):
             "autoscale": {"decisions": [d.shown() for d in view.decisions],
                           "desired": view.desired, "limits": view.limits.shown()},
             "deploy": {"live": view.live},
+            "apps": [app_view(app, [r for r in every if r.app == app.name]) for app in found],
         }
 
     def _record(self, snapshot: dict) -> None:

@@ -164,12 +164,15 @@ class Policy:
         return decision(current, "hold", why)
 
 
-def observe(lists: dict[str, list[str]], reports: list[LoadReport]) -> Observed:
-    """Current size from the tier's lists (as request_spawn counts it) and load from reports."""
-    leaving = set(lists[keys.DESTROY_QUEUE]) | set(lists[keys.DESTROYING])
-    ready = set(lists[keys.SERVERS]) - leaving
-    spawning = (set(lists[keys.SPAWN_QUEUE]) | set(lists[keys.SPAWNING])) - ready - leaving
-    ours = [r for r in reports if r.list == keys.SERVERS]
+def observe(lists: dict[str, list[str]], reports: list[LoadReport],
+            tier_keys: keys.TierKeys = keys.SEED) -> Observed:
+    """Current size from the tier's lists (as request_spawn counts it) and load from reports
+    (those of the proxies' rotation over ``tier_keys.servers``: the seed's, or an app's)."""
+    t = tier_keys
+    leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
+    ready = set(lists[t.servers]) - leaving
+    spawning = (set(lists[t.spawn_queue]) | set(lists[t.spawning])) - ready - leaving
+    ours = [r for r in reports if r.list == t.servers]
     inflight = sum(f["inflight"] for f in load.merge(ours).values())
     return Observed(len(ready), len(spawning), inflight)
 
@@ -290,8 +293,7 @@ class Autoscaler(Periodic):
         # After the lists: a spawn that left them for the dead letters is among these.
         letters = await records.read_dead_letters(self.redis, LETTERS_READ)
         reports = await records.read_load_reports(self.redis, self.clock.seconds())
-        self._redis = Outage(self.log, "autoscale: Redis is away ({error}); no decision until "
-                                       "it is back", "autoscale: Redis is back")
+        self._redis.ok()
         seen = observe(lists, reports)
         self._learn_from_spawns(letters, seen)
         if not reports:
@@ -310,15 +312,15 @@ class Autoscaler(Periodic):
     def _learn_from_spawns(self, letters: list[DeadLetter], seen: Observed) -> None:
         """Hold scale-ups after a spawn newer than the last one known was dead-lettered;
         end the hold once a scale-up asked for after it has no spawn left and no letter."""
-        newest = None
+        newest: tuple[float, DeadLetter] | None = None
         for letter in letters:
             at = letter.time
             if letter.queue == "spawn" and at is not None and at > self._letters_seen \
-                    and (newest is None or at > newest.time):
-                newest = letter
+                    and letter.list in (None, keys.SERVERS) \
+                    and (newest is None or at > newest[0]):
+                newest = (at, letter)
         if newest is not None:
-            letter = newest
-            self._letters_seen = letter.time
+            self._letters_seen, letter = newest
             reason = letter.reason
             if len(reason) > REASON_QUOTED:
                 reason = reason[:REASON_QUOTED - 3] + "..."

@@ -8,7 +8,7 @@ instance that exited.  Ports with a request queued or in the worker's hands are 
 
 from twisted.internet import defer
 
-from dockpart import keys, tier
+from dockpart import tier
 from dockpart.drivers import INSTANCE_HOST, Instance, Status, Unavailable
 from dockpart.periodic import Periodic
 from dockpart.redisconn import RedisUnavailable
@@ -67,13 +67,14 @@ class Reconciler(Periodic):
     async def _reconcile(self) -> None:
         # The lists (as of one moment) first, instances second: an instance registered in
         # between is never dropped.
-        lists = await tier.snapshot(self.worker.redis)
+        t = self.worker.lists
+        lists = await tier.snapshot(self.worker.redis, t)
         instances = await self.worker.driver.instances()
         rules = self.worker.rules
-        pending = {rules.owns(url) for key, urls in lists.items() if key != keys.SERVERS
+        pending = {rules.owns(url) for key, urls in lists.items() if key != t.servers
                    for url in urls}
         listed, first = {}, None
-        for url in lists[keys.SERVERS]:
+        for url in lists[t.servers]:
             port = rules.owns(url)
             if port is not None:
                 listed[port] = url
@@ -99,7 +100,7 @@ class Reconciler(Periodic):
                 await self._replace_exited(port, listed.get(port))
         for port, url in listed.items():
             if (away(port) or moved(port)) and not busy(port):
-                if await tier.unregister(self.worker.redis, url):
+                if await tier.unregister(self.worker.redis, url, t.servers):
                     self.log.info("reconcile: {what} is {gone}; removed {url} from servers",
                                   what=self.worker.driver.describe(port), url=url,
                                   gone="restarting" if port in instances else "gone")
@@ -136,11 +137,11 @@ class Reconciler(Periodic):
             what = ("the first instance" if url == first else self.worker.driver.describe(port))
             was_listed = listed.get(port) == url or url == first
             if answered and not was_listed:
-                if await tier.register(self.worker.redis, url):
+                if await tier.register(self.worker.redis, url, "", self.worker.lists.servers):
                     self.log.info("reconcile: {what} answers; added {url} back to servers",
                                   what=what, url=url)
             elif not answered and was_listed:
-                if await tier.unregister(self.worker.redis, url):
+                if await tier.unregister(self.worker.redis, url, self.worker.lists.servers):
                     self.log.warn("reconcile: {what} did not answer within {timeout:g} s; "
                                   "removed {url} from servers until it answers again",
                                   what=what, url=url, timeout=self.worker.probe_timeout)
@@ -151,10 +152,10 @@ class Reconciler(Periodic):
         url = instance_url(self.worker.rules.host, port)
         what = self.worker.driver.describe(port)
         async with self.worker.port_lock(port):
-            await tier.unregister(self.worker.redis, listed_url or url)
+            await tier.unregister(self.worker.redis, listed_url or url, self.worker.lists.servers)
             if self.worker.keep_count:
                 # Queued before the removal: a crash in between still ends with the instance.
-                await self.worker.redis.call("LPUSH", keys.SPAWN_QUEUE, url)
+                await self.worker.redis.call("LPUSH", self.worker.lists.spawn_queue, url)
             await self.worker.driver.remove(port)
         self.log.warn("reconcile: {what} exited; removed it{then}", what=what,
                       then=f" and queued a spawn of {url} in its place" if self.worker.keep_count

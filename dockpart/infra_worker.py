@@ -87,7 +87,7 @@ class EntryRules:
             raise BadEntry(f"not a valid instance URL: {e}") from None
         if host != self.host and not self.any_host:
             raise BadEntry(f"host {host!r} is not this infra's host {self.host!r}")
-        if queue is DESTROY and port == self.first_port:
+        if queue.name == DESTROY.name and port == self.first_port:
             raise BadEntry(f"the first instance (port {port}) is never destroyed")
         if not self.low <= port <= self.high:
             raise BadEntry(f"port {port} is outside the allowed range {self.low}-{self.high}")
@@ -139,9 +139,14 @@ class Worker(MultiService):
                  interval: float = 0.2,
                  reconcile_interval: float = 2.0, drain: float = 3.0, spawn_timeout: float = 30.0,
                  max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0,
-                 probe_timeout: float = 1.0, keep_count: bool = True, probe=None, reactor):
+                 probe_timeout: float = 1.0, keep_count: bool = True, probe=None,
+                 lists: keys.TierKeys = keys.SEED, reactor):
         super().__init__()
         self.redis = redis
+        # Whose queues and ``servers``: the seed app's, or an app's (dockpart.infra_apps).
+        self.lists = lists
+        self.queues = (Queue(SPAWN.name, lists.spawn_queue, lists.spawning),
+                       Queue(DESTROY.name, lists.destroy_queue, lists.destroying))
         self.driver = driver
         self.rules = rules
         self.interval = interval
@@ -197,7 +202,7 @@ class Worker(MultiService):
             task.cancel()
         done = defer.DeferredList(tasks)
         if self._leased:  # the next infra need not wait for the lease to expire
-            done.addCallback(lambda _: self.redis.eval(_RELEASE_LEASE, [keys.INFRA_LEASE],
+            done.addCallback(lambda _: self.redis.eval(_RELEASE_LEASE, [self.lists.lease],
                                                        [self.id]))
             done.addErrback(lambda f: None)
         return done
@@ -224,17 +229,17 @@ class Worker(MultiService):
 
     async def _hold_lease(self) -> bool:
         """Renew this infra's lease on the queues; whether it holds it."""
-        held = await self.redis.eval(_HOLD_LEASE, [keys.INFRA_LEASE],
+        held = await self.redis.eval(_HOLD_LEASE, [self.lists.lease],
                                      [self.id, int(self.lease * 1000)])
         if bool(held) != self._leased:
             self._leased = bool(held)
             if held:
-                self.log.info("holding the lease on the queues ({key})", key=keys.INFRA_LEASE)
+                self.log.info("holding the lease on the queues ({key})", key=self.lists.lease)
                 self.reconciler.tick()
             else:
-                holder = await self.redis.call("GET", keys.INFRA_LEASE)
+                holder = await self.redis.call("GET", self.lists.lease)
                 self.log.warn("another dockpart-infra ({holder}) works these queues; waiting "
-                              "until its lease ({key}) ends", holder=holder, key=keys.INFRA_LEASE)
+                              "until its lease ({key}) ends", holder=holder, key=self.lists.lease)
                 self._recovery = None  # when the lease is back, first finish what it left
         return self._leased
 
@@ -256,7 +261,7 @@ class Worker(MultiService):
         more = True
         while more and len(self._tasks) < self.max_active:
             more = False
-            for queue in QUEUES:
+            for queue in self.queues:
                 if len(self._tasks) >= self.max_active:
                     break
                 entry = await self.redis.call("LMOVE", queue.waiting, queue.processing,
@@ -276,7 +281,7 @@ class Worker(MultiService):
         """What processing holds that is not in hand here, oldest first."""
         left = []
         busy = Counter(self._inflight)
-        for queue in QUEUES:
+        for queue in self.queues:
             for entry in reversed(await self.redis.call("LRANGE", queue.processing, 0, -1)):
                 if busy[queue, entry]:
                     busy[queue, entry] -= 1  # still in hand here (the lease came back)
@@ -309,7 +314,7 @@ class Worker(MultiService):
             return await self._dead_letter(queue, entry, str(e))
         async with self.port_lock(port):
             try:
-                if queue is SPAWN:
+                if queue.name == SPAWN.name:
                     await self._spawn(entry, port)
                 else:
                     await self._destroy(entry, port)
@@ -353,7 +358,8 @@ class Worker(MultiService):
     async def _dead_letter(self, queue: Queue, entry: str, reason: str) -> None:
         self.log.warn("dead-lettered {queue} request {entry!r}: {reason}",
                       queue=queue.name, entry=entry, reason=reason)
-        letter = DeadLetter(queue.name, entry, reason, self.reactor.seconds())
+        letter = DeadLetter(queue.name, entry, reason, self.reactor.seconds(),
+                            list=self.lists.servers)
         await self._retrying(lambda: add_dead_letter(self.redis, queue.processing, letter))
 
     # -- the actions
@@ -377,9 +383,10 @@ class Worker(MultiService):
             await self._retrying(lambda: self.driver.remove(port))
             raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
                               f"removed it")
-        await self._retrying(lambda: tier.register(self.redis, served, keys.SPAWNING))
+        await self._retrying(lambda: tier.register(self.redis, served, self.lists.spawning,
+                                                   self.lists.servers))
         if served != url:  # in servers first: the instance is never in no list
-            await self._retrying(lambda: self.redis.call("LREM", keys.SPAWNING, 1, url))
+            await self._retrying(lambda: self.redis.call("LREM", self.lists.spawning, 1, url))
         self.log.info("{url} answers and is in servers ({seconds:.2f} s)",
                       url=served, seconds=self.reactor.seconds() - began)
 
@@ -399,9 +406,9 @@ class Worker(MultiService):
         return False
 
     async def _destroy(self, url: str, port: int) -> None:
-        await self._retrying(lambda: tier.unregister(self.redis, url))
+        await self._retrying(lambda: tier.unregister(self.redis, url, self.lists.servers))
         self.log.info("{url} left servers; draining for {drain:g} s", url=url, drain=self.drain)
         await deferLater(self.reactor, self.drain, lambda: None)
         await self._retrying(lambda: self.driver.remove(port))
-        await self._retrying(lambda: self.redis.call("LREM", keys.DESTROYING, 1, url))
+        await self._retrying(lambda: self.redis.call("LREM", self.lists.destroying, 1, url))
         self.log.info("destroyed {what} ({url})", what=self.driver.describe(port), url=url)

@@ -47,7 +47,10 @@ class Every(Periodic):
 
     def __init__(self, interval: float, clock, tick, now: bool = False):
         super().__init__(interval, clock, now)
-        self.tick = tick
+        self._tick = tick
+
+    def tick(self):
+        return self._tick()
 
 
 class Outage:

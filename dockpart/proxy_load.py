@@ -2,14 +2,15 @@
 :func:`dockpart.records.read_load_reports`.
 
 Each dockpart-proxy process writes, once a second, what it measured per backend since its
-previous report (a :class:`~dockpart.records.LoadReport`) under a key of its own that expires, and
-scores its id by the report's time in ``keys.LOAD_PROXIES``.  Several proxies (or
+previous report (a :class:`~dockpart.records.LoadReport`) under a key of its own that
+expires, and scores its id by the report's time in ``keys.LOAD_PROXIES``.  Several proxies (or
 ``--workers`` processes) publish side by side and add up; one that died stops counting when
 its report expires.  The autoscaler, the admin listener and the dashboard read these reports.
 """
 
 import os
 import socket
+from collections.abc import Callable, Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -23,6 +24,7 @@ from dockpart.redisconn import RedisService, RedisUnavailable
 #: Seconds between reports.
 INTERVAL = 1.0
 
+
 def proxy_id() -> str:
     """This process's name in the reports: several processes may share a host."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -34,8 +36,9 @@ class LoadPublisher(Periodic):
     log = Logger()
 
     def __init__(self, backends: BackendSet, redis: RedisService, clock,
-                 interval: float = INTERVAL, name: str | None = None):
+                 interval: float = INTERVAL, name: str | None = None, app: str | None = None):
         super().__init__(interval, clock)
+        self.app = app  # the app whose instances these are (dockpart.proxy_routes), if any
         self.backends = backends
         self.redis = redis
         self.id = name or proxy_id()
@@ -43,6 +46,8 @@ class LoadPublisher(Periodic):
         self._last_time: float | None = None
         self._outage = Outage(self.log, "cannot publish load reports: {error}",
                               "load reports are published again")
+        #: Requests in flight per URL as load (ProxyFactory.fair_inflight); None: every one.
+        self.inflight: Callable[[], Mapping[str, int]] | None = None
 
     def tick(self) -> defer.Deferred | None:
         return self.publish()
@@ -52,6 +57,7 @@ class LoadPublisher(Periodic):
         now = self.clock.seconds()
         figures = {}
         seen = {}
+        inflight = self.inflight() if self.inflight is not None else None
         for url, b in list(self.backends.by_url.items()):
             counters = (b.requests, b.errors, b.latency_sum, list(b.latency_buckets))
             seen[url] = counters
@@ -62,12 +68,13 @@ class LoadPublisher(Periodic):
                 errors=b.errors - errors,
                 latency_sum=round(b.latency_sum - latency_sum, 6),
                 latency_buckets=tuple(n - m for n, m in zip(b.latency_buckets, buckets)),
-                inflight=b.active,
+                inflight=b.active if inflight is None else inflight.get(url, 0),
                 healthy=b.down_until <= now)
         self._seen = seen
         interval = now - self._last_time if self._last_time is not None else self.interval
         self._last_time = now
-        return LoadReport(figures, self.id, now, round(interval, 3), self.backends.list_key)
+        return LoadReport(figures, self.id, now, round(interval, 3), self.backends.list_key,
+                          self.app)
 
     def publish(self) -> defer.Deferred | None:
         if not self.backends.known:

@@ -345,7 +345,8 @@ class Limits:
     def decode(cls, flat) -> "Limits":
         """From HGETALL's flat list of fields and values."""
         fields = dict(zip(flat[::2], flat[1::2])) if isinstance(flat, list) else {}
-        values, problems = {}, []
+        values: dict[str, int | None] = {}
+        problems = []
         for name in ("min", "max"):
             raw = fields.get(name)
             if raw is None:
@@ -380,20 +381,25 @@ class DeadLetter:
     reason: str
     time: float | None
     app: str | None = None
+    list: str | None = None  # the tier's servers list (an app's dead letters say theirs)
 
     def encode(self) -> str:
-        return json.dumps(_with_app(asdict(self), self.app))
+        return json.dumps(self.shown())
 
     def shown(self) -> dict:
-        return _with_app(asdict(self), self.app)
+        record = _with_app(asdict(self), self.app)
+        if self.list is None:
+            del record["list"]
+        return record
 
     @classmethod
     def decode(cls, raw) -> "DeadLetter":
         d = _object(_json(raw))
         try:
+            where = d.get("list")
             return cls(_text(d["queue"], "queue"), _text(d["entry"], "entry"),
                        _text(d.get("reason", ""), "reason"), _time(d["time"]),
-                       _app(d))
+                       _app(d), None if where is None else _text(where, "list"))
         except KeyError as e:
             raise BadRecord(f"no {e.args[0]}") from None
 

@@ -189,3 +189,26 @@ async def test_an_instance_moving_into_servers_mid_look_is_seen_exactly_once(red
     places = [name for name, urls in snapshot["queues"].items() if moving in urls]
     assert places == ["spawning"]
     assert [row["url"] for row in snapshot["instances"]] == [moving]
+
+
+def test_each_app_shows_its_scale_its_instances_their_figures_and_a_scale_button():
+    from dockpart.apps import App
+    from dockpart.dashboard_state import app_view
+    report = LoadReport({"http://127.0.0.1:20000": BackendLoad(
+        requests=10, errors=0, inflight=1, latency_buckets=tuple(load.empty_buckets()),
+        healthy=True)}, interval=1.0, app="shop")
+    shop = app_view(App("shop", command="x", desired=2, domains=("shop.example.org",),
+                        instances=("http://127.0.0.1:20000",)), [report])
+    assert shop["rps"] == 10.0 and shop["instances"][0]["health"] == "healthy"
+    snapshot = {"time": 1.0, "error": None, "role": "active",
+                "infra": {"id": "me", "driver": "process", "driver_error": None},
+                "lease_holder": "me",
+                "tier": {"instances": 0, "proxies": 0, "rps": 0.0, "errors": 0.0,
+                         "p50_ms": None, "p95_ms": None, "inflight": 0},
+                "instances": [], "queues": lists(), "dead_letters": [],
+                "autoscale": {"decisions": [], "desired": None, "limits": {}},
+                "deploy": {"live": []}, "apps": [shop]}
+    html = live_html(snapshot, "csrf")
+    assert 'data-app="shop"' in html and "1 / 2" in html and "shop.example.org" in html
+    assert 'action="api/apps/scale"' in html and 'name="count"' in html
+    assert 'action="api/apps/scale"' not in live_html({**snapshot, "role": "standby"}, "csrf")

@@ -4,7 +4,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from dockpart.proxy_backends import BackendSet
-from dockpart.proxy_http import OWN_HEADERS, ProxyFactory, end_to_end
+from dockpart.proxy_dispatch import ProxyFactory
+from dockpart.proxy_framing import OWN_HEADERS, end_to_end
 from dockpart.proxy_admin import metrics, status
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002", "http://127.0.0.1:3003"]
@@ -207,14 +208,14 @@ def test_notices_are_read_as_resp_even_split_across_reads():
 
 
 def test_direct_writer_finds_the_twisted_internals_it_reads():
-    """proxy_http.direct_writer reads private tcp.Connection attributes (for speed): if a
+    """proxy_exchange.direct_writer reads private tcp.Connection attributes (for speed): if a
     Twisted release renames them, this fails, rather than the proxy corrupting streams."""
     import socket
 
     from twisted.internet import protocol, tcp
     from twisted.internet.testing import MemoryReactor
 
-    from dockpart.proxy_http import direct_writer
+    from dockpart.proxy_exchange import direct_writer
 
     a, b = socket.socketpair()
     try:
@@ -244,3 +245,16 @@ def test_the_proxys_own_redis_connections_log_in_as_the_url_says():
         b"*3\r\n$4\r\nAUTH\r\n$3\r\nbob\r\n$4\r\np@ss\r\n"
     assert auth(RedisAddress.parse("redis://:secret@127.0.0.1:6379/0")) == \
         b"*2\r\n$4\r\nAUTH\r\n$6\r\nsecret\r\n"
+
+
+def test_only_a_reset_before_any_answer_to_a_bodiless_request_proves_it_unread():
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    from dockpart.proxy_retry import never_read
+    reset, closed = Failure(error.ConnectionLost()), Failure(error.ConnectionDone())
+    assert never_read(False, False, reset)
+    assert not never_read(False, False, closed)  # it may have run it, then closed
+    assert not never_read(True, False, reset)  # the head may have been read, the body not
+    assert not never_read(False, True, reset)  # it began to answer
+    assert not never_read(False, False, Failure(error.ConnectionAborted()))  # our own abort

@@ -231,7 +231,7 @@ class SwarmDriver(DockerDriver):
                 return value
             await deferLater(self.reactor, POLL, lambda: None)
 
-    async def start(self, port: int) -> str:
+    async def start(self, port: int) -> str:  # type: ignore[override]  # more than DockerDriver says
         """Create the service unless it exists; the URL where its task is up, once placed."""
         image = await self._call(_thd_pinned, await self.ensure_image())
         args = [*self.instance_args, "--listen", f"tcp:{port}:interface={self.interface}"]

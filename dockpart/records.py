@@ -272,31 +272,40 @@ class Decision:
     action: str  # up, down, hold, or none (nothing known to decide on)
     reason: str
     app: str | None = None
+    #: The fields the row had (a shorter row is shown as it was); None: all of them.
+    given: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> str:
-        return json.dumps(_with_app(asdict(self), self.app))
+        return json.dumps(self.shown())
 
     def shown(self) -> dict:
         """As the dashboard's and /listservers' JSON give it."""
-        return _with_app(asdict(self), self.app)
+        record = {k: v for k, v in asdict(self).items() if k != "given"
+                  and (self.given is None or k in self.given)}
+        return _with_app(record, self.app)
 
     @classmethod
     def decode(cls, raw) -> "Decision":
+        """Every field that is there must have its type; only ``action`` must be there."""
         d = _object(_json(raw))
-        try:
-            action = _text(d["action"], "action")
-            if action not in ACTIONS:
-                raise BadRecord(f"action {action!r} is none of {', '.join(ACTIONS)}")
-            per = d.get("per_instance")
-            return cls(_time(d["time"]), _count(d["current"], "current"),
-                       _count(d.get("spawning", 0), "spawning"),
-                       _number(d.get("inflight", 0), "inflight", 0),
-                       None if per is None else _number(per, "per_instance", 0),
-                       _number(d.get("target", 0), "target", 0),
-                       _count(d["desired"], "desired"), action, _text(d.get("reason", ""),
-                                                                      "reason"), _app(d))
-        except KeyError as e:
-            raise BadRecord(f"no {e.args[0]}") from None
+        if "action" not in d:
+            raise BadRecord("no action")
+        action = _text(d["action"], "action")
+        if action not in ACTIONS:
+            raise BadRecord(f"action {action!r} is none of {', '.join(ACTIONS)}")
+        per = d.get("per_instance")
+        return cls(_time(d.get("time", 0.0)), _count(d.get("current", 0), "current"),
+                   _count(d.get("spawning", 0), "spawning"),
+                   _number(d.get("inflight", 0), "inflight", 0),
+                   None if per is None else _number(per, "per_instance", 0),
+                   _number(d.get("target", 0), "target", 0),
+                   _count(d.get("desired", 0), "desired"), action,
+                   _text(d.get("reason", ""), "reason"), _app(d),
+                   frozenset(k for k in d if k in _DECISION_FIELDS))
+
+
+_DECISION_FIELDS = frozenset(("time", "current", "spawning", "inflight", "per_instance",
+                              "target", "desired", "action", "reason", "app"))
 
 
 # KEYS: decisions, desired; ARGV: the record ('' for none), desired, how many records to keep.

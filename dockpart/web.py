@@ -266,7 +266,8 @@ class WebApp(CoroutineResource):
         autoscale = await self._autoscale()
         if b"application/json" in (request.getHeader(b"accept") or b""):
             body = json.dumps({"servers": live, "spawning": spawning, "destroying": destroying,
-                               "autoscale": autoscale})
+                               "autoscale": {**autoscale, "decisions": [
+                                   d.shown() for d in autoscale["decisions"]]}})
             return Reply(200, body + "\n", "application/json")
         sections = [("Instances", live), ("Being spawned", spawning),
                     ("Being destroyed", destroying)]
@@ -279,8 +280,7 @@ class WebApp(CoroutineResource):
     async def _autoscale(self) -> dict:
         """The autoscaler's desired size and last decisions (dockpart.infra_autoscale)."""
         return {"desired": await records.read_desired(self.redis),
-                "decisions": [d.shown() for d in
-                              await records.read_decisions(self.redis, DECISIONS_SHOWN)]}
+                "decisions": await records.read_decisions(self.redis, DECISIONS_SHOWN)}
 
     async def work(self, request) -> Reply:
         """Stands for real work: answers after ``ms`` milliseconds without blocking."""
@@ -296,8 +296,8 @@ def _autoscale_html(autoscale: dict) -> str:
     if autoscale["desired"] is None and not autoscale["decisions"]:
         return ""
     items = "\n".join(
-        f"<li>{escape(time.strftime('%H:%M:%S', time.localtime(d['time'])))} "
-        f"<b>{escape(d['action'])}</b>: {escape(d['reason'])}</li>"
+        f"<li>{escape(time.strftime('%H:%M:%S', time.localtime(d.time)))} "
+        f"<b>{escape(d.action)}</b>: {escape(d.reason)}</li>"
         for d in autoscale["decisions"])
     return (f"\n<h2>Autoscaler</h2>\n<p>Desired size: <b>{autoscale['desired']}</b></p>\n"
             f"<ol>\n{items}\n</ol>")

@@ -41,7 +41,7 @@ REASON_QUOTED = 120
 @dataclass(frozen=True)
 class Settings:
     min_instances: int = 1
-    max_instances: int = 10
+    max_instances: int = tier.DEFAULT_MAX_INSTANCES
     target: float = 4.0  # requests in flight per instance
     tolerance: float = 0.1
     step: int = 4  # a scale-up may add max(current, step) instances
@@ -184,8 +184,9 @@ class AutoscaleOptions(usage.Options):
                                     "/spawn and /destroy change it)."]]
     optParameters = [
         ["min-instances", None, 1, "Autoscale: fewest instances (1: the first instance).", int],
-        ["max-instances", None, 10, "Autoscale: most instances (the web app's ceiling, "
-                                    "--max-instances of dockpart-web).", int],
+        ["max-instances", None, tier.DEFAULT_MAX_INSTANCES,
+         "Most instances: the autoscaler's ceiling and the dashboard's (match dockpart-web's "
+         "--max-instances).", int],
         ["target-inflight", None, 4.0, "Autoscale: requests in flight per instance aimed at.",
          float],
         ["evaluate-interval", None, 2.0, "Autoscale: seconds between evaluations.", float],

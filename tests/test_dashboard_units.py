@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
+from treq.testing import StubTreq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
@@ -189,6 +190,47 @@ async def test_an_instance_moving_into_servers_mid_look_is_seen_exactly_once(red
     places = [name for name, urls in snapshot["queues"].items() if moving in urls]
     assert places == ["spawning"]
     assert [row["url"] for row in snapshot["instances"]] == [moving]
+
+
+def _dashboard(clock, token="t0ken"):
+    from dockpart.dashboard import Dashboard
+    worker = SimpleNamespace(driver=SimpleNamespace(name="process"), id="me",
+                             rules=SimpleNamespace(host="127.0.0.1", first_port=3000))
+    watch = SimpleNamespace(redis=None, worker=worker,
+                            snapshot={"time": None, "error": "not looked yet", "instances": []})
+    return Dashboard(watch, token, session_seconds=60, clock=clock)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_expires_after_its_time_and_then_opens_nothing():
+    """In memory (StubTreq, Clock): a login's cookie works for session_seconds, then never."""
+    clock = Clock()
+    dashboard = _dashboard(clock)
+    client = StubTreq(dashboard)
+    login = await client.post("http://localhost/login", data={"token": "t0ken"},
+                              allow_redirects=False)
+    assert login.code == 303
+    cookie = login.headers.getRawHeaders("set-cookie")[0].split(";")[0]
+    assert "Max-Age=60" in login.headers.getRawHeaders("set-cookie")[0]
+
+    async def live():
+        reply = await client.get("http://localhost/live", headers={"Cookie": cookie})
+        return reply.code
+    clock.advance(59)
+    assert await live() == 200
+    clock.advance(1)
+    assert await live() == 401
+    assert dashboard.sessions == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_login_with_two_tokens_is_a_400_whichever_matches():
+    client = StubTreq(_dashboard(Clock()))
+    for url, form in (("http://localhost/login?token=wrong", {"token": "t0ken"}),
+                      ("http://localhost/login", [("token", "wrong"), ("token", "t0ken")])):
+        reply = await client.post(url, data=form, allow_redirects=False)
+        assert reply.code == 400, url
+        assert not reply.headers.hasHeader("set-cookie")
 
 
 def test_each_app_shows_its_scale_its_instances_their_figures_and_a_scale_button():

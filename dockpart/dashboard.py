@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
 
-from dockpart import apps, dashboard_page, keys, tier
+from dockpart import apps, dashboard_page, records, tier
 from dockpart.dashboard_state import TierWatch
 from dockpart.listening import server_endpoint
 from dockpart.redisconn import RedisUnavailable
@@ -303,10 +303,10 @@ class Dashboard(CoroutineResource):
     async def spawn(self, request) -> Reply:
         self._body(request)
         self._writable()
-        limits = await self.redis.call("HGET", keys.AUTOSCALE_LIMITS, "max")
         ceiling = self.max_instances  # infra's --max-instances; a lower max set here wins
-        if limits and str(limits).isdigit():
-            ceiling = min(int(limits), ceiling)
+        limit = (await records.read_limits(self.redis)).max
+        if limit is not None:
+            ceiling = min(limit, ceiling)
         try:
             url = await tier.request_spawn(self.redis, self.rules.host, self.rules.first_port,
                                            ceiling, self.rules.high)
@@ -344,8 +344,7 @@ class Dashboard(CoroutineResource):
         if not 1 <= values["min"] <= values["max"] <= self.max_instances:
             raise Refused(400, f"need 1 <= min <= max <= {self.max_instances} (dockpart-infra's "
                                f"--max-instances; got min {values['min']}, max {values['max']})")
-        await self.redis.call("HSET", keys.AUTOSCALE_LIMITS, "min", values["min"],
-                              "max", values["max"])
+        await records.write_limits(self.redis, values["min"], values["max"])
         self.log.info("dashboard: autoscaling limits set to {min}-{max}", **values)
         return await self._done(request, 200, values)
 

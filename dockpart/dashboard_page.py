@@ -130,7 +130,7 @@ def live_html(snapshot: dict, csrf: str) -> str:
     decisions = [f'<tr><td>{_when(d.get("time"))}</td><td>{_text(d.get("action"))}</td>'
                  f'<td>{_text(d.get("current"))} → {_text(d.get("desired"))}</td>'
                  f'<td>{_text(d.get("inflight"))}</td><td>{_text(d.get("reason"))}</td></tr>'
-                 for d in auto["decisions"]]  # TierWatch kept only the JSON objects
+                 for d in auto["decisions"]]  # decoded by dockpart.records: well-formed
     limit_form = ""
     if writable:
         limit_form = _form(

@@ -12,15 +12,15 @@ import random
 import time
 from html import escape
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer, task
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dockpart import keys, tier
+from dockpart import keys, records, tier
 from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
 from dockpart.listening import DEFAULT_BACKLOG, Listener, server_endpoint, with_backlog
+from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 from dockpart.routes import (RETRY_AFTER, CoroutineResource, NoRoute, Reply, Routes,
                              TooManyCredentials, access_log_line, credential, same_token,
@@ -212,7 +212,7 @@ class WebApp(CoroutineResource):
         mime = sniff_image(data)
         if mime is None:
             return message("Not an image", "The upload is not a JPEG, PNG, GIF, BMP or WebP image.", 415)
-        entry = json.dumps({"type": mime, "data": base64.b64encode(data).decode("ascii")})
+        entry = records.QueuedImage(mime, base64.b64encode(data).decode("ascii")).encode()
         length = await self.redis.eval(_QUEUE_IMAGE, [keys.IMAGES],
                                        [entry, self.max_queued_images])
         if length == -1:
@@ -222,11 +222,15 @@ class WebApp(CoroutineResource):
                                  f"{length} in the queue. See it at /meow.", 201)
 
     async def meow(self, request) -> Reply:
-        entry = await self.redis.call("LPOP", keys.IMAGES)
-        if entry is None:
-            return message("No image", "The image queue is empty; upload one at /upload first.", 404)
-        image = json.loads(entry)
-        src = f"data:{image['type']};base64,{image['data']}"
+        image = None
+        while image is None:  # a row no web app wrote is taken off and skipped
+            entry = await self.redis.call("LPOP", keys.IMAGES)
+            if entry is None:
+                return message("No image", "The image queue is empty; upload one at /upload "
+                                           "first.", 404)
+            image = next(iter(records.decode_each([entry], records.QueuedImage.decode,
+                                                  "queued image")), None)
+        src = f"data:{image.type};base64,{image.data}"
         return page("Meow", f'<img src="{escape(src)}" alt="the most recent upload">')
 
     def _scale_refusal(self, request) -> Reply | None:
@@ -275,7 +279,8 @@ class WebApp(CoroutineResource):
         autoscale = await self._autoscale()
         if b"application/json" in (request.getHeader(b"accept") or b""):
             body = json.dumps({"servers": live, "spawning": spawning, "destroying": destroying,
-                               "autoscale": autoscale})
+                               "autoscale": {**autoscale, "decisions": [
+                                   d.shown() for d in autoscale["decisions"]]}})
             return Reply(200, body + "\n", "application/json")
         sections = [("Instances", live), ("Being spawned", spawning),
                     ("Being destroyed", destroying)]
@@ -287,16 +292,8 @@ class WebApp(CoroutineResource):
 
     async def _autoscale(self) -> dict:
         """The autoscaler's desired size and last decisions (dockpart.infra_autoscale)."""
-        desired = await self.redis.call("GET", keys.AUTOSCALE_DESIRED)
-        raws = await self.redis.call("LRANGE", keys.AUTOSCALE_DECISIONS, 0, DECISIONS_SHOWN - 1)
-        decisions = []
-        for raw in raws:
-            try:
-                decisions.append(json.loads(raw))
-            except ValueError:
-                continue
-        return {"desired": int(desired) if desired and desired.isdigit() else None,
-                "decisions": decisions}
+        return {"desired": await records.read_desired(self.redis),
+                "decisions": await records.read_decisions(self.redis, DECISIONS_SHOWN)}
 
     async def work(self, request) -> Reply:
         """Stands for real work: answers after ``ms`` milliseconds without blocking."""
@@ -312,14 +309,14 @@ def _autoscale_html(autoscale: dict) -> str:
     if autoscale["desired"] is None and not autoscale["decisions"]:
         return ""
     items = "\n".join(
-        f"<li>{escape(time.strftime('%H:%M:%S', time.localtime(d.get('time', 0))))} "
-        f"<b>{escape(str(d.get('action')))}</b>: {escape(str(d.get('reason')))}</li>"
+        f"<li>{escape(time.strftime('%H:%M:%S', time.localtime(d.time)))} "
+        f"<b>{escape(d.action)}</b>: {escape(d.reason)}</li>"
         for d in autoscale["decisions"])
     return (f"\n<h2>Autoscaler</h2>\n<p>Desired size: <b>{autoscale['desired']}</b></p>\n"
             f"<ol>\n{items}\n</ol>")
 
 
-class FirstInstanceRegistration(Service):
+class FirstInstanceRegistration(Periodic):
     """Learns this instance's URL from its listener; the first instance keeps itself in ``servers``.
 
     No daemon starts the first instance, so no reconcile puts it back: it registers every
@@ -329,23 +326,19 @@ class FirstInstanceRegistration(Service):
     interval.  Redis being away is logged once per outage, not once per try.
     """
 
-    log = Logger()
-
     def __init__(self, listener: Listener, app: WebApp, interval: float, *, reactor):
+        super().__init__(interval, reactor, now=True)
         self.listener = listener
         self.app = app
-        self.interval = interval
-        self.registration = LoopingCall(self._register)
-        self.registration.clock = reactor
         self._registered_before = False
-        self._failing = False
+        self._outage = Outage(self.log, "cannot register {url} in servers now ({error}); "
+                                        "retrying every {interval:g} s", interval=interval)
 
     def startService(self):
-        super().startService()
         port = self.listener.port.getHost().port
         self.app.url = instance_url(self.app.advertise_host, port)
         if port == self.app.first_port:
-            self.registration.start(self.interval)
+            super().startService()
 
     async def _register_once(self) -> None:
         added = await tier.register(self.app.redis, self.app.url)
@@ -356,25 +349,12 @@ class FirstInstanceRegistration(Service):
         elif not self._registered_before:
             self.log.info("first instance {url} already in servers", url=self.app.url)
         self._registered_before = True
-        self._failing = False
+        self._outage.ok()
 
-    def _register(self):
+    def tick(self):
         d = defer.ensureDeferred(self._register_once())
-        d.addErrback(self._register_failed)
+        d.addErrback(lambda f: self._outage.failed(f.getErrorMessage(), url=self.app.url))
         return d
-
-    def _register_failed(self, failure) -> None:
-        """Logged, never raised: that would stop the LoopingCall for good."""
-        if not self._failing:
-            self._failing = True
-            self.log.warn("cannot register {url} in servers now ({e}); retrying every "
-                          "{interval:g} s", url=self.app.url, e=failure.getErrorMessage(),
-                          interval=self.interval)
-
-    def stopService(self):
-        super().stopService()
-        if self.registration.running:
-            self.registration.stop()
 
 
 def _size(option: str, value: str) -> int:

@@ -24,6 +24,7 @@ FAST_MODULES = frozenset({
     "test_infra_swarm_units.py",
     "test_infra_worker.py",
     "test_periodic.py",
+    "test_records.py",
     "test_proxy_exchange.py",
     "test_probe.py",
     "test_proxy_units.py",

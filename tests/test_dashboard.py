@@ -303,6 +303,26 @@ def test_while_redis_is_away_the_dashboard_says_so_and_buttons_answer_503(tmp_pa
         tier.stop()
 
 
+def test_rows_that_no_daemon_wrote_never_make_the_page_or_the_api_a_500(tier, rdb):
+    """Anyone with the Redis password can write them: a dead letter with a NaN time and
+    decisions of the wrong shape are shown as not letters, or left out, and said in the log."""
+    nan_letter = '{"queue": "spawn", "entry": "http://h:1", "reason": "r", "time": NaN}'
+    rdb.lpush(keys.DEAD_LETTERS, nan_letter)
+    good = {"time": 1700000000.0, "current": 1, "spawning": 0, "inflight": 12,
+            "per_instance": 4, "target": 4, "desired": 3, "action": "up", "reason": "the good one"}
+    rdb.lpush(keys.AUTOSCALE_DECISIONS, json.dumps(good), "[1, 2]",
+              json.dumps({**good, "time": 1e300, "reason": "far"}),
+              json.dumps({**good, "action": {"up": 1}, "reason": "odd"}))
+    auto = wait_for(lambda: state(tier.infra)["autoscale"]["decisions"]
+                    and state(tier.infra), 10, what="the decisions")
+    assert auto["autoscale"]["decisions"] == [good]
+    [letter] = auto["dead_letters"]
+    assert letter["time"] is None and letter["reason"] == "(not a dead letter infra wrote)"
+    page = tier.infra.http.get(tier.infra.base + "/", headers=HTML, timeout=5)
+    assert page.status_code == 200 and "the good one" in page.text and "far" not in page.text
+    assert "skipping a bad autoscaling decision" in tier.infra.output()
+
+
 def test_the_dashboard_does_not_start_without_a_token_unless_told_to(tmp_path, monkeypatch):
     """It started open: any local process (a deployed app too) could spawn and destroy."""
     monkeypatch.delenv("DOCKPART_DASHBOARD_TOKEN", raising=False)

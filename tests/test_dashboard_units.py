@@ -5,11 +5,12 @@ from types import SimpleNamespace
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
-from dockpart import load
-from dockpart.redisconn import RedisUnavailable
+from dockpart import keys, load
+from dockpart.records import BackendLoad, LoadReport
+from dockpart.redisconn import RedisAddress, RedisService, RedisUnavailable
 from dockpart.dashboard_page import live_html
 from dockpart.dashboard_state import TierWatch, figures, instance_state
 
@@ -40,8 +41,8 @@ def test_figures_are_rates_and_quantiles_in_milliseconds():
     buckets = load.empty_buckets()
     buckets[load.bucket_of(0.004)] = 90
     buckets[load.bucket_of(0.08)] = 10
-    merged = load.merge([{"backends": {A: {"requests": 100, "errors": 4, "inflight": 2,
-                                           "latency_buckets": buckets, "healthy": True}}}])[A]
+    merged = load.merge([LoadReport({A: BackendLoad(requests=100, errors=4, inflight=2,
+                                                    latency_buckets=buckets, healthy=True)})])[A]
     assert figures(merged, 2.0) == {"rps": 50.0, "errors": 2.0, "p50_ms": 5.0, "p95_ms": 100.0,
                                     "inflight": 2}
 
@@ -128,6 +129,8 @@ class _Away:
     def call(self, *args):
         return defer.fail(RedisUnavailable("no connection to redis://127.0.0.1:1/0"))
 
+    eval = call
+
 
 def test_while_redis_is_away_the_last_figures_stay_and_the_page_says_so():
     w = watch(Clock())
@@ -158,6 +161,35 @@ def test_an_older_look_that_ends_last_does_not_replace_a_newer_one():
     assert w.snapshot["time"] == 2.0
     slow.callback(None)
     assert older.result["time"] == 1.0 and w.snapshot["time"] == 2.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_moving_into_servers_mid_look_is_seen_exactly_once(redis_db,
+                                                                              redis_server):
+    """The worker registers a spawned instance (spawning -> servers) while the dashboard looks:
+    read list by list, the tier looked an instance short; the view is one moment."""
+    redis = RedisService(RedisAddress.parse(redis_server.url), 2.0, reactor)
+    redis.startService()
+    moving = "http://127.0.0.1:3001"
+    redis_db.rpush(keys.SPAWNING, moving)
+    send, sent = redis.call, []
+
+    def call(*args):  # after the dashboard's first command, the instance moves
+        if len(sent) == 1:
+            redis_db.lmove(keys.SPAWNING, keys.SERVERS, "LEFT", "RIGHT")
+        sent.append(args[0])
+        return send(*args)
+    redis.call = call
+    try:
+        w = watch(reactor)
+        w.redis = redis
+        snapshot = await w.refresh()
+    finally:
+        await redis.stopService()
+    assert snapshot["error"] is None
+    places = [name for name, urls in snapshot["queues"].items() if moving in urls]
+    assert places == ["spawning"]
+    assert [row["url"] for row in snapshot["instances"]] == [moving]
 
 
 def _dashboard(clock, token="t0ken"):
@@ -204,9 +236,9 @@ async def test_a_login_with_two_tokens_is_a_400_whichever_matches():
 def test_each_app_shows_its_scale_its_instances_their_figures_and_a_scale_button():
     from dockpart.apps import App
     from dockpart.dashboard_state import app_view
-    report = {"app": "shop", "interval": 1.0, "backends": {
-        "http://127.0.0.1:20000": {"requests": 10, "errors": 0, "inflight": 1,
-                                   "latency_buckets": load.empty_buckets(), "healthy": True}}}
+    report = LoadReport({"http://127.0.0.1:20000": BackendLoad(
+        requests=10, errors=0, inflight=1, latency_buckets=tuple(load.empty_buckets()),
+        healthy=True)}, interval=1.0, app="shop")
     shop = app_view(App("shop", command="x", desired=2, domains=("shop.example.org",),
                         instances=("http://127.0.0.1:20000",)), [report])
     assert shop["rps"] == 10.0 and shop["instances"][0]["health"] == "healthy"

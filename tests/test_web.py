@@ -84,6 +84,20 @@ def test_upload_then_meow_shows_the_image_and_empties_the_queue(web, redis_db):
     assert r.status_code == 404 and "empty" in r.text
 
 
+def test_meow_skips_queued_rows_that_no_web_app_wrote(web, redis_db):
+    """Anyone with the Redis password can push them: /meow takes them off and shows the next
+    real image, never a 500."""
+    image = png_bytes(5)
+    requests.post(web.base + "/upload", files={"image": ("x.png", image)}, timeout=10)
+    redis_db.lpush(keys.IMAGES, "[1]", "{not json", '{"type": "text/html", "data": "PGI+"}',
+                   '{"type": "image/png", "data": "%%%"}')
+    r = get(web, "/meow")
+    assert r.status_code == 200 and 'src="data:image/png;base64,' in r.text
+    assert redis_db.llen(keys.IMAGES) == 0
+    redis_db.lpush(keys.IMAGES, "{not json")
+    assert get(web, "/meow").status_code == 404
+
+
 def test_meow_shows_the_most_recent_upload_first(web, redis_db):
     import base64
     first, second = png_bytes(10), png_bytes(20)
@@ -170,6 +184,20 @@ def test_listservers_in_html_and_json(web, redis_db):
     assert r.json() == {"servers": ["http://127.0.0.1:3000", "http://127.0.0.1:3001"],
                         "spawning": ["http://127.0.0.1:3002"], "destroying": [],
                         "autoscale": {"desired": None, "decisions": []}}
+
+
+def test_listservers_skips_decisions_of_the_wrong_shape_instead_of_a_500(web, redis_db):
+    """Anyone with the Redis password can write them; /listservers shows the good ones."""
+    good = {"time": 1700000000.0, "current": 1, "spawning": 0, "inflight": 12,
+            "per_instance": 4, "target": 4, "desired": 3, "action": "up", "reason": "good one"}
+    redis_db.lpush(keys.AUTOSCALE_DECISIONS, json.dumps(good), "[1, 2]",
+                   json.dumps({**good, "time": "noon"}), "{broken")
+    redis_db.set(keys.AUTOSCALE_DESIRED, "lots")
+    html = get(web, "/listservers")
+    assert html.status_code == 200 and "good one" in html.text
+    r = get(web, "/listservers", headers={"accept": "application/json"})
+    assert r.status_code == 200
+    assert r.json()["autoscale"] == {"desired": None, "decisions": [good]}
 
 
 def test_unknown_route_and_wrong_method(web, redis_db):

@@ -27,11 +27,11 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dockpart import apps, keys, load, rollover, tier
+from dockpart import apps, keys, records, rollover, tier
 from dockpart.apps import App
 from dockpart.drivers import DriverError, Unavailable
 from dockpart.infra_autoscale import Policy, Settings, observe
-from dockpart.periodic import Periodic
+from dockpart.periodic import Every, Outage
 from dockpart.redisconn import RedisService, RedisUnavailable
 from dockpart.tier import BadInstanceURL, parse_instance_url
 
@@ -65,15 +65,6 @@ class AppTier:
     quarantine: dict[int, float] = field(default_factory=dict)
 
 
-class _Loop(Periodic):
-    def __init__(self, runner: AppsRunner, interval: float, clock):
-        super().__init__(interval, clock, now=True)
-        self.runner = runner
-
-    def tick(self):
-        return defer.ensureDeferred(self.runner.step())
-
-
 class AppsRunner(MultiService):
     """Every app's worker, and the count of each app's instances."""
 
@@ -93,23 +84,22 @@ class AppsRunner(MultiService):
         self._next_autoscale = 0.0
         self.tiers: dict[str, AppTier] = {}
         self._hold = backoffPolicy(*SPAWN_HOLD, factor=2.0, jitter=lambda: 0.0)
-        self._redis_down = False
+        self._redis = Outage(self.log, "apps: Redis is away ({error}); instances keep running",
+                             "apps: Redis is back")
+        Every(interval, clock, lambda: defer.ensureDeferred(self.step()),
+              now=True).setServiceParent(self)
         self.rollover = rollover.Rollover(redis, host, ports, clock)
         # Said once in Redis: a push asks it whether to build an image or check out a tree.
         self.driver_name = driver_name
         self._driver_said = not driver_name
-        _Loop(self, interval, clock).setServiceParent(self)
 
     async def step(self) -> None:
         try:
             await self._step()
         except RedisUnavailable as e:
-            if not self._redis_down:
-                self._redis_down = True
-                self.log.warn("apps: Redis is away ({error}); instances keep running",
-                              error=str(e))
+            self._redis.failed(str(e))
             return
-        self._redis_down = False
+        self._redis.ok()
 
     async def _step(self) -> None:
         if not self._driver_said:
@@ -129,7 +119,7 @@ class AppsRunner(MultiService):
         now = self.clock.seconds()
         if now >= self._next_autoscale and any(a.autoscale for a in live.values()):
             self._next_autoscale = now + self.autoscale_interval
-            reports = await load.read_reports(self.redis, now)
+            reports = await records.read_load_reports(self.redis, now)
         for app in [*live.values(), *gone.values()]:
             one = self._tier(app)
             if not one.worker.leased:
@@ -172,7 +162,7 @@ class AppsRunner(MultiService):
         marks = await rollover.read_marks(self.redis, app.name)  # before the lists
         lists = await tier.snapshot(self.redis, t)
         await rollover.plan(self.redis, app, one.driver, marks, lists)
-        running = await one.driver.managed()
+        running = await one.driver.instances()
         leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
         listed = set(lists[t.servers])
         staying = (listed | set(lists[t.spawn_queue]) | set(lists[t.spawning])) - leaving

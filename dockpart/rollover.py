@@ -29,12 +29,11 @@ last one stopped.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from dockpart import apps, keys, releases, tier
+from dockpart import apps, keys, records, releases, tier
 from dockpart.tier import BadInstanceURL, CannotDestroy, parse_instance_url
 
 log = Logger()
@@ -172,13 +171,9 @@ class Rollover:
     async def _why(self, app: apps.App, url: str, one) -> str:
         """Why the spawn of ``url`` never served: its dead letter, and its log's path."""
         reason = f"the new instance {url} never joined the rotation"
-        for text in await self.redis.call("LRANGE", keys.DEAD_LETTERS, 0, _LETTERS_READ - 1):
-            try:
-                letter = json.loads(text)
-            except ValueError:
-                continue
-            if letter.get("entry") == url and letter.get("list") == app.tier.servers:
-                reason = letter.get("reason") or reason
+        for letter in await records.read_dead_letters(self.redis, _LETTERS_READ):
+            if letter.entry == url and letter.list == app.tier.servers:
+                reason = letter.reason or reason
                 break
         log_path = getattr(one.driver, "log_path", None)
         port = _port(url)

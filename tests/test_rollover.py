@@ -122,7 +122,7 @@ async def test_a_new_instance_that_never_serves_fails_the_rollover_and_v1_is_kep
     # The worker dead-letters it: it never answered.
     redis_db.delete(t.spawn_queue)
     redis_db.lpush(keys.DEAD_LETTERS, json.dumps({
-        "queue": "spawn", "entry": second, "list": t.servers,
+        "queue": "spawn", "entry": second, "list": t.servers, "time": clock.seconds(),
         "reason": "process of app a v2 did not answer HTTP within 4 s; removed it"}))
     await runner.step()
     record = redis_db.hgetall(keys.app_record("a"))

@@ -11,7 +11,8 @@ from dockpart.app_logs import ContainerLogTail
 from dockpart.apps import App
 from dockpart.drivers import DriverError
 from dockpart.drivers.apps import ReleasePlan
-from dockpart.drivers.docker import LABEL_PORT, DockerDriver, _labels, _thd_run
+from dockpart.drivers.docker import DockerDriver, _thd_run
+from dockpart.drivers.engine import LABEL_PORT, label_filter
 
 
 def _thd_has_image(client, image: str) -> bool:
@@ -35,8 +36,7 @@ class AppDockerDriver(ReleasePlan, DockerDriver):
                          stop_timeout=stop_timeout, client_factory=client_factory)
         self.app = app
         self.releases = {}
-        self.logs = ContainerLogTail(app.name, self, [f"{k}={v}" for k, v in
-                                                      _labels(self.tier).items()], LABEL_PORT)
+        self.logs = ContainerLogTail(app.name, self, label_filter(self.tier), LABEL_PORT)
 
     def describe(self, port: int) -> str:
         release = self.release_for(port)
@@ -44,7 +44,8 @@ class AppDockerDriver(ReleasePlan, DockerDriver):
                 f"on port {port}")
 
     async def start(self, port: int) -> None:
-        if (await self.managed()).get(port):
+        found = (await self.instances()).get(port)
+        if found is not None and found.running:
             return  # already runs: adopt it
         release = self.release_for(port)
         image = release.image if release else self.app.image

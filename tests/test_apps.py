@@ -172,5 +172,7 @@ def test_a_redis_that_lost_its_data_gets_the_apps_and_their_lists_back(tier):
     redis.client().flushall()
     wait_for(lambda: len(serving(redis, "kept")) == 1, 20, what="its list refilled")
     assert set(managed(state / "apps" / "kept")) == running  # the same instance, not a new one
-    assert redis.client().hget(keys.app_record("kept"), "domains") == "kept.example.org"
+    # The record comes back with the apps runner's next step (the list may come first).
+    wait_for(lambda: redis.client().hget(keys.app_record("kept"), "domains")
+             == "kept.example.org", 10, what="the record written back")
     assert get(proxy, "kept.example.org").text.startswith("kept on port")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 
 from twisted.python import usage
@@ -290,6 +291,8 @@ def run(options: AppsOptions, say) -> int:
                     f"{' '.join((app.name + '.<apps domain>',) + app.domains)}")
                 remote = sub.apps_dir.create(app.name, sub["redis"].url())
                 say(f"git remote: {remote}  (git push {remote} main)")
+                say(f"from another machine: git push ssh://dockpart@{socket.gethostname()}/"
+                    f"{app.name} main  (once 'dockpart apps keys add FILE' let your key in)")
             elif command == "scale":
                 apps.scale(redis, sub["name"], sub["count"])
                 say(f"app {sub['name']}: {sub['count']} instance"

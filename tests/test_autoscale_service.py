@@ -37,6 +37,7 @@ class Tier:
         self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
         self.backends = BackendSet(self.redis, keys.SERVERS, "local", self.clock)
         self.publisher = LoadPublisher(self.backends, self.redis, self.clock, name="test:1")
+        self.slots: dict = {}
         self.lease = Lease()
         self.settings = Settings(**{"min_instances": 1, "max_instances": 4, "target": 2.0,
                                     "cooldown": 0.0, "window": 30.0, **settings})
@@ -58,7 +59,12 @@ class Tier:
         """The proxy sees these requests in flight and publishes its report."""
         self.backends.update(list(inflight))
         for u, n in inflight.items():
-            self.backends.by_url[u].active = n
+            backend = self.backends.by_url[u]
+            slots = self.slots.setdefault(backend, [])  # requests in flight hold slots
+            while len(slots) < n:
+                slots.append(backend.take())
+            while len(slots) > n:
+                slots.pop().release()
         await self.publisher.publish()
 
     async def evaluate(self, seconds: float = 1.0):
@@ -280,7 +286,7 @@ async def test_the_published_report_counts_since_the_last_one(redis_db, redis_se
         for seconds in (0.003, 0.003, 0.3):
             backend.requests += 1
             backend.timed(seconds)
-        backend.active = 2
+        backend.take(), backend.take()  # two requests in flight
         await t.publisher.publish()
         first = json.loads(redis_db.get(keys.proxy_load("test:1")))["backends"][FIRST]
         assert (first["requests"], first["inflight"], round(first["latency_sum"], 3)) == \

@@ -4,6 +4,7 @@ import json
 
 from twisted.web import resource, server
 
+from dockpart import load
 from dockpart.proxy_dispatch import ProxyFactory
 
 
@@ -31,10 +32,10 @@ def metrics(proxy: ProxyFactory) -> str:
     def family(name, kind, text, samples):
         lines.append(f"# HELP dockpart_proxy_{name} {text}")
         lines.append(f"# TYPE dockpart_proxy_{name} {kind}")
-        for labels, value in samples:
+        for labels, value, *suffix in samples:  # a histogram's samples name their suffix
+            sample = f"dockpart_proxy_{name}{suffix[0] if suffix else ''}"
             label = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-            lines.append(f"dockpart_proxy_{name}{{{label}}} {value}" if label
-                         else f"dockpart_proxy_{name} {value}")
+            lines.append(f"{sample}{{{label}}} {value}" if label else f"{sample} {value}")
 
     backends = proxy.backends.ring
     family("requests_total", "counter", "Requests parsed from clients.", [({}, stats.requests)])
@@ -54,11 +55,24 @@ def metrics(proxy: ProxyFactory) -> str:
            [({"backend": b.url}, b.errors) for b in backends])
     family("backend_active", "gauge", "Requests in progress on the backend.",
            [({"backend": b.url}, b.active) for b in backends])
-    family("backend_latency_seconds_sum", "counter", "Time to response headers, summed.",
-           [({"backend": b.url}, round(b.latency_sum, 6)) for b in backends])
-    family("backend_latency_seconds_count", "counter", "Responses timed.",
-           [({"backend": b.url}, b.latency_count) for b in backends])
+    family("backend_latency_seconds", "histogram", "Time from a request sent to the backend "
+           "to its response headers.",
+           [sample for b in backends for sample in _histogram(b)])
     return "\n".join(lines) + "\n"
+
+
+def _histogram(backend) -> list:
+    """A backend's latency buckets as Prometheus histogram samples: cumulative ``_bucket``
+    counts by upper bound ``le`` (the last one ``+Inf``), then ``_sum`` and ``_count``."""
+    samples = []
+    total = 0
+    bounds = [repr(bound) for bound in load.LATENCY_BOUNDS] + ["+Inf"]
+    for bound, count in zip(bounds, backend.latency_buckets):
+        total += count
+        samples.append(({"backend": backend.url, "le": bound}, total, "_bucket"))
+    samples.append(({"backend": backend.url}, round(backend.latency_sum, 6), "_sum"))
+    samples.append(({"backend": backend.url}, backend.latency_count, "_count"))
+    return samples
 
 
 def _escape(value: str) -> str:

@@ -245,3 +245,26 @@ def test_the_proxys_own_redis_connections_log_in_as_the_url_says():
         b"*3\r\n$4\r\nAUTH\r\n$3\r\nbob\r\n$4\r\np@ss\r\n"
     assert auth(RedisAddress.parse("redis://:secret@127.0.0.1:6379/0")) == \
         b"*2\r\n$4\r\nAUTH\r\n$6\r\nsecret\r\n"
+
+
+def test_latency_is_exported_as_a_prometheus_histogram():
+    """_bucket{le=...} counts are cumulative, the last is +Inf and equals _count (Traefik's
+    and Prometheus's naming), so histogram_quantile() works on them."""
+    pool, clock = backends(urls=URLS[:1])
+    factory = ProxyFactory(pool, clock)
+    backend = pool.ring[0]
+    for seconds in (0.0005, 0.003, 0.003, 0.5, 60.0):
+        backend.timed(seconds)
+    text = metrics(factory)
+    url = URLS[0]
+    assert "# TYPE dockpart_proxy_backend_latency_seconds histogram" in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="0.001"}} 1' in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="0.005"}} 3' in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="0.5"}} 4' in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="10.0"}} 4' in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="+Inf"}} 5' in text
+    assert f'dockpart_proxy_backend_latency_seconds_count{{backend="{url}"}} 5' in text
+    assert f'dockpart_proxy_backend_latency_seconds_sum{{backend="{url}"}} 60.5065' in text
+    buckets = [line for line in text.splitlines() if "_bucket{" in line]
+    counts = [int(line.rsplit(" ", 1)[1]) for line in buckets]
+    assert counts == sorted(counts) and len(buckets) == 14

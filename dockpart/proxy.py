@@ -135,10 +135,12 @@ def makeService(config, reactor=None):
     top = ProxyService(config["shutdown-timeout"])
     redis = RedisService(config["redis"], config["redis-timeout"], reactor)
     redis.setServiceParent(top)
-    backends = BackendSet(redis, config["servers-key"], config["balance"], reactor,
+    backends = BackendSet(config["servers-key"], config["balance"], reactor,
                           down_time=config["down-time"])
-    BackendSync(backends, reactor, config["refresh-interval"]).setServiceParent(top)
-    LoadPublisher(backends, redis, reactor).setServiceParent(top)
+    sync = BackendSync(backends, redis, reactor, config["refresh-interval"])
+    sync.setServiceParent(top)
+    publisher = LoadPublisher(backends, redis, reactor)
+    publisher.setServiceParent(top)
     if config["health-path"]:
         # An answer slower than the interval (a second at least) counts as none.
         HealthChecks(backends, config["health-path"], config["health-interval"],
@@ -149,7 +151,7 @@ def makeService(config, reactor=None):
                     connect_timeout=config["connect-timeout"],
                     backend_timeout=config["backend-timeout"], try_timeout=config["try-timeout"],
                     first_read_wait=config["redis-timeout"])
-    proxy = top.proxy = ProxyFactory(backends, reactor, limits)
+    proxy = top.proxy = ProxyFactory(backends, reactor, limits, sync.lists)
     shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout)
     sweep = TimerService(min(0.5, shortest / 4), proxy.sweep)
     sweep.clock = reactor
@@ -160,7 +162,7 @@ def makeService(config, reactor=None):
     if config["admin"]:
         from dockpart.proxy_admin import admin_site
         Listener("dockpart-proxy admin", shared_port_endpoint(reactor, "admin", config["admin"]),
-                 admin_site(proxy)).setServiceParent(top)
+                 admin_site(proxy, publisher)).setServiceParent(top)
     return top
 
 

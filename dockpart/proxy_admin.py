@@ -8,12 +8,21 @@ from twisted.web import resource, server
 
 from dockpart import load
 from dockpart.proxy_dispatch import ProxyFactory
+from dockpart.proxy_load import LoadPublisher
 
 
-def status(proxy: ProxyFactory) -> dict:
+def _redis_connected(proxy: ProxyFactory) -> bool:
+    return proxy.lists is not None and bool(proxy.lists.redis.connected)
+
+
+def status(proxy: ProxyFactory, publisher: LoadPublisher | None = None) -> dict:
     stats = proxy.stats
+    model = proxy.backends.status()
     return {
-        **proxy.backends.status(),
+        "list_key": model.pop("list_key"),
+        "balance": model.pop("balance"),
+        "redis_connected": _redis_connected(proxy),
+        **model,
         "requests": stats.requests,
         "responses": {str(code): count for code, count in sorted(stats.responses.items())},
         "retries": stats.retries,
@@ -21,7 +30,7 @@ def status(proxy: ProxyFactory) -> dict:
         "open_client_connections": len(proxy.clients),
         "client_connections": stats.connections,
         # What this proxy last published for the autoscaler and the dashboard (one source).
-        "load": proxy.backends.published,
+        "load": publisher.published if publisher is not None else None,
     }
 
 
@@ -47,7 +56,7 @@ def metrics(proxy: ProxyFactory) -> str:
            [({}, stats.retries)])
     family("client_connections", "gauge", "Open client connections.", [({}, len(proxy.clients))])
     family("redis_connected", "gauge", "1 while the Redis connection is up.",
-           [({}, int(proxy.backends.redis.connected))])
+           [({}, int(_redis_connected(proxy)))])
     family("backends", "gauge", "Backends in the list.", [({}, len(backends))])
     family("backend_up", "gauge", "1 unless the backend is left out after failures.",
            [({"backend": b.url}, int(b.down_until <= now)) for b in backends])
@@ -84,9 +93,10 @@ def _escape(value: str) -> str:
 class AdminResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, proxy: ProxyFactory):
+    def __init__(self, proxy: ProxyFactory, publisher: LoadPublisher | None = None):
         super().__init__()
         self.proxy = proxy
+        self.publisher = publisher
 
     def render_GET(self, request):
         path = request.path.rstrip(b"/")
@@ -95,7 +105,7 @@ class AdminResource(resource.Resource):
             return metrics(self.proxy).encode()
         if path in (b"", b"/status"):
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps(status(self.proxy), indent=2).encode() + b"\n"
+            return json.dumps(status(self.proxy, self.publisher), indent=2).encode() + b"\n"
         request.setResponseCode(404)
         return b"try / (JSON status) or /metrics\n"
 
@@ -115,5 +125,5 @@ def quiet_site(root: resource.Resource) -> server.Site:
     return site
 
 
-def admin_site(proxy: ProxyFactory) -> server.Site:
-    return quiet_site(AdminResource(proxy))
+def admin_site(proxy: ProxyFactory, publisher: LoadPublisher | None = None) -> server.Site:
+    return quiet_site(AdminResource(proxy, publisher))

@@ -9,6 +9,7 @@ deadlines and drains on shutdown.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -17,6 +18,9 @@ from dockpart.proxy_backends import Backend, BackendSet
 from dockpart.proxy_client import ClientConnection
 from dockpart.proxy_exchange import Exchange
 from dockpart.proxy_upstream import BackendConnection
+
+if TYPE_CHECKING:
+    from dockpart.proxy_sync import RedisList
 
 #: Pooled connections idle longer are not reused: backends close theirs after a few seconds
 #: (node's default is 5 s), and a request on a connection closing under it may be lost.
@@ -74,8 +78,12 @@ class ProxyFactory(protocol.Factory):
     noisy = False
     log = Logger()
 
-    def __init__(self, backends: BackendSet, reactor, limits: Limits | None = None):
+    def __init__(self, backends: BackendSet, reactor, limits: Limits | None = None,
+                 lists: RedisList | None = None):
         self.backends = backends
+        #: Where the list comes from (a read before a 503, shared mode's LMOVE); None in
+        #: memory, where the list is only what was given to ``backends``.
+        self.lists = lists
         self.reactor = reactor
         self.clock = reactor
         self.limits = limits or Limits()
@@ -153,8 +161,8 @@ class ProxyFactory(protocol.Factory):
             if self.clock.seconds() - exchange.started < self.limits.first_read_wait:
                 self.reactor.callLater(0.05, self.start, exchange)
                 return
-        if backends.shared:
-            backends.pick_shared(self._picked, exchange)
+        if backends.shared and self.lists is not None:
+            self.lists.pick_shared(self._picked, exchange)
         else:
             self._picked(backends.pick(), exchange)
 
@@ -168,11 +176,12 @@ class ProxyFactory(protocol.Factory):
                 self.log.warn("every backend failed for a request: {urls}",
                               urls=", ".join(b.url for b in exchange.tried))
                 client.fail_exchange(exchange, 502, "every backend failed\n")
-            elif self.backends.known and not exchange.reread and not self.backends.shared:
+            elif (self.backends.known and not exchange.reread and not self.backends.shared
+                  and self.lists is not None):
                 # Empty as far as we know; a notice of a first backend may be on its way.
                 # A 503 should be true when said, so read the list once more first.
                 exchange.reread = True
-                self.backends.reread().addBoth(lambda _: self._picked(self.backends.pick(),
+                self.lists.reread().addBoth(lambda _: self._picked(self.backends.pick(),
                                                                       exchange))
             elif self.backends.known:
                 client.fail_exchange(exchange, 503, "no backend is available\n")

@@ -52,6 +52,7 @@ class LoadPublisher(Periodic):
         self._seen: dict[str, tuple] = {}  # per URL, the counters at the previous report
         self._last_time: float | None = None
         self._failing = False
+        self.published: dict | None = None  # the last report, for the admin listener
 
     def tick(self) -> defer.Deferred | None:
         return self.publish()
@@ -84,7 +85,7 @@ class LoadPublisher(Periodic):
         if not self.backends.known:
             return None  # nothing read yet: an empty report would say "no load"
         report = self.report()
-        self.backends.published = report
+        self.published = report
         ttl_ms = int(load.REPORT_TTL * 1000)
         d = self.redis.eval(_PUBLISH, [keys.proxy_load(self.id), keys.LOAD_PROXIES],
                             [json.dumps(report), ttl_ms, self.id, report["time"],

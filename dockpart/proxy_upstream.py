@@ -293,7 +293,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.keep = keep
         exchange = self.exchange
         exchange.reply_moves(Reply.DONE)
-        self.backend.requests += 1
+        self.backend.answered()
         exchange.end_try()
 
     def _settle(self) -> None:
@@ -320,7 +320,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.drop()
         if exchange is not None:
             self.log.warn("backend {url}: {why}", url=self.backend.url, why=why)
-            self.backend.errors += 1
+            self.backend.erred()
             exchange.end_try()
             exchange.client.fail_exchange(exchange, 502, "the backend's response could not "
                                                          "be passed on\n")
@@ -374,15 +374,15 @@ class BackendConnection(_Reading, protocol.Protocol):
                 if exchange.chunked_out:
                     client.write(b"0\r\n\r\n")
                 exchange.reply_moves(Reply.DONE)
-                backend.requests += 1
+                backend.answered()
                 client.exchange_done(exchange)
             else:
-                backend.errors += 1
+                backend.erred()
                 client.abort()
             return
         # No answer at all: a pooled connection closed under us, or the backend died.
         # Safe to try again elsewhere while no body byte has left the client's hands.
-        backend.errors += 1
+        backend.erred()
         if not exchange.has_body:  # no byte of the request's body left the client's hands
             self.proxy.stats.retries += 1
             self.proxy.retry(exchange, backend, stale=not self.got_bytes)

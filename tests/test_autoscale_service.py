@@ -35,7 +35,7 @@ class Tier:
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
-        self.backends = BackendSet(self.redis, keys.SERVERS, "local", self.clock)
+        self.backends = BackendSet(keys.SERVERS, "local", self.clock)
         self.publisher = LoadPublisher(self.backends, self.redis, self.clock, name="test:1")
         self.slots: dict = {}
         self.lease = Lease()
@@ -284,7 +284,7 @@ async def test_the_published_report_counts_since_the_last_one(redis_db, redis_se
         t.backends.update([FIRST])
         backend = t.backends.by_url[FIRST]
         for seconds in (0.003, 0.003, 0.3):
-            backend.requests += 1
+            backend.answered()
             backend.timed(seconds)
         backend.take(), backend.take()  # two requests in flight
         await t.publisher.publish()

@@ -26,7 +26,7 @@ class Proxy:
     def __init__(self, urls=URLS, **limits):
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1000)
-        self.backends = BackendSet(NoRedis(), "servers", "local", self.reactor)
+        self.backends = BackendSet("servers", "local", self.reactor)
         self.backends.update(list(urls))
         self.factory = ProxyFactory(self.backends, self.reactor, Limits(**limits))
         self._taken = 0

@@ -24,9 +24,8 @@ from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_sync import BackendSync
 from dockpart.proxy_dispatch import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
-from dockpart.listening import Listener
-from dockpart.proxy_workers import (BACKLOG, Workers, WorkersAdmin, die_with_parent,
-                                    shared_port_endpoint, tcp_address)
+from dockpart.listening import DEFAULT_BACKLOG, Listener, shared_port_endpoint, tcp_address
+from dockpart.proxy_workers import ReadySignal, Workers, WorkersAdmin, die_with_parent
 from dockpart.redisconn import RedisOptions, RedisService
 
 BALANCES = ("local", "shared")
@@ -61,9 +60,11 @@ class Options(RedisOptions):
                               "reactor and backend pools; auto = one per CPU."],
         ["shutdown-timeout", None, 10.0, "Seconds a stopping proxy lets requests in flight "
                                          "finish before it cuts them.", float],
-        ["backlog", None, BACKLOG, "Length of the listen queue (takes the place of the "
+        ["backlog", None, DEFAULT_BACKLOG, "Length of the listen queue (takes the place of the "
                                    "endpoint's backlog=).", int],
         ["worker-of", None, None, "(internal) The pid of the --workers parent.", int],
+        ["ready-fd", None, None, "(internal) A pipe to tell the --workers parent, once "
+                                 "listening, that this worker is ready.", int],
     ]
 
     def parseOptions(self, options=None):
@@ -163,6 +164,8 @@ def makeService(config, reactor=None):
         from dockpart.proxy_admin import admin_site
         Listener("dockpart-proxy admin", shared_port_endpoint(reactor, "admin", config["admin"]),
                  admin_site(proxy, publisher)).setServiceParent(top)
+    if config["ready-fd"] is not None:
+        ReadySignal(config["ready-fd"]).setServiceParent(top)  # last: after the listeners
     return top
 
 

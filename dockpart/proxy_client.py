@@ -17,7 +17,7 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
-from dockpart.proxy_exchange import Exchange, Reply, _no_delay, _Reading, direct_writer
+from dockpart.proxy_exchange import Exchange, Reading, Reply, direct_writer, no_delay
 from dockpart.proxy_framing import HOST_VALUE, OWN_HEADERS, REASONS, Refused, codings, end_to_end
 
 
@@ -46,7 +46,7 @@ MODE_MOVES = {
 }
 
 
-class ClientConnection(_Reading, protocol.Protocol):
+class ClientConnection(Reading, protocol.Protocol):
     """A client's connection: requests in order, one exchange at a time."""
 
     log = Logger()
@@ -75,7 +75,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         factory = self.factory
         self.clock = factory.clock
         self.limits = factory.limits
-        _no_delay(self.transport)
+        no_delay(self.transport)
         self.write = direct_writer(self.transport)
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()

@@ -92,7 +92,7 @@ def direct_writer(transport):
     return send
 
 
-def _no_delay(transport) -> None:
+def no_delay(transport) -> None:
     """Small responses leave at once (no Nagle delay), on transports that have the option."""
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
@@ -126,7 +126,7 @@ class _Throttle:
         pass
 
 
-class _Reading:
+class Reading:
     """Pausing reads for several reasons at once (peer full, request queued, ...)."""
 
     transport = None

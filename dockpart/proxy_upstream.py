@@ -13,7 +13,7 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 
 from dockpart.proxy_backends import MAX_IDLE, Backend
-from dockpart.proxy_exchange import Exchange, Pipe, Reply, _no_delay, _Reading, direct_writer
+from dockpart.proxy_exchange import Exchange, Pipe, Reading, Reply, direct_writer, no_delay
 from dockpart.proxy_framing import NO_BODY_STATUS, Refused, codings, end_to_end
 
 
@@ -43,7 +43,7 @@ MOVES = {
 }
 
 
-class BackendConnection(_Reading, protocol.Protocol):
+class BackendConnection(Reading, protocol.Protocol):
     """A persistent connection to one backend, lent to one exchange at a time.
 
     A response that ends inside a read is settled only once the whole read is parsed
@@ -87,7 +87,7 @@ class BackendConnection(_Reading, protocol.Protocol):
             self.transport.loseConnection()
 
     def connectionMade(self):
-        _no_delay(self.transport)  # small requests leave at once
+        no_delay(self.transport)  # small requests leave at once
         self.write = direct_writer(self.transport)
         connector, self.factory = self.factory, None
         if connector is not None:

@@ -415,9 +415,9 @@ def test_a_full_client_buffer_pauses_the_backend_until_the_answer_ends():
 
 
 def test_a_pipe_takes_back_only_what_it_registered_and_closes_twice_harmlessly():
-    from dockpart.proxy_exchange import Pipe, _Reading
+    from dockpart.proxy_exchange import Pipe, Reading
 
-    class Side(_Reading):
+    class Side(Reading):
         def __init__(self):
             self.transport = StringTransport()
 

@@ -17,7 +17,7 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
-from dockpart.proxy_exchange import Exchange, Reading, Reply, direct_writer, no_delay
+from dockpart.proxy_exchange import Exchange, Reading, Reply, Throttle, direct_writer, no_delay
 from dockpart.proxy_framing import HOST_VALUE, OWN_HEADERS, REASONS, Refused, codings, end_to_end
 
 
@@ -51,20 +51,18 @@ class ClientConnection(Reading, protocol.Protocol):
 
     log = Logger()
     mode = Mode.OPEN
-
-    @property
-    def closed(self) -> bool:
-        return self.mode is Mode.CLOSED
+    #: ``mode is Mode.CLOSED``, kept by :meth:`transition` alone (read on every request).
+    closed = False
 
     def transition(self, to: Mode) -> None:
         if to not in MODE_MOVES[self.mode]:
             self.log.error("client connection: no move from {old} to {new}",
                            old=self.mode.value, new=to.value)
-            self.mode = Mode.CLOSED
+            to = Mode.CLOSED
             if self.transport is not None:
                 self.transport.loseConnection()
-            return
         self.mode = to
+        self.closed = to is Mode.CLOSED
 
     def close(self) -> None:
         """Close once what was written is sent."""
@@ -88,6 +86,7 @@ class ClientConnection(Reading, protocol.Protocol):
         self._head_began = False
         self._url = b""
         self._headers: list = []
+        self.throttle = Throttle(self)
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "").encode()
         self.proto = b"https" if ISSLTransport.providedBy(self.transport) else b"http"

@@ -26,6 +26,7 @@ class _Reader(Protocol):
     """A connection whose reading a :class:`Pipe` pauses and resumes."""
 
     transport: Any
+    throttle: Throttle
 
     def pause_reading(self, reason: str) -> None: ...
 
@@ -108,8 +109,9 @@ def _produce(transport, producer) -> None:
         transport.registerProducer(producer, True)
 
 
-class _Throttle:
-    """The producer registered on a peer's transport: its full buffer pauses our reading."""
+class Throttle:
+    """The producer a connection registers on a peer's transport (through a :class:`Pipe`):
+    the peer's full buffer pauses this connection's reading.  One per connection."""
 
     __slots__ = ("conn",)
 
@@ -164,8 +166,8 @@ class Pipe:
     def __init__(self, client: Downstream, upstream: Upstream):
         self.client = client
         self.upstream = upstream
-        self._up = _Throttle(client)  # on the backend's transport: it pauses the client
-        self._down = _Throttle(upstream)  # on the client's transport: it pauses the backend
+        self._up = client.throttle  # on the backend's transport: it pauses the client
+        self._down = upstream.throttle  # on the client's transport: it pauses the backend
 
     def request_flows(self) -> None:
         """Request bytes (a body, a tunnel's) go up: a full backend buffer pauses the client."""

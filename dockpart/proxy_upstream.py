@@ -13,7 +13,8 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 
 from dockpart.proxy_backends import MAX_IDLE, Backend
-from dockpart.proxy_exchange import Exchange, Pipe, Reading, Reply, direct_writer, no_delay
+from dockpart.proxy_exchange import (Exchange, Pipe, Reading, Reply, Throttle, direct_writer,
+                                     no_delay)
 from dockpart.proxy_framing import NO_BODY_STATUS, Refused, codings, end_to_end
 
 
@@ -60,6 +61,7 @@ class BackendConnection(Reading, protocol.Protocol):
         self.phase = Phase.IDLE
         self.exchange: Exchange | None = None
         self.parser = None
+        self.throttle = Throttle(self)
         self.pipe: Pipe | None = None  # flow control with the client of the exchange lent
         self.tunnel = None
         self._reason = b""
@@ -208,7 +210,8 @@ class BackendConnection(Reading, protocol.Protocol):
             seen = end_to_end(headers, out, upgrade=status == 101)
         except Refused as e:
             raise _BadResponse(str(e)) from None
-        no_body = exchange.head_only or status in NO_BODY_STATUS or status == 101
+        head_only = exchange.head_only
+        no_body = head_only or status in NO_BODY_STATUS or status == 101
         length = b"content-length" in seen
         coded = seen.get(b"transfer-encoding")
         chunked_in = False
@@ -259,7 +262,7 @@ class BackendConnection(Reading, protocol.Protocol):
             if exchange.early:
                 self.write(b"".join(exchange.early))
                 exchange.early.clear()
-        elif exchange.head_only:
+        elif head_only:
             # The parser cannot be told the response to HEAD has no body: it would wait for
             # the one the head announces, so this connection serves no other request.
             self._response_complete(keep=False)

@@ -415,11 +415,12 @@ def test_a_full_client_buffer_pauses_the_backend_until_the_answer_ends():
 
 
 def test_a_pipe_takes_back_only_what_it_registered_and_closes_twice_harmlessly():
-    from dockpart.proxy_exchange import Pipe, Reading
+    from dockpart.proxy_exchange import Pipe, Reading, Throttle
 
     class Side(Reading):
         def __init__(self):
             self.transport = StringTransport()
+            self.throttle = Throttle(self)
 
     client, upstream = Side(), Side()
     pipe = Pipe(client, upstream)
@@ -428,7 +429,7 @@ def test_a_pipe_takes_back_only_what_it_registered_and_closes_twice_harmlessly()
     upstream.transport.producer.pauseProducing()
     client.transport.producer.pauseProducing()
     assert client.reading_paused("peer") and pipe.client_behind
-    other = Pipe(client, upstream)
+    other = Pipe(client, Side())
     other.close()  # not its producers: they stay, the pauses are lifted
     assert upstream.transport.producer is not None and client.transport.producer is not None
     pipe.close()

@@ -4,7 +4,9 @@ A client connection (:class:`ClientConnection`) parses requests with httptools a
 to an :class:`~dockpart.proxy_exchange.Exchange`, which the factory
 (:mod:`dockpart.proxy_dispatch`) sends to a backend connection
 (:mod:`dockpart.proxy_upstream`).  A refused request stops the parser: nothing after it is read.
-After a backend's ``101`` the two connections become a plain byte tunnel.
+After a backend's ``101`` the two connections become a plain byte tunnel.  What the connection
+does with the bytes it reads is explicit (:class:`Mode`, moved by
+:meth:`ClientConnection.transition`).
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ class Dashboard(CoroutineResource):
         if given is not None:
             return hmac.compare_digest(given.encode(), self.token.encode())
         cookie = request.getCookie(COOKIE.encode())
-        return cookie is not None and hmac.compare_digest(cookie, self.session.encode())
+        return cookie is not None and hmac.compare_digest(
+            cookie, self.session.encode())  # type: ignore[union-attr]  # set with the token
 
     def _cookie(self) -> str:
         return f"{COOKIE}={self.session}; Path=/; HttpOnly; SameSite=Strict"
@@ -258,7 +259,7 @@ class Dashboard(CoroutineResource):
         for name in ("min", "max"):
             raw = body.get(name)
             try:
-                values[name] = int(raw)
+                values[name] = int(raw)  # type: ignore[arg-type]  # None: TypeError, below
             except (TypeError, ValueError):
                 raise Refused(400, f"{name}={raw!r}: expected a whole number") from None
         if not 1 <= values["min"] <= values["max"]:
@@ -299,7 +300,8 @@ def make_dashboard(config, redis, worker, reactor) -> MultiService:
     watch.setServiceParent(top)
     site = server.Site(Dashboard(watch, config["dashboard-token"]))
     site.noisy = False
-    site.log = lambda request: None  # a poll a second per browser would flood the log
+    # A poll a second per browser would flood the log:
+    site.log = lambda request: None  # type: ignore[method-assign]
     Listener("dockpart-infra dashboard",
              server_endpoint(reactor, "dashboard", config["dashboard"]), site).setServiceParent(top)
     return top

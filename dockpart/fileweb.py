@@ -8,10 +8,12 @@ Run it with ``twistd -n dockpart-fileweb --listen tcp:8000 --source tcp:writer:7
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -34,13 +36,17 @@ class SourceFailed(Exception):
 class SourceReader(Protocol, TimeoutMixin):
     """Collects everything the source sends until it closes; ``done`` fires with the bytes."""
 
+    transport: ITCPTransport  # a TCP client's connection
+
     def __init__(self, idle_timeout: float, max_bytes: int, clock):
         self.idle_timeout = idle_timeout
         self.max_bytes = max_bytes
-        self.callLater = clock.callLater  # TimeoutMixin's timer, on the injected clock
+        # TimeoutMixin's timer, on the injected clock:
+        self.callLater = clock.callLater  # type: ignore[method-assign]
         self.chunks: list[bytes] = []
         self.size = 0
-        self.done = defer.Deferred(lambda _: self.transport.abortConnection())
+        self.done: defer.Deferred[bytes] = defer.Deferred(
+            lambda _: self.transport.abortConnection())
 
     def connectionMade(self):
         self.setTimeout(self.idle_timeout)
@@ -62,7 +68,7 @@ class SourceReader(Protocol, TimeoutMixin):
             self.done.errback(failure)
         self.transport.abortConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         self.setTimeout(None)
         if self.done.called:
             return

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import socket
 
+from typing import Any
+
 from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.endpoints import UNIXServerEndpoint, clientFromString, serverFromString
@@ -159,11 +161,11 @@ class Listener(Service):
         self.name = name
         self.endpoint = endpoint
         self.factory = factory
-        self.port = None
+        self.port: Any = None  # the IListeningPort (tcp.Port's own attributes are read too)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        outcome = []
+        outcome: list = []
         self.endpoint.listen(self.factory).addBoth(outcome.append)
         # TCP and UNIX endpoints bind synchronously, so the outcome is already known here.
         if outcome and isinstance(outcome[0], Failure):

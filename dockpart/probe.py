@@ -8,7 +8,9 @@ than an HTTP client: a probe every 50 ms must cost no pool, no log line and no b
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
 
 #: Longest status line we wait for before calling the answer malformed.
 _MAX_LINE = 1024
@@ -20,6 +22,8 @@ class NotHTTP(Exception):
 
 class _StatusLine(Protocol):
     """Sends one request; ``status`` fires with the response's status code."""
+
+    transport: ITCPTransport  # a TCP client's connection (None until connected)
 
     def __init__(self, request: bytes):
         self.request = request
@@ -43,7 +47,7 @@ class _StatusLine(Protocol):
             self.status.errback(NotHTTP(f"not an HTTP answer: {line[:80]!r}"))
         self.transport.loseConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         if not self.status.called:
             self.status.errback(reason)
 

@@ -115,6 +115,7 @@ class ProxyService(MultiService):
     def stopService(self):
         if self.listener is not None:
             yield self.listener.stopService()
+        assert self.proxy is not None  # built before the service starts
         busy = len(self.proxy.clients)
         if busy:
             self.log.info("stopping: {busy} client connections open; waiting up to {timeout} s "

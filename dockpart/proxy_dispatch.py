@@ -101,7 +101,7 @@ class ProxyFactory(protocol.Factory):
         ``timeout`` seconds whatever is left is cut.  Polling keeps this apart from the
         exchange's own state handling.
         """
-        done = defer.Deferred()
+        done: defer.Deferred = defer.Deferred()
         give_up = self.clock.seconds() + timeout
         idle_since: dict[ClientConnection, tuple] = {}
 

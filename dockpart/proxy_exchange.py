@@ -142,7 +142,7 @@ class Reading:
     """Pausing reads for several reasons at once (peer full, request queued, ...)."""
 
     transport = None
-    _paused: set = frozenset()
+    _paused: set = frozenset()  # type: ignore[assignment]  # shared empty default; a set once used
 
     def pause_reading(self, reason: str) -> None:
         if not self._paused:

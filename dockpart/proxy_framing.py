@@ -48,7 +48,7 @@ def end_to_end(headers, out: list, skip=frozenset(), upgrade: bool = False) -> d
     frames or routes the message (``Content-Length``, ``Transfer-Encoding``, ``Host``): the
     proxy would frame by a header the next hop never sees.
     """
-    seen = {}
+    seen: dict = {}
     start = len(out)
     append = out.append
     for name, value in headers:

@@ -16,8 +16,10 @@ from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockpart import keys
 from dockpart.periodic import Periodic
@@ -144,7 +146,7 @@ class RedisList:
         if self._rereading is None:
             self._rereading = self.refresh()
             self._rereading.addBoth(self._reread_done)
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
         return d
 
@@ -177,6 +179,7 @@ class _Notices(Protocol):
     """SUBSCRIBE to the list's channel; each ``message`` means: read the list again."""
 
     log = Logger()
+    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
 
     def connectionMade(self):
         owner = self.factory.owner
@@ -204,7 +207,7 @@ class _Notices(Protocol):
             return
         self.buffer = buf[pos:]
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         self.factory.owner.lists.distrust_empty()
 
 
@@ -221,6 +224,7 @@ class _Rotation(Protocol):
     """
 
     log = Logger()
+    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
 
     def connectionMade(self):
         owner = self.factory.owner
@@ -281,7 +285,7 @@ class _Rotation(Protocol):
             self._stalled = 0.0
         self._seen = self.replies
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         if self.lists.rotation is self:
             self.lists.rotation = None
         waiting, self.waiting = self.waiting, deque()
@@ -323,7 +327,7 @@ class BackendSync(MultiService):
         # Added last: started after the connections, stopped before them.
         _Reads(self, interval, reactor).setServiceParent(self)
         self.interval = interval
-        self._refreshing = None
+        self._refreshing: defer.Deferred | None = None
         self._again = False
         self._retry = None  # the soon read of a start before Redis answered
         self.reactor = reactor
@@ -332,7 +336,7 @@ class BackendSync(MultiService):
         """A Redis connection of our own, made again whenever it is lost."""
         factory = Factory.forProtocol(protocol_class)
         factory.noisy = False
-        factory.owner = self
+        factory.owner = self  # type: ignore[attr-defined]  # the protocols' way back to us
         address = self.redis.address
         endpoint = TCP4ClientEndpoint(reactor, address.host, address.port,
                                       timeout=self.redis.timeout)

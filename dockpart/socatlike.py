@@ -7,11 +7,14 @@ client reads (memory stays flat for any size), ``--crlf`` byte for byte like soc
 Run it with ``twistd -n dockpart-socat --listen tcp:7000 --file random --crlf``.
 """
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from typing import BinaryIO
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python import usage
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dockpart.listening import Listener, server_endpoint
@@ -58,9 +61,10 @@ class FileServer(Protocol):
     """Sends the file, half-closes, and closes when the client hangs up (or after a grace)."""
 
     log = Logger()
+    transport: ITCPTransport  # set by a TCP (or UNIX) listener before connectionMade
 
     def __init__(self):
-        self.file = None
+        self.file: BinaryIO | None = None
         self.admitted = False
         self.sent = False
         self.client_done = False
@@ -93,6 +97,7 @@ class FileServer(Protocol):
 
     def _sent(self, _):
         self.sent = True
+        assert self.file is not None  # only called once the file is open
         self.file.close()
         self.file = None
         if self.client_done:
@@ -116,7 +121,7 @@ class FileServer(Protocol):
     def writeConnectionLost(self):
         """Our FIN is out; the grace timer (or the client's own close) finishes the job."""
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         if self.closer is not None and self.closer.active():
             self.closer.cancel()
         if self.file is not None:
@@ -142,7 +147,7 @@ class FileServerFactory(Factory):
         self.max_connections = max_connections
         self.clock = clock
         self.active = 0
-        self.listener = None  # a Listener, whose port is paused at the ceiling
+        self.listener: Listener | None = None  # a Listener, whose port is paused at the ceiling
 
     def admit(self) -> bool:
         """Count one more connection; False if it is over the ceiling (a burst accepted at once)."""

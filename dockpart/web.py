@@ -88,13 +88,13 @@ class LimitedRequest(server.Request):
     _received = 0
 
     def gotLength(self, length):
-        limit = self.channel.site.max_body
+        limit = self.channel.site.max_body  # type: ignore[attr-defined]  # Site.buildProtocol sets it
         self.too_large = length is not None and length > limit
         super().gotLength(0 if self.too_large else length)
 
     def handleContentChunk(self, data):
         self._received += len(data)
-        if self._received > self.channel.site.max_body:
+        if self._received > self.channel.site.max_body:  # type: ignore[attr-defined]
             self.too_large = True
         if not self.too_large:
             super().handleContentChunk(data)
@@ -102,6 +102,7 @@ class LimitedRequest(server.Request):
     def requestReceived(self, command, path, version):
         if self.too_large:
             # A truncated multipart body must not be parsed; the app answers 413.
+            assert self.content is not None  # made by gotLength
             self.content.seek(0)
             self.content.truncate()
             self.requestHeaders.removeHeader(b"content-type")
@@ -133,7 +134,7 @@ class WebApp(CoroutineResource):
         self.max_upload = max_upload
         self.max_queued_images = max_queued_images
         self.scale_token = scale_token.encode() if scale_token else None
-        self.url = None  # known once listening
+        self.url = ""  # known once listening
         self.routes = {
             ("GET", ""): self.index,
             ("GET", "set"): self.set,

@@ -16,8 +16,10 @@ from collections import deque
 
 import httptools
 from twisted.internet import protocol
+from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockpart.proxy_exchange import Exchange, Reading, Reply, Throttle, direct_writer, no_delay
 from dockpart.proxy_framing import HOST_VALUE, OWN_HEADERS, REASONS, Refused, codings, end_to_end
@@ -83,7 +85,8 @@ class ClientConnection(Reading, protocol.Protocol):
         self.parsing = False
         self.tunnel_to = None  # the backend connection, in TUNNEL
         self.pending_head = 0
-        self.refusal = None  # in REFUSING: (code, text, head_only), answered after the others
+        # In REFUSING: (code, text, head_only), answered after the requests before it.
+        self.refusal: tuple[int, str, bool] | None = None
         self._head_request = False
         self._head_began = False
         self._url = b""
@@ -200,7 +203,7 @@ class ClientConnection(Reading, protocol.Protocol):
         if upgrade and has_body:
             # The parser takes what follows an Upgrade head as the new protocol's bytes.
             return self._refuse_head(400, "an Upgrade request cannot carry a body here\n")
-        if chunked:
+        if coded is not None:
             # The parser accepts only codings that end in one chunked; the others go on.
             append(b"Transfer-Encoding: " + b", ".join(codings(coded)))
         peer_ip = self.peer_ip  # empty on a UNIX socket
@@ -246,13 +249,14 @@ class ClientConnection(Reading, protocol.Protocol):
             return
         exchange.request_done = True
         conn = exchange.conn
-        attached = conn is not None and conn.exchange is exchange
+        if conn is not None and conn.exchange is not exchange:
+            conn = None  # not (or no longer) carrying this exchange
         if exchange.chunked_in:
-            if attached:
+            if conn is not None:
                 conn.write(b"0\r\n\r\n")
             else:
                 exchange.pending.append(b"0\r\n\r\n")
-        if attached and not exchange.responded:
+        if conn is not None and not exchange.responded:
             self.deadline = self.clock.seconds() + self.factory.answer_wait(exchange)
 
     # Answers of the proxy itself.
@@ -309,6 +313,7 @@ class ClientConnection(Reading, protocol.Protocol):
         exchange.reply_moves(Reply.STREAMING)
         conn = exchange.conn
         if exchange.backend is not None and conn is not None and not exchange.head_only:
+            assert conn.pipe is not None  # made when the exchange was lent to it
             conn.pipe.response_flows()
         stats = self.factory.stats
         stats.responses[exchange.status] = stats.responses.get(exchange.status, 0) + 1
@@ -325,7 +330,9 @@ class ClientConnection(Reading, protocol.Protocol):
             return
         self.resume_reading("no backend yet")
         if not self.queue and self.mode is Mode.REFUSING:
-            return self.answer(*self.refusal[:2], head_only=self.refusal[2])
+            assert self.refusal is not None  # set on the move to REFUSING
+            code, text, head_only = self.refusal
+            return self.answer(code, text, head_only=head_only)
         if self.queue:
             self.current = self.queue.popleft()
             self.factory.start(self.current)
@@ -373,7 +380,7 @@ class ClientConnection(Reading, protocol.Protocol):
         conn = exchange.conn
         backend = exchange.backend
         if exchange.responded:
-            if conn is not None and conn.pipe.client_behind:
+            if conn is not None and conn.pipe is not None and conn.pipe.client_behind:
                 # The backend waits for this client to read: the client's own limit applies.
                 if not exchange.client_slow:
                     exchange.client_slow = True
@@ -403,7 +410,7 @@ class ClientConnection(Reading, protocol.Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.transition(Mode.CLOSED)
         self.factory.clients.discard(self)
         exchange, self.current = self.current, None

@@ -141,7 +141,7 @@ class Throttle:
 class Reading:
     """Pausing reads for several reasons at once (peer full, request queued, ...)."""
 
-    transport = None
+    transport: Any = None
     _paused: set = frozenset()  # type: ignore[assignment]  # shared empty default; a set once used
 
     def pause_reading(self, reason: str) -> None:

@@ -7,14 +7,17 @@ in its life is explicit (:class:`Phase`, moved by :meth:`BackendConnection.trans
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import httptools
 from twisted.internet import protocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockpart.proxy_backends import MAX_IDLE, Backend
-from dockpart.proxy_exchange import (Exchange, Pipe, Reading, Reply, Throttle, direct_writer,
-                                     no_delay)
+from dockpart.proxy_exchange import (Downstream, Exchange, Pipe, Reading, Reply, Throttle,
+                                     direct_writer, no_delay)
 from dockpart.proxy_framing import NO_BODY_STATUS, Refused, codings, end_to_end
 
 
@@ -60,10 +63,10 @@ class BackendConnection(Reading, protocol.Protocol):
         self.proxy = factory
         self.phase = Phase.IDLE
         self.exchange: Exchange | None = None
-        self.parser = None
+        self.parser: Any = None  # an httptools.HttpResponseParser once a request was sent
         self.throttle = Throttle(self)
         self.pipe: Pipe | None = None  # flow control with the client of the exchange lent
-        self.tunnel = None
+        self.tunnel: Downstream | None = None  # the client, after a 101
         self._reason = b""
         self._headers: list = []
         self.got_bytes = False
@@ -72,7 +75,7 @@ class BackendConnection(Reading, protocol.Protocol):
         self.stray = False  # bytes came after the end of a response
         # What one read of the backend produced for the client, written at once.
         self.out: list[bytes] = []
-        self.out_to = None
+        self.out_to: Downstream | None = None
         self.idle_since = 0.0
 
     @property
@@ -131,6 +134,7 @@ class BackendConnection(Reading, protocol.Protocol):
     def dataReceived(self, data):
         phase = self.phase
         if phase is Phase.TUNNEL:
+            assert self.tunnel is not None
             return self.tunnel.write(data)
         if phase is not Phase.AWAITING and phase is not Phase.BODY:
             # An idle connection has nothing to say; whatever it is, it cannot be reused.
@@ -139,6 +143,7 @@ class BackendConnection(Reading, protocol.Protocol):
         if phase is Phase.BODY:
             # Every read from the backend restarts its time limit, mid-body too.
             exchange = self.exchange
+            assert exchange is not None  # lent in AWAITING and BODY
             exchange.client_slow = False
             exchange.client.deadline = self.proxy.clock.seconds() + \
                 self.proxy.limits.backend_timeout
@@ -173,6 +178,7 @@ class BackendConnection(Reading, protocol.Protocol):
         out = self.out
         if out:
             self.out = []
+            assert self.out_to is not None  # set when the request was sent
             self.out_to.write(out[0] if len(out) == 1 else b"".join(out))
 
     def on_message_begin(self):
@@ -190,6 +196,7 @@ class BackendConnection(Reading, protocol.Protocol):
             self.stray = True
             return
         exchange = self.exchange
+        assert exchange is not None  # lent in AWAITING
         parser = self.parser
         status = parser.get_status_code()
         client = exchange.client
@@ -273,7 +280,9 @@ class BackendConnection(Reading, protocol.Protocol):
         if self.phase is not Phase.BODY:
             self.stray = True
             return
-        if self.exchange.chunked_out:
+        exchange = self.exchange
+        assert exchange is not None  # lent in BODY
+        if exchange.chunked_out:
             self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
         else:
             self.out.append(body)
@@ -286,7 +295,9 @@ class BackendConnection(Reading, protocol.Protocol):
             if phase is Phase.SETTLING:
                 self.stray = True
             return
-        if self.exchange.chunked_out:
+        exchange = self.exchange
+        assert exchange is not None  # lent in BODY
+        if exchange.chunked_out:
             self.out.append(b"0\r\n\r\n")
         self._response_complete(keep=self.parser.should_keep_alive())
 
@@ -295,6 +306,7 @@ class BackendConnection(Reading, protocol.Protocol):
         self.transition(Phase.SETTLING)
         self.keep = keep
         exchange = self.exchange
+        assert exchange is not None  # lent until SETTLING ends
         exchange.reply_moves(Reply.DONE)
         self.backend.answered()
         exchange.end_try()
@@ -304,6 +316,7 @@ class BackendConnection(Reading, protocol.Protocol):
         the client go on."""
         self.flush()
         exchange = self._let_go()
+        assert exchange is not None  # lent until SETTLING ends
         client = exchange.client
         backend = self.backend
         if self.stray:
@@ -349,7 +362,7 @@ class BackendConnection(Reading, protocol.Protocol):
         if self.phase is not Phase.CLOSED:
             self.transition(Phase.CLOSED)
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         phase = self.phase
         self.phase = Phase.CLOSED
         backend = self.backend

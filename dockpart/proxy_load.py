@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable, Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -53,6 +54,8 @@ class LoadPublisher(Periodic):
         self._last_time: float | None = None
         self._failing = False
         self.published: dict | None = None  # the last report, for the admin listener
+        #: Requests in flight per URL as load (ProxyFactory.fair_inflight); None: every one.
+        self.inflight: Callable[[], Mapping[str, int]] | None = None
 
     def tick(self) -> defer.Deferred | None:
         return self.publish()
@@ -62,6 +65,7 @@ class LoadPublisher(Periodic):
         now = self.clock.seconds()
         figures = {}
         seen = {}
+        inflight = self.inflight() if self.inflight is not None else None
         for url, b in list(self.backends.by_url.items()):
             counters = (b.requests, b.errors, b.latency_sum, list(b.latency_buckets))
             seen[url] = counters
@@ -72,7 +76,7 @@ class LoadPublisher(Periodic):
                 "errors": b.errors - errors,
                 "latency_sum": round(b.latency_sum - latency_sum, 6),
                 "latency_buckets": [n - m for n, m in zip(b.latency_buckets, buckets)],
-                "inflight": b.active,
+                "inflight": b.active if inflight is None else inflight.get(url, 0),
                 "healthy": b.down_until <= now,
             }
         self._seen = seen

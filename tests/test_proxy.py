@@ -482,6 +482,8 @@ def test_metrics_carry_each_backends_latency_as_a_histogram(fresh):
     (["--servers-key", ""], "--servers-key"),
     (["--health-path", "health"], "--health-path"),
     (["--backend-timeout", "0"], "--backend-timeout"),
+    (["--max-inflight-per-client", "-1"], "--max-inflight-per-client must be 0 or more"),
+    (["--body-timeout", "-5"], "--body-timeout must be 0 or more"),
 ])
 def test_bad_options_are_refused_clearly(args, message):
     with pytest.raises(usage.UsageError, match=message):

@@ -284,3 +284,16 @@ def test_an_empty_lmove_answer_right_after_redis_was_away_is_served_by_the_local
     lists.trust_empty()  # a change notice: empty is the truth now
     assert lists.choice(None) is None
     assert not hasattr(pool, "redis") and not hasattr(pool, "refresh")
+
+
+def test_only_a_reset_before_any_answer_to_a_bodiless_request_proves_it_unread():
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    from dockpart.proxy_retry import never_read
+    reset, closed = Failure(error.ConnectionLost()), Failure(error.ConnectionDone())
+    assert never_read(False, False, reset)
+    assert not never_read(False, False, closed)  # it may have run it, then closed
+    assert not never_read(True, False, reset)  # the head may have been read, the body not
+    assert not never_read(False, True, reset)  # it began to answer
+    assert not never_read(False, False, Failure(error.ConnectionAborted()))  # our own abort

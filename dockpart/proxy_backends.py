@@ -3,9 +3,10 @@
 What a backend is (:class:`Backend`: its address, idle connections and counters) and how the
 next one is chosen (:class:`BackendSet`: the rotation, failed backends left out).  A pure
 model: no Redis here.  Others tell it what happened through its methods (a new list, a
-failure, an answer) and read its figures; none writes its attributes.  Reading the list from
-Redis (and the shared rotation's LMOVE) is :mod:`dockpart.proxy_sync`'s job; asking backends
-whether they answer is :mod:`dockpart.proxy_health`'s.
+failure, an answer) and read its figures; none writes its attributes, except ``Backend.idle``,
+the pool of idle connections, which the connection side fills and empties.  Reading the list
+from Redis (and the shared rotation's LMOVE) is :mod:`dockpart.proxy_sync`'s job; asking
+backends whether they answer is :mod:`dockpart.proxy_health`'s.
 """
 
 from __future__ import annotations
@@ -50,10 +51,16 @@ class Backend:
         """Requests in flight here: the slots taken and not given back."""
         return self._active
 
-    def take(self) -> Slot:
-        """One request in flight here, until the slot is released."""
+    def take(self, now: float | None = None) -> Slot:
+        """One request in flight here (since ``now``), until the slot is released."""
+        if not self._active and now is not None:
+            self.busy_since = now
         self._active += 1
         return Slot(self)
+
+    def heard(self, now: float) -> None:
+        """It answered something: a response head, a probe."""
+        self.answered_at = now
 
     def answered(self) -> None:
         """A response from this backend was passed on whole."""

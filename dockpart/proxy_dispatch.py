@@ -226,9 +226,7 @@ class ProxyFactory(protocol.Factory):
             else:
                 client.fail_exchange(exchange, 503, "no backend is known yet\n")
             return
-        if not backend.active:
-            backend.busy_since = self.clock.seconds()
-        exchange.try_on(backend)
+        exchange.try_on(backend, self.clock.seconds())
         idle = backend.idle
         if idle:
             too_old = self.clock.seconds() - POOL_IDLE_TIME

@@ -266,9 +266,9 @@ class Exchange:
         slot = self.slot
         return slot.backend if slot is not None else None
 
-    def try_on(self, backend: Backend) -> None:
+    def try_on(self, backend: Backend, now: float) -> None:
         """A try begins on ``backend``: it holds one of its in-flight slots until :meth:`end_try`."""
-        self.slot = backend.take()
+        self.slot = backend.take(now)
         self.tried.append(backend)
 
     def end_try(self) -> None:

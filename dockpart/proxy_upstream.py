@@ -250,7 +250,7 @@ class BackendConnection(Reading, protocol.Protocol):
         else:
             exchange.close_after = True
         backend.timed(now - exchange.started)
-        backend.answered_at = now
+        backend.heard(now)
         client.deadline = now + self.proxy.limits.backend_timeout
         exchange.status = status
         if status == 101:

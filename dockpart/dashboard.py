@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
 
-from dockpart import dashboard_page, keys, tier
+from dockpart import apps, dashboard_page, keys, tier
 from dockpart.dashboard_state import TierWatch
 from dockpart.listening import server_endpoint
 from dockpart.redisconn import RedisUnavailable
@@ -88,6 +88,7 @@ class Dashboard(CoroutineResource):
             ("POST", "api/spawn"): self.spawn,
             ("POST", "api/destroy"): self.destroy,
             ("POST", "api/limits"): self.limits,
+            ("POST", "api/apps/scale"): self.scale_app,
         }
 
     def internal_error(self) -> Reply:
@@ -270,6 +271,22 @@ class Dashboard(CoroutineResource):
                               "max", values["max"])
         self.log.info("dashboard: autoscaling limits set to {min}-{max}", **values)
         return await self._done(request, 200, values)
+
+    async def scale_app(self, request) -> Reply:
+        """An app's fixed number of instances, as ``dockpart apps scale NAME N``."""
+        body = self._body(request)
+        self._writable()
+        name, raw = body.get("name"), body.get("count")
+        try:
+            count = int(str(raw))
+        except (TypeError, ValueError):
+            raise Refused(400, f"count={raw!r}: expected a whole number") from None
+        try:
+            await apps.scale(self.redis, str(name), count)
+        except apps.BadApp as e:
+            raise Refused(404 if "no app" in str(e) else 400, str(e)) from None
+        self.log.info("dashboard: app {name} scaled to {count}", name=name, count=count)
+        return await self._done(request, 200, {"app": name, "desired": count})
 
     def _body(self, request) -> dict:
         """The POST's fields: a JSON object, or a form."""

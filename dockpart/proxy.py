@@ -18,12 +18,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dockpart import keys
+from dockpart import apps, keys
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_sync import BackendSync
 from dockpart.proxy_dispatch import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
+from dockpart.proxy_routes import AppsSync, Routes
 from dockpart.listening import DEFAULT_BACKLOG, Listener, shared_port_endpoint, tcp_address
 from dockpart.proxy_workers import ReadySignal, Workers, WorkersAdmin, die_with_parent
 from dockpart.redisconn import RedisOptions, RedisService
@@ -40,6 +41,8 @@ class Options(RedisOptions):
         ["listen", "l", "tcp:3456", "Endpoint to listen on."],
         ["servers-key", None, keys.SERVERS, "Redis list of backend URLs to rotate over."],
         ["balance", "b", "local", "local (in-memory rotation) or shared (LMOVE per request)."],
+        ["apps-domain", None, "localhost", "Host NAME.<this> goes to app NAME's instances "
+                                           "(dockpart apps); other hosts to --servers-key."],
         ["admin", None, None, "Endpoint of the admin listener (JSON status, /metrics); off "
                               "by default, e.g. tcp:3457:interface=127.0.0.1."],
         ["refresh-interval", None, 1.0, "Seconds between reads of the list (safety net).", float],
@@ -88,6 +91,10 @@ class Options(RedisOptions):
         if self["balance"] not in BALANCES:
             raise usage.UsageError(f"--balance must be one of {', '.join(BALANCES)}, "
                                    f"not {self['balance']!r}")
+        try:
+            self["apps-domain"] = apps.check_domain(self["apps-domain"])
+        except apps.BadApp as e:
+            raise usage.UsageError(f"--apps-domain: {e}") from None
         if not self["servers-key"]:
             raise usage.UsageError("--servers-key must not be empty")
         workers = self["workers"]
@@ -160,11 +167,16 @@ def makeService(config, reactor=None):
     sync.setServiceParent(top)
     publisher = LoadPublisher(backends, redis, reactor)
     publisher.setServiceParent(top)
+    health = None
     if config["health-path"]:
         # An answer slower than the interval (a second at least) counts as none.
-        HealthChecks(backends, config["health-path"], config["health-interval"],
-                     min(config["connect-timeout"], max(config["health-interval"], 1.0)),
-                     reactor).setServiceParent(top)
+        health = (config["health-path"], config["health-interval"],
+                  min(config["connect-timeout"], max(config["health-interval"], 1.0)))
+        HealthChecks(backends, *health, reactor).setServiceParent(top)
+    routes = Routes(backends, config["apps-domain"])
+    apps_sync = AppsSync(routes, redis, reactor, interval=config["refresh-interval"],
+                         down_time=config["down-time"], health=health)
+    apps_sync.setServiceParent(top)
     limits = Limits(max_header_size=config["max-header-size"],
                     header_timeout=config["header-timeout"], idle_timeout=config["idle-timeout"],
                     connect_timeout=config["connect-timeout"],
@@ -175,7 +187,8 @@ def makeService(config, reactor=None):
                     load_per_client=config["load-per-client"],
                     first_read_wait=config["redis-timeout"])
     proxy = top.proxy = ProxyFactory(backends, reactor, limits, sync.lists)
-    publisher.inflight = proxy.fair_inflight
+    proxy.routes = routes
+    publisher.inflight = apps_sync.inflight = proxy.fair_inflight
     shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout,
                    limits.try_timeout or limits.backend_timeout)
     sweep = TimerService(min(0.5, shortest / 4), proxy.sweep)
@@ -187,7 +200,7 @@ def makeService(config, reactor=None):
     if config["admin"]:
         from dockpart.proxy_admin import admin_site
         Listener("dockpart-proxy admin", shared_port_endpoint(reactor, "admin", config["admin"]),
-                 admin_site(proxy, publisher)).setServiceParent(top)
+                 admin_site(proxy, publisher, apps_sync)).setServiceParent(top)
     if config["ready-fd"] is not None:
         ReadySignal(config["ready-fd"]).setServiceParent(top)  # last: after the listeners
     return top

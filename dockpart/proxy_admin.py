@@ -9,13 +9,15 @@ from twisted.web import resource, server
 from dockpart import load
 from dockpart.proxy_dispatch import ProxyFactory
 from dockpart.proxy_load import LoadPublisher
+from dockpart.proxy_routes import AppsSync
 
 
 def _redis_connected(proxy: ProxyFactory) -> bool:
     return proxy.lists is not None and bool(proxy.lists.redis.connected)
 
 
-def status(proxy: ProxyFactory, publisher: LoadPublisher | None = None) -> dict:
+def status(proxy: ProxyFactory, publisher: LoadPublisher | None = None,
+           apps: AppsSync | None = None) -> dict:
     stats = proxy.stats
     model = proxy.backends.status()
     return {
@@ -31,6 +33,10 @@ def status(proxy: ProxyFactory, publisher: LoadPublisher | None = None) -> dict:
         "client_connections": stats.connections,
         # What this proxy last published for the autoscaler and the dashboard (one source).
         "load": publisher.published if publisher is not None else None,
+        # Each app routed by Host (dockpart.proxy_routes): its own list, rotation and figures.
+        "apps": {name: {**backends.status(),
+                        "load": apps.published(name) if apps is not None else None}
+                 for name, backends in (proxy.routes.apps if proxy.routes else {}).items()},
     }
 
 
@@ -93,10 +99,12 @@ def _escape(value: str) -> str:
 class AdminResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, proxy: ProxyFactory, publisher: LoadPublisher | None = None):
+    def __init__(self, proxy: ProxyFactory, publisher: LoadPublisher | None = None,
+                 apps: AppsSync | None = None):
         super().__init__()
         self.proxy = proxy
         self.publisher = publisher
+        self.apps = apps
 
     def render_GET(self, request):
         path = request.path.rstrip(b"/")
@@ -105,7 +113,7 @@ class AdminResource(resource.Resource):
             return metrics(self.proxy).encode()
         if path in (b"", b"/status"):
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps(status(self.proxy, self.publisher), indent=2).encode() + b"\n"
+            return json.dumps(status(self.proxy, self.publisher, self.apps), indent=2).encode() + b"\n"
         request.setResponseCode(404)
         return b"try / (JSON status) or /metrics\n"
 
@@ -125,5 +133,6 @@ def quiet_site(root: resource.Resource) -> server.Site:
     return site
 
 
-def admin_site(proxy: ProxyFactory, publisher: LoadPublisher | None = None) -> server.Site:
-    return quiet_site(AdminResource(proxy, publisher))
+def admin_site(proxy: ProxyFactory, publisher: LoadPublisher | None = None,
+               apps: AppsSync | None = None) -> server.Site:
+    return quiet_site(AdminResource(proxy, publisher, apps))

@@ -303,29 +303,31 @@ class ClientConnection(Reading, protocol.Protocol):
         exchange.close_after = True
         self.fail_exchange(exchange, code, text)
 
-    def answer(self, code: int, text: str, close: bool = True, head_only: bool = False) -> None:
-        """A response of our own; closes the connection unless told otherwise."""
+    def answer(self, code: int, text: str, close: bool = True, head_only: bool = False,
+               extra: bytes = b"") -> None:
+        """A response of our own (``extra``: header lines); closes the connection unless told
+        otherwise."""
         if self.closed:
             return
         body = text.encode()
         self.factory.stats.responses[code] = self.factory.stats.responses.get(code, 0) + 1
         self.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s" % (
-                code, REASONS.get(code, b"Error"), len(body),
+            b"Content-Length: %d\r\n%s%s\r\n%s" % (
+                code, REASONS.get(code, b"Error"), len(body), extra,
                 b"Connection: close\r\n" if close else b"", b"" if head_only else body))
         if close:
             self.parsing = False
             self.close()
 
-    def fail_exchange(self, exchange: Exchange, code: int, text: str) -> None:
+    def fail_exchange(self, exchange: Exchange, code: int, text: str, extra: bytes = b"") -> None:
         """The exchange ends in an answer of ours; keep the connection if the request is read."""
         if exchange.responded:
             return self.abort()
         exchange.reply_moves(Reply.DONE)
         self.factory.per_client.release(exchange)
         keep = exchange.request_done and not exchange.close_after and not exchange.upgrade
-        self.answer(code, text, close=not keep, head_only=exchange.head_only)
+        self.answer(code, text, close=not keep, head_only=exchange.head_only, extra=extra)
         if keep:
             self.exchange_done(exchange)
 

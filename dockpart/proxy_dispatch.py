@@ -25,10 +25,14 @@ from dockpart.proxy_upstream import BackendConnection
 
 if TYPE_CHECKING:
     from dockpart.proxy_sync import RedisList
+    from dockpart.proxy_routes import Routes
 
 #: Pooled connections idle longer are not reused: backends close theirs after a few seconds
 #: (node's default is 5 s), and a request on a connection closing under it may be lost.
 POOL_IDLE_TIME = 4.0
+
+#: Seconds a client is told to wait (Retry-After) when an app has no instance.
+APP_RETRY_AFTER = 1
 
 
 @dataclass
@@ -104,6 +108,8 @@ class ProxyFactory(protocol.Factory):
         self.clients: set[ClientConnection] = set()
         self.tries = Tries(backends, reactor, self.limits)
         self.per_client = PerClient(self.limits.max_inflight_per_client)
+        # dockpart.proxy_routes.Routes: apps by Host; None: every request to ``backends``.
+        self.routes: Routes | None = None
 
     def drain(self, timeout: float, poll: float = 0.05, idle_grace: float = 1.0
               ) -> defer.Deferred:
@@ -184,7 +190,6 @@ class ProxyFactory(protocol.Factory):
     # Sending an exchange somewhere.
 
     def start(self, exchange: Exchange) -> None:
-        backends = self.backends
         if exchange.client.closed:
             return
         if not self.per_client.admit(exchange):
@@ -192,6 +197,10 @@ class ProxyFactory(protocol.Factory):
                 exchange, 429, "too many requests in flight from your address\n")
         if exchange.has_body and not exchange.body_from:
             exchange.body_from = self.clock.seconds()
+        backends = exchange.backends
+        if backends is None:
+            backends = exchange.backends = (self.backends if self.routes is None
+                                            else self.routes.backends_for(exchange.host))
         if not backends.known:
             # Just started: the first read of the list is a moment away, or Redis is down.
             if not exchange.started:
@@ -208,20 +217,26 @@ class ProxyFactory(protocol.Factory):
         client = exchange.client
         if client.closed:
             return
+        backends = exchange.backends
         if backend is None:
             if exchange.tried:
                 # Backend addresses go to the log and the admin listener, not to clients.
                 self.log.warn("every backend failed for a request: {urls}",
                               urls=", ".join(b.url for b in exchange.tried))
                 client.fail_exchange(exchange, 502, "every backend failed\n")
-            elif (self.backends.known and not exchange.reread and not self.backends.shared
-                  and self.lists is not None):
+            elif (backends.known and not exchange.reread and not backends.shared
+                  and self.reader_for(backends) is not None):
                 # Empty as far as we know; a notice of a first backend may be on its way.
                 # A 503 should be true when said, so read the list once more first.
                 exchange.reread = True
-                self.lists.reread().addBoth(lambda _: self._picked(self.backends.pick(),
-                                                                      exchange))
-            elif self.backends.known:
+                reader = self.reader_for(backends)
+                assert reader is not None
+                reader.reread().addBoth(lambda _: self._picked(backends.pick(), exchange))
+            elif backends is not self.backends:
+                # An app with no instance: it may be starting (or at zero: held, one day).
+                client.fail_exchange(exchange, 503, "the app has no instance running\n",
+                                     extra=b"Retry-After: %d\r\n" % APP_RETRY_AFTER)
+            elif backends.known:
                 client.fail_exchange(exchange, 503, "no backend is available\n")
             else:
                 client.fail_exchange(exchange, 503, "no backend is known yet\n")
@@ -255,11 +270,17 @@ class ProxyFactory(protocol.Factory):
         if exchange.backend is not backend or exchange.conn is not None:
             return
         exchange.end_try()
-        self.backends.failed(backend)
+        exchange.backends.failed(backend)
         if exchange.client.closed:
             return
         self.stats.retries += 1
-        self._picked(self.backends.pick(exchange.tried), exchange)
+        self._picked(exchange.backends.pick(exchange.tried), exchange)
+
+    def reader_for(self, backends: BackendSet) -> RedisList | None:
+        """What reads ``backends``' list from Redis (the seed's, or an app's); None in memory."""
+        if backends is self.backends:
+            return self.lists
+        return self.routes.readers.get(backends) if self.routes is not None else None
 
     def answer_wait(self, exchange: Exchange) -> float:
         """How long the answer to a fully sent request is waited for before anything is done."""
@@ -267,7 +288,7 @@ class ProxyFactory(protocol.Factory):
 
     def retry(self, exchange: Exchange, backend: Backend, stale: bool) -> None:
         """Send again after a connection died before answering; a dead backend is left out."""
-        if len(exchange.tried) > len(self.backends.ring) + 2:
+        if len(exchange.tried) > len(exchange.backends.ring) + 2:
             return exchange.client.fail_exchange(exchange, 502, "every backend failed\n")
         tried = exchange.tried
         if stale and tried.count(backend) < 2:
@@ -276,4 +297,4 @@ class ProxyFactory(protocol.Factory):
                 backend.idle.pop().drop()
             self._picked(backend, exchange)
             return
-        self._picked(self.backends.pick(tried), exchange)
+        self._picked(exchange.backends.pick(tried), exchange)

@@ -17,7 +17,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
 
 if TYPE_CHECKING:
-    from dockpart.proxy_backends import Backend, Slot
+    from dockpart.proxy_backends import Backend, BackendSet, Slot
 
 
 class _Reader(Protocol):
@@ -56,7 +56,8 @@ class Downstream(_Reader, Protocol):
 
     def response_head(self, exchange: Exchange) -> None: ...
 
-    def fail_exchange(self, exchange: Exchange, code: int, text: str) -> None: ...
+    def fail_exchange(self, exchange: Exchange, code: int, text: str,
+                      extra: bytes = b"") -> None: ...
 
     def exchange_done(self, exchange: Exchange) -> None: ...
 
@@ -226,7 +227,7 @@ class Exchange:
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
                  "started", "host", "reread", "early", "suspected_at", "client_slow",
-                 "body_from", "body_bytes")
+                 "body_from", "body_bytes", "backends")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
                  chunked_in, has_body, host):
@@ -254,6 +255,8 @@ class Exchange:
         self.client_slow = False  # the client was given time to read a stalled response
         self.body_from = 0.0  # when its body began to be read (dockpart.proxy_limits)
         self.body_bytes = 0
+        # The BackendSet its Host routes to (dockpart.proxy_routes), set when it starts.
+        self.backends: BackendSet = None  # type: ignore[assignment]
 
     @property
     def head_only(self) -> bool:

@@ -45,8 +45,9 @@ class LoadPublisher(Periodic):
     log = Logger()
 
     def __init__(self, backends: BackendSet, redis: RedisService, clock,
-                 interval: float = INTERVAL, name: str | None = None):
+                 interval: float = INTERVAL, name: str | None = None, app: str | None = None):
         super().__init__(interval, clock)
+        self.app = app  # the app whose instances these are (dockpart.proxy_routes), if any
         self.backends = backends
         self.redis = redis
         self.id = name or proxy_id()
@@ -82,8 +83,11 @@ class LoadPublisher(Periodic):
         self._seen = seen
         interval = now - self._last_time if self._last_time is not None else self.interval
         self._last_time = now
-        return {"proxy": self.id, "time": now, "interval": round(interval, 3),
-                "list": self.backends.list_key, "backends": figures}
+        report = {"proxy": self.id, "time": now, "interval": round(interval, 3),
+                  "list": self.backends.list_key, "backends": figures}
+        if self.app is not None:
+            report["app"] = self.app
+        return report
 
     def publish(self) -> defer.Deferred | None:
         if not self.backends.known:

@@ -294,6 +294,19 @@ class _Rotation(Protocol):
                 callback(self.backends.pick(), arg)
 
 
+def redis_connection(owner, protocol_class, reactor) -> ClientService:
+    """A Redis connection of ``owner``'s own (``factory.owner``), made again whenever lost."""
+    factory = Factory.forProtocol(protocol_class)
+    factory.noisy = False
+    factory.owner = owner  # type: ignore[attr-defined]  # the protocols' way back to owner
+    address = owner.redis.address
+    endpoint = TCP4ClientEndpoint(reactor, address.host, address.port,
+                                  timeout=owner.redis.timeout)
+    # Retry every half second or so: a restarted Redis is heard from at once.
+    return ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
+                         clock=reactor)
+
+
 class _Reads(Periodic):
     """BackendSync's periodic read: the safety net for a notice that never came."""
 
@@ -333,16 +346,7 @@ class BackendSync(MultiService):
         self.reactor = reactor
 
     def _connection(self, protocol_class, reactor) -> None:
-        """A Redis connection of our own, made again whenever it is lost."""
-        factory = Factory.forProtocol(protocol_class)
-        factory.noisy = False
-        factory.owner = self  # type: ignore[attr-defined]  # the protocols' way back to us
-        address = self.redis.address
-        endpoint = TCP4ClientEndpoint(reactor, address.host, address.port,
-                                      timeout=self.redis.timeout)
-        # Retry every half second or so: a restarted Redis is heard from at once.
-        ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
-                      clock=reactor).setServiceParent(self)
+        redis_connection(self, protocol_class, reactor).setServiceParent(self)
 
     def stopService(self):
         if self._retry is not None and self._retry.active():

@@ -13,6 +13,9 @@ pytest_plugins = ("dockerkit", "deploykit")
 #: redis-server), all of them in well under a minute. A module belongs here only if none of its
 #: tests starts a daemon, a container or a browser; a name that matches no file is an error.
 FAST_MODULES = frozenset({
+    "test_apps_records.py",
+    "test_apps_routes.py",
+    "test_infra_apps.py",
     "test_autoscale_policy.py",
     "test_autoscale_service.py",
     "test_dashboard_routes.py",

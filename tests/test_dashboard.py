@@ -301,3 +301,26 @@ def test_while_redis_is_away_the_dashboard_says_so_and_buttons_answer_503(tmp_pa
         assert reply.status_code == 503 and "Redis is unreachable" in reply.json()["error"]
     finally:
         tier.stop()
+
+
+def test_an_apps_scale_button_sets_its_count_and_bad_input_changes_nothing(tier, rdb):
+    from dockpart.deploy.cli import main
+    url = f"redis://127.0.0.1:{tier.redis.port}/0"
+    assert main(["apps", "create", "dash", "--command", "true", "--scale", "0",
+                 "--redis", url]) == 0
+    try:
+        assert main(["apps", "autoscale", "dash", "--min", "0", "--max", "2",
+                     "--redis", url]) == 0
+        csrf = state(tier.infra.base)["csrf"]
+        for body, code in [({"name": "nope", "count": "1"}, 404),
+                           ({"name": "dash", "count": "-1"}, 400),
+                           ({"name": "dash", "count": "x"}, 400)]:
+            assert post(tier.infra.base, "/api/apps/scale", csrf, data=body).status_code == code
+        assert rdb.hget(keys.app_record("dash"), "autoscale") == "1"
+        reply = post(tier.infra.base, "/api/apps/scale", csrf, data={"name": "dash", "count": "0"})
+        assert reply.status_code == 200, reply.text
+        assert rdb.hget(keys.app_record("dash"), "autoscale") == "0"
+        assert [a["name"] for a in state(tier.infra.base)["apps"]] == ["dash"]
+    finally:
+        assert main(["apps", "destroy", "dash", "--redis", url]) == 0
+        wait_for(lambda: not rdb.keys("dockpart:app*"), 10, what="dash forgotten")

@@ -180,13 +180,19 @@ class DeployOptions(usage.Options):
                 c[0] for c in self.subCommands))  # type: ignore[index]
 
 
+def _apps_options():
+    from dockpart.apps_cli import AppsOptions  # here: it imports this module
+    return AppsOptions()
+
+
 class Options(usage.Options):
-    synopsis = "dockpart deploy COMMAND [options]"
-    subCommands = [["deploy", None, DeployOptions, "Git-push blue/green deployment."]]
+    synopsis = "dockpart deploy|apps COMMAND [options]"
+    subCommands = [["deploy", None, DeployOptions, "Git-push blue/green deployment."],
+                   ["apps", None, _apps_options, "Your web apps on the tier (dockpart apps)."]]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: deploy")
+            raise usage.UsageError("name a command: deploy or apps")
 
 
 def status(options) -> None:
@@ -238,6 +244,9 @@ def main(argv=None) -> int:
     except usage.UsageError as e:
         print(f"{options.getSynopsis()}\nerror: {e}", file=sys.stderr)
         return 2
+    if options.subCommand == "apps":
+        from dockpart.apps_cli import run
+        return run(options.subOptions, say)
     command = options.subOptions.subCommand
     sub = options.subOptions.subOptions
     try:

@@ -120,3 +120,23 @@ def test_the_admin_status_shows_each_apps_backends_beside_the_seeds():
     assert [b["url"] for b in shown["backends"]] == SEED
     assert [b["url"] for b in shown["apps"]["shop"]["backends"]] == SHOP
     assert shown["apps"]["shop"]["list_key"] == "dockpart:app:shop:servers"
+
+
+def test_an_apps_empty_list_is_read_once_more_by_its_own_reader_before_a_503():
+    """The read before a 503 goes to the app's reader (AppsSync.readers), not the seed's."""
+    from twisted.internet import defer
+    proxy = Proxy(urls=SEED)
+    shop = routed(proxy, shop_urls=[])
+    reads = []
+
+    class Reader:
+        def reread(self):
+            reads.append(shop.list_key)
+            shop.update(SHOP[:1])  # a first instance was listed meanwhile
+            return defer.succeed(True)
+
+    proxy.factory.routes.readers[shop] = Reader()
+    client, _ = proxy.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.apps.test\r\n\r\n")
+    assert reads == ["dockpart:app:shop:servers"]
+    assert proxy.reactor.tcpClients[-1][1] == 20001

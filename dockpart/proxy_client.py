@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dockpart.proxy_exchange import Exchange, Reading, Reply, Throttle, direct_writer, no_delay
-from dockpart.proxy_framing import HOST_VALUE, OWN_HEADERS, REASONS, Refused, codings, end_to_end
+from dockpart.proxy_framing import REASONS, Refused, request_head
 
 
 class _Refused(Exception):
@@ -181,43 +181,12 @@ class ClientConnection(Reading, protocol.Protocol):
                                         "it is not a forward proxy\n")
             url = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
         version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            return self._refuse_head(505, "only HTTP/1.0 and HTTP/1.1 are served\n")
         upgrade = parser.should_upgrade()
-        out = [method + b" " + url + b" HTTP/1.1"]
-        append = out.append
         try:
-            seen = end_to_end(self._headers, out, OWN_HEADERS, upgrade)
+            out, host, has_body, chunked = request_head(method, url, version, self._headers,
+                                                        upgrade, self.peer_ip, self.proto)
         except Refused as e:
-            return self._refuse_head(400, f"{e}\n")
-        host = seen.get(b"host")
-        if host is None:
-            if version == "1.1":
-                return self._refuse_head(400, "an HTTP/1.1 request needs a Host header\n")
-        elif not HOST_VALUE.fullmatch(host):
-            return self._refuse_head(400, "the Host header is not a valid host[:port]\n")
-        forwarded_for = seen.get(b"x-forwarded-for")
-        coded = seen.get(b"transfer-encoding")
-        chunked = coded is not None
-        has_body = chunked or seen.get(b"content-length", b"0").strip() != b"0"
-        if upgrade and has_body:
-            # The parser takes what follows an Upgrade head as the new protocol's bytes.
-            return self._refuse_head(400, "an Upgrade request cannot carry a body here\n")
-        if coded is not None:
-            them = codings(coded)
-            if not them or them[-1] != b"chunked":
-                # Without a final chunked the body's end cannot be known (RFC 9112 6.3).
-                return self._refuse_head(501, "a request body must be chunked last\n")
-            # The parser accepts only codings that end in one chunked; the others go on.
-            append(b"Transfer-Encoding: " + b", ".join(them))
-        peer_ip = self.peer_ip  # empty on a UNIX socket
-        if forwarded_for or peer_ip:
-            append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer_ip
-                                            if forwarded_for and peer_ip
-                                            else forwarded_for or peer_ip))
-        append(b"X-Forwarded-Proto: " + self.proto)
-        if host is not None:
-            append(b"X-Forwarded-Host: " + host)
+            return self._refuse_head(e.code, f"{e}\n")
         exchange = Exchange(self, method, out, version, parser.should_keep_alive(), upgrade,
                             chunked, has_body, host)
         # A request without a body is complete with its headers: an answer of ours (503)

@@ -282,7 +282,7 @@ def test_a_declared_path_of_an_app_routed_by_host_is_never_sent_again():
     """--retry-safe names the seed's routes: an app's own instances get never-twice."""
     from dockpart.proxy_routes import Routes
     proxy = Proxy(try_timeout=1.0, backend_timeout=5.0, retry_safe=SHIPPED_SAFE)
-    app = BackendSet(NoRedis(), "app:servers", "local", proxy.reactor)
+    app = BackendSet("app:servers", "local", proxy.reactor)
     app.update(["http://127.0.0.1:4001", "http://127.0.0.1:4002"])
     routes = proxy.factory.routes = Routes(proxy.backends, "apps.test")
     routes.hosts = {b"hello.apps.test": app}

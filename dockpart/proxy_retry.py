@@ -32,6 +32,8 @@ percent-escape, a backslash, a dot segment or an empty segment matches no route,
 that normalises paths cannot be led from a declared route to another.
 """
 
+from __future__ import annotations
+
 from twisted.internet import error
 from twisted.logger import Logger
 

@@ -8,6 +8,8 @@ of truth for "how loaded is each instance".  This module is the arithmetic: the 
 histogram, the sum over proxies, quantiles.
 """
 
+from __future__ import annotations
+
 import bisect
 from collections.abc import Iterable
 

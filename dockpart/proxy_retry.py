@@ -32,6 +32,8 @@ percent-escape, a backslash, a dot segment or an empty segment matches no route,
 that normalises paths cannot be led from a declared route to another.
 """
 
+from __future__ import annotations
+
 from twisted.internet import error
 from twisted.logger import Logger
 
@@ -149,6 +151,6 @@ class Tries:
                             self.probe_timeout, user_agent="dockpart-proxy try timeout")
 
     def _answered(self, code: int, backend: Backend) -> None:
-        backend.answered_at = self.clock.seconds()
+        backend.heard(self.clock.seconds())
         if code < 500:
             self.backends.healthy(backend)

@@ -131,3 +131,27 @@ def test_the_default_apps_directory(monkeypatch):
     assert str(apps_deploy.default_apps_dir()) == "/home/u/.data/dockpart/apps"
     monkeypatch.setenv("DOCKPART_APPS_DIR", "/srv/apps")
     assert str(apps_deploy.default_apps_dir()) == "/srv/apps"
+
+
+def test_old_releases_are_forgotten_with_their_directories_unless_a_kept_one_runs_there(
+        redis_db, tmp_path):
+    """The live release and the KEEP before it stay; a config release shares its push's
+    directory, which stays while either is kept."""
+    from dockpart import apps
+    from dockpart.deploy.front import Scripts
+    client = Scripts(redis_db)
+    repos = AppsDir(tmp_path)
+    apps.create(client, apps.App("shop"))
+    dirs = {}
+    for n in range(1, 9):
+        rid = releases.next_id(client, "shop")
+        shared = n == 3  # v3 is a config change of v2: v2's directory
+        path = repos.release_dir("shop", "v2" if shared else rid)
+        path.mkdir(parents=True, exist_ok=True)
+        dirs[rid] = path
+        releases.keep(client, "shop", Release(rid, dir=str(path)))
+    apps_deploy._prune(repos, client, "shop", "v2")  # rolled back to v2
+    kept = [r.id for r in releases.read(client, "shop")]
+    assert kept == ["v8", "v7", "v6", "v5", "v4", "v2"]
+    assert not dirs["v1"].exists() and dirs["v2"].exists()  # v3's went, v2 still runs there
+    assert all(dirs[k].exists() for k in kept)

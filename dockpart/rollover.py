@@ -108,8 +108,9 @@ class Rollover:
         if rolling is None or rolling.release != target:
             rolling = one.rolling = Rolling(target, self.clock.seconds(),
                                             set(new_pending))
-            await self._tell(app, f"rolling {len(old)} instance(s) over to {target}, one at a "
-                                  f"time, to {app.desired} on {target}")
+            await self._tell(app, f"{len(old)} instance(s) to replace, one at a time, "
+                                  f"{app.desired} wanted on {target}" if old or app.desired
+                             else f"no instance runs: {target} is live at once")
         everywhere = {url for urls in lists.values() for url in urls}
         for url in sorted(rolling.asked):
             if url in lists[t.servers]:

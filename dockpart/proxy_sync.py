@@ -221,9 +221,10 @@ class _Rotation(Protocol):
 
     Why not txredisapi: measured on the project's 2-core machine (50 LMOVEs in flight against
     a local redis-server, 30,000 each), txredisapi's ``execute_command`` answered about 6,000
-    LMOVE/s and this client 84,000 to 200,000; the proxy serves about 14,000 requests/s in
-    shared mode (README), so txredisapi alone would cap it under half of that.  Here commands
-    are pipelined and answered in order, each with a plain callback and no Deferred.
+    LMOVE/s and this client 84,000 to 200,000; the proxy serves about 15,000 requests/s
+    (docs/benchmarks.md), so txredisapi alone would cap shared mode under half of that.
+    Here commands are pipelined and answered in order, each with a plain callback and no
+    Deferred.
     A connection that stops answering is dropped by :meth:`watch`, and requests fall back to
     the local rotation until it is back.
     """

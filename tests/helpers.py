@@ -237,6 +237,16 @@ def start_web(redis_url: str, *args: str, port: int | None = None, env: dict | N
     return daemon.start()
 
 
+def start_proxy(redis_url: str, *args: str, port: int | None = None):
+    """A dockpart-proxy on 127.0.0.1 (``.port``, ``.base``), started and listening."""
+    port = port or free_port()
+    daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                    "--redis", redis_url, *args, ready="dockpart-proxy listening on")
+    daemon.port = port
+    daemon.base = f"http://127.0.0.1:{port}"
+    return daemon.start()
+
+
 class SyncRedis:
     """``redis.call`` over a redis-py client, so dockpart's readers (``read_reports``) run in
     a test or a benchmark without a reactor."""

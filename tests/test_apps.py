@@ -13,7 +13,7 @@ import requests
 from dashboardkit import managed, stop_managed
 from dockpart import keys
 from dockpart.deploy.cli import main
-from helpers import ROOT, Daemon, free_port, port_block, wait_for
+from helpers import ROOT, Daemon, free_port, port_block, start_proxy, wait_for
 
 HELLO = ROOT / "examples" / "hello" / "app.py"
 APP_PORTS = 8  # the apps' port range in these tests
@@ -37,10 +37,7 @@ def tier(own_redis, tmp_path):
                    "--app-ports", f"{low}-{low + APP_PORTS - 1}", "--interval", "0.05",
                    "--drain", "1", "--reconcile-interval", "1", "--spawn-timeout", "20",
                    "--lease", "2", ready="dockpart-infra started").start()
-    port = free_port()
-    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                   "--redis", own_redis.url, ready="dockpart-proxy listening on").start()
-    proxy.base = f"http://127.0.0.1:{port}"
+    proxy = start_proxy(own_redis.url)
     yield own_redis, infra, proxy, state
     proxy.stop()
     infra.stop()

@@ -11,7 +11,9 @@ dockpart's req/s against nginx's at equal process counts, and p99 against nginx'
 
 ``--compare-venv DIR`` adds a second dockpart-proxy, run by another checkout's virtualenv
 (``DIR/bin/twistd``), beside each of ours, measured in the same rounds, and prints ours
-against it: the median of each round's req/s ratio, its spread, and the load average.
+against it: the median of each round's req/s ratio, its spread, and the load average.  Every
+other round goes in reverse order, so neither of the two always runs first.
+``--compare-venv .venv`` (ours against itself) shows how far apart equal proxies come out.
 
     python bench/bench_proxy.py [--duration 5] [--rounds 3] [--concurrency 50,200]
                                 [--compare-venv ../before/.venv [--compare-label before]]
@@ -190,8 +192,8 @@ def main() -> None:
             runs = {name: [] for name in rows}
             for port in rows.values():
                 wrk(f"http://127.0.0.1:{port}/", 1, connections)  # warm up pools and caches
-            for _ in range(args.rounds):
-                for name, port in rows.items():
+            for i in range(args.rounds):  # every other round backwards: no row always goes first
+                for name, port in list(rows.items())[::1 if i % 2 == 0 else -1]:
                     runs[name].append(wrk(f"http://127.0.0.1:{port}/", args.duration, connections))
             if other is not None:
                 compared.append((connections, runs, os.getloadavg()[0]))

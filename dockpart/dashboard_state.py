@@ -15,7 +15,7 @@ from dockpart import apps, load, records, releases
 from dockpart.drivers import DriverError, Unavailable
 from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
-from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
+from dockpart.tier import instance_port, instance_url
 
 #: Seconds between two looks at the tier (the page polls at the same rate).
 SAMPLE_INTERVAL = 1.0
@@ -92,13 +92,6 @@ def app_view(app: apps.App, reports: list[records.LoadReport], history=()) -> di
                       interval)}
 
 
-def _port(url: str) -> int:
-    try:
-        return parse_instance_url(url)[1]
-    except BadInstanceURL:
-        return 0
-
-
 class TierWatch(Periodic):
     """Looks at the tier every ``interval`` seconds; keeps the snapshot and the history."""
 
@@ -164,7 +157,7 @@ class TierWatch(Periodic):
                   for port, found in (inventory or {}).items()}
         urls = set().union(*lists.values(), merged, by_url)
         instances = []
-        for url in sorted(urls, key=lambda u: (_port(u), u)):
+        for url in sorted(urls, key=lambda u: (instance_port(u) or 0, u)):
             seen = by_url.get(url)
             row = {"url": url,
                    "state": instance_state(url, lists, seen, inventory is not None),
@@ -214,7 +207,8 @@ class TierWatch(Periodic):
     def history(self, since: float = 0.0) -> dict:
         """The recorded looks after ``since`` as columns (what a chart takes), and the marks."""
         points = [p for p in self.points if p["time"] > since]
-        urls = sorted({url for p in points for url in p["per_instance"]}, key=lambda u: (_port(u), u))
+        urls = sorted({url for p in points for url in p["per_instance"]},
+                      key=lambda u: (instance_port(u) or 0, u))
         return {"interval": self.interval,
                 "time": [p["time"] for p in points],
                 "rps": [p["rps"] for p in points],

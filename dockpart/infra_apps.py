@@ -33,20 +33,13 @@ from dockpart.drivers import DriverError, Unavailable
 from dockpart.infra_autoscale import Policy, Settings, observe
 from dockpart.periodic import Every, Outage
 from dockpart.redisconn import RedisService, RedisUnavailable
-from dockpart.tier import BadInstanceURL, parse_instance_url
+from dockpart.tier import instance_port
 
 #: Default range of the apps' instance ports (below Linux's ephemeral range).
 APP_PORTS = (20000, 29999)
 
 #: Seconds no spawn is asked for after an app's spawn failed, doubling up to the second.
 SPAWN_HOLD = (1.0, 60.0)
-
-
-def _port(url: str) -> int | None:
-    try:
-        return parse_instance_url(url)[1]
-    except BadInstanceURL:
-        return None
 
 
 @dataclass
@@ -181,7 +174,7 @@ class AppsRunner(MultiService):
             urls = await apps.allocate(self.redis, app.name, *self.ports, self.host,
                                        desired - len(staying), app.release)
             for url in urls:  # a port used before runs the live release now
-                one.driver.releases.pop(_port(url), None)
+                one.driver.releases.pop(instance_port(url), None)
             one.asked.update(urls)
             if urls:
                 self.log.info("apps: {name} has {n}, wants {desired}: spawning {urls}",
@@ -197,7 +190,7 @@ class AppsRunner(MultiService):
                     break  # the others still spawn: next time
                 self.log.info("apps: {name} wants {desired}: destroying {url}",
                               name=app.name, desired=desired, url=url)
-        in_lists = {_port(url) for urls in lists.values() for url in urls}
+        in_lists = {instance_port(url) for urls in lists.values() for url in urls}
         now = self.clock.seconds()
         one.quarantine = {p: until for p, until in one.quarantine.items() if until > now}
         unused = ours - in_lists - set(running) - set(one.quarantine)
@@ -221,7 +214,7 @@ class AppsRunner(MultiService):
                 hold = self._hold(one.failures)
                 one.failures += 1
                 one.held_until = self.clock.seconds() + hold
-                port = _port(url)
+                port = instance_port(url)
                 if port is not None:
                     one.quarantine[port] = self.clock.seconds() + SPAWN_HOLD[1]
                 self.log.warn("apps: the spawn of {url} for {name} failed (see the dead "

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from dockpart import apps, keys, records, releases, tier
-from dockpart.tier import BadInstanceURL, CannotDestroy, parse_instance_url
+from dockpart.tier import CannotDestroy, instance_port
 
 log = Logger()
 
@@ -48,13 +48,6 @@ def _pairs(reply) -> dict[str, str]:
         return dict(reply)
     reply = reply or []
     return dict(zip(reply[::2], reply[1::2]))
-
-
-def _port(url: str) -> int | None:
-    try:
-        return parse_instance_url(url)[1]
-    except BadInstanceURL:
-        return None
 
 
 @dataclass
@@ -81,7 +74,7 @@ async def plan(redis, app: apps.App, driver, marks: dict[str, str], lists) -> No
         driver.releases, driver.live, driver.known = {}, None, {}
         return
     found = driver.known = {r.id: r for r in await releases.read(redis, app.name)}
-    driver.releases = {_port(url): found[mark] for url, mark in marks.items()
+    driver.releases = {instance_port(url): found[mark] for url, mark in marks.items()
                        if mark in found and url in everywhere}
     driver.live = found.get(app.release)
 
@@ -133,7 +126,7 @@ class Rollover:
             if not urls:
                 return await self._fail(one, app, new_up, f"no free port in "
                                         f"{self.ports[0]}-{self.ports[1]} for a new instance")
-            one.driver.assign(_port(urls[0]), target)
+            one.driver.assign(instance_port(urls[0]), target)
             rolling.asked.update(urls)
             await self._tell(app, f"starting {urls[0]} on {target} beside the others; it joins "
                                   f"the rotation once it answers")
@@ -177,7 +170,7 @@ class Rollover:
                 reason = letter.reason or reason
                 break
         log_path = getattr(one.driver, "log_path", None)
-        port = _port(url)
+        port = instance_port(url)
         if log_path is not None and port is not None:
             reason += f" (log: {log_path(port)})"
         return reason

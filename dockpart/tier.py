@@ -55,6 +55,14 @@ def parse_instance_url(url: str, low: int = 1, high: int = MAX_PORT) -> tuple[st
     return parts.hostname, port
 
 
+def instance_port(url: str) -> int | None:
+    """The port of an instance URL, or None for a URL that is not one."""
+    try:
+        return parse_instance_url(url)[1]
+    except BadInstanceURL:
+        return None
+
+
 # Ports in an entry: the digits after the last colon.
 _PORT = "local function port_of(url) return tonumber(string.match(url, ':(%d+)/?$')) end\n"
 

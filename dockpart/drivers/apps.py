@@ -34,6 +34,12 @@ class ReleasePlan:
     releases: dict[int, Release]
     live: Release | None = None
     known: dict[str, Release] = {}  # every release of the app, by id
+    what = "instance"  # what one port runs, in log lines: a process, a container
+
+    def describe(self, port: int) -> str:
+        release = self.release_for(port)
+        return (f"{self.what} of app {self.app.name}{' ' + release.id if release else ''} "
+                f"on port {port}")
 
     def assign(self, port: int, release_id: str) -> None:
         """The spawn just asked for on ``port`` runs ``release_id``: say so before the
@@ -52,17 +58,14 @@ class AppProcessDriver(ReleasePlan, ProcessDriver):
     """``--driver process`` for one app: ``sh -c COMMAND`` with ``PORT`` set, in the
     release's directory."""
 
+    what = "process"
+
     def __init__(self, app: App, pool, state_dir: str, stop_timeout: float, reactor):
         super().__init__(pool, str(Path(state_dir) / "apps" / app.name), "", "127.0.0.1", 0,
                          stop_timeout, reactor)
         self.app = app
         self.releases = {}
         self.logs = LogTail(app.name, self.state_dir, pool)
-
-    def describe(self, port: int) -> str:
-        release = self.release_for(port)
-        return (f"process of app {self.app.name}{' ' + release.id if release else ''} "
-                f"on port {port}")
 
     def workdir(self, port: int) -> Path:
         release = self.release_for(port)

@@ -31,17 +31,14 @@ def _thd_has_image(client, image: str) -> bool:
 
 
 class AppDockerDriver(ReleasePlan, DockerDriver):
+    what = "container"
+
     def __init__(self, app: App, pool, tier: str, stop_timeout: float, client_factory=None):
         super().__init__(pool, app.image, ".", "", {}, "", f"{tier} app {app.name}",
                          stop_timeout=stop_timeout, client_factory=client_factory)
         self.app = app
         self.releases = {}
         self.logs = ContainerLogTail(app.name, self, label_filter(self.tier), LABEL_PORT)
-
-    def describe(self, port: int) -> str:
-        release = self.release_for(port)
-        return (f"container of app {self.app.name}{' ' + release.id if release else ''} "
-                f"on port {port}")
 
     async def start(self, port: int) -> None:
         found = (await self.instances()).get(port)

@@ -13,7 +13,7 @@ import requests
 from dashboardkit import managed, stop_managed
 from dockpart import keys
 from dockpart.deploy.cli import main
-from helpers import ROOT, Daemon, free_port, port_block, start_proxy, wait_for
+from helpers import ROOT, start_apps_infra, start_proxy, wait_for
 
 HELLO = ROOT / "examples" / "hello" / "app.py"
 APP_PORTS = 8  # the apps' port range in these tests
@@ -30,13 +30,10 @@ def command(name: str) -> str:
 @pytest.fixture
 def tier(own_redis, tmp_path):
     """An infra (process driver) and a proxy on a Redis of the test's own."""
-    low = port_block(APP_PORTS)
     state = tmp_path / "state"
-    infra = Daemon("dockpart-infra", "--driver", "process", "--redis", own_redis.url,
-                   "--state-dir", str(state), "--first-port", str(free_port()),
-                   "--app-ports", f"{low}-{low + APP_PORTS - 1}", "--interval", "0.05",
-                   "--drain", "1", "--reconcile-interval", "1", "--spawn-timeout", "20",
-                   "--lease", "2", ready="dockpart-infra started").start()
+    infra = start_apps_infra(own_redis.url, "--state-dir", str(state), "--drain", "1",
+                             "--reconcile-interval", "1", "--spawn-timeout", "20", "--lease", "2",
+                             app_ports=APP_PORTS)
     proxy = start_proxy(own_redis.url)
     yield own_redis, infra, proxy, state
     proxy.stop()

@@ -13,7 +13,7 @@ import pytest
 from dashboardkit import managed, stop_managed
 from dockpart import keys
 from dockpart.apps_deploy import AppsDir
-from helpers import ROOT, Daemon, free_port, port_block, wait_for
+from helpers import ROOT, start_apps_infra, start_proxy, wait_for
 from test_apps import Loop, dockpart_apps, get, serving
 
 HELLO = ROOT / "examples" / "hello"
@@ -23,17 +23,11 @@ APP_PORTS = 8
 @pytest.fixture
 def tier(own_redis, tmp_path):
     """An infra (process driver, a short health bound) and a proxy on a Redis of its own."""
-    low = port_block(APP_PORTS)
     state = tmp_path / "state"
-    infra = Daemon("dockpart-infra", "--driver", "process", "--redis", own_redis.url,
-                   "--state-dir", str(state), "--first-port", str(free_port()),
-                   "--app-ports", f"{low}-{low + APP_PORTS - 1}", "--interval", "0.05",
-                   "--drain", "0.5", "--reconcile-interval", "1", "--spawn-timeout", "4",
-                   "--lease", "2", ready="dockpart-infra started").start()
-    port = free_port()
-    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                   "--redis", own_redis.url, ready="dockpart-proxy listening on").start()
-    proxy.base = f"http://127.0.0.1:{port}"
+    infra = start_apps_infra(own_redis.url, "--state-dir", str(state), "--drain", "0.5",
+                             "--reconcile-interval", "1", "--spawn-timeout", "4", "--lease", "2",
+                             app_ports=APP_PORTS)
+    proxy = start_proxy(own_redis.url)
     yield own_redis, infra, proxy, state
     proxy.stop()
     infra.stop()

@@ -13,7 +13,7 @@ from dockerkit import docker_client
 from dockpart import keys
 from dockpart.deploy.cli import main
 from dockpart.drivers.docker import LABEL_TIER
-from helpers import Daemon, free_port, port_block, wait_for
+from helpers import free_port, start_apps_infra, start_proxy, wait_for
 from test_apps import get, serving
 from test_apps_push import HELLO, create, git, push
 
@@ -42,15 +42,9 @@ def test_a_dockerfile_app_is_built_pushed_and_run_by_digest(own_redis, docker_im
     registry = Registry(port=free_port()).start()
     monkeypatch.setenv("DOCKPART_REGISTRY", f"localhost:{registry.port}")
     monkeypatch.setenv("DOCKPART_BASE_IMAGE", "dockpart-base:bookworm")
-    low = port_block(4)
-    infra = Daemon("dockpart-infra", "--driver", "docker", "--redis", own_redis.url,
-                   "--first-port", str(free_port()), "--app-ports", f"{low}-{low + 3}",
-                   "--interval", "0.05", "--drain", "0.5", "--stop-timeout", "2",
-                   "--spawn-timeout", "60", ready="dockpart-infra started").start()
-    port = free_port()
-    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                   "--redis", own_redis.url, ready="dockpart-proxy listening on").start()
-    proxy.base = f"http://127.0.0.1:{port}"
+    infra = start_apps_infra(own_redis.url, "--drain", "0.5", "--stop-timeout", "2",
+                             "--spawn-timeout", "60", driver="docker", app_ports=4)
+    proxy = start_proxy(own_redis.url)
 
     def containers():
         return engine.containers.list(all=True, filters={

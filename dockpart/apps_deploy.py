@@ -17,9 +17,12 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from dockpart import apps, keys, releases
@@ -207,16 +210,41 @@ def build_image(name: str, release_id: str, work: Path, say) -> str:
 
 
 def roll(client, app: apps.App, release: Release, say, timeout: float = ROLLOVER_TIMEOUT) -> None:
-    """Ask infra to roll ``app`` over to ``release``; relay its news until done or failed."""
+    """Ask infra to roll ``app`` over to ``release``; relay its news until done or failed.
+
+    Once asked, the roll-over is infra's and goes on to its end, on ``release`` or back on
+    the live one.  So does this wait, through Ctrl-C and a closed terminal (SIGINT, SIGHUP:
+    a pusher's Ctrl-C reaches a local push's hook too), so that the caller still keeps or
+    forgets the release by the outcome; a wait that breaks otherwise is StillRolling, which
+    keeps it.  An app never ends live on a release whose record or directory was forgotten.
+    """
     redis = front.Scripts(client)
     if not client.exists(app.tier.lease):
         raise DeployError(f"no dockpart-infra works app {app.name} (nobody holds "
                           f"{app.tier.lease}); nothing was changed")
-    releases.start_rollover(redis, app.name, release.id)
+    with _noted(signal.SIGINT, signal.SIGHUP) as interrupted:
+        releases.start_rollover(redis, app.name, release.id)
+        try:
+            _relay(client, app, release, say, timeout, interrupted)
+        except DeployError:
+            raise
+        except Exception as e:
+            raise StillRolling(f"lost sight of the roll-over to {release.id} ({e}); "
+                               f"dockpart-infra goes on with it (dockpart apps info "
+                               f"{app.name})") from e
+
+
+def _relay(client, app: apps.App, release: Release, say, timeout: float, interrupted) -> None:
+    """Infra's news of the roll-over, said until its end; DeployError if it failed."""
     say(f"-----> rolling {app.name} over to {release.id} ({release.what})")
     news = keys.app_rollover_news(app.name)
     deadline = time.monotonic() + timeout
+    told = False
     while time.monotonic() < deadline:
+        if interrupted and not told:
+            told = True
+            say(f"-----> interrupted: the roll-over goes on (dockpart-infra ends it on "
+                f"{release.id}, or back on the live release); waiting for its end")
         line = client.rpop(news)
         if line is None:
             time.sleep(0.05)
@@ -231,6 +259,22 @@ def roll(client, app: apps.App, release: Release, say, timeout: float = ROLLOVER
             raise DeployError(item.get("reason") or "the roll-over failed")
     raise StillRolling(f"dockpart-infra did not finish the roll-over to {release.id} within "
                       f"{timeout:g} s; it goes on (dockpart apps info {app.name})")
+
+
+@contextmanager
+def _noted(*signums):
+    """While inside, the signals ``signums`` are only noted, in the list yielded (from the
+    main thread: elsewhere, Python delivers no signal anyway)."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    before = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in signums}
+    try:
+        yield seen
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _forget(redis, name: str, ids, dirs) -> None:

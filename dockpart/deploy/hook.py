@@ -49,10 +49,21 @@ def run_logged(path: Path, title: str, failed: str, work, say=print,
         log = open(path, "a")
     except OSError:  # no deploy directory: loading its configuration says so
         log, path = None, None  # type: ignore[assignment]  # no log file to name
+    pusher = [say]
+
+    def reach(line: str) -> None:
+        """Say ``line`` to the pusher while they are there: one who left (Ctrl-C, a dropped
+        connection: git's pipe is closed) is not told the rest, and the work goes on."""
+        for to_pusher in pusher:
+            try:
+                to_pusher(line)
+            except OSError:
+                pusher.clear()
+
     with log or contextlib.nullcontext():
 
         def tell(line: str = "") -> None:
-            say(line)
+            reach(line)
             if log is not None:
                 log.write(line + "\n")
                 log.flush()
@@ -69,7 +80,7 @@ def run_logged(path: Path, title: str, failed: str, work, say=print,
             log.write(f"{reason}\n{details}")
     # One line for the pusher: the steps above it and the log say the rest.
     first, *more = reason.splitlines() or [""]
-    say(f"{failed}: {first}" + (" [...]" if more else "") + (f" (log: {path})" if path else ""))
+    reach(f"{failed}: {first}" + (" [...]" if more else "") + (f" (log: {path})" if path else ""))
     return 1
 
 

@@ -148,7 +148,7 @@ def _push(apps_dir: AppsDir, name: str, lines, address, timeout: float, say) -> 
                                   f"driver in {keys.APPS_DRIVER})")
             live = _live(redis, app)
             release_id = releases.next_id(redis, name)
-            work = apps_dir.release_dir(name, release_id)
+            release = Release(release_id, dir=str(apps_dir.release_dir(name, release_id)))
             try:
                 release = _make(apps_dir, name, release_id, commit, driver, live, say)
                 releases.keep(redis, name, release)
@@ -156,9 +156,9 @@ def _push(apps_dir: AppsDir, name: str, lines, address, timeout: float, say) -> 
             except StillRolling:
                 raise
             except BaseException:
-                _forget(redis, name, [release_id], [work])
+                _forget(redis, name, [release], say)
                 raise
-            _prune(apps_dir, redis, name, release.id)
+            _prune(redis, name, release.id, say)
     return 0
 
 
@@ -277,20 +277,39 @@ def _noted(*signums):
             signal.signal(s, handler)
 
 
-def _forget(redis, name: str, ids, dirs) -> None:
-    releases.forget(redis, name, ids)
-    for path in dirs:
+def _forget(redis, name: str, dropped: list[Release], say) -> None:
+    """Forget releases no longer kept (or never live), and what no kept release uses: their
+    directories (a config release runs in its push's), their images (a config release runs
+    its push's) in the registry and on the engine."""
+    releases.forget(redis, name, [r.id for r in dropped])
+    kept = releases.read(redis, name)
+    for path in {r.dir for r in dropped} - {r.dir for r in kept} - {""}:
         shutil.rmtree(path, ignore_errors=True)
+    images = {r.image for r in dropped} - {r.image for r in kept} - {""}
+    if images:
+        _drop_images(sorted(images), say)
 
 
-def _prune(apps_dir: AppsDir, redis, name: str, live: str) -> None:
-    """Keep the live release and the KEEP before it; forget the rest, and the directories
-    no kept release runs in (a config change's release runs in its push's)."""
-    found = releases.read(redis, name)
-    dropped = [r for r in found if r.id != live][KEEP:]
-    kept_dirs = {r.dir for r in found if r not in dropped}
-    _forget(redis, name, [r.id for r in dropped],
-            [r.dir for r in dropped if r.dir and r.dir not in kept_dirs])
+def _drop_images(images: list[str], say) -> None:
+    """Delete images (``REGISTRY/NAME@sha256:...``) from their registry and the engine, each
+    step said; best effort: the push that prunes has succeeded already."""
+    from dockpart.deploy import docker_ops  # here: the process driver never needs docker
+    for image in images:
+        say(docker_ops.registry_delete(image, image.partition("@")[2], set()))
+    try:
+        c = docker_ops.client()
+    except DeployError as e:
+        say(f"the engine keeps {' '.join(images)}: {e}")
+        return
+    for image in images:
+        docker_ops.remove_pinned(c, image)
+
+
+def _prune(redis, name: str, live: str, say) -> None:
+    """Keep the live release and the KEEP before it; forget the rest."""
+    dropped = [r for r in releases.read(redis, name) if r.id != live][KEEP:]
+    if dropped:
+        _forget(redis, name, dropped, say)
 
 
 def rollback(apps_dir: AppsDir, client, name: str, wanted: str | None, say) -> Release:
@@ -325,9 +344,9 @@ def configure(apps_dir: AppsDir, client, name: str, env: dict, unset, say) -> Re
         except StillRolling:
             raise
         except BaseException:
-            releases.forget(redis, name, [release_id])
+            _forget(redis, name, [release], say)
             raise
-        _prune(apps_dir, redis, name, release.id)
+        _prune(redis, name, release.id, say)
     return release
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from helpers import RedisProcess
 
-# Fixtures kept beside their helpers: docker_images (tests marked docker),
+# Fixtures kept beside their helpers: docker_images and docker_base (tests marked docker),
 # reserved_ports_restored (the deploy tests, which name it in their pytestmark).
 pytest_plugins = ("dockerkit", "deploykit")
 

@@ -150,7 +150,7 @@ def test_old_releases_are_forgotten_with_their_directories_unless_a_kept_one_run
         path.mkdir(parents=True, exist_ok=True)
         dirs[rid] = path
         releases.keep(client, "shop", Release(rid, dir=str(path)))
-    apps_deploy._prune(repos, client, "shop", "v2")  # rolled back to v2
+    apps_deploy._prune(client, "shop", "v2", print)  # rolled back to v2
     kept = [r.id for r in releases.read(client, "shop")]
     assert kept == ["v8", "v7", "v6", "v5", "v4", "v2"]
     assert not dirs["v1"].exists() and dirs["v2"].exists()  # v3's went, v2 still runs there

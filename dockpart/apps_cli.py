@@ -224,7 +224,8 @@ def _scale_text(app: apps.App) -> str:
 
 def _print_app(app: apps.App, say) -> None:
     say(f"app       {app.name}")
-    say(f"runs      {'image ' + app.image if app.image else 'command ' + app.command}")
+    say("runs      " + (f"image {app.image}" if app.image else f"command {app.command}"
+                         if app.command else "its pushed releases (git push)"))
     say(f"hosts     {' '.join((app.name + '.<apps domain>',) + app.domains)}")
     say(f"scale     {_scale_text(app)}")
     say(f"release   {app.release or '-'}"

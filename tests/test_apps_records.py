@@ -121,3 +121,11 @@ def test_a_record_that_does_not_parse_keeps_defaults():
     app = apps.App.decode("x", ["desired", "many", "max", "-3", "target", "2.5", "domains", "a b"])
     assert (app.desired, app.max, app.target, app.domains) == (1, apps.DEFAULT_MAX, 2.5,
                                                                ("a", "b"))
+
+
+def test_info_of_an_app_that_waits_for_its_first_push_says_so(redis_db, redis_server, capsys):
+    dockpart(redis_server, capsys, "create", "shop")
+    code, out, _ = dockpart(redis_server, capsys, "info", "shop")
+    assert code == 0
+    assert "runs      its pushed releases (git push)\n" in out
+

@@ -246,17 +246,21 @@ def _print_releases(app: apps.App, found: list[releases.Release], say) -> None:
 
 
 def _logs(client, name: str, lines: int, follow: bool, say) -> None:
-    """The last ``lines`` lines of the app's stream, then (``follow``) each new one."""
+    """The last ``lines`` lines of the app's stream, then (``follow``) each new one, until
+    Ctrl-C, which ends it quietly."""
     stream = keys.app_log(name)
-    newest = client.xrevrange(stream, count=max(lines, 1))
-    for _, fields in reversed(newest[:lines]):
-        say(f"[{fields.get('port')}] {fields.get('line')}")
-    last = newest[0][0] if newest else "0-0"
-    while follow:
-        for _, entries in client.xread({stream: last}, block=1000) or []:
-            for entry_id, fields in entries:
-                say(f"[{fields.get('port')}] {fields.get('line')}")
-                last = entry_id
+    try:
+        newest = client.xrevrange(stream, count=max(lines, 1))
+        for _, fields in reversed(newest[:lines]):
+            say(f"[{fields.get('port')}] {fields.get('line')}")
+        last = newest[0][0] if newest else "0-0"
+        while follow:
+            for _, entries in client.xread({stream: last}, block=1000) or []:
+                for entry_id, fields in entries:
+                    say(f"[{fields.get('port')}] {fields.get('line')}")
+                    last = entry_id
+    except KeyboardInterrupt:
+        pass
 
 
 def run(options: AppsOptions, say) -> int:

@@ -129,3 +129,18 @@ def test_info_of_an_app_that_waits_for_its_first_push_says_so(redis_db, redis_se
     assert code == 0
     assert "runs      its pushed releases (git push)\n" in out
 
+
+def test_following_the_logs_ends_quietly_on_ctrl_c(redis_db, redis_server, capsys):
+    import signal
+    dockpart(redis_server, capsys, "create", "shop", "--command", "python3 a.py")
+    redis_db.xadd(keys.app_log("shop"), {"port": 20000, "line": "shop listening"})
+    follow = subprocess.Popen([str(BIN / "dockpart"), "apps", "logs", "shop", "-f", "--redis",
+                               redis_server.url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout.readline() == "[20000] shop listening\n"
+        follow.send_signal(signal.SIGINT)
+        out, err = follow.communicate(timeout=20)
+    finally:
+        follow.kill()
+    assert (follow.returncode, err) == (0, "")

@@ -9,6 +9,17 @@ range (``dockpart:apps:ports``: no two apps share one) or for destroys, until th
 ``desired`` instances; with ``autoscale`` on, the seed's autoscaling :class:`Policy` sets
 ``desired`` from the proxies' reports on the app's own list, within the app's min and max.
 
+Scale to zero: an app autoscaled with ``min`` 0 and ``zero_after`` seconds, on which no
+proxy reported a request (in flight, held or answered) for that long, gets ``desired`` 0.  A
+proxy holding a request for an app at zero sets the app's activation key
+(:func:`apps.activate`) and publishes on ``keys.APPS_ACTIVATION``; the runner hears it and
+steps at once: ``desired`` becomes what the held load asks for (one at least), written to the
+record before any spawn, so an infra restart or a lease change during the activation neither
+loses it (the key stays until an instance serves) nor doubles it (spawns are counted against
+``desired``).  When the spawn fails, the key goes, ``desired`` goes back to 0 and
+``failed NAME SECONDS`` tells the proxies to answer their held requests 503 and to ask again
+only after the backoff.
+
 A destroyed app is brought to zero, then forgotten.  An app whose record vanished without
 being destroyed (a Redis that lost its data) is written back from what this infra knew, and
 its worker's reconcile lists its instances again.
@@ -16,19 +27,24 @@ its worker's reconcile lists its instances again.
 
 from __future__ import annotations
 
+import json
+import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from dockpart import apps, keys, load, tier
 from dockpart.apps import App
 from dockpart.infra_autoscale import Policy, Settings, observe
 from dockpart.periodic import Periodic
+from dockpart.proxy_sync import INCOMPLETE, auth, command, read_reply, redis_connection
 from dockpart.redisconn import RedisService, RedisUnavailable
 from dockpart.tier import BadInstanceURL, parse_instance_url
 
@@ -59,6 +75,46 @@ class AppTier:
     #: Ports of failed spawns, kept from the next allocations until then (something else
     #: may listen there: the next spawn takes another port).
     quarantine: dict[int, float] = field(default_factory=dict)
+    last_busy: float = 0.0  # when a proxy last reported a request for the app
+    activating: float | None = None  # when an activation from zero began, until one serves
+
+
+class _ActivationNotices(Protocol):
+    """SUBSCRIBE to keys.APPS_ACTIVATION: an ``activate NAME`` notice makes the runner step now.
+
+    (The same RESP reading as the proxy's notice connections in proxy_sync and proxy_routes.)
+    """
+
+    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
+
+    def connectionMade(self):
+        runner = self.factory.owner
+        self.buffer = b""
+        if runner.redis.address.password:
+            self.transport.write(auth(runner.redis.address))
+        self.transport.write(command(b"SUBSCRIBE", keys.APPS_ACTIVATION.encode()))
+        runner.kick()  # an activation asked while this infra was away waits in Redis
+
+    def dataReceived(self, data):
+        buf, pos = self.buffer + data, 0
+        try:
+            while pos < len(buf):
+                reply, pos = read_reply(buf, pos)
+                if reply is INCOMPLETE:
+                    break
+                if isinstance(reply, list) and len(reply) == 3 and reply[0] == "message" \
+                        and str(reply[2]).startswith("activate "):
+                    self.factory.owner.kick()
+        except ValueError:
+            self.transport.abortConnection()
+            return
+        self.buffer = buf[pos:]
+
+
+def _answered(reports: list[dict], app: App) -> bool:
+    """Whether a proxy answered a request of the app since its previous report."""
+    return any(figures.get("requests") for r in reports if r.get("list") == app.tier.servers
+               for figures in r["backends"].values())
 
 
 class _Loop(Periodic):
@@ -67,7 +123,7 @@ class _Loop(Periodic):
         self.runner = runner
 
     def tick(self):
-        return defer.ensureDeferred(self.runner.step())
+        return self.runner.kick()
 
 
 class AppsRunner(MultiService):
@@ -90,7 +146,26 @@ class AppsRunner(MultiService):
         self.tiers: dict[str, AppTier] = {}
         self._hold = backoffPolicy(*SPAWN_HOLD, factor=2.0, jitter=lambda: 0.0)
         self._redis_down = False
+        self._stepping: defer.Deferred | None = None
+        self._again = False
         _Loop(self, interval, clock).setServiceParent(self)
+        redis_connection(self, _ActivationNotices, clock).setServiceParent(self)
+
+    def kick(self) -> defer.Deferred:
+        """A step now, or one more right after the step under way: never two at once (two
+        would both count an app's instances short and spawn twice)."""
+        if self._stepping is not None:
+            self._again = True
+            return self._stepping
+        d = self._stepping = defer.ensureDeferred(self.step())
+
+        def done(result):
+            self._stepping = None
+            if self._again:
+                self._again = False
+                self.kick()
+            return result
+        return d.addBoth(done)
 
     async def step(self) -> None:
         try:
@@ -116,7 +191,11 @@ class AppsRunner(MultiService):
         held = await self.redis.call("HGETALL", keys.APP_PORTS) or []
         reports = None
         now = self.clock.seconds()
-        if now >= self._next_autoscale and any(a.autoscale for a in live.values()):
+        activating = [name for name, app in live.items() if app.activates]
+        asked = dict(zip(activating, await self.redis.call(
+            "MGET", *[keys.app_activation(n) for n in activating]) if activating else []))
+        if any(asked.values()) or (now >= self._next_autoscale
+                                   and any(a.autoscale for a in live.values())):
             self._next_autoscale = now + self.autoscale_interval
             reports = await load.read_reports(self.redis, now)
         for app in [*live.values(), *gone.values()]:
@@ -124,7 +203,8 @@ class AppsRunner(MultiService):
             if not one.worker.leased:
                 continue
             try:
-                empty = await self._converge(one, app, held, reports, app.name in gone)
+                empty = await self._converge(one, app, held, reports, app.name in gone,
+                                             asked.get(app.name))
             except RedisUnavailable:
                 raise
             except Exception:
@@ -143,13 +223,14 @@ class AppsRunner(MultiService):
             driver = self.make_driver(app)
             worker = self.make_worker(app, driver)
             worker.setName(f"app {app.name}")
-            one = self.tiers[app.name] = AppTier(app, worker, driver)
+            one = self.tiers[app.name] = AppTier(app, worker, driver,
+                                                 last_busy=self.clock.seconds())
             worker.setServiceParent(self)
         one.app = one.driver.app = app  # a new release or command runs from the next spawn
         return one
 
-    async def _converge(self, one: AppTier, app: App, held_flat, reports, destroyed: bool
-                        ) -> bool:
+    async def _converge(self, one: AppTier, app: App, held_flat, reports, destroyed: bool,
+                        asked: str | None = None) -> bool:
         """One step towards the app's count; whether nothing of it is left."""
         t = app.tier
         lists = await tier.snapshot(self.redis, t)
@@ -157,12 +238,20 @@ class AppsRunner(MultiService):
         leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
         listed = set(lists[t.servers])
         staying = (listed | set(lists[t.spawn_queue]) | set(lists[t.spawning])) - leaving
-        self._learn(one, listed, {url for urls in lists.values() for url in urls})
+        if self._learn(one, listed, {url for urls in lists.values() for url in urls}) \
+                and app.activates and not listed:
+            await self._activation_failed(one, app)
+            app = replace(app, desired=0)
+            asked = None
         ours = apps.ports_of(held_flat, app.name)
         for port in set(running) - ours:  # Redis lost its hash: the running keep theirs
             await self.redis.call("HSETNX", keys.APP_PORTS, port, app.name)
         desired = app.desired
         if app.autoscale and not destroyed:
+            if listed and (asked or one.activating is not None):
+                await self._activated(one, app)
+            elif asked and not staying and self.clock.seconds() >= one.held_until:
+                app = await self._activate(one, app, asked, reports)
             desired = await self._autoscale(one, app, lists, reports)
         if len(staying) < desired and self.clock.seconds() >= one.held_until:
             urls = await apps.allocate(self.redis, app.name, *self.ports, self.host,
@@ -195,8 +284,11 @@ class AppsRunner(MultiService):
             return False
         return not any(lists.values()) and not running
 
-    def _learn(self, one: AppTier, listed: set[str], everywhere: set[str]) -> None:
-        """A spawn asked for that left every list without serving failed: hold the next."""
+    def _learn(self, one: AppTier, listed: set[str], everywhere: set[str]) -> bool:
+        """A spawn asked for that left every list without serving failed: hold the next.
+
+        Whether one failed."""
+        failed = False
         for url in list(one.asked):
             if url in listed:
                 one.asked.discard(url)
@@ -212,6 +304,48 @@ class AppsRunner(MultiService):
                 self.log.warn("apps: the spawn of {url} for {name} failed (see the dead "
                               "letters); next spawn in {hold:g} s", url=url,
                               name=one.app.name, hold=hold)
+                failed = True
+        return failed
+
+    async def _activate(self, one: AppTier, app: App, asked: str, reports) -> App:
+        """A proxy holds requests for the app at zero: the count the held load asks for,
+        in the record first (what a restarted infra or the next leaseholder goes on from)."""
+        try:
+            held = int(json.loads(asked).get("held", 1))
+        except (TypeError, ValueError, AttributeError):
+            held = 1
+        if reports:
+            held = max(held, sum(r.get("held", 0) for r in reports
+                                 if r.get("list") == app.tier.servers))
+        desired = max(app.desired, min(max(1, math.ceil(held / app.target)), app.max))
+        if one.activating is None:
+            one.activating = self.clock.seconds()
+            self.log.info("apps: activating {name} from zero ({held} held): {desired} "
+                          "instance(s)", name=app.name, held=held, desired=desired)
+        one.last_busy = self.clock.seconds()
+        if desired != app.desired:
+            await apps.update(self.redis, app.name, desired=desired)
+        app = replace(app, desired=desired)
+        one.app = app
+        self.clock.callLater(0, one.worker.take_now)  # after this step queued the spawn
+        return app
+
+    async def _activated(self, one: AppTier, app: App) -> None:
+        """An instance serves: the activation is done (its key goes)."""
+        await self.redis.call("DEL", keys.app_activation(app.name))
+        if one.activating is not None:
+            self.log.info("apps: {name} activated in {seconds:.3f} s", name=app.name,
+                          seconds=self.clock.seconds() - one.activating)
+            one.activating = None
+
+    async def _activation_failed(self, one: AppTier, app: App) -> None:
+        """The app's first instance did not start: back to zero; the proxies answer 503 and
+        the next request asks again after the hold."""
+        one.activating = None
+        hold = max(0.0, one.held_until - self.clock.seconds())
+        await apps.update(self.redis, app.name, desired=0)
+        await self.redis.call("DEL", keys.app_activation(app.name))
+        await self.redis.call("PUBLISH", keys.APPS_ACTIVATION, f"failed {app.name} {hold:g}")
 
     async def _autoscale(self, one: AppTier, app: App, lists, reports) -> int:
         """The autoscaler's count for the app, written to its record when it changes."""
@@ -221,12 +355,21 @@ class AppsRunner(MultiService):
             one.policy = Policy(settings, self.clock)
         if reports is not None:
             seen = observe(lists, reports, app.tier)
-            decision = (one.policy.decide(seen, app.min, app.max) if reports
+            now = self.clock.seconds()
+            if seen.inflight or one.activating is not None or _answered(reports, app):
+                one.last_busy = now
+            # Never to zero on load figures: only the idle rule below takes an app there.
+            decision = (one.policy.decide(seen, max(app.min, 1), app.max) if reports
                         else one.policy.unknown("no load figures", seen))
             if decision.action in ("up", "down"):
                 desired = decision.desired
                 self.log.info("apps: autoscale {name} {action}: {reason}", name=app.name,
                               action=decision.action, reason=decision.reason)
+            idle = now - one.last_busy
+            if app.activates and app.zero_after and desired and idle >= app.zero_after:
+                desired = 0
+                self.log.info("apps: {name} had no request for {idle:.1f} s: scaling to zero",
+                              name=app.name, idle=idle)
         if desired != app.desired:
             await apps.update(self.redis, app.name, desired=desired)
         return desired

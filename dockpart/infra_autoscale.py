@@ -201,6 +201,8 @@ def observe(lists: dict[str, list[str]], reports: list[dict],
     spawning = (set(lists[t.spawn_queue]) | set(lists[t.spawning])) - ready - leaving
     ours = [r for r in reports if r.get("list", keys.SERVERS) == t.servers]
     inflight = sum(f["inflight"] for f in load.merge(ours).values())
+    # Requests a proxy holds for an app at zero (dockpart.proxy_hold) are load too.
+    inflight += sum(r.get("held", 0) for r in ours)
     return Observed(len(ready), len(spawning), inflight)
 
 

@@ -239,6 +239,10 @@ class Worker(Service):
 
     # -- taking requests
 
+    def take_now(self):
+        """Look at the queues now, not at the next --interval (an app activating from zero)."""
+        return self._tick()
+
     def _tick(self):
         if self.reactor.seconds() < self._next_take:
             return None

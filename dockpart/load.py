@@ -15,7 +15,12 @@ A report is JSON::
          "latency_sum": 0.84,    # seconds to response head, summed over those requests
          "latency_buckets": [...],  # counts per LATENCY_BOUNDS (+ one for "slower")
          "inflight": 3,          # requests in progress now
-         "healthy": true}}}
+         "healthy": true}},
+     # an app that scales to zero (dockpart.proxy_hold) also has:
+     "held": 0,                  # requests held now while the app's first instance starts
+     "activations": 2,           # activations seen by this proxy since it started
+     "activation_seconds": [],   # seconds of each activation since the previous report
+     "activation_last": 0.41}    # seconds of the latest activation (null before any)
 """
 
 import bisect

@@ -9,6 +9,7 @@ answer is :mod:`dockpart.proxy_health`'s.
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -16,6 +17,9 @@ from twisted.logger import Logger
 from dockpart import load
 from dockpart.tier import BadInstanceURL, parse_instance_url
 from dockpart.redisconn import RedisService, RedisUnavailable
+
+if TYPE_CHECKING:
+    from dockpart.proxy_hold import Hold
 
 #: Idle pooled connections kept per backend; more are closed when they come back.
 MAX_IDLE = 256
@@ -120,6 +124,7 @@ class BackendSet:
         self._rereading: defer.Deferred | None = None
         self._waiting: list = []
         self.published: dict | None = None  # the last load report (dockpart.proxy_load)
+        self.hold: Hold | None = None  # an app's dockpart.proxy_hold.Hold: requests waiting for a first backend
 
     # The list.
 
@@ -152,6 +157,8 @@ class BackendSet:
                           urls=" ".join(b.url for b in ring) or "(none)")
         self.ring = ring
         self.known = True
+        if ring and self.hold is not None:
+            self.hold.ready()
 
     def refresh(self) -> defer.Deferred:
         """Read the list from Redis; keep the last one when Redis cannot answer.

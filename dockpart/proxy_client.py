@@ -408,6 +408,8 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.transition(Mode.CLOSED)
         self.factory.clients.discard(self)
         exchange, self.current = self.current, None
+        if exchange is not None and exchange.held is not None:
+            exchange.held.discard(exchange)  # a held request whose client left is dropped
         if exchange is not None and exchange.conn is not None and not exchange.response_done:
             exchange.conn.drop()
         if self.tunnel_to is not None:

@@ -216,7 +216,7 @@ class Exchange:
     __slots__ = ("client", "method", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
-                 "started", "host", "reread", "early", "retried", "client_slow", "backends")
+                 "started", "host", "reread", "early", "retried", "client_slow", "backends", "held")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
                  chunked_in, has_body, host):
@@ -244,6 +244,7 @@ class Exchange:
         self.client_slow = False  # the client was given time to read a stalled response
         # The BackendSet its Host routes to (dockpart.proxy_routes), set when it starts.
         self.backends: BackendSet = None  # type: ignore[assignment]
+        self.held = None  # the dockpart.proxy_hold.Hold it waits in for an app's first instance
 
     @property
     def head_only(self) -> bool:

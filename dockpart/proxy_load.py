@@ -80,6 +80,8 @@ class LoadPublisher(Periodic):
                   "list": self.backends.list_key, "backends": figures}
         if self.app is not None:
             report["app"] = self.app
+        if self.backends.hold is not None:
+            report.update(self.backends.hold.report())  # held requests count as load
         return report
 
     def publish(self) -> defer.Deferred | None:

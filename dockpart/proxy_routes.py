@@ -27,6 +27,7 @@ from dockpart import apps, keys
 from dockpart.periodic import Periodic
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
+from dockpart.proxy_hold import Hold, HoldLimits
 from dockpart.proxy_load import LoadPublisher, proxy_id
 from dockpart.proxy_sync import INCOMPLETE, auth, command, read_reply, redis_connection
 from dockpart.redisconn import RedisService, RedisUnavailable
@@ -73,7 +74,8 @@ class _AppNotices(Protocol):
         self.buffer = b""
         if owner.redis.address.password:
             self.transport.write(auth(owner.redis.address))
-        self.transport.write(command(b"SUBSCRIBE", keys.APPS_CHANNEL.encode()))
+        self.transport.write(command(b"SUBSCRIBE", keys.APPS_CHANNEL.encode(),
+                                     keys.APPS_ACTIVATION.encode()))
         self.transport.write(command(b"PSUBSCRIBE", keys.APP_SERVERS_PATTERN.encode()))
         owner.notices_connected()
 
@@ -87,7 +89,10 @@ class _AppNotices(Protocol):
                 if reply is INCOMPLETE:
                     break
                 if isinstance(reply, list) and reply and reply[0] == "message":
-                    owner.reload(notice=True)
+                    if reply[1] == keys.APPS_ACTIVATION:
+                        owner.activation_notice(reply[2])
+                    else:
+                        owner.reload(notice=True)
                 elif isinstance(reply, list) and reply and reply[0] == "pmessage":
                     owner.list_changed(keys.app_of_channel(reply[2]))
                 elif isinstance(reply, RedisUnavailable):
@@ -111,6 +116,8 @@ class _Reads(Periodic):
         self.sync.reload()
         for backends in list(self.sync.routes.apps.values()):
             backends.refresh()
+            if backends.hold is not None:
+                backends.hold.ask_again()
 
 
 class AppsSync(MultiService):
@@ -119,13 +126,14 @@ class AppsSync(MultiService):
     log = Logger()
 
     def __init__(self, routes: Routes, redis: RedisService, reactor, *, interval: float = 1.0,
-                 down_time: float = 10.0, health=None):
+                 down_time: float = 10.0, health=None, hold: HoldLimits = HoldLimits()):
         super().__init__()
         self.routes = routes
         self.redis = redis
         self.reactor = reactor
         self.down_time = down_time
         self.health = health  # (path, interval, timeout) for active checks, or None
+        self.hold = hold  # bounds of the requests held for an app at zero
         self.found: dict[str, tuple[apps.App, BackendSet]] = {}
         self._services: dict[str, MultiService] = {}
         self._reading: Deferred | None = None
@@ -139,6 +147,21 @@ class AppsSync(MultiService):
 
     def notices_lost(self) -> None:
         self._trusted = False
+
+    def activation_notice(self, text: str) -> None:
+        """``failed NAME SECONDS`` from infra: the app's held requests get 503 at once."""
+        parts = text.split()
+        entry = self.found.get(parts[1]) if len(parts) == 3 and parts[0] == "failed" else None
+        if entry is not None and entry[1].hold is not None:
+            try:
+                seconds = float(parts[2])
+            except ValueError:
+                return
+            entry[1].hold.failed(seconds)
+
+    def ask(self, name: str, record: str) -> Deferred:
+        """Ask infra for the app's first instance (dockpart.proxy_hold)."""
+        return apps.activate(self.redis, name, record)
 
     def list_changed(self, name: str | None) -> None:
         entry = self.found.get(name) if name is not None else None
@@ -174,6 +197,8 @@ class AppsSync(MultiService):
             entry = self.found.get(app.name)
             backends = entry[1] if entry else self._add(app)
             now[app.name] = (app, backends)
+            if backends.hold is not None:
+                backends.hold.enabled = app.activates
         for name, (_, backends) in self.found.items():
             if name not in names:
                 self._remove(name, backends)
@@ -191,6 +216,7 @@ class AppsSync(MultiService):
     def _add(self, app: apps.App) -> BackendSet:
         backends = BackendSet(self.redis, app.tier.servers, "local", self.reactor,
                               down_time=self.down_time)
+        backends.hold = Hold(app.name, self.reactor, self.ask, self.hold, proxy_id())
         services = MultiService()
         LoadPublisher(backends, self.redis, self.reactor,
                       name=f"{proxy_id()}:app:{app.name}", app=app.name
@@ -206,6 +232,8 @@ class AppsSync(MultiService):
     def _remove(self, name: str, backends: BackendSet) -> None:
         """Routes go; requests in flight finish on the connections they have."""
         backends.update([])
+        if backends.hold is not None:
+            backends.hold.failed(0, "the app was destroyed")
         services = self._services.pop(name, None)
         if services is not None:
             self.removeService(services)

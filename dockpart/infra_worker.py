@@ -38,6 +38,8 @@ STARTUP_GRACE = 1.0
 HEALTH_POLL = 0.05
 #: The first wait before a retry while the engine or Redis is away; it doubles up to retry_max.
 RETRY_FIRST = 0.2
+#: Seconds between looks at whether a new instance that does not answer yet has exited.
+EXIT_CHECK = 0.5
 #: Where instances listen (the drivers bind them to loopback), for the probes.
 INSTANCE_HOST = "127.0.0.1"
 
@@ -413,9 +415,12 @@ class Worker(Service):
             await self._retrying(lambda: self.driver.remove(port))
             raise
         served = placed or url
-        if not await self._answers_within(port, _probe_host(placed), self.spawn_timeout):
+        answered = await self._answers_within(port, _probe_host(placed), self.spawn_timeout)
+        if answered is not True:
             await self._retrying(lambda: self.driver.remove(port))
-            raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
+            raise DriverError(f"{what} exited before it answered HTTP; removed it"
+                              if answered == "exited" else
+                              f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
                               f"removed it")
         await self._retrying(lambda: tier.register(self.redis, served, self.lists.spawning,
                                                          self.lists.servers))
@@ -427,11 +432,23 @@ class Worker(Service):
     def _answers(self, reactor, port: int, host: str = INSTANCE_HOST) -> defer.Deferred:
         return probe.answers(reactor, host, port, timeout=self.probe_timeout)
 
-    async def _answers_within(self, port: int, host: str, timeout: float) -> bool:
+    async def _answers_within(self, port: int, host: str, timeout: float) -> bool | str:
+        """True once it answers; False after ``timeout``; "exited" when the driver saw it
+        exit twice in a row (an app that cannot start fails in a second, not the timeout)."""
         deadline = self.reactor.seconds() + timeout
+        look, exits = self.reactor.seconds() + EXIT_CHECK, 0
         while self.reactor.seconds() < deadline:
             if await defer.ensureDeferred(self.probe(self.reactor, port, host)):
                 return True
+            if self.reactor.seconds() >= look:
+                look = self.reactor.seconds() + EXIT_CHECK
+                try:
+                    gone = (await self.driver.managed()).get(port) is False
+                except Exception:  # the engine away: no verdict, the time-out still applies
+                    gone = False
+                exits = exits + 1 if gone else 0
+                if exits >= 2:
+                    return "exited"
             await deferLater(self.reactor, HEALTH_POLL, lambda: None)
         return False
 

@@ -20,7 +20,8 @@ def status(proxy: ProxyFactory) -> dict:
         # What this proxy last published for the autoscaler and the dashboard (one source).
         "load": proxy.backends.published,
         # Each app routed by Host (dockpart.proxy_routes): its own list, rotation and figures.
-        "apps": {name: {**backends.status(), "load": backends.published}
+        "apps": {name: {**backends.status(), "load": backends.published,
+                        "hold": backends.hold.status() if backends.hold else None}
                  for name, backends in (proxy.routes.apps if proxy.routes else {}).items()},
     }
 
@@ -61,6 +62,20 @@ def metrics(proxy: ProxyFactory) -> str:
            [({"backend": b.url}, round(b.latency_sum, 6)) for b in backends])
     family("backend_latency_seconds_count", "counter", "Responses timed.",
            [({"backend": b.url}, b.latency_count) for b in backends])
+    holds = [(name, b.hold) for name, b in sorted((proxy.routes.apps if proxy.routes
+                                                   else {}).items()) if b.hold is not None]
+    family("app_held_requests", "gauge", "Requests held while the app starts from zero.",
+           [({"app": name}, hold.held) for name, hold in holds])
+    family("app_activations_total", "counter", "Starts from zero that released held requests.",
+           [({"app": name}, hold.activations) for name, hold in holds])
+    family("app_activation_last_seconds", "gauge", "Seconds from the first held request to "
+           "the app's first instance, at the latest activation.",
+           [({"app": name}, round(hold.activation_last, 6)) for name, hold in holds
+            if hold.activation_last is not None])
+    family("app_hold_refused_total", "counter", "Requests for an app at zero answered 503, "
+           "by reason (overflow: --hold-max, timeout: --hold-timeout, failed: the start failed).",
+           [({"app": name, "reason": why}, n) for name, hold in holds
+            for why, n in sorted(hold.refused.items())])
     return "\n".join(lines) + "\n"
 
 

@@ -16,17 +16,18 @@ import hashlib
 import hmac
 import json
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
-from twisted.web import server
 
 from dockpart import apps, dashboard_page, keys, tier
 from dockpart.dashboard_state import TierWatch
-from dockpart.listening import Listener, server_endpoint
+from dockpart.listening import server_endpoint
 from dockpart.redisconn import RedisUnavailable
 from dockpart.routes import CoroutineResource, Reply
+from dockpart.website import BoundedSite, site_listener
 
 COOKIE = "dockpart_dashboard"
 #: Ceiling on instances for "spawn one" when the autoscaler's max is unset (dockpart-web's
@@ -315,10 +316,12 @@ def make_dashboard(config, redis, worker, reactor) -> MultiService:
     top = MultiService()
     watch = TierWatch(redis, worker, reactor=reactor)
     watch.setServiceParent(top)
-    site = server.Site(Dashboard(watch, config["dashboard-token"]))
-    site.noisy = False
+    # Every body is limited to MAX_BODY before it is read, and before the token is checked.
+    site = BoundedSite(Dashboard(watch, config["dashboard-token"]),
+                       replace(config["dashboard-site"], max_body=MAX_BODY))
     # A poll a second per browser would flood the log:
     site.log = lambda request: None  # type: ignore[method-assign]
-    Listener("dockpart-infra dashboard",
-             server_endpoint(reactor, "dashboard", config["dashboard"]), site).setServiceParent(top)
+    site_listener("dockpart-infra dashboard", server_endpoint(reactor, "dashboard",
+                                                              config["dashboard"]),
+                  site).setServiceParent(top)
     return top

@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from dockpart.listening import Listener, client_endpoint, server_endpoint
+from dockpart.listening import client_endpoint, server_endpoint
+from dockpart.website import BoundedSite, site_limits, site_listener, site_options
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 DEFAULT_SOURCE = "tcp:127.0.0.1:7000"
@@ -150,6 +151,7 @@ class Options(usage.Options):
         ["timeout", "t", DEFAULT_TIMEOUT,
          "Seconds the source may take to accept, and to stay silent, before a 504.", float],
         ["max-bytes", None, DEFAULT_MAX_BYTES, "Largest answer taken from the source.", int],
+        *site_options(),
     ]
 
     def postOptions(self):
@@ -157,6 +159,7 @@ class Options(usage.Options):
             raise usage.UsageError("--timeout must be a positive number of seconds")
         if self["max-bytes"] < 0:
             raise usage.UsageError("--max-bytes cannot be negative")
+        self["site"] = site_limits(self)
         from twisted.internet import reactor
         server_endpoint(reactor, "listen", self["listen"])  # bad ones: a usage error, not a traceback
         client_endpoint(reactor, "source", self["source"])
@@ -168,6 +171,4 @@ def makeService(config, reactor=None):
     listen = server_endpoint(reactor, "listen", config["listen"])
     source = client_endpoint(reactor, "source", config["source"])
     page = SourcePage(source, config["source"], config["timeout"], config["max-bytes"], reactor)
-    site = server.Site(page)
-    site.noisy = False
-    return Listener("dockpart-fileweb", listen, site)
+    return site_listener("dockpart-fileweb", listen, BoundedSite(page, config["site"]))

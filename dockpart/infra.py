@@ -17,6 +17,7 @@ from dockpart.drivers import ThreadPoolService
 from dockpart.infra_worker import EntryRules, Worker
 from dockpart.redisconn import RedisOptions, RedisService
 from dockpart.tier import FIRST_PORT, MAX_PORT
+from dockpart.website import site_limits, site_options
 
 DRIVERS = ("docker", "process", "swarm")
 
@@ -84,6 +85,7 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
                                   "tcp:8080:interface=127.0.0.1 (off by default)."],
         ["dashboard-token", None, None, "Token the dashboard asks for, buttons included "
                                         "(env DOCKPART_DASHBOARD_TOKEN; default: none)."],
+        *site_options("dashboard-"),
     ]
 
     def __init__(self):
@@ -133,6 +135,7 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
         self["state-dir"] = self["state-dir"] or _default_state_dir()
         self["dashboard-token"] = self["dashboard-token"] or os.environ.get(
             "DOCKPART_DASHBOARD_TOKEN") or None
+        self["dashboard-site"] = site_limits(self, "dashboard-")
 
 
 def make_driver(config, pool: ThreadPoolService, reactor):

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
 
-from dockpart.proxy_framing import IDEMPOTENT
-
 if TYPE_CHECKING:
     from dockpart.proxy_backends import Backend, BackendSet, Slot
 
@@ -210,13 +208,14 @@ class Exchange:
     """One request and its response, from the first attempt to the last byte.
 
     Stored: what the request is and how far it has gone; what can be derived from that
-    (``head_only``, ``idempotent``, ``backend``, ``responded``) is a property.
+    (``head_only``, ``backend``, ``responded``) is a property.
     """
 
     __slots__ = ("client", "method", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
-                 "started", "host", "reread", "early", "retried", "client_slow", "backends", "held")
+                 "started", "host", "reread", "early", "suspected_at", "client_slow",
+                 "body_from", "body_bytes", "backends", "held")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
                  chunked_in, has_body, host):
@@ -240,8 +239,10 @@ class Exchange:
         self.started = 0.0
         self.reread = False  # the list was read again before answering 503
         self.early: list[bytes] = []  # bytes after an Upgrade head, held until a 101
-        self.retried = False  # sent again after its try timed out
+        self.suspected_at = 0.0  # when its try timed out (dockpart.proxy_retry)
         self.client_slow = False  # the client was given time to read a stalled response
+        self.body_from = 0.0  # when its body began to be read (dockpart.proxy_limits)
+        self.body_bytes = 0
         # The BackendSet its Host routes to (dockpart.proxy_routes), set when it starts.
         self.backends: BackendSet = None  # type: ignore[assignment]
         self.held = None  # the dockpart.proxy_hold.Hold it waits in for an app's first instance
@@ -250,11 +251,6 @@ class Exchange:
     def head_only(self) -> bool:
         """The answer is a head alone (a response to HEAD)."""
         return self.method == b"HEAD"
-
-    @property
-    def idempotent(self) -> bool:
-        """Without a body, sending it again cannot do twice what the client asked once."""
-        return not self.has_body and self.method in IDEMPOTENT
 
     @property
     def backend(self) -> Backend | None:

@@ -10,6 +10,7 @@ its report expires.  The autoscaler, the admin listener and the dashboard read t
 import json
 import os
 import socket
+from collections.abc import Callable, Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -51,6 +52,8 @@ class LoadPublisher(Periodic):
         self._seen: dict[str, tuple] = {}  # per URL, the counters at the previous report
         self._last_time: float | None = None
         self._failing = False
+        #: Requests in flight per URL as load (ProxyFactory.fair_inflight); None: every one.
+        self.inflight: Callable[[], Mapping[str, int]] | None = None
 
     def tick(self) -> defer.Deferred | None:
         return self.publish()
@@ -60,6 +63,7 @@ class LoadPublisher(Periodic):
         now = self.clock.seconds()
         figures = {}
         seen = {}
+        inflight = self.inflight() if self.inflight is not None else None
         for url, b in list(self.backends.by_url.items()):
             counters = (b.requests, b.errors, b.latency_sum, list(b.latency_buckets))
             seen[url] = counters
@@ -70,7 +74,7 @@ class LoadPublisher(Periodic):
                 "errors": b.errors - errors,
                 "latency_sum": round(b.latency_sum - latency_sum, 6),
                 "latency_buckets": [n - m for n, m in zip(b.latency_buckets, buckets)],
-                "inflight": b.active,
+                "inflight": b.active if inflight is None else inflight.get(url, 0),
                 "healthy": b.down_until <= now,
             }
         self._seen = seen

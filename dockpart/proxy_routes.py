@@ -16,6 +16,8 @@ says it is gone, not when a Redis that lost its data reads empty.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITCPTransport
@@ -139,6 +141,8 @@ class AppsSync(MultiService):
         self._reading: Deferred | None = None
         self._again = False
         self._trusted = True  # an absent app may be dropped (no Redis outage since a notice)
+        #: Requests in flight per URL as load (ProxyFactory.fair_inflight), for the reports.
+        self.inflight: Callable[[], Mapping[str, int]] | None = None
         redis_connection(self, _AppNotices, reactor).setServiceParent(self)
         _Reads(self, interval, reactor).setServiceParent(self)
 
@@ -218,9 +222,10 @@ class AppsSync(MultiService):
                               down_time=self.down_time)
         backends.hold = Hold(app.name, self.reactor, self.ask, self.hold, proxy_id())
         services = MultiService()
-        LoadPublisher(backends, self.redis, self.reactor,
-                      name=f"{proxy_id()}:app:{app.name}", app=app.name
-                      ).setServiceParent(services)
+        publisher = LoadPublisher(backends, self.redis, self.reactor,
+                                  name=f"{proxy_id()}:app:{app.name}", app=app.name)
+        publisher.inflight = self.inflight
+        publisher.setServiceParent(services)
         if self.health is not None:
             path, interval, timeout = self.health
             HealthChecks(backends, path, interval, timeout, self.reactor).setServiceParent(

@@ -18,13 +18,13 @@ from twisted.internet import defer, task
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web import server
 
 from dockpart import keys, tier
 from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
 from dockpart.listening import Listener, server_endpoint, with_backlog
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 from dockpart.routes import TOKEN_PARAM, CoroutineResource, Reply, without_token
+from dockpart.website import BoundedSite, site_limits, site_listener, site_options
 
 MESSAGE = "this message will self-destruct in 10 seconds"
 MESSAGE_TTL = 10
@@ -79,42 +79,6 @@ def page(title: str, body_html: str, code: int = 200) -> Reply:
 
 def message(title: str, text: str, code: int = 200) -> Reply:
     return page(title, f"<p>{escape(text)}</p>", code)
-
-
-class LimitedRequest(server.Request):
-    """A request whose body stops being stored past the site's upload limit."""
-
-    too_large = False
-    _received = 0
-
-    def gotLength(self, length):
-        limit = self.channel.site.max_body  # type: ignore[attr-defined]  # Site.buildProtocol sets it
-        self.too_large = length is not None and length > limit
-        super().gotLength(0 if self.too_large else length)
-
-    def handleContentChunk(self, data):
-        self._received += len(data)
-        if self._received > self.channel.site.max_body:  # type: ignore[attr-defined]
-            self.too_large = True
-        if not self.too_large:
-            super().handleContentChunk(data)
-
-    def requestReceived(self, command, path, version):
-        if self.too_large:
-            # A truncated multipart body must not be parsed; the app answers 413.
-            assert self.content is not None  # made by gotLength
-            self.content.seek(0)
-            self.content.truncate()
-            self.requestHeaders.removeHeader(b"content-type")
-        super().requestReceived(command, path, version)
-
-
-class WebSite(server.Site):
-    requestFactory = LimitedRequest
-
-    def __init__(self, resource, max_body: int, **kw):
-        super().__init__(resource, **kw)
-        self.max_body = max_body
 
 
 class WebApp(CoroutineResource):
@@ -224,8 +188,6 @@ class WebApp(CoroutineResource):
         return page("Recently visited", f"<ol>\n{items}\n</ol>")
 
     async def upload(self, request) -> Reply:
-        if request.too_large:
-            return message("Too large", f"Uploads are limited to {self.max_upload} bytes.", 413)
         files = request.args.get(b"image")
         if not files or not files[0]:
             return message("No image", "Send the image as the multipart field 'image', "
@@ -435,6 +397,7 @@ class Options(RedisOptions):
                                     f"answer 403 without it (?token= or Authorization: Bearer)."],
         ["register-interval", None, 1.0,
          "First instance: seconds between its checks that it is in servers.", float],
+        *site_options(),
     ]
 
     def postOptions(self):
@@ -454,6 +417,8 @@ class Options(RedisOptions):
             raise usage.UsageError("--max-queued-images must be at least 1")
         if self["register-interval"] <= 0:
             raise usage.UsageError("--register-interval must be positive")
+        # A body is limited before it is read: --max-upload on /upload, the default elsewhere.
+        self["site"] = site_limits(self, route_bodies={b"/upload": self["max-upload"]})
 
 
 def makeService(config, reactor=None):
@@ -466,7 +431,7 @@ def makeService(config, reactor=None):
                  config["max-instances"], config["max-upload"], config["max-queued-images"],
                  config["scale-token"], reactor=reactor)
     endpoint = server_endpoint(reactor, "listen", with_backlog(config["listen"]))
-    listener = Listener("dockpart-web", endpoint, WebSite(app, config["max-upload"]))
+    listener = site_listener("dockpart-web", endpoint, BoundedSite(app, config["site"]))
     listener.setServiceParent(top)
     FirstInstanceRegistration(listener, app, config["register-interval"],
                               reactor=reactor).setServiceParent(top)

@@ -30,6 +30,7 @@ FAST_MODULES = frozenset({
     "test_routes.py",
     "test_web_routes.py",
     "test_web_units.py",
+    "test_website.py",
 })
 
 

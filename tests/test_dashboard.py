@@ -3,6 +3,7 @@ a real tier (Redis, the first dockpart-web, dockpart-infra with the process driv
 
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import zipfile
@@ -180,6 +181,18 @@ def test_a_post_from_elsewhere_is_refused(tier, rdb, headers, why):
     reply = post(tier.infra.base, "/api/spawn", csrf, headers=headers)
     assert reply.status_code == 403 and why in reply.json()["error"]
     assert rdb.lrange(keys.SPAWN_QUEUE, 0, -1) == []
+
+
+def test_an_announced_8_MiB_body_is_413_at_once_before_any_check(tier, rdb):
+    """The dashboard read 8 MiB to the end (stalling infra's reactor 1.7-3.4 s) before its
+    401/403; now the head alone gets 413, and nothing is queued."""
+    host, port = urlsplit(tier.infra.base).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=3) as s:
+        s.sendall(b"POST /api/spawn HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (8 * 1024 * 1024))
+        assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
+    assert rdb.llen(keys.SPAWN_QUEUE) == 0
+    assert state(tier.infra.base)["role"] == "active"
 
 
 def test_a_dead_letter_shows_with_its_reason(tier, rdb):

@@ -85,7 +85,10 @@ def app_view(app: apps.App, reports: list[dict]) -> dict:
                            **(figures(merged[url], interval) if url in merged else empty)}
                           for url in app.instances],
             **figures(tier_totals({u: f for u, f in merged.items() if u in app.instances}),
-                      interval)}
+                      interval),
+            # Scale to zero (dockpart.proxy_hold): requests held now, latest activations' s.
+            "held": sum(r.get("held", 0) for r in reports),
+            "activations": sorted(s for r in reports for s in r.get("activation_recent", ()))}
 
 
 def _port(url: str) -> int:

@@ -20,6 +20,7 @@ A report is JSON::
      "held": 0,                  # requests held now while the app's first instance starts
      "activations": 2,           # activations seen by this proxy since it started
      "activation_seconds": [],   # seconds of each activation since the previous report
+     "activation_recent": [0.38, 0.41],  # seconds of the latest activations (at most 5)
      "activation_last": 0.41}    # seconds of the latest activation (null before any)
 """
 

@@ -36,8 +36,10 @@ HOLD_TIMEOUT = 30.0
 #: may have been lost with Redis; the key makes every further ask a no-op).
 ASK_AGAIN = 1.0
 
-#: Latencies of activations kept for the admin listener and the dashboard.
+#: Latencies of activations kept for the admin listener, and the latest of them in each
+#: load report (the dashboard shows them).
 KEPT = 20
+REPORTED = 5
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class Hold:
         new, self._new = self._new, []
         return {"held": len(self.queue), "activations": self.activations,
                 "activation_seconds": [round(s, 4) for s in new],
+                "activation_recent": [round(s, 4) for s in self.recent[-REPORTED:]],
                 "activation_last": None if self.activation_last is None
                 else round(self.activation_last, 4)}
 

@@ -179,3 +179,19 @@ def test_each_app_shows_its_scale_its_instances_their_figures_and_a_scale_button
     assert 'data-app="shop"' in html and "1 / 2" in html and "shop.example.org" in html
     assert 'action="api/apps/scale"' in html and 'name="count"' in html
     assert 'action="api/apps/scale"' not in live_html({**snapshot, "role": "standby"}, "csrf")
+
+
+def test_an_app_at_zero_shows_so_with_its_held_requests_and_activation_times():
+    from dockpart.apps import App
+    from dockpart.dashboard_page import _apps_html
+    from dockpart.dashboard_state import app_view
+    reports = [{"app": "nap", "interval": 1.0, "backends": {}, "held": 3,
+                "activation_recent": [0.52, 0.41]},
+               {"app": "nap", "interval": 1.0, "backends": {}, "held": 2,
+                "activation_recent": [0.47]}]
+    nap = app_view(App("nap", command="x", desired=0, autoscale=True, min=0, zero_after=60),
+                   reports)
+    assert nap["held"] == 5 and nap["activations"] == [0.41, 0.47, 0.52]
+    html = _apps_html([nap], "csrf", True)
+    assert "to zero after 60 s idle" in html and "at zero" in html and "5 held" in html
+    assert "started from zero in 0.41 0.47 0.52 s" in html

@@ -315,22 +315,49 @@ def forget(redis, name: str):
                                 keys.app_activation(name)], [name])
 
 
-# KEYS: apps, the app's activation key, the activation channel; ARGV: name, value.
-# The first asker of many (proxies, --workers) sets the key and wakes infra; the rest no-op.
+# KEYS: apps, the app's activation key, the activation channel; ARGV: name, proxy, held.
+# The key is a hash: per proxy (or --workers process), the requests it holds.  The first ask
+# of many creates it (1); a proxy whose held requests grew updates its count (2): each wakes
+# infra.  Any other ask changes nothing (0).
 _ACTIVATE = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
-if redis.call('SET', KEYS[2], ARGV[2], 'NX') then
-  redis.call('PUBLISH', KEYS[3], 'activate ' .. ARGV[1])
-  return 1
+local first = redis.call('EXISTS', KEYS[2]) == 0
+local before = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
+if not first and tonumber(ARGV[3]) <= before then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PUBLISH', KEYS[3], 'activate ' .. ARGV[1])
+if first then return 1 end
+return 2
+"""
+
+# KEYS: activation keys.  Per key, the requests held over every proxy (-1: no activation).
+_ASKED = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local total = -1
+  if redis.call('EXISTS', key) == 1 then
+    total = 0
+    for _, n in ipairs(redis.call('HVALS', key)) do total = total + (tonumber(n) or 0) end
+  end
+  out[i] = total
 end
-return 0
+return out
 """
 
 
-def activate(redis, name: str, value: str):
-    """Ask for the app's first instance (once, however many ask); fires 1 if this asked."""
+def activate(redis, name: str, proxy: str, held: int):
+    """Ask for the app's first instance (however many ask, infra sees one activation and the
+    sum of what they hold); 1: this asked first, 2: it told a larger count, 0: nothing new."""
     return redis.eval(_ACTIVATE, [keys.APPS, keys.app_activation(name), keys.APPS_ACTIVATION],
-                      [name, value])
+                      [name, proxy, held])
+
+
+def asked(redis, names: list[str]):
+    """Per app of ``names`` with an activation pending, the requests held for it."""
+    if not names:
+        return _then(redis.eval("return {}", [], []), lambda _: {})
+    return _then(redis.eval(_ASKED, [keys.app_activation(n) for n in names], []),
+                 lambda held: {n: int(h) for n, h in zip(names, held) if int(h) >= 0})
 
 
 def allocate(redis, name: str, low: int, high: int, host: str, count: int):

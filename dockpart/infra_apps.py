@@ -27,7 +27,6 @@ its worker's reconcile lists its instances again.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field, replace
@@ -191,10 +190,8 @@ class AppsRunner(MultiService):
         held = await self.redis.call("HGETALL", keys.APP_PORTS) or []
         reports = None
         now = self.clock.seconds()
-        activating = [name for name, app in live.items() if app.activates]
-        asked = dict(zip(activating, await self.redis.call(
-            "MGET", *[keys.app_activation(n) for n in activating]) if activating else []))
-        if any(asked.values()) or (now >= self._next_autoscale
+        asked = await apps.asked(self.redis, [n for n, app in live.items() if app.activates])
+        if asked or (now >= self._next_autoscale
                                    and any(a.autoscale for a in live.values())):
             self._next_autoscale = now + self.autoscale_interval
             reports = await load.read_reports(self.redis, now)
@@ -230,7 +227,7 @@ class AppsRunner(MultiService):
         return one
 
     async def _converge(self, one: AppTier, app: App, held_flat, reports, destroyed: bool,
-                        asked: str | None = None) -> bool:
+                        asked: int | None = None) -> bool:
         """One step towards the app's count; whether nothing of it is left."""
         t = app.tier
         lists = await tier.snapshot(self.redis, t)
@@ -248,9 +245,9 @@ class AppsRunner(MultiService):
             await self.redis.call("HSETNX", keys.APP_PORTS, port, app.name)
         desired = app.desired
         if app.autoscale and not destroyed:
-            if listed and (asked or one.activating is not None):
+            if listed and (asked is not None or one.activating is not None):
                 await self._activated(one, app)
-            elif asked and not staying and self.clock.seconds() >= one.held_until:
+            elif asked is not None and self.clock.seconds() >= one.held_until:
                 app = await self._activate(one, app, asked, reports)
             desired = await self._autoscale(one, app, lists, reports)
         if len(staying) < desired and self.clock.seconds() >= one.held_until:
@@ -307,13 +304,10 @@ class AppsRunner(MultiService):
                 failed = True
         return failed
 
-    async def _activate(self, one: AppTier, app: App, asked: str, reports) -> App:
-        """A proxy holds requests for the app at zero: the count the held load asks for,
-        in the record first (what a restarted infra or the next leaseholder goes on from)."""
-        try:
-            held = int(json.loads(asked).get("held", 1))
-        except (TypeError, ValueError, AttributeError):
-            held = 1
+    async def _activate(self, one: AppTier, app: App, held: int, reports) -> App:
+        """Proxies hold ``held`` requests for the app at zero: the count that load asks for
+        (more as the proxies tell of more, while none serves), in the record first: what a
+        restarted infra or the next leaseholder goes on from."""
         if reports:
             held = max(held, sum(r.get("held", 0) for r in reports
                                  if r.get("list") == app.tier.servers))
@@ -322,12 +316,15 @@ class AppsRunner(MultiService):
             one.activating = self.clock.seconds()
             self.log.info("apps: activating {name} from zero ({held} held): {desired} "
                           "instance(s)", name=app.name, held=held, desired=desired)
+        elif desired != app.desired:
+            self.log.info("apps: {name} holds {held} requests: {desired} instance(s)",
+                          name=app.name, held=held, desired=desired)
         one.last_busy = self.clock.seconds()
-        if desired != app.desired:
-            await apps.update(self.redis, app.name, desired=desired)
-        app = replace(app, desired=desired)
-        one.app = app
-        self.clock.callLater(0, one.worker.take_now)  # after this step queued the spawn
+        if desired == app.desired:
+            return app
+        await apps.update(self.redis, app.name, desired=desired)
+        self.clock.callLater(0, one.worker.take_now)  # once this step queued the spawns
+        one.app = app = replace(app, desired=desired)
         return app
 
     async def _activated(self, one: AppTier, app: App) -> None:

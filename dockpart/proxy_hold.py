@@ -17,7 +17,6 @@ from zero asks for enough instances, not one.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ HOLD_MAX = 100
 HOLD_TIMEOUT = 30.0
 
 #: Seconds between two asks for the same activation while requests are held (the first ask
-#: may have been lost with Redis; the key makes every further ask a no-op).
+#: may have been lost with Redis; the key makes every further ask a no-op).  Between them, an
+#: ask each time the held requests doubled: a burst from zero asks for enough instances.
 ASK_AGAIN = 1.0
 
 #: Latencies of activations kept for the admin listener, and the latest of them in each
@@ -53,11 +53,11 @@ class Hold:
 
     log = Logger()
 
-    def __init__(self, name: str, clock, ask: Callable[[str, str], defer.Deferred],
+    def __init__(self, name: str, clock, ask: Callable[[str, str, int], defer.Deferred],
                  limits: HoldLimits = HoldLimits(), proxy: str = ""):
         self.name = name
         self.clock = clock
-        self.ask = ask  # (app name, activation record) -> Deferred
+        self.ask = ask  # (app name, this proxy, requests held) -> Deferred
         self.limits = limits
         self.proxy = proxy
         self.enabled = False  # the app's record says it activates from zero
@@ -65,6 +65,7 @@ class Hold:
         self.queue: OrderedDict = OrderedDict()
         self.since: float | None = None  # the first request held since the app had none
         self.asked_at = -math.inf
+        self.asked_held = 0  # what the last ask said
         self.refuse_until = 0.0  # after a failed start, no request is held until then
         self.activations = 0
         self.activation_last: float | None = None
@@ -101,13 +102,14 @@ class Hold:
         return max(1, math.ceil(self.refuse_until - self.clock.seconds()))
 
     def ask_again(self) -> None:
-        """Ask for an instance unless asked a moment ago; only while requests are held."""
+        """Ask for an instance while requests are held: at the first, when they doubled
+        since the last ask, and once a second."""
         now = self.clock.seconds()
-        if not self.queue or now - self.asked_at < ASK_AGAIN:
+        held = len(self.queue)
+        if not held or (now - self.asked_at < ASK_AGAIN and held < 2 * self.asked_held):
             return
-        self.asked_at = now
-        record = json.dumps({"proxy": self.proxy, "time": now, "held": len(self.queue)})
-        d = self.ask(self.name, record)
+        self.asked_at, self.asked_held = now, held
+        d = self.ask(self.name, self.proxy, held)
         d.addErrback(lambda f: f.trap(RedisUnavailable))  # asked again in a second
         d.addErrback(lambda f: self.log.failure("asking for an instance of {name}", f,
                                                 name=self.name))
@@ -140,7 +142,7 @@ class Hold:
             self._new.append(seconds)
             self.log.info("app {name} activated in {seconds:.3f} s; {n} held requests go on",
                           name=self.name, seconds=seconds, n=len(self.queue))
-        self.asked_at = -math.inf
+        self.asked_at, self.asked_held = -math.inf, 0
         queue, self.queue = self.queue, OrderedDict()
         for exchange, (call, resume) in queue.items():
             exchange.held = None
@@ -152,7 +154,7 @@ class Hold:
         """Infra says the app failed to start and holds its next try ``seconds`` (or the app
         is gone): every held request gets 503 saying ``why``."""
         self.since = None
-        self.asked_at = -math.inf
+        self.asked_at, self.asked_held = -math.inf, 0
         self.refuse_until = self.clock.seconds() + seconds
         queue, self.queue = self.queue, OrderedDict()
         if queue:

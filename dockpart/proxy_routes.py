@@ -163,9 +163,9 @@ class AppsSync(MultiService):
                 return
             entry[1].hold.failed(seconds)
 
-    def ask(self, name: str, record: str) -> Deferred:
+    def ask(self, name: str, proxy: str, held: int) -> Deferred:
         """Ask infra for the app's first instance (dockpart.proxy_hold)."""
-        return apps.activate(self.redis, name, record)
+        return apps.activate(self.redis, name, proxy, held)
 
     def list_changed(self, name: str | None) -> None:
         entry = self.found.get(name) if name is not None else None

@@ -25,6 +25,7 @@ FAST_MODULES = frozenset({
     "test_infra_worker.py",
     "test_periodic.py",
     "test_proxy_exchange.py",
+    "test_proxy_hold.py",
     "test_proxy_units.py",
     "test_redisconn.py",
     "test_routes.py",

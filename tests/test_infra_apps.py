@@ -228,17 +228,23 @@ async def test_an_activation_asks_for_the_held_load_once_and_ends_when_one_serve
     try:
         client = zero_app(redis_db)
         t = keys.app_tier("z")
-        # Two proxies ask: the first sets the key, the second changes nothing.
-        assert apps.activate(client, "z", json.dumps({"held": 5})) == 1
-        assert apps.activate(client, "z", json.dumps({"held": 1})) == 0
+        # Proxies ask: the first creates the activation, a larger count is told, the same
+        # count again changes nothing.
+        assert apps.activate(client, "z", "p:1", 1) == 1
+        assert apps.activate(client, "z", "p:1", 1) == 0
+        assert apps.activate(client, "z", "p:2", 2) == 2
         await r.step()
-        assert redis_db.hget(keys.app_record("z"), "desired") == "3"  # 5 held at 2 each
-        assert redis_db.llen(t.spawn_queue) == 3
+        assert redis_db.hget(keys.app_record("z"), "desired") == "2"  # 3 held at 2 each
+        assert redis_db.llen(t.spawn_queue) == 2
         r.clock.advance(0)
         assert r.runner.tiers["z"].worker.taken == 1  # the worker looked at once
         await r.step()  # a restarted infra or the next step: counted, not asked again
+        assert redis_db.llen(t.spawn_queue) == 2
+        assert apps.activate(client, "z", "p:1", 5) == 2  # more held while none serves
         await r.step()
-        assert redis_db.llen(t.spawn_queue) == 3
+        assert redis_db.hget(keys.app_record("z"), "desired") == "4"  # 7 held, at most 4
+        await r.step()
+        assert redis_db.llen(t.spawn_queue) == 4
         assert redis_db.exists(keys.app_activation("z"))  # until an instance serves
         redis_db.rpush(t.servers, redis_db.rpop(t.spawn_queue))
         await r.step()
@@ -257,7 +263,7 @@ async def test_a_failed_activation_goes_back_to_zero_tells_the_proxies_and_waits
     try:
         client = zero_app(redis_db)
         t = keys.app_tier("z")
-        apps.activate(client, "z", json.dumps({"held": 1}))
+        apps.activate(client, "z", "p:1", 1)
         await r.step()
         assert redis_db.lrange(t.spawn_queue, 0, -1) == [url(LOW)]
         redis_db.delete(t.spawn_queue)  # the worker dead-lettered it
@@ -267,7 +273,7 @@ async def test_a_failed_activation_goes_back_to_zero_tells_the_proxies_and_waits
         said = [m["data"] for m in (notices.get_message(timeout=2) for _ in range(2)) if m]
         assert said == ["activate z", "failed z 1"]
         # The next request asks again: nothing before the backoff, then a spawn.
-        apps.activate(client, "z", json.dumps({"held": 1}))
+        apps.activate(client, "z", "p:1", 1)
         await r.step()
         assert redis_db.llen(t.spawn_queue) == 0
         r.clock.advance(1.0)

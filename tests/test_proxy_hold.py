@@ -2,8 +2,6 @@
 number and time, and go on when its first instance is listed (MemoryReactorClock,
 StringTransport; the proxy as test_proxy_exchange builds it)."""
 
-import json
-
 from twisted.internet import defer
 
 from dockpart.apps import App
@@ -24,8 +22,8 @@ class Asks:
     def __init__(self):
         self.records: list[dict] = []
 
-    def __call__(self, name: str, record: str):
-        self.records.append({"name": name, **json.loads(record)})
+    def __call__(self, name: str, proxy: str, held: int):
+        self.records.append({"name": name, "proxy": proxy, "held": held})
         return defer.succeed(1)
 
 
@@ -49,14 +47,16 @@ def request(proxy: Proxy, n: int):
     return client, out
 
 
-def test_requests_at_zero_are_held_asked_for_once_then_sent_in_arrival_order():
+def test_requests_at_zero_are_held_asked_for_then_sent_in_arrival_order():
     proxy = Proxy(urls=SEED)
     zoom, asks = at_zero(proxy)
     clients = [request(proxy, n) for n in range(3)]
     assert [sent(out) for _, out in clients] == [b""] * 3  # no answer, held
     assert proxy.attempts() == 0
     assert zoom.hold.held == 3
-    assert [(a["name"], a["held"]) for a in asks.records] == [("zoom", 1)]  # asked once
+    # At the first, and when the held requests doubled (not at each).
+    assert [(a["name"], a["proxy"], a["held"]) for a in asks.records] == [
+        ("zoom", "test:1", 1), ("zoom", "test:1", 2)]
     proxy.later(2.0)
     assert zoom.hold.held == 3 and [sent(out) for _, out in clients] == [b""] * 3
     zoom.update([ZOOM])  # its first instance is listed: healthy and registered
@@ -134,7 +134,7 @@ def test_a_failed_start_answers_the_held_503_and_holds_none_for_the_backoff():
     assert len(asks.records) == 1
     proxy.later(3.5)
     _, out = request(proxy, 3)
-    assert sent(out) == b"" and len(asks.records) == 2  # held, and asked again
+    assert sent(out) == b"" and [a["held"] for a in asks.records] == [1, 1]  # asked again
 
 
 def test_an_app_that_does_not_scale_to_zero_still_answers_503_at_once():
@@ -145,18 +145,18 @@ def test_an_app_that_does_not_scale_to_zero_still_answers_503_at_once():
     assert sent(out).startswith(b"HTTP/1.1 503 ") and asks.records == []
 
 
-def test_asks_again_only_while_held_and_not_within_a_second():
+def test_asks_again_only_while_held_when_doubled_or_a_second_later():
     proxy = Proxy(urls=SEED)
-    zoom, asks = at_zero(proxy)
+    zoom, asks = at_zero(proxy, HoldLimits(10, 5.0))
     zoom.hold.ask_again()
     assert asks.records == []  # nothing held
-    request(proxy, 1)
-    request(proxy, 2)
+    for n in range(5):
+        request(proxy, n)
     zoom.hold.ask_again()
-    assert len(asks.records) == 1
+    assert [a["held"] for a in asks.records] == [1, 2, 4]
     proxy.reactor.advance(ASK_AGAIN)
     zoom.hold.ask_again()
-    assert [a["held"] for a in asks.records] == [1, 2]
+    assert [a["held"] for a in asks.records] == [1, 2, 4, 5]
 
 
 def test_the_load_report_counts_held_requests_and_each_activations_time():

@@ -13,6 +13,7 @@ examples/hello (``--driver docker --image IMAGE`` runs an image instead).  Then:
    daemons (infra, proxy) at the burst's peak and at zero.
 
     python bench/bench_zero.py [--activations 20] [--burst 50] [--idle 2] [--json OUT]
+    python bench/bench_zero.py --driver docker --build dockpart-base:bookworm
 
 With matplotlib in the virtualenv, ``--plot FILE`` draws the first-response times (one bar
 per activation) and the burst's latencies; without it the plot is skipped, and said so.
@@ -108,7 +109,15 @@ class Bench:
         return self.client.lrange(keys.app_tier("zero").servers, 0, -1)
 
     def pids(self) -> list[int]:
-        return [pid for pids in managed(self.state / "apps" / "zero").values() for pid in pids]
+        """The app's processes (the process driver's), or its containers' main processes."""
+        if self.args.driver == "process":
+            return [pid for pids in managed(self.state / "apps" / "zero").values()
+                    for pid in pids]
+        import docker
+        from dockpart.drivers.docker import LABEL_TIER
+        label = f"{LABEL_TIER}=redis://127.0.0.1:{self.redis.port}/0 app zero"
+        return [c.attrs["State"]["Pid"] for c in docker.from_env().containers.list(
+            filters={"label": label}) if c.attrs["State"].get("Pid")]
 
     def at_zero(self) -> bool:
         return not self.instances() and not self.pids() and \
@@ -138,7 +147,7 @@ class Bench:
 
     def burst(self) -> dict:
         self.wait_zero()
-        peak = {"instances": 0, "app_rss_kib": 0, "daemons_rss_kib": 0}
+        peak = {"instances": 0, "app_rss_kib": 0, "daemons_rss_kib": self.daemons_rss()}
         done = [False]
 
         def watch():
@@ -212,9 +221,16 @@ def main() -> None:
     parser.add_argument("--driver", default="process", choices=("process", "docker"))
     parser.add_argument("--image", default="dockpart-hello:bench",
                         help="the app's image with --driver docker (examples/hello/Dockerfile)")
+    parser.add_argument("--build", metavar="BASE_IMAGE",
+                        help="first build --image from examples/hello on this base image")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--plot", help="draw the figures here (PNG or SVG; needs matplotlib)")
     args = parser.parse_args()
+    if args.build:
+        import docker
+        docker.from_env().images.build(path=str(ROOT / "examples" / "hello"), tag=args.image,
+                                       rm=True, buildargs={"BASE_IMAGE": args.build},
+                                       network_mode="host")
     bench = Bench(args)
     try:
         print(f"from zero, {args.activations} activations ({args.driver} driver):", flush=True)

@@ -353,9 +353,7 @@ def activate(redis, name: str, proxy: str, held: int):
 
 
 def asked(redis, names: list[str]):
-    """Per app of ``names`` with an activation pending, the requests held for it."""
-    if not names:
-        return _then(redis.eval("return {}", [], []), lambda _: {})
+    """Per app of ``names`` (at least one) with an activation pending, the requests held."""
     return _then(redis.eval(_ASKED, [keys.app_activation(n) for n in names], []),
                  lambda held: {n: int(h) for n, h in zip(names, held) if int(h) >= 0})
 

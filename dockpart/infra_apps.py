@@ -190,7 +190,8 @@ class AppsRunner(MultiService):
         held = await self.redis.call("HGETALL", keys.APP_PORTS) or []
         reports = None
         now = self.clock.seconds()
-        asked = await apps.asked(self.redis, [n for n, app in live.items() if app.activates])
+        activating = [name for name, app in live.items() if app.activates]
+        asked = await apps.asked(self.redis, activating) if activating else {}
         if asked or (now >= self._next_autoscale
                                    and any(a.autoscale for a in live.values())):
             self._next_autoscale = now + self.autoscale_interval

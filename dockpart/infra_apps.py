@@ -39,10 +39,10 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from dockpart import apps, keys, load, tier
+from dockpart import apps, keys, records, tier
 from dockpart.apps import App
 from dockpart.infra_autoscale import Policy, Settings, observe
-from dockpart.periodic import Periodic
+from dockpart.periodic import Every, Outage
 from dockpart.proxy_sync import INCOMPLETE, auth, command, read_reply, redis_connection
 from dockpart.redisconn import RedisService, RedisUnavailable
 from dockpart.tier import BadInstanceURL, parse_instance_url
@@ -110,19 +110,10 @@ class _ActivationNotices(Protocol):
         self.buffer = buf[pos:]
 
 
-def _answered(reports: list[dict], app: App) -> bool:
+def _answered(reports: list[records.LoadReport], app: App) -> bool:
     """Whether a proxy answered a request of the app since its previous report."""
-    return any(figures.get("requests") for r in reports if r.get("list") == app.tier.servers
-               for figures in r["backends"].values())
-
-
-class _Loop(Periodic):
-    def __init__(self, runner: AppsRunner, interval: float, clock):
-        super().__init__(interval, clock, now=True)
-        self.runner = runner
-
-    def tick(self):
-        return self.runner.kick()
+    return any(figures.requests for r in reports if r.list == app.tier.servers
+               for figures in r.backends.values())
 
 
 class AppsRunner(MultiService):
@@ -144,10 +135,11 @@ class AppsRunner(MultiService):
         self._next_autoscale = 0.0
         self.tiers: dict[str, AppTier] = {}
         self._hold = backoffPolicy(*SPAWN_HOLD, factor=2.0, jitter=lambda: 0.0)
-        self._redis_down = False
+        self._redis = Outage(self.log, "apps: Redis is away ({error}); instances keep running",
+                             "apps: Redis is back")
         self._stepping: defer.Deferred | None = None
         self._again = False
-        _Loop(self, interval, clock).setServiceParent(self)
+        Every(interval, clock, self.kick, now=True).setServiceParent(self)
         redis_connection(self, _ActivationNotices, clock).setServiceParent(self)
 
     def kick(self) -> defer.Deferred:
@@ -170,12 +162,9 @@ class AppsRunner(MultiService):
         try:
             await self._step()
         except RedisUnavailable as e:
-            if not self._redis_down:
-                self._redis_down = True
-                self.log.warn("apps: Redis is away ({error}); instances keep running",
-                              error=str(e))
+            self._redis.failed(str(e))
             return
-        self._redis_down = False
+        self._redis.ok()
 
     async def _step(self) -> None:
         live = {app.name: app for app in await apps.read_all(self.redis)}
@@ -192,10 +181,9 @@ class AppsRunner(MultiService):
         now = self.clock.seconds()
         activating = [name for name, app in live.items() if app.activates]
         asked = await apps.asked(self.redis, activating) if activating else {}
-        if asked or (now >= self._next_autoscale
-                                   and any(a.autoscale for a in live.values())):
+        if asked or (now >= self._next_autoscale and any(a.autoscale for a in live.values())):
             self._next_autoscale = now + self.autoscale_interval
-            reports = await load.read_reports(self.redis, now)
+            reports = await records.read_load_reports(self.redis, now)
         for app in [*live.values(), *gone.values()]:
             one = self._tier(app)
             if not one.worker.leased:
@@ -232,7 +220,7 @@ class AppsRunner(MultiService):
         """One step towards the app's count; whether nothing of it is left."""
         t = app.tier
         lists = await tier.snapshot(self.redis, t)
-        running = await one.driver.managed()
+        running = await one.driver.instances()
         leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
         listed = set(lists[t.servers])
         staying = (listed | set(lists[t.spawn_queue]) | set(lists[t.spawning])) - leaving
@@ -310,8 +298,7 @@ class AppsRunner(MultiService):
         (more as the proxies tell of more, while none serves), in the record first: what a
         restarted infra or the next leaseholder goes on from."""
         if reports:
-            held = max(held, sum(r.get("held", 0) for r in reports
-                                 if r.get("list") == app.tier.servers))
+            held = max(held, sum(r.held for r in reports if r.list == app.tier.servers))
         desired = max(app.desired, min(max(1, math.ceil(held / app.target)), app.max))
         if one.activating is None:
             one.activating = self.clock.seconds()

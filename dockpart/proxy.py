@@ -8,6 +8,8 @@ flight first (``--shutdown-timeout``), so a new proxy started on the same port b
 takes over with no refused connection.
 """
 
+from __future__ import annotations
+
 import os
 
 from twisted.application.internet import TimerService
@@ -23,10 +25,10 @@ from dockpart.proxy_hold import HOLD_MAX, HOLD_TIMEOUT, HoldLimits
 from dockpart.proxy_sync import BackendSync
 from dockpart.proxy_dispatch import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
+from dockpart.proxy_retry import safe_routes
 from dockpart.proxy_routes import AppsSync, Routes
-from dockpart.listening import Listener
-from dockpart.proxy_workers import (BACKLOG, Workers, WorkersAdmin, die_with_parent,
-                                    shared_port_endpoint, tcp_address)
+from dockpart.listening import DEFAULT_BACKLOG, Listener, shared_port_endpoint, tcp_address
+from dockpart.proxy_workers import ReadySignal, Workers, WorkersAdmin, die_with_parent
 from dockpart.redisconn import RedisOptions, RedisService
 
 BALANCES = ("local", "shared")
@@ -59,7 +61,7 @@ class Options(RedisOptions):
         ["try-timeout", None, None, "Seconds a backend gets to start answering before it is "
                                     "left out and asked whether it answers at all; silent "
                                     "half that long again, the request gets 504 (not sent "
-                                    "twice; off unless given).", float],
+                                    "twice but for --retry-safe; off unless given).", float],
         ["header-timeout", None, 10.0, "Seconds a client has to send request headers (408).",
          float],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client connection stays, "
@@ -79,10 +81,26 @@ class Options(RedisOptions):
                               "reactor and backend pools; auto = one per CPU."],
         ["shutdown-timeout", None, 10.0, "Seconds a stopping proxy lets requests in flight "
                                          "finish before it cuts them.", float],
-        ["backlog", None, BACKLOG, "Length of the listen queue (takes the place of the "
+        ["backlog", None, DEFAULT_BACKLOG, "Length of the listen queue (takes the place of the "
                                    "endpoint's backlog=).", int],
         ["worker-of", None, None, "(internal) The pid of the --workers parent.", int],
+        ["ready-fd", None, None, "(internal) A pipe to tell the --workers parent, once "
+                                 "listening, that this worker is ready.", int],
     ]
+
+    def __init__(self):
+        super().__init__()
+        self["retry-safe"] = ()
+
+    def opt_retry_safe(self, paths: str) -> None:
+        """Paths (comma-separated; repeatable) whose bodiless GET or HEAD may be sent to
+        another backend after --try-timeout: ones harmless to run twice. Exact, or a prefix
+        ending in *; the seed's list only (apps: never). None by default (a timed-out
+        request gets 504, never sent twice)."""
+        try:
+            self["retry-safe"] += safe_routes(paths)
+        except ValueError as e:
+            raise usage.UsageError(f"--retry-safe: {e}")
 
     def parseOptions(self, options=None):
         # What the parent of --workers passes on to each worker, exactly as given.
@@ -122,6 +140,9 @@ class Options(RedisOptions):
                 raise usage.UsageError(f"--{name} must be 0 or more")
         if self["try-timeout"] is not None and self["try-timeout"] <= 0:
             raise usage.UsageError("--try-timeout must be positive")
+        if self["retry-safe"] and self["try-timeout"] is None:
+            raise usage.UsageError("--retry-safe needs --try-timeout (only a try that timed "
+                                   "out is sent again)")
         path = self["health-path"]
         if path is not None and not path.startswith("/"):
             raise usage.UsageError(f"--health-path {path!r} must start with /")
@@ -165,10 +186,11 @@ def makeService(config, reactor=None):
     redis = RedisService(config["redis"], config["redis-timeout"], reactor)
     redis.setServiceParent(top)
     try_timeout = config["try-timeout"]
-    backends = BackendSet(redis, config["servers-key"], config["balance"], reactor,
+    backends = BackendSet(config["servers-key"], config["balance"], reactor,
                           down_time=config["down-time"],
                           quiet_after=try_timeout / 10 if try_timeout else None)
-    BackendSync(backends, reactor, config["refresh-interval"]).setServiceParent(top)
+    sync = BackendSync(backends, redis, reactor, config["refresh-interval"])
+    sync.setServiceParent(top)
     publisher = LoadPublisher(backends, redis, reactor)
     publisher.setServiceParent(top)
     health = None
@@ -186,12 +208,12 @@ def makeService(config, reactor=None):
                     header_timeout=config["header-timeout"], idle_timeout=config["idle-timeout"],
                     connect_timeout=config["connect-timeout"],
                     backend_timeout=config["backend-timeout"], try_timeout=config["try-timeout"],
-                    probe_path=config["health-path"] or "/",
+                    probe_path=config["health-path"] or "/", retry_safe=config["retry-safe"],
                     max_inflight_per_client=config["max-inflight-per-client"],
                     body_timeout=config["body-timeout"], body_min_rate=config["body-min-rate"],
                     load_per_client=config["load-per-client"],
                     first_read_wait=config["redis-timeout"])
-    proxy = top.proxy = ProxyFactory(backends, reactor, limits)
+    proxy = top.proxy = ProxyFactory(backends, reactor, limits, sync.lists)
     proxy.routes = routes
     publisher.inflight = apps_sync.inflight = proxy.fair_inflight
     shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout,
@@ -205,7 +227,9 @@ def makeService(config, reactor=None):
     if config["admin"]:
         from dockpart.proxy_admin import admin_site
         Listener("dockpart-proxy admin", shared_port_endpoint(reactor, "admin", config["admin"]),
-                 admin_site(proxy)).setServiceParent(top)
+                 admin_site(proxy, publisher, apps_sync)).setServiceParent(top)
+    if config["ready-fd"] is not None:
+        ReadySignal(config["ready-fd"]).setServiceParent(top)  # last: after the listeners
     return top
 
 

@@ -5,6 +5,8 @@ instance still accepts connections, so only asking it tells it is gone, and only
 tells it is back.  The question is :mod:`dockpart.probe`'s, asked the same way everywhere.
 """
 
+from __future__ import annotations
+
 from twisted.logger import Logger
 
 from dockpart import probe
@@ -49,10 +51,10 @@ class HealthChecks(Periodic):
         return d
 
     def _answered(self, code: int, backend: Backend) -> None:
-        if code >= 500:
-            self.backends.failed(backend, count=False)
-        else:
+        if probe.healthy_status(code):
             self.backends.healthy(backend)
+        else:
+            self.backends.failed(backend, count=False)
 
     def _no_answer(self, failure, backend: Backend) -> None:
         self.backends.failed(backend, count=False)

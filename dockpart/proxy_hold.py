@@ -25,6 +25,7 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from dockpart.records import HoldFigures
 from dockpart.redisconn import RedisUnavailable
 
 #: Default bounds: requests held per app per proxy, seconds each waits at most.
@@ -169,14 +170,13 @@ class Hold:
             exchange.client.fail_exchange(exchange, 503, why + "\n",
                                           extra=b"Retry-After: %d\r\n" % max(1, math.ceil(seconds)))
 
-    def report(self) -> dict:
+    def report(self) -> HoldFigures:
         """What the load report carries (and the new activations become old)."""
         new, self._new = self._new, []
-        return {"held": len(self.queue), "activations": self.activations,
-                "activation_seconds": [round(s, 4) for s in new],
-                "activation_recent": [round(s, 4) for s in self.recent[-REPORTED:]],
-                "activation_last": None if self.activation_last is None
-                else round(self.activation_last, 4)}
+        return HoldFigures(len(self.queue), self.activations, tuple(round(s, 4) for s in new),
+                           tuple(round(s, 4) for s in self.recent[-REPORTED:]),
+                           None if self.activation_last is None
+                           else round(self.activation_last, 4))
 
     def status(self) -> dict:
         return {"held": len(self.queue), "activates": self.enabled,

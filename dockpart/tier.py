@@ -13,6 +13,8 @@ Producers ``LPUSH`` onto a queue; consumers ``LMOVE queue processing RIGHT LEFT`
 (oldest first).
 """
 
+from __future__ import annotations
+
 from urllib.parse import urlsplit
 
 from dockpart import keys
@@ -20,6 +22,10 @@ from dockpart.redisconn import RedisService
 
 #: The first instance's port: no daemon starts or destroys it; it keeps itself in ``servers``.
 FIRST_PORT = 3000
+
+#: Ceiling on instances, the first included, unless a daemon's ``--max-instances`` says
+#: otherwise (dockpart-web's /spawn, infra's autoscaler and its dashboard).
+DEFAULT_MAX_INSTANCES = 10
 
 #: The highest TCP port: spawned instances take ports above the first one up to it.
 MAX_PORT = 65535

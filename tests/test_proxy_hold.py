@@ -9,6 +9,7 @@ from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_hold import ASK_AGAIN, Hold, HoldLimits
 from dockpart.proxy_load import LoadPublisher
 from dockpart.proxy_routes import Routes
+from dockpart.records import LoadReport
 from test_proxy_exchange import OK, NoRedis, Proxy, sent
 
 SEED = ["http://127.0.0.1:3001"]
@@ -29,9 +30,8 @@ class Asks:
 
 def at_zero(proxy: Proxy, limits=HoldLimits(3, 5.0)):
     """An app that scales to zero, routed, with no instance; its list read once more is empty."""
-    zoom = BackendSet(NoRedis(), "dockpart:app:zoom:servers", "local", proxy.reactor)
-    zoom.update([])
-    zoom.reread = lambda: defer.succeed(True)
+    zoom = BackendSet("dockpart:app:zoom:servers", "local", proxy.reactor)
+    zoom.update([])  # in memory no reader reads the list once more: it is empty as given
     asks = Asks()
     zoom.hold = Hold("zoom", proxy.reactor, asks, limits, "test:1")
     zoom.hold.enabled = True
@@ -165,12 +165,13 @@ def test_the_load_report_counts_held_requests_and_each_activations_time():
     publisher = LoadPublisher(zoom, NoRedis(), proxy.reactor, name="p", app="zoom")
     request(proxy, 1)
     request(proxy, 2)
-    report = publisher.report()
+    report = publisher.report().shown()
     assert report["held"] == 2 and report["activations"] == 0
     assert report["activation_seconds"] == [] and report["activation_last"] is None
     proxy.reactor.advance(0.75)
     zoom.update([ZOOM])
-    report = publisher.report()
+    report = LoadReport.decode(publisher.report().encode(), proxy.reactor.seconds()).shown()
     assert report["held"] == 0 and report["activations"] == 1
     assert report["activation_seconds"] == [0.75] and report["activation_last"] == 0.75
-    assert publisher.report()["activation_seconds"] == []  # each once
+    assert report["activation_recent"] == [0.75]
+    assert publisher.report().hold.activation_seconds == ()  # each once

@@ -227,3 +227,15 @@ def test_a_proxy_restart_while_requests_are_held_loses_none(zero):
     assert zero.get("calm.localhost").status_code == 200
     assert "activated in" in old.output() and new.proc.poll() is None
     assert len(zero.running("calm")) == 1
+
+
+def test_two_proxies_holding_requests_at_once_ask_for_one_activation(zero):
+    infra = zero.infra()
+    first, second = zero.proxy(), zero.proxy()  # one port (SO_REUSEPORT): both take requests
+    zero.zero_app("twice", slow("twice", 1), "--target", "100")  # 20 held ask for one
+    answers = burst(zero, "twice.localhost", 20)
+    assert [a for a in answers if a[0] != 200] == []
+    held_by = [hold_status(p.admin, "twice")["activations"] for p in (first, second)]
+    assert sorted(held_by) in ([0, 1], [1, 1])  # the kernel may give one proxy them all
+    assert infra.output().count("activating twice from zero") == 1
+    assert len(zero.running("twice")) == 1

@@ -252,8 +252,8 @@ def main() -> None:
     print(f"back to zero {b['seconds_to_zero']} s after the burst (idle window {args.idle:g} s): "
           f"app RSS {b['peak']['app_rss_kib'] / 1024:.1f} MiB -> "
           f"{b['at_zero']['app_rss_kib'] / 1024:.1f} MiB; infra+proxy "
-          f"{b['peak']['daemons_rss_kib'] / 1024:.1f} -> {b['at_zero']['daemons_rss_kib'] / 1024:.1f}"
-          f" MiB; freed {b['freed_kib'] / 1024:.1f} MiB")
+          f"{b['peak']['daemons_rss_kib'] / 1024:.1f} -> "
+          f"{b['at_zero']['daemons_rss_kib'] / 1024:.1f} MiB; freed {b['freed_kib'] / 1024:.1f} MiB")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.plot:

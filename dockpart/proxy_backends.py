@@ -138,7 +138,8 @@ class BackendSet:
         self._next = 0
         self.known = False  # a list was read at least once
         self._bad: set[str] = set()
-        self.hold: Hold | None = None  # an app's dockpart.proxy_hold.Hold: requests waiting for a first backend
+        # An app's dockpart.proxy_hold.Hold: requests waiting for its first backend.
+        self.hold: Hold | None = None
 
     # The list.
 

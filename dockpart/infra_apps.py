@@ -8,6 +8,8 @@ stops, reconcile, dead letters.  :class:`AppsRunner` looks at the records every
 range (``dockpart:apps:ports``: no two apps share one) or for destroys, until the app has
 ``desired`` instances; with ``autoscale`` on, the seed's autoscaling :class:`Policy` sets
 ``desired`` from the proxies' reports on the app's own list, within the app's min and max.
+While an app rolls over to a new release (:mod:`dockpart.rollover`) that replaces keeping
+its count, and the autoscaler leaves it alone.
 
 Scale to zero: an app autoscaled with ``min`` 0 and ``zero_after`` seconds, on which no
 proxy reported a request (in flight, held or answered) for that long, gets ``desired`` 0.  A
@@ -19,6 +21,14 @@ loses it (the key stays until an instance serves) nor doubles it (spawns are cou
 ``desired``).  When the spawn fails, the key goes, ``desired`` goes back to 0 and
 ``failed NAME SECONDS`` tells the proxies to answer their held requests 503 and to ask again
 only after the backoff.
+
+Scale to zero meets a roll-over: while an app rolls over, the idle rule waits (its window
+starts again when the roll-over ends), so an app is never drained mid roll-over.  A release
+pushed to an app at zero starts one instance of it, health-gated like every roll-over's (a
+release that cannot serve is refused at the push), which the idle rule takes back to zero
+after ``zero_after`` seconds without a request.  Requests held meanwhile go to the new
+release's first instance: an activation during a roll-over raises the count the roll-over
+fills.
 
 A destroyed app is brought to zero, then forgotten.  An app whose record vanished without
 being destroyed (a Redis that lost its data) is written back from what this infra knew, and
@@ -35,30 +45,22 @@ from typing import Any
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.interfaces import ITCPTransport
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from dockpart import apps, keys, records, tier
+from dockpart import apps, keys, records, releases, rollover, tier
 from dockpart.apps import App
+from dockpart.drivers import DriverError, Unavailable
 from dockpart.infra_autoscale import Policy, Settings, observe
 from dockpart.periodic import Every, Outage
-from dockpart.proxy_sync import INCOMPLETE, auth, command, read_reply, redis_connection
+from dockpart.proxy_sync import Subscriber, command, redis_connection
 from dockpart.redisconn import RedisService, RedisUnavailable
-from dockpart.tier import BadInstanceURL, parse_instance_url
+from dockpart.tier import instance_port
 
 #: Default range of the apps' instance ports (below Linux's ephemeral range).
 APP_PORTS = (20000, 29999)
 
 #: Seconds no spawn is asked for after an app's spawn failed, doubling up to the second.
 SPAWN_HOLD = (1.0, 60.0)
-
-
-def _port(url: str) -> int | None:
-    try:
-        return parse_instance_url(url)[1]
-    except BadInstanceURL:
-        return None
 
 
 @dataclass
@@ -71,43 +73,12 @@ class AppTier:
     asked: set[str] = field(default_factory=set)  # spawns asked for, not yet seen serving
     failures: int = 0  # spawns that never served, in a row
     held_until: float = 0.0
+    rolling: rollover.Rolling | None = None
     #: Ports of failed spawns, kept from the next allocations until then (something else
     #: may listen there: the next spawn takes another port).
     quarantine: dict[int, float] = field(default_factory=dict)
     last_busy: float = 0.0  # when a proxy last reported a request for the app
     activating: float | None = None  # when an activation from zero began, until one serves
-
-
-class _ActivationNotices(Protocol):
-    """SUBSCRIBE to keys.APPS_ACTIVATION: an ``activate NAME`` notice makes the runner step now.
-
-    (The same RESP reading as the proxy's notice connections in proxy_sync and proxy_routes.)
-    """
-
-    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
-
-    def connectionMade(self):
-        runner = self.factory.owner
-        self.buffer = b""
-        if runner.redis.address.password:
-            self.transport.write(auth(runner.redis.address))
-        self.transport.write(command(b"SUBSCRIBE", keys.APPS_ACTIVATION.encode()))
-        runner.kick()  # an activation asked while this infra was away waits in Redis
-
-    def dataReceived(self, data):
-        buf, pos = self.buffer + data, 0
-        try:
-            while pos < len(buf):
-                reply, pos = read_reply(buf, pos)
-                if reply is INCOMPLETE:
-                    break
-                if isinstance(reply, list) and len(reply) == 3 and reply[0] == "message" \
-                        and str(reply[2]).startswith("activate "):
-                    self.factory.owner.kick()
-        except ValueError:
-            self.transport.abortConnection()
-            return
-        self.buffer = buf[pos:]
 
 
 def _answered(reports: list[records.LoadReport], app: App) -> bool:
@@ -123,7 +94,7 @@ class AppsRunner(MultiService):
 
     def __init__(self, redis: RedisService, make_driver, make_worker, *, host: str,
                  ports: tuple[int, int] = APP_PORTS, interval: float = 0.5,
-                 autoscale_interval: float = 2.0, clock):
+                 autoscale_interval: float = 2.0, driver_name: str = "", clock):
         super().__init__()
         self.redis = redis
         self.make_driver = make_driver  # App -> driver
@@ -140,7 +111,11 @@ class AppsRunner(MultiService):
         self._stepping: defer.Deferred | None = None
         self._again = False
         Every(interval, clock, self.kick, now=True).setServiceParent(self)
-        redis_connection(self, _ActivationNotices, clock).setServiceParent(self)
+        redis_connection(self, Subscriber, clock).setServiceParent(self)
+        self.rollover = rollover.Rollover(redis, host, ports, clock)
+        # Said once in Redis: a push asks it whether to build an image or check out a tree.
+        self.driver_name = driver_name
+        self._driver_said = not driver_name
 
     def kick(self) -> defer.Deferred:
         """A step now, or one more right after the step under way: never two at once (two
@@ -158,6 +133,20 @@ class AppsRunner(MultiService):
             return result
         return d.addBoth(done)
 
+    def subscriptions(self) -> list[bytes]:
+        """keys.APPS_ACTIVATION: an ``activate NAME`` notice makes the runner step now."""
+        return [command(b"SUBSCRIBE", keys.APPS_ACTIVATION.encode())]
+
+    def notice(self, reply: list) -> None:
+        if str(reply[2]).startswith("activate "):
+            self.kick()
+
+    def notices_connected(self) -> None:
+        self.kick()  # an activation asked while this infra was away waits in Redis
+
+    def notices_lost(self) -> None:
+        pass  # the periodic step still finds a pending activation
+
     async def step(self) -> None:
         try:
             await self._step()
@@ -167,6 +156,9 @@ class AppsRunner(MultiService):
         self._redis.ok()
 
     async def _step(self) -> None:
+        if not self._driver_said:
+            await self.redis.call("SET", keys.APPS_DRIVER, self.driver_name)
+            self._driver_said = True
         live = {app.name: app for app in await apps.read_all(self.redis)}
         gone = {app.name: app for app in await apps.read_all(self.redis, keys.APPS_DESTROYED)}
         for name, known in list(self.tiers.items()):
@@ -188,6 +180,12 @@ class AppsRunner(MultiService):
             one = self._tier(app)
             if not one.worker.leased:
                 continue
+            if getattr(one.driver, "logs", None) is not None:
+                try:
+                    await one.driver.logs.look(self.redis)
+                except (OSError, DriverError, Unavailable) as e:
+                    self.log.warn("apps: reading the logs of {name}: {error}", name=app.name,
+                                  error=e)
             try:
                 empty = await self._converge(one, app, held, reports, app.name in gone,
                                              asked.get(app.name))
@@ -219,7 +217,9 @@ class AppsRunner(MultiService):
                         asked: int | None = None) -> bool:
         """One step towards the app's count; whether nothing of it is left."""
         t = app.tier
+        marks = await rollover.read_marks(self.redis, app.name)  # before the lists
         lists = await tier.snapshot(self.redis, t)
+        await rollover.plan(self.redis, app, one.driver, marks, lists)
         running = await one.driver.instances()
         leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
         listed = set(lists[t.servers])
@@ -238,10 +238,22 @@ class AppsRunner(MultiService):
                 await self._activated(one, app)
             elif asked is not None and self.clock.seconds() >= one.held_until:
                 app = await self._activate(one, app, asked, reports)
-            desired = await self._autoscale(one, app, lists, reports)
-        if len(staying) < desired and self.clock.seconds() >= one.held_until:
+            if app.rollover:  # the roll-over keeps the count; the idle window restarts after
+                one.last_busy = self.clock.seconds()
+                if app.activates and app.zero_after and not app.desired:
+                    app = await self._wake_for_rollover(one, app)
+                desired = app.desired
+            else:
+                desired = await self._autoscale(one, app, lists, reports)
+        if not (app.release or app.command or app.image):
+            desired = 0  # nothing to run yet: it waits for its first push
+        if app.rollover and not destroyed:
+            await self.rollover.step(one, app, lists, marks)
+        elif len(staying) < desired and self.clock.seconds() >= one.held_until:
             urls = await apps.allocate(self.redis, app.name, *self.ports, self.host,
-                                       desired - len(staying))
+                                       desired - len(staying), app.release)
+            for url in urls:  # a port used before runs the live release now
+                one.driver.releases.pop(instance_port(url), None)
             one.asked.update(urls)
             if urls:
                 self.log.info("apps: {name} has {n}, wants {desired}: spawning {urls}",
@@ -257,7 +269,7 @@ class AppsRunner(MultiService):
                     break  # the others still spawn: next time
                 self.log.info("apps: {name} wants {desired}: destroying {url}",
                               name=app.name, desired=desired, url=url)
-        in_lists = {_port(url) for urls in lists.values() for url in urls}
+        in_lists = {instance_port(url) for urls in lists.values() for url in urls}
         now = self.clock.seconds()
         one.quarantine = {p: until for p, until in one.quarantine.items() if until > now}
         unused = ours - in_lists - set(running) - set(one.quarantine)
@@ -284,7 +296,7 @@ class AppsRunner(MultiService):
                 hold = self._hold(one.failures)
                 one.failures += 1
                 one.held_until = self.clock.seconds() + hold
-                port = _port(url)
+                port = instance_port(url)
                 if port is not None:
                     one.quarantine[port] = self.clock.seconds() + SPAWN_HOLD[1]
                 self.log.warn("apps: the spawn of {url} for {name} failed (see the dead "
@@ -313,6 +325,21 @@ class AppsRunner(MultiService):
         await apps.update(self.redis, app.name, desired=desired)
         self.clock.callLater(0, one.worker.take_now)  # once this step queued the spawns
         one.app = app = replace(app, desired=desired)
+        return app
+
+    async def _wake_for_rollover(self, one: AppTier, app: App) -> App:
+        """A release pushed to an app at zero: one instance of it starts, health-gated as in
+        any roll-over (a release that cannot serve is refused at the push, not at the next
+        request), and the idle rule takes the app back to zero after ``zero_after`` seconds
+        without a request."""
+        await apps.update(self.redis, app.name, desired=1)
+        await releases.tell(self.redis, app.name,
+                            f"{app.name} is at zero: one instance of {app.rollover} starts to "
+                            f"show it serves; it scales to zero after {app.zero_after:g} s "
+                            f"without a request")
+        self.log.info("apps: {name} at zero rolls over to {release}: one instance starts",
+                      name=app.name, release=app.rollover)
+        one.app = app = replace(app, desired=1)
         return app
 
     async def _activated(self, one: AppTier, app: App) -> None:

@@ -38,10 +38,11 @@ from dockpart.redisconn import RedisService, RedisUnavailable
 STARTUP_GRACE = 1.0
 #: Seconds between looks at a new instance until it answers.
 HEALTH_POLL = 0.05
+#: Seconds between looks, while a new instance does not answer yet, at whether it exited (a
+#: release that crashes at start is refused at once, not after the whole --spawn-timeout).
+EXIT_LOOK = 0.5
 #: The first wait before a retry while the engine or Redis is away; it doubles up to retry_max.
 RETRY_FIRST = 0.2
-#: Seconds between looks at whether a new instance that does not answer yet has exited.
-EXIT_CHECK = 0.5
 
 # KEYS: the lease; ARGV: this infra's id, milliseconds.  1 if this infra holds it now.
 _HOLD_LEASE = """
@@ -201,7 +202,7 @@ class Worker(MultiService):
     def stopService(self):
         """Stop taking requests; unfinished ones stay in processing for the next start."""
         tasks = [super().stopService(), *self._tasks]  # the loops, a reconcile pass too
-        for task in self._tasks:
+        for task in tasks[1:]:  # a cancelled task leaves self._tasks at once
             task.cancel()
         done = defer.DeferredList(tasks)
         if self._leased:  # the next infra need not wait for the lease to expire
@@ -408,23 +409,20 @@ class Worker(MultiService):
         return probe.answers(reactor, host, port, timeout=self.probe_timeout)
 
     async def _answers_within(self, port: int, host: str, timeout: float) -> bool | str:
-        """True once it answers; False after ``timeout``; "exited" when the driver saw it
-        exit twice in a row (an app that cannot start fails in a second, not the timeout)."""
+        """True once the instance answers; ``"exited"`` when it stopped first; else False."""
         deadline = self.reactor.seconds() + timeout
-        look, exits = self.reactor.seconds() + EXIT_CHECK, 0
+        next_look = self.reactor.seconds() + EXIT_LOOK
         while self.reactor.seconds() < deadline:
             if await defer.ensureDeferred(self.probe(self.reactor, port, host)):
                 return True
-            if self.reactor.seconds() >= look:
-                look = self.reactor.seconds() + EXIT_CHECK
+            if self.reactor.seconds() >= next_look:
+                next_look = self.reactor.seconds() + EXIT_LOOK
                 try:
-                    seen = (await self.driver.instances()).get(port)
-                    gone = seen is not None and seen.status is Status.EXITED
-                except Exception:  # the engine away: no verdict, the time-out still applies
-                    gone = False
-                exits = exits + 1 if gone else 0
-                if exits >= 2:
-                    return "exited"
+                    found = (await self.driver.instances()).get(port)
+                    if found is not None and found.status is Status.EXITED:
+                        return "exited"
+                except Unavailable:
+                    pass  # the engine is away: the deadline decides
             await deferLater(self.reactor, HEALTH_POLL, lambda: None)
         return False
 

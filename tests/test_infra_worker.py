@@ -310,7 +310,7 @@ async def test_a_spawn_that_exited_fails_at_once_not_after_the_spawn_timeout(red
         began = reactor.seconds()
         redis_db.lpush(keys.SPAWN_QUEUE, URL)
         await until(lambda: defer.succeed(redis_db.llen(keys.DEAD_LETTERS) == 1), 10)
-        assert reactor.seconds() - began < 3 * infra_worker.EXIT_CHECK + 1
+        assert reactor.seconds() - began < 2 * infra_worker.EXIT_LOOK + 1
         letter = json.loads(redis_db.lindex(keys.DEAD_LETTERS, 0))
         assert letter["reason"] == "fake instance 4001 exited before it answered HTTP; removed it"
         assert len(s.driver.removed) == 1 and await s.servers() == []

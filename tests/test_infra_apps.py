@@ -159,6 +159,15 @@ async def test_a_record_redis_lost_is_written_back_and_a_destroyed_app_forgotten
     assert redis_db.keys("dockpart:app*") == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_autoscaled_app_with_nothing_to_run_asks_for_no_spawn(redis_db, r):
+    """The autoscaler's floor does not start what cannot run (each spawn would fail)."""
+    apps.create(Scripts(redis_db), apps.App("new"))
+    apps.autoscale(Scripts(redis_db), "new", 1, 4, 2.0, 1)
+    await r.step()
+    assert redis_db.llen(keys.app_tier("new").spawn_queue) == 0
+
+
 def zero_app(redis_db, name: str = "z", zero_after: float = 0.0, desired: int = 0):
     client = Scripts(redis_db)
     apps.create(client, apps.App(name, command="x", desired=desired))

@@ -221,9 +221,9 @@ class AppsOptions(usage.Options):
 
 def _scale_text(app: apps.App) -> str:
     if app.autoscale:
-        return (f"autoscaled {app.min}-{app.max} at {app.target:g} in flight each "
-                + (f", to zero after {app.zero_after:g} s idle " if app.zero_after else "")
-                + f"(now {app.desired})")
+        return (f"autoscaled {app.min}-{app.max} at {app.target:g} in flight each"
+                + (f", to zero after {app.zero_after:g} s idle" if app.zero_after else "")
+                + f" (now {app.desired})")
     return f"{app.desired} instance{'s' if app.desired != 1 else ''}"
 
 

@@ -135,4 +135,5 @@ def test_autoscale_to_zero_is_written_shown_and_needs_min_0(redis_db, redis_serv
     info = json.loads(dockpart(redis_server, capsys, "info", "nap", "--json")[1])
     assert info["autoscale"] == {"min": 0, "max": 3, "target": 4.0, "scale_to_zero_after": 30.0}
     assert info["desired"] == 1  # running instances stay until the idle window passes
-    assert "to zero after 30 s idle" in dockpart(redis_server, capsys, "info", "nap")[1]
+    assert "scale     autoscaled 0-3 at 4 in flight each, to zero after 30 s idle (now 1)\n" \
+        in dockpart(redis_server, capsys, "info", "nap")[1]

@@ -83,8 +83,8 @@ class Bench:
         self.base = f"http://127.0.0.1:{port}/"
         run = (["--image", args.image] if args.driver != "process"
                else ["--command", f"{sys.executable} {HELLO} zero"])
-        assert dockpart(["apps", "create", "zero", *run, "--scale", "0",
-                         "--redis", self.redis.url]) == 0
+        assert dockpart(["apps", "create", "zero", *run, "--scale", "0", "--redis",
+                         self.redis.url, "--apps-dir", str(self.state / "repos")]) == 0
         assert dockpart(["apps", "autoscale", "zero", "--min", "0", "--max", str(args.max),
                          "--target", str(args.target), "--scale-to-zero-after", str(args.idle),
                          "--redis", self.redis.url]) == 0

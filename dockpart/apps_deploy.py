@@ -46,7 +46,12 @@ ROLLOVER_TIMEOUT = 600.0
 #: What a failure says the app keeps.
 FAILED = "PUSH FAILED, app {name} keeps serving its current release"
 class StillRolling(DeployError):
-    """The wait ended before infra's roll-over did; the release stays (infra goes on)."""
+    """The wait ended before infra's roll-over did; the release stays (infra goes on, to the
+    release or back on the live one: the pusher is told so, not that the push failed)."""
+
+    def __init__(self, app: str, release: str, why: str):
+        super().__init__(f"{why}; dockpart-infra goes on with it (dockpart apps info {app})")
+        self.headline = f"PUSH UNFINISHED, app {app} is still rolling over to {release}"
 
 
 #: Errors whose message is the whole story for the pusher.
@@ -229,9 +234,8 @@ def roll(client, app: apps.App, release: Release, say, timeout: float = ROLLOVER
         except DeployError:
             raise
         except Exception as e:
-            raise StillRolling(f"lost sight of the roll-over to {release.id} ({e}); "
-                               f"dockpart-infra goes on with it (dockpart apps info "
-                               f"{app.name})") from e
+            raise StillRolling(app.name, release.id, f"lost sight of the roll-over to "
+                                                     f"{release.id} ({e})") from e
 
 
 def _relay(client, app: apps.App, release: Release, say, timeout: float, interrupted) -> None:
@@ -257,8 +261,8 @@ def _relay(client, app: apps.App, release: Release, say, timeout: float, interru
             return
         else:
             raise DeployError(item.get("reason") or "the roll-over failed")
-    raise StillRolling(f"dockpart-infra did not finish the roll-over to {release.id} within "
-                      f"{timeout:g} s; it goes on (dockpart apps info {app.name})")
+    raise StillRolling(app.name, release.id, f"dockpart-infra did not finish the roll-over to "
+                                             f"{release.id} within {timeout:g} s")
 
 
 @contextmanager

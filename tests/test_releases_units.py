@@ -188,3 +188,26 @@ def test_a_wait_that_breaks_once_infra_rolls_over_keeps_the_release(redis_db, tm
     assert said == ["-----> rolling shop over to v1 (python3 app.py)"]
     assert redis_db.hget(keys.app_record("shop"), "rollover") == "v1"
     assert [r.env for r in releases.read(Scripts(redis_db), "shop")] == [{"A": "1"}]
+
+
+def test_a_push_that_loses_sight_of_its_rollover_says_it_goes_on_not_that_it_failed(
+        redis_db, tmp_path):
+    """The pusher's last line: the app may end on either release, so not 'PUSH FAILED, ...
+    keeps serving its current release'."""
+    from dockpart import apps, keys
+    from dockpart.deploy.front import Scripts
+    from dockpart.deploy.hook import run_logged
+    apps.create(Scripts(redis_db), apps.App("shop", command="python3 app.py"))
+    redis_db.set(keys.app_tier("shop").lease, "infra")
+    app = apps.read_one(Scripts(redis_db), "shop")
+    said = []
+    log = tmp_path / "push.log"
+    status = run_logged(log, "push to app shop", apps_deploy.FAILED.format(name="shop"),
+                        lambda tell: apps_deploy.roll(LosesSight(redis_db), app,
+                                                      Release("v1", command="python3 app.py"),
+                                                      tell),
+                        said.append, expected=apps_deploy.EXPECTED)
+    assert status == 1
+    assert said[-1] == ("PUSH UNFINISHED, app shop is still rolling over to v1: lost sight of "
+                        "the roll-over to v1 (Error 111 connecting to 127.0.0.1:6379); "
+                        f"dockpart-infra goes on with it (dockpart apps info shop) (log: {log})")

@@ -42,8 +42,9 @@ def run_hook(deploy_dir: DeployDir, slice_name: str, lines, say=print) -> int:
 def run_logged(path: Path, title: str, failed: str, work, say=print,
                expected=(DeployError,)) -> int:
     """Run ``work(tell)``: each line told goes to the pusher and to the log at ``path``; a
-    failure is one line for the pusher (``failed: reason (log: path)``), the details (a
-    traceback) for the log only.  The exit status: ``work``'s, or 1."""
+    failure is one line for the pusher (``failed: reason (log: path)``, or the error's own
+    ``headline`` for ``failed``), the details (a traceback) for the log only.  The exit
+    status: ``work``'s, or 1."""
     try:
         path.parent.mkdir(exist_ok=True)
         log = open(path, "a")
@@ -74,6 +75,7 @@ def run_logged(path: Path, title: str, failed: str, work, say=print,
             return work(tell)
         except expected as e:
             reason, details = str(e), ""
+            failed = getattr(e, "headline", failed)  # an outcome still open says so
         except Exception as e:
             reason, details = f"unexpected error: {type(e).__name__}: {e}", traceback.format_exc()
         if log is not None:

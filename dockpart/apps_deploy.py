@@ -153,6 +153,7 @@ def _push(apps_dir: AppsDir, name: str, lines, address, timeout: float, say) -> 
                                   f"driver in {keys.APPS_DRIVER})")
             live = _live(redis, app)
             release_id = releases.next_id(redis, name)
+            # What a failure forgets until the release is made: its directory.
             release = Release(release_id, dir=str(apps_dir.release_dir(name, release_id)))
             try:
                 release = _make(apps_dir, name, release_id, commit, driver, live, say)

@@ -50,16 +50,18 @@ def run_logged(path: Path, title: str, failed: str, work, say=print,
         log = open(path, "a")
     except OSError:  # no deploy directory: loading its configuration says so
         log, path = None, None  # type: ignore[assignment]  # no log file to name
-    pusher = [say]
+    pusher_left = False
 
     def reach(line: str) -> None:
         """Say ``line`` to the pusher while they are there: one who left (Ctrl-C, a dropped
         connection: git's pipe is closed) is not told the rest, and the work goes on."""
-        for to_pusher in pusher:
-            try:
-                to_pusher(line)
-            except OSError:
-                pusher.clear()
+        nonlocal pusher_left
+        if pusher_left:
+            return
+        try:
+            say(line)
+        except OSError:
+            pusher_left = True
 
     with log or contextlib.nullcontext():
 

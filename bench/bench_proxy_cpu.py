@@ -32,6 +32,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,10 +45,10 @@ from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` (every thread), in seconds."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime of process ``pid`` (every thread), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # fields 14 and 15 of proc(5)
+    return int(fields[11]) / TICK, int(fields[12]) / TICK  # fields 14 and 15 of proc(5)
 
 
 def wrk(url: str, duration: int, connections: int) -> tuple[int, float, str]:
@@ -61,7 +62,7 @@ def wrk(url: str, duration: int, connections: int) -> tuple[int, float, str]:
 
 
 def proxy(label: str, port: int, redis_url: str, stack: list, profile: Path | None,
-          venv: Path | None = None, tree: Path | None = None) -> Daemon:
+          callgrind: Path | None, venv: Path | None = None, tree: Path | None = None) -> Daemon:
     """One single-process dockpart-proxy of the checkout ``venv`` or ``tree`` (else ours)."""
     twistd, cwd, env = None, None, None
     if venv is not None:  # twistd puts its working directory first on sys.path
@@ -74,9 +75,39 @@ def proxy(label: str, port: int, redis_url: str, stack: list, profile: Path | No
     if profile is not None:  # twistd's own options go before the plugin's name
         daemon.argv[1:1] = [f"--profile={profile / label}.prof", "--profiler=cprofile",
                             "--savestats"]
-    daemon.start()
+    if callgrind is not None:  # counted only between callgrind_control -i on and -d
+        daemon.argv[0:0] = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                            f"--callgrind-out-file={callgrind / label}.%p"]
+    daemon.start(timeout=180 if callgrind is not None else 20)
     stack.append(daemon.stop)
     return daemon
+
+
+def instructions(pid: int, out: Path, url: str | None, duration: int) -> tuple[int, int, float]:
+    """Instructions the proxy ``pid`` (under callgrind) ran during one ``wrk -c1`` run on
+    ``url`` (or, with no url, as long doing nothing), the requests it answered and the seconds
+    counted.  One connection: each request is one turn of each socket, so the count does not
+    depend on how the machine's load batched them."""
+    def control(*what: str) -> None:
+        subprocess.run(["callgrind_control", *what, str(pid)], check=True,
+                       capture_output=True, timeout=120)
+
+    control("--instr=on")
+    control("--zero")
+    start = time.monotonic()
+    if url is None:
+        time.sleep(duration)
+        done = 0
+    else:
+        done, _, _ = wrk(url, duration, 1)
+    before = set(out.parent.glob(out.name + ".*"))
+    control("--dump")
+    seconds = time.monotonic() - start
+    dump = max(set(out.parent.glob(out.name + ".*")) - before, key=lambda p: p.stat().st_mtime)
+    total = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
+    dump.unlink()
+    assert total is not None, f"no total in {dump}"
+    return int(total.group(1)), done, seconds
 
 
 def main() -> None:
@@ -89,6 +120,8 @@ def main() -> None:
     parser.add_argument("--compare-tree", action="append", default=[], type=Path,
                         help="a source tree run by our virtualenv (repeatable)")
     parser.add_argument("--profile", type=Path, help="write each proxy's cProfile stats here")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per request under callgrind (-c1), not CPU time")
     args = parser.parse_args()
     targets: dict[str, dict] = {"ours": {}}
     for venv in args.compare_venv:
@@ -114,43 +147,61 @@ def main() -> None:
         redis.client().rpush("servers", *[f"http://127.0.0.1:{p}" for p in backends])
         for p in backends:
             wait_for(lambda: port_open(p), what=f"backend on {p}")
+        callgrind = Path(tempfile.mkdtemp(prefix="dockpart-bench-callgrind-")) \
+            if args.instructions else None
         procs = {}
         for label, where in targets.items():
             port = free_port()
-            procs[label] = (port, proxy(label, port, redis.url, stack, args.profile, **where))
+            procs[label] = (port, proxy(label, port, redis.url, stack, args.profile, callgrind,
+                                        **where))
+        connections = 1 if callgrind is not None else args.connections
         for port, _ in procs.values():
-            wrk(f"http://127.0.0.1:{port}/", 1, args.connections)  # warm up pools and caches
-        idle = {}
-        for label, (_, daemon) in procs.items():  # what the proxy spends with no request
-            start = cpu_seconds(daemon.proc.pid)
-            time.sleep(2)
-            idle[label] = (cpu_seconds(daemon.proc.pid) - start) / 2
-        print(f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} rounds taking "
-              f"turns; backends: 3 nginx return 200 servers (one nginx worker); "
-              f"dockpart-proxy --workers 1; {len(os.sched_getaffinity(0))} cores shared with wrk "
-              f"and the backends; load average before: {os.getloadavg()[0]:.1f}")
+            wrk(f"http://127.0.0.1:{port}/", 1, connections)  # warm up pools and caches
+        print(f"wrk -t1 -c{connections} -d{args.duration}s, {args.rounds} rounds taking turns; "
+              f"backends: 3 nginx return 200 servers (one nginx worker); dockpart-proxy "
+              f"--workers 1{' under callgrind' if callgrind else ''}; "
+              f"{len(os.sched_getaffinity(0))} cores shared with wrk and the backends; "
+              f"load average before: {os.getloadavg()[0]:.1f}")
+        idle = {}  # instructions per second of a proxy with no request (timers, Redis)
+        for label, (port, daemon) in procs.items() if callgrind is not None else ():
+            count, _, seconds = instructions(daemon.proc.pid, callgrind / label, None,
+                                             args.duration)
+            idle[label] = count / seconds
+            print(f"{label}: {count / seconds / 1e6:.1f} million instructions/s idle")
+        # label -> per round: (figure per request, req/s)
         runs: dict[str, list[tuple[float, float]]] = {label: [] for label in procs}
+        user: dict[str, list[float]] = {label: [] for label in procs}
         errors: dict[str, set[str]] = {label: set() for label in procs}
         for i in range(args.rounds):
             for label, (port, daemon) in list(procs.items())[::1 if i % 2 == 0 else -1]:
+                url = f"http://127.0.0.1:{port}/"
+                if callgrind is not None:  # less what the same time costs with no request
+                    count, done, seconds = instructions(daemon.proc.pid, callgrind / label,
+                                                        url, args.duration)
+                    count -= idle[label] * seconds
+                    runs[label].append((count / done / 1000 if done else float("nan"),
+                                        done / seconds))
+                    continue
                 before = cpu_seconds(daemon.proc.pid)
-                done, rps, error = wrk(f"http://127.0.0.1:{port}/", args.duration,
-                                       args.connections)
-                used = cpu_seconds(daemon.proc.pid) - before
-                runs[label].append((used / done * 1e6 if done else float("nan"), rps))
+                done, rps, error = wrk(url, args.duration, connections)
+                used = [b - a for a, b in zip(before, cpu_seconds(daemon.proc.pid))]
+                runs[label].append((sum(used) / done * 1e6 if done else float("nan"), rps))
+                user[label].append(used[0] / done * 1e6 if done else float("nan"))
                 if error:
                     errors[label].add(error)
-        print(f"\n{'':24} {'CPU us/req':>10} {'range':>13} {'req/s':>7}  {'idle CPU':>8}  "
-              f"{'CPU x':>6} {'rounds':>13} {'req/s x':>7}  errors")
+        figure = "kinstr/req" if callgrind is not None else "CPU us/req"
+        print(f"\n{'':24} {figure:>10} {'range':>13} {'user us':>7} {'req/s':>7}  "
+              f"{'x ours':>6} {'rounds':>13} {'req/s x':>7}  errors")
         first = runs["ours"]
         for label, rs in runs.items():
-            cpu_ratio = [a[0] / b[0] for a, b in zip(rs, first)]
+            ratio = [a[0] / b[0] for a, b in zip(rs, first)]
             rps_ratio = [a[1] / b[1] for a, b in zip(rs, first) if b[1]]
             print(f"{label:24} {statistics.median(r[0] for r in rs):10.1f} "
                   f"{min(r[0] for r in rs):6.1f}-{max(r[0] for r in rs):6.1f} "
-                  f"{statistics.median(r[1] for r in rs):7.0f}  {idle[label] * 1000:5.1f}ms/s  "
-                  f"{statistics.median(cpu_ratio):6.3f} {min(cpu_ratio):6.3f}-"
-                  f"{max(cpu_ratio):6.3f} {statistics.median(rps_ratio):7.3f}  "
+                  f"{statistics.median(user[label]) if user[label] else float('nan'):7.1f} "
+                  f"{statistics.median(r[1] for r in rs):7.0f}  "
+                  f"{statistics.median(ratio):6.3f} {min(ratio):6.3f}-{max(ratio):6.3f} "
+                  f"{statistics.median(rps_ratio):7.3f}  "
                   f"{'; '.join(sorted(errors[label])) or 'none'}")
         print(f"load average after: {os.getloadavg()[0]:.1f}; 'CPU x' and 'req/s x' are "
               f"medians of each round's ratio to ours")

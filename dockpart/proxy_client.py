@@ -11,7 +11,6 @@ does with the bytes it reads is explicit (:class:`Mode`, moved by
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 
 import httptools
@@ -21,7 +20,8 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dockpart.proxy_exchange import Exchange, Reading, Reply, Throttle, direct_writer, no_delay
+from dockpart.proxy_exchange import (Exchange, Reading, Reply, State, Throttle, direct_writer,
+                                     no_delay)
 from dockpart.proxy_framing import REASONS, Refused, request_head
 
 
@@ -29,7 +29,7 @@ class _Refused(Exception):
     """Raised in a parser callback to stop it on a refused request (see ``refuse``)."""
 
 
-class Mode(enum.Enum):
+class Mode(State):
     """What a client connection does with the bytes it reads; :meth:`ClientConnection.transition`
     moves it.  (Whether a request head is half read is the parser's: ``parsing``.)"""
 

@@ -203,7 +203,18 @@ class Pipe:
         client.resume_reading("peer")
 
 
-class Reply(enum.Enum):
+class State(enum.Enum):
+    """An enum of states whose members hash by identity, as they compare.
+
+    Each move of a connection or an answer looks its tables of allowed moves up, several
+    times per request; ``enum.Enum``'s own ``__hash__`` is a Python call each time (twelve
+    per proxied request), ``object.__hash__`` is not.
+    """
+
+    __hash__ = object.__hash__
+
+
+class Reply(State):
     """How far the answer to an exchange has gone; :meth:`Exchange.reply_moves` moves it."""
 
     AWAITED = "awaited"      # nothing written to the client yet: it may still be retried

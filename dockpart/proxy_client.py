@@ -219,7 +219,9 @@ class ClientConnection(Reading, protocol.Protocol):
 
     def on_message_complete(self):
         exchange = self.queue[-1] if self.queue else self.current
-        if exchange is None:
+        if exchange is None or exchange.request_done:
+            # A request without a body was done with its head: its answer is awaited since
+            # it was sent (BackendConnection.send), nothing is left to do.
             return
         exchange.request_done = True
         conn = exchange.conn
@@ -306,7 +308,7 @@ class ClientConnection(Reading, protocol.Protocol):
         """The backend's response head is about to be written: its body may stream."""
         exchange.reply_moves(Reply.STREAMING)
         conn = exchange.conn
-        if exchange.backend is not None and conn is not None and not exchange.head_only:
+        if exchange.slot is not None and conn is not None and not exchange.head_only:
             assert conn.pipe is not None  # made when the exchange was lent to it
             conn.pipe.response_flows()
         stats = self.factory.stats

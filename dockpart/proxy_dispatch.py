@@ -243,10 +243,11 @@ class ProxyFactory(protocol.Factory):
             else:
                 client.fail_exchange(exchange, 503, "no backend is known yet\n")
             return
-        exchange.try_on(backend, self.clock.seconds())
+        now = self.clock.seconds()
+        exchange.try_on(backend, now)
         idle = backend.idle
         if idle:
-            too_old = self.clock.seconds() - POOL_IDLE_TIME
+            too_old = now - POOL_IDLE_TIME
             while idle:
                 conn = idle.pop()
                 if conn.idle_since < too_old:

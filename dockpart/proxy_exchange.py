@@ -231,10 +231,11 @@ class Exchange:
     """One request and its response, from the first attempt to the last byte.
 
     Stored: what the request is and how far it has gone; what can be derived from that
-    (``head_only``, ``backend``, ``responded``) is a property.
+    (``backend``, ``responded``) is a property, except ``head_only``, fixed by the method and
+    read several times on every answer, so kept once.
     """
 
-    __slots__ = ("client", "method", "head", "version", "upgrade", "chunked_in",
+    __slots__ = ("client", "method", "head_only", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
                  "started", "host", "reread", "early", "suspected_at", "resent", "client_slow",
@@ -244,6 +245,7 @@ class Exchange:
                  chunked_in, has_body, host):
         self.client = client
         self.method = method
+        self.head_only = method == b"HEAD"  # the answer is a head alone
         self.head = head  # request line and headers to send, without the final CRLF
         self.version = version
         self.upgrade = upgrade
@@ -269,11 +271,6 @@ class Exchange:
         self.body_bytes = 0
         # The BackendSet its Host routes to (dockpart.proxy_routes), set when it starts.
         self.backends: BackendSet = None  # type: ignore[assignment]
-
-    @property
-    def head_only(self) -> bool:
-        """The answer is a head alone (a response to HEAD)."""
-        return self.method == b"HEAD"
 
     @property
     def target(self) -> bytes:

@@ -248,8 +248,7 @@ class BackendConnection(Reading, protocol.Protocol):
             append(b"Transfer-Encoding: chunked")
         else:
             exchange.close_after = True
-        backend.timed(now - exchange.started)
-        backend.heard(now)
+        backend.timed(now - exchange.started, now)
         client.deadline = now + self.proxy.limits.backend_timeout
         exchange.status = status
         if status == 101:

@@ -233,7 +233,7 @@ class ClientConnection(Reading, protocol.Protocol):
             else:
                 exchange.pending.append(b"0\r\n\r\n")
         if conn is not None and not exchange.responded:
-            self.deadline = self.clock.seconds() + self.factory.answer_wait(exchange)
+            self.deadline = self.clock.seconds() + self.factory.tries.first_wait()
 
     # Answers of the proxy itself.
 

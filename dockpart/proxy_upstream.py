@@ -127,7 +127,7 @@ class BackendConnection(Reading, protocol.Protocol):
         # until then the body must keep coming (see on_body).
         limits = self.proxy.limits
         client.deadline = exchange.started + (
-            self.proxy.answer_wait(exchange) if exchange.request_done else limits.idle_timeout)
+            self.proxy.tries.first_wait() if exchange.request_done else limits.idle_timeout)
 
     # Receiving.
 

@@ -83,11 +83,12 @@ def proxy(label: str, port: int, redis_url: str, stack: list, profile: Path | No
     return daemon
 
 
-def instructions(pid: int, out: Path, url: str | None, duration: int) -> tuple[int, int, float]:
-    """Instructions the proxy ``pid`` (under callgrind) ran during one ``wrk -c1`` run on
-    ``url`` (or, with no url, as long doing nothing), the requests it answered and the seconds
-    counted.  One connection: each request is one turn of each socket, so the count does not
-    depend on how the machine's load batched them."""
+def instructions(pid: int, out: Path, url: str | None, duration: int, connections: int
+                 ) -> tuple[int, int, float]:
+    """Instructions the proxy ``pid`` (under callgrind) ran during one ``wrk`` run on ``url``
+    (or, with no url, as long doing nothing), the requests it answered and the seconds
+    counted.  With one connection each request is one turn of each socket, so the count does
+    not depend on how the machine's load batched them; with more it does, a little."""
     def control(*what: str) -> None:
         subprocess.run(["callgrind_control", *what, str(pid)], check=True,
                        capture_output=True, timeout=120)
@@ -99,7 +100,7 @@ def instructions(pid: int, out: Path, url: str | None, duration: int) -> tuple[i
         time.sleep(duration)
         done = 0
     else:
-        done, _, _ = wrk(url, duration, 1)
+        done, _, _ = wrk(url, duration, connections)
     before = set(out.parent.glob(out.name + ".*"))
     control("--dump")
     seconds = time.monotonic() - start
@@ -114,7 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=5, help="seconds of each wrk run")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--connections", type=int,
+                        help="wrk's connections (50; 1 with --instructions)")
     parser.add_argument("--compare-venv", action="append", default=[], type=Path,
                         help="another checkout's virtualenv (repeatable)")
     parser.add_argument("--compare-tree", action="append", default=[], type=Path,
@@ -154,7 +156,7 @@ def main() -> None:
             port = free_port()
             procs[label] = (port, proxy(label, port, redis.url, stack, args.profile, callgrind,
                                         **where))
-        connections = 1 if callgrind is not None else args.connections
+        connections = args.connections or (1 if callgrind is not None else 50)
         for port, _ in procs.values():
             wrk(f"http://127.0.0.1:{port}/", 1, connections)  # warm up pools and caches
         print(f"wrk -t1 -c{connections} -d{args.duration}s, {args.rounds} rounds taking turns; "
@@ -165,7 +167,7 @@ def main() -> None:
         idle = {}  # instructions per second of a proxy with no request (timers, Redis)
         for label, (port, daemon) in procs.items() if callgrind is not None else ():
             count, _, seconds = instructions(daemon.proc.pid, callgrind / label, None,
-                                             args.duration)
+                                             args.duration, 0)
             idle[label] = count / seconds
             print(f"{label}: {count / seconds / 1e6:.1f} million instructions/s idle")
         # label -> per round: (figure per request, req/s)
@@ -177,7 +179,7 @@ def main() -> None:
                 url = f"http://127.0.0.1:{port}/"
                 if callgrind is not None:  # less what the same time costs with no request
                     count, done, seconds = instructions(daemon.proc.pid, callgrind / label,
-                                                        url, args.duration)
+                                                        url, args.duration, connections)
                     count -= idle[label] * seconds
                     runs[label].append((count / done / 1000 if done else float("nan"),
                                         done / seconds))

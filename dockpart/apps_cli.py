@@ -100,6 +100,10 @@ class AutoscaleOptions(_AppOptions):
         ["min", None, 1, "Fewest instances.", int],
         ["max", None, apps.DEFAULT_MAX, "Most instances.", int],
         ["target", None, apps.DEFAULT_TARGET, "Requests in flight per instance.", float],
+        ["scale-to-zero-after", None, 0.0, "With --min 0: seconds without a request in flight "
+                                           "or held before the app goes to zero instances (its "
+                                           "next request is held while one starts); 0: never.",
+         float],
     ]
 
 
@@ -217,8 +221,9 @@ class AppsOptions(usage.Options):
 
 def _scale_text(app: apps.App) -> str:
     if app.autoscale:
-        return (f"autoscaled {app.min}-{app.max} at {app.target:g} in flight each "
-                f"(now {app.desired})")
+        return (f"autoscaled {app.min}-{app.max} at {app.target:g} in flight each"
+                + (f", to zero after {app.zero_after:g} s idle" if app.zero_after else "")
+                + f" (now {app.desired})")
     return f"{app.desired} instance{'s' if app.desired != 1 else ''}"
 
 
@@ -299,10 +304,12 @@ def run(options: AppsOptions, say) -> int:
                     f"{'s' if sub['count'] != 1 else ''} asked for")
             elif command == "autoscale":
                 app = apps.read_one(redis, sub["name"])
+                zero = sub["scale-to-zero-after"]
                 apps.autoscale(redis, app.name, sub["min"], sub["max"], sub["target"],
-                               app.desired)
+                               app.desired, zero)
                 say(f"app {app.name}: autoscaled between {sub['min']} and {sub['max']} "
-                    f"instances at {sub['target']:g} requests in flight each")
+                    f"instances at {sub['target']:g} requests in flight each"
+                    + (f"; to zero after {zero:g} s without a request" if zero else ""))
             elif command == "list":
                 found = apps.read_all(redis)
                 if sub["json"]:

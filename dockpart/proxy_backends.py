@@ -12,11 +12,15 @@ backends whether they answer is :mod:`dockpart.proxy_health`'s.
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
 from dockpart import load
 from dockpart.tier import BadInstanceURL, parse_instance_url
+
+if TYPE_CHECKING:
+    from dockpart.proxy_hold import Hold
 
 #: Idle pooled connections kept per backend; more are closed when they come back.
 MAX_IDLE = 256
@@ -137,6 +141,8 @@ class BackendSet:
         self._next = 0
         self.known = False  # a list was read at least once
         self._bad: set[str] = set()
+        # An app's dockpart.proxy_hold.Hold: requests waiting for its first backend.
+        self.hold: Hold | None = None
 
     # The list.
 
@@ -169,6 +175,8 @@ class BackendSet:
                           urls=" ".join(b.url for b in ring) or "(none)")
         self.ring = ring
         self.known = True
+        if ring and self.hold is not None:
+            self.hold.ready()
 
     # Choosing.
 

@@ -421,6 +421,8 @@ class ClientConnection(Reading, protocol.Protocol):
         self.transition(Mode.CLOSED)
         self.factory.clients.discard(self)
         exchange, self.current = self.current, None
+        if exchange is not None and exchange.held is not None:
+            exchange.held.discard(exchange)  # a held request whose client left is dropped
         if exchange is not None:
             self.factory.per_client.release(exchange)
         if exchange is not None and exchange.conn is not None and not exchange.response_done:

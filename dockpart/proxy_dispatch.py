@@ -235,9 +235,14 @@ class ProxyFactory(protocol.Factory):
                 assert reader is not None
                 reader.reread().addBoth(lambda _: self._picked(backends.pick(), exchange))
             elif backends is not self.backends:
-                # An app with no instance: it may be starting (or at zero: held, one day).
+                # An app with no instance: held while one starts when it scales to zero
+                # (dockpart.proxy_hold), else it may be starting: try again in a moment.
+                hold = backends.hold
+                if hold is not None and hold.hold(exchange, self.start):
+                    return
                 client.fail_exchange(exchange, 503, "the app has no instance running\n",
-                                     extra=b"Retry-After: %d\r\n" % APP_RETRY_AFTER)
+                                     extra=b"Retry-After: %d\r\n" % (
+                                         hold.retry_after() if hold else APP_RETRY_AFTER))
             elif backends.known:
                 client.fail_exchange(exchange, 503, "no backend is available\n")
             else:

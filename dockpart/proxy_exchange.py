@@ -239,7 +239,7 @@ class Exchange:
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
                  "started", "host", "reread", "early", "suspected_at", "resent", "client_slow",
-                 "body_from", "body_bytes", "backends")
+                 "body_from", "body_bytes", "backends", "held")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
                  chunked_in, has_body, host):
@@ -271,6 +271,7 @@ class Exchange:
         self.body_bytes = 0
         # The BackendSet its Host routes to (dockpart.proxy_routes), set when it starts.
         self.backends: BackendSet = None  # type: ignore[assignment]
+        self.held = None  # the dockpart.proxy_hold.Hold it waits in for an app's first instance
 
     @property
     def target(self) -> bytes:

@@ -222,3 +222,30 @@ def test_a_second_push_to_the_same_app_waits_for_the_first_with_a_message(tier, 
     text = output.read_text()
     assert "the previous push to app queue is done; going on" in text
     assert "queue serves v1" in text
+
+
+def test_a_push_to_an_app_at_zero_runs_one_instance_of_it_which_idles_back(tier, tmp_path):
+    """A release pushed to an app scaled to zero is proven on one instance (a release that
+    cannot serve is refused at the push, not at the next request), and the app goes back to
+    zero after its idle window; a request then starts the live release."""
+    redis, infra, proxy, state = tier
+    remote = create(redis, tmp_path, "nap", "--scale", "0")
+    assert dockpart_apps(redis.url, "autoscale", "nap", "--min", "0", "--max", "2",
+                         "--scale-to-zero-after", "2") == 0
+    pushed = push(source(tmp_path, "v1"), remote)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "nap is at zero: one instance of v1 starts" in pushed.stderr
+    assert "nap serves v1 on 1 instance(s)" in pushed.stderr
+
+    def at_zero():
+        return serving(redis, "nap") == [] and managed(state / "apps" / "nap") == {}
+    wait_for(at_zero, 30, what="back to zero after the push")
+    assert get(proxy, "nap.localhost").text.startswith("v1 on port")  # held, then answered
+    wait_for(at_zero, 30, what="back to zero after the request")
+
+    pushed = push(source(tmp_path, "v2", "web: exit 3\n"), remote)
+    assert pushed.returncode != 0
+    assert "exited before it answered HTTP" in pushed.stderr
+    assert redis.client().hget(keys.app_record("nap"), "release") == "v1"
+    wait_for(at_zero, 30, what="back to zero after the refused push")
+    assert get(proxy, "nap.localhost").text.startswith("v1 on port")

@@ -121,3 +121,19 @@ def test_a_record_that_does_not_parse_keeps_defaults():
     app = apps.App.decode("x", ["desired", "many", "max", "-3", "target", "2.5", "domains", "a b"])
     assert (app.desired, app.max, app.target, app.domains) == (1, apps.DEFAULT_MAX, 2.5,
                                                                ("a", "b"))
+
+
+def test_autoscale_to_zero_is_written_shown_and_needs_min_0(redis_db, redis_server, capsys):
+    dockpart(redis_server, capsys, "create", "nap", "--command", "true")
+    code, _, err = dockpart(redis_server, capsys, "autoscale", "nap", "--min", "1",
+                            "--scale-to-zero-after", "30")
+    assert code == 1 and "--scale-to-zero-after needs --min 0" in err
+    assert redis_db.hget(keys.app_record("nap"), "autoscale") == "0"  # nothing changed
+    code, out, _ = dockpart(redis_server, capsys, "autoscale", "nap", "--min", "0", "--max", "3",
+                            "--scale-to-zero-after", "30")
+    assert code == 0 and "to zero after 30 s without a request" in out
+    info = json.loads(dockpart(redis_server, capsys, "info", "nap", "--json")[1])
+    assert info["autoscale"] == {"min": 0, "max": 3, "target": 4.0, "scale_to_zero_after": 30.0}
+    assert info["desired"] == 1  # running instances stay until the idle window passes
+    assert "scale     autoscaled 0-3 at 4 in flight each, to zero after 30 s idle (now 1)\n" \
+        in dockpart(redis_server, capsys, "info", "nap")[1]

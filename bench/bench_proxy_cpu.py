@@ -17,12 +17,18 @@ virtualenv with ``PYTHONPATH=DIR``: how to bisect without one virtualenv per com
 
     python bench/bench_proxy_cpu.py [--duration 5] [--rounds 6] [--connections 50]
                                     [--compare-venv ../before/.venv]... [--compare-tree DIR]...
-                                    [--profile DIR]
+                                    [--profile DIR | --instructions]
+
+``--instructions`` runs every proxy under valgrind's callgrind and counts, instead of CPU time,
+the instructions it runs per request (``callgrind_control`` zeroes and dumps the counters around
+each wrk run; less what as many seconds cost with no request, measured once per target).  With
+one connection, its default there, the figure barely moves with the machine's load (rounds
+agree within about 1 %), where CPU time per run spreads by ±15 %: the figure to bisect with.
 
 ``--profile DIR`` runs every proxy under twistd's cProfile and writes ``DIR/LABEL.prof`` when
 it stops (read with ``python -m pstats``); figures measured so are for the profile only.
 
-Needs redis-server, nginx and wrk (Debian packages).  Everything listens on 127.0.0.1 and stops
+Needs redis-server, nginx and wrk (Debian packages); valgrind for ``--instructions``.  Everything listens on 127.0.0.1 and stops
 at the end.
 """
 

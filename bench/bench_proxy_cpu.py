@@ -211,7 +211,7 @@ def main() -> None:
                   f"{statistics.median(ratio):6.3f} {min(ratio):6.3f}-{max(ratio):6.3f} "
                   f"{statistics.median(rps_ratio):7.3f}  "
                   f"{'; '.join(sorted(errors[label])) or 'none'}")
-        print(f"load average after: {os.getloadavg()[0]:.1f}; 'CPU x' and 'req/s x' are "
+        print(f"load average after: {os.getloadavg()[0]:.1f}; 'x ours' and 'req/s x' are "
               f"medians of each round's ratio to ours")
     finally:
         stop_all(stack)

@@ -74,8 +74,11 @@ class Backend:
         """An attempt on this backend failed (no answer, a broken one, a cut body)."""
         self.errors += 1
 
-    def timed(self, seconds: float) -> None:
-        """One response head arrived ``seconds`` after its request was sent."""
+    def timed(self, seconds: float, now: float | None = None) -> None:
+        """One response head arrived ``seconds`` after its request was sent (at ``now``: it
+        was heard, as :meth:`heard` says; one call on every request, not two)."""
+        if now is not None:
+            self.answered_at = now
         self.latency_sum += seconds
         self.latency_count += 1
         self.latency_buckets[load.bucket_of(seconds)] += 1

@@ -248,10 +248,11 @@ class ProxyFactory(protocol.Factory):
             else:
                 client.fail_exchange(exchange, 503, "no backend is known yet\n")
             return
-        exchange.try_on(backend, self.clock.seconds())
+        now = self.clock.seconds()
+        exchange.try_on(backend, now)
         idle = backend.idle
         if idle:
-            too_old = self.clock.seconds() - POOL_IDLE_TIME
+            too_old = now - POOL_IDLE_TIME
             while idle:
                 conn = idle.pop()
                 if conn.idle_since < too_old:
@@ -262,7 +263,7 @@ class ProxyFactory(protocol.Factory):
         self.reactor.connectTCP(backend.host, backend.port, _Connector(self, backend, exchange),
                                 timeout=self.limits.connect_timeout)
         client.deadline = self.clock.seconds() + self.limits.connect_timeout + \
-            self.answer_wait(exchange)
+            self.tries.first_wait()
 
     def connected(self, conn: BackendConnection, exchange: Exchange) -> None:
         if exchange.backend is not conn.backend or exchange.conn is not None:
@@ -288,10 +289,6 @@ class ProxyFactory(protocol.Factory):
         if backends is self.backends:
             return self.lists
         return self.routes.readers.get(backends) if self.routes is not None else None
-
-    def answer_wait(self, exchange: Exchange) -> float:
-        """How long the answer to a fully sent request is waited for before anything is done."""
-        return self.tries.first_wait()
 
     def retry(self, exchange: Exchange, backend: Backend, stale: bool) -> None:
         """Send again after a connection died before answering; a dead backend is left out."""

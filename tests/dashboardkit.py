@@ -14,6 +14,7 @@ from dockpart.drivers.process import _thd_scan
 from helpers import Daemon, RedisProcess, free_port, port_block, start_web
 
 RUN = 20  # ports after the first instance's that spawned instances may take
+APP_PORTS = 6  # ports the apps (dockpart apps) of a tier's tests may take
 
 
 def logged_in(base: str, token: str) -> requests.Session:
@@ -30,6 +31,8 @@ def start_dashboard_infra(redis_url: str, state_dir: Path, first: int, dash_port
                           token: str | None = "generated") -> Daemon:
     """dockpart-infra with the dashboard on ``dash_port``; ``args`` may choose another driver.
 
+    Apps take a block of ports of their own, never the default range another tier may use.
+
     The dashboard has a token (a new one unless ``token`` names it; None: opened with
     --dashboard-no-token); ``daemon.http`` is a client logged in with it."""
     if token == "generated":
@@ -38,11 +41,14 @@ def start_dashboard_infra(redis_url: str, state_dir: Path, first: int, dash_port
         env = {**(env or {}), "DOCKPART_DASHBOARD_TOKEN": token}
     else:
         args = (*args, "--dashboard-no-token")
+    apps_low = port_block(APP_PORTS)
     daemon = Daemon("dockpart-infra", "--driver", "process", "--redis", redis_url,
                     "--state-dir", str(state_dir), "--first-port", str(first),
                     "--port-range", f"{first + 1}-{first + RUN}", "--interval", "0.05",
                     "--drain", "1", "--reconcile-interval", "1", "--spawn-timeout", "20",
                     "--lease", "2", "--dashboard", f"tcp:{dash_port}:interface=127.0.0.1",
+                    "--app-ports", f"{apps_low}-{apps_low + APP_PORTS - 1}",
+                    "--evaluate-interval", "0.5",
                     *args, ready="dockpart-infra dashboard listening on", env=env).start()
     daemon.port = dash_port
     daemon.base = f"http://127.0.0.1:{dash_port}"
@@ -123,6 +129,8 @@ class Tier:
             except Exception:  # stop the rest whatever one of them does
                 pass
         stop_managed(self.state_dir)
+        for app_dir in (self.state_dir / "apps").glob("*"):
+            stop_managed(app_dir)
         self.redis.stop()
 
 

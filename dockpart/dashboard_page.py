@@ -73,10 +73,11 @@ def _apps_html(found: list[dict], csrf: str, writable: bool) -> str:
         instances = " ".join(f'{escape(i["url"])} ({_text(i["rps"])} req/s, {i["health"]})'
                              for i in app["instances"]) or "–"
         rows.append(f'<tr data-app="{escape(app["name"])}"><td>{escape(app["name"])}</td>'
-                    f'<td>{escape(" ".join(app["domains"])) or "–"}</td>'
-                    f'<td>{len(app["instances"])} / {app["desired"]}</td><td>{scale}</td>'
-                    f'<td>{_release_html(app)}</td>'
-                    f'<td>{_text(app["rps"])}</td><td>{_text(app["p95_ms"])}</td>'
+                    f'<td class="domains">{escape(" ".join(app["domains"])) or "–"}</td>'
+                    f'<td class="count">{len(app["instances"])} / {app["desired"]}</td>'
+                    f'<td class="scale">{scale}</td><td>{_release_html(app)}</td>'
+                    f'<td class="num">{_text(app["rps"])}</td>'
+                    f'<td class="num">{_text(app["p95_ms"])}</td>'
                     f'<td class="instances">{instances}</td><td>{form}</td></tr>')
     return "<h2>Apps</h2>" + _table(
         "apps", ["app", "domains", "instances / desired", "scale", "release", "req/s", "p95 ms",

@@ -3,14 +3,17 @@
 Never ``playwright install``: the browser is /usr/bin/chromium.
 """
 
+import re
 import shutil
 
 import pytest
+import requests
 from playwright.sync_api import expect, sync_playwright
 
 from dockpart import keys
 from dashboardkit import managed, start_tier
 from helpers import wait_for
+from test_apps import command, dockpart_apps
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -64,6 +67,32 @@ def row(page, url: str):
 
 def servers(rdb) -> list[str]:
     return rdb.lrange(keys.SERVERS, 0, -1)
+
+
+def app_row(page, name: str):
+    return page.locator(f'tr[data-app="{name}"]')
+
+
+def app_servers(rdb, name: str) -> list[str]:
+    return rdb.lrange(keys.app_tier(name).servers, 0, -1)
+
+
+def swapped(page) -> None:
+    """Wait until the page's script has swapped in the live tables once more."""
+    page.evaluate("document.querySelector('#live table.apps').dataset.old = 'yes'")
+    page.wait_for_function("() => !document.querySelector('#live table.apps')?.dataset.old")
+
+
+@pytest.fixture
+def apps(tier):
+    """The names of the apps a test creates, destroyed (their instances stopped) after it."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        dockpart_apps(tier.redis.url, "destroy", name)
+    for name in made:
+        wait_for(lambda: not managed(tier.state_dir / "apps" / name), 20,
+                 what=f"the instances of {name} to stop")
 
 
 def test_the_page_shows_every_instance_and_draws_its_charts(tier, rdb, page, tmp_path):
@@ -163,3 +192,72 @@ def test_without_the_token_the_browser_gets_the_login_form(browser, tmp_path):
     finally:
         context.close()
         tier.stop()
+
+
+def test_a_new_app_appears_and_its_scale_form_adds_instances_without_a_reload(tier, rdb, page,
+                                                                              apps):
+    page.goto(tier.infra.base + "/")
+    page.evaluate("window.notReloaded = true")
+    expect(page.locator("p.empty.apps")).to_be_visible()
+    apps += ["shop", "blog"]
+    assert dockpart_apps(tier.redis.url, "create", "shop", "--command", command("shop"),
+                         "--domain", "shop.example.org") == 0
+    assert dockpart_apps(tier.redis.url, "create", "blog", "--command", command("blog"),
+                         "--scale", "0") == 0
+    shop, blog = app_row(page, "shop"), app_row(page, "blog")
+    expect(shop.locator("td.domains")).to_have_text("shop.example.org")
+    expect(shop.locator("td.count")).to_have_text("1 / 1", timeout=30_000)
+    (first,) = app_servers(rdb, "shop")
+    expect(shop.locator("td.instances")).to_contain_text(first)
+    expect(blog.locator("td.count")).to_have_text("0 / 0")
+    # What the person typed into shop's form stays there, and only there, across the swaps.
+    shop.get_by_label("instances of shop").fill("3")
+    swapped(page)
+    expect(shop.get_by_label("instances of shop")).to_have_value("3")
+    expect(blog.get_by_label("instances of blog")).to_have_value("0")
+    shop.get_by_role("button", name="scale").click()
+    expect(page.locator("#notice")).to_have_text("shop scaled to 3")
+    expect(shop.locator("td.count")).to_have_text(re.compile(r"^\d / 3$"))
+    expect(shop.locator("td.count")).to_have_text("3 / 3", timeout=30_000)
+    now = app_servers(rdb, "shop")
+    assert len(now) == 3 and first in now
+    for url in now:
+        expect(shop.locator("td.instances")).to_contain_text(url)
+    expect(shop.get_by_label("instances of shop")).to_have_value("3")
+    expect(blog.locator("td.count")).to_have_text("0 / 0")
+    assert page.evaluate("window.notReloaded") is True
+    assert page.problems == []
+
+
+def test_an_idle_app_goes_to_zero_and_a_request_through_the_proxy_brings_it_back(tier, rdb,
+                                                                                  page, apps):
+    page.goto(tier.infra.base + "/")
+    page.evaluate("window.notReloaded = true")
+    apps.append("nap")
+    assert dockpart_apps(tier.redis.url, "create", "nap", "--command", command("nap")) == 0
+    nap = app_row(page, "nap")
+    expect(nap.locator("td.count")).to_have_text("1 / 1", timeout=30_000)
+    expect(nap.locator("td.scale")).to_have_text("fixed")
+    assert dockpart_apps(tier.redis.url, "autoscale", "nap", "--min", "0", "--max", "2",
+                         "--target", "5", "--scale-to-zero-after", "2") == 0
+    expect(nap.locator("td.scale")).to_contain_text("to zero after 2 s idle")
+    expect(nap.locator("td.scale strong.zero")).to_have_text("at zero", timeout=30_000)
+    expect(nap.locator("td.count")).to_have_text("0 / 0")
+    expect(nap.locator("td.instances")).to_have_text("–")
+
+    def answered():
+        reply = requests.get(tier.proxy.base + "/", headers={"Host": "nap.localhost"},
+                             timeout=30)
+        return reply if reply.status_code == 200 else None
+    # The proxy holds the request while an instance starts (it may take a moment to learn
+    # that nap is held rather than refused: a 503 then, and the request is sent again).
+    reply = wait_for(answered, 30, what="nap to answer through the proxy")
+    assert reply.text.startswith("nap on port")
+    expect(nap.locator("td.count")).to_have_text(re.compile(r"^[12] / [12]$"))
+    expect(nap.locator("td.scale strong.zero")).to_have_count(0)
+    (url,) = app_servers(rdb, "nap")[:1]
+    expect(nap.locator("td.instances")).to_contain_text(url)
+    expect(nap.locator("td.scale")).to_contain_text(
+        re.compile(r"started from zero in \d+\.\d\d s"))
+    assert page.evaluate("window.notReloaded") is True
+    assert page.problems == []

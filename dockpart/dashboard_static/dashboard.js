@@ -104,8 +104,14 @@
   }
 
   // What a person typed in the page's inputs survives the swap of the tables each second.
+  // A form's hidden fields (but its csrf) say what it acts on: each app's scale form is its own.
   var edits = {};
-  function field(input) { return input.form.className + " " + input.name; }
+  function field(input) {
+    var what = Array.prototype.map.call(
+      input.form.querySelectorAll('input[type="hidden"]:not([name="csrf"])'),
+      function (hidden) { return hidden.name + "=" + hidden.value; });
+    return [input.form.className].concat(what, [input.name]).join(" ");
+  }
   live.addEventListener("input", function (event) {
     if (event.target.form) { edits[field(event.target)] = event.target.value; }
   });
@@ -154,7 +160,8 @@
       return r.json().then(function (answer) {
         if (r.ok) {
           say(answer.queued ? answer.queued + " queued: " + answer.url
-                            : "limits set: min " + answer.min + ", max " + answer.max, false);
+              : answer.app ? answer.app + " scaled to " + answer.desired
+              : "limits set: min " + answer.min + ", max " + answer.max, false);
         } else {
           say(answer.error || ("HTTP " + r.status), true);
         }

@@ -210,8 +210,15 @@ def test_a_new_app_appears_and_its_scale_form_adds_instances_without_a_reload(ti
     (first,) = app_servers(rdb, "shop")
     expect(shop.locator("td.instances")).to_contain_text(first)
     expect(blog.locator("td.count")).to_have_text("0 / 0")
-    # What the person typed into shop's form stays there, and only there, across the swaps.
-    shop.get_by_label("instances of shop").fill("3")
+    # What the person types into shop's form stays there, and only there, across the swaps,
+    # and the box keeps the keyboard: a typo mended after a swap is mended in the box.
+    box = shop.get_by_label("instances of shop")
+    box.click()
+    box.press("Control+a")
+    page.keyboard.type("2")
+    swapped(page)
+    page.keyboard.press("Backspace")
+    page.keyboard.type("3")
     swapped(page)
     expect(shop.get_by_label("instances of shop")).to_have_value("3")
     expect(blog.get_by_label("instances of blog")).to_have_value("0")

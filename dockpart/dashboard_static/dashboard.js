@@ -117,11 +117,14 @@
   });
 
   function swap(html) {
+    // The box a person is typing in keeps the keyboard: its new copy takes the focus.
+    var active = document.activeElement;
+    var typing = live.contains(active) && active.form && active.name ? field(active) : null;
     live.innerHTML = html;
     live.querySelectorAll("form input[name]").forEach(function (input) {
-      if (Object.prototype.hasOwnProperty.call(edits, field(input))) {
-        input.value = edits[field(input)];
-      }
+      var key = field(input);
+      if (Object.prototype.hasOwnProperty.call(edits, key)) { input.value = edits[key]; }
+      if (key === typing) { input.focus(); }
     });
   }
 

@@ -5,6 +5,7 @@ Never ``playwright install``: the browser is /usr/bin/chromium.
 
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -14,6 +15,7 @@ from dockpart import keys
 from dashboardkit import managed, start_tier
 from helpers import wait_for
 from test_apps import command, dockpart_apps
+from test_apps_zero import slow
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -238,10 +240,11 @@ def test_a_new_app_appears_and_its_scale_form_adds_instances_without_a_reload(ti
 
 def test_an_idle_app_goes_to_zero_and_a_request_through_the_proxy_brings_it_back(tier, rdb,
                                                                                   page, apps):
+    """nap listens 3 s after it starts: long enough to see its request held on the page."""
     page.goto(tier.infra.base + "/")
     page.evaluate("window.notReloaded = true")
     apps.append("nap")
-    assert dockpart_apps(tier.redis.url, "create", "nap", "--command", command("nap")) == 0
+    assert dockpart_apps(tier.redis.url, "create", "nap", "--command", slow("nap", 3)) == 0
     nap = app_row(page, "nap")
     expect(nap.locator("td.count")).to_have_text("1 / 1", timeout=30_000)
     expect(nap.locator("td.scale")).to_have_text("fixed")
@@ -251,20 +254,21 @@ def test_an_idle_app_goes_to_zero_and_a_request_through_the_proxy_brings_it_back
     expect(nap.locator("td.scale strong.zero")).to_have_text("at zero", timeout=30_000)
     expect(nap.locator("td.count")).to_have_text("0 / 0")
     expect(nap.locator("td.instances")).to_have_text("–")
-
-    def answered():
-        reply = requests.get(tier.proxy.base + "/", headers={"Host": "nap.localhost"},
-                             timeout=30)
-        return reply if reply.status_code == 200 else None
-    # The proxy holds the request while an instance starts (it may take a moment to learn
-    # that nap is held rather than refused: a 503 then, and the request is sent again).
-    reply = wait_for(answered, 30, what="nap to answer through the proxy")
-    assert reply.text.startswith("nap on port")
+    with ThreadPoolExecutor(1) as pool:
+        # The proxy holds the request while an instance starts, and the page says so.
+        asked = pool.submit(requests.get, tier.proxy.base + "/",
+                            headers={"Host": "nap.localhost"}, timeout=30)
+        expect(nap.locator("td.scale")).to_contain_text("1 held")
+        reply = asked.result()
+    assert reply.status_code == 200 and reply.text.startswith("nap on port"), reply.text
     expect(nap.locator("td.count")).to_have_text(re.compile(r"^[12] / [12]$"))
     expect(nap.locator("td.scale strong.zero")).to_have_count(0)
-    (url,) = app_servers(rdb, "nap")[:1]
+    expect(nap.locator("td.scale")).not_to_contain_text("held")
+    (url, *_) = app_servers(rdb, "nap")
     expect(nap.locator("td.instances")).to_contain_text(url)
-    expect(nap.locator("td.scale")).to_contain_text(
-        re.compile(r"started from zero in \d+\.\d\d s"))
+    started = re.compile(r"started from zero in (\d+\.\d\d) s")
+    expect(nap.locator("td.scale")).to_contain_text(started)
+    seconds = float(started.search(nap.locator("td.scale").inner_text()).group(1))
+    assert 3 <= seconds < 30  # the instance's 3 s to listen, and the proxy's wait for it
     assert page.evaluate("window.notReloaded") is True
     assert page.problems == []

@@ -1,5 +1,7 @@
 """A listening port as a service that says when it is up and fails loudly when it cannot be."""
 
+from __future__ import annotations
+
 from twisted.application.service import Service
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger

@@ -17,6 +17,8 @@ A report is JSON::
          "healthy": true}}}
 """
 
+from __future__ import annotations
+
 import bisect
 import json
 

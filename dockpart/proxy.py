@@ -8,6 +8,8 @@ flight first (``--shutdown-timeout``), so a new proxy started on the same port b
 takes over with no refused connection.
 """
 
+from __future__ import annotations
+
 import os
 
 from twisted.application.internet import TimerService

@@ -1,5 +1,7 @@
 """dockpart-proxy's admin listener: a JSON status of the backends and Prometheus metrics."""
 
+from __future__ import annotations
+
 import json
 
 from twisted.web import resource, server

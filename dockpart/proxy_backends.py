@@ -6,6 +6,8 @@ Keeping the list current is :mod:`dockpart.proxy_sync`'s job; asking backends wh
 answer is :mod:`dockpart.proxy_health`'s.
 """
 
+from __future__ import annotations
+
 from collections import deque
 
 from twisted.internet import defer

@@ -5,6 +5,8 @@ instance still accepts connections, so only asking it tells it is gone, and only
 tells it is back.  The question is :mod:`dockpart.probe`'s, asked the same way everywhere.
 """
 
+from __future__ import annotations
+
 from twisted.logger import Logger
 
 from dockpart import probe

@@ -14,12 +14,14 @@ back to the pool only when its response ended cleanly (:class:`Phase`).  The sta
 explicit: :class:`Phase` for a backend connection, :class:`Reply` for an exchange's answer.
 """
 
+from __future__ import annotations
+
 import enum
 import re
 from collections import deque
 from dataclasses import dataclass
 
-import httptools
+from dockpart.http_parser import httptools  # httptools, or on PyPy its equivalent http11
 from twisted.internet import defer, protocol, tcp
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger

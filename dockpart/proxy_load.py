@@ -7,6 +7,8 @@ scores its id by the report's time in ``keys.LOAD_PROXIES``.  Several proxies (o
 its report expires.  The autoscaler, the admin listener and the dashboard read these reports.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import socket

@@ -8,6 +8,8 @@ notice is most likely a Redis that lost its data, not a tier with no instance: t
 serving what it had, logs it, and goes on reading until the list or a notice says otherwise.
 """
 
+from __future__ import annotations
+
 from collections import deque
 
 from twisted.application.internet import ClientService

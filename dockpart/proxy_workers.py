@@ -9,6 +9,8 @@ worker's own admin socket.  The same shared port lets a new proxy start listenin
 old one stops: a restart refuses no one.
 """
 
+from __future__ import annotations
+
 import ctypes
 import json
 import os

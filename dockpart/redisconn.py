@@ -5,6 +5,8 @@ for an answer deserves an error instead, so :meth:`RedisService.call` fails at
 once when no connection is up and gives up after a timeout otherwise.
 """
 
+from __future__ import annotations
+
 import os
 import re
 from dataclasses import dataclass

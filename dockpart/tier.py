@@ -13,6 +13,8 @@ Producers ``LPUSH`` onto a queue; consumers ``LMOVE queue processing RIGHT LEFT`
 (oldest first).
 """
 
+from __future__ import annotations
+
 from urllib.parse import urlsplit
 
 from dockpart import keys

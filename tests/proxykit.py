@@ -15,6 +15,8 @@
 byte and every request it receives and answers each with bytes the test chose, right or wrong.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import signal
@@ -181,7 +183,7 @@ class RawBackend:
     """
 
     def __init__(self, answer=None):
-        import httptools
+        from dockpart.http_parser import httptools
         self._httptools = httptools
         self.answer = answer or (lambda request: b"HTTP/1.1 200 OK\r\nContent-Length: "
                                  b"%d\r\n\r\n%s" % (len(request.url), request.url))

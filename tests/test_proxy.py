@@ -1,5 +1,7 @@
 """dockpart-proxy end to end: real twistd proxies, a real redis-server, real backend processes."""
 
+from __future__ import annotations
+
 import select
 import socket
 import threading

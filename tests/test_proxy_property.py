@@ -7,6 +7,8 @@ well-framed request (and never one hidden in another's body), and each client ge
 responses to its own requests, in order, and nothing that a misbehaving backend slipped in.
 """
 
+from __future__ import annotations
+
 import itertools
 import socket
 import time

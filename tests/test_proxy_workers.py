@@ -1,6 +1,8 @@
 """dockpart-proxy --workers, graceful stop and restart with no refused connection: real twistd
 processes, a real Redis and real backends."""
 
+from __future__ import annotations
+
 import os
 import signal
 import socket

@@ -22,7 +22,7 @@ from dockpart import keys
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_sync import BackendSync
-from dockpart.proxy_http import Limits, ProxyFactory
+from dockpart.proxy_dispatch import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
 from dockpart.listening import Listener
 from dockpart.proxy_workers import (BACKLOG, Workers, WorkersAdmin, die_with_parent,

@@ -6,7 +6,7 @@ import json
 
 from twisted.web import resource, server
 
-from dockpart.proxy_http import ProxyFactory
+from dockpart.proxy_dispatch import ProxyFactory
 
 
 def status(proxy: ProxyFactory) -> dict:

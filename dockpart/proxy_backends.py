@@ -25,7 +25,7 @@ class Backend:
     """One entry of the list: where it is, its idle connections and what happened to it."""
 
     __slots__ = ("url", "host", "port", "authority", "idle", "down_until", "requests",
-                 "errors", "latency_sum", "latency_count", "latency_buckets", "active", "listed")
+                 "errors", "latency_sum", "latency_count", "latency_buckets", "_active", "listed")
 
     def __init__(self, url: str, host: str, port: int):
         self.url = url
@@ -39,8 +39,18 @@ class Backend:
         self.latency_sum = 0.0
         self.latency_count = 0
         self.latency_buckets = load.empty_buckets()
-        self.active = 0
+        self._active = 0
         self.listed = True
+
+    @property
+    def active(self) -> int:
+        """Requests in flight here: the slots taken and not given back."""
+        return self._active
+
+    def take(self) -> Slot:
+        """One request in flight here, until the slot is released."""
+        self._active += 1
+        return Slot(self)
 
     def timed(self, seconds: float) -> None:
         """One response head arrived ``seconds`` after its request was sent."""
@@ -60,6 +70,25 @@ class Backend:
             "mean_latency_ms": round(1000 * self.latency_sum / self.latency_count, 3)
             if self.latency_count else None,
         }
+
+
+class Slot:
+    """A request's place on a backend: taken by :meth:`Backend.take`, given back once.
+
+    The one owner of :attr:`Backend.active`: however many endings a try has (an answer, a
+    time-out, a lost connection), only the first :meth:`release` counts.
+    """
+
+    __slots__ = ("backend", "held")
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.backend._active -= 1
 
 
 class BackendSet:

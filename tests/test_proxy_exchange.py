@@ -9,7 +9,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from dockpart.proxy_backends import BackendSet
-from dockpart.proxy_http import Limits, Phase, ProxyFactory
+from dockpart.proxy_dispatch import Limits, ProxyFactory
+from dockpart.proxy_client import MODE_MOVES, Mode
+from dockpart.proxy_upstream import Phase
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002"]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
@@ -234,3 +236,205 @@ def test_a_client_slow_to_read_gets_the_idle_timeout_not_the_backend_timeout():
     proxy.later(10.1)
     assert client.closed  # a client that stops reading altogether is let go
     assert conn.backend.down_until <= proxy.reactor.seconds()  # and the backend is not blamed
+
+
+# The client connection's mode (an enum with its allowed moves).
+
+def test_a_client_connection_goes_from_open_to_upgrading_to_tunnel_to_closed():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    proxy = Proxy()
+    client, out = proxy.client()
+    assert client.mode is Mode.OPEN
+    client.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: ws\r\nConnection: Upgrade\r\n"
+                        b"\r\n")
+    assert client.mode is Mode.UPGRADING
+    conn, wire = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 101 Switching\r\nUpgrade: ws\r\nConnection: Upgrade\r\n\r\n")
+    assert client.mode is Mode.TUNNEL
+    client.dataReceived(b"ping")
+    assert sent(wire).endswith(b"ping")
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert client.mode is Mode.CLOSED and client.closed and out.disconnecting
+
+
+def test_a_refused_request_behind_another_waits_in_refusing_for_its_turn():
+    proxy = Proxy()
+    client, out = proxy.client()
+    client.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 ")
+    assert client.mode is Mode.REFUSING and out.value() == b""  # /1 is answered first
+    conn, wire = proxy.backend()
+    conn.dataReceived(OK % (2, b"r1"))
+    answers = out.value()
+    assert answers.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in answers
+    assert client.mode is Mode.CLOSED and out.disconnecting
+    assert b"/3" not in wire.value()
+
+
+def test_a_move_the_table_does_not_allow_closes_the_client_connection():
+    proxy = Proxy()
+    client, out = proxy.client()
+    client.transition(Mode.TUNNEL)  # OPEN cannot become a tunnel without an upgrade
+    assert client.mode is Mode.CLOSED and out.disconnecting
+    client.transition(Mode.CLOSED)  # closing twice is no error
+    assert set(MODE_MOVES) == set(Mode)
+
+
+# One owner of a backend's in-flight count: the slot.
+
+def test_a_slot_is_given_back_once_however_many_endings_a_try_has():
+    from dockpart.proxy_backends import Backend
+    backend = Backend("http://127.0.0.1:3001", "127.0.0.1", 3001)
+    first, second = backend.take(), backend.take()
+    assert backend.active == 2
+    first.release()
+    first.release()
+    assert backend.active == 1
+    second.release()
+    assert backend.active == 0
+
+
+def _answered(proxy, client, out):
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, _ = proxy.backend()
+    conn.dataReceived(OK % (2, b"ok"))
+
+
+def _tunnelled(proxy, client, out):
+    client.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: ws\r\nConnection: Upgrade\r\n"
+                        b"\r\n")
+    conn, _ = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 101 Switching\r\nUpgrade: ws\r\nConnection: Upgrade\r\n\r\n")
+
+
+def _timed_out(proxy, client, out):
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    proxy.backend()
+    proxy.later(31)
+    assert out.value().startswith(b"HTTP/1.1 504")
+
+
+def _tried_elsewhere(proxy, client, out):
+    proxy.factory.limits.try_timeout = 1.0
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    proxy.backend()
+    proxy.later(1.1)
+    conn, _ = proxy.backend()
+    assert conn.backend.active == 1
+    conn.dataReceived(OK % (2, b"ok"))
+
+
+def _refused_connection(proxy, client, out):
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.python.failure import Failure
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    connector = proxy.reactor.tcpClients[0][2]
+    proxy._taken = 1
+    connector.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    conn, _ = proxy.backend()
+    conn.dataReceived(OK % (2, b"ok"))
+
+
+def _bad_response(proxy, client, out):
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, _ = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx")
+    assert out.value().startswith(b"HTTP/1.1 502")
+
+
+def _lost_before_answering(proxy, client, out):
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, _ = proxy.backend()
+    conn.connectionLost(Failure(ConnectionDone()))
+    conn2, _ = proxy.backend()
+    conn2.dataReceived(OK % (2, b"ok"))
+
+
+def _client_gone_while_connecting(proxy, client, out):
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.connectionLost(Failure(ConnectionDone()))
+    conn, _ = proxy.backend()
+    assert conn.phase is Phase.CLOSED
+
+
+def _client_gone_mid_response(proxy, client, out):
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, _ = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+    client.connectionLost(Failure(ConnectionDone()))
+    conn.connectionLost(Failure(ConnectionDone()))
+
+
+@pytest.mark.parametrize("ending", [_answered, _tunnelled, _timed_out, _tried_elsewhere,
+                                    _refused_connection, _bad_response, _lost_before_answering,
+                                    _client_gone_while_connecting, _client_gone_mid_response])
+def test_every_ending_of_a_try_gives_its_backend_slot_back(ending):
+    proxy = Proxy()
+    client, out = proxy.client()
+    ending(proxy, client, out)
+    assert [b.active for b in proxy.backends.ring] == [0, 0]
+    assert all(not b.idle or b.idle[-1].pipe is None for b in proxy.backends.ring)
+
+
+# Flow control both ways: one pipe per client and backend connection paired.
+
+def test_a_full_backend_buffer_pauses_the_client_until_it_drains():
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\nhalf")
+    conn, wire = proxy.backend()
+    assert wire.producer is not None and wire.streaming
+    wire.producer.pauseProducing()  # the backend reads slower than the client sends
+    assert out.producerState == "paused"
+    wire.producer.resumeProducing()
+    assert out.producerState == "producing"
+    wire.producer.pauseProducing()
+    client.dataReceived(b"more")
+    conn.dataReceived(OK % (2, b"ok"))
+    # The answer ends the pairing: the client reads again, nothing stays registered.
+    assert wire.producer is None and out.producerState == "producing"
+    assert conn.pipe is None and conn.phase is Phase.IDLE
+
+
+def test_a_full_client_buffer_pauses_the_backend_until_the_answer_ends():
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, wire = proxy.backend()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nhalf")
+    assert out.producer is not None and out.streaming
+    out.producer.pauseProducing()  # the client reads slower than the backend sends
+    assert wire.producerState == "paused" and conn.pipe.client_behind
+    conn.dataReceived(b"more")
+    assert out.producer is None and wire.producerState == "producing"
+    assert conn.phase is Phase.IDLE
+
+
+def test_a_pipe_takes_back_only_what_it_registered_and_closes_twice_harmlessly():
+    from dockpart.proxy_exchange import Pipe, _Reading
+
+    class Side(_Reading):
+        def __init__(self):
+            self.transport = StringTransport()
+
+    client, upstream = Side(), Side()
+    pipe = Pipe(client, upstream)
+    pipe.request_flows()
+    pipe.response_flows()
+    upstream.transport.producer.pauseProducing()
+    client.transport.producer.pauseProducing()
+    assert client.reading_paused("peer") and pipe.client_behind
+    other = Pipe(client, upstream)
+    other.close()  # not its producers: they stay, the pauses are lifted
+    assert upstream.transport.producer is not None and client.transport.producer is not None
+    pipe.close()
+    pipe.close()
+    assert upstream.transport.producer is None and client.transport.producer is None
+    assert not client.reading_paused("peer") and not upstream.reading_paused("peer")
+    assert client.transport.producerState == upstream.transport.producerState == "producing"

@@ -6,7 +6,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from dockpart.proxy_backends import BackendSet
-from dockpart.proxy_http import OWN_HEADERS, ProxyFactory, end_to_end
+from dockpart.proxy_dispatch import ProxyFactory
+from dockpart.proxy_framing import OWN_HEADERS, end_to_end
 from dockpart.proxy_admin import metrics, status
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002", "http://127.0.0.1:3003"]
@@ -209,14 +210,14 @@ def test_notices_are_read_as_resp_even_split_across_reads():
 
 
 def test_direct_writer_finds_the_twisted_internals_it_reads():
-    """proxy_http.direct_writer reads private tcp.Connection attributes (for speed): if a
+    """proxy_exchange.direct_writer reads private tcp.Connection attributes (for speed): if a
     Twisted release renames them, this fails, rather than the proxy corrupting streams."""
     import socket
 
     from twisted.internet import protocol, tcp
     from twisted.internet.testing import MemoryReactor
 
-    from dockpart.proxy_http import direct_writer
+    from dockpart.proxy_exchange import direct_writer
 
     a, b = socket.socketpair()
     try:

@@ -78,6 +78,13 @@ def shared_port_endpoint(reactor, option: str, description: str, backlog: int = 
     return server_endpoint(_SharedPortReactor(reactor, backlog), option, description)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``--workers auto``).  PyPy 3.9's ``os`` has no
+    ``sched_getaffinity``: there, the machine's count."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    return len(getaffinity(0)) if getaffinity is not None else os.cpu_count() or 1
+
+
 def tcp_address(description: str) -> tuple[str, int]:
     """(interface, port) of a tcp: endpoint string; UsageError for any other kind.
 

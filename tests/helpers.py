@@ -143,8 +143,8 @@ class Daemon:
     """``twistd -n PLUGIN ARGS`` in a subprocess, waited for by a line of its log."""
 
     def __init__(self, plugin: str, *args: str, ready: str, env: dict | None = None,
-                 cwd: str | None = None):
-        self.argv = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", plugin, *args]
+                 cwd: str | None = None, twistd: str | None = None):
+        self.argv = [twistd or str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", plugin, *args]
         self.ready = ready
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd

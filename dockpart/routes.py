@@ -6,6 +6,8 @@ traceback to the client), and writes nothing to a client that has hung up.  Both
 ``?token=`` (scale token, dashboard token): it never reaches the log or /recent.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 from twisted.internet import defer

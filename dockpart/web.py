@@ -5,6 +5,8 @@ Redis is away they answer 503 and the connection comes back by itself.  Pages
 sent to clients never name Redis keys or addresses (the log does).
 """
 
+from __future__ import annotations
+
 import base64
 import hmac
 import json
@@ -111,9 +113,16 @@ class LimitedRequest(server.Request):
 class WebSite(server.Site):
     requestFactory = LimitedRequest
 
-    def __init__(self, resource, max_body: int, **kw):
+    def __init__(self, resource, max_body: int, access_log: bool = True, **kw):
         super().__init__(resource, **kw)
         self.max_body = max_body
+        self.access_log = access_log
+
+    def log(self, request):
+        """One line per request, unless turned off: formatting and writing it through the
+        log observers is about a fifth of the CPU time of ``GET /``."""
+        if self.access_log:
+            super().log(request)
 
 
 class WebApp(CoroutineResource):
@@ -435,6 +444,9 @@ class Options(RedisOptions):
         ["register-interval", None, 1.0,
          "First instance: seconds between its checks that it is in servers.", float],
     ]
+    optFlags = [
+        ["no-access-log", None, "Log no line per request (errors are still logged)."],
+    ]
 
     def postOptions(self):
         super().postOptions()
@@ -465,7 +477,8 @@ def makeService(config, reactor=None):
                  config["max-instances"], config["max-upload"], config["max-queued-images"],
                  config["scale-token"], reactor=reactor)
     endpoint = server_endpoint(reactor, "listen", with_backlog(config["listen"]))
-    listener = Listener("dockpart-web", endpoint, WebSite(app, config["max-upload"]))
+    site = WebSite(app, config["max-upload"], access_log=not config["no-access-log"])
+    listener = Listener("dockpart-web", endpoint, site)
     listener.setServiceParent(top)
     FirstInstanceRegistration(listener, app, config["register-interval"],
                               reactor=reactor).setServiceParent(top)

@@ -1,9 +1,13 @@
 """Fast checks of dockpart-web's option parsing, input rules and /work (no sockets)."""
 
+import io
+
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
+from twisted.web.static import Data
 from twisted.web.test.requesthelper import DummyRequest
 
 from dockpart import web
@@ -104,3 +108,20 @@ def test_work_answers_after_n_ms_of_the_reactors_clock():
     assert not request.finished
     clock.advance(0.001)
     assert request.finished and b"".join(request.written) == b"worked 500 ms\n"
+
+
+@pytest.mark.parametrize("argv, lines", [((), 1), (("--no-access-log",), 0)])
+def test_no_access_log_leaves_out_the_line_per_request(argv, lines):
+    config = options(*argv)
+    page = Data(b"ok", "text/plain")
+    page.isLeaf = True
+    site = web.WebSite(page, 100, reactor=MemoryReactorClock(),
+                       access_log=not config["no-access-log"])
+    site.startFactory()
+    site.logFile = written = io.StringIO()
+    channel, transport = site.buildProtocol(None), StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200")
+    assert written.getvalue().count("\n") == lines
+    site.stopFactory()

@@ -1,5 +1,5 @@
 # Redis for dockpart, built like the seed's: a base image with redis-server installed.
-# The official image works as well: `image: redis:7` in docker-compose.yml (see README, Images).
+# The official image works as well: `image: redis:7` in docker-compose.yml (see docs/running.md, Images).
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 # The local base image has redis-server already; a public base gets it over apt.

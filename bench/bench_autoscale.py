@@ -229,7 +229,9 @@ def main():
         for plugin, *options in (
                 ("dockpart-web", "--listen", f"tcp:{first}:interface=127.0.0.1",
                  "--first-port", str(first), "--max-instances", str(args.max)),
-                ("dockpart-proxy", "--listen", f"tcp:{proxy_port}:interface=127.0.0.1")):
+                # Every simulated client is 127.0.0.1: count them all as load.
+                ("dockpart-proxy", "--listen", f"tcp:{proxy_port}:interface=127.0.0.1",
+                 "--load-per-client", "0")):
             daemons.append(Daemon(plugin, *options, "--redis", redis.url,
                                   ready="listening on").start(60))
         driver = ["--driver", "process", "--state-dir", str(state)]

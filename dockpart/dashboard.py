@@ -16,17 +16,18 @@ import hashlib
 import hmac
 import json
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
-from twisted.web import server
 
-from dockpart import dashboard_page, keys, tier
+from dockpart import apps, dashboard_page, keys, tier
 from dockpart.dashboard_state import TierWatch
-from dockpart.listening import Listener, server_endpoint
+from dockpart.listening import server_endpoint
 from dockpart.redisconn import RedisUnavailable
 from dockpart.routes import CoroutineResource, Reply
+from dockpart.website import BoundedSite, site_listener
 
 COOKIE = "dockpart_dashboard"
 #: Ceiling on instances for "spawn one" when the autoscaler's max is unset (dockpart-web's
@@ -87,6 +88,7 @@ class Dashboard(CoroutineResource):
             ("POST", "api/spawn"): self.spawn,
             ("POST", "api/destroy"): self.destroy,
             ("POST", "api/limits"): self.limits,
+            ("POST", "api/apps/scale"): self.scale_app,
         }
 
     def internal_error(self) -> Reply:
@@ -145,7 +147,8 @@ class Dashboard(CoroutineResource):
         if given is not None:
             return hmac.compare_digest(given.encode(), self.token.encode())
         cookie = request.getCookie(COOKIE.encode())
-        return cookie is not None and hmac.compare_digest(cookie, self.session.encode())
+        return cookie is not None and hmac.compare_digest(
+            cookie, self.session.encode())  # type: ignore[union-attr]  # set with the token
 
     def _cookie(self) -> str:
         return f"{COOKIE}={self.session}; Path=/; HttpOnly; SameSite=Strict"
@@ -258,7 +261,7 @@ class Dashboard(CoroutineResource):
         for name in ("min", "max"):
             raw = body.get(name)
             try:
-                values[name] = int(raw)
+                values[name] = int(raw)  # type: ignore[arg-type]  # None: TypeError, below
             except (TypeError, ValueError):
                 raise Refused(400, f"{name}={raw!r}: expected a whole number") from None
         if not 1 <= values["min"] <= values["max"]:
@@ -268,6 +271,22 @@ class Dashboard(CoroutineResource):
                               "max", values["max"])
         self.log.info("dashboard: autoscaling limits set to {min}-{max}", **values)
         return await self._done(request, 200, values)
+
+    async def scale_app(self, request) -> Reply:
+        """An app's fixed number of instances, as ``dockpart apps scale NAME N``."""
+        body = self._body(request)
+        self._writable()
+        name, raw = body.get("name"), body.get("count")
+        try:
+            count = int(str(raw))
+        except (TypeError, ValueError):
+            raise Refused(400, f"count={raw!r}: expected a whole number") from None
+        try:
+            await apps.scale(self.redis, str(name), count)
+        except apps.BadApp as e:
+            raise Refused(404 if "no app" in str(e) else 400, str(e)) from None
+        self.log.info("dashboard: app {name} scaled to {count}", name=name, count=count)
+        return await self._done(request, 200, {"app": name, "desired": count})
 
     def _body(self, request) -> dict:
         """The POST's fields: a JSON object, or a form."""
@@ -297,9 +316,12 @@ def make_dashboard(config, redis, worker, reactor) -> MultiService:
     top = MultiService()
     watch = TierWatch(redis, worker, reactor=reactor)
     watch.setServiceParent(top)
-    site = server.Site(Dashboard(watch, config["dashboard-token"]))
-    site.noisy = False
-    site.log = lambda request: None  # a poll a second per browser would flood the log
-    Listener("dockpart-infra dashboard",
-             server_endpoint(reactor, "dashboard", config["dashboard"]), site).setServiceParent(top)
+    # Every body is limited to MAX_BODY before it is read, and before the token is checked.
+    site = BoundedSite(Dashboard(watch, config["dashboard-token"]),
+                       replace(config["dashboard-site"], max_body=MAX_BODY))
+    # A poll a second per browser would flood the log:
+    site.log = lambda request: None  # type: ignore[method-assign]
+    site_listener("dockpart-infra dashboard", server_endpoint(reactor, "dashboard",
+                                                              config["dashboard"]),
+                  site).setServiceParent(top)
     return top

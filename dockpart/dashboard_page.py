@@ -34,6 +34,32 @@ def _form(action: str, csrf: str, label: str, fields: str = "", cls: str = "") -
             f'<button type="submit">{escape(label)}</button></form>')
 
 
+def _apps_html(found: list[dict], csrf: str, writable: bool) -> str:
+    """The apps (dockpart apps): scale, figures, instances, and a scale form each."""
+    rows = []
+    for app in found:
+        auto = app["autoscale"]
+        scale = (f'autoscaled {auto["min"]}-{auto["max"]} at {auto["target"]:g} in flight'
+                 if auto else "fixed")
+        form = ""
+        if writable:
+            form = _form("api/apps/scale", csrf, "scale",
+                         f'<input type="hidden" name="name" value="{escape(app["name"])}">'
+                         f'<input name="count" type="number" min="0" size="3" '
+                         f'value="{app["desired"]}" aria-label="instances of '
+                         f'{escape(app["name"])}"> ', "scale")
+        instances = " ".join(f'{escape(i["url"])} ({_text(i["rps"])} req/s, {i["health"]})'
+                             for i in app["instances"]) or "–"
+        rows.append(f'<tr data-app="{escape(app["name"])}"><td>{escape(app["name"])}</td>'
+                    f'<td>{escape(" ".join(app["domains"])) or "–"}</td>'
+                    f'<td>{len(app["instances"])} / {app["desired"]}</td><td>{scale}</td>'
+                    f'<td>{_text(app["rps"])}</td><td>{_text(app["p95_ms"])}</td>'
+                    f'<td class="instances">{instances}</td><td>{form}</td></tr>')
+    return "<h2>Apps</h2>" + _table(
+        "apps", ["app", "domains", "instances / desired", "scale", "req/s", "p95 ms",
+                 "instances", ""], rows, "No app (dockpart apps create NAME ...).")
+
+
 def _instance_row(row: dict, csrf: str, writable: bool) -> str:
     url = row["url"]
     destroy = ""
@@ -85,6 +111,8 @@ def live_html(snapshot: dict, csrf: str) -> str:
     parts.append('<h2>Instances</h2>' + buttons + _table(
         "instances", ["URL", "state", "id", "health (proxies)", "req/s", "p50 ms", "p95 ms",
                       "errors/s", "in flight", ""], rows, "No instance is known."))
+
+    parts.append(_apps_html(snapshot.get("apps", []), csrf, writable))
 
     queues = snapshot["queues"]
     queue_rows = [f'<tr><td>{escape(name)}</td><td>{escape(" ".join(queues[name])) or "–"}</td></tr>'

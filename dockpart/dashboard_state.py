@@ -11,7 +11,7 @@ from collections import deque
 
 from twisted.internet import defer
 
-from dockpart import keys, load
+from dockpart import apps, keys, load
 from dockpart.drivers import DriverError, Unavailable
 from dockpart.periodic import Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
@@ -75,6 +75,19 @@ def _health(merged: dict | None) -> str:
     return "healthy" if merged["healthy"] else "down"
 
 
+def app_view(app: apps.App, reports: list[dict]) -> dict:
+    """One app as the dashboard shows it: its scale, its instances and their figures."""
+    interval = max((float(r.get("interval", 1.0)) for r in reports), default=1.0) or 1.0
+    merged = load.merge(reports)
+    empty = {"rps": None, "errors": None, "p50_ms": None, "p95_ms": None, "inflight": None}
+    return {**app.as_json(),
+            "instances": [{"url": url, "health": _health(merged.get(url)),
+                           **(figures(merged[url], interval) if url in merged else empty)}
+                          for url in app.instances],
+            **figures(tier_totals({u: f for u, f in merged.items() if u in app.instances}),
+                      interval)}
+
+
 def _port(url: str) -> int:
     try:
         return parse_instance_url(url)[1]
@@ -134,7 +147,9 @@ class TierWatch(Periodic):
         fields = await call("HGETALL", keys.AUTOSCALE_LIMITS) or []  # a flat list, raw
         limits = dict(zip(fields[::2], fields[1::2]))
         live = await call("LRANGE", keys.DEPLOY_LIVE, 0, -1)
-        reports = await load.read_reports(self.redis, now)
+        every = await load.read_reports(self.redis, now)
+        reports = [r for r in every if "app" not in r]  # the apps' own load is theirs
+        found = await apps.read_all(self.redis)
         active = holder == self.worker.id
         inventory, driver_error = None, None
         if active:
@@ -179,6 +194,8 @@ class TierWatch(Periodic):
                           "limits": {k: int(v) for k, v in limits.items()
                                      if k in ("min", "max") and str(v).isdigit()}},
             "deploy": {"live": live},
+            "apps": [app_view(app, [r for r in every if r.get("app") == app.name])
+                     for app in found],
         }
 
     def _record(self, snapshot: dict) -> None:

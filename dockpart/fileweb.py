@@ -8,14 +8,17 @@ Run it with ``twistd -n dockpart-fileweb --listen tcp:8000 --source tcp:writer:7
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from dockpart.listening import Listener, client_endpoint, server_endpoint
+from dockpart.listening import client_endpoint, server_endpoint
+from dockpart.website import BoundedSite, site_limits, site_listener, site_options
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 DEFAULT_SOURCE = "tcp:127.0.0.1:7000"
@@ -34,13 +37,17 @@ class SourceFailed(Exception):
 class SourceReader(Protocol, TimeoutMixin):
     """Collects everything the source sends until it closes; ``done`` fires with the bytes."""
 
+    transport: ITCPTransport  # a TCP client's connection
+
     def __init__(self, idle_timeout: float, max_bytes: int, clock):
         self.idle_timeout = idle_timeout
         self.max_bytes = max_bytes
-        self.callLater = clock.callLater  # TimeoutMixin's timer, on the injected clock
+        # TimeoutMixin's timer, on the injected clock:
+        self.callLater = clock.callLater  # type: ignore[method-assign]
         self.chunks: list[bytes] = []
         self.size = 0
-        self.done = defer.Deferred(lambda _: self.transport.abortConnection())
+        self.done: defer.Deferred[bytes] = defer.Deferred(
+            lambda _: self.transport.abortConnection())
 
     def connectionMade(self):
         self.setTimeout(self.idle_timeout)
@@ -62,7 +69,7 @@ class SourceReader(Protocol, TimeoutMixin):
             self.done.errback(failure)
         self.transport.abortConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         self.setTimeout(None)
         if self.done.called:
             return
@@ -144,6 +151,7 @@ class Options(usage.Options):
         ["timeout", "t", DEFAULT_TIMEOUT,
          "Seconds the source may take to accept, and to stay silent, before a 504.", float],
         ["max-bytes", None, DEFAULT_MAX_BYTES, "Largest answer taken from the source.", int],
+        *site_options(),
     ]
 
     def postOptions(self):
@@ -151,6 +159,7 @@ class Options(usage.Options):
             raise usage.UsageError("--timeout must be a positive number of seconds")
         if self["max-bytes"] < 0:
             raise usage.UsageError("--max-bytes cannot be negative")
+        self["site"] = site_limits(self)
         from twisted.internet import reactor
         server_endpoint(reactor, "listen", self["listen"])  # bad ones: a usage error, not a traceback
         client_endpoint(reactor, "source", self["source"])
@@ -162,6 +171,4 @@ def makeService(config, reactor=None):
     listen = server_endpoint(reactor, "listen", config["listen"])
     source = client_endpoint(reactor, "source", config["source"])
     page = SourcePage(source, config["source"], config["timeout"], config["max-bytes"], reactor)
-    site = server.Site(page)
-    site.noisy = False
-    return Listener("dockpart-fileweb", listen, site)
+    return site_listener("dockpart-fileweb", listen, BoundedSite(page, config["site"]))

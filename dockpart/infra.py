@@ -12,11 +12,12 @@ from pathlib import Path
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from dockpart import infra_autoscale
+from dockpart import infra_apps, infra_autoscale
 from dockpart.drivers import ThreadPoolService
 from dockpart.infra_worker import EntryRules, Worker
 from dockpart.redisconn import RedisOptions, RedisService
 from dockpart.tier import FIRST_PORT, MAX_PORT
+from dockpart.website import site_limits, site_options
 
 DRIVERS = ("docker", "process", "swarm")
 
@@ -77,10 +78,14 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
          "proxies on other nodes reach them)."],
         ["state-dir", None, None, "Process driver: instances' logs and identity "
                                   "(default $XDG_STATE_HOME/dockpart-infra)."],
+        ["app-ports", None, None, "Ports the instances of apps (dockpart apps) may take, "
+                                  "shared by every app and never by two: LOW-HIGH "
+                                  "(default 20000-29999)."],
         ["dashboard", None, None, "Endpoint of the live dashboard, e.g. "
                                   "tcp:8080:interface=127.0.0.1 (off by default)."],
         ["dashboard-token", None, None, "Token the dashboard asks for, buttons included "
                                         "(env DOCKPART_DASHBOARD_TOKEN; default: none)."],
+        *site_options("dashboard-"),
     ]
 
     def __init__(self):
@@ -112,6 +117,7 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
         if not 1 <= first <= MAX_PORT:
             raise usage.UsageError(f"--first-port {first}: need 1 to {MAX_PORT}")
         self["port-range"] = _port_range(self["port-range"] or f"{first + 1}-{MAX_PORT}")
+        self["app-ports"] = _port_range(self["app-ports"] or "%d-%d" % infra_apps.APP_PORTS)
         for name in ("interval", "reconcile-interval", "spawn-timeout", "stop-timeout", "retry-max",
                      "lease", "probe-timeout"):
             if self[name] <= 0:
@@ -129,6 +135,7 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
         self["state-dir"] = self["state-dir"] or _default_state_dir()
         self["dashboard-token"] = self["dashboard-token"] or os.environ.get(
             "DOCKPART_DASHBOARD_TOKEN") or None
+        self["dashboard-site"] = site_limits(self, "dashboard-")
 
 
 def make_driver(config, pool: ThreadPoolService, reactor):
@@ -166,15 +173,27 @@ def makeService(config, reactor=None):
     low, high = config["port-range"]
     rules = EntryRules(config["advertise-host"], low, high, config["first-port"],
                        any_host=config["driver"] == "swarm")
-    worker = Worker(redis, make_driver(config, pool, reactor), rules, interval=config["interval"],
-                    reconcile_interval=config["reconcile-interval"], drain=config["drain"],
-                    spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
-                    retry_max=config["retry-max"], lease=config["lease"],
-                    probe_timeout=config["probe-timeout"],
-                    # An instance that exited is replaced, unless the autoscaler owns the count.
-                    keep_count=not config["autoscale"],
-                    reactor=reactor)
+    def make_worker(driver, rules, **kw) -> Worker:
+        return Worker(redis, driver, rules, interval=config["interval"],
+                      reconcile_interval=config["reconcile-interval"], drain=config["drain"],
+                      spawn_timeout=config["spawn-timeout"], max_active=config["max-active"],
+                      retry_max=config["retry-max"], lease=config["lease"],
+                      probe_timeout=config["probe-timeout"], reactor=reactor, **kw)
+
+    # An instance that exited is replaced, unless the autoscaler owns the count.
+    worker = make_worker(make_driver(config, pool, reactor), rules,
+                         keep_count=not config["autoscale"])
     worker.setServiceParent(top)
+    app_low, app_high = config["app-ports"]
+    app_rules = EntryRules(config["advertise-host"], app_low, app_high, 0,
+                           any_host=config["driver"] == "swarm")
+    from dockpart.drivers.apps import app_driver
+    infra_apps.AppsRunner(
+        redis, lambda app: app_driver(app, config, pool, reactor),
+        # The app's count is the runner's: an instance that exited is only removed.
+        lambda app, driver: make_worker(driver, app_rules, keep_count=False, lists=app.tier),
+        host=config["advertise-host"], ports=config["app-ports"],
+        autoscale_interval=config["evaluate-interval"], clock=reactor).setServiceParent(top)
     infra_autoscale.attach(config, redis, worker, top, reactor)
     if config["dashboard"]:
         from dockpart.dashboard import make_dashboard

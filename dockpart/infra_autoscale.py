@@ -191,12 +191,15 @@ class Policy:
         return decision(current, "hold", why)
 
 
-def observe(lists: dict[str, list[str]], reports: list[dict]) -> Observed:
-    """Current size from the tier's lists (as request_spawn counts it) and load from reports."""
-    leaving = set(lists[keys.DESTROY_QUEUE]) | set(lists[keys.DESTROYING])
-    ready = set(lists[keys.SERVERS]) - leaving
-    spawning = (set(lists[keys.SPAWN_QUEUE]) | set(lists[keys.SPAWNING])) - ready - leaving
-    ours = [r for r in reports if r.get("list", keys.SERVERS) == keys.SERVERS]
+def observe(lists: dict[str, list[str]], reports: list[dict],
+            tier_keys: keys.TierKeys = keys.SEED) -> Observed:
+    """Current size from the tier's lists (as request_spawn counts it) and load from reports
+    (those of the proxies' rotation over ``tier_keys.servers``: the seed's, or an app's)."""
+    t = tier_keys
+    leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
+    ready = set(lists[t.servers]) - leaving
+    spawning = (set(lists[t.spawn_queue]) | set(lists[t.spawning])) - ready - leaving
+    ours = [r for r in reports if r.get("list", keys.SERVERS) == t.servers]
     inflight = sum(f["inflight"] for f in load.merge(ours).values())
     return Observed(len(ready), len(spawning), inflight)
 
@@ -351,6 +354,7 @@ class Autoscaler(Service):
             except (TypeError, ValueError, KeyError):
                 continue  # not a worker's letter: not ours to judge
             if letter.get("queue") == "spawn" and at > self._letters_seen \
+                    and letter.get("list", keys.SERVERS) == keys.SERVERS \
                     and (newest is None or at > newest[0]):
                 newest = (at, letter)
         if newest is not None:

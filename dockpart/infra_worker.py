@@ -95,7 +95,7 @@ class EntryRules:
             raise BadEntry(f"not a valid instance URL: {e}") from None
         if host != self.host and not self.any_host:
             raise BadEntry(f"host {host!r} is not this infra's host {self.host!r}")
-        if queue is DESTROY and port == self.first_port:
+        if queue.name == DESTROY.name and port == self.first_port:
             raise BadEntry(f"the first instance (port {port}) is never destroyed")
         if not self.low <= port <= self.high:
             raise BadEntry(f"port {port} is outside the allowed range {self.low}-{self.high}")
@@ -163,8 +163,13 @@ class Worker(Service):
     def __init__(self, redis: RedisService, driver, rules: EntryRules, *, interval: float = 0.2,
                  reconcile_interval: float = 2.0, drain: float = 3.0, spawn_timeout: float = 30.0,
                  max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0,
-                 probe_timeout: float = 1.0, keep_count: bool = True, probe=None, reactor):
+                 probe_timeout: float = 1.0, keep_count: bool = True, probe=None,
+                 lists: keys.TierKeys = keys.SEED, reactor):
         self.redis = redis
+        # Whose queues and ``servers``: the seed app's, or an app's (dockpart.infra_apps).
+        self.lists = lists
+        self.queues = (Queue(SPAWN.name, lists.spawn_queue, lists.spawning),
+                       Queue(DESTROY.name, lists.destroy_queue, lists.destroying))
         self.driver = driver
         self.rules = rules
         self.interval = interval
@@ -227,7 +232,7 @@ class Worker(Service):
             task.cancel()
         done = defer.DeferredList(tasks)
         if self._leased:  # the next infra need not wait for the lease to expire
-            done.addCallback(lambda _: self.redis.eval(_RELEASE_LEASE, [keys.INFRA_LEASE],
+            done.addCallback(lambda _: self.redis.eval(_RELEASE_LEASE, [self.lists.lease],
                                                        [self.id]))
             done.addErrback(lambda f: None)
         return done
@@ -254,17 +259,17 @@ class Worker(Service):
 
     async def _hold_lease(self) -> bool:
         """Renew this infra's lease on the queues; whether it holds it."""
-        held = await self.redis.eval(_HOLD_LEASE, [keys.INFRA_LEASE],
+        held = await self.redis.eval(_HOLD_LEASE, [self.lists.lease],
                                      [self.id, int(self.lease * 1000)])
         if bool(held) != self._leased:
             self._leased = bool(held)
             if held:
-                self.log.info("holding the lease on the queues ({key})", key=keys.INFRA_LEASE)
+                self.log.info("holding the lease on the queues ({key})", key=self.lists.lease)
                 self._reconcile_tick()
             else:
-                holder = await self.redis.call("GET", keys.INFRA_LEASE)
+                holder = await self.redis.call("GET", self.lists.lease)
                 self.log.warn("another dockpart-infra ({holder}) works these queues; waiting "
-                              "until its lease ({key}) ends", holder=holder, key=keys.INFRA_LEASE)
+                              "until its lease ({key}) ends", holder=holder, key=self.lists.lease)
                 self._recovery = None  # when the lease is back, first finish what it left
         return self._leased
 
@@ -286,7 +291,7 @@ class Worker(Service):
         more = True
         while more and len(self._tasks) < self.max_active:
             more = False
-            for queue in QUEUES:
+            for queue in self.queues:
                 if len(self._tasks) >= self.max_active:
                     break
                 entry = await self.redis.call("LMOVE", queue.waiting, queue.processing,
@@ -306,7 +311,7 @@ class Worker(Service):
         """What processing holds that is not in hand here, oldest first."""
         left = []
         busy = Counter(self._inflight)
-        for queue in QUEUES:
+        for queue in self.queues:
             for entry in reversed(await self.redis.call("LRANGE", queue.processing, 0, -1)):
                 if busy[queue, entry]:
                     busy[queue, entry] -= 1  # still in hand here (the lease came back)
@@ -339,7 +344,7 @@ class Worker(Service):
             return await self._dead_letter(queue, entry, str(e))
         async with self._port_lock(port):
             try:
-                if queue is SPAWN:
+                if queue.name == SPAWN.name:
                     await self._spawn(entry, port)
                 else:
                     await self._destroy(entry, port)
@@ -384,7 +389,7 @@ class Worker(Service):
         self.log.warn("dead-lettered {queue} request {entry!r}: {reason}",
                       queue=queue.name, entry=entry, reason=reason)
         letter = json.dumps({"queue": queue.name, "entry": entry, "reason": reason,
-                             "time": self.reactor.seconds()})
+                             "time": self.reactor.seconds(), "list": self.lists.servers})
         await self._retrying(lambda: self.redis.eval(
             _DEAD_LETTER, [queue.processing, keys.DEAD_LETTERS], [entry, letter]))
 
@@ -408,9 +413,10 @@ class Worker(Service):
             await self._retrying(lambda: self.driver.remove(port))
             raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
                               f"removed it")
-        await self._retrying(lambda: tier.register(self.redis, served, keys.SPAWNING))
+        await self._retrying(lambda: tier.register(self.redis, served, self.lists.spawning,
+                                                         self.lists.servers))
         if served != url:  # in servers first: the instance is never in no list
-            await self._retrying(lambda: self.redis.call("LREM", keys.SPAWNING, 1, url))
+            await self._retrying(lambda: self.redis.call("LREM", self.lists.spawning, 1, url))
         self.log.info("{url} answers and is in servers ({seconds:.2f} s)",
                       url=served, seconds=self.reactor.seconds() - began)
 
@@ -426,11 +432,11 @@ class Worker(Service):
         return False
 
     async def _destroy(self, url: str, port: int) -> None:
-        await self._retrying(lambda: tier.unregister(self.redis, url))
+        await self._retrying(lambda: tier.unregister(self.redis, url, self.lists.servers))
         self.log.info("{url} left servers; draining for {drain:g} s", url=url, drain=self.drain)
         await deferLater(self.reactor, self.drain, lambda: None)
         await self._retrying(lambda: self.driver.remove(port))
-        await self._retrying(lambda: self.redis.call("LREM", keys.DESTROYING, 1, url))
+        await self._retrying(lambda: self.redis.call("LREM", self.lists.destroying, 1, url))
         self.log.info("destroyed {what} ({url})", what=self.driver.describe(port), url=url)
 
     # -- reconciling
@@ -467,12 +473,12 @@ class Worker(Service):
     async def _reconcile(self) -> None:
         # The lists (as of one moment) first, instances second: an instance registered in
         # between is never dropped.
-        lists = await tier.snapshot(self.redis)
+        lists = await tier.snapshot(self.redis, self.lists)
         instances = await self.driver.managed()
-        pending = {self.rules.owns(url) for key, urls in lists.items() if key != keys.SERVERS
+        pending = {self.rules.owns(url) for key, urls in lists.items() if key != self.lists.servers
                    for url in urls}
         listed, first = {}, None
-        for url in lists[keys.SERVERS]:
+        for url in lists[self.lists.servers]:
             port = self.rules.owns(url)
             if port is not None:
                 listed[port] = url
@@ -495,7 +501,7 @@ class Worker(Service):
         for port, url in listed.items():
             # None: swarm restarts its task; it comes back in servers once placed and answering.
             if (instances.get(port) is None or moved(port)) and not busy(port):
-                if await tier.unregister(self.redis, url):
+                if await tier.unregister(self.redis, url, self.lists.servers):
                     self.log.info("reconcile: {what} is {gone}; removed {url} from servers",
                                   what=self.driver.describe(port), url=url,
                                   gone="restarting" if port in instances else "gone")
@@ -532,11 +538,11 @@ class Worker(Service):
             what = ("the first instance" if url == first else self.driver.describe(port))
             was_listed = listed.get(port) == url or url == first
             if answered and not was_listed:
-                if await tier.register(self.redis, url):
+                if await tier.register(self.redis, url, "", self.lists.servers):
                     self.log.info("reconcile: {what} answers; added {url} back to servers",
                                   what=what, url=url)
             elif not answered and was_listed:
-                if await tier.unregister(self.redis, url):
+                if await tier.unregister(self.redis, url, self.lists.servers):
                     self.log.warn("reconcile: {what} did not answer within {timeout:g} s; "
                                   "removed {url} from servers until it answers again",
                                   what=what, url=url, timeout=self.probe_timeout)
@@ -547,10 +553,10 @@ class Worker(Service):
         url = self._url(port)
         what = self.driver.describe(port)
         async with self._port_lock(port):
-            await tier.unregister(self.redis, listed_url or url)
+            await tier.unregister(self.redis, listed_url or url, self.lists.servers)
             if self.keep_count:
                 # Queued before the removal: a crash in between still ends with the instance.
-                await self.redis.call("LPUSH", keys.SPAWN_QUEUE, url)
+                await self.redis.call("LPUSH", self.lists.spawn_queue, url)
             await self.driver.remove(port)
         self.log.warn("reconcile: {what} exited; removed it{then}", what=what,
                       then=f" and queued a spawn of {url} in its place" if self.keep_count

@@ -74,3 +74,73 @@ def proxy_load(proxy_id: str) -> str:
 AUTOSCALE_DECISIONS = "dockpart:autoscale:decisions"
 AUTOSCALE_DESIRED = "dockpart:autoscale:desired"
 AUTOSCALE_LIMITS = "dockpart:autoscale:limits"
+
+
+class TierKeys:
+    """The lists one tier's instances move through: asked for, being spawned, live, leaving,
+    and the lease on its queues.  The seed app's are :data:`SEED`; an app's,
+    :func:`app_tier`."""
+
+    __slots__ = ("servers", "spawn_queue", "spawning", "destroy_queue", "destroying", "lease")
+
+    def __init__(self, servers: str, spawn_queue: str, spawning: str, destroy_queue: str,
+                 destroying: str, lease: str):
+        self.servers = servers
+        self.spawn_queue = spawn_queue
+        self.spawning = spawning
+        self.destroy_queue = destroy_queue
+        self.destroying = destroying
+        self.lease = lease
+
+    @property
+    def lists(self) -> tuple[str, ...]:
+        """Every list, ``servers`` first."""
+        return (self.servers, self.spawn_queue, self.spawning, self.destroy_queue,
+                self.destroying)
+
+    def __eq__(self, other):
+        return isinstance(other, TierKeys) and self.lists == other.lists
+
+    def __hash__(self):
+        return hash(self.lists)
+
+
+#: The seed app's tier, with the seed's key names.
+SEED = TierKeys(SERVERS, SPAWN_QUEUE, SPAWNING, DESTROY_QUEUE, DESTROYING, INFRA_LEASE)
+
+#: Apps (``dockpart apps``): the set of app names, and per app a hash (see
+#: :mod:`dockpart.apps`).  Every change to an app's record is published on APPS_CHANNEL
+#: with the app's name.
+APPS = "dockpart:apps"
+APPS_CHANNEL = "dockpart:apps:changed"
+APP_PREFIX = "dockpart:app:"
+
+#: Apps destroyed whose instances infra still has to drain and remove (a set of names).
+APPS_DESTROYED = "dockpart:apps:destroyed"
+
+#: The port each app instance holds (a hash port -> app name): one range, never shared.
+APP_PORTS = "dockpart:apps:ports"
+
+
+def app_record(name: str) -> str:
+    """The hash of one app's settings (image or command, domains, scale, release)."""
+    return APP_PREFIX + name
+
+
+def app_tier(name: str) -> TierKeys:
+    """An app's own lists, mirroring the seed's: ``dockpart:app:NAME:servers`` and so on."""
+    base = f"{APP_PREFIX}{name}:"
+    return TierKeys(base + "servers", base + "spawn:queue", base + "spawn:processing",
+                    base + "destroy:queue", base + "destroy:processing", base + "lease")
+
+
+#: Pattern of the change channels of every app's ``servers`` list.
+APP_SERVERS_PATTERN = changes_channel(APP_PREFIX + "*:servers")
+
+
+def app_of_channel(channel: str) -> str | None:
+    """The app whose ``servers`` channel this is, else None."""
+    head, tail = APP_PREFIX, ":servers:changed"
+    if channel.startswith(head) and channel.endswith(tail):
+        return channel[len(head):-len(tail)]
+    return None

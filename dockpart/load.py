@@ -8,6 +8,7 @@ them up with :func:`merge`: one source of truth for "how loaded is each instance
 A report is JSON::
 
     {"proxy": "host:pid", "time": 1700000000.5, "interval": 1.0, "list": "servers",
+     # "app": "NAME" too, in the report on an app's instances (its list's key in "list")
      "backends": {"http://127.0.0.1:3001": {
          "requests": 120,        # responses completed since the previous report
          "errors": 0,            # failed attempts since the previous report

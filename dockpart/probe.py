@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
 
 #: Longest status line we wait for before calling the answer malformed.
 _MAX_LINE = 1024
@@ -22,6 +24,8 @@ class NotHTTP(Exception):
 
 class _StatusLine(Protocol):
     """Sends one request; ``status`` fires with the response's status code."""
+
+    transport: ITCPTransport  # a TCP client's connection (None until connected)
 
     def __init__(self, request: bytes):
         self.request = request
@@ -45,7 +49,7 @@ class _StatusLine(Protocol):
             self.status.errback(NotHTTP(f"not an HTTP answer: {line[:80]!r}"))
         self.transport.loseConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         if not self.status.called:
             self.status.errback(reason)
 

@@ -16,12 +16,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dockpart import keys
+from dockpart import apps, keys
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_sync import BackendSync
 from dockpart.proxy_dispatch import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
+from dockpart.proxy_routes import AppsSync, Routes
 from dockpart.listening import Listener
 from dockpart.proxy_workers import (BACKLOG, Workers, WorkersAdmin, die_with_parent,
                                     shared_port_endpoint, tcp_address, usable_cpus)
@@ -39,6 +40,8 @@ class Options(RedisOptions):
         ["listen", "l", "tcp:3456", "Endpoint to listen on."],
         ["servers-key", None, keys.SERVERS, "Redis list of backend URLs to rotate over."],
         ["balance", "b", "local", "local (in-memory rotation) or shared (LMOVE per request)."],
+        ["apps-domain", None, "localhost", "Host NAME.<this> goes to app NAME's instances "
+                                           "(dockpart apps); other hosts to --servers-key."],
         ["admin", None, None, "Endpoint of the admin listener (JSON status, /metrics); off "
                               "by default, e.g. tcp:3457:interface=127.0.0.1."],
         ["refresh-interval", None, 1.0, "Seconds between reads of the list (safety net).", float],
@@ -47,14 +50,25 @@ class Options(RedisOptions):
         ["health-interval", None, 5.0, "Seconds between active health checks.", float],
         ["connect-timeout", None, 3.0, "Seconds to connect to a backend.", float],
         ["backend-timeout", None, 30.0, "Seconds to wait for a backend's response (504).", float],
-        ["try-timeout", None, None, "Seconds one backend gets to start answering an idempotent "
-                                    "request without a body before it is sent once to another "
-                                    "(off unless given).", float],
+        ["try-timeout", None, None, "Seconds a backend gets to start answering before it is "
+                                    "left out and asked whether it answers at all; silent "
+                                    "half that long again, the request gets 504 (not sent "
+                                    "twice; off unless given).", float],
         ["header-timeout", None, 10.0, "Seconds a client has to send request headers (408).",
          float],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client connection stays, "
                                      "and the longest pause inside a request body (408).", float],
         ["max-header-size", None, 16384, "Largest request head in bytes (431 beyond).", int],
+        ["max-inflight-per-client", None, 256, "Requests one client address may have in "
+                                               "flight (429 beyond; 0: no limit).", int],
+        ["body-timeout", None, 20.0, "Seconds a request body may take, plus one per "
+                                     "--body-min-rate bytes received (408 beyond; 0: no "
+                                     "limit).", float],
+        ["body-min-rate", None, 500.0, "Bytes per second of body that earn one more second "
+                                       "of --body-timeout.", float],
+        ["load-per-client", None, 8, "Requests of one client address counted as load for the "
+                                     "autoscaler, at most (0: all; raise it to load-test "
+                                     "from one host).", int],
         ["workers", "w", "1", "Processes serving the port (SO_REUSEPORT), each with its own "
                               "reactor and backend pools; auto = one per CPU."],
         ["shutdown-timeout", None, 10.0, "Seconds a stopping proxy lets requests in flight "
@@ -74,6 +88,10 @@ class Options(RedisOptions):
         if self["balance"] not in BALANCES:
             raise usage.UsageError(f"--balance must be one of {', '.join(BALANCES)}, "
                                    f"not {self['balance']!r}")
+        try:
+            self["apps-domain"] = apps.check_domain(self["apps-domain"])
+        except apps.BadApp as e:
+            raise usage.UsageError(f"--apps-domain: {e}") from None
         if not self["servers-key"]:
             raise usage.UsageError("--servers-key must not be empty")
         workers = self["workers"]
@@ -90,6 +108,10 @@ class Options(RedisOptions):
                      "shutdown-timeout", "backlog"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        for name in ("max-inflight-per-client", "body-timeout", "body-min-rate",
+                     "load-per-client"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must be 0 or more")
         if self["try-timeout"] is not None and self["try-timeout"] <= 0:
             raise usage.UsageError("--try-timeout must be positive")
         path = self["health-path"]
@@ -112,6 +134,7 @@ class ProxyService(MultiService):
     def stopService(self):
         if self.listener is not None:
             yield self.listener.stopService()
+        assert self.proxy is not None  # built before the service starts
         busy = len(self.proxy.clients)
         if busy:
             self.log.info("stopping: {busy} client connections open; waiting up to {timeout} s "
@@ -133,22 +156,37 @@ def makeService(config, reactor=None):
     top = ProxyService(config["shutdown-timeout"])
     redis = RedisService(config["redis"], config["redis-timeout"], reactor)
     redis.setServiceParent(top)
+    try_timeout = config["try-timeout"]
     backends = BackendSet(redis, config["servers-key"], config["balance"], reactor,
-                          down_time=config["down-time"])
+                          down_time=config["down-time"],
+                          quiet_after=try_timeout / 10 if try_timeout else None)
     BackendSync(backends, reactor, config["refresh-interval"]).setServiceParent(top)
-    LoadPublisher(backends, redis, reactor).setServiceParent(top)
+    publisher = LoadPublisher(backends, redis, reactor)
+    publisher.setServiceParent(top)
+    health = None
     if config["health-path"]:
         # An answer slower than the interval (a second at least) counts as none.
-        HealthChecks(backends, config["health-path"], config["health-interval"],
-                     min(config["connect-timeout"], max(config["health-interval"], 1.0)),
-                     reactor).setServiceParent(top)
+        health = (config["health-path"], config["health-interval"],
+                  min(config["connect-timeout"], max(config["health-interval"], 1.0)))
+        HealthChecks(backends, *health, reactor).setServiceParent(top)
+    routes = Routes(backends, config["apps-domain"])
+    apps_sync = AppsSync(routes, redis, reactor, interval=config["refresh-interval"],
+                         down_time=config["down-time"], health=health)
+    apps_sync.setServiceParent(top)
     limits = Limits(max_header_size=config["max-header-size"],
                     header_timeout=config["header-timeout"], idle_timeout=config["idle-timeout"],
                     connect_timeout=config["connect-timeout"],
                     backend_timeout=config["backend-timeout"], try_timeout=config["try-timeout"],
+                    probe_path=config["health-path"] or "/",
+                    max_inflight_per_client=config["max-inflight-per-client"],
+                    body_timeout=config["body-timeout"], body_min_rate=config["body-min-rate"],
+                    load_per_client=config["load-per-client"],
                     first_read_wait=config["redis-timeout"])
     proxy = top.proxy = ProxyFactory(backends, reactor, limits)
-    shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout)
+    proxy.routes = routes
+    publisher.inflight = apps_sync.inflight = proxy.fair_inflight
+    shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout,
+                   limits.try_timeout or limits.backend_timeout)
     sweep = TimerService(min(0.5, shortest / 4), proxy.sweep)
     sweep.clock = reactor
     sweep.setServiceParent(top)

@@ -21,6 +21,9 @@ def status(proxy: ProxyFactory) -> dict:
         "client_connections": stats.connections,
         # What this proxy last published for the autoscaler and the dashboard (one source).
         "load": proxy.backends.published,
+        # Each app routed by Host (dockpart.proxy_routes): its own list, rotation and figures.
+        "apps": {name: {**backends.status(), "load": backends.published}
+                 for name, backends in (proxy.routes.apps if proxy.routes else {}).items()},
     }
 
 

@@ -25,7 +25,8 @@ class Backend:
     """One entry of the list: where it is, its idle connections and what happened to it."""
 
     __slots__ = ("url", "host", "port", "authority", "idle", "down_until", "requests",
-                 "errors", "latency_sum", "latency_count", "latency_buckets", "_active", "listed")
+                 "errors", "latency_sum", "latency_count", "latency_buckets", "_active", "listed",
+                 "answered_at", "busy_since")
 
     def __init__(self, url: str, host: str, port: int):
         self.url = url
@@ -41,6 +42,8 @@ class Backend:
         self.latency_buckets = load.empty_buckets()
         self._active = 0
         self.listed = True
+        self.answered_at = 0.0  # when it last answered anything (a response head, a probe)
+        self.busy_since = 0.0  # when its requests in flight went from none to one
 
     @property
     def active(self) -> int:
@@ -102,12 +105,15 @@ class BackendSet:
     log = Logger()
 
     def __init__(self, redis: RedisService, list_key: str, balance: str, clock,
-                 down_time: float = 10.0):
+                 down_time: float = 10.0, quiet_after: float | None = None):
         self.redis = redis
         self.list_key = list_key
         self.shared = balance == "shared"
         self.clock = clock
         self.down_time = down_time
+        #: A backend with requests in flight that answered nothing for this long is tried
+        #: after the others: one that just froze gets few new requests before it is ejected.
+        self.quiet_after = quiet_after
         self.ring: list[Backend] = []
         self.by_url: dict[str, Backend] = {}
         self._next = 0
@@ -117,7 +123,7 @@ class BackendSet:
         self._distrust_empty = False
         self._holding = False  # serving the last list although Redis now says empty
         self._bad: set[str] = set()
-        self._rereading = None
+        self._rereading: defer.Deferred | None = None
         self._waiting: list = []
         self.published: dict | None = None  # the last load report (dockpart.proxy_load)
 
@@ -194,7 +200,7 @@ class BackendSet:
         if self._rereading is None:
             self._rereading = self.refresh()
             self._rereading.addBoth(self._reread_done)
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
         return d
 
@@ -210,7 +216,8 @@ class BackendSet:
         """The next backend in local rotation that is healthy and not tried yet.
 
         When every untried backend is marked down, the least recently failed one is tried
-        anyway: a guess beats a certain 502.  None when nothing is left.
+        anyway: a guess beats a certain 502.  A quiet one (see ``quiet_after``) comes after
+        the others.  None when nothing is left.
         """
         ring = self.ring
         n = len(ring)
@@ -219,15 +226,25 @@ class BackendSet:
         now = self.clock.seconds()
         start = self._next
         fallback = None
+        quiet = None
+        quiet_since = now - self.quiet_after if self.quiet_after else None
         for i in range(n):
             backend = ring[(start + i) % n]
             if backend in tried:
                 continue
             if backend.down_until <= now:
+                if quiet_since is not None and backend.active and \
+                        backend.answered_at < quiet_since and backend.busy_since < quiet_since:
+                    if quiet is None:
+                        quiet = i
+                    continue
                 self._next = (start + i + 1) % n
                 return backend
             if fallback is None or backend.down_until < fallback.down_until:
                 fallback = backend
+        if quiet is not None:
+            self._next = (start + quiet + 1) % n
+            return ring[(start + quiet) % n]
         return fallback
 
     def pick_shared(self, callback, arg) -> None:

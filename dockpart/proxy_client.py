@@ -200,8 +200,12 @@ class ClientConnection(_Reading, protocol.Protocol):
             # The parser takes what follows an Upgrade head as the new protocol's bytes.
             return self._refuse_head(400, "an Upgrade request cannot carry a body here\n")
         if chunked:
+            them = codings(coded)
+            if not them or them[-1] != b"chunked":
+                # Without a final chunked the body's end cannot be known (RFC 9112 6.3).
+                return self._refuse_head(501, "a request body must be chunked last\n")
             # The parser accepts only codings that end in one chunked; the others go on.
-            append(b"Transfer-Encoding: " + b", ".join(codings(coded)))
+            append(b"Transfer-Encoding: " + b", ".join(them))
         peer_ip = self.peer_ip  # empty on a UNIX socket
         if forwarded_for or peer_ip:
             append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer_ip
@@ -227,6 +231,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         exchange = self.queue[-1] if self.queue else self.current
         if exchange is None:
             return
+        exchange.body_bytes += len(body)
         if exchange.chunked_in:
             body = b"%x\r\n%s\r\n" % (len(body), body)
         conn = exchange.conn
@@ -269,6 +274,11 @@ class ClientConnection(_Reading, protocol.Protocol):
         """
         if self.mode is not Mode.OPEN:
             return
+        exchange = self.queue[-1] if self.queue else self.current
+        if exchange is not None and not exchange.request_done and not exchange.upgrade:
+            # Its body turned out malformed: the backend waits for the rest, so nothing
+            # later would end this exchange but a timer.
+            return self.cut_body(exchange, code, text)
         self.transition(Mode.REFUSING)
         self.refusal = (code, text, head_only)
         self.parsing = False
@@ -276,28 +286,43 @@ class ClientConnection(_Reading, protocol.Protocol):
         if self.current is None and not self.queue:
             self.answer(code, text, head_only=head_only)
 
-    def answer(self, code: int, text: str, close: bool = True, head_only: bool = False) -> None:
-        """A response of our own; closes the connection unless told otherwise."""
+    def cut_body(self, exchange: Exchange, code: int, text: str) -> None:
+        """The request whose body is being read cannot go on: answer ``code`` (or cut the
+        connection, if its answer began), give its backend connection and slot back, close."""
+        if exchange is not self.current:
+            self.queue.pop()  # never sent: the refusal is answered in its turn
+            return self.refuse(code, text, head_only=exchange.head_only)
+        if exchange.conn is not None:
+            exchange.conn.give_up()
+        exchange.end_try()
+        exchange.close_after = True
+        self.fail_exchange(exchange, code, text)
+
+    def answer(self, code: int, text: str, close: bool = True, head_only: bool = False,
+               extra: bytes = b"") -> None:
+        """A response of our own (``extra``: header lines); closes the connection unless told
+        otherwise."""
         if self.closed:
             return
         body = text.encode()
         self.factory.stats.responses[code] = self.factory.stats.responses.get(code, 0) + 1
         self.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s" % (
-                code, REASONS.get(code, b"Error"), len(body),
+            b"Content-Length: %d\r\n%s%s\r\n%s" % (
+                code, REASONS.get(code, b"Error"), len(body), extra,
                 b"Connection: close\r\n" if close else b"", b"" if head_only else body))
         if close:
             self.parsing = False
             self.close()
 
-    def fail_exchange(self, exchange: Exchange, code: int, text: str) -> None:
+    def fail_exchange(self, exchange: Exchange, code: int, text: str, extra: bytes = b"") -> None:
         """The exchange ends in an answer of ours; keep the connection if the request is read."""
         if exchange.responded:
             return self.abort()
         exchange.reply_moves(Reply.DONE)
+        self.factory.per_client.release(exchange)
         keep = exchange.request_done and not exchange.close_after and not exchange.upgrade
-        self.answer(code, text, close=not keep, head_only=exchange.head_only)
+        self.answer(code, text, close=not keep, head_only=exchange.head_only, extra=extra)
         if keep:
             self.exchange_done(exchange)
 
@@ -317,6 +342,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         if exchange is not self.current:
             return
         self.current = None  # the backend side closed the exchange's pipe before this
+        self.factory.per_client.release(exchange)
         if self.closed:
             return
         if exchange.close_after or exchange.upgrade or not exchange.request_done:
@@ -384,6 +410,10 @@ class ClientConnection(_Reading, protocol.Protocol):
                 self.factory.backends.failed(backend)
             return self.abort()
         stalled = not exchange.request_done
+        if not stalled and backend is not None:
+            self.deadline = self.factory.tries.more_time(exchange, backend, now)
+            if self.deadline is not None:
+                return
         if conn is not None:
             conn.give_up()
         exchange.end_try()
@@ -394,7 +424,7 @@ class ClientConnection(_Reading, protocol.Protocol):
                 self.factory.backends.failed(backend)
         if stalled:
             self.fail_exchange(exchange, 408, "the request body stopped coming\n")
-        elif not self.factory.try_elsewhere(exchange):
+        else:
             self.fail_exchange(exchange, 504, "the backend did not answer in time\n")
 
     def abort(self) -> None:
@@ -406,6 +436,8 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.transition(Mode.CLOSED)
         self.factory.clients.discard(self)
         exchange, self.current = self.current, None
+        if exchange is not None:
+            self.factory.per_client.release(exchange)
         if exchange is not None and exchange.conn is not None and not exchange.response_done:
             exchange.conn.drop()
         if self.tunnel_to is not None:

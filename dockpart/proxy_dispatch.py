@@ -2,13 +2,16 @@
 
 :class:`ProxyFactory` builds the client connections (:mod:`dockpart.proxy_client`), picks a
 backend for each exchange, lends it a pooled connection or opens one
-(:mod:`dockpart.proxy_upstream`), sends it again elsewhere when that is safe, enforces the
-deadlines and drains on shutdown.
+(:mod:`dockpart.proxy_upstream`), sends it again only when the backend never read it
+(:mod:`dockpart.proxy_retry`), holds each client to its share (:mod:`dockpart.proxy_limits`),
+enforces the deadlines and drains on shutdown.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -16,11 +19,19 @@ from twisted.logger import Logger
 from dockpart.proxy_backends import Backend, BackendSet
 from dockpart.proxy_client import ClientConnection
 from dockpart.proxy_exchange import Exchange
+from dockpart.proxy_limits import PerClient, body_overdue, fair_inflight
+from dockpart.proxy_retry import Tries
 from dockpart.proxy_upstream import BackendConnection
+
+if TYPE_CHECKING:
+    from dockpart.proxy_routes import Routes
 
 #: Pooled connections idle longer are not reused: backends close theirs after a few seconds
 #: (node's default is 5 s), and a request on a connection closing under it may be lost.
 POOL_IDLE_TIME = 4.0
+
+#: Seconds a client is told to wait (Retry-After) when an app has no instance.
+APP_RETRY_AFTER = 1
 
 
 @dataclass
@@ -32,9 +43,18 @@ class Limits:
     connect_timeout: float = 3.0
     backend_timeout: float = 30.0
     first_read_wait: float = 2.0
-    #: Per try, for an idempotent request without a body: past it with no byte of an answer,
-    #: the request is sent once to another backend (None: no such retry).
+    #: Past it with no byte of an answer, the backend is ejected and asked whether it
+    #: answers at all (dockpart.proxy_retry; None: only backend_timeout applies).
     try_timeout: float | None = None
+    #: What that question asks for (the health checks' path).
+    probe_path: str = "/"
+    #: One client address (dockpart.proxy_limits; 0: no limit): requests in flight (429
+    #: beyond), a body's time (seconds, plus one per body_min_rate bytes; 408 beyond), and
+    #: its share of the load reported to the autoscaler.
+    max_inflight_per_client: int = 256
+    body_timeout: float = 20.0
+    body_min_rate: float = 500.0
+    load_per_client: int = 8
 
 
 class Stats:
@@ -81,6 +101,10 @@ class ProxyFactory(protocol.Factory):
         self.limits = limits or Limits()
         self.stats = Stats()
         self.clients: set[ClientConnection] = set()
+        self.tries = Tries(backends, reactor, self.limits)
+        self.per_client = PerClient(self.limits.max_inflight_per_client)
+        # dockpart.proxy_routes.Routes: apps by Host; None: every request to ``backends``.
+        self.routes: Routes | None = None
 
     def drain(self, timeout: float, poll: float = 0.05, idle_grace: float = 1.0
               ) -> defer.Deferred:
@@ -93,7 +117,7 @@ class ProxyFactory(protocol.Factory):
         ``timeout`` seconds whatever is left is cut.  Polling keeps this apart from the
         exchange's own state handling.
         """
-        done = defer.Deferred()
+        done: defer.Deferred = defer.Deferred()
         give_up = self.clock.seconds() + timeout
         idle_since: dict[ClientConnection, tuple] = {}
 
@@ -129,23 +153,49 @@ class ProxyFactory(protocol.Factory):
         return done
 
     def sweep(self) -> None:
-        """Enforce every deadline (header, idle, backend answer); called about twice a second."""
+        """Enforce every deadline (header, idle, body, backend answer); called about twice a
+        second."""
         now = self.clock.seconds()
         for client in list(self.clients):
             deadline = client.deadline
-            if deadline is not None and deadline < now and not client.closed:
-                try:
+            if client.closed:
+                continue
+            try:
+                exchange = client.current
+                if deadline is not None and deadline < now:
                     client.expire(now)
-                except Exception:
-                    client.log.failure("enforcing a time limit")
-                    client.abort()
+                elif exchange is not None and self._body_overdue(client, exchange, now):
+                    client.cut_body(exchange, 408, "the request body took too long\n")
+            except Exception:
+                client.log.failure("enforcing a time limit")
+                client.abort()
+
+    def _body_overdue(self, client: ClientConnection, exchange: Exchange, now: float) -> bool:
+        """The body of the client's request in flight is late, through no fault of ours (no
+        backend yet, or one that does not read)."""
+        if exchange.request_done or exchange.upgrade or \
+                client.reading_paused("peer") or client.reading_paused("no backend yet"):
+            return False
+        return body_overdue(exchange, now, self.limits.body_timeout, self.limits.body_min_rate)
+
+    def fair_inflight(self) -> Mapping[str, int]:
+        """Requests in flight per backend URL as load (dockpart.proxy_limits)."""
+        return fair_inflight(self.clients, self.limits.load_per_client)
 
     # Sending an exchange somewhere.
 
     def start(self, exchange: Exchange) -> None:
-        backends = self.backends
         if exchange.client.closed:
             return
+        if not self.per_client.admit(exchange):
+            return exchange.client.fail_exchange(
+                exchange, 429, "too many requests in flight from your address\n")
+        if exchange.has_body and not exchange.body_from:
+            exchange.body_from = self.clock.seconds()
+        backends = exchange.backends
+        if backends is None:
+            backends = exchange.backends = (self.backends if self.routes is None
+                                            else self.routes.backends_for(exchange.host))
         if not backends.known:
             # Just started: the first read of the list is a moment away, or Redis is down.
             if not exchange.started:
@@ -162,23 +212,29 @@ class ProxyFactory(protocol.Factory):
         client = exchange.client
         if client.closed:
             return
+        backends = exchange.backends
         if backend is None:
             if exchange.tried:
                 # Backend addresses go to the log and the admin listener, not to clients.
                 self.log.warn("every backend failed for a request: {urls}",
                               urls=", ".join(b.url for b in exchange.tried))
                 client.fail_exchange(exchange, 502, "every backend failed\n")
-            elif self.backends.known and not exchange.reread and not self.backends.shared:
+            elif backends.known and not exchange.reread and not backends.shared:
                 # Empty as far as we know; a notice of a first backend may be on its way.
                 # A 503 should be true when said, so read the list once more first.
                 exchange.reread = True
-                self.backends.reread().addBoth(lambda _: self._picked(self.backends.pick(),
-                                                                      exchange))
-            elif self.backends.known:
+                backends.reread().addBoth(lambda _: self._picked(backends.pick(), exchange))
+            elif backends is not self.backends:
+                # An app with no instance: it may be starting (or at zero: held, one day).
+                client.fail_exchange(exchange, 503, "the app has no instance running\n",
+                                     extra=b"Retry-After: %d\r\n" % APP_RETRY_AFTER)
+            elif backends.known:
                 client.fail_exchange(exchange, 503, "no backend is available\n")
             else:
                 client.fail_exchange(exchange, 503, "no backend is known yet\n")
             return
+        if not backend.active:
+            backend.busy_since = self.clock.seconds()
         exchange.try_on(backend)
         idle = backend.idle
         if idle:
@@ -208,37 +264,19 @@ class ProxyFactory(protocol.Factory):
         if exchange.backend is not backend or exchange.conn is not None:
             return
         exchange.end_try()
-        self.backends.failed(backend)
+        exchange.backends.failed(backend)
         if exchange.client.closed:
             return
         self.stats.retries += 1
-        self._picked(self.backends.pick(exchange.tried), exchange)
+        self._picked(exchange.backends.pick(exchange.tried), exchange)
 
     def answer_wait(self, exchange: Exchange) -> float:
-        """How long the answer to a fully sent request is waited for on this try."""
-        limits = self.limits
-        if limits.try_timeout is not None and exchange.idempotent and not exchange.retried:
-            return min(limits.try_timeout, limits.backend_timeout)
-        return limits.backend_timeout
-
-    def try_elsewhere(self, exchange: Exchange) -> bool:
-        """After a try timed out without a byte of an answer: send it once to another backend.
-
-        False when the request may not be sent again or no other backend is left.
-        """
-        if self.limits.try_timeout is None or not exchange.idempotent or exchange.retried:
-            return False
-        backend = self.backends.pick(exchange.tried)
-        if backend is None:
-            return False
-        exchange.retried = True
-        self.stats.retries += 1
-        self._picked(backend, exchange)
-        return True
+        """How long the answer to a fully sent request is waited for before anything is done."""
+        return self.tries.first_wait()
 
     def retry(self, exchange: Exchange, backend: Backend, stale: bool) -> None:
         """Send again after a connection died before answering; a dead backend is left out."""
-        if len(exchange.tried) > len(self.backends.ring) + 2:
+        if len(exchange.tried) > len(exchange.backends.ring) + 2:
             return exchange.client.fail_exchange(exchange, 502, "every backend failed\n")
         tried = exchange.tried
         if stale and tried.count(backend) < 2:
@@ -247,4 +285,4 @@ class ProxyFactory(protocol.Factory):
                 backend.idle.pop().drop()
             self._picked(backend, exchange)
             return
-        self._picked(self.backends.pick(tried), exchange)
+        self._picked(exchange.backends.pick(tried), exchange)

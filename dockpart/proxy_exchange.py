@@ -16,10 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
 
-from dockpart.proxy_framing import IDEMPOTENT
-
 if TYPE_CHECKING:
-    from dockpart.proxy_backends import Backend, Slot
+    from dockpart.proxy_backends import Backend, BackendSet, Slot
 
 
 class _Reader(Protocol):
@@ -53,7 +51,8 @@ class Downstream(_Reader, Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def fail_exchange(self, exchange: Exchange, code: int, text: str) -> None: ...
+    def fail_exchange(self, exchange: Exchange, code: int, text: str,
+                      extra: bytes = b"") -> None: ...
 
     def exchange_done(self, exchange: Exchange) -> None: ...
 
@@ -130,7 +129,7 @@ class _Reading:
     """Pausing reads for several reasons at once (peer full, request queued, ...)."""
 
     transport = None
-    _paused: set = frozenset()
+    _paused: set = frozenset()  # type: ignore[assignment]  # shared empty default; a set once used
 
     def pause_reading(self, reason: str) -> None:
         if not self._paused:
@@ -209,13 +208,14 @@ class Exchange:
     """One request and its response, from the first attempt to the last byte.
 
     Stored: what the request is and how far it has gone; what can be derived from that
-    (``head_only``, ``idempotent``, ``backend``, ``responded``) is a property.
+    (``head_only``, ``backend``, ``responded``) is a property.
     """
 
     __slots__ = ("client", "method", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
-                 "started", "host", "reread", "early", "retried", "client_slow")
+                 "started", "host", "reread", "early", "suspected_at", "client_slow",
+                 "body_from", "body_bytes", "backends")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
                  chunked_in, has_body, host):
@@ -239,18 +239,17 @@ class Exchange:
         self.started = 0.0
         self.reread = False  # the list was read again before answering 503
         self.early: list[bytes] = []  # bytes after an Upgrade head, held until a 101
-        self.retried = False  # sent again after its try timed out
+        self.suspected_at = 0.0  # when its try timed out (dockpart.proxy_retry)
         self.client_slow = False  # the client was given time to read a stalled response
+        self.body_from = 0.0  # when its body began to be read (dockpart.proxy_limits)
+        self.body_bytes = 0
+        # The BackendSet its Host routes to (dockpart.proxy_routes), set when it starts.
+        self.backends: BackendSet = None  # type: ignore[assignment]
 
     @property
     def head_only(self) -> bool:
         """The answer is a head alone (a response to HEAD)."""
         return self.method == b"HEAD"
-
-    @property
-    def idempotent(self) -> bool:
-        """Without a body, sending it again cannot do twice what the client asked once."""
-        return not self.has_body and self.method in IDEMPOTENT
 
     @property
     def backend(self) -> Backend | None:

@@ -22,13 +22,12 @@ FRAMING = frozenset([b"content-length", b"transfer-encoding", b"host"])
 #: Connection tokens that name no header.
 CONNECTION_OPTIONS = frozenset([b"keep-alive", b"close", b"upgrade"])
 NO_BODY_STATUS = frozenset([204, 304])
-#: Methods a request may be sent again with (RFC 9110 9.2.2).
-IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 #: A Host value: RFC 3986's reg-name / IP-literal characters and an optional port.
 HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 
 REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
-           408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+           408: b"Request Timeout", 429: b"Too Many Requests",
+           431: b"Request Header Fields Too Large", 501: b"Not Implemented",
            505: b"HTTP Version Not Supported",
            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
@@ -48,7 +47,7 @@ def end_to_end(headers, out: list, skip=frozenset(), upgrade: bool = False) -> d
     frames or routes the message (``Content-Length``, ``Transfer-Encoding``, ``Host``): the
     proxy would frame by a header the next hop never sees.
     """
-    seen = {}
+    seen: dict = {}
     start = len(out)
     append = out.append
     for name, value in headers:

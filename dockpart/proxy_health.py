@@ -44,7 +44,8 @@ class HealthChecks(Periodic):
         self._checking.add(backend.url)
         d = probe.status(self.reactor, backend.host, backend.port, self.path, self.timeout,
                          user_agent="dockpart-proxy health check")
-        d.addCallbacks(self._answered, self._no_answer, (backend,), None, (backend,))
+        d.addCallbacks(self._answered, self._no_answer, callbackArgs=(backend,),
+                       errbackArgs=(backend,))
         d.addErrback(lambda f: self.log.failure("health check of {url}", f, url=backend.url))
         d.addBoth(lambda _: self._checking.discard(backend.url))
         return d

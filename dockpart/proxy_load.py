@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable, Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -44,14 +45,17 @@ class LoadPublisher(Periodic):
     log = Logger()
 
     def __init__(self, backends: BackendSet, redis: RedisService, clock,
-                 interval: float = INTERVAL, name: str | None = None):
+                 interval: float = INTERVAL, name: str | None = None, app: str | None = None):
         super().__init__(interval, clock)
+        self.app = app  # the app whose instances these are (dockpart.proxy_routes), if any
         self.backends = backends
         self.redis = redis
         self.id = name or proxy_id()
         self._seen: dict[str, tuple] = {}  # per URL, the counters at the previous report
         self._last_time: float | None = None
         self._failing = False
+        #: Requests in flight per URL as load (ProxyFactory.fair_inflight); None: every one.
+        self.inflight: Callable[[], Mapping[str, int]] | None = None
 
     def tick(self) -> defer.Deferred | None:
         return self.publish()
@@ -61,6 +65,7 @@ class LoadPublisher(Periodic):
         now = self.clock.seconds()
         figures = {}
         seen = {}
+        inflight = self.inflight() if self.inflight is not None else None
         for url, b in list(self.backends.by_url.items()):
             counters = (b.requests, b.errors, b.latency_sum, list(b.latency_buckets))
             seen[url] = counters
@@ -71,14 +76,17 @@ class LoadPublisher(Periodic):
                 "errors": b.errors - errors,
                 "latency_sum": round(b.latency_sum - latency_sum, 6),
                 "latency_buckets": [n - m for n, m in zip(b.latency_buckets, buckets)],
-                "inflight": b.active,
+                "inflight": b.active if inflight is None else inflight.get(url, 0),
                 "healthy": b.down_until <= now,
             }
         self._seen = seen
         interval = now - self._last_time if self._last_time is not None else self.interval
         self._last_time = now
-        return {"proxy": self.id, "time": now, "interval": round(interval, 3),
-                "list": self.backends.list_key, "backends": figures}
+        report = {"proxy": self.id, "time": now, "interval": round(interval, 3),
+                  "list": self.backends.list_key, "backends": figures}
+        if self.app is not None:
+            report["app"] = self.app
+        return report
 
     def publish(self) -> defer.Deferred | None:
         if not self.backends.known:

@@ -14,9 +14,12 @@ from collections import deque
 
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockpart import keys
 from dockpart.periodic import Periodic
@@ -84,6 +87,7 @@ class _Notices(Protocol):
     """SUBSCRIBE to the list's channel; each ``message`` means: read the list again."""
 
     log = Logger()
+    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
 
     def connectionMade(self):
         owner = self.factory.owner
@@ -111,7 +115,7 @@ class _Notices(Protocol):
             return
         self.buffer = buf[pos:]
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         self.factory.owner.backends.distrust_empty()
 
 
@@ -128,6 +132,7 @@ class _Rotation(Protocol):
     """
 
     log = Logger()
+    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
 
     def connectionMade(self):
         owner = self.factory.owner
@@ -187,7 +192,7 @@ class _Rotation(Protocol):
             self._stalled = 0.0
         self._seen = self.replies
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone):
         backends = self.backends
         if backends.rotation is self:
             backends.rotation = None
@@ -195,6 +200,19 @@ class _Rotation(Protocol):
         for callback, arg in waiting:
             if callback is not None:
                 callback(backends.pick(), arg)
+
+
+def redis_connection(owner, protocol_class, reactor) -> ClientService:
+    """A Redis connection of ``owner``'s own (``factory.owner``), made again whenever lost."""
+    factory = Factory.forProtocol(protocol_class)
+    factory.noisy = False
+    factory.owner = owner  # type: ignore[attr-defined]  # the protocols' way back to owner
+    address = owner.redis.address
+    endpoint = TCP4ClientEndpoint(reactor, address.host, address.port,
+                                  timeout=owner.redis.timeout)
+    # Retry every half second or so: a restarted Redis is heard from at once.
+    return ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
+                         clock=reactor)
 
 
 class _Reads(Periodic):
@@ -224,22 +242,13 @@ class BackendSync(MultiService):
         # Added last: started after the connections, stopped before them.
         _Reads(self, interval, reactor).setServiceParent(self)
         self.interval = interval
-        self._refreshing = None
+        self._refreshing: Deferred | None = None
         self._again = False
         self._retry = None  # the soon read of a start before Redis answered
         self.reactor = reactor
 
     def _connection(self, protocol_class, reactor) -> None:
-        """A Redis connection of our own, made again whenever it is lost."""
-        factory = Factory.forProtocol(protocol_class)
-        factory.noisy = False
-        factory.owner = self
-        address = self.redis.address
-        endpoint = TCP4ClientEndpoint(reactor, address.host, address.port,
-                                      timeout=self.redis.timeout)
-        # Retry every half second or so: a restarted Redis is heard from at once.
-        ClientService(endpoint, factory, retryPolicy=lambda attempt: min(0.5 * attempt, 2.0),
-                      clock=reactor).setServiceParent(self)
+        redis_connection(self, protocol_class, reactor).setServiceParent(self)
 
     def stopService(self):
         if self._retry is not None and self._retry.active():

@@ -15,6 +15,7 @@ from dockpart.http_parser import httptools  # or on PyPy its equivalent, http11
 from dockpart.proxy_backends import MAX_IDLE, Backend
 from dockpart.proxy_exchange import Exchange, Pipe, Reply, _no_delay, _Reading, direct_writer
 from dockpart.proxy_framing import NO_BODY_STATUS, Refused, codings, end_to_end
+from dockpart.proxy_retry import never_read
 
 
 class _BadResponse(Exception):
@@ -239,6 +240,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         else:
             exchange.close_after = True
         backend.timed(now - exchange.started)
+        backend.answered_at = now
         client.deadline = now + self.proxy.limits.backend_timeout
         exchange.status = status
         if status == 101:
@@ -381,9 +383,9 @@ class BackendConnection(_Reading, protocol.Protocol):
                 client.abort()
             return
         # No answer at all: a pooled connection closed under us, or the backend died.
-        # Safe to try again elsewhere while no body byte has left the client's hands.
+        # Sent again only if the backend cannot have read it (dockpart.proxy_retry).
         backend.errors += 1
-        if not exchange.has_body:  # no byte of the request's body left the client's hands
+        if never_read(exchange.has_body, self.got_bytes, reason):
             self.proxy.stats.retries += 1
             self.proxy.retry(exchange, backend, stale=not self.got_bytes)
         else:

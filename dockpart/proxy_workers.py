@@ -20,11 +20,13 @@ import signal
 import socket
 import sys
 import tempfile
+from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol, tcp
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import resource, server
@@ -90,7 +92,7 @@ def tcp_address(description: str) -> tuple[str, int]:
 
     ``--workers`` above 1 needs TCP: a UNIX socket has no SO_REUSEPORT to share it by.
     """
-    seen = {}
+    seen: dict = {}
 
     class Probe:
         def listenTCP(self, port, factory, backlog=50, interface=""):
@@ -136,13 +138,14 @@ class _Worker(protocol.ProcessProtocol):
     """One worker process: its log lines go into the parent's log, prefixed."""
 
     log = Logger()
+    transport: IProcessTransport  # set by spawnProcess
     _stamp = re.compile(r"^\d{4}-\d\d-\d\dT\S+ ")
 
     def __init__(self, workers: "Workers", number: int):
         self.workers = workers
         self.number = number
         self.ready = False
-        self.ended = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
         self._partial = b""
 
     def outReceived(self, data: bytes) -> None:
@@ -193,8 +196,8 @@ class Workers(Service):
         self.failures = [0] * count
         # Seconds before restarting a worker that died: 0.2 at first, then longer, up to 30.
         self.delay = backoffPolicy(initialDelay=0.2, maxDelay=30.0)
-        self.run_dir = None
-        self._restarts: dict[int, object] = {}
+        self.run_dir = ""  # made in startService
+        self._restarts: dict[int, IDelayedCall] = {}
         self._announced = False
 
     def privilegedStartService(self) -> None:
@@ -294,7 +297,7 @@ class Workers(Service):
 
 def sum_status(statuses: dict[int, dict], pids: dict[int, int]) -> dict:
     """The workers' JSON statuses added up; per backend too; each worker's under "workers"."""
-    total = {"workers": [], "requests": 0, "responses": {}, "retries": 0, "tunnels": 0,
+    total: dict[str, Any] = {"workers": [], "requests": 0, "responses": {}, "retries": 0, "tunnels": 0,
              "open_client_connections": 0, "client_connections": 0, "backends": []}
     by_url: dict[str, dict] = {}
     for number, status in sorted(statuses.items()):

@@ -116,7 +116,7 @@ class RedisService(Service):
         self.address = address
         self.timeout = timeout
         self.reactor = reactor
-        self._factory = None
+        self._factory: txredisapi.RedisFactory | None = None
         self._was_connected = False
 
     def startService(self) -> None:
@@ -165,6 +165,7 @@ class RedisService(Service):
         return await self._send(command, *args)
 
     def _send(self, command: str, *args) -> defer.Deferred:
+        assert self._factory is not None  # called once connected
         d = self._factory.handler.execute_command(command, *args)
         d.addTimeout(self.timeout, self.reactor)
         d.addErrback(self._unavailable)

@@ -175,13 +175,14 @@ def replace(redis: RedisService, urls: list[str], list_key: str):
     return redis.eval(_REPLACE, [list_key, keys.changes_channel(list_key)], urls)
 
 
-async def snapshot(redis: RedisService) -> dict[str, list[str]]:
-    """Every list of :data:`TIER_LISTS` as of one moment.
+async def snapshot(redis: RedisService, lists: keys.TierKeys = keys.SEED
+                   ) -> dict[str, list[str]]:
+    """Every list of :data:`TIER_LISTS` (or an app's ``lists``) as of one moment.
 
     Read one by one, an instance that moved from "spawning" to ``servers`` between two
     reads was in neither, and the tier looked one instance smaller than it was.
     """
-    return dict(zip(TIER_LISTS, await redis.eval(_SNAPSHOT, TIER_LISTS)))
+    return dict(zip(lists.lists, await redis.eval(_SNAPSHOT, lists.lists)))
 
 
 async def request_spawn(redis: RedisService, host: str, first_port: int,
@@ -199,10 +200,11 @@ async def request_spawn(redis: RedisService, host: str, first_port: int,
     return value
 
 
-async def request_destroy(redis: RedisService, first_port: int, random_number: int) -> str | None:
+async def request_destroy(redis: RedisService, first_port: int, random_number: int,
+                          lists: keys.TierKeys = keys.SEED) -> str | None:
     """Queue one live instance, never the first, for removal; None if there is none."""
     return await redis.eval(
-        _REQUEST_DESTROY, [keys.SERVERS, keys.DESTROY_QUEUE, keys.DESTROYING],
+        _REQUEST_DESTROY, [lists.servers, lists.destroy_queue, lists.destroying],
         [first_port, random_number])
 
 

@@ -20,13 +20,13 @@ from twisted.internet import defer, task
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web import server
 
 from dockpart import keys, tier
 from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
 from dockpart.listening import Listener, server_endpoint, with_backlog
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
 from dockpart.routes import TOKEN_PARAM, CoroutineResource, Reply, without_token
+from dockpart.website import BoundedSite, site_limits, site_listener, site_options
 
 MESSAGE = "this message will self-destruct in 10 seconds"
 MESSAGE_TTL = 10
@@ -83,48 +83,6 @@ def message(title: str, text: str, code: int = 200) -> Reply:
     return page(title, f"<p>{escape(text)}</p>", code)
 
 
-class LimitedRequest(server.Request):
-    """A request whose body stops being stored past the site's upload limit."""
-
-    too_large = False
-    _received = 0
-
-    def gotLength(self, length):
-        limit = self.channel.site.max_body
-        self.too_large = length is not None and length > limit
-        super().gotLength(0 if self.too_large else length)
-
-    def handleContentChunk(self, data):
-        self._received += len(data)
-        if self._received > self.channel.site.max_body:
-            self.too_large = True
-        if not self.too_large:
-            super().handleContentChunk(data)
-
-    def requestReceived(self, command, path, version):
-        if self.too_large:
-            # A truncated multipart body must not be parsed; the app answers 413.
-            self.content.seek(0)
-            self.content.truncate()
-            self.requestHeaders.removeHeader(b"content-type")
-        super().requestReceived(command, path, version)
-
-
-class WebSite(server.Site):
-    requestFactory = LimitedRequest
-
-    def __init__(self, resource, max_body: int, access_log: bool = True, **kw):
-        super().__init__(resource, **kw)
-        self.max_body = max_body
-        self.access_log = access_log
-
-    def log(self, request):
-        """One line per request, unless turned off: formatting and writing it through the
-        log observers is about a fifth of the CPU time of ``GET /``."""
-        if self.access_log:
-            super().log(request)
-
-
 class WebApp(CoroutineResource):
     """All routes; each handler returns a :class:`Reply`."""
 
@@ -142,7 +100,7 @@ class WebApp(CoroutineResource):
         self.max_upload = max_upload
         self.max_queued_images = max_queued_images
         self.scale_token = scale_token.encode() if scale_token else None
-        self.url = None  # known once listening
+        self.url = ""  # known once listening
         self.routes = {
             ("GET", ""): self.index,
             ("GET", "set"): self.set,
@@ -232,8 +190,6 @@ class WebApp(CoroutineResource):
         return page("Recently visited", f"<ol>\n{items}\n</ol>")
 
     async def upload(self, request) -> Reply:
-        if request.too_large:
-            return message("Too large", f"Uploads are limited to {self.max_upload} bytes.", 413)
         files = request.args.get(b"image")
         if not files or not files[0]:
             return message("No image", "Send the image as the multipart field 'image', "
@@ -443,6 +399,7 @@ class Options(RedisOptions):
                                     f"answer 403 without it (?token= or Authorization: Bearer)."],
         ["register-interval", None, 1.0,
          "First instance: seconds between its checks that it is in servers.", float],
+        *site_options(),
     ]
     optFlags = [
         ["no-access-log", None, "Log no line per request (errors are still logged)."],
@@ -465,6 +422,8 @@ class Options(RedisOptions):
             raise usage.UsageError("--max-queued-images must be at least 1")
         if self["register-interval"] <= 0:
             raise usage.UsageError("--register-interval must be positive")
+        # A body is limited before it is read: --max-upload on /upload, the default elsewhere.
+        self["site"] = site_limits(self, route_bodies={b"/upload": self["max-upload"]})
 
 
 def makeService(config, reactor=None):
@@ -477,8 +436,8 @@ def makeService(config, reactor=None):
                  config["max-instances"], config["max-upload"], config["max-queued-images"],
                  config["scale-token"], reactor=reactor)
     endpoint = server_endpoint(reactor, "listen", with_backlog(config["listen"]))
-    site = WebSite(app, config["max-upload"], access_log=not config["no-access-log"])
-    listener = Listener("dockpart-web", endpoint, site)
+    site = BoundedSite(app, config["site"], access_log=not config["no-access-log"])
+    listener = site_listener("dockpart-web", endpoint, site)
     listener.setServiceParent(top)
     FirstInstanceRegistration(listener, app, config["register-interval"],
                               reactor=reactor).setServiceParent(top)

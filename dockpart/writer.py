@@ -99,8 +99,7 @@ class Options(usage.Options):
          f"(env {SERVE_ENV})."],
         ["listen", "l", socatlike.DEFAULT_LISTEN,
          "Endpoint the file is served on (loopback unless told otherwise)."],
-        ["max-connections", None, socatlike.DEFAULT_MAX_CONNECTIONS,
-         "Simultaneous connections at most for --serve dockpart.", int],
+        *socatlike.SERVER_OPTIONS,  # for --serve dockpart
     ]
 
     def postOptions(self):
@@ -129,7 +128,8 @@ def makeService(config, reactor=None):
     timer.setServiceParent(top)
     if config["serve"] == "dockpart":
         socatlike.file_listener("dockpart-writer", reactor, config["listen"], config["file"],
-                                True, config["max-connections"]).setServiceParent(top)
+                                True, config["max-connections"],
+                                config["timeout"]).setServiceParent(top)
     elif config["serve"] == "socat":
         monitor = ProcessMonitor(reactor=reactor)
         monitor.addProcess("socat", config["socat-argv"], env={})

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import RedisProcess
@@ -7,6 +9,44 @@ from helpers import RedisProcess
 # Fixtures kept beside their helpers: docker_images (tests marked docker),
 # reserved_ports_restored (the deploy tests, which name it in their pytestmark).
 pytest_plugins = ("dockerkit", "deploykit")
+
+#: The fast lane (`scripts/test --fast`, i.e. `pytest -m fast`): modules whose tests run in
+#: memory or in process (Clock, MemoryReactor, StringTransport, StubTreq, at most the session's
+#: redis-server), all of them in well under a minute. A module belongs here only if none of its
+#: tests starts a daemon, a container or a browser; a name that matches no file is an error.
+FAST_MODULES = frozenset({
+    "test_apps_records.py",
+    "test_apps_routes.py",
+    "test_infra_apps.py",
+    "test_autoscale_policy.py",
+    "test_autoscale_service.py",
+    "test_dashboard_routes.py",
+    "test_dashboard_units.py",
+    "test_fileio_units.py",
+    "test_infra_swarm_units.py",
+    "test_infra_worker.py",
+    "test_periodic.py",
+    "test_proxy_exchange.py",
+    "test_proxy_units.py",
+    "test_redisconn.py",
+    "test_routes.py",
+    "test_web_routes.py",
+    "test_web_units.py",
+    "test_website.py",
+})
+
+
+def pytest_configure(config):
+    missing = sorted(name for name in FAST_MODULES if not (Path(__file__).parent / name).exists())
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py FAST_MODULES names no such file: {missing}")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test of a FAST_MODULES module `fast`."""
+    for item in items:
+        if item.path.name in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")

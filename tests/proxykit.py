@@ -196,6 +196,7 @@ class RawBackend:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._conns: list = []
+        self.ended: list[bytearray] = []  # what each closed connection had received
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -274,6 +275,13 @@ class RawBackend:
             pass
         finally:
             conn.close()
+            with self.lock:
+                self.ended.append(raw)
+
+    def closed_after(self, marker: bytes) -> bool:
+        """Whether the connection that received ``marker`` was closed (by the proxy)."""
+        with self.lock:
+            return any(marker in raw for raw in self.ended)
 
     def close(self) -> None:
         self._stop = True
@@ -290,10 +298,19 @@ class RawTier:
         self.backend = RawBackend(answer)
         self.redis.client().rpush(key, self.backend.url)
         self.port = free_port()
+        self.admin = free_port()
         self.proxy = Daemon(
             "dockpart-proxy", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            "--admin", f"tcp:{self.admin}:interface=127.0.0.1",
             "--redis", self.redis.url, "--servers-key", key, *proxy_args,
             ready="dockpart-proxy listening on").start()
+
+    def active(self) -> int:
+        """The backend's requests in flight, as the proxy counts them (its admin listener)."""
+        import json
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/", timeout=5) as r:
+            return sum(b["active"] for b in json.load(r)["backends"])
 
     def close(self) -> None:
         self.proxy.stop()

@@ -41,6 +41,7 @@ class Tier:
         self.settings = Settings(**{"min_instances": 1, "max_instances": 4, "target": 2.0,
                                     "cooldown": 0.0, "window": 30.0, **settings})
         self.scaler = self.new_scaler()
+        self.slots: dict[str, list] = {}
 
     def new_scaler(self) -> Autoscaler:
         """What a restarted infra runs: no memory of the previous one's decisions."""
@@ -57,8 +58,12 @@ class Tier:
     async def load(self, inflight: dict[str, int]) -> None:
         """The proxy sees these requests in flight and publishes its report."""
         self.backends.update(list(inflight))
-        for u, n in inflight.items():
-            self.backends.by_url[u].active = n
+        for u, n in inflight.items():  # n slots taken on u (Backend.take: the one owner)
+            slots = self.slots.setdefault(u, [])
+            while len(slots) < n:
+                slots.append(self.backends.by_url[u].take())
+            while len(slots) > n:
+                slots.pop().release()
         await self.publisher.publish()
 
     async def evaluate(self, seconds: float = 1.0):
@@ -280,7 +285,8 @@ async def test_the_published_report_counts_since_the_last_one(redis_db, redis_se
         for seconds in (0.003, 0.003, 0.3):
             backend.requests += 1
             backend.timed(seconds)
-        backend.active = 2
+        for _ in range(2):  # two requests in flight
+            backend.take()
         await t.publisher.publish()
         first = json.loads(redis_db.get(keys.proxy_load("test:1")))["backends"][FIRST]
         assert (first["requests"], first["inflight"], round(first["latency_sum"], 3)) == \
@@ -310,3 +316,17 @@ async def test_redis_away_means_no_decision_said_once_and_the_loop_goes_on():
     finally:
         globalLogPublisher.removeObserver(observer)
     assert sum("Redis is away" in e and "no decision" in e for e in events) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_apps_dead_lettered_spawn_does_not_hold_the_seeds_scale_ups(redis_db,
+                                                                             redis_server):
+    redis_db.rpush(keys.SERVERS, FIRST)
+    async with Tier(redis_server.url, max_instances=3) as t:
+        assert (await t.step({FIRST: 20})).action == "up"
+        redis_db.delete(keys.SPAWN_QUEUE)
+        t.clock.advance(0.5)
+        redis_db.lpush(keys.DEAD_LETTERS, json.dumps({
+            "queue": "spawn", "entry": "http://127.0.0.1:20000", "reason": "app failed",
+            "time": t.clock.seconds(), "list": keys.app_tier("shop").servers}))
+        assert (await t.step({FIRST: 20})).action == "up"

@@ -3,6 +3,7 @@ a real tier (Redis, the first dockpart-web, dockpart-infra with the process driv
 
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import zipfile
@@ -182,6 +183,18 @@ def test_a_post_from_elsewhere_is_refused(tier, rdb, headers, why):
     assert rdb.lrange(keys.SPAWN_QUEUE, 0, -1) == []
 
 
+def test_an_announced_8_MiB_body_is_413_at_once_before_any_check(tier, rdb):
+    """The dashboard read 8 MiB to the end (stalling infra's reactor 1.7-3.4 s) before its
+    401/403; now the head alone gets 413, and nothing is queued."""
+    host, port = urlsplit(tier.infra.base).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=3) as s:
+        s.sendall(b"POST /api/spawn HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (8 * 1024 * 1024))
+        assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
+    assert rdb.llen(keys.SPAWN_QUEUE) == 0
+    assert state(tier.infra.base)["role"] == "active"
+
+
 def test_a_dead_letter_shows_with_its_reason(tier, rdb):
     rdb.lpush(keys.SPAWN_QUEUE, "http://127.0.0.1:1")
     letters = wait_for(lambda: state(tier.infra.base)["dead_letters"], 10, what="a dead letter")
@@ -288,3 +301,26 @@ def test_while_redis_is_away_the_dashboard_says_so_and_buttons_answer_503(tmp_pa
         assert reply.status_code == 503 and "Redis is unreachable" in reply.json()["error"]
     finally:
         tier.stop()
+
+
+def test_an_apps_scale_button_sets_its_count_and_bad_input_changes_nothing(tier, rdb):
+    from dockpart.deploy.cli import main
+    url = f"redis://127.0.0.1:{tier.redis.port}/0"
+    assert main(["apps", "create", "dash", "--command", "true", "--scale", "0",
+                 "--redis", url]) == 0
+    try:
+        assert main(["apps", "autoscale", "dash", "--min", "0", "--max", "2",
+                     "--redis", url]) == 0
+        csrf = state(tier.infra.base)["csrf"]
+        for body, code in [({"name": "nope", "count": "1"}, 404),
+                           ({"name": "dash", "count": "-1"}, 400),
+                           ({"name": "dash", "count": "x"}, 400)]:
+            assert post(tier.infra.base, "/api/apps/scale", csrf, data=body).status_code == code
+        assert rdb.hget(keys.app_record("dash"), "autoscale") == "1"
+        reply = post(tier.infra.base, "/api/apps/scale", csrf, data={"name": "dash", "count": "0"})
+        assert reply.status_code == 200, reply.text
+        assert rdb.hget(keys.app_record("dash"), "autoscale") == "0"
+        assert [a["name"] for a in state(tier.infra.base)["apps"]] == ["dash"]
+    finally:
+        assert main(["apps", "destroy", "dash", "--redis", url]) == 0
+        wait_for(lambda: not rdb.keys("dockpart:app*"), 10, what="dash forgotten")

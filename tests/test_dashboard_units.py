@@ -156,3 +156,26 @@ def test_an_older_look_that_ends_last_does_not_replace_a_newer_one():
     assert w.snapshot["time"] == 2.0
     slow.callback(None)
     assert older.result["time"] == 1.0 and w.snapshot["time"] == 2.0
+
+
+def test_each_app_shows_its_scale_its_instances_their_figures_and_a_scale_button():
+    from dockpart.apps import App
+    from dockpart.dashboard_state import app_view
+    report = {"app": "shop", "interval": 1.0, "backends": {
+        "http://127.0.0.1:20000": {"requests": 10, "errors": 0, "inflight": 1,
+                                   "latency_buckets": load.empty_buckets(), "healthy": True}}}
+    shop = app_view(App("shop", command="x", desired=2, domains=("shop.example.org",),
+                        instances=("http://127.0.0.1:20000",)), [report])
+    assert shop["rps"] == 10.0 and shop["instances"][0]["health"] == "healthy"
+    snapshot = {"time": 1.0, "error": None, "role": "active",
+                "infra": {"id": "me", "driver": "process", "driver_error": None},
+                "lease_holder": "me",
+                "tier": {"instances": 0, "proxies": 0, "rps": 0.0, "errors": 0.0,
+                         "p50_ms": None, "p95_ms": None, "inflight": 0},
+                "instances": [], "queues": lists(), "dead_letters": [],
+                "autoscale": {"decisions": [], "desired": None, "limits": {}},
+                "deploy": {"live": []}, "apps": [shop]}
+    html = live_html(snapshot, "csrf")
+    assert 'data-app="shop"' in html and "1 / 2" in html and "shop.example.org" in html
+    assert 'action="api/apps/scale"' in html and 'name="count"' in html
+    assert 'action="api/apps/scale"' not in live_html({**snapshot, "role": "standby"}, "csrf")

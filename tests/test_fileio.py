@@ -245,6 +245,26 @@ def test_max_connections_makes_the_next_client_wait(tmp_path):
         daemon.stop()
 
 
+def test_clients_that_never_read_are_cut_off_after_the_timeout(tmp_path):
+    """socat's -T: a client holding the only slot without reading is cut off after --timeout,
+    and the client waiting in the listen queue gets the whole file."""
+    path = tmp_path / "big"
+    path.write_bytes(b"z" * (32 * 1024 * 1024))
+    port = free_port()
+    daemon = Daemon("dockpart-socat", "--listen", listen_on(port), "--file", str(path),
+                    "--max-connections", "1", "--timeout", "0.5", ready="listening on").start()
+    try:
+        with socket.socket() as holder:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            holder.connect(("127.0.0.1", port))
+            holder.recv(10)  # served, then never reads again
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as waiting:
+                assert len(receive_rest(waiting)) == 32 * 1024 * 1024
+        assert "took nothing for 0.5 s" in daemon.output()
+    finally:
+        daemon.stop()
+
+
 def test_restart_on_the_same_port_right_away(tmp_path):
     """reuseaddr: the server closes first (TIME_WAIT on its port) and a restart still binds."""
     path = tmp_path / "f"

@@ -139,12 +139,33 @@ def test_at_max_connections_the_port_stops_accepting_until_one_ends():
     port.connected = True
     port.stopReading = lambda: calls.append("stop")
     port.startReading = lambda: calls.append("start")
-    factory.listener = type("L", (), {"port": port})()
-    assert factory.admit() and calls == []
-    assert factory.admit() and calls == ["stop"]
-    assert not factory.admit()  # one accepted in the same burst is turned away
-    factory.release()
+    cap = factory.connections
+    cap.port = port  # what the Listener does once it listens
+    assert cap.admit() and calls == []
+    assert cap.admit() and calls == ["stop"]
+    assert not cap.admit()  # one accepted in the same burst is turned away
+    cap.release()
     assert calls == ["stop", "start"]
+
+
+def test_a_client_that_takes_nothing_is_cut_off_after_the_timeout(tmp_path):
+    """socat's -T: the idle timer restarts each time the client takes a chunk; a client that
+    stops taking is aborted after --timeout, and its slot is free again."""
+    path = tmp_path / "big"
+    path.write_bytes(b"z" * (3 * socatlike.ChunkSender.CHUNK_SIZE))
+    clock = Clock()
+    factory = socatlike.FileServerFactory(str(path), max_connections=1, clock=clock, timeout=2.0)
+    server = factory.buildProtocol(None)
+    transport = StringTransport()
+    transport.abortConnection = lambda: server.connectionLost(None)
+    server.makeConnection(transport)
+    assert factory.connections.active == 1
+    clock.advance(1.5)
+    transport.producer.resumeProducing()  # the client took the first chunk: the time restarts
+    clock.advance(1.5)
+    assert factory.connections.active == 1
+    clock.advance(0.5)  # then nothing for 2 s
+    assert factory.connections.active == 0
 
 
 def test_crlf_adds_a_cr_before_every_lf_like_socat():

@@ -475,6 +475,8 @@ def test_admin_status_and_prometheus_metrics(fresh):
     (["--servers-key", ""], "--servers-key"),
     (["--health-path", "health"], "--health-path"),
     (["--backend-timeout", "0"], "--backend-timeout"),
+    (["--max-inflight-per-client", "-1"], "--max-inflight-per-client must be 0 or more"),
+    (["--body-timeout", "-5"], "--body-timeout must be 0 or more"),
 ])
 def test_bad_options_are_refused_clearly(args, message):
     with pytest.raises(usage.UsageError, match=message):

@@ -5,8 +5,11 @@ test feeds exact bytes in exact reads, so none depends on how TCP happens to spl
 from __future__ import annotations
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_dispatch import Limits, ProxyFactory
@@ -15,6 +18,7 @@ from dockpart.proxy_upstream import Phase
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002"]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+GET = b"GET /work HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 class NoRedis:
@@ -33,10 +37,10 @@ class Proxy:
         self.factory = ProxyFactory(self.backends, self.reactor, Limits(**limits))
         self._taken = 0
 
-    def client(self):
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    def client(self, ip: str = "127.0.0.1"):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", ip, 5555))
         transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 3456),
-                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+                                    peerAddress=IPv4Address("TCP", ip, 5555))
         proto.makeConnection(transport)
         return proto, transport
 
@@ -135,9 +139,8 @@ def test_bytes_after_a_bodiless_answer_close_the_connection_instead_of_answering
     assert sent(wire2).startswith(b"GET /b ")
 
 
-def test_a_pooled_connection_closed_before_answering_is_retried_before_any_body():
-    from twisted.internet.error import ConnectionDone
-    from twisted.python.failure import Failure
+def pooled_request_lost(reason):
+    """A request sent on a pooled connection, which then goes as ``reason`` says, unanswered."""
     proxy = Proxy(urls=URLS[:1])
     client, out = proxy.client()
     client.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -147,38 +150,77 @@ def test_a_pooled_connection_closed_before_answering_is_retried_before_any_body(
     sent(out)
     client.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert sent(wire).startswith(b"GET /2 ")
-    conn.connectionLost(Failure(ConnectionDone()))  # the backend had closed it meanwhile
+    conn.connectionLost(Failure(reason))
+    return proxy, conn, out
+
+
+def test_a_request_on_a_connection_reset_before_answering_is_sent_again():
+    """Reset, the backend's socket closed with the request unread: it never had it."""
+    proxy, conn, out = pooled_request_lost(ConnectionLost())
     conn2, wire2 = proxy.backend()
     assert sent(wire2).startswith(b"GET /2 ") and conn2.backend is conn.backend
     conn2.dataReceived(OK % (1, b"2"))
     assert sent(out).endswith(b"\r\n\r\n2")
 
 
-def test_try_timeout_sends_an_idempotent_request_once_to_another_backend():
+def test_a_request_on_a_connection_closed_cleanly_before_answering_is_not_sent_again():
+    """A clean close: the backend may have read and run it before it died, so it is a 502."""
+    proxy, conn, out = pooled_request_lost(ConnectionDone())
+    assert sent(out).startswith(b"HTTP/1.1 502") and proxy.attempts() == 1
+    assert conn.backend.active == 0
+
+
+def asked_backends(proxy, answer=None) -> list:
+    """Stub the try time-out's probe: records whom it asks; ``answer`` is its status, or
+    None for a backend that never answers."""
+    asked = []
+
+    def probe(backend):
+        asked.append(backend)
+        return defer.succeed(answer) if answer is not None else defer.Deferred()
+    proxy.factory.tries.probe = probe
+    return asked
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /meow HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"])
+def test_a_try_timeout_never_sends_the_request_elsewhere_a_silent_backend_gets_504(
+        request_bytes):
     proxy = Proxy(try_timeout=1.0, backend_timeout=5.0)
+    asked = asked_backends(proxy)
     client, out = proxy.client()
-    client.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.dataReceived(request_bytes)
     frozen, wire = proxy.backend()
     assert sent(wire)
     proxy.later(1.1)
-    assert frozen.phase is Phase.CLOSED and out.value() == b""
-    other, wire2 = proxy.backend()
-    assert other.backend is not frozen.backend and sent(wire2).startswith(b"GET /slow ")
-    # The frozen one is marked down: time-outs count as failures.
+    # Left out at once (the next requests go elsewhere) and asked whether it answers.
+    assert asked == [frozen.backend] and out.value() == b""
     assert frozen.backend.down_until > proxy.reactor.seconds()
-    other.dataReceived(OK % (2, b"ok"))
-    assert sent(out).endswith(b"ok")
-
-
-def test_try_timeout_does_not_send_a_request_with_a_body_twice():
-    proxy = Proxy(try_timeout=1.0, backend_timeout=3.0)
-    client, out = proxy.client()
-    client.dataReceived(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
-    proxy.backend()
-    proxy.later(1.1)
-    assert proxy.attempts() == 1 and out.value() == b""
-    proxy.later(2)
+    assert proxy.backends.pick() is not frozen.backend
+    proxy.later(0.6)  # the question went unanswered: one try and a half in all
     assert out.value().startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
+    assert frozen.phase is Phase.CLOSED and frozen.backend.active == 0
+
+
+def test_a_slow_request_on_a_backend_that_answers_the_question_waits_for_its_answer():
+    proxy = Proxy(urls=URLS[:1], try_timeout=1.0, backend_timeout=5.0)
+    asked_backends(proxy, answer=200)
+    client, out = proxy.client()
+    client.dataReceived(b"GET /work?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    slow, wire = proxy.backend()
+    proxy.later(1.1)
+    assert slow.backend.down_until <= proxy.reactor.seconds()  # answered: back in rotation
+    proxy.later(0.6)
+    proxy.later(1.5)
+    assert out.value() == b"" and proxy.attempts() == 1
+    slow.dataReceived(OK % (4, b"done"))
+    assert sent(out).endswith(b"done")
+    # Its limit is still the backend timeout from the end of the request.
+    client.dataReceived(b"GET /work?ms=9000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    proxy.later(1.1)
+    proxy.later(4.0)
+    assert sent(out).startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
 
 
 def test_a_stall_in_the_middle_of_a_body_ends_the_client_connection():
@@ -236,6 +278,44 @@ def test_a_client_slow_to_read_gets_the_idle_timeout_not_the_backend_timeout():
     proxy.later(10.1)
     assert client.closed  # a client that stops reading altogether is let go
     assert conn.backend.down_until <= proxy.reactor.seconds()  # and the backend is not blamed
+
+
+@pytest.mark.parametrize("body", [b"ffffffffffffffffff1\r\n", b"5\nhello\r\n",
+                                  b"5\r\nhelloXX", b"0\r\nContent-Length: 5\r\n\r\n"])
+def test_a_malformed_chunked_body_after_the_head_went_out_ends_both_sides_at_once(body):
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3\r\nabc\r\n")
+    conn, wire = proxy.backend()
+    assert sent(wire).endswith(b"3\r\nabc\r\n") and conn.backend.active == 1
+    client.dataReceived(body)  # no time passes: no timer is needed to end it
+    assert out.value().startswith(b"HTTP/1.1 400") and out.disconnecting
+    assert conn.phase is Phase.CLOSED and wire.disconnecting and conn.backend.active == 0
+
+
+def test_a_malformed_body_of_a_request_still_connecting_frees_its_slot():
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"5\nhello\r\n")
+    assert out.value().startswith(b"HTTP/1.1 400") and proxy.backends.ring[0].active == 0
+    conn, wire = proxy.backend()  # the connection made meanwhile is closed, never lent
+    assert conn.phase is Phase.CLOSED and wire.value() == b""
+
+
+def test_a_malformed_body_behind_a_request_in_flight_is_answered_in_turn_never_sent():
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    client.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                        b"POST /2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"5\nhello\r\n")
+    conn, wire = proxy.backend()
+    assert b"/2" not in sent(wire)
+    conn.dataReceived(OK % (2, b"r1"))
+    first, refused = out.value().split(b"HTTP/1.1 ")[1:]
+    assert first.endswith(b"r1") and refused.startswith(b"400") and out.disconnecting
+    assert wire.value() == b"" and conn.backend.active == 0
 
 
 # The client connection's mode (an enum with its allowed moves).
@@ -314,14 +394,15 @@ def _timed_out(proxy, client, out):
     assert out.value().startswith(b"HTTP/1.1 504")
 
 
-def _tried_elsewhere(proxy, client, out):
+def _try_timed_out(proxy, client, out):
     proxy.factory.limits.try_timeout = 1.0
+    asked_backends(proxy)
     client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    proxy.backend()
-    proxy.later(1.1)
     conn, _ = proxy.backend()
-    assert conn.backend.active == 1
-    conn.dataReceived(OK % (2, b"ok"))
+    proxy.later(1.1)
+    assert conn.backend.active == 1  # held while the backend is asked
+    proxy.later(0.6)
+    assert out.value().startswith(b"HTTP/1.1 504")
 
 
 def _refused_connection(proxy, client, out):
@@ -342,14 +423,19 @@ def _bad_response(proxy, client, out):
     assert out.value().startswith(b"HTTP/1.1 502")
 
 
-def _lost_before_answering(proxy, client, out):
-    from twisted.internet.error import ConnectionDone
-    from twisted.python.failure import Failure
+def _reset_before_answering(proxy, client, out):
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, _ = proxy.backend()
+    conn.connectionLost(Failure(ConnectionLost()))
+    conn2, _ = proxy.backend()
+    conn2.dataReceived(OK % (2, b"ok"))
+
+
+def _closed_before_answering(proxy, client, out):
     client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     conn, _ = proxy.backend()
     conn.connectionLost(Failure(ConnectionDone()))
-    conn2, _ = proxy.backend()
-    conn2.dataReceived(OK % (2, b"ok"))
+    assert out.value().startswith(b"HTTP/1.1 502")
 
 
 def _client_gone_while_connecting(proxy, client, out):
@@ -371,8 +457,9 @@ def _client_gone_mid_response(proxy, client, out):
     conn.connectionLost(Failure(ConnectionDone()))
 
 
-@pytest.mark.parametrize("ending", [_answered, _tunnelled, _timed_out, _tried_elsewhere,
-                                    _refused_connection, _bad_response, _lost_before_answering,
+@pytest.mark.parametrize("ending", [_answered, _tunnelled, _timed_out, _try_timed_out,
+                                    _refused_connection, _bad_response, _reset_before_answering,
+                                    _closed_before_answering,
                                     _client_gone_while_connecting, _client_gone_mid_response])
 def test_every_ending_of_a_try_gives_its_backend_slot_back(ending):
     proxy = Proxy()
@@ -438,3 +525,100 @@ def test_a_pipe_takes_back_only_what_it_registered_and_closes_twice_harmlessly()
     assert upstream.transport.producer is None and client.transport.producer is None
     assert not client.reading_paused("peer") and not upstream.reading_paused("peer")
     assert client.transport.producerState == upstream.transport.producerState == "producing"
+
+
+def test_a_backend_quiet_with_requests_in_flight_gets_new_ones_after_the_others():
+    """With --try-timeout, one that answered nothing for a tenth of a try while it holds a
+    request (frozen a moment ago, or busy) is passed over, so few requests meet a frozen
+    instance before its try runs out; when every one is quiet the rotation goes on."""
+    proxy = Proxy()
+    proxy.backends.quiet_after = 0.1
+    quiet, other = proxy.backends.ring
+    proxy.client()[0].dataReceived(GET)
+    conn, _ = proxy.backend()
+    assert conn.backend is quiet
+    proxy.reactor.advance(0.2)
+    for _ in range(3):  # the rotation would alternate
+        proxy.client()[0].dataReceived(GET)
+    assert [c[1] for c in proxy.reactor.tcpClients[1:]] == [3002] * 3
+    proxy.reactor.advance(0.2)  # now both are quiet: the rotation again
+    for _ in range(2):
+        proxy.client()[0].dataReceived(GET)
+    assert sorted(c[1] for c in proxy.reactor.tcpClients[4:]) == [3001, 3002]
+    conn.dataReceived(OK % (2, b"ok"))  # it answers: no longer quiet
+    assert quiet.answered_at == proxy.reactor.seconds()
+
+
+
+# What one client may hold (dockpart.proxy_limits).
+
+def test_a_client_past_its_requests_in_flight_gets_429_and_others_are_served():
+    proxy = Proxy(urls=URLS[:1], max_inflight_per_client=2)
+    busy = [proxy.client() for _ in range(2)]
+    for client, _ in busy:
+        client.dataReceived(GET)
+    third, out = proxy.client()
+    third.dataReceived(GET)
+    assert out.value().startswith(b"HTTP/1.1 429") and proxy.attempts() == 2
+    assert not out.disconnecting  # the request was read whole: the connection stays
+    other, other_out = proxy.client(ip="10.0.0.2")
+    other.dataReceived(GET)
+    assert proxy.attempts() == 3
+    # One answered: that client has a place again.
+    conn, _ = proxy.backend()
+    conn.dataReceived(OK % (2, b"ok"))
+    sent(out)
+    third.dataReceived(GET)
+    assert proxy.attempts() == 3 and conn.exchange is not None  # the pooled connection
+    assert not out.value().startswith(b"HTTP/1.1 429")
+
+
+def test_places_come_back_when_a_client_goes_away_mid_request():
+    proxy = Proxy(urls=URLS[:1], max_inflight_per_client=1)
+    client, _ = proxy.client()
+    client.dataReceived(GET)
+    client.connectionLost(Failure(ConnectionDone()))
+    again, out = proxy.client()
+    again.dataReceived(GET)
+    assert out.value() == b"" and proxy.attempts() == 2
+    assert proxy.factory.per_client.inflight == {b"127.0.0.1": 1}
+
+
+def test_a_trickled_body_is_cut_408_at_its_deadline_and_its_backend_slot_freed():
+    proxy = Proxy(urls=URLS[:1], body_timeout=20.0, body_min_rate=500.0)
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nx")
+    conn, wire = proxy.backend()
+    for _ in range(4):  # a byte every 5 s: each pause is far below the idle timeout
+        proxy.later(5)
+        client.dataReceived(b"x")
+    assert out.value() == b""
+    proxy.later(1)  # 21 s for 5 bytes: past 20 s + 5/500 s
+    assert out.value().startswith(b"HTTP/1.1 408") and out.disconnecting
+    assert wire.disconnecting and conn.backend.active == 0
+    assert proxy.factory.per_client.inflight == {}
+
+
+def test_a_body_that_keeps_its_rate_is_not_cut():
+    proxy = Proxy(urls=URLS[:1], body_timeout=20.0, body_min_rate=500.0)
+    client, out = proxy.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 30000\r\n\r\n")
+    conn, wire = proxy.backend()
+    for _ in range(30):  # 1000 bytes a second for 30 s: slow, but above the rate
+        proxy.later(1)
+        client.dataReceived(b"x" * 1000)
+    assert out.value() == b"" and len(sent(wire)) > 30000
+    conn.dataReceived(OK % (2, b"ok"))
+    assert out.value().startswith(b"HTTP/1.1 200")
+
+
+def test_the_load_counts_complete_requests_and_a_few_of_each_client():
+    proxy = Proxy(urls=URLS[:1], load_per_client=3)
+    for _ in range(6):  # one client, six long requests
+        proxy.client()[0].dataReceived(GET)
+    for _ in range(2):  # and bodies trickling in
+        proxy.client()[0].dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 9"
+                                       b"\r\n\r\nx")
+    proxy.client(ip="10.0.0.2")[0].dataReceived(GET)
+    assert proxy.backends.ring[0].active == 9
+    assert proxy.factory.fair_inflight() == {URLS[0]: 3 + 1}

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from helpers import wait_for
 from proxykit import RawBackend, RawTier, exchange
 
 KEY = "framing:servers"
@@ -214,3 +215,48 @@ def test_a_refused_request_behind_another_is_answered_in_turn_and_its_body_never
     assert refused.startswith(b"400") and refused.endswith(b"<closed>"), reply
     assert [r.url for r in backend.requests] == [b"/first"]
     assert b"/smuggled" not in received(backend)
+
+
+# Request bodies found malformed after their head went to the backend.
+
+CHUNKED_HEAD = (b"POST /broken HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"5\r\nhello\r\nffffffffffffffffff1\r\n", b"400"),  # chunk size overflows
+    (b"5\nhello\r\n", b"400"),  # bare LF after the chunk size
+    (b"5\r\nhelloXX0\r\n\r\n", b"400"),  # chunk data without its CRLF
+    (b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n", b"400"),  # framing in the trailer
+    (b"5\r\nhello\r\n0\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
+], ids=["overflow", "bare-lf", "no-crlf", "trailer-cl", "trailer-te"])
+def test_a_malformed_chunked_body_is_answered_at_once_and_both_sides_close(tier, backend, body,
+                                                                          code):
+    with socket.create_connection(("127.0.0.1", tier.port), timeout=5) as s:
+        s.sendall(CHUNKED_HEAD)
+        wait_for(lambda: b"/broken" in received(backend), timeout=3, what="the head forwarded")
+        started = time.monotonic()
+        s.sendall(body)
+        reply = read_to_close(s)
+    assert reply.startswith(b"HTTP/1.1 " + code) and reply.endswith(b"<closed>"), reply
+    assert time.monotonic() - started < 2  # not the idle timeout (60 s)
+    # The backend connection that had the head is closed too, and its slot is free.
+    wait_for(lambda: backend.closed_after(b"/broken"), timeout=3,
+             what="the backend connection to close")
+    wait_for(lambda: tier.active() == 0, timeout=3, what="the backend's slot back")
+
+
+def read_to_close(s) -> bytes:
+    got = b""
+    try:
+        while chunk := s.recv(65536):
+            got += chunk
+    except socket.timeout:
+        return got
+    return got + b"<closed>"
+
+
+def test_an_unknown_coding_alone_is_501_and_never_forwarded(tier, backend):
+    reply = exchange(tier.port, b"POST /gz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n"
+                                b"\r\nabc", timeout=5)
+    assert reply.startswith(b"HTTP/1.1 501") and reply.endswith(b"<closed>"), reply
+    assert not backend.requests and b"/gz" not in received(backend)

@@ -51,15 +51,19 @@ def test_a_frozen_instance_is_skipped_marked_down_and_back_once_it_answers(tier)
         try:
             stopped = time.monotonic()
             slowest = 0.0
-            names = []
-            # Requests go on while it is frozen: the one that meets it waits one try, no more.
+            names, met = [], []
+            # Requests go on while it is frozen: the one that meets it gets 504 after one try
+            # and a half (it may be running it: never sent twice), the rest avoid it.
             for i in range(12):
                 started = time.monotonic()
                 r = session.get(proxy.url + f"/r{i}", timeout=10)
                 slowest = max(slowest, time.monotonic() - started)
-                assert r.status_code == 200
-                names.append(r.text.split()[0])
-            assert "b1" not in names and slowest < 2.5, (names, slowest)
+                if r.status_code == 504:
+                    met.append(i)
+                else:
+                    assert r.status_code == 200
+                    names.append(r.text.split()[0])
+            assert "b1" not in names and len(met) <= 1 and slowest < 2.5, (names, met, slowest)
             wait_for(lambda: not proxy.status()[frozen.url]["healthy"], timeout=3,
                      what="the frozen instance to be marked down")
             assert time.monotonic() - stopped < 3

@@ -5,6 +5,11 @@ to a recording backend whose responses are also generated, some of them wrong.
 Whatever the input: the backend never receives a request the client did not send as one
 well-framed request (and never one hidden in another's body), and each client gets exactly the
 responses to its own requests, in order, and nothing that a misbehaving backend slipped in.
+
+And liveness: every request, well formed or not, is answered or its connection closed without
+waiting for any of the proxy's timers, and no backend slot is left taken.  Once through the
+real proxy (its timeouts far above how long a client waits here), once in memory, where "no
+timer" is exact: nothing is answered by advancing the clock.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxykit import RawTier
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from helpers import wait_for
+from proxykit import RawTier, _Request
+from test_proxy_exchange import URLS, Proxy
 
 KEY = "property:servers"
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\nX-Id: evil\r\n\r\n"
@@ -26,7 +36,10 @@ SHAPES = ["length", "chunked", "close", "gzip-close", "gzip-chunked", "204", "co
           "204+evil", "head+evil", "after+evil"]
 MUTATIONS = ["none", "conn-cl", "conn-te", "conn-host", "two-hosts", "no-host", "bad-host",
              "cl+te", "te-identity", "te-xchunked", "cl-plus", "cl-list", "obs-fold", "bare-lf",
-             "http2", "upgrade", "expect", "conn-other", "nul"]
+             "http2", "upgrade", "expect", "conn-other", "nul",
+             "chunk-overflow", "chunk-bare-lf", "chunk-no-crlf", "trailer-cl", "te-gzip"]
+#: Mutations of a chunked body, found only after the head went to the backend.
+BODY_BREAKS = {"chunk-overflow", "chunk-bare-lf", "chunk-no-crlf", "trailer-cl", "te-gzip"}
 _ids = itertools.count()
 
 
@@ -63,8 +76,9 @@ def answer(request) -> bytes:
 
 @pytest.fixture(scope="module")
 def tier():
-    t = RawTier(KEY, answer, "--backend-timeout", "2", "--header-timeout", "2",
-                "--idle-timeout", "2")
+    # Far above TALK_WAIT: an exchange that needs one of these timers to end fails the test.
+    t = RawTier(KEY, answer, "--backend-timeout", "10", "--header-timeout", "10",
+                "--idle-timeout", "10")
     yield t
     t.close()
 
@@ -98,6 +112,8 @@ def encode(r: dict, rid: bytes, last: bool) -> bytes:
     headers = [(b"Host", b"example.test"), (b"X-Id", rid), (b"X-Shape", r["shape"].encode())]
     body = r["body"]
     framing = r["framing"]
+    if mutation in BODY_BREAKS:
+        framing, body = "chunked", body or b"x"
     if mutation in ("conn-cl", "conn-te", "cl+te") and framing == "none":
         framing = "chunked" if mutation == "conn-te" else "length"
     if mutation in ("conn-cl", "conn-te", "cl+te"):
@@ -109,12 +125,21 @@ def encode(r: dict, rid: bytes, last: bool) -> bytes:
                                                                                      length)))
         payload = body
     elif framing == "chunked":
-        te = {"te-identity": b"chunked, identity", "te-xchunked": b"xchunked"}.get(mutation,
-                                                                                  b"chunked")
+        te = {"te-identity": b"chunked, identity", "te-xchunked": b"xchunked",
+              "te-gzip": b"gzip"}.get(mutation, b"chunked")
         headers.append((b"Transfer-Encoding", te))
         size = max(1, -(-len(body) // r["chunks"]))
         parts = [body[i:i + size] for i in range(0, len(body), size)]
-        payload = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+        chunks = [b"%x\r\n%s\r\n" % (len(p), p) for p in parts] + [b"0\r\n\r\n"]
+        if mutation == "chunk-overflow":
+            chunks.insert(-1, b"ffffffffffffffffff1\r\n")
+        elif mutation == "chunk-bare-lf":
+            chunks[-2] = chunks[-2].replace(b"\r\n", b"\n", 1)
+        elif mutation == "chunk-no-crlf":
+            chunks[-2] = chunks[-2][:-2] + b"XX"
+        elif mutation == "trailer-cl":
+            chunks[-1] = b"0\r\nContent-Length: 5\r\n\r\n"
+        payload = b"".join(chunks)
     else:
         payload = b""
     if mutation == "cl+te":
@@ -187,7 +212,11 @@ def read_responses(data: bytes, methods: list) -> list:
     return responses
 
 
-def talk(port: int, data: bytes, splits: list, timeout: float = 6.0) -> bytes:
+#: How long a client waits for each batch: well below the proxy's timeouts.
+TALK_WAIT = 4.0
+
+
+def talk(port: int, data: bytes, splits: list, timeout: float = TALK_WAIT) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         cuts = sorted({min(max(0, c), len(data)) for c in splits}) + [len(data)]
         at = 0
@@ -221,7 +250,8 @@ def test_no_request_is_smuggled_and_no_response_goes_astray(tier, batch, splits)
     data = b"".join(encode(r, rid, i == len(batch) - 1)
                     for i, (r, rid) in enumerate(zip(batch, ids)))
     mine = {rid: r for rid, r in zip(ids, batch)}
-    got = talk(tier.port, data, splits)
+    got = talk(tier.port, data, splits)  # answered or closed, with no timer needed
+    wait_for(lambda: tier.active() == 0, timeout=3, what="every backend slot back")
 
     # The backend side: only this client's requests, each whole, in the client's order.
     with tier.backend.lock:
@@ -247,3 +277,94 @@ def test_no_request_is_smuggled_and_no_response_goes_astray(tier, batch, splits)
             assert headers[b"x-id"] == ids[i], (headers[b"x-id"], ids[i])
         if headers.get(b"connection") == b"close":
             assert i == len(responses) - 1, "answers after Connection: close"
+
+
+class MemoryBackend:
+    """One in-memory backend connection: parses what the proxy wrote on it and answers each
+    request as :func:`answer` shapes it (``sendall``/``shutdown`` stand in for the socket)."""
+
+    def __init__(self, conn, wire):
+        import httptools
+        self.conn, self.wire = conn, wire
+        self.parser = httptools.HttpRequestParser(self)
+        self.done: list = []
+        self.current = None
+        self.dead = False
+
+    def on_message_begin(self):
+        self.current = _Request()
+
+    def on_url(self, url):
+        self.current.url += url
+
+    def on_header(self, name, value):
+        self.current.headers.append((name, value))
+
+    def on_body(self, body):
+        self.current.body += body
+
+    def on_message_complete(self):
+        self.current.method = self.parser.get_method()
+        self.done.append(self.current)
+
+    def pump(self) -> bool:
+        """Take what the proxy wrote and answer it; whether anything happened."""
+        import httptools
+        if self.dead:
+            return False
+        if self.wire.disconnecting:  # the proxy closed it: the close reaches it
+            self.shutdown(None)
+            return True
+        data = self.wire.value()
+        self.wire.clear()
+        if not data:
+            return False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError:
+            self.shutdown(None)
+        while self.done and not self.dead:
+            reply = answer(self.done.pop(0))
+            if callable(reply):
+                reply(self)
+            else:
+                self.sendall(reply)
+        return True
+
+    def sendall(self, data: bytes) -> None:
+        self.conn.dataReceived(data)
+
+    def shutdown(self, how) -> None:
+        if not self.dead:
+            self.dead = True
+            self.conn.connectionLost(Failure(ConnectionDone()))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(requests_(), min_size=1, max_size=4), st.lists(st.integers(0, 400), max_size=3))
+def test_every_request_is_answered_or_closed_without_a_timer_and_frees_its_slot(batch, splits):
+    """In memory: the traffic of the property above, read by a proxy whose clock never moves.
+    Once nothing more happens, the client connection is closed (the last request asks for
+    it, or a refusal did) and no backend slot is taken: nothing waits for a timer."""
+    proxy = Proxy(urls=URLS[:1])
+    client, out = proxy.client()
+    data = b"".join(encode(r, b"m-%d" % i, i == len(batch) - 1) for i, r in enumerate(batch))
+    cuts = sorted({min(max(0, c), len(data)) for c in splits} | {len(data)})
+    pieces = [data[a:b] for a, b in zip([0] + cuts, cuts) if b > a]
+    backends: list[MemoryBackend] = []
+    moved = True
+    while moved:
+        moved = False
+        if pieces and out.producerState == "producing" and not client.closed:
+            client.dataReceived(pieces.pop(0))  # a client sends as fast as it is read
+            moved = True
+        while proxy._taken < proxy.attempts():
+            backends.append(MemoryBackend(*proxy.backend()))
+            moved = True
+        for backend in backends:
+            moved = backend.pump() or moved
+    assert out.disconnecting, f"waits for a timer: {out.value()[-300:]!r}"
+    assert proxy.backends.ring[0].active == 0
+    assert proxy.factory.per_client.inflight == {}

@@ -247,3 +247,16 @@ def test_the_proxys_own_redis_connections_log_in_as_the_url_says():
         b"*3\r\n$4\r\nAUTH\r\n$3\r\nbob\r\n$4\r\np@ss\r\n"
     assert auth(RedisAddress.parse("redis://:secret@127.0.0.1:6379/0")) == \
         b"*2\r\n$4\r\nAUTH\r\n$6\r\nsecret\r\n"
+
+
+def test_only_a_reset_before_any_answer_to_a_bodiless_request_proves_it_unread():
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    from dockpart.proxy_retry import never_read
+    reset, closed = Failure(error.ConnectionLost()), Failure(error.ConnectionDone())
+    assert never_read(False, False, reset)
+    assert not never_read(False, False, closed)  # it may have run it, then closed
+    assert not never_read(True, False, reset)  # the head may have been read, the body not
+    assert not never_read(False, True, reset)  # it began to answer
+    assert not never_read(False, False, Failure(error.ConnectionAborted()))  # our own abort

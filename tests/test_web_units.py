@@ -11,6 +11,7 @@ from twisted.web.static import Data
 from twisted.web.test.requesthelper import DummyRequest
 
 from dockpart import web
+from dockpart.website import BoundedSite
 from dockpart.tier import BadInstanceURL, parse_instance_url
 from dockpart.redisconn import RedisAddress
 
@@ -115,7 +116,7 @@ def test_no_access_log_leaves_out_the_line_per_request(argv, lines):
     config = options(*argv)
     page = Data(b"ok", "text/plain")
     page.isLeaf = True
-    site = web.WebSite(page, 100, reactor=MemoryReactorClock(),
+    site = BoundedSite(page, reactor=MemoryReactorClock(),
                        access_log=not config["no-access-log"])
     site.startFactory()
     site.logFile = written = io.StringIO()

@@ -96,7 +96,7 @@ class InitOptions(_AnyOrder):
             raise usage.UsageError(f"--build-arg {value!r}: expected NAME=VALUE")
         self.build_args[name] = arg
 
-    def parseArgs(self, directory):
+    def parseArgs(self, directory):  # type: ignore[override]  # usage.Options passes the arguments
         self["directory"] = directory
 
     def postOptions(self) -> None:
@@ -128,7 +128,7 @@ class InitOptions(_AnyOrder):
         self.overrides = overrides
 
 
-class StatusOptions(_DirOptions, RedisOptions):
+class StatusOptions(_DirOptions, RedisOptions):  # type: ignore[misc]  # each adds its own optParameters
     def postOptions(self) -> None:
         _DirOptions.postOptions(self)
         RedisOptions.postOptions(self)
@@ -138,17 +138,17 @@ class RollbackOptions(_DirOptions):
     synopsis = "SLICE [RELEASE] [options]"
     longdesc = "Run SLICE's previous release again, or RELEASE (a tag such as green-1a2b3c4 or a commit)."
 
-    def parseArgs(self, slice_name, release=None):
+    def parseArgs(self, slice_name, release=None):  # type: ignore[override]  # usage.Options passes the arguments
         self["slice"] = _slice(slice_name)
         self["release"] = release
 
 
-class SwitchOptions(_DirOptions, RedisOptions):
+class SwitchOptions(_DirOptions, RedisOptions):  # type: ignore[misc]  # each adds its own optParameters
     synopsis = "SLICE [options]"
     longdesc = f"Send the front route ({keys.DEPLOY_LIVE}) to SLICE, once it answers its health path."
     optFlags = [["force", None, "Switch even when the slice does not answer its health path."]]
 
-    def parseArgs(self, slice_name):
+    def parseArgs(self, slice_name):  # type: ignore[override]  # usage.Options passes the arguments
         self["slice"] = _slice(slice_name)
 
     def postOptions(self) -> None:
@@ -159,7 +159,7 @@ class SwitchOptions(_DirOptions, RedisOptions):
 class HookOptions(_DirOptions):
     synopsis = "SLICE --dir DIR  (git's hook lines on stdin)"
 
-    def parseArgs(self, slice_name):
+    def parseArgs(self, slice_name):  # type: ignore[override]  # usage.Options passes the arguments
         self["slice"] = _slice(slice_name)
 
 
@@ -176,16 +176,23 @@ class DeployOptions(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: " + ", ".join(c[0] for c in self.subCommands))
+            raise usage.UsageError("name a command: " + ", ".join(
+                c[0] for c in self.subCommands))  # type: ignore[index]
+
+
+def _apps_options():
+    from dockpart.apps_cli import AppsOptions  # here: it imports this module
+    return AppsOptions()
 
 
 class Options(usage.Options):
-    synopsis = "dockpart deploy COMMAND [options]"
-    subCommands = [["deploy", None, DeployOptions, "Git-push blue/green deployment."]]
+    synopsis = "dockpart deploy|apps COMMAND [options]"
+    subCommands = [["deploy", None, DeployOptions, "Git-push blue/green deployment."],
+                   ["apps", None, _apps_options, "Your web apps on the tier (dockpart apps)."]]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: deploy")
+            raise usage.UsageError("name a command: deploy or apps")
 
 
 def status(options) -> None:
@@ -237,6 +244,9 @@ def main(argv=None) -> int:
     except usage.UsageError as e:
         print(f"{options.getSynopsis()}\nerror: {e}", file=sys.stderr)
         return 2
+    if options.subCommand == "apps":
+        from dockpart.apps_cli import run
+        return run(options.subOptions, say)
     command = options.subOptions.subCommand
     sub = options.subOptions.subOptions
     try:

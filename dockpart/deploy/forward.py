@@ -55,6 +55,7 @@ class _ForwardClientFactory(portforward.ProxyClientFactory):
 
 class _ForwardServer(portforward.ProxyServer):
     clientProtocolFactory = _ForwardClientFactory
+    factory: "ForwardFactory"
 
     def connectionMade(self):
         try:

@@ -39,7 +39,7 @@ def run_hook(deploy_dir: DeployDir, slice_name: str, lines, say=print) -> int:
         deploy_dir.run.mkdir(exist_ok=True)
         log = open(path, "a")
     except OSError:  # no deploy directory: loading its configuration says so
-        log, path = None, None
+        log, path = None, None  # type: ignore[assignment]  # no log file to name
     with log or contextlib.nullcontext():
 
         def tell(line: str = "") -> None:

@@ -120,14 +120,18 @@ class ProcessDriver:
         return {port: {"running": True, "state": "running", "id": f"pid {pids[0]}"}
                 for port, pids in (await self.pool.run(_thd_scan, self.mark)).items()}
 
+    def launch(self, port: int) -> tuple[list[str], dict[str, str]]:
+        """What runs on ``port``: the argv and the environment it adds (dockpart-web here)."""
+        return ([sys.executable, "-c", LAUNCHER, "-n", "--pidfile=", "--logfile=-",
+                 "dockpart-web", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                 "--advertise-host", self.advertise_host, "--first-port", str(self.first_port)],
+                {"DOCKPART_REDIS": self.redis_url})
+
     async def start(self, port: int) -> None:
         if await self._pids(port):
             return  # already runs: adopt it
-        argv = [sys.executable, "-c", LAUNCHER, "-n", "--pidfile=", "--logfile=-", "dockpart-web",
-                "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--advertise-host", self.advertise_host, "--first-port", str(self.first_port)]
-        env = {**os.environ, MANAGED_VAR: self.mark, PORT_VAR: str(port),
-               "DOCKPART_REDIS": self.redis_url}
+        argv, env = self.launch(port)
+        env = {**os.environ, **env, MANAGED_VAR: self.mark, PORT_VAR: str(port)}
         log_path = self.state_dir / f"{instance_name(port)}.log"
         try:  # in the pool: the state directory may be on a slow or remote disk
             log_fd = await self.pool.run(_thd_prepare, self.state_dir, self._marker(port),

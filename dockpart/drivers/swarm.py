@@ -225,7 +225,7 @@ class SwarmDriver(DockerDriver):
                 raise
         return super()._call(sorted_503, *args)
 
-    async def managed(self) -> dict[int, str | None | bool]:
+    async def managed(self) -> dict[int, str | None | bool]:  # type: ignore[override]
         """Every managed instance's port: the URL where it is up, None while Swarm (re)starts
         its task, False once scaled to 0."""
         return await self._call(_thd_managed, self.tier)
@@ -242,7 +242,7 @@ class SwarmDriver(DockerDriver):
                 return value
             await deferLater(self.reactor, POLL, lambda: None)
 
-    async def start(self, port: int) -> str:
+    async def start(self, port: int) -> str:  # type: ignore[override]  # more than DockerDriver says
         """Create the service unless it exists; the URL where its task is up, once placed."""
         image = await self._call(_thd_pinned, await self.ensure_image())
         args = [*self.instance_args, "--listen", f"tcp:{port}:interface={self.interface}"]

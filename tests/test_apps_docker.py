@@ -1,0 +1,55 @@
+"""Apps with the docker driver: an image runs as the app's containers, PORT set, routed by
+Host; destroy removes them."""
+
+import uuid
+
+import pytest
+
+from dockerkit import docker_client
+from dockpart import keys
+from dockpart.drivers.docker import LABEL_TIER
+from helpers import ROOT, Daemon, free_port, port_block, wait_for
+from test_apps import dockpart_apps, get, serving
+
+pytestmark = pytest.mark.docker
+
+
+def test_an_app_image_runs_as_containers_routed_by_host_and_goes_when_destroyed(own_redis,
+                                                                                docker_images):
+    engine = docker_client()
+    assert docker_images["web"]  # the local base image is there
+    tag = f"dockpart-hello:test-{uuid.uuid4().hex[:8]}"
+    engine.images.build(path=str(ROOT / "examples" / "hello"), tag=tag, rm=True,
+                        buildargs={"BASE_IMAGE": "dockpart-base:bookworm"}, network_mode="host")
+    low = port_block(4)
+    infra = Daemon("dockpart-infra", "--driver", "docker", "--redis", own_redis.url,
+                   "--first-port", str(free_port()), "--app-ports", f"{low}-{low + 3}",
+                   "--interval", "0.05", "--drain", "1", "--stop-timeout", "2",
+                   "--spawn-timeout", "60", ready="dockpart-infra started").start()
+    port = free_port()
+    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                   "--redis", own_redis.url, ready="dockpart-proxy listening on").start()
+    proxy.base = f"http://127.0.0.1:{port}"
+
+    def containers():
+        return engine.containers.list(all=True, filters={
+            "label": f"{LABEL_TIER}={infra_tier} app hello"})
+    infra_tier = f"redis://127.0.0.1:{own_redis.port}/0"
+    try:
+        assert dockpart_apps(own_redis.url, "create", "hello", "--image", tag,
+                             "--scale", "2") == 0
+        wait_for(lambda: len(serving(own_redis, "hello")) == 2, 120, what="2 containers serve")
+        answers = {get(proxy, "hello.localhost").text for _ in range(4)}
+        assert answers == {f"hello on port {low}\n", f"hello on port {low + 1}\n"}
+        running = containers()
+        assert len(running) == 2
+        assert all(c.attrs["HostConfig"]["NetworkMode"] == "host" for c in running)
+        assert dockpart_apps(own_redis.url, "destroy", "hello") == 0
+        wait_for(lambda: not containers(), 60, what="the containers removed")
+        wait_for(lambda: not own_redis.client().keys("dockpart:app*"), 10, what="records gone")
+    finally:
+        proxy.stop()
+        infra.stop()
+        for c in containers():
+            c.remove(force=True)
+        engine.images.remove(tag, force=True)

@@ -63,9 +63,11 @@ _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") +([^ ]*)(?: +HTTP/([0-9]\.[0-9]
 _TARGET_RE = re.compile(_TARGET)
 _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\r\n]*))?")
 _HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([\t\x20-\x7e\x80-\xff]*)")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)((?:;" + _TOKEN.replace(b"]+", b";=]+")
-                         + rb"(?:=(?:[!#$%&'*+\-.^_`|~0-9A-Za-z;]+|\"(?:[\t\x20\x21\x23-\x5b"
-                         rb"\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*\"))?)*)")
+#: A chunk extension as llhttp reads it: its name may hold ";" and "=", a value ";".
+_EXT_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z;=]+"
+_EXT_VALUE = (rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z;]+"
+              rb"|\"(?:[\t !\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*\")")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)(?:;" + _EXT_NAME + rb"(?:=" + _EXT_VALUE + rb")?)*")
 _NOT_SPACE = re.compile(rb"[^ \t]")
 _MAX_LENGTH = (1 << 64) - 1
 
@@ -107,6 +109,14 @@ class _Parser:
         self._upgrade_header = False
         self._upgrade = False
         self._remaining = 0
+
+    def _start_line(self, line: bytes) -> None:
+        """The request or status line."""
+        raise NotImplementedError
+
+    def _check_partial_start(self, part: bytes) -> None:
+        """Refuse a start line that cannot become valid, before its end arrives."""
+        raise NotImplementedError
 
     # The httptools interface.
 

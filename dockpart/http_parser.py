@@ -17,6 +17,6 @@ _choice = os.environ.get("DOCKPART_HTTP_PARSER") or (
 if _choice == "httptools":
     import httptools
 elif _choice == "http11":
-    from dockpart import http11 as httptools  # noqa: F401 -- the httptools interface
+    from dockpart import http11 as httptools  # type: ignore[no-redef]  # its interface
 else:
     raise ImportError(f"DOCKPART_HTTP_PARSER={_choice!r}: use httptools or http11")

@@ -257,7 +257,7 @@ class _Parser:
                 line = buf[pos:nl - 1]
                 pos = nl + 1
                 if line:
-                    self._header(line, trailer=True)
+                    self._header(line)
                 else:
                     self._message_done()
             else:
@@ -273,7 +273,7 @@ class _Parser:
         if 0 <= cr < len(buf) - 1:
             raise HttpParserError("Missing expected LF after CR")
 
-    def _header(self, line: bytes, trailer: bool = False) -> None:
+    def _header(self, line: bytes) -> None:
         m = _HEADER.fullmatch(line)
         if m is None:
             if line[:1] in b" \t":
@@ -282,8 +282,7 @@ class _Parser:
                 raise HttpParserError("Invalid header token")
             raise HttpParserError("Invalid header value char")
         name, value = m.group(1), m.group(2)
-        if not trailer:
-            self._watch(name.lower(), value)
+        self._watch(name.lower(), value)  # trailers too, as llhttp: no Content-Length there
         if self._on_header is not None:
             self._call(self._on_header, name, value)
 

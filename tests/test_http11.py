@@ -125,7 +125,8 @@ CORPUS = [
     TE + b"1;\r\nx\r\n0\r\n\r\n", TE + b"1;a=\r\nx\r\n0\r\n\r\n", TE + b"1;a;b\r\nx\r\n0\r\n\r\n",
     TE + b"1;a =b\r\nx\r\n0\r\n\r\n", TE + b"1;a=\"\\\"\"\r\nx\r\n0\r\n\r\n", TE + b"\r\nx\r\n",
     TE + b"x\r\n0\r\n\r\n", TE + b"-1\r\nx\r\n0\r\n\r\n", TE + b"0x1\r\nx\r\n0\r\n\r\n",
-    TE + b"0\r\nX-T: 1\r\n\r\n", TE + b"0\r\nA:b\r\n c\r\n\r\n", TE + b"1\nx\r\n0\r\n\r\n",
+    TE + b"0\r\nX-T: 1\r\n\r\n", TE + b"0\r\nContent-Length: 5\r\n\r\n",
+    TE + b"0\r\nTransfer-Encoding: chunked\r\n\r\n", TE + b"0\r\nConnection: close\r\n\r\nGET", TE + b"0\r\nA:b\r\n c\r\n\r\n", TE + b"1\nx\r\n0\r\n\r\n",
     TE + b"1\r\nx\n0\r\n\r\n", TE + b"0\r\n\r\nGET / HTTP/1.1\r\n\r\n",
     b"GET / HTTP/1.1\r\nConnection: Upgrade, close\r\nUpgrade: a\r\n\r\nafter",
     b"GET / HTTP/1.1\r\nConnection: xupgrade\r\nUpgrade: a\r\n\r\n",
@@ -157,6 +158,8 @@ RESPONSES = [
     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     b"HTTP/1.1 103 Hints\r\nLink: x\r\n\r\nHTTP/1.1 200 OK\r\n\r\nok",
     b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nContent-Length: 5\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nTransfer-Encoding: x\r\n\r\n",
 ]
 
 
@@ -237,7 +240,10 @@ def message(draw, response: bool) -> bytes:
         body += size + draw(st.sampled_from(EOLS)) + draw(st.binary(max_size=4)) \
             + draw(st.sampled_from(EOLS))
     if draw(st.booleans()):
-        body += b"0\r\n" + draw(st.sampled_from([b"", b"T: 1\r\n", b"T : 1\r\n"])) + b"\r\n"
+        body += b"0\r\n" + draw(st.sampled_from([b"", b"T: 1\r\n", b"T : 1\r\n",
+                                                 b"Content-Length: 1\r\n",
+                                                 b"Transfer-Encoding: chunked\r\n",
+                                                 b"Connection: close\r\n"])) + b"\r\n"
     return head + body
 
 

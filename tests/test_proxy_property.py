@@ -284,7 +284,7 @@ class MemoryBackend:
     request as :func:`answer` shapes it (``sendall``/``shutdown`` stand in for the socket)."""
 
     def __init__(self, conn, wire):
-        import httptools
+        from dockpart.http_parser import httptools
         self.conn, self.wire = conn, wire
         self.parser = httptools.HttpRequestParser(self)
         self.done: list = []
@@ -309,7 +309,7 @@ class MemoryBackend:
 
     def pump(self) -> bool:
         """Take what the proxy wrote and answer it; whether anything happened."""
-        import httptools
+        from dockpart.http_parser import httptools
         if self.dead:
             return False
         if self.wire.disconnecting:  # the proxy closed it: the close reaches it

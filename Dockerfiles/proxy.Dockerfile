@@ -19,4 +19,4 @@ EXPOSE 3456
 # By default it listens on loopback only: opening it to a network is a deliberate
 # --listen tcp:3456:interface=0.0.0.0 (compose: DOCKPART_PROXY_INTERFACE).
 ENTRYPOINT ["twistd", "-n", "--pidfile=", "--logfile=-", "dockpart-proxy"]
-CMD ["--listen", "tcp:3456:interface=127.0.0.1", "--health-path", "/", "--health-interval", "1", "--try-timeout", "1"]
+CMD ["--listen", "tcp:3456:interface=127.0.0.1", "--health-path", "/", "--health-interval", "1", "--try-timeout", "1", "--retry-safe", "/,/get*,/recent,/listservers,/work"]

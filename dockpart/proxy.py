@@ -22,6 +22,7 @@ from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_sync import BackendSync
 from dockpart.proxy_dispatch import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
+from dockpart.proxy_retry import safe_routes
 from dockpart.proxy_routes import AppsSync, Routes
 from dockpart.listening import Listener
 from dockpart.proxy_workers import (BACKLOG, Workers, WorkersAdmin, die_with_parent,
@@ -53,7 +54,7 @@ class Options(RedisOptions):
         ["try-timeout", None, None, "Seconds a backend gets to start answering before it is "
                                     "left out and asked whether it answers at all; silent "
                                     "half that long again, the request gets 504 (not sent "
-                                    "twice; off unless given).", float],
+                                    "twice but for --retry-safe; off unless given).", float],
         ["header-timeout", None, 10.0, "Seconds a client has to send request headers (408).",
          float],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client connection stays, "
@@ -77,6 +78,20 @@ class Options(RedisOptions):
                                    "endpoint's backlog=).", int],
         ["worker-of", None, None, "(internal) The pid of the --workers parent.", int],
     ]
+
+    def __init__(self):
+        super().__init__()
+        self["retry-safe"] = ()
+
+    def opt_retry_safe(self, paths: str) -> None:
+        """Paths (comma-separated; repeatable) whose bodiless GET or HEAD may be sent to
+        another backend after --try-timeout: ones harmless to run twice. Exact, or a prefix
+        ending in *; the seed's list only (apps: never). None by default (a timed-out
+        request gets 504, never sent twice)."""
+        try:
+            self["retry-safe"] += safe_routes(paths)
+        except ValueError as e:
+            raise usage.UsageError(f"--retry-safe: {e}")
 
     def parseOptions(self, options=None):
         # What the parent of --workers passes on to each worker, exactly as given.
@@ -114,6 +129,9 @@ class Options(RedisOptions):
                 raise usage.UsageError(f"--{name} must be 0 or more")
         if self["try-timeout"] is not None and self["try-timeout"] <= 0:
             raise usage.UsageError("--try-timeout must be positive")
+        if self["retry-safe"] and self["try-timeout"] is None:
+            raise usage.UsageError("--retry-safe needs --try-timeout (only a try that timed "
+                                   "out is sent again)")
         path = self["health-path"]
         if path is not None and not path.startswith("/"):
             raise usage.UsageError(f"--health-path {path!r} must start with /")
@@ -177,7 +195,7 @@ def makeService(config, reactor=None):
                     header_timeout=config["header-timeout"], idle_timeout=config["idle-timeout"],
                     connect_timeout=config["connect-timeout"],
                     backend_timeout=config["backend-timeout"], try_timeout=config["try-timeout"],
-                    probe_path=config["health-path"] or "/",
+                    probe_path=config["health-path"] or "/", retry_safe=config["retry-safe"],
                     max_inflight_per_client=config["max-inflight-per-client"],
                     body_timeout=config["body-timeout"], body_min_rate=config["body-min-rate"],
                     load_per_client=config["load-per-client"],

@@ -410,13 +410,19 @@ class ClientConnection(_Reading, protocol.Protocol):
                 self.factory.backends.failed(backend)
             return self.abort()
         stalled = not exchange.request_done
+        resend = False
         if not stalled and backend is not None:
-            self.deadline = self.factory.tries.more_time(exchange, backend, now)
-            if self.deadline is not None:
-                return
+            resend = self.factory.tries.resend(exchange, backend)
+            if not resend:
+                self.deadline = self.factory.tries.more_time(exchange, backend, now)
+                if self.deadline is not None:
+                    return
         if conn is not None:
             conn.give_up()
         exchange.end_try()
+        if resend:
+            self.factory.stats.retries += 1
+            return self.factory.retry(exchange, backend, stale=False)
         if backend is not None:
             if not stalled:
                 # Time-outs count as failures: a hung backend leaves the rotation.

@@ -48,6 +48,8 @@ class Limits:
     try_timeout: float | None = None
     #: What that question asks for (the health checks' path).
     probe_path: str = "/"
+    #: Paths sent to another backend after a try timed out (dockpart.proxy_retry.safe_routes).
+    retry_safe: tuple[bytes, ...] = ()
     #: One client address (dockpart.proxy_limits; 0: no limit): requests in flight (429
     #: beyond), a body's time (seconds, plus one per body_min_rate bytes; 408 beyond), and
     #: its share of the load reported to the autoscaler.

@@ -214,7 +214,7 @@ class Exchange:
     __slots__ = ("client", "method", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
-                 "started", "host", "reread", "early", "suspected_at", "client_slow",
+                 "started", "host", "reread", "early", "suspected_at", "resent", "client_slow",
                  "body_from", "body_bytes", "backends")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
@@ -240,6 +240,7 @@ class Exchange:
         self.reread = False  # the list was read again before answering 503
         self.early: list[bytes] = []  # bytes after an Upgrade head, held until a 101
         self.suspected_at = 0.0  # when its try timed out (dockpart.proxy_retry)
+        self.resent = False  # sent elsewhere after a try timed out (dockpart.proxy_retry)
         self.client_slow = False  # the client was given time to read a stalled response
         self.body_from = 0.0  # when its body began to be read (dockpart.proxy_limits)
         self.body_bytes = 0
@@ -250,6 +251,11 @@ class Exchange:
     def head_only(self) -> bool:
         """The answer is a head alone (a response to HEAD)."""
         return self.method == b"HEAD"
+
+    @property
+    def target(self) -> bytes:
+        """The request target as sent on (origin form: path and query)."""
+        return self.head[0].split(b" ", 2)[1]
 
     @property
     def backend(self) -> Backend | None:

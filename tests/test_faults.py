@@ -96,14 +96,12 @@ def test_frozen_instance_delays_no_request_and_comes_back(tier):
 
 def check_frozen(tier: Tier, frozen: str, freeze, thaw) -> None:
     """Under load, ``freeze()`` the instance at ``frozen`` for a while, then ``thaw()`` it
-    (always): no request waited long, and it is back in rotation.  The requests it held when
-    it froze, one per client at most, get 504 (it may have run them: never sent twice, see
-    dockpart.proxy_retry); every later one is served."""
-    clients = 4
-    with RequestLoop(tier.url + "/", clients=clients, timeout=30) as loop:
+    (always): no request failed or waited long, and it is back in rotation.  The requests it
+    held when it froze are sent once to another instance: ``/`` is one of the shipped
+    --retry-safe routes (dockpart.proxy_retry)."""
+    with RequestLoop(tier.url + "/", clients=4, timeout=30) as loop:
         loop.wait_served(50)
         try:
-            frozen_at = time.monotonic()
             freeze()
             # The fault's length (not a wait for something): several health checks and
             # per-try timeouts long.
@@ -115,9 +113,7 @@ def check_frozen(tier: Tier, frozen: str, freeze, thaw) -> None:
     # recorded only when it ends.
     longest = max(o.waited for o in loop.outcomes)
     assert longest <= LONGEST_WAIT, f"a request waited {longest:.1f} s; {loop.summary()}"
-    failed = loop.failures()
-    assert all(o.status == 504 and o.started < frozen_at + 1 for o in failed) \
-        and len(failed) <= clients, loop.summary()
+    assert not loop.failures(), loop.summary()
     seen = set()
     wait_for(lambda: seen.add(served_by(tier.url + "/")) or frozen in seen, timeout=15,
              interval=0.01, what=f"{frozen} back in rotation after it resumed")

@@ -223,6 +223,81 @@ def test_a_slow_request_on_a_backend_that_answers_the_question_waits_for_its_ans
     assert sent(out).startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
 
 
+SHIPPED_SAFE = (b"/", b"/get*", b"/recent", b"/listservers", b"/work")
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /get/k HTTP/1.1\r\nHost: x\r\n\r\n", b"HEAD /recent?n=3 HTTP/1.1\r\nHost: x\r\n\r\n"])
+def test_a_route_declared_safe_goes_once_to_another_backend_after_a_try_timeout(
+        request_bytes):
+    proxy = Proxy(try_timeout=1.0, backend_timeout=5.0, retry_safe=SHIPPED_SAFE)
+    asked = asked_backends(proxy)
+    client, out = proxy.client()
+    client.dataReceived(request_bytes)
+    frozen, wire = proxy.backend()
+    request = sent(wire)
+    proxy.later(1.1)
+    # Left out and asked, as any; the request goes to the other backend at once.
+    assert asked == [frozen.backend] and frozen.phase is Phase.CLOSED
+    assert frozen.backend.down_until > proxy.reactor.seconds() and frozen.backend.active == 0
+    other, wire2 = proxy.backend()
+    assert other.backend is not frozen.backend and sent(wire2) == request
+    assert out.value() == b"" and proxy.factory.stats.retries == 1
+    other.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert sent(out).startswith(b"HTTP/1.1 200") and proxy.attempts() == 2
+
+
+def test_a_route_declared_safe_is_sent_again_once_only():
+    proxy = Proxy(try_timeout=1.0, backend_timeout=5.0, retry_safe=SHIPPED_SAFE)
+    asked = asked_backends(proxy)
+    client, out = proxy.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    first, _ = proxy.backend()
+    proxy.later(1.1)
+    second, _ = proxy.backend()
+    proxy.later(1.1)  # silent too: never-twice from here (left out, asked, then 504)
+    assert asked == [first.backend, second.backend] and out.value() == b""
+    proxy.later(0.6)
+    assert out.value().startswith(b"HTTP/1.1 504") and proxy.attempts() == 2
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /meow HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /recent/ HTTP/1.1\r\nHost: x\r\n\r\n",  # exact: /recent only
+    b"GET /get/../meow HTTP/1.1\r\nHost: x\r\n\r\n",  # a dot segment matches nothing
+    b"GET /%67et/k HTTP/1.1\r\nHost: x\r\n\r\n",  # nor does a percent-escape
+    b"GET //meow HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
+    b"DELETE /work HTTP/1.1\r\nHost: x\r\n\r\n"])
+def test_a_route_not_declared_safe_is_never_sent_again(request_bytes):
+    proxy = Proxy(try_timeout=1.0, backend_timeout=5.0, retry_safe=SHIPPED_SAFE)
+    asked_backends(proxy)
+    client, out = proxy.client()
+    client.dataReceived(request_bytes)
+    proxy.backend()
+    proxy.later(1.1)
+    proxy.later(0.6)
+    assert out.value().startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
+
+
+def test_a_declared_path_of_an_app_routed_by_host_is_never_sent_again():
+    """--retry-safe names the seed's routes: an app's own instances get never-twice."""
+    from dockpart.proxy_routes import Routes
+    proxy = Proxy(try_timeout=1.0, backend_timeout=5.0, retry_safe=SHIPPED_SAFE)
+    app = BackendSet(NoRedis(), "app:servers", "local", proxy.reactor)
+    app.update(["http://127.0.0.1:4001", "http://127.0.0.1:4002"])
+    routes = proxy.factory.routes = Routes(proxy.backends, "apps.test")
+    routes.hosts = {b"hello.apps.test": app}
+    asked_backends(proxy)
+    client, out = proxy.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: hello.apps.test\r\n\r\n")
+    conn, _ = proxy.backend()
+    assert conn.backend in app.ring
+    proxy.later(1.1)
+    proxy.later(0.6)
+    assert out.value().startswith(b"HTTP/1.1 504") and proxy.attempts() == 1
+
+
 def test_a_stall_in_the_middle_of_a_body_ends_the_client_connection():
     proxy = Proxy(backend_timeout=2.0)
     client, out = proxy.client()

@@ -1,5 +1,6 @@
-"""No request runs twice because of the proxy (dockpart.proxy_retry): a real twistd proxy with
-the shipped --try-timeout, a real redis-server, and two recording backends."""
+"""No request runs twice because of the proxy (dockpart.proxy_retry), but for routes declared
+safe: a real twistd proxy with the shipped --try-timeout and --retry-safe, a real redis-server,
+and two recording backends."""
 
 import socket
 import threading
@@ -9,6 +10,7 @@ import pytest
 
 from helpers import Daemon, RedisProcess, free_port, wait_for
 from proxykit import RawBackend, exchange
+from tierkit import SHIPPED_RETRY_SAFE
 
 KEY = "retry:servers"
 
@@ -18,11 +20,7 @@ def tier():
     redis = RedisProcess().start()
     backends = [RawBackend(), RawBackend()]
     redis.client().rpush(KEY, *[b.url for b in backends])
-    port = free_port()
-    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                   "--redis", redis.url, "--servers-key", KEY, "--try-timeout", "1",
-                   "--backend-timeout", "6", ready="dockpart-proxy listening on").start()
-    proxy.port = port
+    proxy = start_proxy(redis)
     try:
         yield proxy, backends
     finally:
@@ -30,6 +28,16 @@ def tier():
         for b in backends:
             b.close()
         redis.stop()
+
+
+def start_proxy(redis: RedisProcess) -> Daemon:
+    port = free_port()
+    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                   "--redis", redis.url, "--servers-key", KEY, "--try-timeout", "1",
+                   "--retry-safe", SHIPPED_RETRY_SAFE, "--backend-timeout", "6",
+                   ready="dockpart-proxy listening on").start()
+    proxy.port, proxy.redis = port, redis
+    return proxy
 
 
 def urls(backend) -> list[bytes]:
@@ -55,7 +63,8 @@ def test_a_request_slower_than_a_try_is_run_once_and_answered(tier):
 
 def test_a_request_to_a_silent_backend_gets_504_after_a_try_and_a_half_never_resent(tier):
     """A backend that reads requests but never answers (as a frozen one): the request that
-    met it gets 504 within ~1.5 s and is not run elsewhere; the next requests avoid it."""
+    met it gets 504 within ~1.5 s and is not run elsewhere (its route is not declared safe);
+    the next requests avoid it."""
     proxy, backends = tier
     release = threading.Event()
     silent, other = backends
@@ -77,3 +86,34 @@ def test_a_request_to_a_silent_backend_gets_504_after_a_try_and_a_half_never_res
         assert [u for u in urls(silent) if u != b"/"] == [met]  # "/": the probe
     finally:
         release.set()
+
+
+def test_a_declared_route_that_met_a_silent_backend_is_sent_once_to_another_and_answered(tier):
+    """A route of the shipped --retry-safe (GET /get/...) that met a backend which reads and
+    never answers goes, after the 1 s try, to the other backend, once, and is answered; the
+    silent one is left out.  A proxy of its own: the first has left that backend out."""
+    _, backends = tier
+    silent, other = backends
+    release = threading.Event()
+    silent.reset(answer=lambda r: lambda conn: release.wait(10))
+    other.reset(answer=RawBackend().answer)
+    proxy = start_proxy(tier[0].redis)
+    try:
+        resent = None
+        for i in range(4):  # the rotation sends one of the first two to the silent one
+            path = b"/get/k%d" % i
+            started = time.monotonic()
+            reply = exchange(proxy.port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close"
+                                         b"\r\n\r\n" % path, timeout=8)
+            waited = time.monotonic() - started
+            assert reply.startswith(b"HTTP/1.1 200") and path in reply, (reply, waited)
+            if path in urls(silent):
+                assert resent is None and 0.9 < waited < 2, waited
+                resent = path
+            else:
+                assert waited < 1, waited
+        assert resent is not None and urls(other).count(resent) == 1
+        assert [u for u in urls(silent) if u != b"/"] == [resent]  # "/": the probe
+    finally:
+        release.set()
+        proxy.stop()

@@ -260,3 +260,22 @@ def test_only_a_reset_before_any_answer_to_a_bodiless_request_proves_it_unread()
     assert not never_read(True, False, reset)  # the head may have been read, the body not
     assert not never_read(False, True, reset)  # it began to answer
     assert not never_read(False, False, Failure(error.ConnectionAborted()))  # our own abort
+
+
+def test_retry_safe_takes_plain_paths_exact_or_prefix_and_needs_a_try_timeout():
+    import pytest
+    from twisted.python import usage
+
+    from dockpart.proxy import Options
+
+    def parse(*args):
+        options = Options()
+        options.parseOptions(["--try-timeout", "1", *args])
+        return options["retry-safe"]
+    assert parse() == ()  # none by default: every timed-out try gets 504
+    assert parse("--retry-safe", "/, /get*", "--retry-safe", "/work") == (b"/", b"/get*", b"/work")
+    for bad in ("meow", "/a*b", "/a?x=1", "/a#b", "/a/../b", "/%6deow", "/a b", "/\u00e9", ""):
+        with pytest.raises(usage.UsageError, match="--retry-safe"):
+            parse("--retry-safe", bad)
+    with pytest.raises(usage.UsageError, match="needs --try-timeout"):
+        Options().parseOptions(["--retry-safe", "/"])

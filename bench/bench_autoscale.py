@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from dockpart import keys, load  # noqa: E402
-from dockpart.load import read_reports  # noqa: E402
+from dockpart.records import read_load_reports as read_reports  # noqa: E402
 from helpers import (Daemon, RedisProcess, SyncRedis, free_port, kill_instances,  # noqa: E402
                      port_block, wait_for)
 

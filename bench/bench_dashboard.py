@@ -20,6 +20,7 @@ import os
 import shutil
 import statistics
 import sys
+import secrets
 import tempfile
 import threading
 import time
@@ -37,6 +38,7 @@ from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa
 from dockpart import keys, load  # noqa: E402
 
 POLL = 1.0  # the page's poll interval (dashboard.js)
+TOKEN = secrets.token_urlsafe(16)  # the dashboard's, as scripts/up makes one
 
 
 class Reports(threading.Thread):
@@ -67,6 +69,7 @@ class Viewer(threading.Thread):
 
     def run(self):
         with requests.Session() as s:
+            s.post(self.base + "/login", data={"token": TOKEN}, timeout=5)  # as a person does
             for path in ("/", "/static/uPlot.iife.min.js", "/static/dashboard.js",
                          "/static/uPlot.min.css", "/static/dashboard.css"):
                 s.get(self.base + path, timeout=5)
@@ -119,7 +122,8 @@ def main() -> None:
                        "--state-dir", state, "--first-port", str(first),
                        "--port-range", f"{first}-{first}",
                        "--dashboard", f"tcp:{dash_port}:interface=127.0.0.1",
-                       ready="dockpart-infra dashboard listening on").start()
+                       ready="dockpart-infra dashboard listening on",
+                       env={"DOCKPART_DASHBOARD_TOKEN": TOKEN}).start()
         stack.append(infra.stop)
         base = f"http://127.0.0.1:{dash_port}"
         target = f"http://127.0.0.1:{proxy_port}/"

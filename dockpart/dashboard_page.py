@@ -130,7 +130,7 @@ def live_html(snapshot: dict, csrf: str) -> str:
     decisions = [f'<tr><td>{_when(d.get("time"))}</td><td>{_text(d.get("action"))}</td>'
                  f'<td>{_text(d.get("current"))} → {_text(d.get("desired"))}</td>'
                  f'<td>{_text(d.get("inflight"))}</td><td>{_text(d.get("reason"))}</td></tr>'
-                 for d in auto["decisions"]]  # TierWatch kept only the JSON objects
+                 for d in auto["decisions"]]  # decoded by dockpart.records: well-formed
     limit_form = ""
     if writable:
         limit_form = _form(
@@ -162,7 +162,7 @@ PAGE = """<!doctype html>
 <link rel="stylesheet" href="static/dashboard.css">
 </head><body>
 <h1>dockpart tier</h1>
-<p id="notice" role="status"></p>
+{logout}<p id="notice" role="status"></p>
 <section id="charts">
 <div class="chart" id="chart-tier"><h2>Requests/s and p95 (tier)</h2></div>
 <div class="chart" id="chart-instances"><h2>Instances (▲ spawn, ▼ destroy)</h2></div>
@@ -179,8 +179,12 @@ PAGE = """<!doctype html>
 """
 
 
-def page_html(snapshot: dict, csrf: str) -> str:
-    return PAGE.format(csrf=escape(csrf), live=live_html(snapshot, csrf))
+def page_html(snapshot: dict, csrf: str, logout: bool = False) -> str:
+    """The whole page; with ``logout``, a button that ends the session (a token is set)."""
+    button = (f'<form class="logout" method="post" action="logout">'
+              f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+              f'<button type="submit">log out</button></form>\n' if logout else "")
+    return PAGE.format(csrf=escape(csrf), live=live_html(snapshot, csrf), logout=button)
 
 
 def message_html(title: str, text: str) -> str:
@@ -197,5 +201,6 @@ def login_html(error: str = "") -> str:
             f'{said}<form method="post" action="login"><label>Token '
             f'<input name="token" type="password" autofocus></label> '
             f'<button type="submit">open</button></form>\n'
-            f'<p>Started with <code>--dashboard-token</code>; ask whoever runs dockpart-infra.</p>'
+            f'<p>Started with <code>--dashboard-token</code>; <code>scripts/up</code> keeps it in '
+            f'<code>dashboard.env</code> beside the Redis password.</p>'
             f'</body></html>\n')

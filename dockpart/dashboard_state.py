@@ -6,14 +6,14 @@ while this infra holds the lease, its driver.  Every page and API client is serv
 latest snapshot, so ten open dashboards cost the tier what one does.
 """
 
-import json
 from collections import deque
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
-from dockpart import apps, keys, load
+from dockpart import apps, load, records
 from dockpart.drivers import DriverError, Unavailable
-from dockpart.periodic import Periodic
+from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
 from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
 
@@ -26,8 +26,7 @@ DEAD_LETTERS_SHOWN = 20
 DECISIONS_SHOWN = 10
 
 #: The lists an instance URL can be in, as the snapshot names them.
-LISTS = {"servers": keys.SERVERS, "spawn_queue": keys.SPAWN_QUEUE, "spawning": keys.SPAWNING,
-         "destroy_queue": keys.DESTROY_QUEUE, "destroying": keys.DESTROYING}
+LISTS = records.TIER_LIST_NAMES
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -47,8 +46,10 @@ def figures(merged: dict, interval: float) -> dict:
 
 def tier_totals(merged: dict[str, dict]) -> dict:
     """The sum over every backend, in the format of one backend."""
-    each = [{"backends": {"tier": m}} for m in merged.values()]
-    return load.merge(each or [{"backends": {"tier": {}}}])["tier"]
+    each = [records.LoadReport({"tier": records.BackendLoad(
+        m["requests"], m["errors"], m["latency_sum"], tuple(m["latency_buckets"]),
+        m["inflight"], m["healthy"])}) for m in merged.values()]
+    return load.merge(each or [records.LoadReport({"tier": records.BackendLoad()})])["tier"]
 
 
 def instance_state(url: str, lists: dict[str, list[str]], seen: dict | None,
@@ -75,9 +76,9 @@ def _health(merged: dict | None) -> str:
     return "healthy" if merged["healthy"] else "down"
 
 
-def app_view(app: apps.App, reports: list[dict]) -> dict:
+def app_view(app: apps.App, reports: list[records.LoadReport]) -> dict:
     """One app as the dashboard shows it: its scale, its instances and their figures."""
-    interval = max((float(r.get("interval", 1.0)) for r in reports), default=1.0) or 1.0
+    interval = max((r.interval for r in reports), default=1.0)
     merged = load.merge(reports)
     empty = {"rps": None, "errors": None, "p50_ms": None, "p95_ms": None, "inflight": None}
     return {**app.as_json(),
@@ -112,6 +113,8 @@ class TierWatch(Periodic):
         self.events: deque = deque(maxlen=1000)
         self._last_servers: set[str] | None = None
         self._shown_since = float("-inf")  # when the look behind the snapshot began
+        self._failing = Outage(self.log, "could not look at the tier ({error})",
+                               "looking at the tier works again")
 
     def tick(self) -> defer.Deferred:
         return defer.ensureDeferred(self.refresh(record=True))
@@ -124,10 +127,10 @@ class TierWatch(Periodic):
         except RedisUnavailable as e:
             snapshot = {**self.snapshot, "error": f"Redis is unreachable: {e}"}
         except Exception as e:  # said on the page each time, logged once
-            if not (self.snapshot.get("error") or "").startswith("could not look"):
-                self.log.failure("looking at the tier")
+            self._failing.failed(repr(e), failure=Failure())
             snapshot = {**self.snapshot, "error": f"could not look at the tier: {e!r}"}
         else:
+            self._failing.ok()
             if record:
                 self._record(snapshot)
         # A button's look and the periodic one can overlap: an older look that ends last
@@ -138,30 +141,23 @@ class TierWatch(Periodic):
         return snapshot
 
     async def _look(self, now: float) -> dict:
-        call = self.redis.call
-        lists = {name: await call("LRANGE", key, 0, -1) for name, key in LISTS.items()}
-        letters = await call("LRANGE", keys.DEAD_LETTERS, 0, DEAD_LETTERS_SHOWN - 1)
-        holder = await call("GET", keys.INFRA_LEASE)
-        decisions = await call("LRANGE", keys.AUTOSCALE_DECISIONS, 0, DECISIONS_SHOWN - 1)
-        desired = await call("GET", keys.AUTOSCALE_DESIRED)
-        fields = await call("HGETALL", keys.AUTOSCALE_LIMITS) or []  # a flat list, raw
-        limits = dict(zip(fields[::2], fields[1::2]))
-        live = await call("LRANGE", keys.DEPLOY_LIVE, 0, -1)
-        every = await load.read_reports(self.redis, now)
-        reports = [r for r in every if "app" not in r]  # the apps' own load is theirs
+        view = await records.read_tier_view(self.redis, DEAD_LETTERS_SHOWN, DECISIONS_SHOWN)
+        lists, holder = view.lists, view.lease_holder
+        every = await records.read_load_reports(self.redis, now)
+        reports = [r for r in every if r.app is None]  # the apps' own load is theirs
         found = await apps.read_all(self.redis)
         active = holder == self.worker.id
         inventory, driver_error = None, None
         if active:
             try:
-                inventory = await self.driver.inventory()
+                inventory = await self.driver.instances()
             except (Unavailable, DriverError) as e:
                 driver_error = str(e)
-        interval = max((float(r.get("interval", 1.0)) for r in reports), default=1.0) or 1.0
+        interval = max((r.interval for r in reports), default=1.0)
         merged = load.merge(reports)
         # Where each instance answers: the URL its driver placed it at (swarm), else this host.
-        by_url = {seen.get("url") or instance_url(self.host, port): seen
-                  for port, seen in (inventory or {}).items()}
+        by_url = {found.url or instance_url(self.host, port): found.shown()
+                  for port, found in (inventory or {}).items()}
         urls = set().union(*lists.values(), merged, by_url)
         instances = []
         for url in sorted(urls, key=lambda u: (_port(u), u)):
@@ -188,14 +184,11 @@ class TierWatch(Periodic):
                      **figures(tier_totals(merged), interval)},
             "instances": instances,
             "queues": lists,
-            "dead_letters": [_letter(raw) for raw in letters],
-            "autoscale": {"decisions": [d for d in map(_json, decisions) if isinstance(d, dict)],
-                          "desired": int(desired) if desired and desired.isdigit() else None,
-                          "limits": {k: int(v) for k, v in limits.items()
-                                     if k in ("min", "max") and str(v).isdigit()}},
-            "deploy": {"live": live},
-            "apps": [app_view(app, [r for r in every if r.get("app") == app.name])
-                     for app in found],
+            "dead_letters": [letter.shown() for letter in view.dead_letters],
+            "autoscale": {"decisions": [d.shown() for d in view.decisions],
+                          "desired": view.desired, "limits": view.limits.shown()},
+            "deploy": {"live": view.live},
+            "apps": [app_view(app, [r for r in every if r.app == app.name]) for app in found],
         }
 
     def _record(self, snapshot: dict) -> None:
@@ -226,17 +219,3 @@ class TierWatch(Periodic):
                                  for url in urls},
                 "events": [e for e in self.events if e["time"] > since]}
 
-
-def _json(raw: str):
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
-def _letter(raw: str) -> dict:
-    """A dead letter as infra writes it, or the raw text if it is not that JSON."""
-    letter = _json(raw)
-    if isinstance(letter, dict):
-        return letter
-    return {"entry": raw, "reason": "(not a dead letter infra wrote)"}

@@ -20,6 +20,8 @@ from dockpart.tier import FIRST_PORT, MAX_PORT
 from dockpart.website import site_limits, site_options
 
 DRIVERS = ("docker", "process", "swarm")
+#: Where --dashboard-token comes from when the option is not given.
+DASHBOARD_TOKEN_ENV = "DOCKPART_DASHBOARD_TOKEN"
 
 
 def _port_range(value: str) -> tuple[int, int]:
@@ -44,6 +46,8 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
     longdesc = ("Spawns and destroys dockpart-web instances as /spawn and /destroy ask. "
                 "The Docker endpoint comes from DOCKER_HOST, else the local socket.")
     optFlags = [
+        ["dashboard-no-token", None, "Run the dashboard without a token: anyone who reaches its "
+                                     "port may spawn and destroy (off: a token is required)."],
         ["rebuild", None, "Docker: per spawn, stop/rm the container, rmi and build its image with "
                           "--build-arg start_port=PORT, then run it (the seed's way; slow)."],
     ]
@@ -83,8 +87,9 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
                                   "(default 20000-29999)."],
         ["dashboard", None, None, "Endpoint of the live dashboard, e.g. "
                                   "tcp:8080:interface=127.0.0.1 (off by default)."],
-        ["dashboard-token", None, None, "Token the dashboard asks for, buttons included "
-                                        "(env DOCKPART_DASHBOARD_TOKEN; default: none)."],
+        ["dashboard-token", None, None, f"Token the dashboard asks for, buttons included "
+                                        f"(env {DASHBOARD_TOKEN_ENV}); required with "
+                                        f"--dashboard unless --dashboard-no-token."],
         *site_options("dashboard-"),
     ]
 
@@ -92,6 +97,12 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
         super().__init__()
         self["build-args"] = {}
         self["constraints"] = []
+        self["dashboard-hosts"] = []
+
+    def opt_dashboard_host(self, value: str) -> None:
+        """A host name the dashboard answers to besides loopback names and the address it
+        listens on (repeatable), e.g. dashboard.example.org; other Host headers get 403."""
+        self["dashboard-hosts"].append(value.strip().lower())
 
     def opt_constraint(self, value: str) -> None:
         """Swarm: a placement constraint (repeatable), e.g. node.labels.dockpart==web"""
@@ -134,7 +145,14 @@ class Options(infra_autoscale.AutoscaleOptions, RedisOptions):
             raise usage.UsageError("--constraint and --max-per-node only apply to --driver swarm")
         self["state-dir"] = self["state-dir"] or _default_state_dir()
         self["dashboard-token"] = self["dashboard-token"] or os.environ.get(
-            "DOCKPART_DASHBOARD_TOKEN") or None
+            DASHBOARD_TOKEN_ENV) or None
+        if self["dashboard"] and not self["dashboard-token"] and not self["dashboard-no-token"]:
+            raise usage.UsageError(
+                f"--dashboard needs a token: --dashboard-token TOKEN or {DASHBOARD_TOKEN_ENV} "
+                f"(scripts/up makes one), or --dashboard-no-token to run it open to every "
+                f"local process")
+        if self["dashboard-token"] and self["dashboard-no-token"]:
+            raise usage.UsageError("--dashboard-no-token and a dashboard token: choose one")
         self["dashboard-site"] = site_limits(self, "dashboard-")
 
 

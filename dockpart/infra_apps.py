@@ -25,10 +25,10 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dockpart import apps, keys, load, tier
+from dockpart import apps, keys, records, tier
 from dockpart.apps import App
 from dockpart.infra_autoscale import Policy, Settings, observe
-from dockpart.periodic import Periodic
+from dockpart.periodic import Every, Outage
 from dockpart.redisconn import RedisService, RedisUnavailable
 from dockpart.tier import BadInstanceURL, parse_instance_url
 
@@ -61,15 +61,6 @@ class AppTier:
     quarantine: dict[int, float] = field(default_factory=dict)
 
 
-class _Loop(Periodic):
-    def __init__(self, runner: AppsRunner, interval: float, clock):
-        super().__init__(interval, clock, now=True)
-        self.runner = runner
-
-    def tick(self):
-        return defer.ensureDeferred(self.runner.step())
-
-
 class AppsRunner(MultiService):
     """Every app's worker, and the count of each app's instances."""
 
@@ -89,19 +80,18 @@ class AppsRunner(MultiService):
         self._next_autoscale = 0.0
         self.tiers: dict[str, AppTier] = {}
         self._hold = backoffPolicy(*SPAWN_HOLD, factor=2.0, jitter=lambda: 0.0)
-        self._redis_down = False
-        _Loop(self, interval, clock).setServiceParent(self)
+        self._redis = Outage(self.log, "apps: Redis is away ({error}); instances keep running",
+                             "apps: Redis is back")
+        Every(interval, clock, lambda: defer.ensureDeferred(self.step()),
+              now=True).setServiceParent(self)
 
     async def step(self) -> None:
         try:
             await self._step()
         except RedisUnavailable as e:
-            if not self._redis_down:
-                self._redis_down = True
-                self.log.warn("apps: Redis is away ({error}); instances keep running",
-                              error=str(e))
+            self._redis.failed(str(e))
             return
-        self._redis_down = False
+        self._redis.ok()
 
     async def _step(self) -> None:
         live = {app.name: app for app in await apps.read_all(self.redis)}
@@ -118,7 +108,7 @@ class AppsRunner(MultiService):
         now = self.clock.seconds()
         if now >= self._next_autoscale and any(a.autoscale for a in live.values()):
             self._next_autoscale = now + self.autoscale_interval
-            reports = await load.read_reports(self.redis, now)
+            reports = await records.read_load_reports(self.redis, now)
         for app in [*live.values(), *gone.values()]:
             one = self._tier(app)
             if not one.worker.leased:
@@ -153,7 +143,7 @@ class AppsRunner(MultiService):
         """One step towards the app's count; whether nothing of it is left."""
         t = app.tier
         lists = await tier.snapshot(self.redis, t)
-        running = await one.driver.managed()
+        running = await one.driver.instances()
         leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
         listed = set(lists[t.servers])
         staying = (listed | set(lists[t.spawn_queue]) | set(lists[t.spawning])) - leaving

@@ -16,20 +16,19 @@ acts only through the spawn and destroy queues (:func:`tier.request_spawn`,
 unchanged.  Missing or stale figures mean no decision, never a scale-down.
 """
 
-import json
 import math
 import random
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from twisted.application.internet import backoffPolicy
-from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dockpart import keys, load, tier
+from dockpart import keys, load, records, tier
+from dockpart.records import Decision, DeadLetter, LoadReport
+from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Decisions kept in keys.AUTOSCALE_DECISIONS.
@@ -39,20 +38,10 @@ LETTERS_READ = 20
 #: Longest part of a dead letter's reason quoted in a decision.
 REASON_QUOTED = 120
 
-# KEYS: decisions, desired; ARGV: the record ('' for none), desired, how many records to keep.
-_RECORD = """
-redis.call('SET', KEYS[2], ARGV[2])
-if ARGV[1] ~= '' then
-  redis.call('LPUSH', KEYS[1], ARGV[1])
-  redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
-end
-"""
-
-
 @dataclass(frozen=True)
 class Settings:
     min_instances: int = 1
-    max_instances: int = 10
+    max_instances: int = tier.DEFAULT_MAX_INSTANCES
     target: float = 4.0  # requests in flight per instance
     tolerance: float = 0.1
     step: int = 4  # a scale-up may add max(current, step) instances
@@ -68,22 +57,6 @@ class Observed:
     ready: int  # instances in servers, not leaving
     spawning: int  # instances asked for that do not serve yet
     inflight: int  # requests in flight over every proxy
-
-
-@dataclass(frozen=True)
-class Decision:
-    time: float
-    current: int
-    spawning: int
-    inflight: float
-    per_instance: float | None
-    target: float
-    desired: int
-    action: str  # up, down, hold, or none (nothing known to decide on)
-    reason: str
-
-    def record(self) -> dict:
-        return asdict(self)
 
 
 class Policy:
@@ -191,7 +164,7 @@ class Policy:
         return decision(current, "hold", why)
 
 
-def observe(lists: dict[str, list[str]], reports: list[dict],
+def observe(lists: dict[str, list[str]], reports: list[LoadReport],
             tier_keys: keys.TierKeys = keys.SEED) -> Observed:
     """Current size from the tier's lists (as request_spawn counts it) and load from reports
     (those of the proxies' rotation over ``tier_keys.servers``: the seed's, or an app's)."""
@@ -199,7 +172,7 @@ def observe(lists: dict[str, list[str]], reports: list[dict],
     leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
     ready = set(lists[t.servers]) - leaving
     spawning = (set(lists[t.spawn_queue]) | set(lists[t.spawning])) - ready - leaving
-    ours = [r for r in reports if r.get("list", keys.SERVERS) == t.servers]
+    ours = [r for r in reports if r.list == t.servers]
     inflight = sum(f["inflight"] for f in load.merge(ours).values())
     return Observed(len(ready), len(spawning), inflight)
 
@@ -211,8 +184,9 @@ class AutoscaleOptions(usage.Options):
                                     "/spawn and /destroy change it)."]]
     optParameters = [
         ["min-instances", None, 1, "Autoscale: fewest instances (1: the first instance).", int],
-        ["max-instances", None, 10, "Autoscale: most instances (the web app's ceiling, "
-                                    "--max-instances of dockpart-web).", int],
+        ["max-instances", None, tier.DEFAULT_MAX_INSTANCES,
+         "Most instances: the autoscaler's ceiling and the dashboard's (match dockpart-web's "
+         "--max-instances).", int],
         ["target-inflight", None, 4.0, "Autoscale: requests in flight per instance aimed at.",
          float],
         ["evaluate-interval", None, 2.0, "Autoscale: seconds between evaluations.", float],
@@ -248,13 +222,14 @@ def settings_from(config) -> Settings:
                     config["scale-down-window"])
 
 
-class Autoscaler(Service):
+class Autoscaler(Periodic):
     """Evaluates every ``interval`` while ``worker`` holds the lease; acts through the queues."""
 
     log = Logger()
 
     def __init__(self, redis: RedisService, worker, policy: Policy, *, host: str, first_port: int,
                  max_port: int = tier.MAX_PORT, interval: float = 2.0, clock):
+        super().__init__(interval, clock)
         self.redis = redis
         self.worker = worker  # has .leased
         self.policy = policy
@@ -265,13 +240,11 @@ class Autoscaler(Service):
         self._leased = False
         self._last: tuple | None = None  # (action, desired) of the last decision recorded
         self._bad_limits: str | None = None
-        self._redis_down = False
+        self._redis = Outage(self.log, "autoscale: Redis is away ({error}); no decision until "
+                                       "it is back", "autoscale: Redis is back")
         self._evaluation: defer.Deferred | None = None  # under way
         self._letters_seen = clock.seconds()  # dead letters up to this time are known
         self._last_up = -math.inf  # when this autoscaler last asked for spawns
-        self._loop = LoopingCall(self.tick)
-        self._loop.clock = clock
-        self.interval = interval
 
     def startService(self):
         super().startService()
@@ -280,13 +253,10 @@ class Autoscaler(Service):
                       "(every {interval:g} s; scale-down after {window:g} s)",
                       low=s.min_instances, high=s.max_instances, target=s.target,
                       interval=self.interval, window=s.window)
-        self._loop.start(self.interval, now=False)
 
     def stopService(self):
         """Stop evaluating; one under way ends here too, so a stopped infra asks for nothing."""
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
         if self._evaluation is not None:
             self._evaluation.cancel()
 
@@ -307,10 +277,7 @@ class Autoscaler(Service):
         if failure.check(defer.CancelledError):
             return  # stopped
         if failure.check(RedisUnavailable):
-            if not self._redis_down:
-                self._redis_down = True
-                self.log.warn("autoscale: Redis is away ({error}); no decision until it is back",
-                              error=failure.getErrorMessage())
+            self._redis.failed(failure.getErrorMessage())
         else:
             self.log.failure("autoscale evaluation", failure)
 
@@ -325,14 +292,14 @@ class Autoscaler(Service):
         low, high = await self.limits()
         lists = await tier.snapshot(self.redis)
         # After the lists: a spawn that left them for the dead letters is among these.
-        letters = await self.redis.call("LRANGE", keys.DEAD_LETTERS, 0, LETTERS_READ - 1)
-        reports = await load.read_reports(self.redis, self.clock.seconds())
-        self._redis_down = False
+        letters = await records.read_dead_letters(self.redis, LETTERS_READ)
+        reports = await records.read_load_reports(self.redis, self.clock.seconds())
+        self._redis.ok()
         seen = observe(lists, reports)
         self._learn_from_spawns(letters, seen)
         if not reports:
             decision = self.policy.unknown(
-                f"no load figures (no proxy reported in the last {load.REPORT_TTL:g} s)", seen)
+                f"no load figures (no proxy reported in the last {records.REPORT_TTL:g} s)", seen)
         else:
             decision = self.policy.decide(seen, low, high)
         await self._record(decision)
@@ -343,29 +310,25 @@ class Autoscaler(Service):
             await self._destroy(decision.current - decision.desired)
         return decision
 
-    def _learn_from_spawns(self, raw_letters: list[str], seen: Observed) -> None:
+    def _learn_from_spawns(self, letters: list[DeadLetter], seen: Observed) -> None:
         """Hold scale-ups after a spawn newer than the last one known was dead-lettered;
         end the hold once a scale-up asked for after it has no spawn left and no letter."""
-        newest = None
-        for raw in raw_letters:
-            try:
-                letter = json.loads(raw)
-                at = float(letter["time"])
-            except (TypeError, ValueError, KeyError):
-                continue  # not a worker's letter: not ours to judge
-            if letter.get("queue") == "spawn" and at > self._letters_seen \
-                    and letter.get("list", keys.SERVERS) == keys.SERVERS \
+        newest: tuple[float, DeadLetter] | None = None
+        for letter in letters:
+            at = letter.time
+            if letter.queue == "spawn" and at is not None and at > self._letters_seen \
+                    and letter.list in (None, keys.SERVERS) \
                     and (newest is None or at > newest[0]):
                 newest = (at, letter)
         if newest is not None:
             self._letters_seen, letter = newest
-            reason = str(letter.get("reason", ""))
+            reason = letter.reason
             if len(reason) > REASON_QUOTED:
                 reason = reason[:REASON_QUOTED - 3] + "..."
             hold = self.policy.spawn_failed(reason)
             self.log.warn("autoscale: the spawn of {entry} was dead-lettered ({reason}); no "
                           "scale-up for {hold:g} s ({n} failed in a row)",
-                          entry=letter.get("entry"), reason=reason, hold=hold,
+                          entry=letter.entry, reason=reason, hold=hold,
                           n=self.policy.failures)
         elif self.policy.failures and not seen.spawning and self._last_up > self._letters_seen:
             self.policy.spawns_succeed()
@@ -374,15 +337,13 @@ class Autoscaler(Service):
     async def limits(self) -> tuple[int, int]:
         """min/max from keys.AUTOSCALE_LIMITS when valid there, else the options'."""
         s = self.policy.settings
-        flat = await self.redis.call("HGETALL", keys.AUTOSCALE_LIMITS) or []
-        fields = dict(zip(flat[::2], flat[1::2]))
-        try:
-            low = int(fields.get("min", s.min_instances))
-            high = int(fields.get("max", s.max_instances))
-            if not 1 <= low <= high <= s.max_instances:
-                raise ValueError(f"need 1 <= min <= max <= {s.max_instances}")
-        except (TypeError, ValueError) as e:
-            problem = f"{fields!r}: {e}"
+        limits = await records.read_limits(self.redis)
+        low = s.min_instances if limits.min is None else limits.min
+        high = s.max_instances if limits.max is None else limits.max
+        problem = limits.problem
+        if problem is None and not 1 <= low <= high <= s.max_instances:
+            problem = f"min {low}, max {high}: need 1 <= min <= max <= {s.max_instances}"
+        if problem is not None:
             if problem != self._bad_limits:
                 self._bad_limits = problem
                 self.log.warn("autoscale: ignoring {key} {problem}", key=keys.AUTOSCALE_LIMITS,
@@ -398,9 +359,7 @@ class Autoscaler(Service):
         if new:
             log = self.log.warn if decision.action == "none" else self.log.info
             log("autoscale {action}: {reason}", action=decision.action, reason=decision.reason)
-        await self.redis.eval(_RECORD, [keys.AUTOSCALE_DECISIONS, keys.AUTOSCALE_DESIRED],
-                              [json.dumps(decision.record()) if new else "", decision.desired,
-                               DECISIONS_KEPT])
+        await records.record_decision(self.redis, decision, DECISIONS_KEPT, new)
 
     async def _spawn(self, count: int, desired: int, high: int) -> None:
         # The ceiling passed is the size wanted: the script counts what is live or asked for,

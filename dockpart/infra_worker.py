@@ -7,13 +7,11 @@ anything new is taken.  Actions are idempotent (one instance name per port), so
 finishing a request twice does it once.  An entry that cannot be carried out
 goes to the dead-letter list with the reason.  A spawned URL joins ``servers``
 only once the instance answers HTTP; a destroyed one leaves ``servers`` first
-and its instance stops only after a drain period.  A reconciler keeps
-``servers`` and the instances in agreement: it probes what is listed and what
-runs (an instance that does not answer leaves ``servers`` until it answers
-again, and is not destroyed), and replaces an instance that exited.
+and its instance stops only after a drain period.  Beside the queues, the
+reconciler (:mod:`dockpart.infra_reconcile`) keeps ``servers`` and the instances
+in agreement.
 """
 
-import json
 import os
 import socket
 import uuid
@@ -22,14 +20,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from twisted.application.internet import backoffPolicy
-from twisted.application.service import Service
+from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from dockpart import keys, probe, tier
-from dockpart.drivers import DriverError, Unavailable
-from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
+from dockpart import keys, periodic, probe, tier
+from dockpart.drivers import INSTANCE_HOST, Driver, DriverError, Unavailable, probe_host
+from dockpart.infra_reconcile import Reconciler
+from dockpart.periodic import Every
+from dockpart.records import DeadLetter, add_dead_letter
+from dockpart.tier import BadInstanceURL, parse_instance_url
 from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Seconds after start during which a dependency not answering yet is not reported.
@@ -38,8 +39,6 @@ STARTUP_GRACE = 1.0
 HEALTH_POLL = 0.05
 #: The first wait before a retry while the engine or Redis is away; it doubles up to retry_max.
 RETRY_FIRST = 0.2
-#: Where instances listen (the drivers bind them to loopback), for the probes.
-INSTANCE_HOST = "127.0.0.1"
 
 # KEYS: the lease; ARGV: this infra's id, milliseconds.  1 if this infra holds it now.
 _HOLD_LEASE = """
@@ -52,13 +51,6 @@ return 1
 _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 """
-
-# The letter first: a script that fails half way keeps what it did, and the entry must not go.
-_DEAD_LETTER = """
-redis.call('LPUSH', KEYS[2], ARGV[2])
-redis.call('LREM', KEYS[1], 1, ARGV[1])
-"""
-
 
 @dataclass(frozen=True)
 class Queue:
@@ -116,8 +108,8 @@ class EntryRules:
             return False
 
 
-class Outage:
-    """Logs once that a dependency is unreachable, and once that it is back.
+class Outage(periodic.Outage):
+    """The engine or Redis is unreachable: said once, and once that it is reachable again.
 
     Failures before ``quiet_until`` (connections still being made at start) are not news.
     """
@@ -125,21 +117,9 @@ class Outage:
     log = Logger()
 
     def __init__(self, what: str, clock):
-        self.what = what
-        self.clock = clock
-        self.down = False
-        self.quiet_until = 0.0
-
-    def failed(self, e: Exception) -> None:
-        if not self.down and self.clock.seconds() >= self.quiet_until:
-            self.down = True
-            self.log.warn("{what} is unreachable ({error}); keeping every request and retrying",
-                          what=self.what, error=e)
-
-    def ok(self) -> None:
-        if self.down:
-            self.down = False
-            self.log.info("{what} is reachable again", what=self.what)
+        super().__init__(self.log, "{what} is unreachable ({error}); keeping every request and "
+                                   "retrying", "{what} is reachable again", clock=clock,
+                         what=what)
 
 
 def retry_policy(most: float):
@@ -149,22 +129,19 @@ def retry_policy(most: float):
     return backoffPolicy(RETRY_FIRST, most, factor=2.0, jitter=lambda: 0.0)
 
 
-def _probe_host(url) -> str:
-    """Where to probe an instance: the host of the URL its driver placed it at (swarm), else
-    loopback, where the process and Docker drivers' instances listen."""
-    return parse_instance_url(url)[0] if isinstance(url, str) else INSTANCE_HOST
-
-
-class Worker(Service):
-    """Takes requests off the queues, carries them out, and reconciles."""
+class Worker(MultiService):
+    """Takes requests off the queues and carries them out; its :class:`Reconciler` beside
+    it keeps ``servers`` and the instances in agreement."""
 
     log = Logger()
 
-    def __init__(self, redis: RedisService, driver, rules: EntryRules, *, interval: float = 0.2,
+    def __init__(self, redis: RedisService, driver: Driver, rules: EntryRules, *,
+                 interval: float = 0.2,
                  reconcile_interval: float = 2.0, drain: float = 3.0, spawn_timeout: float = 30.0,
                  max_active: int = 10, retry_max: float = 5.0, lease: float = 5.0,
                  probe_timeout: float = 1.0, keep_count: bool = True, probe=None,
                  lists: keys.TierKeys = keys.SEED, reactor):
+        super().__init__()
         self.redis = redis
         # Whose queues and ``servers``: the seed app's, or an app's (dockpart.infra_apps).
         self.lists = lists
@@ -191,18 +168,18 @@ class Worker(Service):
         self.outages = {Unavailable: Outage(f"the {driver.name} driver's engine", reactor),
                         RedisUnavailable: Outage("Redis", reactor)}
         self._tasks: set[defer.Deferred] = set()
-        self._passes: set[defer.Deferred] = set()  # reconcile passes under way
         self._inflight: Counter = Counter()  # (queue, entry) pairs in hand
-        self._locks: dict[int, defer.DeferredLock] = {}
+        self.port_locks: dict[int, defer.DeferredLock] = {}
         self._recovery: list[defer.Deferred] | None = None
-        self._reconciling = defer.DeferredLock()  # one pass at a time
         self._retry_delay = retry_policy(retry_max)
         self._redis_failures = 0  # in a row, for the next take's delay
         self._take_error: str | None = None  # the last one logged, until a take works
         self._next_take = 0.0
-        self._loops = [LoopingCall(self._tick), LoopingCall(self._reconcile_tick)]
-        for loop in self._loops:
-            loop.clock = reactor
+        self.taking = Every(interval, reactor, self._tick, now=True)
+        self.taking.setServiceParent(self)
+        # Beside the queues, on its own interval; once more as soon as the lease is held.
+        self.reconciler = Reconciler(self, reconcile_interval)
+        self.reconciler.setServiceParent(self)
 
     @property
     def leased(self) -> bool:
@@ -212,23 +189,16 @@ class Worker(Service):
     # -- life cycle
 
     def startService(self):
-        super().startService()
         for outage in self.outages.values():
             outage.quiet_until = self.reactor.seconds() + STARTUP_GRACE
-        self._loops[0].start(self.interval)
-        self._loops[1].start(self.reconcile_interval, now=False)  # and once the lease is held
+        super().startService()
         self.log.info("dockpart-infra started (driver {driver}, ports {low}-{high})",
                       driver=self.driver.name, low=self.rules.low, high=self.rules.high)
 
     def stopService(self):
         """Stop taking requests; unfinished ones stay in processing for the next start."""
-        super().stopService()
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        # A pass left running would list or unlist instances after the stop.
-        tasks = [*self._tasks, *self._passes]
-        for task in tasks:
+        tasks = [super().stopService(), *self._tasks]  # the loops, a reconcile pass too
+        for task in self._tasks:
             task.cancel()
         done = defer.DeferredList(tasks)
         if self._leased:  # the next infra need not wait for the lease to expire
@@ -265,7 +235,7 @@ class Worker(Service):
             self._leased = bool(held)
             if held:
                 self.log.info("holding the lease on the queues ({key})", key=self.lists.lease)
-                self._reconcile_tick()
+                self.reconciler.tick()
             else:
                 holder = await self.redis.call("GET", self.lists.lease)
                 self.log.warn("another dockpart-infra ({holder}) works these queues; waiting "
@@ -342,7 +312,7 @@ class Worker(Service):
             port = self.rules.check(queue, entry)
         except BadEntry as e:
             return await self._dead_letter(queue, entry, str(e))
-        async with self._port_lock(port):
+        async with self.port_lock(port):
             try:
                 if queue.name == SPAWN.name:
                     await self._spawn(entry, port)
@@ -357,16 +327,16 @@ class Worker(Service):
                 await self._dead_letter(queue, entry, f"unexpected error: {e!r}")
 
     @asynccontextmanager
-    async def _port_lock(self, port: int):
+    async def port_lock(self, port: int):
         """One action at a time on a port; a port with a lock here is busy for reconcile."""
-        lock = self._locks.setdefault(port, defer.DeferredLock())
+        lock = self.port_locks.setdefault(port, defer.DeferredLock())
         await lock.acquire()
         try:
             yield
         finally:
             lock.release()
             if not lock.locked and not lock.waiting:
-                self._locks.pop(port, None)
+                self.port_locks.pop(port, None)
 
     async def _retrying(self, action):
         """Run ``action()`` until its engine and Redis answer; log each outage once."""
@@ -388,18 +358,18 @@ class Worker(Service):
     async def _dead_letter(self, queue: Queue, entry: str, reason: str) -> None:
         self.log.warn("dead-lettered {queue} request {entry!r}: {reason}",
                       queue=queue.name, entry=entry, reason=reason)
-        letter = json.dumps({"queue": queue.name, "entry": entry, "reason": reason,
-                             "time": self.reactor.seconds(), "list": self.lists.servers})
-        await self._retrying(lambda: self.redis.eval(
-            _DEAD_LETTER, [queue.processing, keys.DEAD_LETTERS], [entry, letter]))
+        letter = DeadLetter(queue.name, entry, reason, self.reactor.seconds(),
+                            list=self.lists.servers)
+        await self._retrying(lambda: add_dead_letter(self.redis, queue.processing, letter))
 
     # -- the actions
 
     async def _spawn(self, url: str, port: int) -> None:
         what = self.driver.describe(port)
         began = self.reactor.seconds()
-        running = await self._retrying(self.driver.managed)
-        if not running.get(port) and await probe.accepts(self.reactor, INSTANCE_HOST, port):
+        found = (await self._retrying(self.driver.instances)).get(port)
+        if not (found and found.running) and await probe.accepts(self.reactor, INSTANCE_HOST,
+                                                                 port):
             raise DriverError(f"port {port} is in use by something dockpart does not manage")
         self.log.info("starting {what} for {url}", what=what, url=url)
         try:
@@ -409,16 +379,20 @@ class Worker(Service):
             await self._retrying(lambda: self.driver.remove(port))
             raise
         served = placed or url
-        if not await self._answers_within(port, _probe_host(placed), self.spawn_timeout):
+        if not await self._answers_within(port, probe_host(placed), self.spawn_timeout):
             await self._retrying(lambda: self.driver.remove(port))
             raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
                               f"removed it")
         await self._retrying(lambda: tier.register(self.redis, served, self.lists.spawning,
-                                                         self.lists.servers))
+                                                   self.lists.servers))
         if served != url:  # in servers first: the instance is never in no list
             await self._retrying(lambda: self.redis.call("LREM", self.lists.spawning, 1, url))
         self.log.info("{url} answers and is in servers ({seconds:.2f} s)",
                       url=served, seconds=self.reactor.seconds() - began)
+
+    async def reconcile(self) -> None:
+        """One pass of the reconciler now (see :meth:`Reconciler.reconcile`)."""
+        await self.reconciler.reconcile()
 
     def _answers(self, reactor, port: int, host: str = INSTANCE_HOST) -> defer.Deferred:
         return probe.answers(reactor, host, port, timeout=self.probe_timeout)
@@ -438,126 +412,3 @@ class Worker(Service):
         await self._retrying(lambda: self.driver.remove(port))
         await self._retrying(lambda: self.redis.call("LREM", self.lists.destroying, 1, url))
         self.log.info("destroyed {what} ({url})", what=self.driver.describe(port), url=url)
-
-    # -- reconciling
-
-    def _reconcile_tick(self):
-        d = defer.ensureDeferred(self.reconcile())
-        self._passes.add(d)
-        d.addErrback(self._reconcile_failed)
-        d.addBoth(lambda _: self._passes.discard(d))
-        return d
-
-    def _reconcile_failed(self, failure):
-        if failure.check(defer.FirstError):  # from the probes, gathered
-            failure = failure.value.subFailure
-        if failure.check(defer.CancelledError):
-            return  # stopped
-        if failure.check(Unavailable, RedisUnavailable):
-            self.outages[failure.type].failed(failure.value)
-        else:  # logged, never raised: that would stop the LoopingCall for good
-            self.log.failure("reconciling", failure)
-
-    async def reconcile(self) -> None:
-        """Make ``servers`` list exactly the instances that answer; replace those that exited.
-
-        An instance that runs but does not answer (frozen, overloaded) leaves ``servers`` and
-        comes back once it answers: it is never destroyed for it.  The first instance is
-        probed too (it puts itself back when it answers again).  Ports with a request queued
-        or in hand are left to that request.
-        """
-        async with self._reconciling:
-            if self._leased:
-                await self._reconcile()
-
-    async def _reconcile(self) -> None:
-        # The lists (as of one moment) first, instances second: an instance registered in
-        # between is never dropped.
-        lists = await tier.snapshot(self.redis, self.lists)
-        instances = await self.driver.managed()
-        pending = {self.rules.owns(url) for key, urls in lists.items() if key != self.lists.servers
-                   for url in urls}
-        listed, first = {}, None
-        for url in lists[self.lists.servers]:
-            port = self.rules.owns(url)
-            if port is not None:
-                listed[port] = url
-            elif self.rules.is_first(url):
-                first = url
-
-        def busy(port):
-            return port in pending or port in self._locks
-
-        def moved(port):  # swarm: the instance runs now on another node than listed
-            up = instances.get(port)
-            return isinstance(up, str) and listed[port] != up
-
-        # Where each instance answers, for those this infra's rules cover.
-        urls = {port: self._url(port, up) for port, up in instances.items()}
-        ours = {port: url for port, url in urls.items() if self.rules.owns(url) is not None}
-        for port, up in sorted(instances.items()):
-            if up is False and port in ours and not busy(port):
-                await self._replace_exited(port, listed.get(port))
-        for port, url in listed.items():
-            # None: swarm restarts its task; it comes back in servers once placed and answering.
-            if (instances.get(port) is None or moved(port)) and not busy(port):
-                if await tier.unregister(self.redis, url, self.lists.servers):
-                    self.log.info("reconcile: {what} is {gone}; removed {url} from servers",
-                                  what=self.driver.describe(port), url=url,
-                                  gone="restarting" if port in instances else "gone")
-        await self._probe_and_list(
-            {port: (ours[port], _probe_host(up)) for port, up in instances.items()
-             if up and port in ours and not busy(port)},
-            listed, first, busy)
-        for outage in self.outages.values():
-            outage.ok()
-
-    def _url(self, port: int, up: bool | str = True) -> str:
-        """Where the instance on ``port`` answers: the URL its driver reports (swarm places
-        instances on nodes), else this infra's host."""
-        return up if isinstance(up, str) else instance_url(self.rules.host, port)
-
-    async def _probe_and_list(self, candidates: dict[int, tuple[str, str]],
-                              listed: dict[int, str], first: str | None, busy) -> None:
-        """Probe every running instance (and a listed first one) at once; list what answers.
-
-        ``candidates``: per port, the URL to list and the host to probe it on.
-        """
-        if first is not None:
-            candidates[self.rules.first_port] = (first, INSTANCE_HOST)
-        ports = sorted(candidates)
-        answers = await defer.gatherResults(
-            [defer.ensureDeferred(self.probe(self.reactor, port, candidates[port][1]))
-             for port in ports],
-            consumeErrors=True)
-        for port, answered in zip(ports, answers):
-            url = candidates[port][0]
-            # Asked again after the probe: a destroy taken meanwhile must not see it come back.
-            if busy(port):
-                continue
-            what = ("the first instance" if url == first else self.driver.describe(port))
-            was_listed = listed.get(port) == url or url == first
-            if answered and not was_listed:
-                if await tier.register(self.redis, url, "", self.lists.servers):
-                    self.log.info("reconcile: {what} answers; added {url} back to servers",
-                                  what=what, url=url)
-            elif not answered and was_listed:
-                if await tier.unregister(self.redis, url, self.lists.servers):
-                    self.log.warn("reconcile: {what} did not answer within {timeout:g} s; "
-                                  "removed {url} from servers until it answers again",
-                                  what=what, url=url, timeout=self.probe_timeout)
-
-    async def _replace_exited(self, port: int, listed_url: str | None) -> None:
-        """An instance that exited leaves servers and is removed; a spawn replaces it unless
-        someone else owns the count."""
-        url = self._url(port)
-        what = self.driver.describe(port)
-        async with self._port_lock(port):
-            await tier.unregister(self.redis, listed_url or url, self.lists.servers)
-            if self.keep_count:
-                # Queued before the removal: a crash in between still ends with the instance.
-                await self.redis.call("LPUSH", self.lists.spawn_queue, url)
-            await self.driver.remove(port)
-        self.log.warn("reconcile: {what} exited; removed it{then}", what=what,
-                      then=f" and queued a spawn of {url} in its place" if self.keep_count
-                      else " (the count of instances is the autoscaler's)")

@@ -57,8 +57,8 @@ def user_key(name: str) -> str:
 
 
 #: Load figures: each dockpart-proxy process writes its report (JSON, see
-#: :mod:`dockpart.load`) under ``proxy_load(proxy_id)`` with an expiry of
-#: ``load.REPORT_TTL`` seconds, and scores its id by the report's time in LOAD_PROXIES.
+#: :class:`dockpart.records.LoadReport`) under ``proxy_load(proxy_id)`` with an expiry of
+#: ``records.REPORT_TTL`` seconds, and scores its id by the report's time in LOAD_PROXIES.
 LOAD_PREFIX = "dockpart:load:proxy:"
 LOAD_PROXIES = "dockpart:load:proxies"
 
@@ -68,7 +68,7 @@ def proxy_load(proxy_id: str) -> str:
     return LOAD_PREFIX + proxy_id
 
 
-#: The autoscaler (dockpart-infra --autoscale): its last decisions (JSON, newest first,
+#: The autoscaler (dockpart-infra --autoscale): its last decisions (records.Decision, newest first,
 #: capped), the size it wants now, and min/max set at run time (a hash with fields
 #: ``min`` and ``max``; the dashboard writes it; absent fields mean the options' values).
 AUTOSCALE_DECISIONS = "dockpart:autoscale:decisions"

@@ -42,3 +42,57 @@ class Periodic(Service):
         d.addErrback(lambda f: self.log.failure("{name}: one round failed; the next comes on "
                                                 "time", f, name=type(self).__name__))
         return d
+
+
+class Every(Periodic):
+    """A Periodic that calls ``tick`` given: for a service with several loops of its own."""
+
+    def __init__(self, interval: float, clock, tick, now: bool = False):
+        super().__init__(interval, clock, now)
+        self._tick = tick
+
+    def tick(self):
+        return self._tick()
+
+
+class Outage:
+    """Says once that something fails, and once that it works again: a retry loop that logs
+    every attempt would flood the log for as long as Redis or the engine is away.
+
+    ``failing`` and ``back`` are log formats (``back`` None: the recovery is not news); their
+    fields are the ones given to :meth:`failed` and :meth:`ok`, plus ``error``.  Failures
+    before ``quiet_until`` (connections still being made at start) are not news either.
+    The lines go to ``log``, the owner's logger, so they carry its namespace.
+    """
+
+    def __init__(self, log: Logger, failing: str, back: str | None = None, *, clock=None,
+                 **fields):
+        self.log = log
+        self.failing = failing
+        self.back = back
+        self.clock = clock
+        self.fields = fields  # given with every line, e.g. what=...
+        self.down = False
+        self.quiet_until = 0.0
+
+    def failed(self, error=None, *, failure=None, **fields) -> bool:
+        """Whether this failure was said (the first of an outage, once the quiet is over).
+
+        With ``failure``, the traceback goes with it (an error no one expected)."""
+        if self.down:
+            return False
+        if self.clock is not None and self.clock.seconds() < self.quiet_until:
+            return False
+        self.down = True
+        if failure is not None:
+            self.log.failure(self.failing, failure, error=error, **self.fields, **fields)
+        else:
+            self.log.warn(self.failing, error=error, **self.fields, **fields)
+        return True
+
+    def ok(self, **fields) -> None:
+        """It works (again): the end of the outage is said, if one was."""
+        if self.down:
+            self.down = False
+            if self.back is not None:
+                self.log.info(self.back, **self.fields, **fields)

@@ -18,6 +18,13 @@ from twisted.python.failure import Failure
 _MAX_LINE = 1024
 
 
+def healthy_status(code: int) -> bool:
+    """What "healthy" means for every check dockpart makes (the proxy's active checks, infra's
+    spawn gate and reconcile, deploy's release gate): 2xx or 3xx, as HAProxy's ``httpchk``,
+    Traefik's health checks and Kubernetes' HTTP probes read it; a 4xx or 5xx is not."""
+    return 200 <= code < 400
+
+
 class NotHTTP(Exception):
     """Something answered, but not with an HTTP status line."""
 
@@ -95,7 +102,7 @@ def status(reactor, host: str, port: int, path: str = "/", timeout: float = 1.0,
 
 
 def answers(reactor, host: str, port: int, path: str = "/", timeout: float = 1.0,
-            healthy=lambda code: code < 500, user_agent: str = "dockpart probe") -> defer.Deferred:
+            healthy=healthy_status, user_agent: str = "dockpart probe") -> defer.Deferred:
     """Fires with True when ``GET path`` answers in time with a healthy status, else False."""
     d = status(reactor, host, port, path, timeout, user_agent)
     d.addCallbacks(healthy, lambda _: False)

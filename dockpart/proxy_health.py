@@ -51,10 +51,10 @@ class HealthChecks(Periodic):
         return d
 
     def _answered(self, code: int, backend: Backend) -> None:
-        if code >= 500:
-            self.backends.failed(backend, count=False)
-        else:
+        if probe.healthy_status(code):
             self.backends.healthy(backend)
+        else:
+            self.backends.failed(backend, count=False)
 
     def _no_answer(self, failure, backend: Backend) -> None:
         self.backends.failed(backend, count=False)

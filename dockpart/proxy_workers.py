@@ -34,11 +34,10 @@ from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from dockpart.listening import server_endpoint
+from dockpart.listening import DEFAULT_BACKLOG, server_endpoint
 
-#: Listen queue length unless ``--backlog`` says otherwise: a burst of a few hundred new
-#: connections must wait in the queue, not be dropped and retried a second later.
-BACKLOG = 1024
+#: Listen queue length unless ``--backlog`` says otherwise (the one default of every listener).
+BACKLOG = DEFAULT_BACKLOG
 #: What a worker logs once it accepts connections (see dockpart.listening.Listener).
 READY = "dockpart-proxy listening on"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import txredisapi
@@ -30,9 +30,23 @@ class RedisUnavailable(Exception):
     """Redis could not answer in time; the caller should say so, not wait."""
 
 
+#: Errors Redis answers while it cannot serve yet (loading its data, a script running, no
+#: master): the same "try again shortly" as no connection at all.
+_TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")
+
+
+def _split_credentials(url: str) -> tuple[str, str, str]:
+    """``url`` as (scheme, credentials, the rest): the credentials are whatever stands between
+    ``://`` and the last ``@``, so a password holding ``/``, ``?``, ``#`` or ``@`` stays whole."""
+    scheme, _, rest = url.partition("://")
+    auth, at, where = rest.rpartition("@")
+    return scheme, auth if at else "", where
+
+
 def _hide_password(url: str) -> str:
-    """``url`` fit for an error message: whatever stands before ``@`` is hidden."""
-    return re.sub(r"//[^/@]*@", "//***@", url)
+    """``url`` fit for an error message: whatever stands before its last ``@`` is hidden."""
+    scheme, auth, where = _split_credentials(url)
+    return f"{scheme}://{'***@' if auth else ''}{where}"
 
 
 @dataclass(frozen=True)
@@ -40,7 +54,7 @@ class RedisAddress:
     host: str
     port: int
     db: int
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log or error
     username: str | None = None
 
     @classmethod
@@ -62,8 +76,9 @@ class RedisAddress:
                                    f"use {URL_FORM}")
         if scheme != "redis":
             raise usage.UsageError(f"--redis {shown!r}: expected {URL_FORM}")
+        _, auth, where = _split_credentials(url)
         try:
-            parts = urlsplit(url)
+            parts = urlsplit(f"redis://{where}")
             port = parts.port or 6379
         except ValueError as e:
             raise usage.UsageError(f"--redis {shown!r}: {e}") from None
@@ -71,9 +86,10 @@ class RedisAddress:
         db = unquote(query["db"][0]) if query.get("db") else unquote(parts.path).replace("/", "")
         if not (db or "0").isdigit():
             raise usage.UsageError(f"--redis {shown!r}: the database must be a number, not {db!r}")
+        username, colon, password = auth.partition(":")
         return cls(unquote(parts.hostname) if parts.hostname else "localhost", port,
-                   int(db or 0), unquote(parts.password) if parts.password else None,
-                   unquote(parts.username) if parts.username else None)
+                   int(db or 0), unquote(password) if colon and password else None,
+                   unquote(username) if username else None)
 
     def url(self) -> str:
         """This address as a URL again, credentials included (for the instances' environment)."""
@@ -178,4 +194,7 @@ class RedisService(Service):
         if failure.check(defer.TimeoutError, txredisapi.ConnectionError, error.ConnectionLost,
                          error.ConnectionDone):
             raise RedisUnavailable(f"{self.address} did not answer: {failure.getErrorMessage()}")
+        if failure.check(txredisapi.ResponseError) \
+                and str(failure.value).startswith(_TRANSIENT):
+            raise RedisUnavailable(f"{self.address} cannot serve now: {failure.getErrorMessage()}")
         return failure

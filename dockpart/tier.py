@@ -23,6 +23,10 @@ from dockpart.redisconn import RedisService
 #: The first instance's port: no daemon starts or destroys it; it keeps itself in ``servers``.
 FIRST_PORT = 3000
 
+#: Ceiling on instances, the first included, unless a daemon's ``--max-instances`` says
+#: otherwise (dockpart-web's /spawn, infra's autoscaler and its dashboard).
+DEFAULT_MAX_INSTANCES = 10
+
 #: The highest TCP port: spawned instances take ports above the first one up to it.
 MAX_PORT = 65535
 

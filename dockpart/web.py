@@ -8,24 +8,25 @@ sent to clients never name Redis keys or addresses (the log does).
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import os
 import random
 import time
 from html import escape
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer, task
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dockpart import keys, tier
+from dockpart import keys, records, tier
 from dockpart.tier import FIRST_PORT, MAX_PORT, instance_url
-from dockpart.listening import Listener, server_endpoint, with_backlog
+from dockpart.listening import DEFAULT_BACKLOG, Listener, server_endpoint, with_backlog
+from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisOptions, RedisService, RedisUnavailable
-from dockpart.routes import TOKEN_PARAM, CoroutineResource, Reply, without_token
+from dockpart.routes import (RETRY_AFTER, CoroutineResource, NoRoute, Reply, Routes,
+                             TooManyCredentials, access_log_line, credential, same_token,
+                             without_token)
 from dockpart.website import BoundedSite, site_limits, site_listener, site_options
 
 MESSAGE = "this message will self-destruct in 10 seconds"
@@ -79,8 +80,10 @@ def page(title: str, body_html: str, code: int = 200) -> Reply:
                        f"<body><h1>{escape(title)}</h1>\n{body_html}\n</body></html>\n")
 
 
-def message(title: str, text: str, code: int = 200) -> Reply:
-    return page(title, f"<p>{escape(text)}</p>", code)
+def message(title: str, text: str, code: int = 200, headers: dict | None = None) -> Reply:
+    reply = page(title, f"<p>{escape(text)}</p>", code)
+    reply.headers.update(headers or {})
+    return reply
 
 
 class WebApp(CoroutineResource):
@@ -101,26 +104,22 @@ class WebApp(CoroutineResource):
         self.max_queued_images = max_queued_images
         self.scale_token = scale_token.encode() if scale_token else None
         self.url = ""  # known once listening
-        self.routes = {
-            ("GET", ""): self.index,
-            ("GET", "set"): self.set,
-            ("GET", "get"): self.get,
-            ("GET", "recent"): self.recent,
-            ("POST", "upload"): self.upload,
-            ("GET", "meow"): self.meow,
-            ("GET", "spawn"): self.spawn,
-            ("GET", "destroy"): self.destroy,
-            ("GET", "listservers"): self.listservers,
-            ("GET", "work"): self.work,
-        }
+        self._visits_unrecorded = False
+        self.routes = Routes()
+        for name, handler in (("", self.index), ("get", self.get), ("recent", self.recent),
+                              ("listservers", self.listservers), ("work", self.work)):
+            self.routes.add("GET", name, handler)
+        # The seed's routes that change state on GET: HEAD must not run them.
+        for name, handler in (("set", self.set), ("meow", self.meow), ("spawn", self.spawn),
+                              ("destroy", self.destroy)):
+            self.routes.add("GET", name, handler, changes_state=True)
+        self.routes.add("POST", "upload", self.upload)
 
     def internal_error(self) -> Reply:
         return message("Internal error", "Something went wrong; the error is in the log.", 500)
 
     async def dispatch(self, request) -> Reply:
         method = request.method.decode("ascii", "replace")
-        if method == "HEAD":
-            method = "GET"
         try:
             segments = [s.decode("utf-8") for s in request.postpath]
         except UnicodeDecodeError:
@@ -129,26 +128,43 @@ class WebApp(CoroutineResource):
             segments.pop()
         name, args = (segments[0], segments[1:]) if segments else ("", [])
         try:
-            await self.record(request)
+            if method != "HEAD":  # HEAD changes nothing, not even /recent
+                await self._record_visit(request, needed=name != "")
             return await self.route(request, method, name, args)
         except RedisUnavailable as e:
-            if name == "":
-                return await self.index(request)
             self.log.warn("Redis unavailable: {error}", error=e)
             return message("Service unavailable",
-                           "The cache (Redis) cannot be reached right now; try again shortly.", 503)
+                           "The cache (Redis) cannot be reached right now; try again shortly.",
+                           503, {"retry-after": str(RETRY_AFTER)})
 
     async def route(self, request, method: str, name: str, args: list[str]) -> Reply:
-        handler = self.routes.get((method, name))
-        if handler is None:
-            allowed = [m for m, route in self.routes if route == name]
-            if allowed:
-                return Reply(405, "Method not allowed\n", "text/plain; charset=utf-8",
-                             {"allow": ", ".join(allowed)})
+        try:
+            handler = self.routes.find(method, name)
+        except NoRoute as e:
+            if e.code == 405:
+                return Reply(405, "Method not allowed\n", "text/plain; charset=utf-8", e.headers)
             return message("Not found", f"No page at {request.path.decode('utf-8', 'replace')}.", 404)
         if len(args) > (1 if name in KEYED_ROUTES else 0):
             return message("Not found", f"/{name} takes no such path.", 404)
         return await handler(request, *args)
+
+    async def _record_visit(self, request, needed: bool) -> None:
+        """Record the visit for /recent.  The page ``/`` needs no Redis: its visit is recorded
+        without waiting, and goes unrecorded (said once) while Redis is away or restarting."""
+        if needed:
+            await self.record(request)
+            return
+        d = defer.ensureDeferred(self.record(request))
+        d.addCallbacks(self._visit_recorded, self._visit_unrecorded)
+
+    def _visit_recorded(self, _) -> None:
+        self._visits_unrecorded = False
+
+    def _visit_unrecorded(self, failure) -> None:
+        if not self._visits_unrecorded:
+            self.log.warn("visits to / go unrecorded while Redis does not answer: {e}",
+                          e=failure.getErrorMessage())
+        self._visits_unrecorded = True
 
     async def record(self, request) -> None:
         host = ((request.getHeader(b"host") or b"").decode("utf-8", "replace")
@@ -198,7 +214,7 @@ class WebApp(CoroutineResource):
         mime = sniff_image(data)
         if mime is None:
             return message("Not an image", "The upload is not a JPEG, PNG, GIF, BMP or WebP image.", 415)
-        entry = json.dumps({"type": mime, "data": base64.b64encode(data).decode("ascii")})
+        entry = records.QueuedImage(mime, base64.b64encode(data).decode("ascii")).encode()
         length = await self.redis.eval(_QUEUE_IMAGE, [keys.IMAGES],
                                        [entry, self.max_queued_images])
         if length == -1:
@@ -208,34 +224,35 @@ class WebApp(CoroutineResource):
                                  f"{length} in the queue. See it at /meow.", 201)
 
     async def meow(self, request) -> Reply:
-        entry = await self.redis.call("LPOP", keys.IMAGES)
-        if entry is None:
-            return message("No image", "The image queue is empty; upload one at /upload first.", 404)
-        image = json.loads(entry)
-        src = f"data:{image['type']};base64,{image['data']}"
+        image = None
+        while image is None:  # a row no web app wrote is taken off and skipped
+            entry = await self.redis.call("LPOP", keys.IMAGES)
+            if entry is None:
+                return message("No image", "The image queue is empty; upload one at /upload "
+                                           "first.", 404)
+            image = next(iter(records.decode_each([entry], records.QueuedImage.decode,
+                                                  "queued image")), None)
+        src = f"data:{image.type};base64,{image.data}"
         return page("Meow", f'<img src="{escape(src)}" alt="the most recent upload">')
 
-    def _may_scale(self, request) -> bool:
-        """Whether /spawn and /destroy may run: no token set, or the right one given
-        (``?token=`` or ``Authorization: Bearer``), compared in constant time."""
+    def _scale_refusal(self, request) -> Reply | None:
+        """None when /spawn and /destroy may run: no token set, or the one token given
+        (``?token=`` or ``Authorization: Bearer``, :func:`dockpart.routes.credential`) is it."""
         if self.scale_token is None:
-            return True
-        # Headers as bytes: a value that is not UTF-8 is a wrong token, not an error.
-        scheme, _, credentials = (request.getHeader(b"authorization") or b"").partition(b" ")
-        given = [*request.args.get(TOKEN_PARAM, [])]
-        if scheme.lower() == b"bearer":
-            given.append(credentials.strip())
-        return any(hmac.compare_digest(token, self.scale_token) for token in given)
-
-    @staticmethod
-    def _forbidden() -> Reply:
+            return None
+        try:
+            given = credential(request)
+        except TooManyCredentials as e:
+            return Reply(400, f"Bad request: {e}.\n", "text/plain; charset=utf-8")
+        if same_token(given, self.scale_token):
+            return None
         return Reply(403, "Forbidden: this route needs the scale token (?token=TOKEN or "
                           "the header Authorization: Bearer TOKEN).\n",
                      "text/plain; charset=utf-8")
 
     async def spawn(self, request) -> Reply:
-        if not self._may_scale(request):
-            return self._forbidden()
+        if refused := self._scale_refusal(request):
+            return refused
         try:
             url = await tier.request_spawn(self.redis, self.advertise_host, self.first_port,
                                               self.max_instances)
@@ -246,8 +263,8 @@ class WebApp(CoroutineResource):
                                           f"it joins the rotation once it answers.", 202)
 
     async def destroy(self, request) -> Reply:
-        if not self._may_scale(request):
-            return self._forbidden()
+        if refused := self._scale_refusal(request):
+            return refused
         url = await tier.request_destroy(self.redis, self.first_port, random.getrandbits(31))
         if url is None:
             return message("Nothing to destroy",
@@ -264,7 +281,8 @@ class WebApp(CoroutineResource):
         autoscale = await self._autoscale()
         if b"application/json" in (request.getHeader(b"accept") or b""):
             body = json.dumps({"servers": live, "spawning": spawning, "destroying": destroying,
-                               "autoscale": autoscale})
+                               "autoscale": {**autoscale, "decisions": [
+                                   d.shown() for d in autoscale["decisions"]]}})
             return Reply(200, body + "\n", "application/json")
         sections = [("Instances", live), ("Being spawned", spawning),
                     ("Being destroyed", destroying)]
@@ -276,16 +294,8 @@ class WebApp(CoroutineResource):
 
     async def _autoscale(self) -> dict:
         """The autoscaler's desired size and last decisions (dockpart.infra_autoscale)."""
-        desired = await self.redis.call("GET", keys.AUTOSCALE_DESIRED)
-        raws = await self.redis.call("LRANGE", keys.AUTOSCALE_DECISIONS, 0, DECISIONS_SHOWN - 1)
-        decisions = []
-        for raw in raws:
-            try:
-                decisions.append(json.loads(raw))
-            except ValueError:
-                continue
-        return {"desired": int(desired) if desired and desired.isdigit() else None,
-                "decisions": decisions}
+        return {"desired": await records.read_desired(self.redis),
+                "decisions": await records.read_decisions(self.redis, DECISIONS_SHOWN)}
 
     async def work(self, request) -> Reply:
         """Stands for real work: answers after ``ms`` milliseconds without blocking."""
@@ -301,14 +311,14 @@ def _autoscale_html(autoscale: dict) -> str:
     if autoscale["desired"] is None and not autoscale["decisions"]:
         return ""
     items = "\n".join(
-        f"<li>{escape(time.strftime('%H:%M:%S', time.localtime(d.get('time', 0))))} "
-        f"<b>{escape(str(d.get('action')))}</b>: {escape(str(d.get('reason')))}</li>"
+        f"<li>{escape(time.strftime('%H:%M:%S', time.localtime(d.time)))} "
+        f"<b>{escape(d.action)}</b>: {escape(d.reason)}</li>"
         for d in autoscale["decisions"])
     return (f"\n<h2>Autoscaler</h2>\n<p>Desired size: <b>{autoscale['desired']}</b></p>\n"
             f"<ol>\n{items}\n</ol>")
 
 
-class FirstInstanceRegistration(Service):
+class FirstInstanceRegistration(Periodic):
     """Learns this instance's URL from its listener; the first instance keeps itself in ``servers``.
 
     No daemon starts the first instance, so no reconcile puts it back: it registers every
@@ -318,23 +328,19 @@ class FirstInstanceRegistration(Service):
     interval.  Redis being away is logged once per outage, not once per try.
     """
 
-    log = Logger()
-
     def __init__(self, listener: Listener, app: WebApp, interval: float, *, reactor):
+        super().__init__(interval, reactor, now=True)
         self.listener = listener
         self.app = app
-        self.interval = interval
-        self.registration = LoopingCall(self._register)
-        self.registration.clock = reactor
         self._registered_before = False
-        self._failing = False
+        self._outage = Outage(self.log, "cannot register {url} in servers now ({error}); "
+                                        "retrying every {interval:g} s", interval=interval)
 
     def startService(self):
-        super().startService()
         port = self.listener.port.getHost().port
         self.app.url = instance_url(self.app.advertise_host, port)
         if port == self.app.first_port:
-            self.registration.start(self.interval)
+            super().startService()
 
     async def _register_once(self) -> None:
         added = await tier.register(self.app.redis, self.app.url)
@@ -345,25 +351,12 @@ class FirstInstanceRegistration(Service):
         elif not self._registered_before:
             self.log.info("first instance {url} already in servers", url=self.app.url)
         self._registered_before = True
-        self._failing = False
+        self._outage.ok()
 
-    def _register(self):
+    def tick(self):
         d = defer.ensureDeferred(self._register_once())
-        d.addErrback(self._register_failed)
+        d.addErrback(lambda f: self._outage.failed(f.getErrorMessage(), url=self.app.url))
         return d
-
-    def _register_failed(self, failure) -> None:
-        """Logged, never raised: that would stop the LoopingCall for good."""
-        if not self._failing:
-            self._failing = True
-            self.log.warn("cannot register {url} in servers now ({e}); retrying every "
-                          "{interval:g} s", url=self.app.url, e=failure.getErrorMessage(),
-                          interval=self.interval)
-
-    def stopService(self):
-        super().stopService()
-        if self.registration.running:
-            self.registration.stop()
 
 
 def _size(option: str, value: str) -> int:
@@ -386,12 +379,12 @@ class Options(RedisOptions):
                 "start_port, else 3000; on 127.0.0.1 unless --listen names an interface.")
     optParameters = [
         ["listen", "l", None, "Endpoint to listen on (default tcp:$start_port:interface=127.0.0.1, "
-                              "else tcp:3000:interface=127.0.0.1); TCP and UNIX listeners get "
-                              "a backlog of 1024 unless it names one."],
+                              f"else tcp:3000:interface=127.0.0.1); TCP and UNIX listeners get "
+                              f"a backlog of {DEFAULT_BACKLOG} unless it names one."],
         ["advertise-host", None, "127.0.0.1", "Host name that instance URLs use."],
         ["first-port", None, FIRST_PORT,
          "Port of the first instance: it registers itself and is never destroyed.", int],
-        ["max-instances", None, 10, "Ceiling on instances, the first included.", int],
+        ["max-instances", None, tier.DEFAULT_MAX_INSTANCES, "Ceiling on instances, the first included.", int],
         ["max-upload", None, "5MiB", "Largest accepted upload (bytes, or with K/M/G)."],
         ["max-queued-images", None, 20, "Images that may wait for /meow; an upload past it "
                                         "gets 503 and changes nothing.", int],
@@ -436,7 +429,8 @@ def makeService(config, reactor=None):
                  config["max-instances"], config["max-upload"], config["max-queued-images"],
                  config["scale-token"], reactor=reactor)
     endpoint = server_endpoint(reactor, "listen", with_backlog(config["listen"]))
-    site = BoundedSite(app, config["site"], access_log=not config["no-access-log"])
+    site = BoundedSite(app, config["site"], logFormatter=access_log_line,
+                       access_log=not config["no-access-log"])
     listener = site_listener("dockpart-web", endpoint, site)
     listener.setServiceParent(top)
     FirstInstanceRegistration(listener, app, config["register-interval"],

@@ -2,6 +2,7 @@
 reports (dockpart/proxy_load.py) the dashboard shows."""
 
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -15,9 +16,28 @@ from helpers import Daemon, RedisProcess, free_port, port_block, start_web
 RUN = 20  # ports after the first instance's that spawned instances may take
 
 
+def logged_in(base: str, token: str) -> requests.Session:
+    """A client with a dashboard session, opened as a person does: the login form."""
+    session = requests.Session()
+    reply = session.post(base + "/login", data={"token": token}, allow_redirects=False,
+                         timeout=5)
+    assert reply.status_code == 303 and session.cookies, (reply.status_code, reply.text)
+    return session
+
+
 def start_dashboard_infra(redis_url: str, state_dir: Path, first: int, dash_port: int,
-                          *args: str, env: dict | None = None) -> Daemon:
-    """dockpart-infra with the dashboard on ``dash_port``; ``args`` may choose another driver."""
+                          *args: str, env: dict | None = None,
+                          token: str | None = "generated") -> Daemon:
+    """dockpart-infra with the dashboard on ``dash_port``; ``args`` may choose another driver.
+
+    The dashboard has a token (a new one unless ``token`` names it; None: opened with
+    --dashboard-no-token); ``daemon.http`` is a client logged in with it."""
+    if token == "generated":
+        token = secrets.token_urlsafe(16)
+    if token:
+        env = {**(env or {}), "DOCKPART_DASHBOARD_TOKEN": token}
+    else:
+        args = (*args, "--dashboard-no-token")
     daemon = Daemon("dockpart-infra", "--driver", "process", "--redis", redis_url,
                     "--state-dir", str(state_dir), "--first-port", str(first),
                     "--port-range", f"{first + 1}-{first + RUN}", "--interval", "0.05",
@@ -26,6 +46,8 @@ def start_dashboard_infra(redis_url: str, state_dir: Path, first: int, dash_port
                     *args, ready="dockpart-infra dashboard listening on", env=env).start()
     daemon.port = dash_port
     daemon.base = f"http://127.0.0.1:{dash_port}"
+    daemon.token = token
+    daemon.http = logged_in(daemon.base, token) if token else requests.Session()
     return daemon
 
 
@@ -104,7 +126,7 @@ class Tier:
         self.redis.stop()
 
 
-def start_tier(state_dir: Path, *infra_args: str, token: str | None = None) -> Tier:
+def start_tier(state_dir: Path, *infra_args: str, token: str | None = "generated") -> Tier:
     """Redis, the first dockpart-web, dockpart-infra with the dashboard, a proxy, load reports."""
     redis = RedisProcess().start()
     parts = []
@@ -112,9 +134,8 @@ def start_tier(state_dir: Path, *infra_args: str, token: str | None = None) -> T
         first = port_block(RUN + 1)  # the traffic's ephemeral ports stay clear of them
         web = start_web(redis.url, "--first-port", str(first), port=first)
         parts.append(web)
-        env = {"DOCKPART_DASHBOARD_TOKEN": token} if token else None
         infra = start_dashboard_infra(redis.url, state_dir, first, free_port(), *infra_args,
-                                      env=env)
+                                      token=token)
         parts.append(infra)
         proxy = start_proxy(redis.url)
         parts.append(proxy)

@@ -3,6 +3,7 @@ spawned by a real dockpart-infra (process driver), and load through the proxy on
 """
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -12,7 +13,7 @@ import pytest
 import requests
 
 from dockpart import keys, load
-from dockpart.load import read_reports
+from dockpart.records import read_load_reports as read_reports
 from helpers import (Daemon, SyncRedis, entries, free_port, kill_instances, port_block,
                      start_web, wait_for)
 from proxykit import Backend
@@ -209,3 +210,56 @@ def test_infra_killed_mid_spawn_and_restarted_neither_loses_nor_repeats_it(redis
     assert {line.split("starting ")[1].split(" for ")[1] for line in logs.splitlines()
             if "starting " in line and " for http" in line} == {second}
     assert len(list(state_dir.glob("dockpart-web-*.log"))) == 1
+
+
+def forge_report(client, name: str, body: dict | str, at: float) -> None:
+    """A load report as anyone with the Redis password can write one."""
+    client.set(keys.proxy_load(name), body if isinstance(body, str) else json.dumps(body))
+    client.zadd(keys.LOAD_PROXIES, {name: at})
+
+
+def first_decision(daemon: Daemon) -> str:
+    wait_for(lambda: "autoscale up" in daemon.output() or "autoscale hold" in daemon.output(),
+             20, what="the autoscaler's first decision")
+    return next(line for line in daemon.output().splitlines()
+                if "autoscale up" in line or "autoscale hold" in line)
+
+
+def test_a_load_report_dated_in_the_future_moves_nothing(redis_db, redis_server, tier):
+    """1000 in flight dated 11 days ahead once drove the tier to its max and held it there."""
+    first, proxy, daemons, state_dir = tier
+    ahead = time.time() + 11 * 86400
+    forge_report(redis_db, "forged:1", {"proxy": "forged:1", "time": ahead, "interval": 1.0,
+                                        "list": keys.SERVERS, "backends": {
+                                            f"http://127.0.0.1:{first}": {"inflight": 1000}}},
+                 ahead)
+    daemons.append(start_infra(redis_server.url, state_dir, first, "--max-instances", "3"))
+    assert "autoscale hold" in first_decision(daemons[0])
+    assert entries(redis_db, keys.SPAWN_QUEUE, keys.SPAWNING) == 0
+    assert "skipping a bad load report" in daemons[0].output()
+    assert "in the future" in daemons[0].output()
+
+
+def test_a_malformed_load_report_is_skipped_and_the_others_still_count(redis_db, redis_server,
+                                                                       tier):
+    """Before, one such row (kept fresh by whoever writes it) made every evaluation fail."""
+    first, proxy, daemons, state_dir = tier
+    stop = threading.Event()
+
+    def keep_writing():
+        while not stop.is_set():
+            forge_report(redis_db, "forged:2", {"proxy": "forged:2", "time": time.time(),
+                                                "backends": {"http://127.0.0.1:1": {
+                                                    "inflight": "many"}}}, time.time())
+            stop.wait(0.2)
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
+    heavy = LoadGenerator(proxy.base, "/work?ms=300", 6)  # the real proxy's figures: 6 in flight
+    try:
+        daemons.append(start_infra(redis_server.url, state_dir, first, "--max-instances", "3"))
+        wait_for(lambda: "autoscale up" in daemons[0].output(), 20, what="a scale-up")
+    finally:
+        heavy.stop()
+        stop.set()
+        writer.join(5)
+    assert "skipping a bad load report" in daemons[0].output()

@@ -5,6 +5,7 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 
 from dockpart import infra, keys
+from dockpart.records import BackendLoad, LoadReport
 from dockpart.infra_autoscale import Observed, Policy, Settings, observe
 
 
@@ -122,10 +123,10 @@ def test_observe_counts_like_request_spawn_and_adds_up_proxies():
     lists = {keys.SERVERS: ["http://h:1", "http://h:2", "http://h:3"],
              keys.SPAWN_QUEUE: ["http://h:4"], keys.SPAWNING: ["http://h:5"],
              keys.DESTROY_QUEUE: ["http://h:3"], keys.DESTROYING: []}
-    reports = [{"list": keys.SERVERS, "backends": {"http://h:1": {"inflight": 3},
-                                                   "http://h:2": {"inflight": 1}}},
-               {"list": keys.SERVERS, "backends": {"http://h:1": {"inflight": 2}}},
-               {"list": "dockpart:deploy:slice", "backends": {"http://h:9": {"inflight": 50}}}]
+    reports = [LoadReport({"http://h:1": BackendLoad(inflight=3),
+                           "http://h:2": BackendLoad(inflight=1)}, list=keys.SERVERS),
+               LoadReport({"http://h:1": BackendLoad(inflight=2)}, list=keys.SERVERS),
+               LoadReport({"http://h:9": BackendLoad(inflight=50)}, list="dockpart:deploy:slice")]
     assert observe(lists, reports) == Observed(ready=2, spawning=2, inflight=6)
 
 

@@ -227,6 +227,43 @@ def test_set_then_get_agree_across_instances(stack):
     assert {served_by(stack.proxy + "/") for _ in range(2 * len(instances))} == set(instances)
 
 
+def command_lines_while(action) -> list[list[str]]:
+    """Every command line of a ``docker`` client process seen while ``action()`` runs (polled
+    from /proc until it returns)."""
+    seen, done = {}, threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if argv and argv[0].endswith(b"docker"):
+                    seen[entry.name] = [a.decode(errors="replace") for a in argv]
+            time.sleep(0.005)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        action()
+    finally:
+        done.set()
+        watcher.join(10)
+    return list(seen.values())
+
+
+def test_restart_proxy_puts_the_redis_password_on_no_command_line(stack):
+    """`scripts/up restart-proxy` passed the proxy's environment, the password in it, as
+    `docker run --env=...`: every user's `ps` showed it."""
+    password = redis_password(stack.run_dir)
+    lines = command_lines_while(lambda: stack.script("restart-proxy"))
+    runs = [argv for argv in lines if "run" in argv and "dockpart-proxy:latest" in argv]
+    assert runs, lines  # the stand-in was started, and seen
+    assert not [argv for argv in lines if any(password in a for a in argv)]
+    assert served_by(stack.proxy + "/") == stack.first
+    assert not list(Path(stack.run_dir).glob("proxy-env.*"))  # the file is gone too
+
+
 def test_down_leaves_no_dockpart_container(stack):
     assert stack.containers()
     output = stack.down()
@@ -240,8 +277,9 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
     ports = {"DOCKPART_REDIS_PORT": free_port(), "DOCKPART_WEB_PORT": port_block(3),
              "DOCKPART_PROXY_PORT": free_port(), "DOCKPART_DASHBOARD_PORT": free_port()}
     project = f"dockpart-e2e-infra-{os.getpid()}"
-    password = secrets.token_hex(24)
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DOCKPART_REDIS_PASSWORD": password}
+    password, token = secrets.token_hex(24), secrets.token_hex(24)
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DOCKPART_REDIS_PASSWORD": password,
+           "DOCKPART_DASHBOARD_TOKEN": token}
     web = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT']}"
     spawned = f"http://127.0.0.1:{ports['DOCKPART_WEB_PORT'] + 1}"
 
@@ -266,6 +304,11 @@ def test_infra_profile_runs_infra_in_a_container(docker_images):
             filters={"label": [f"com.docker.compose.project={project}",
                                "com.docker.compose.service=infra"]})
         assert infra_container.image.tags == ["dockpart-infra:latest"]
+        # Its dashboard is locked with the token from the environment (scripts/up's file).
+        dashboard = f"http://127.0.0.1:{ports['DOCKPART_DASHBOARD_PORT']}/api/state"
+        assert requests.get(dashboard, timeout=5).status_code == 401
+        assert requests.get(dashboard, headers={"Authorization": f"Bearer {token}"},
+                            timeout=5).status_code == 200
     finally:
         infra_compose("down", "--volumes", "--timeout", "5")
         client = docker_client()

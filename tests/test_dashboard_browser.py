@@ -32,14 +32,19 @@ def browser():
 
 
 @pytest.fixture
-def page(browser):
-    """A fresh page whose console errors and uncaught exceptions the test can assert on."""
+def page(browser, tier):
+    """A fresh page, logged in with the dashboard's token through its login form, whose console
+    errors and uncaught exceptions the test can assert on."""
     context = browser.new_context(viewport={"width": 1400, "height": 1100})
     page = context.new_page()
     page.problems = []
     page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
     page.on("pageerror", lambda e: page.problems.append(str(e)))
     page.set_default_timeout(20_000)
+    page.goto(tier.infra.base + "/login")
+    page.fill('input[name="token"]', tier.infra.token)
+    page.get_by_role("button", name="open").click()
+    expect(page.locator("h1")).to_have_text("dockpart tier")
     yield page
     context.close()
 
@@ -150,6 +155,10 @@ def test_without_the_token_the_browser_gets_the_login_form(browser, tmp_path):
         expect(row(page, tier.url(tier.first))).to_be_visible()
         # The script may not have run yet: a predicate that throws ends the wait at once.
         page.wait_for_function("() => window.dashboard?.history.time.length > 1")
+        # Logging out ends the session: the page is the login form again, and stays it.
+        page.get_by_role("button", name="log out").click()
+        expect(page.locator('input[name="token"]')).to_be_visible()
+        assert page.goto(tier.infra.base + "/").status == 401
         assert problems == []
     finally:
         context.close()

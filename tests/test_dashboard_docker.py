@@ -34,7 +34,7 @@ def test_spawn_and_destroy_containers_from_the_dashboard(docker_images, tmp_path
             page.on("console", lambda m: m.type == "error" and problems.append(m.text))
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.set_default_timeout(30_000)
-            page.goto(tier.infra.base + "/")
+            page.goto(f"{tier.infra.base}/?token={tier.infra.token}")  # a link logs in
             page.get_by_role("button", name="spawn one").click()
             url = tier.url(tier.first + 1)
             row = page.locator(f'tr[data-url="{url}"]')

@@ -3,11 +3,14 @@
 from types import SimpleNamespace
 
 import pytest
-from twisted.internet import defer
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
-from dockpart import load
-from dockpart.redisconn import RedisUnavailable
+from dockpart import keys, load
+from dockpart.records import BackendLoad, LoadReport
+from dockpart.redisconn import RedisAddress, RedisService, RedisUnavailable
 from dockpart.dashboard_page import live_html
 from dockpart.dashboard_state import TierWatch, figures, instance_state
 
@@ -38,8 +41,8 @@ def test_figures_are_rates_and_quantiles_in_milliseconds():
     buckets = load.empty_buckets()
     buckets[load.bucket_of(0.004)] = 90
     buckets[load.bucket_of(0.08)] = 10
-    merged = load.merge([{"backends": {A: {"requests": 100, "errors": 4, "inflight": 2,
-                                           "latency_buckets": buckets, "healthy": True}}}])[A]
+    merged = load.merge([LoadReport({A: BackendLoad(requests=100, errors=4, inflight=2,
+                                                    latency_buckets=buckets, healthy=True)})])[A]
     assert figures(merged, 2.0) == {"rps": 50.0, "errors": 2.0, "p50_ms": 5.0, "p95_ms": 100.0,
                                     "inflight": 2}
 
@@ -126,6 +129,8 @@ class _Away:
     def call(self, *args):
         return defer.fail(RedisUnavailable("no connection to redis://127.0.0.1:1/0"))
 
+    eval = call
+
 
 def test_while_redis_is_away_the_last_figures_stay_and_the_page_says_so():
     w = watch(Clock())
@@ -158,12 +163,82 @@ def test_an_older_look_that_ends_last_does_not_replace_a_newer_one():
     assert older.result["time"] == 1.0 and w.snapshot["time"] == 2.0
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_instance_moving_into_servers_mid_look_is_seen_exactly_once(redis_db,
+                                                                              redis_server):
+    """The worker registers a spawned instance (spawning -> servers) while the dashboard looks:
+    read list by list, the tier looked an instance short; the view is one moment."""
+    redis = RedisService(RedisAddress.parse(redis_server.url), 2.0, reactor)
+    redis.startService()
+    moving = "http://127.0.0.1:3001"
+    redis_db.rpush(keys.SPAWNING, moving)
+    send, sent = redis.call, []
+
+    def call(*args):  # after the dashboard's first command, the instance moves
+        if len(sent) == 1:
+            redis_db.lmove(keys.SPAWNING, keys.SERVERS, "LEFT", "RIGHT")
+        sent.append(args[0])
+        return send(*args)
+    redis.call = call
+    try:
+        w = watch(reactor)
+        w.redis = redis
+        snapshot = await w.refresh()
+    finally:
+        await redis.stopService()
+    assert snapshot["error"] is None
+    places = [name for name, urls in snapshot["queues"].items() if moving in urls]
+    assert places == ["spawning"]
+    assert [row["url"] for row in snapshot["instances"]] == [moving]
+
+
+def _dashboard(clock, token="t0ken"):
+    from dockpart.dashboard import Dashboard
+    worker = SimpleNamespace(driver=SimpleNamespace(name="process"), id="me",
+                             rules=SimpleNamespace(host="127.0.0.1", first_port=3000))
+    watch = SimpleNamespace(redis=None, worker=worker,
+                            snapshot={"time": None, "error": "not looked yet", "instances": []})
+    return Dashboard(watch, token, session_seconds=60, clock=clock)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_expires_after_its_time_and_then_opens_nothing():
+    """In memory (StubTreq, Clock): a login's cookie works for session_seconds, then never."""
+    clock = Clock()
+    dashboard = _dashboard(clock)
+    client = StubTreq(dashboard)
+    login = await client.post("http://localhost/login", data={"token": "t0ken"},
+                              allow_redirects=False)
+    assert login.code == 303
+    cookie = login.headers.getRawHeaders("set-cookie")[0].split(";")[0]
+    assert "Max-Age=60" in login.headers.getRawHeaders("set-cookie")[0]
+
+    async def live():
+        reply = await client.get("http://localhost/live", headers={"Cookie": cookie})
+        return reply.code
+    clock.advance(59)
+    assert await live() == 200
+    clock.advance(1)
+    assert await live() == 401
+    assert dashboard.sessions == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_login_with_two_tokens_is_a_400_whichever_matches():
+    client = StubTreq(_dashboard(Clock()))
+    for url, form in (("http://localhost/login?token=wrong", {"token": "t0ken"}),
+                      ("http://localhost/login", [("token", "wrong"), ("token", "t0ken")])):
+        reply = await client.post(url, data=form, allow_redirects=False)
+        assert reply.code == 400, url
+        assert not reply.headers.hasHeader("set-cookie")
+
+
 def test_each_app_shows_its_scale_its_instances_their_figures_and_a_scale_button():
     from dockpart.apps import App
     from dockpart.dashboard_state import app_view
-    report = {"app": "shop", "interval": 1.0, "backends": {
-        "http://127.0.0.1:20000": {"requests": 10, "errors": 0, "inflight": 1,
-                                   "latency_buckets": load.empty_buckets(), "healthy": True}}}
+    report = LoadReport({"http://127.0.0.1:20000": BackendLoad(
+        requests=10, errors=0, inflight=1, latency_buckets=tuple(load.empty_buckets()),
+        healthy=True)}, interval=1.0, app="shop")
     shop = app_view(App("shop", command="x", desired=2, domains=("shop.example.org",),
                         instances=("http://127.0.0.1:20000",)), [report])
     assert shop["rps"] == 10.0 and shop["instances"][0]["health"] == "healthy"

@@ -197,7 +197,7 @@ def test_switch_replaces_the_front_route_atomically_and_announces_it(tmp_path, r
 
         refused = dockpart("deploy", "switch", "blue", "--dir", str(tmp_path), "--redis", redis_server.url)
         assert refused.returncode == 1
-        assert "does not answer 2xx; the front route stays" in refused.stderr
+        assert "does not answer 2xx or 3xx; the front route stays" in refused.stderr
         assert redis_db.lrange(keys.DEPLOY_LIVE, 0, -1) == [green_url]
 
         status = dockpart("deploy", "status", "--dir", str(tmp_path), "--redis", redis_server.url)
@@ -416,3 +416,22 @@ def test_a_forwarder_that_gives_up_on_a_port_in_use_says_so_to_the_hook(tmp_path
     port, error = _start_on_a_port_in_use(tmp_path, bind_timeout=1)
     assert f"did not start on port {port}: dockpart-forward gave up: port {port} still cannot be " \
            "bound after 1 s" in error
+
+
+def test_a_push_that_moves_both_deploy_branches_is_refused_whole(tmp_path):
+    """main and master both deploy: one push of both deployed one and silently accepted the
+    other, so which commit served depended on git's order of refs."""
+    repos.init(tmp_path / "deploy", {}, say=lambda line: None)
+    app = AppRepo(tmp_path / "app", tmp_path / "deploy")
+    app.commit("1")
+    subprocess.run(["git", "branch", "master"], cwd=app.path, check=True)
+    result = subprocess.run(["git", "push", "green", "main", "master"], cwd=app.path,
+                            env=_no_engine(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "moves refs/heads/main and refs/heads/master" in result.stdout, result.stdout
+    assert "the Docker engine does not answer" not in result.stdout  # refused before any deploy
+    git_dir = str(repos.DeployDir(tmp_path / "deploy").git_dir("green"))
+    for branch in ("main", "master"):
+        assert subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", "--verify", "-q",
+                               branch], capture_output=True).returncode != 0, branch

@@ -152,17 +152,30 @@ def test_redis_image_needs_a_password_and_persists(docker_images, container):
     assert listening_addresses(port) == {"127.0.0.1"}
 
 
+def default_command_on(image: str, port: int) -> list[str]:
+    """``image``'s default command with the port of its listen endpoint changed to ``port``:
+    the interface under test is the default's, and a tier that scripts/up started on the
+    default ports (3456, 7000) does not make the test fail."""
+    client = docker_client()
+    command = client.images.get(image).attrs["Config"]["Cmd"]
+    client.close()
+    at = command.index("--listen") + 1
+    kind, _, rest = command[at].partition(":")
+    assert kind == "tcp" and rest.partition(":")[2].startswith("interface="), command
+    return [*command[:at], f"tcp:{port}:{rest.partition(':')[2]}", *command[at + 1:]]
+
+
 def test_images_listen_on_loopback_unless_told_otherwise(docker_images, container, redis_server):
     """A plain `docker run` of each serving image, with its default command, is not exposed."""
-    web_port = free_port()
-    taken = [port for port in (3456, 7000) if listening_addresses(port)]
-    assert not taken, f"the images' default ports {taken} are taken on this host; free them"
-    container(docker_images["web"], environment={"start_port": str(web_port),
+    ports = {name: free_port() for name in ("web", "proxy", "fileio")}
+    container(docker_images["web"], environment={"start_port": str(ports["web"]),
                                                  "DOCKPART_REDIS": redis_server.url})
-    container(docker_images["proxy"], environment={"DOCKPART_REDIS": redis_server.url})
-    container(docker_images["fileio"])
+    container(docker_images["proxy"], *default_command_on(docker_images["proxy"], ports["proxy"]),
+              environment={"DOCKPART_REDIS": redis_server.url})
+    container(docker_images["fileio"], *default_command_on(docker_images["fileio"],
+                                                           ports["fileio"]))
     found = {}
-    for name, port in (("proxy", 3456), ("fileio", 7000), ("web", web_port)):
+    for name, port in ports.items():
         found[name] = wait_for(lambda: listening_addresses(port), timeout=30,
                                what=f"dockpart-{name} listening on {port}")
     assert found == {"proxy": {"127.0.0.1"}, "fileio": {"127.0.0.1"}, "web": {"127.0.0.1"}}

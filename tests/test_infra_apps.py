@@ -9,6 +9,7 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from dockpart import apps, keys
+from dockpart.drivers import Instance, Status
 from dockpart.deploy.front import Scripts
 from dockpart.infra_apps import AppsRunner
 from dockpart.redisconn import RedisAddress, RedisService
@@ -26,8 +27,9 @@ class Driver:
         self.running: dict[int, bool] = {}
         self.removed: list[int] = []
 
-    async def managed(self):
-        return dict(self.running)
+    async def instances(self):
+        return {p: Instance(p, Status.RUNNING if up else Status.EXITED)
+                for p, up in self.running.items()}
 
     async def remove(self, port):
         self.removed.append(port)

@@ -92,7 +92,8 @@ def infra_daemon(redis, docker_images, made):
     made.append(redis.url)
     dash_port = free_port()
     daemon = swarm_infra(redis.url, "--spawn-timeout", "30",
-                         "--dashboard", f"tcp:{dash_port}:interface=127.0.0.1").start()
+                         "--dashboard", f"tcp:{dash_port}:interface=127.0.0.1",
+                         "--dashboard-token", "swarm-dash").start()
     daemon.dashboard = f"http://127.0.0.1:{dash_port}"
     yield daemon
     daemon.stop()
@@ -220,7 +221,8 @@ def test_the_dashboard_shows_each_instance_with_its_service_and_node(db, engine,
     wait_for(lambda: url in servers(db), 60, what="the service in servers")
 
     def row():
-        state = requests.get(infra_daemon.dashboard + "/api/state", timeout=5).json()
+        state = requests.get(infra_daemon.dashboard + "/api/state", timeout=5,
+                             headers={"Authorization": "Bearer swarm-dash"}).json()
         return next((r for r in state["instances"] if r["url"] == url
                      and r["state"] == "running"), None)
     seen = wait_for(row, 10, what="the instance's row on the dashboard")

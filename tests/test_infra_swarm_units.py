@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor
 from twisted.python import usage
 
 from dockpart import infra, infra_worker, keys
-from dockpart.drivers import DriverError, ThreadPoolService, Unavailable
+from dockpart.drivers import DriverError, Instance, Status, ThreadPoolService, Unavailable
 from dockpart.drivers.swarm import SwarmDriver, node_address
 import test_infra_worker
 from test_infra_worker import until
@@ -34,8 +34,9 @@ class PlacingDriver:
     def describe(self, port):
         return f"placed instance {port}"
 
-    async def managed(self):
-        return {port: host and f"http://{host}:{port}" for port, host in self.running.items()}
+    async def instances(self):
+        return {port: Instance(port, Status.RUNNING, f"http://{host}:{port}") if host
+                else Instance(port, Status.RESTARTING) for port, host in self.running.items()}
 
     async def start(self, port):
         self.running.setdefault(port, self.node)

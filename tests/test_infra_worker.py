@@ -11,7 +11,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from dockpart import infra_worker, keys
-from dockpart.drivers import Unavailable
+from dockpart.drivers import Instance, Status, Unavailable
 from dockpart.redisconn import RedisAddress, RedisService, RedisUnavailable
 
 URL = "http://127.0.0.1:4001"
@@ -42,9 +42,10 @@ class FakeDriver:
             self.down -= 1
             raise Unavailable("the fake engine is away")
 
-    async def managed(self):
+    async def instances(self):
         self._call()
-        return {**dict.fromkeys(self.exited, False), **dict.fromkeys(self.running, True)}
+        return {**{p: Instance(p, Status.EXITED) for p in self.exited},
+                **{p: Instance(p, Status.RUNNING) for p in self.running}}
 
     async def start(self, port):
         self._call()

@@ -4,7 +4,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from dockpart.periodic import Periodic
+from dockpart.periodic import Outage, Periodic
 
 
 class Rounds(Periodic):
@@ -48,3 +48,22 @@ def test_rounds_never_overlap_and_may_start_at_once():
     clock.advance(2.0)
     assert rounds.times == [0.0, 8.0]
     rounds.stopService()
+
+
+def test_an_outage_is_said_once_and_its_end_once_in_the_owners_words():
+    from twisted.logger import formatEvent, globalLogPublisher
+    said = []
+    observer = lambda event: said.append(formatEvent(event))  # noqa: E731
+    outage = Outage(Logger(namespace="test.outage"), "{what} fails ({error})",
+                    "{what} works again", what="the thing")
+    quiet = Outage(Logger(namespace="test.outage"), "it fails ({error})")  # no end said
+    globalLogPublisher.addObserver(observer)
+    try:
+        assert outage.failed("refused") and not outage.failed("refused again")
+        outage.ok()
+        outage.ok()
+        quiet.failed("x")
+        quiet.ok()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert said == ["the thing fails (refused)", "the thing works again", "it fails (x)"]

@@ -100,3 +100,36 @@ async def test_a_user_and_a_percent_encoded_password_log_in_to_a_real_redis():
         admin.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("password", ["xq1/xq2", "xq1?xq2", "xq1#xq2", "xq1/xq2?xq3#xq4@xq5"])
+@pytest.mark.parametrize("rest, reason", [
+    ("h/db", "the database must be a number"),
+    ("h:port/0", "Port could not be cast"),
+])
+def test_no_character_of_a_password_lets_it_into_an_error(password, rest, reason):
+    """The password's characters are not URL syntax: a '/', '?' or '#' in it printed the part
+    after it (as the database, or the port) in the error."""
+    with pytest.raises(usage.UsageError, match=re.escape(reason)) as refused:
+        RedisAddress.parse(f"redis://:{password}@{rest}")
+    for part in re.split(r"[/?#@]", password):
+        assert part not in str(refused.value), str(refused.value)
+    address = RedisAddress.parse(f"redis://:{password}@h:6390/1")
+    assert (address.host, address.port, address.db, address.password) == ("h", 6390, 1, password)
+    assert password not in repr(address) and password not in str(address)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_loading_its_data_is_unavailable_not_an_error(redis_server):
+    """A restarted Redis answers LOADING until its data is read: a caller gets RedisUnavailable
+    (503 and Retry-After for a person), as while it was away."""
+    import txredisapi
+    from twisted.internet import defer
+
+    redis = RedisService(RedisAddress("127.0.0.1", redis_server.port, 0), timeout=5)
+    failure = defer.fail(txredisapi.ResponseError("LOADING Redis is loading the dataset in memory"))
+    with pytest.raises(RedisUnavailable, match="cannot serve now: LOADING"):
+        await failure.addErrback(redis._unavailable)
+    other = defer.fail(txredisapi.ResponseError("WRONGTYPE Operation against a key"))
+    with pytest.raises(txredisapi.ResponseError):
+        await other.addErrback(redis._unavailable)

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -81,6 +82,20 @@ def test_upload_then_meow_shows_the_image_and_empties_the_queue(web, redis_db):
     assert redis_db.llen(keys.IMAGES) == 0
     r = get(web, "/meow")
     assert r.status_code == 404 and "empty" in r.text
+
+
+def test_meow_skips_queued_rows_that_no_web_app_wrote(web, redis_db):
+    """Anyone with the Redis password can push them: /meow takes them off and shows the next
+    real image, never a 500."""
+    image = png_bytes(5)
+    requests.post(web.base + "/upload", files={"image": ("x.png", image)}, timeout=10)
+    redis_db.lpush(keys.IMAGES, "[1]", "{not json", '{"type": "text/html", "data": "PGI+"}',
+                   '{"type": "image/png", "data": "%%%"}')
+    r = get(web, "/meow")
+    assert r.status_code == 200 and 'src="data:image/png;base64,' in r.text
+    assert redis_db.llen(keys.IMAGES) == 0
+    redis_db.lpush(keys.IMAGES, "{not json")
+    assert get(web, "/meow").status_code == 404
 
 
 def test_meow_shows_the_most_recent_upload_first(web, redis_db):
@@ -169,6 +184,20 @@ def test_listservers_in_html_and_json(web, redis_db):
     assert r.json() == {"servers": ["http://127.0.0.1:3000", "http://127.0.0.1:3001"],
                         "spawning": ["http://127.0.0.1:3002"], "destroying": [],
                         "autoscale": {"desired": None, "decisions": []}}
+
+
+def test_listservers_skips_decisions_of_the_wrong_shape_instead_of_a_500(web, redis_db):
+    """Anyone with the Redis password can write them; /listservers shows the good ones."""
+    good = {"time": 1700000000.0, "current": 1, "spawning": 0, "inflight": 12,
+            "per_instance": 4, "target": 4, "desired": 3, "action": "up", "reason": "good one"}
+    redis_db.lpush(keys.AUTOSCALE_DECISIONS, json.dumps(good), "[1, 2]",
+                   json.dumps({**good, "time": "noon"}), "{broken")
+    redis_db.set(keys.AUTOSCALE_DESIRED, "lots")
+    html = get(web, "/listservers")
+    assert html.status_code == 200 and "good one" in html.text
+    r = get(web, "/listservers", headers={"accept": "application/json"})
+    assert r.status_code == 200
+    assert r.json()["autoscale"] == {"desired": None, "decisions": [good]}
 
 
 def test_unknown_route_and_wrong_method(web, redis_db):
@@ -371,3 +400,97 @@ def test_bad_options_are_refused_with_a_clear_message(redis_server):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "expected redis://HOST:PORT/DB" in out.stdout + out.stderr
+
+
+def test_the_page_never_fails_while_redis_restarts_and_other_routes_say_503(own_redis):
+    """``/`` needs no Redis: it answers 200 through Redis restarts (its visit goes unrecorded);
+    a route that needs Redis answers 503 with Retry-After, never 500."""
+    web = start_web(own_redis.url)
+    codes = {"/": [], "/get": []}
+    stop = threading.Event()
+
+    def hammer(path):
+        with requests.Session() as session:
+            while not stop.is_set():
+                r = session.get(web.base + path, timeout=10)
+                codes[path].append((r.status_code, r.headers.get("retry-after")))
+    try:
+        wait_for(lambda: get(web, "/set").status_code == 200, what="connected app")
+        threads = [threading.Thread(target=hammer, args=(p,)) for p in codes for _ in range(2)]
+        for t in threads:
+            t.start()
+        for _ in range(3):
+            own_redis.stop()
+            wait_for(lambda: any(c == 503 for c, _ in codes["/get"][-5:]), 10, what="a 503")
+            own_redis.start()
+            wait_for(lambda: codes["/get"][-1][0] in (200, 404), 15, what="reconnection")
+        stop.set()
+        for t in threads:
+            t.join(15)
+    finally:
+        stop.set()
+        web.stop()
+    assert {c for c, _ in codes["/"]} == {200}, codes["/"]
+    assert {c for c, _ in codes["/get"]} <= {200, 404, 503}
+    assert all(after == "2" for c, after in codes["/get"] if c == 503)
+    assert "Traceback" not in web.output()
+
+
+def raw_request(web, request_line: bytes, headers: bytes = b"") -> tuple[int, bytes]:
+    """One request sent as raw bytes (requests would normalise ``%74oken`` to ``token``)."""
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as s:
+        s.sendall(request_line + b"\r\nHost: h\r\n" + headers + b"Connection: close\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1]), reply
+
+
+@pytest.mark.parametrize("request_line, headers", [
+    (b"GET /spawn?token=wrong&token=s3cret HTTP/1.1", b""),
+    (b"GET /spawn?token=wrong;token=s3cret HTTP/1.1", b""),
+    (b"GET /spawn?token=wrong&%74oken=s3cret HTTP/1.1", b""),
+    (b"GET /spawn?token=s3cret HTTP/1.1", b"Authorization: Bearer wrong\r\n"),
+    (b"GET /spawn HTTP/1.1", b"Authorization: Bearer wrong\r\nAuthorization: Bearer s3cret\r\n"),
+])
+def test_a_request_carrying_several_tokens_is_a_400_whichever_matches(guarded, redis_db,
+                                                                      request_line, headers):
+    """One credential per request: 400 token values in one URI, one of them right, got a
+    spawn (any match let it through)."""
+    redis_db.rpush(keys.SERVERS, "http://127.0.0.1:3000")
+    code, body = raw_request(guarded, request_line, headers)
+    assert code == 400 and b"one token" in body, body
+    assert redis_db.llen(keys.SPAWN_QUEUE) == 0
+
+
+@pytest.mark.parametrize("query", [b"a=1;token=s3cret", b"%74oken=s3cret&a=1",
+                                   b"a=1&t%6Fken=s3cret"])
+def test_a_token_however_spelled_reaches_neither_recent_nor_the_log(guarded, redis_db, query):
+    """Twisted reads ``;`` as a separator and unquotes names: such a token passed the check
+    (rightly) and went into /recent and the access log (wrongly)."""
+    redis_db.rpush(keys.SERVERS, "http://127.0.0.1:3000")
+    code, _ = raw_request(guarded, b"GET /spawn?" + query + b" HTTP/1.1")
+    assert code == 202
+    recent = get(guarded, "/recent").text
+    assert "/spawn" in recent and "s3cret" not in recent, recent
+    wait_for(lambda: "GET /recent" in guarded.output(), what="the access log line")
+    assert "s3cret" not in guarded.output()
+
+
+def test_head_answers_like_get_but_never_changes_state(web, redis_db):
+    """HEAD /meow took an image and HEAD /spawn queued a spawn: routes that change state on
+    GET answer HEAD with 405; the others answer it as GET without a body, and record nothing."""
+    redis_db.rpush(keys.SERVERS, "http://127.0.0.1:3000")
+    requests.post(web.base + "/upload", files={"image": ("cat.png", png_bytes())}, timeout=10)
+    for path in ("/meow", "/spawn", "/destroy", "/set"):
+        r = requests.head(web.base + path, timeout=10)
+        assert r.status_code == 405 and r.headers["allow"] == "GET", (path, r.headers)
+    assert redis_db.llen(keys.IMAGES) == 1 and redis_db.llen(keys.SPAWN_QUEUE) == 0
+    assert not redis_db.exists(keys.user_key("message"))
+    recent = redis_db.lrange(keys.RECENT, 0, -1)
+    r = requests.head(web.base + "/", timeout=10)
+    assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0
+    assert redis_db.lrange(keys.RECENT, 0, -1) == recent
+    assert requests.head(web.base + "/listservers", timeout=10).status_code == 200
+    r = requests.post(web.base + "/", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"

@@ -3,6 +3,8 @@
 import io
 
 import pytest
+import pytest_twisted
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -13,7 +15,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from dockpart import web
 from dockpart.website import BoundedSite
 from dockpart.tier import BadInstanceURL, parse_instance_url
-from dockpart.redisconn import RedisAddress
+from dockpart.redisconn import RedisAddress, RedisUnavailable
 
 
 def options(*argv):
@@ -109,6 +111,51 @@ def test_work_answers_after_n_ms_of_the_reactors_clock():
     assert not request.finished
     clock.advance(0.001)
     assert request.finished and b"".join(request.written) == b"worked 500 ms\n"
+
+
+class Recorder:
+    """Redis that records every command and answers as an empty one (or fails, when away)."""
+
+    def __init__(self, away: bool = False):
+        self.commands, self.away = [], away
+
+    def _answer(self, *args):
+        self.commands.append(args)
+        if self.away:
+            return defer.fail(RedisUnavailable("no connection"))
+        return defer.succeed(None)
+
+    call = eval = _answer
+
+
+def stub(redis, **kw):
+    return StubTreq(web.WebApp(redis, "127.0.0.1", 3000, 10, 1024, reactor=Clock(), **kw))
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("path", ["/meow", "/spawn", "/destroy", "/set", "/set/k"])
+async def test_head_on_a_route_that_changes_state_runs_nothing(path):
+    redis = Recorder()
+    reply = await stub(redis).head("http://h" + path)
+    assert reply.code == 405 and reply.headers.getRawHeaders("allow") == ["GET"]
+    assert redis.commands == []  # not even the visit
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_answers_without_redis_and_the_rest_say_503_retry_after():
+    client = stub(Recorder(away=True))
+    page = await client.get("http://h/")
+    assert page.code == 200 and "Served by the instance" in await page.text()
+    reply = await client.get("http://h/get")
+    assert reply.code == 503 and reply.headers.getRawHeaders("retry-after") == ["2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_scale_tokens_are_a_400_before_redis_is_asked_for_a_spawn():
+    redis = Recorder()
+    reply = await stub(redis, scale_token="s3cret").get("http://h/spawn?token=x;token=s3cret")
+    assert reply.code == 400
+    assert [c for c in redis.commands if c[0] != web._RECORD] == []  # only the visit
 
 
 @pytest.mark.parametrize("argv, lines", [((), 1), (("--no-access-log",), 0)])

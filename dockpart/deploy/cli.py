@@ -79,7 +79,7 @@ class InitOptions(_AnyOrder):
         ["blue-port", None, None, "Port of the blue slice (default 50101).", _port],
         ["base-image", None, None,
          f"Build argument BASE_IMAGE for the app's Dockerfile (env {repos.BASE_IMAGE_ENV})."],
-        ["health-path", None, None, "Path that must answer 2xx before a release serves (/health)."],
+        ["health-path", None, None, "Path that must answer 2xx or 3xx before a release serves (/health)."],
         ["health-timeout", None, None, "Seconds a new release has to get healthy (30).", float],
         ["drain", None, None, "Seconds the old release finishes open connections (1).", float],
         ["keep", None, None, "Releases kept per slice for rollback (5).", int],
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
             config = sub.deploy_dir.load()
             url = config.url(sub["slice"])
             if not sub["force"] and not docker_ops.http_ok(url + config.health_path):
-                raise repos.DeployError(f"{url}{config.health_path} does not answer 2xx; "
+                raise repos.DeployError(f"{url}{config.health_path} does not answer 2xx or 3xx; "
                                         "the front route stays (--force switches anyway)")
             front.switch(sub["redis"], sub["redis-timeout"], url)
             say(f"the front route now sends to {sub['slice']} ({url})")

@@ -14,6 +14,7 @@ import docker
 from docker.errors import APIError, DockerException, NotFound
 
 from dockpart.deploy.repos import DeployError
+from dockpart.probe import healthy_status
 
 LABEL = "dockpart.deploy"
 #: Manifest types asked for when reading a digest from the registry.
@@ -123,19 +124,33 @@ def last_logs(container, lines: int = 20) -> str:
         return "(no logs)"
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is the answer, as for dockpart.probe: not followed."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
 def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether ``GET url`` answers healthy by :func:`dockpart.probe.healthy_status`
+    (this CLI blocks, so it asks with urllib rather than the reactor's probe)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return 200 <= response.status < 300
+        with _opener.open(url, timeout=timeout) as response:
+            return healthy_status(response.status)
+    except urllib.error.HTTPError as e:  # 3xx (not followed), 4xx, 5xx
+        return healthy_status(e.code)
     except (OSError, ValueError):
         return False
 
 
 def wait_healthy(container, url: str, timeout: float, say) -> None:
-    """Wait until ``url`` answers 2xx; otherwise show the container's last log lines and raise."""
+    """Wait until ``url`` answers healthy (2xx, 3xx); else show its last log lines and raise."""
     say(f"waiting up to {timeout:g} s for {url} to answer")
     deadline = time.monotonic() + timeout
-    reason = f"{url} did not answer with 2xx within {timeout:g} s"
+    reason = f"{url} did not answer 2xx or 3xx within {timeout:g} s"
     while time.monotonic() < deadline:
         if http_ok(url):
             return

@@ -68,6 +68,7 @@ def run_hook(deploy_dir: DeployDir, slice_name: str, lines, say=print) -> int:
 def _deploy(deploy_dir: DeployDir, slice_name: str, lines, say) -> int:
     config = deploy_dir.load()
     pushed = None
+    moved = []  # deploy branches this push moves: one release per push, or which one serves?
     for line in lines:
         if not line.strip():
             continue
@@ -79,6 +80,10 @@ def _deploy(deploy_dir: DeployDir, slice_name: str, lines, say) -> int:
             say(f"accepted the deletion of {ref}; {slice_name} keeps serving")
         else:
             pushed = old, new, ref
+            moved.append(ref)
+    if len(moved) > 1:
+        raise DeployError(f"this push moves {' and '.join(moved)}, and each deploys to "
+                          f"{slice_name}: push one of them at a time (nothing was accepted)")
     if pushed is None:
         return 0
     old, commit, ref = pushed

@@ -1,9 +1,8 @@
 """``--driver docker``: each instance is a container on the host network.
 
-Containers are named ``dockpart-web-<port>`` and labelled ``dockpart.managed=true``,
-``dockpart.port=<port>`` and ``dockpart.redis=<the tier's Redis>``; a container
-without the first label is never touched, even one with our name, and one of
-another tier (another Redis on the same engine) is left to that tier's infra.
+Containers are named ``dockpart-web-<port>`` and labelled as
+:mod:`dockpart.drivers.engine` says: a container without our labels is never touched,
+even one with our name, and one of another tier is left to that tier's infra.
 The image is built once, if missing, from the web app's Dockerfile; ``rebuild``
 instead does the seed's stop, rm, rmi, build (``--build-arg start_port=PORT``),
 run for every spawn.  Every SDK call runs in the driver's own thread pool.
@@ -17,23 +16,15 @@ from docker.errors import APIError, BuildError, DockerException, ImageNotFound, 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dockpart.drivers import DriverError, ThreadPoolService, Unavailable, instance_name
-
-LABEL_MANAGED = "dockpart.managed"
-LABEL_PORT = "dockpart.port"
-LABEL_TIER = "dockpart.redis"
+from dockpart.drivers import (DriverError, Instance, Status, ThreadPoolService, Unavailable,
+                              instance_name)
+from dockpart.drivers.engine import (LABEL_MANAGED, LABEL_PORT, LABEL_TIER,  # noqa: F401
+                                     label_filter, labels)
 #: Instances come back by themselves after a crash or an engine restart, not after a stop.
 RESTART_POLICY = {"Name": "unless-stopped"}
 #: Container states that count as running: the engine restarts it, or someone paused it.
 #: Anything else (exited, dead, created and never started) is an instance that exited.
 ALIVE = ("running", "restarting", "paused")
-
-
-def _labels(tier: str, port: int | None = None) -> dict[str, str]:
-    labels = {LABEL_MANAGED: "true", LABEL_TIER: tier}
-    if port is not None:
-        labels[LABEL_PORT] = str(port)
-    return labels
 
 
 def _thd_container(client, tier: str, port: int):
@@ -51,19 +42,14 @@ def _thd_container(client, tier: str, port: int):
     return container
 
 
-def _thd_inventory(client, tier: str) -> dict[int, dict]:
+def _thd_instances(client, tier: str) -> dict[int, Instance]:
     found = {}
-    wanted = [f"{k}={v}" for k, v in _labels(tier).items()]
-    for c in client.containers.list(all=True, sparse=True, filters={"label": wanted}):
+    for c in client.containers.list(all=True, sparse=True, filters={"label": label_filter(tier)}):
         port = (c.attrs.get("Labels") or {}).get(LABEL_PORT, "")  # sparse: no inspect
         if port.isdigit():
-            found[int(port)] = {"running": c.status in ALIVE, "state": c.status,
-                                "id": c.short_id}
+            status = Status.RUNNING if c.status in ALIVE else Status.EXITED
+            found[int(port)] = Instance(int(port), status, state=c.status, id=c.short_id)
     return found
-
-
-def _thd_managed(client, tier: str) -> dict[int, bool]:
-    return {port: seen["running"] for port, seen in _thd_inventory(client, tier).items()}
 
 
 def _thd_remove(client, tier: str, port: int, stop_timeout: float,
@@ -105,7 +91,7 @@ def _thd_run(client, tier: str, port: int, image: str, environment: dict,
         container.remove(force=True)  # exited or dead: start afresh
     client.containers.run(
         image, args or None, name=instance_name(port), detach=True, network_mode="host",
-        labels=_labels(tier, port),
+        labels=labels(tier, port),
         environment={"start_port": str(port), **environment},
         restart_policy=RESTART_POLICY)
     return True
@@ -163,14 +149,12 @@ class DockerDriver:
                 self.log.info("built the image {image}", image=self.image)
         return self.image
 
-    async def managed(self) -> dict[int, bool]:
-        return await self._call(_thd_managed, self.tier)
-
-    async def inventory(self) -> dict[int, dict]:
-        return await self._call(_thd_inventory, self.tier)
+    async def instances(self) -> dict[int, Instance]:
+        return await self._call(_thd_instances, self.tier)
 
     async def start(self, port: int) -> None:
-        if (await self.managed()).get(port):
+        found = (await self.instances()).get(port)
+        if found is not None and found.running:
             return  # already runs: adopt it
         if self.rebuild:
             image = self._port_image(port)

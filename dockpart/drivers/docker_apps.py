@@ -30,7 +30,8 @@ class AppDockerDriver(DockerDriver):
         return f"container of app {self.app.name} on port {port}"
 
     async def start(self, port: int) -> None:
-        if (await self.managed()).get(port):
+        found = (await self.instances()).get(port)
+        if found is not None and found.running:
             return  # already runs: adopt it
         if not self.app.image:
             raise DriverError(f"app {self.app.name} has no --image (the docker driver runs "

@@ -21,7 +21,8 @@ from twisted.internet import protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from dockpart.drivers import NAME_PREFIX, DriverError, ThreadPoolService, instance_name
+from dockpart.drivers import (NAME_PREFIX, DriverError, Instance, Status, ThreadPoolService,
+                              instance_name)
 
 MANAGED_VAR = "DOCKPART_MANAGED"
 PORT_VAR = "DOCKPART_PORT"
@@ -55,13 +56,14 @@ def _thd_scan(mark: str) -> dict[int, list[int]]:
     return found
 
 
-def _thd_instances(mark: str, state_dir: Path) -> dict[int, bool]:
-    """Every instance's port, and whether its process runs (False: it exited)."""
-    found = dict.fromkeys(_thd_scan(mark), True)
+def _thd_instances(mark: str, state_dir: Path) -> dict[int, Instance]:
+    """Every instance: its process, or its marker without a process (it exited)."""
+    found = {port: Instance(port, Status.RUNNING, state="running", id=f"pid {pids[0]}")
+             for port, pids in _thd_scan(mark).items()}
     for path in state_dir.glob(f"{NAME_PREFIX}*{MARKER_SUFFIX}"):
         port = path.name[len(NAME_PREFIX):-len(MARKER_SUFFIX)]
         if port.isdigit():
-            found.setdefault(int(port), False)
+            found.setdefault(int(port), Instance(int(port), Status.EXITED, state="exited"))
     return found
 
 
@@ -113,12 +115,8 @@ class ProcessDriver:
     def _marker(self, port: int) -> Path:
         return self.state_dir / f"{instance_name(port)}{MARKER_SUFFIX}"
 
-    async def managed(self) -> dict[int, bool]:
+    async def instances(self) -> dict[int, Instance]:
         return await self.pool.run(_thd_instances, self.mark, self.state_dir)
-
-    async def inventory(self) -> dict[int, dict]:
-        return {port: {"running": True, "state": "running", "id": f"pid {pids[0]}"}
-                for port, pids in (await self.pool.run(_thd_scan, self.mark)).items()}
 
     def launch(self, port: int) -> tuple[list[str], dict[str, str]]:
         """What runs on ``port``: the argv and the environment it adds (dockpart-web here)."""

@@ -3,9 +3,9 @@
 One service per instance (``dockpart-web-<port>``, one replica), not one service scaled to N:
 scaling a service down lets Swarm pick the task that dies, which would defeat drain-before-remove;
 with one service per port, ``/destroy`` drains exactly the instance it named.  Services carry
-the Docker driver's labels, environment and instance arguments (this driver is a
-:class:`~dockpart.drivers.docker.DockerDriver` with another way to run and find instances) and a
-Swarm restart policy.  ``MaxReplicas=1`` keeps two tasks of one port off one node.
+the labels of :mod:`dockpart.drivers.engine`, the Docker driver's environment and instance
+arguments (this driver is a :class:`~dockpart.drivers.docker.DockerDriver` with another way to
+run and find instances) and a Swarm restart policy.  ``MaxReplicas=1`` keeps two tasks of one port off one node.
 
 The address: a task runs on whichever node Swarm picks, so the URL where it answers is known
 only once it is placed: ``http://<node address>:<port>``.  :meth:`SwarmDriver.start` waits for
@@ -18,8 +18,9 @@ from docker.types import RestartPolicy, ServiceMode
 from twisted.internet import defer
 from twisted.internet.task import deferLater
 
-from dockpart.drivers import DriverError, Unavailable, instance_name
-from dockpart.drivers.docker import LABEL_MANAGED, LABEL_PORT, LABEL_TIER, DockerDriver, _labels
+from dockpart.drivers import DriverError, Instance, Status, Unavailable, instance_name
+from dockpart.drivers.docker import DockerDriver
+from dockpart.drivers.engine import LABEL_MANAGED, LABEL_PORT, LABEL_TIER, label_filter, labels
 from dockpart.tier import instance_url
 
 #: Task states in which the container exists on its node (Swarm says "running" only once
@@ -69,12 +70,11 @@ def _placed(tasks: list[dict], addresses: dict[str, str], port: int) -> str | No
     return None
 
 
-def _thd_inventory(client, tier: str) -> dict[int, dict]:
-    """Per port: ``url`` where its task is up (or None), ``running``, ``state`` (the newest
-    task's), ``id`` (the service's), ``node`` (the address of the node it runs on) and
-    ``replicas`` (0 once a destroy scaled it down)."""
-    wanted = [f"{k}={v}" for k, v in _labels(tier).items()]
-    services = client.services.list(filters={"label": wanted})
+def _thd_instances(client, tier: str) -> dict[int, Instance]:
+    """Per port: the URL where its task is up; without one, restarting while Swarm (re)starts
+    its task (restart policy "any": a task that exited comes back by itself), or exited once
+    a destroy scaled it to 0.  ``state`` is the newest task's, ``node`` its node's address."""
+    services = client.services.list(filters={"label": label_filter(tier)})
     if not services:
         return {}
     tasks: dict[str, list] = {}
@@ -88,19 +88,13 @@ def _thd_inventory(client, tier: str) -> dict[int, dict]:
             own = tasks.get(service.id, [])
             url = _placed(own, addresses, int(port))
             newest = max(own, key=lambda t: t.get("UpdatedAt", ""), default=None)
-            found[int(port)] = {
-                "url": url, "running": url is not None, "id": service.short_id,
-                "state": newest["Status"]["State"] if newest else "no task",
-                "replicas": service.attrs["Spec"]["Mode"].get("Replicated", {}).get("Replicas", 0),
-                "node": addresses.get(newest.get("NodeID", "")) if newest else None}
+            replicas = service.attrs["Spec"]["Mode"].get("Replicated", {}).get("Replicas", 0)
+            status = (Status.RUNNING if url is not None
+                      else Status.RESTARTING if replicas else Status.EXITED)
+            found[int(port)] = Instance(
+                int(port), status, url, newest["Status"]["State"] if newest else "no task",
+                service.short_id, addresses.get(newest.get("NodeID", "")) if newest else None)
     return found
-
-
-def _thd_managed(client, tier: str) -> dict[int, str | None | bool]:
-    # Swarm restarts a task that exited (restart policy "any"): a service without a task up is
-    # one Swarm is (re)starting, not one to replace.  Only a service scaled to 0 has exited.
-    return {port: seen["url"] or (None if seen["replicas"] else False)
-            for port, seen in _thd_inventory(client, tier).items()}
 
 
 def _thd_full_nodes(client, tier: str, most: int) -> list[str]:
@@ -135,7 +129,7 @@ def _thd_create(client, tier: str, port: int, image: str, environment: dict, arg
         return False
     client.services.create(
         image, args=args or None, name=instance_name(port),
-        labels=_labels(tier, port), container_labels=_labels(tier, port),
+        labels=labels(tier, port), container_labels=labels(tier, port),
         env=[f"{k}={v}" for k, v in {"start_port": str(port), **environment}.items()],
         networks=["host"], mode=ServiceMode("replicated", replicas=1),
         # Back after a crash or a failed health check, wherever Swarm finds room.
@@ -225,13 +219,8 @@ class SwarmDriver(DockerDriver):
                 raise
         return super()._call(sorted_503, *args)
 
-    async def managed(self) -> dict[int, str | None | bool]:  # type: ignore[override]
-        """Every managed instance's port: the URL where it is up, None while Swarm (re)starts
-        its task, False once scaled to 0."""
-        return await self._call(_thd_managed, self.tier)
-
-    async def inventory(self) -> dict[int, dict]:
-        return await self._call(_thd_inventory, self.tier)
+    async def instances(self) -> dict[int, Instance]:
+        return await self._call(_thd_instances, self.tier)
 
     async def _wait(self, f, *args, timeout: float):
         """Poll ``f(client, *args)`` until it returns something true or ``timeout`` passes."""

@@ -24,9 +24,9 @@ from dockpart.proxy_dispatch import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
 from dockpart.proxy_retry import safe_routes
 from dockpart.proxy_routes import AppsSync, Routes
-from dockpart.listening import Listener
-from dockpart.proxy_workers import (BACKLOG, Workers, WorkersAdmin, die_with_parent,
-                                    shared_port_endpoint, tcp_address, usable_cpus)
+from dockpart.listening import DEFAULT_BACKLOG, Listener, shared_port_endpoint, tcp_address
+from dockpart.proxy_workers import (ReadySignal, Workers, WorkersAdmin, die_with_parent,
+                                    usable_cpus)
 from dockpart.redisconn import RedisOptions, RedisService
 
 BALANCES = ("local", "shared")
@@ -74,9 +74,11 @@ class Options(RedisOptions):
                               "reactor and backend pools; auto = one per CPU."],
         ["shutdown-timeout", None, 10.0, "Seconds a stopping proxy lets requests in flight "
                                          "finish before it cuts them.", float],
-        ["backlog", None, BACKLOG, "Length of the listen queue (takes the place of the "
+        ["backlog", None, DEFAULT_BACKLOG, "Length of the listen queue (takes the place of the "
                                    "endpoint's backlog=).", int],
         ["worker-of", None, None, "(internal) The pid of the --workers parent.", int],
+        ["ready-fd", None, None, "(internal) A pipe to tell the --workers parent, once "
+                                 "listening, that this worker is ready.", int],
     ]
 
     def __init__(self):
@@ -175,10 +177,11 @@ def makeService(config, reactor=None):
     redis = RedisService(config["redis"], config["redis-timeout"], reactor)
     redis.setServiceParent(top)
     try_timeout = config["try-timeout"]
-    backends = BackendSet(redis, config["servers-key"], config["balance"], reactor,
+    backends = BackendSet(config["servers-key"], config["balance"], reactor,
                           down_time=config["down-time"],
                           quiet_after=try_timeout / 10 if try_timeout else None)
-    BackendSync(backends, reactor, config["refresh-interval"]).setServiceParent(top)
+    sync = BackendSync(backends, redis, reactor, config["refresh-interval"])
+    sync.setServiceParent(top)
     publisher = LoadPublisher(backends, redis, reactor)
     publisher.setServiceParent(top)
     health = None
@@ -200,7 +203,7 @@ def makeService(config, reactor=None):
                     body_timeout=config["body-timeout"], body_min_rate=config["body-min-rate"],
                     load_per_client=config["load-per-client"],
                     first_read_wait=config["redis-timeout"])
-    proxy = top.proxy = ProxyFactory(backends, reactor, limits)
+    proxy = top.proxy = ProxyFactory(backends, reactor, limits, sync.lists)
     proxy.routes = routes
     publisher.inflight = apps_sync.inflight = proxy.fair_inflight
     shortest = min(limits.header_timeout, limits.idle_timeout, limits.backend_timeout,
@@ -214,7 +217,9 @@ def makeService(config, reactor=None):
     if config["admin"]:
         from dockpart.proxy_admin import admin_site
         Listener("dockpart-proxy admin", shared_port_endpoint(reactor, "admin", config["admin"]),
-                 admin_site(proxy)).setServiceParent(top)
+                 admin_site(proxy, publisher, apps_sync)).setServiceParent(top)
+    if config["ready-fd"] is not None:
+        ReadySignal(config["ready-fd"]).setServiceParent(top)  # last: after the listeners
     return top
 
 

@@ -6,13 +6,25 @@ import json
 
 from twisted.web import resource, server
 
+from dockpart import load
 from dockpart.proxy_dispatch import ProxyFactory
+from dockpart.proxy_load import LoadPublisher
+from dockpart.proxy_routes import AppsSync
 
 
-def status(proxy: ProxyFactory) -> dict:
+def _redis_connected(proxy: ProxyFactory) -> bool:
+    return proxy.lists is not None and bool(proxy.lists.redis.connected)
+
+
+def status(proxy: ProxyFactory, publisher: LoadPublisher | None = None,
+           apps: AppsSync | None = None) -> dict:
     stats = proxy.stats
+    model = proxy.backends.status()
     return {
-        **proxy.backends.status(),
+        "list_key": model.pop("list_key"),
+        "balance": model.pop("balance"),
+        "redis_connected": _redis_connected(proxy),
+        **model,
         "requests": stats.requests,
         "responses": {str(code): count for code, count in sorted(stats.responses.items())},
         "retries": stats.retries,
@@ -20,9 +32,10 @@ def status(proxy: ProxyFactory) -> dict:
         "open_client_connections": len(proxy.clients),
         "client_connections": stats.connections,
         # What this proxy last published for the autoscaler and the dashboard (one source).
-        "load": proxy.backends.published,
+        "load": publisher.published if publisher is not None else None,
         # Each app routed by Host (dockpart.proxy_routes): its own list, rotation and figures.
-        "apps": {name: {**backends.status(), "load": backends.published}
+        "apps": {name: {**backends.status(),
+                        "load": apps.published(name) if apps is not None else None}
                  for name, backends in (proxy.routes.apps if proxy.routes else {}).items()},
     }
 
@@ -36,10 +49,10 @@ def metrics(proxy: ProxyFactory) -> str:
     def family(name, kind, text, samples):
         lines.append(f"# HELP dockpart_proxy_{name} {text}")
         lines.append(f"# TYPE dockpart_proxy_{name} {kind}")
-        for labels, value in samples:
+        for labels, value, *suffix in samples:  # a histogram's samples name their suffix
+            sample = f"dockpart_proxy_{name}{suffix[0] if suffix else ''}"
             label = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-            lines.append(f"dockpart_proxy_{name}{{{label}}} {value}" if label
-                         else f"dockpart_proxy_{name} {value}")
+            lines.append(f"{sample}{{{label}}} {value}" if label else f"{sample} {value}")
 
     backends = proxy.backends.ring
     family("requests_total", "counter", "Requests parsed from clients.", [({}, stats.requests)])
@@ -49,7 +62,7 @@ def metrics(proxy: ProxyFactory) -> str:
            [({}, stats.retries)])
     family("client_connections", "gauge", "Open client connections.", [({}, len(proxy.clients))])
     family("redis_connected", "gauge", "1 while the Redis connection is up.",
-           [({}, int(proxy.backends.redis.connected))])
+           [({}, int(_redis_connected(proxy)))])
     family("backends", "gauge", "Backends in the list.", [({}, len(backends))])
     family("backend_up", "gauge", "1 unless the backend is left out after failures.",
            [({"backend": b.url}, int(b.down_until <= now)) for b in backends])
@@ -59,11 +72,24 @@ def metrics(proxy: ProxyFactory) -> str:
            [({"backend": b.url}, b.errors) for b in backends])
     family("backend_active", "gauge", "Requests in progress on the backend.",
            [({"backend": b.url}, b.active) for b in backends])
-    family("backend_latency_seconds_sum", "counter", "Time to response headers, summed.",
-           [({"backend": b.url}, round(b.latency_sum, 6)) for b in backends])
-    family("backend_latency_seconds_count", "counter", "Responses timed.",
-           [({"backend": b.url}, b.latency_count) for b in backends])
+    family("backend_latency_seconds", "histogram", "Time from a request sent to the backend "
+           "to its response headers.",
+           [sample for b in backends for sample in _histogram(b)])
     return "\n".join(lines) + "\n"
+
+
+def _histogram(backend) -> list:
+    """A backend's latency buckets as Prometheus histogram samples: cumulative ``_bucket``
+    counts by upper bound ``le`` (the last one ``+Inf``), then ``_sum`` and ``_count``."""
+    samples = []
+    total = 0
+    bounds = [repr(bound) for bound in load.LATENCY_BOUNDS] + ["+Inf"]
+    for bound, count in zip(bounds, backend.latency_buckets):
+        total += count
+        samples.append(({"backend": backend.url, "le": bound}, total, "_bucket"))
+    samples.append(({"backend": backend.url}, round(backend.latency_sum, 6), "_sum"))
+    samples.append(({"backend": backend.url}, backend.latency_count, "_count"))
+    return samples
 
 
 def _escape(value: str) -> str:
@@ -73,9 +99,12 @@ def _escape(value: str) -> str:
 class AdminResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, proxy: ProxyFactory):
+    def __init__(self, proxy: ProxyFactory, publisher: LoadPublisher | None = None,
+                 apps: AppsSync | None = None):
         super().__init__()
         self.proxy = proxy
+        self.publisher = publisher
+        self.apps = apps
 
     def render_GET(self, request):
         path = request.path.rstrip(b"/")
@@ -84,7 +113,7 @@ class AdminResource(resource.Resource):
             return metrics(self.proxy).encode()
         if path in (b"", b"/status"):
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps(status(self.proxy), indent=2).encode() + b"\n"
+            return json.dumps(status(self.proxy, self.publisher, self.apps), indent=2).encode() + b"\n"
         request.setResponseCode(404)
         return b"try / (JSON status) or /metrics\n"
 
@@ -104,5 +133,6 @@ def quiet_site(root: resource.Resource) -> server.Site:
     return site
 
 
-def admin_site(proxy: ProxyFactory) -> server.Site:
-    return quiet_site(AdminResource(proxy))
+def admin_site(proxy: ProxyFactory, publisher: LoadPublisher | None = None,
+               apps: AppsSync | None = None) -> server.Site:
+    return quiet_site(AdminResource(proxy, publisher, apps))

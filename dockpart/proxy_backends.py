@@ -1,21 +1,22 @@
 """The backends dockpart-proxy sends to: each one's figures, the rotation, passive health.
 
 What a backend is (:class:`Backend`: its address, idle connections and counters) and how the
-next one is chosen (:class:`BackendSet`: local or shared rotation, failed backends left out).
-Keeping the list current is :mod:`dockpart.proxy_sync`'s job; asking backends whether they
-answer is :mod:`dockpart.proxy_health`'s.
+next one is chosen (:class:`BackendSet`: the rotation, failed backends left out).  A pure
+model: no Redis here.  Others tell it what happened through its methods (a new list, a
+failure, an answer) and read its figures; none writes its attributes, except ``Backend.idle``,
+the pool of idle connections, which the connection side fills and empties.  Reading the list
+from Redis (and the shared rotation's LMOVE) is :mod:`dockpart.proxy_sync`'s job; asking
+backends whether they answer is :mod:`dockpart.proxy_health`'s.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from twisted.internet import defer
 from twisted.logger import Logger
 
 from dockpart import load
 from dockpart.tier import BadInstanceURL, parse_instance_url
-from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: Idle pooled connections kept per backend; more are closed when they come back.
 MAX_IDLE = 256
@@ -50,10 +51,24 @@ class Backend:
         """Requests in flight here: the slots taken and not given back."""
         return self._active
 
-    def take(self) -> Slot:
-        """One request in flight here, until the slot is released."""
+    def take(self, now: float | None = None) -> Slot:
+        """One request in flight here (since ``now``), until the slot is released."""
+        if not self._active and now is not None:
+            self.busy_since = now
         self._active += 1
         return Slot(self)
+
+    def heard(self, now: float) -> None:
+        """It answered something: a response head, a probe."""
+        self.answered_at = now
+
+    def answered(self) -> None:
+        """A response from this backend was passed on whole."""
+        self.requests += 1
+
+    def erred(self) -> None:
+        """An attempt on this backend failed (no answer, a broken one, a cut body)."""
+        self.errors += 1
 
     def timed(self, seconds: float) -> None:
         """One response head arrived ``seconds`` after its request was sent."""
@@ -98,15 +113,15 @@ class BackendSet:
     """The rotation over the known backends, in ``local`` or ``shared`` mode.
 
     ``local``: O(1) per request, no Redis round trip.  ``shared``: one
-    ``LMOVE KEY KEY RIGHT LEFT`` per request (the seed's RPOPLPUSH), so several proxies share
-    one rotation; while Redis is away it rotates locally over the last list it knew.
+    ``LMOVE KEY KEY RIGHT LEFT`` per request (the seed's RPOPLPUSH, sent by
+    :mod:`dockpart.proxy_sync`), so several proxies share one rotation; while Redis is away it
+    rotates locally over the last list it knew.
     """
 
     log = Logger()
 
-    def __init__(self, redis: RedisService, list_key: str, balance: str, clock,
-                 down_time: float = 10.0, quiet_after: float | None = None):
-        self.redis = redis
+    def __init__(self, list_key: str, balance: str, clock, down_time: float = 10.0,
+                 quiet_after: float | None = None):
         self.list_key = list_key
         self.shared = balance == "shared"
         self.clock = clock
@@ -118,14 +133,7 @@ class BackendSet:
         self.by_url: dict[str, Backend] = {}
         self._next = 0
         self.known = False  # a list was read at least once
-        self.rotation = None  # proxy_sync's connection for LMOVE (shared mode), when up
-        # After Redis was away, an empty read may be a list Redis lost, not an empty tier.
-        self._distrust_empty = False
-        self._holding = False  # serving the last list although Redis now says empty
         self._bad: set[str] = set()
-        self._rereading: defer.Deferred | None = None
-        self._waiting: list = []
-        self.published: dict | None = None  # the last load report (dockpart.proxy_load)
 
     # The list.
 
@@ -158,57 +166,6 @@ class BackendSet:
                           urls=" ".join(b.url for b in ring) or "(none)")
         self.ring = ring
         self.known = True
-
-    def refresh(self) -> defer.Deferred:
-        """Read the list from Redis; keep the last one when Redis cannot answer.
-
-        Fires True when the list was read, False when Redis could not answer.
-        """
-        d = self.redis.call("LRANGE", self.list_key, 0, -1)
-        d.addCallback(self._read)
-        d.addErrback(self._unavailable)
-        return d
-
-    def _read(self, urls: list[str]) -> bool:
-        if urls:
-            self._distrust_empty = self._holding = False
-        elif self._distrust_empty and self.ring:
-            if not self._holding:
-                self._holding = True
-                self.log.warn("{key} read empty after Redis was away, with no change notice "
-                              "(a restart that lost it?): still serving the {n} backends read "
-                              "before, and reading again", key=self.list_key, n=len(self.ring))
-            return True
-        self.update(urls)
-        return True
-
-    def _unavailable(self, failure) -> bool:
-        failure.trap(RedisUnavailable)
-        self.distrust_empty()
-        return False
-
-    def distrust_empty(self) -> None:
-        """Redis was away: an empty list is not taken until a notice or a non-empty read."""
-        self._distrust_empty = True
-
-    def trust_empty(self) -> None:
-        """A change notice: what the list says next is what the tier is."""
-        self._distrust_empty = self._holding = False
-
-    def reread(self) -> defer.Deferred:
-        """A read of the list that started now; concurrent callers share one read."""
-        if self._rereading is None:
-            self._rereading = self.refresh()
-            self._rereading.addBoth(self._reread_done)
-        d: defer.Deferred = defer.Deferred()
-        self._waiting.append(d)
-        return d
-
-    def _reread_done(self, result):
-        self._rereading = None
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(result)
 
     # Choosing.
 
@@ -247,22 +204,11 @@ class BackendSet:
             return ring[(start + quiet) % n]
         return fallback
 
-    def pick_shared(self, callback, arg) -> None:
-        """One step of the rotation shared in Redis: ``callback(backend or None, arg)``.
-
-        Uses the local rotation while Redis is away.
-        """
-        rotation = self.rotation
-        if rotation is None:
-            callback(self.pick(), arg)
-        else:
-            rotation.lmove(callback, arg)
-
     def shared_choice(self, url):
-        """The backend for what LMOVE answered (a string, None for an empty list, or an error)."""
+        """The backend for what LMOVE answered: a URL, None for an empty list (no backend), or
+        an error (the local rotation answers instead)."""
         if url is None:
-            # An empty list in Redis; unless Redis just came back without its data.
-            return self.pick() if self._distrust_empty else None
+            return None
         if url.__class__ is not str:
             return self.pick()
         backend = self.by_url.get(url)
@@ -283,7 +229,7 @@ class BackendSet:
     def failed(self, backend: Backend, count: bool = True) -> None:
         """Passive health: a backend that refused or timed out is left out for a while."""
         if count:
-            backend.errors += 1
+            backend.erred()
         if backend.down_until <= self.clock.seconds():
             self.log.warn("backend {url} failed; left out for {seconds}s", url=backend.url,
                           seconds=self.down_time)
@@ -299,7 +245,6 @@ class BackendSet:
         return {
             "list_key": self.list_key,
             "balance": "shared" if self.shared else "local",
-            "redis_connected": self.redis.connected,
             "list_known": self.known,
             "backends": [b.status(now) for b in self.ring],
         }

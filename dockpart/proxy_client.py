@@ -4,7 +4,9 @@ A client connection (:class:`ClientConnection`) parses requests with httptools a
 to an :class:`~dockpart.proxy_exchange.Exchange`, which the factory
 (:mod:`dockpart.proxy_dispatch`) sends to a backend connection
 (:mod:`dockpart.proxy_upstream`).  A refused request stops the parser: nothing after it is read.
-After a backend's ``101`` the two connections become a plain byte tunnel.
+After a backend's ``101`` the two connections become a plain byte tunnel.  What the connection
+does with the bytes it reads is explicit (:class:`Mode`, moved by
+:meth:`ClientConnection.transition`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import enum
 from collections import deque
 
 from twisted.internet import protocol
+from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockpart.http_parser import httptools  # or on PyPy its equivalent, http11
-from dockpart.proxy_exchange import Exchange, Reply, _no_delay, _Reading, direct_writer
-from dockpart.proxy_framing import HOST_VALUE, OWN_HEADERS, REASONS, Refused, codings, end_to_end
+from dockpart.proxy_exchange import Exchange, Reading, Reply, Throttle, direct_writer, no_delay
+from dockpart.proxy_framing import REASONS, Refused, request_head
 
 
 class _Refused(Exception):
@@ -46,25 +50,23 @@ MODE_MOVES = {
 }
 
 
-class ClientConnection(_Reading, protocol.Protocol):
+class ClientConnection(Reading, protocol.Protocol):
     """A client's connection: requests in order, one exchange at a time."""
 
     log = Logger()
     mode = Mode.OPEN
-
-    @property
-    def closed(self) -> bool:
-        return self.mode is Mode.CLOSED
+    #: ``mode is Mode.CLOSED``, kept by :meth:`transition` alone (read on every request).
+    closed = False
 
     def transition(self, to: Mode) -> None:
         if to not in MODE_MOVES[self.mode]:
             self.log.error("client connection: no move from {old} to {new}",
                            old=self.mode.value, new=to.value)
-            self.mode = Mode.CLOSED
+            to = Mode.CLOSED
             if self.transport is not None:
                 self.transport.loseConnection()
-            return
         self.mode = to
+        self.closed = to is Mode.CLOSED
 
     def close(self) -> None:
         """Close once what was written is sent."""
@@ -75,7 +77,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         factory = self.factory
         self.clock = factory.clock
         self.limits = factory.limits
-        _no_delay(self.transport)
+        no_delay(self.transport)
         self.write = direct_writer(self.transport)
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
@@ -83,11 +85,13 @@ class ClientConnection(_Reading, protocol.Protocol):
         self.parsing = False
         self.tunnel_to = None  # the backend connection, in TUNNEL
         self.pending_head = 0
-        self.refusal = None  # in REFUSING: (code, text, head_only), answered after the others
+        # In REFUSING: (code, text, head_only), answered after the requests before it.
+        self.refusal: tuple[int, str, bool] | None = None
         self._head_request = False
         self._head_began = False
         self._url = b""
         self._headers: list = []
+        self.throttle = Throttle(self)
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "").encode()
         self.proto = b"https" if ISSLTransport.providedBy(self.transport) else b"http"
@@ -177,43 +181,12 @@ class ClientConnection(_Reading, protocol.Protocol):
                                         "it is not a forward proxy\n")
             url = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
         version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            return self._refuse_head(505, "only HTTP/1.0 and HTTP/1.1 are served\n")
         upgrade = parser.should_upgrade()
-        out = [method + b" " + url + b" HTTP/1.1"]
-        append = out.append
         try:
-            seen = end_to_end(self._headers, out, OWN_HEADERS, upgrade)
+            out, host, has_body, chunked = request_head(method, url, version, self._headers,
+                                                        upgrade, self.peer_ip, self.proto)
         except Refused as e:
-            return self._refuse_head(400, f"{e}\n")
-        host = seen.get(b"host")
-        if host is None:
-            if version == "1.1":
-                return self._refuse_head(400, "an HTTP/1.1 request needs a Host header\n")
-        elif not HOST_VALUE.fullmatch(host):
-            return self._refuse_head(400, "the Host header is not a valid host[:port]\n")
-        forwarded_for = seen.get(b"x-forwarded-for")
-        coded = seen.get(b"transfer-encoding")
-        chunked = coded is not None
-        has_body = chunked or seen.get(b"content-length", b"0").strip() != b"0"
-        if upgrade and has_body:
-            # The parser takes what follows an Upgrade head as the new protocol's bytes.
-            return self._refuse_head(400, "an Upgrade request cannot carry a body here\n")
-        if chunked:
-            them = codings(coded)
-            if not them or them[-1] != b"chunked":
-                # Without a final chunked the body's end cannot be known (RFC 9112 6.3).
-                return self._refuse_head(501, "a request body must be chunked last\n")
-            # The parser accepts only codings that end in one chunked; the others go on.
-            append(b"Transfer-Encoding: " + b", ".join(them))
-        peer_ip = self.peer_ip  # empty on a UNIX socket
-        if forwarded_for or peer_ip:
-            append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer_ip
-                                            if forwarded_for and peer_ip
-                                            else forwarded_for or peer_ip))
-        append(b"X-Forwarded-Proto: " + self.proto)
-        if host is not None:
-            append(b"X-Forwarded-Host: " + host)
+            return self._refuse_head(e.code, f"{e}\n")
         exchange = Exchange(self, method, out, version, parser.should_keep_alive(), upgrade,
                             chunked, has_body, host)
         # A request without a body is complete with its headers: an answer of ours (503)
@@ -250,13 +223,14 @@ class ClientConnection(_Reading, protocol.Protocol):
             return
         exchange.request_done = True
         conn = exchange.conn
-        attached = conn is not None and conn.exchange is exchange
+        if conn is not None and conn.exchange is not exchange:
+            conn = None  # not (or no longer) carrying this exchange
         if exchange.chunked_in:
-            if attached:
+            if conn is not None:
                 conn.write(b"0\r\n\r\n")
             else:
                 exchange.pending.append(b"0\r\n\r\n")
-        if attached and not exchange.responded:
+        if conn is not None and not exchange.responded:
             self.deadline = self.clock.seconds() + self.factory.answer_wait(exchange)
 
     # Answers of the proxy itself.
@@ -333,6 +307,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         exchange.reply_moves(Reply.STREAMING)
         conn = exchange.conn
         if exchange.backend is not None and conn is not None and not exchange.head_only:
+            assert conn.pipe is not None  # made when the exchange was lent to it
             conn.pipe.response_flows()
         stats = self.factory.stats
         stats.responses[exchange.status] = stats.responses.get(exchange.status, 0) + 1
@@ -350,7 +325,9 @@ class ClientConnection(_Reading, protocol.Protocol):
             return
         self.resume_reading("no backend yet")
         if not self.queue and self.mode is Mode.REFUSING:
-            return self.answer(*self.refusal[:2], head_only=self.refusal[2])
+            assert self.refusal is not None  # set on the move to REFUSING
+            code, text, head_only = self.refusal
+            return self.answer(code, text, head_only=head_only)
         if self.queue:
             self.current = self.queue.popleft()
             self.factory.start(self.current)
@@ -398,7 +375,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         conn = exchange.conn
         backend = exchange.backend
         if exchange.responded:
-            if conn is not None and conn.pipe.client_behind:
+            if conn is not None and conn.pipe is not None and conn.pipe.client_behind:
                 # The backend waits for this client to read: the client's own limit applies.
                 if not exchange.client_slow:
                     exchange.client_slow = True
@@ -438,7 +415,7 @@ class ClientConnection(_Reading, protocol.Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.transition(Mode.CLOSED)
         self.factory.clients.discard(self)
         exchange, self.current = self.current, None

@@ -24,6 +24,7 @@ from dockpart.proxy_retry import Tries
 from dockpart.proxy_upstream import BackendConnection
 
 if TYPE_CHECKING:
+    from dockpart.proxy_sync import RedisList
     from dockpart.proxy_routes import Routes
 
 #: Pooled connections idle longer are not reused: backends close theirs after a few seconds
@@ -96,8 +97,12 @@ class ProxyFactory(protocol.Factory):
     noisy = False
     log = Logger()
 
-    def __init__(self, backends: BackendSet, reactor, limits: Limits | None = None):
+    def __init__(self, backends: BackendSet, reactor, limits: Limits | None = None,
+                 lists: RedisList | None = None):
         self.backends = backends
+        #: Where the list comes from (a read before a 503, shared mode's LMOVE); None in
+        #: memory, where the list is only what was given to ``backends``.
+        self.lists = lists
         self.reactor = reactor
         self.clock = reactor
         self.limits = limits or Limits()
@@ -205,8 +210,8 @@ class ProxyFactory(protocol.Factory):
             if self.clock.seconds() - exchange.started < self.limits.first_read_wait:
                 self.reactor.callLater(0.05, self.start, exchange)
                 return
-        if backends.shared:
-            backends.pick_shared(self._picked, exchange)
+        if backends.shared and self.lists is not None:
+            self.lists.pick_shared(self._picked, exchange)
         else:
             self._picked(backends.pick(), exchange)
 
@@ -221,11 +226,14 @@ class ProxyFactory(protocol.Factory):
                 self.log.warn("every backend failed for a request: {urls}",
                               urls=", ".join(b.url for b in exchange.tried))
                 client.fail_exchange(exchange, 502, "every backend failed\n")
-            elif backends.known and not exchange.reread and not backends.shared:
+            elif (backends.known and not exchange.reread and not backends.shared
+                  and self.reader_for(backends) is not None):
                 # Empty as far as we know; a notice of a first backend may be on its way.
                 # A 503 should be true when said, so read the list once more first.
                 exchange.reread = True
-                backends.reread().addBoth(lambda _: self._picked(backends.pick(), exchange))
+                reader = self.reader_for(backends)
+                assert reader is not None
+                reader.reread().addBoth(lambda _: self._picked(backends.pick(), exchange))
             elif backends is not self.backends:
                 # An app with no instance: it may be starting (or at zero: held, one day).
                 client.fail_exchange(exchange, 503, "the app has no instance running\n",
@@ -235,9 +243,7 @@ class ProxyFactory(protocol.Factory):
             else:
                 client.fail_exchange(exchange, 503, "no backend is known yet\n")
             return
-        if not backend.active:
-            backend.busy_since = self.clock.seconds()
-        exchange.try_on(backend)
+        exchange.try_on(backend, self.clock.seconds())
         idle = backend.idle
         if idle:
             too_old = self.clock.seconds() - POOL_IDLE_TIME
@@ -271,6 +277,12 @@ class ProxyFactory(protocol.Factory):
             return
         self.stats.retries += 1
         self._picked(exchange.backends.pick(exchange.tried), exchange)
+
+    def reader_for(self, backends: BackendSet) -> RedisList | None:
+        """What reads ``backends``' list from Redis (the seed's, or an app's); None in memory."""
+        if backends is self.backends:
+            return self.lists
+        return self.routes.readers.get(backends) if self.routes is not None else None
 
     def answer_wait(self, exchange: Exchange) -> float:
         """How long the answer to a fully sent request is waited for before anything is done."""

@@ -24,6 +24,7 @@ class _Reader(Protocol):
     """A connection whose reading a :class:`Pipe` pauses and resumes."""
 
     transport: Any
+    throttle: Throttle
 
     def pause_reading(self, reason: str) -> None: ...
 
@@ -40,6 +41,8 @@ class Upstream(_Reader, Protocol):
     exchange: Exchange | None
     pipe: Pipe | None
 
+    def give_up(self) -> None: ...
+
     def drop(self) -> None: ...
 
 
@@ -51,10 +54,18 @@ class Downstream(_Reader, Protocol):
     @property
     def closed(self) -> bool: ...
 
+    def response_head(self, exchange: Exchange) -> None: ...
+
     def fail_exchange(self, exchange: Exchange, code: int, text: str,
                       extra: bytes = b"") -> None: ...
 
     def exchange_done(self, exchange: Exchange) -> None: ...
+
+    def start_tunnel(self, conn: Upstream) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 def direct_writer(transport):
@@ -91,7 +102,7 @@ def direct_writer(transport):
     return send
 
 
-def _no_delay(transport) -> None:
+def no_delay(transport) -> None:
     """Small responses leave at once (no Nagle delay), on transports that have the option."""
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
@@ -107,8 +118,9 @@ def _produce(transport, producer) -> None:
         transport.registerProducer(producer, True)
 
 
-class _Throttle:
-    """The producer registered on a peer's transport: its full buffer pauses our reading."""
+class Throttle:
+    """The producer a connection registers on a peer's transport (through a :class:`Pipe`):
+    the peer's full buffer pauses this connection's reading.  One per connection."""
 
     __slots__ = ("conn",)
 
@@ -125,10 +137,10 @@ class _Throttle:
         pass
 
 
-class _Reading:
+class Reading:
     """Pausing reads for several reasons at once (peer full, request queued, ...)."""
 
-    transport = None
+    transport: Any = None
     _paused: set = frozenset()  # type: ignore[assignment]  # shared empty default; a set once used
 
     def pause_reading(self, reason: str) -> None:
@@ -163,8 +175,8 @@ class Pipe:
     def __init__(self, client: Downstream, upstream: Upstream):
         self.client = client
         self.upstream = upstream
-        self._up = _Throttle(client)  # on the backend's transport: it pauses the client
-        self._down = _Throttle(upstream)  # on the client's transport: it pauses the backend
+        self._up = client.throttle  # on the backend's transport: it pauses the client
+        self._down = upstream.throttle  # on the client's transport: it pauses the backend
 
     def request_flows(self) -> None:
         """Request bytes (a body, a tunnel's) go up: a full backend buffer pauses the client."""
@@ -263,9 +275,9 @@ class Exchange:
         slot = self.slot
         return slot.backend if slot is not None else None
 
-    def try_on(self, backend: Backend) -> None:
+    def try_on(self, backend: Backend, now: float) -> None:
         """A try begins on ``backend``: it holds one of its in-flight slots until :meth:`end_try`."""
-        self.slot = backend.take()
+        self.slot = backend.take(now)
         self.tried.append(backend)
 
     def end_try(self) -> None:

@@ -33,7 +33,57 @@ REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
 
 
 class Refused(Exception):
-    """A message the proxy will not forward: its framing or routing is ambiguous."""
+    """A message the proxy will not forward: its framing or routing is ambiguous.
+
+    ``code`` is the status a refused request is answered with.
+    """
+
+    def __init__(self, text: str, code: int = 400):
+        super().__init__(text)
+        self.code = code
+
+
+def request_head(method: bytes, url: bytes, version: str, headers, upgrade: bool,
+                 peer_ip: bytes, proto: bytes) -> tuple[list[bytes], bytes | None, bool, bool]:
+    """The head to forward for a request, as lines without CRLF: ``(lines, host, has_body,
+    chunked)``, from the same view of its headers as what goes on (:func:`end_to_end`).
+
+    X-Forwarded-For is appended to (``peer_ip`` is empty on a UNIX socket), X-Forwarded-Proto
+    and -Host are set.  Raises :class:`Refused` with the answer's code for what is ambiguous.
+    """
+    if version != "1.1" and version != "1.0":
+        raise Refused("only HTTP/1.0 and HTTP/1.1 are served", 505)
+    out = [method + b" " + url + b" HTTP/1.1"]
+    append = out.append
+    seen = end_to_end(headers, out, OWN_HEADERS, upgrade)
+    host = seen.get(b"host")
+    if host is None:
+        if version == "1.1":
+            raise Refused("an HTTP/1.1 request needs a Host header")
+    elif not HOST_VALUE.fullmatch(host):
+        raise Refused("the Host header is not a valid host[:port]")
+    forwarded_for = seen.get(b"x-forwarded-for")
+    coded = seen.get(b"transfer-encoding")
+    chunked = coded is not None
+    has_body = chunked or seen.get(b"content-length", b"0").strip() != b"0"
+    if upgrade and has_body:
+        # The parser takes what follows an Upgrade head as the new protocol's bytes.
+        raise Refused("an Upgrade request cannot carry a body here")
+    if coded is not None:
+        them = codings(coded)
+        if not them or them[-1] != b"chunked":
+            # Without a final chunked the body's end cannot be known (RFC 9112 6.3).
+            raise Refused("a request body must be chunked last", 501)
+        # The parser accepts only codings that end in one chunked; the others go on.
+        append(b"Transfer-Encoding: " + b", ".join(them))
+    if forwarded_for or peer_ip:
+        append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer_ip
+                                        if forwarded_for and peer_ip
+                                        else forwarded_for or peer_ip))
+    append(b"X-Forwarded-Proto: " + proto)
+    if host is not None:
+        append(b"X-Forwarded-Host: " + host)
+    return out, host, has_body, chunked
 
 
 def end_to_end(headers, out: list, skip=frozenset(), upgrade: bool = False) -> dict:

@@ -48,6 +48,7 @@ class LoadPublisher(Periodic):
         self._last_time: float | None = None
         self._outage = Outage(self.log, "cannot publish load reports: {error}",
                               "load reports are published again")
+        self.published: dict | None = None  # the last report, for the admin listener
         #: Requests in flight per URL as load (ProxyFactory.fair_inflight); None: every one.
         self.inflight: Callable[[], Mapping[str, int]] | None = None
 
@@ -82,7 +83,7 @@ class LoadPublisher(Periodic):
         if not self.backends.known:
             return None  # nothing read yet: an empty report would say "no load"
         report = self.report()
-        self.backends.published = report.shown()
+        self.published = report.shown()
         d = publish_load_report(self.redis, report)
         d.addCallbacks(self._published, self._not_published)
         return d

@@ -151,6 +151,6 @@ class Tries:
                             self.probe_timeout, user_agent="dockpart-proxy try timeout")
 
     def _answered(self, code: int, backend: Backend) -> None:
-        backend.answered_at = self.clock.seconds()
+        backend.heard(self.clock.seconds())
         if code < 500:
             self.backends.healthy(backend)

@@ -30,7 +30,8 @@ from dockpart.periodic import Periodic
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_load import LoadPublisher, proxy_id
-from dockpart.proxy_sync import INCOMPLETE, auth, command, read_reply, redis_connection
+from dockpart.proxy_sync import (INCOMPLETE, RedisList, auth, command, read_reply,
+                                 redis_connection)
 from dockpart.redisconn import RedisService, RedisUnavailable
 
 
@@ -49,6 +50,8 @@ class Routes:
         self.apps_domain = apps_domain.lower().strip(".")
         self.apps: dict[str, BackendSet] = {}
         self.hosts: dict[bytes, BackendSet] = {}
+        #: What reads each app's list from Redis (a read before a 503), by its BackendSet.
+        self.readers: dict[BackendSet, RedisList] = {}
 
     def backends_for(self, host: bytes | None) -> BackendSet:
         name = host_name(host) if self.hosts else None
@@ -57,8 +60,10 @@ class Routes:
     def app_hosts(self, app: apps.App) -> list[bytes]:
         return [f"{app.name}.{self.apps_domain}".encode(), *(d.encode() for d in app.domains)]
 
-    def set_apps(self, found: dict[str, tuple[apps.App, BackendSet]]) -> None:
+    def set_apps(self, found: dict[str, tuple[apps.App, BackendSet]],
+                 readers: dict[BackendSet, RedisList] | None = None) -> None:
         """Route exactly ``found`` (name -> its record and set of backends)."""
+        self.readers = readers or {}
         self.apps = {name: backends for name, (_, backends) in found.items()}
         self.hosts = {host: backends for app, backends in found.values()
                       for host in self.app_hosts(app)}
@@ -111,8 +116,8 @@ class _Reads(Periodic):
 
     def tick(self):
         self.sync.reload()
-        for backends in list(self.sync.routes.apps.values()):
-            backends.refresh()
+        for reader in list(self.sync.readers.values()):
+            reader.refresh()
 
 
 class AppsSync(MultiService):
@@ -130,6 +135,8 @@ class AppsSync(MultiService):
         self.health = health  # (path, interval, timeout) for active checks, or None
         self.found: dict[str, tuple[apps.App, BackendSet]] = {}
         self._services: dict[str, MultiService] = {}
+        self.readers: dict[str, RedisList] = {}  # each app's list read from Redis
+        self._publishers: dict[str, LoadPublisher] = {}
         self._reading: Deferred | None = None
         self._again = False
         self._trusted = True  # an absent app may be dropped (no Redis outage since a notice)
@@ -145,10 +152,10 @@ class AppsSync(MultiService):
         self._trusted = False
 
     def list_changed(self, name: str | None) -> None:
-        entry = self.found.get(name) if name is not None else None
-        if entry is not None:
-            entry[1].trust_empty()
-            entry[1].refresh()
+        reader = self.readers.get(name) if name is not None else None
+        if reader is not None:
+            reader.trust_empty()
+            reader.refresh()
 
     def reload(self, notice: bool = False) -> None:
         """Read every app's record; notices during a read cause one more read after it."""
@@ -185,7 +192,8 @@ class AppsSync(MultiService):
                 {n: a.domains for n, (a, _) in self.found.items()}:
             self.log.info("apps routed: {apps}", apps=" ".join(sorted(names)) or "(none)")
         self.found = now
-        self.routes.set_apps(now)
+        self.routes.set_apps(now, {backends: self.readers[name]
+                                   for name, (_, backends) in now.items()})
         for app in found:
             backends = now[app.name][1]
             if not backends.known:
@@ -193,11 +201,12 @@ class AppsSync(MultiService):
                 backends.update(list(app.instances))
 
     def _add(self, app: apps.App) -> BackendSet:
-        backends = BackendSet(self.redis, app.tier.servers, "local", self.reactor,
-                              down_time=self.down_time)
+        backends = BackendSet(app.tier.servers, "local", self.reactor, down_time=self.down_time)
+        self.readers[app.name] = RedisList(self.redis, backends)
         services = MultiService()
-        publisher = LoadPublisher(backends, self.redis, self.reactor,
-                                  name=f"{proxy_id()}:app:{app.name}", app=app.name)
+        publisher = self._publishers[app.name] = LoadPublisher(
+            backends, self.redis, self.reactor, name=f"{proxy_id()}:app:{app.name}",
+            app=app.name)
         publisher.inflight = self.inflight
         publisher.setServiceParent(services)
         if self.health is not None:
@@ -211,10 +220,17 @@ class AppsSync(MultiService):
     def _remove(self, name: str, backends: BackendSet) -> None:
         """Routes go; requests in flight finish on the connections they have."""
         backends.update([])
+        self.readers.pop(name, None)
+        self._publishers.pop(name, None)
         services = self._services.pop(name, None)
         if services is not None:
             self.removeService(services)
         self.log.info("app {name} is no longer routed", name=name)
+
+    def published(self, name: str) -> dict | None:
+        """The last load report of app ``name``'s instances (for the admin listener)."""
+        publisher = self._publishers.get(name)
+        return publisher.published if publisher is not None else None
 
     def status(self) -> dict:
         return {name: backends.status() for name, (_, backends) in self.found.items()}

@@ -14,7 +14,7 @@ from collections import deque
 
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from dockpart import keys
 from dockpart.periodic import Periodic
 from dockpart.proxy_backends import BackendSet
-from dockpart.redisconn import RedisUnavailable
+from dockpart.redisconn import RedisService, RedisUnavailable
 
 #: A reply that is not complete in the buffer yet.
 INCOMPLETE = object()
@@ -83,6 +83,98 @@ def auth(address) -> bytes:
     return command(b"AUTH", *user, address.password.encode())
 
 
+class RedisList:
+    """The list as Redis holds it, read into a :class:`BackendSet`; and, in shared mode, the
+    rotation's per-request LMOVE (through :class:`_Rotation` while it is connected).
+
+    Right after Redis was away, an empty read is not taken at its word (see the module's
+    docstring) until a change notice or a non-empty read.
+    """
+
+    log = Logger()
+
+    def __init__(self, redis: RedisService, backends: BackendSet):
+        self.redis = redis
+        self.backends = backends
+        self.rotation: _Rotation | None = None  # the LMOVE connection (shared mode), when up
+        # After Redis was away, an empty read may be a list Redis lost, not an empty tier.
+        self._distrust_empty = False
+        self._holding = False  # serving the last list although Redis now says empty
+        self._rereading: defer.Deferred | None = None
+        self._waiting: list = []
+
+    def refresh(self) -> defer.Deferred:
+        """Read the list from Redis; keep the last one when Redis cannot answer.
+
+        Fires True when the list was read, False when Redis could not answer.
+        """
+        d = self.redis.call("LRANGE", self.backends.list_key, 0, -1)
+        d.addCallback(self._read)
+        d.addErrback(self._unavailable)
+        return d
+
+    def _read(self, urls: list[str]) -> bool:
+        backends = self.backends
+        if urls:
+            self._distrust_empty = self._holding = False
+        elif self._distrust_empty and backends.ring:
+            if not self._holding:
+                self._holding = True
+                self.log.warn("{key} read empty after Redis was away, with no change notice "
+                              "(a restart that lost it?): still serving the {n} backends read "
+                              "before, and reading again", key=backends.list_key,
+                              n=len(backends.ring))
+            return True
+        backends.update(urls)
+        return True
+
+    def _unavailable(self, failure) -> bool:
+        failure.trap(RedisUnavailable)
+        self.distrust_empty()
+        return False
+
+    def distrust_empty(self) -> None:
+        """Redis was away: an empty list is not taken until a notice or a non-empty read."""
+        self._distrust_empty = True
+
+    def trust_empty(self) -> None:
+        """A change notice: what the list says next is what the tier is."""
+        self._distrust_empty = self._holding = False
+
+    def reread(self) -> defer.Deferred:
+        """A read of the list that started now; concurrent callers share one read."""
+        if self._rereading is None:
+            self._rereading = self.refresh()
+            self._rereading.addBoth(self._reread_done)
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _reread_done(self, result):
+        self._rereading = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(result)
+
+    def pick_shared(self, callback, arg) -> None:
+        """One step of the rotation shared in Redis: ``callback(backend or None, arg)``.
+
+        Uses the local rotation while Redis is away.
+        """
+        rotation = self.rotation
+        if rotation is None:
+            callback(self.backends.pick(), arg)
+        else:
+            rotation.lmove(callback, arg)
+
+    def choice(self, answer):
+        """The backend for what LMOVE answered; an empty list right after Redis came back
+        (perhaps without its data) is served by the local rotation."""
+        if answer is None and self._distrust_empty:
+            return self.backends.pick()
+        return self.backends.shared_choice(answer)
+
+
 class _Notices(Protocol):
     """SUBSCRIBE to the list's channel; each ``message`` means: read the list again."""
 
@@ -116,7 +208,7 @@ class _Notices(Protocol):
         self.buffer = buf[pos:]
 
     def connectionLost(self, reason: Failure = connectionDone):
-        self.factory.owner.backends.distrust_empty()
+        self.factory.owner.lists.distrust_empty()
 
 
 class _Rotation(Protocol):
@@ -136,6 +228,7 @@ class _Rotation(Protocol):
 
     def connectionMade(self):
         owner = self.factory.owner
+        self.lists = owner.lists
         self.backends = owner.backends
         self.transport.setTcpNoDelay(True)
         self.waiting: deque = deque()
@@ -149,7 +242,7 @@ class _Rotation(Protocol):
             self._send(auth(address), None)
         if address.db:
             self._send(command(b"SELECT", str(address.db).encode()), None)
-        self.backends.rotation = self
+        self.lists.rotation = self
 
     def _send(self, data: bytes, callback, arg=None) -> None:
         self.transport.write(data)
@@ -164,7 +257,7 @@ class _Rotation(Protocol):
         pos = 0
         size = len(buf)
         waiting = self.waiting
-        backends = self.backends
+        choice = self.lists.choice
         while pos < size:
             try:
                 value, pos = read_reply(buf, pos)
@@ -177,7 +270,7 @@ class _Rotation(Protocol):
             callback, arg = waiting.popleft()
             if callback is not None:
                 try:
-                    callback(backends.shared_choice(value), arg)
+                    callback(choice(value), arg)
                 except Exception:
                     self.log.failure("handling a request after LMOVE")
         self.buffer = buf[pos:]
@@ -193,13 +286,12 @@ class _Rotation(Protocol):
         self._seen = self.replies
 
     def connectionLost(self, reason: Failure = connectionDone):
-        backends = self.backends
-        if backends.rotation is self:
-            backends.rotation = None
+        if self.lists.rotation is self:
+            self.lists.rotation = None
         waiting, self.waiting = self.waiting, deque()
         for callback, arg in waiting:
             if callback is not None:
-                callback(backends.pick(), arg)
+                callback(self.backends.pick(), arg)
 
 
 def redis_connection(owner, protocol_class, reactor) -> ClientService:
@@ -227,14 +319,20 @@ class _Reads(Periodic):
 
 
 class BackendSync(MultiService):
-    """Keeps a BackendSet's list current: notices on the channel plus a periodic read."""
+    """Keeps a BackendSet's list current: notices on the channel plus a periodic read.
+
+    Its :attr:`lists` (a :class:`RedisList`) is what the proxy asks for a read before a 503
+    and, in shared mode, for the next backend.
+    """
 
     log = Logger()
 
-    def __init__(self, backends: BackendSet, reactor, interval: float = 1.0):
+    def __init__(self, backends: BackendSet, redis: RedisService, reactor,
+                 interval: float = 1.0):
         super().__init__()
         self.backends = backends
-        self.redis = backends.redis
+        self.redis = redis
+        self.lists = RedisList(redis, backends)
         self.list_key = backends.list_key
         self._connection(_Notices, reactor)
         if backends.shared:
@@ -242,7 +340,7 @@ class BackendSync(MultiService):
         # Added last: started after the connections, stopped before them.
         _Reads(self, interval, reactor).setServiceParent(self)
         self.interval = interval
-        self._refreshing: Deferred | None = None
+        self._refreshing: defer.Deferred | None = None
         self._again = False
         self._retry = None  # the soon read of a start before Redis answered
         self.reactor = reactor
@@ -260,7 +358,7 @@ class BackendSync(MultiService):
         self.refresh()
 
     def tick(self) -> None:
-        rotation = self.backends.rotation
+        rotation = self.lists.rotation
         if rotation is not None:
             rotation.watch(self.interval, self.redis.timeout)
         self.refresh()
@@ -268,11 +366,11 @@ class BackendSync(MultiService):
     def refresh(self, notice: bool = False) -> None:
         """Read the list; notices that arrive during a read cause one more read after it."""
         if notice:
-            self.backends.trust_empty()
+            self.lists.trust_empty()
         if self._refreshing is not None:
             self._again = True
             return
-        self._refreshing = self.backends.refresh()
+        self._refreshing = self.lists.refresh()
         self._refreshing.addErrback(lambda f: self.log.failure("reading {key}", f,
                                                                key=self.list_key))
         self._refreshing.addBoth(self._refreshed)

@@ -7,13 +7,17 @@ in its life is explicit (:class:`Phase`, moved by :meth:`BackendConnection.trans
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from twisted.internet import protocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockpart.http_parser import httptools  # or on PyPy its equivalent, http11
 from dockpart.proxy_backends import MAX_IDLE, Backend
-from dockpart.proxy_exchange import Exchange, Pipe, Reply, _no_delay, _Reading, direct_writer
+from dockpart.proxy_exchange import (Downstream, Exchange, Pipe, Reading, Reply, Throttle,
+                                     direct_writer, no_delay)
 from dockpart.proxy_framing import NO_BODY_STATUS, Refused, codings, end_to_end
 from dockpart.proxy_retry import never_read
 
@@ -44,7 +48,7 @@ MOVES = {
 }
 
 
-class BackendConnection(_Reading, protocol.Protocol):
+class BackendConnection(Reading, protocol.Protocol):
     """A persistent connection to one backend, lent to one exchange at a time.
 
     A response that ends inside a read is settled only once the whole read is parsed
@@ -60,9 +64,10 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.proxy = factory
         self.phase = Phase.IDLE
         self.exchange: Exchange | None = None
-        self.parser = None
+        self.parser: Any = None  # an httptools.HttpResponseParser once a request was sent
+        self.throttle = Throttle(self)
         self.pipe: Pipe | None = None  # flow control with the client of the exchange lent
-        self.tunnel = None
+        self.tunnel: Downstream | None = None  # the client, after a 101
         self._reason = b""
         self._headers: list = []
         self.got_bytes = False
@@ -71,7 +76,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.stray = False  # bytes came after the end of a response
         # What one read of the backend produced for the client, written at once.
         self.out: list[bytes] = []
-        self.out_to = None
+        self.out_to: Downstream | None = None
         self.idle_since = 0.0
 
     @property
@@ -88,7 +93,7 @@ class BackendConnection(_Reading, protocol.Protocol):
             self.transport.loseConnection()
 
     def connectionMade(self):
-        _no_delay(self.transport)  # small requests leave at once
+        no_delay(self.transport)  # small requests leave at once
         self.write = direct_writer(self.transport)
         connector, self.factory = self.factory, None
         if connector is not None:
@@ -130,6 +135,7 @@ class BackendConnection(_Reading, protocol.Protocol):
     def dataReceived(self, data):
         phase = self.phase
         if phase is Phase.TUNNEL:
+            assert self.tunnel is not None
             return self.tunnel.write(data)
         if phase is not Phase.AWAITING and phase is not Phase.BODY:
             # An idle connection has nothing to say; whatever it is, it cannot be reused.
@@ -138,6 +144,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         if phase is Phase.BODY:
             # Every read from the backend restarts its time limit, mid-body too.
             exchange = self.exchange
+            assert exchange is not None  # lent in AWAITING and BODY
             exchange.client_slow = False
             exchange.client.deadline = self.proxy.clock.seconds() + \
                 self.proxy.limits.backend_timeout
@@ -172,6 +179,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         out = self.out
         if out:
             self.out = []
+            assert self.out_to is not None  # set when the request was sent
             self.out_to.write(out[0] if len(out) == 1 else b"".join(out))
 
     def on_message_begin(self):
@@ -189,6 +197,7 @@ class BackendConnection(_Reading, protocol.Protocol):
             self.stray = True
             return
         exchange = self.exchange
+        assert exchange is not None  # lent in AWAITING
         parser = self.parser
         status = parser.get_status_code()
         client = exchange.client
@@ -209,7 +218,8 @@ class BackendConnection(_Reading, protocol.Protocol):
             seen = end_to_end(headers, out, upgrade=status == 101)
         except Refused as e:
             raise _BadResponse(str(e)) from None
-        no_body = exchange.head_only or status in NO_BODY_STATUS or status == 101
+        head_only = exchange.head_only
+        no_body = head_only or status in NO_BODY_STATUS or status == 101
         length = b"content-length" in seen
         coded = seen.get(b"transfer-encoding")
         chunked_in = False
@@ -240,7 +250,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         else:
             exchange.close_after = True
         backend.timed(now - exchange.started)
-        backend.answered_at = now
+        backend.heard(now)
         client.deadline = now + self.proxy.limits.backend_timeout
         exchange.status = status
         if status == 101:
@@ -261,7 +271,7 @@ class BackendConnection(_Reading, protocol.Protocol):
             if exchange.early:
                 self.write(b"".join(exchange.early))
                 exchange.early.clear()
-        elif exchange.head_only:
+        elif head_only:
             # The parser cannot be told the response to HEAD has no body: it would wait for
             # the one the head announces, so this connection serves no other request.
             self._response_complete(keep=False)
@@ -272,7 +282,9 @@ class BackendConnection(_Reading, protocol.Protocol):
         if self.phase is not Phase.BODY:
             self.stray = True
             return
-        if self.exchange.chunked_out:
+        exchange = self.exchange
+        assert exchange is not None  # lent in BODY
+        if exchange.chunked_out:
             self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
         else:
             self.out.append(body)
@@ -285,7 +297,9 @@ class BackendConnection(_Reading, protocol.Protocol):
             if phase is Phase.SETTLING:
                 self.stray = True
             return
-        if self.exchange.chunked_out:
+        exchange = self.exchange
+        assert exchange is not None  # lent in BODY
+        if exchange.chunked_out:
             self.out.append(b"0\r\n\r\n")
         self._response_complete(keep=self.parser.should_keep_alive())
 
@@ -294,8 +308,9 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.transition(Phase.SETTLING)
         self.keep = keep
         exchange = self.exchange
+        assert exchange is not None  # lent until SETTLING ends
         exchange.reply_moves(Reply.DONE)
-        self.backend.requests += 1
+        self.backend.answered()
         exchange.end_try()
 
     def _settle(self) -> None:
@@ -303,6 +318,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         the client go on."""
         self.flush()
         exchange = self._let_go()
+        assert exchange is not None  # lent until SETTLING ends
         client = exchange.client
         backend = self.backend
         if self.stray:
@@ -322,7 +338,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         self.drop()
         if exchange is not None:
             self.log.warn("backend {url}: {why}", url=self.backend.url, why=why)
-            self.backend.errors += 1
+            self.backend.erred()
             exchange.end_try()
             exchange.client.fail_exchange(exchange, 502, "the backend's response could not "
                                                          "be passed on\n")
@@ -348,7 +364,7 @@ class BackendConnection(_Reading, protocol.Protocol):
         if self.phase is not Phase.CLOSED:
             self.transition(Phase.CLOSED)
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         phase = self.phase
         self.phase = Phase.CLOSED
         backend = self.backend
@@ -376,15 +392,15 @@ class BackendConnection(_Reading, protocol.Protocol):
                 if exchange.chunked_out:
                     client.write(b"0\r\n\r\n")
                 exchange.reply_moves(Reply.DONE)
-                backend.requests += 1
+                backend.answered()
                 client.exchange_done(exchange)
             else:
-                backend.errors += 1
+                backend.erred()
                 client.abort()
             return
         # No answer at all: a pooled connection closed under us, or the backend died.
         # Sent again only if the backend cannot have read it (dockpart.proxy_retry).
-        backend.errors += 1
+        backend.erred()
         if never_read(exchange.has_body, self.got_bytes, reason):
             self.proxy.stats.retries += 1
             self.proxy.retry(exchange, backend, stale=not self.got_bytes)

@@ -17,66 +17,26 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
-from twisted.internet import defer, error, protocol, tcp
+from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.logger import Logger
-from twisted.python import usage
 from twisted.web import resource, server
 from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from dockpart.listening import DEFAULT_BACKLOG, server_endpoint
+from dockpart.listening import check_bind, tcp_address
 
-#: Listen queue length unless ``--backlog`` says otherwise (the one default of every listener).
-BACKLOG = DEFAULT_BACKLOG
-#: What a worker logs once it accepts connections (see dockpart.listening.Listener).
-READY = "dockpart-proxy listening on"
-
-
-class ReusePort(tcp.Port):
-    """A TCP port other processes of the same user may listen on too (``SO_REUSEPORT``)."""
-
-    def createInternetSocket(self):
-        sock = super().createInternetSocket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        return sock
-
-
-class _SharedPortReactor:
-    """The reactor, except that ``listenTCP`` opens a :class:`ReusePort` with our backlog.
-
-    Handed to ``serverFromString`` so that endpoint strings (``tcp:3456:interface=...``) keep
-    their usual parsing; every other call goes to the real reactor.
-    """
-
-    def __init__(self, reactor, backlog: int):
-        self._reactor = reactor
-        self._backlog = backlog
-
-    def listenTCP(self, port, factory, backlog=50, interface=""):
-        listening = ReusePort(port, factory, self._backlog, interface, self._reactor)
-        listening.startListening()
-        return listening
-
-    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
-        return self._reactor.listenUNIX(address, factory, self._backlog, mode, wantPID)
-
-    def __getattr__(self, name):
-        return getattr(self._reactor, name)
-
-
-def shared_port_endpoint(reactor, option: str, description: str, backlog: int = BACKLOG):
-    """The endpoint ``--OPTION`` names; a TCP one shares its port (SO_REUSEPORT)."""
-    return server_endpoint(_SharedPortReactor(reactor, backlog), option, description)
+#: The file descriptor a worker writes READY to once it listens (a pipe its parent reads).
+READY_FD = 3
+READY = b"ready\n"
 
 
 def usable_cpus() -> int:
@@ -84,39 +44,6 @@ def usable_cpus() -> int:
     ``sched_getaffinity``: there, the machine's count."""
     getaffinity = getattr(os, "sched_getaffinity", None)
     return len(getaffinity(0)) if getaffinity is not None else os.cpu_count() or 1
-
-
-def tcp_address(description: str) -> tuple[str, int]:
-    """(interface, port) of a tcp: endpoint string; UsageError for any other kind.
-
-    ``--workers`` above 1 needs TCP: a UNIX socket has no SO_REUSEPORT to share it by.
-    """
-    seen: dict = {}
-
-    class Probe:
-        def listenTCP(self, port, factory, backlog=50, interface=""):
-            seen.update(port=port, interface=interface)
-
-    endpoint = server_endpoint(Probe(), "listen", description)
-    try:
-        endpoint.listen(protocol.Factory()).addErrback(lambda _: None)
-    except AttributeError:  # not a TCP endpoint: it asked the probe for something else
-        pass
-    if not seen:
-        raise usage.UsageError(f"--listen {description!r}: --workers above 1 needs a tcp: "
-                               "listener (the workers share its port with SO_REUSEPORT)")
-    return seen["interface"], seen["port"]
-
-
-def check_bind(interface: str, port: int) -> None:
-    """Raise the reason (port taken by another program, no such address) before any worker."""
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((interface, port))
-        except OSError as e:
-            raise error.CannotListenError(interface, port, e) from None
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -133,8 +60,27 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class ReadySignal(Service):
+    """A worker's word to its parent that it listens: READY on ``fd``, then the pipe closed.
+
+    Started after the listeners (added last to the worker's services, whose listeners bind in
+    ``privilegedStartService``), so the word is true when it is said.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            os.write(self.fd, READY)
+        finally:
+            os.close(self.fd)
+
+
 class _Worker(protocol.ProcessProtocol):
-    """One worker process: its log lines go into the parent's log, prefixed."""
+    """One worker process: its log lines go into the parent's log, prefixed; its READY comes
+    on its own pipe (:data:`READY_FD`)."""
 
     log = Logger()
     transport: IProcessTransport  # set by spawnProcess
@@ -154,11 +100,15 @@ class _Worker(protocol.ProcessProtocol):
             line = self._stamp.sub("", raw.decode(errors="replace"))
             self.log.info("worker {number} (pid {pid}): {line}", number=self.number,
                           pid=self.transport.pid, line=line)
-            if not self.ready and READY in line:
-                self.ready = True
-                self.workers.worker_ready(self)
 
     errReceived = outReceived
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != READY_FD:
+            return super().childDataReceived(childFD, data)
+        if not self.ready and READY.strip() in data:
+            self.ready = True
+            self.workers.worker_ready(self)
 
     def processEnded(self, reason) -> None:
         self.workers.worker_ended(self, reason.value)
@@ -216,7 +166,7 @@ class Workers(Service):
         self._restarts.pop(number, None)
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--logfile=-", "dockpart-proxy", *self.args,
-                "--workers", "1", "--worker-of", str(os.getpid())]
+                "--workers", "1", "--worker-of", str(os.getpid()), "--ready-fd", str(READY_FD)]
         if self.admin:
             path = self.admin_socket(number)
             if os.path.exists(path):
@@ -224,7 +174,7 @@ class Workers(Service):
             argv += ["--admin", f"unix:{path}"]
         worker = _Worker(self, number)
         self.reactor.spawnProcess(worker, sys.executable, argv, env=os.environ.copy(),
-                                  childFDs={0: "w", 1: "r", 2: "r"})
+                                  childFDs={0: "w", 1: "r", 2: "r", READY_FD: "r"})
         self.running_workers[number] = worker
 
     def worker_ready(self, worker: _Worker) -> None:

@@ -28,6 +28,7 @@ FAST_MODULES = frozenset({
     "test_periodic.py",
     "test_records.py",
     "test_proxy_exchange.py",
+    "test_proxy_ports.py",
     "test_probe.py",
     "test_proxy_units.py",
     "test_redisconn.py",

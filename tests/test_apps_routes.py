@@ -2,21 +2,20 @@
 MemoryReactorClock and StringTransports (as test_proxy_exchange), and AppsSync's reading of
 the app records without Redis."""
 
-from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
 from dockpart.apps import App
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_routes import AppsSync, Routes, host_name
 from dockpart.redisconn import RedisAddress
-from test_proxy_exchange import OK, NoRedis, Proxy, sent
+from test_proxy_exchange import OK, Proxy, sent
 
 SEED = ["http://127.0.0.1:3001"]
 SHOP = ["http://127.0.0.1:20001", "http://127.0.0.1:20002"]
 
 
 def routed(proxy: Proxy, shop_urls=SHOP) -> BackendSet:
-    shop = BackendSet(NoRedis(), "dockpart:app:shop:servers", "local", proxy.reactor)
+    shop = BackendSet("dockpart:app:shop:servers", "local", proxy.reactor)
     shop.update(list(shop_urls))
     routes = Routes(proxy.backends, "apps.test")
     routes.set_apps({"shop": (App("shop", domains=("shop.example.org",)), shop)})
@@ -66,7 +65,7 @@ def test_a_request_whose_app_backend_refuses_is_retried_on_the_app_never_on_the_
 def test_an_app_with_no_instance_answers_503_with_retry_after_and_keeps_the_connection():
     proxy = Proxy(urls=SEED)
     shop = routed(proxy, shop_urls=[])
-    shop.reread = lambda: defer.succeed(True)  # the list read once more: still empty
+    # In memory no reader reads the list once more: it is empty as given.
     client, out = proxy.client()
     client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.apps.test\r\n\r\n")
     answer = sent(out)
@@ -84,7 +83,7 @@ class FakeRedis:
 
 def sync():
     reactor = MemoryReactorClock()
-    seed = BackendSet(NoRedis(), "servers", "local", reactor)
+    seed = BackendSet("servers", "local", reactor)
     routes = Routes(seed)
     return AppsSync(routes, FakeRedis(), reactor), routes, seed
 
@@ -121,3 +120,23 @@ def test_the_admin_status_shows_each_apps_backends_beside_the_seeds():
     assert [b["url"] for b in shown["backends"]] == SEED
     assert [b["url"] for b in shown["apps"]["shop"]["backends"]] == SHOP
     assert shown["apps"]["shop"]["list_key"] == "dockpart:app:shop:servers"
+
+
+def test_an_apps_empty_list_is_read_once_more_by_its_own_reader_before_a_503():
+    """The read before a 503 goes to the app's reader (AppsSync.readers), not the seed's."""
+    from twisted.internet import defer
+    proxy = Proxy(urls=SEED)
+    shop = routed(proxy, shop_urls=[])
+    reads = []
+
+    class Reader:
+        def reread(self):
+            reads.append(shop.list_key)
+            shop.update(SHOP[:1])  # a first instance was listed meanwhile
+            return defer.succeed(True)
+
+    proxy.factory.routes.readers[shop] = Reader()
+    client, _ = proxy.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.apps.test\r\n\r\n")
+    assert reads == ["dockpart:app:shop:servers"]
+    assert proxy.reactor.tcpClients[-1][1] == 20001

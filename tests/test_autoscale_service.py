@@ -35,8 +35,9 @@ class Tier:
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.redis = RedisService(RedisAddress.parse(redis_url), 2.0, reactor)
-        self.backends = BackendSet(self.redis, keys.SERVERS, "local", self.clock)
+        self.backends = BackendSet(keys.SERVERS, "local", self.clock)
         self.publisher = LoadPublisher(self.backends, self.redis, self.clock, name="test:1")
+        self.slots: dict = {}
         self.lease = Lease()
         self.settings = Settings(**{"min_instances": 1, "max_instances": 4, "target": 2.0,
                                     "cooldown": 0.0, "window": 30.0, **settings})
@@ -283,7 +284,7 @@ async def test_the_published_report_counts_since_the_last_one(redis_db, redis_se
         t.backends.update([FIRST])
         backend = t.backends.by_url[FIRST]
         for seconds in (0.003, 0.003, 0.3):
-            backend.requests += 1
+            backend.answered()
             backend.timed(seconds)
         for _ in range(2):  # two requests in flight
             backend.take()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import select
 import socket
 import threading
@@ -469,6 +470,19 @@ def test_admin_status_and_prometheus_metrics(fresh):
     assert "# TYPE dockpart_proxy_requests_total counter" in text
     assert f'dockpart_proxy_backend_up{{backend="{fresh.urls[0]}"}} 1' in text
 
+
+
+def test_metrics_carry_each_backends_latency_as_a_histogram(fresh):
+    for _ in range(3):
+        fresh.get()
+    text = requests.get(f"http://127.0.0.1:{fresh.admin_port}/metrics", timeout=5).text
+    assert "# TYPE dockpart_proxy_backend_latency_seconds histogram" in text
+    for url in fresh.urls:
+        inf = re.search(rf'^dockpart_proxy_backend_latency_seconds_bucket\{{backend="{url}",'
+                        rf'le="\+Inf"\}} (\d+)$', text, re.M)
+        count = re.search(rf'^dockpart_proxy_backend_latency_seconds_count\{{backend="{url}"\}} '
+                          rf'(\d+)$', text, re.M)
+        assert inf and count and int(inf.group(1)) == int(count.group(1)) >= 1
 
 @pytest.mark.parametrize("args, message", [
     (["--balance", "random"], "--balance"),

@@ -32,7 +32,7 @@ class Proxy:
     def __init__(self, urls=URLS, **limits):
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1000)
-        self.backends = BackendSet(NoRedis(), "servers", "local", self.reactor)
+        self.backends = BackendSet("servers", "local", self.reactor)
         self.backends.update(list(urls))
         self.factory = ProxyFactory(self.backends, self.reactor, Limits(**limits))
         self._taken = 0
@@ -284,7 +284,7 @@ def test_a_declared_path_of_an_app_routed_by_host_is_never_sent_again():
     """--retry-safe names the seed's routes: an app's own instances get never-twice."""
     from dockpart.proxy_routes import Routes
     proxy = Proxy(try_timeout=1.0, backend_timeout=5.0, retry_safe=SHIPPED_SAFE)
-    app = BackendSet(NoRedis(), "app:servers", "local", proxy.reactor)
+    app = BackendSet("app:servers", "local", proxy.reactor)
     app.update(["http://127.0.0.1:4001", "http://127.0.0.1:4002"])
     routes = proxy.factory.routes = Routes(proxy.backends, "apps.test")
     routes.hosts = {b"hello.apps.test": app}
@@ -579,11 +579,12 @@ def test_a_full_client_buffer_pauses_the_backend_until_the_answer_ends():
 
 
 def test_a_pipe_takes_back_only_what_it_registered_and_closes_twice_harmlessly():
-    from dockpart.proxy_exchange import Pipe, _Reading
+    from dockpart.proxy_exchange import Pipe, Reading, Throttle
 
-    class Side(_Reading):
+    class Side(Reading):
         def __init__(self):
             self.transport = StringTransport()
+            self.throttle = Throttle(self)
 
     client, upstream = Side(), Side()
     pipe = Pipe(client, upstream)
@@ -592,7 +593,7 @@ def test_a_pipe_takes_back_only_what_it_registered_and_closes_twice_harmlessly()
     upstream.transport.producer.pauseProducing()
     client.transport.producer.pauseProducing()
     assert client.reading_paused("peer") and pipe.client_behind
-    other = Pipe(client, upstream)
+    other = Pipe(client, Side())
     other.close()  # not its producers: they stay, the pauses are lifted
     assert upstream.transport.producer is not None and client.transport.producer is not None
     pipe.close()

@@ -9,6 +9,7 @@ from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_dispatch import ProxyFactory
 from dockpart.proxy_framing import OWN_HEADERS, end_to_end
 from dockpart.proxy_admin import metrics, status
+from dockpart.proxy_sync import RedisList
 
 URLS = ["http://127.0.0.1:3001", "http://127.0.0.1:3002", "http://127.0.0.1:3003"]
 
@@ -22,7 +23,7 @@ class NoRedis:
 def backends(urls=URLS, balance="local"):
     clock = Clock()
     clock.advance(1000)
-    pool = BackendSet(NoRedis(), "servers", balance, clock, down_time=10)
+    pool = BackendSet("servers", balance, clock, down_time=10)
     pool.update(list(urls))
     return pool, clock
 
@@ -121,11 +122,12 @@ class ListRedis:
 def test_concurrent_rereads_share_one_read_and_see_the_new_list():
     redis = ListRedis([URLS[0]])
     clock = Clock()
-    pool = BackendSet(redis, "servers", "local", clock)
+    pool = BackendSet("servers", "local", clock)
+    lists = RedisList(redis, pool)
     pool.update([])
     seen = []
     for _ in range(3):
-        pool.reread().addCallback(lambda _: seen.append(pool.pick()))
+        lists.reread().addCallback(lambda _: seen.append(pool.pick()))
     assert len(redis.calls) == 1 and seen == []
     redis.answer_all()
     assert [b.url for b in seen] == [URLS[0]] * 3
@@ -149,25 +151,26 @@ def test_end_to_end_keeps_upgrade_for_a_websocket_handshake():
 
 def test_an_empty_read_after_redis_was_away_keeps_the_list_until_a_notice():
     redis = ListRedis([])
-    pool = BackendSet(redis, "servers", "local", Clock())
+    pool = BackendSet("servers", "local", Clock())
+    lists = RedisList(redis, pool)
     pool.update(URLS)
-    pool.distrust_empty()  # what a failed read or a lost notice connection does
-    pool.refresh()
+    lists.distrust_empty()  # what a failed read or a lost notice connection does
+    lists.refresh()
     redis.answer_all()
     assert [b.url for b in pool.ring] == URLS
     # A non-empty read, then an empty one: the list was there, so empty is now the truth.
     redis.urls = [URLS[0]]
-    pool.refresh()
+    lists.refresh()
     redis.answer_all()
     redis.urls = []
-    pool.refresh()
+    lists.refresh()
     redis.answer_all()
     assert pool.ring == []
     # Or a change notice does it.
     pool.update(URLS)
-    pool.distrust_empty()
-    pool.trust_empty()
-    pool.refresh()
+    lists.distrust_empty()
+    lists.trust_empty()
+    lists.refresh()
     redis.answer_all()
     assert pool.ring == []
 
@@ -185,7 +188,7 @@ def test_notices_are_read_as_resp_even_split_across_reads():
             class address:
                 password = None
 
-        class backends:
+        class lists:
             @staticmethod
             def distrust_empty():
                 pass
@@ -247,6 +250,42 @@ def test_the_proxys_own_redis_connections_log_in_as_the_url_says():
         b"*3\r\n$4\r\nAUTH\r\n$3\r\nbob\r\n$4\r\np@ss\r\n"
     assert auth(RedisAddress.parse("redis://:secret@127.0.0.1:6379/0")) == \
         b"*2\r\n$4\r\nAUTH\r\n$6\r\nsecret\r\n"
+
+
+def test_latency_is_exported_as_a_prometheus_histogram():
+    """_bucket{le=...} counts are cumulative, the last is +Inf and equals _count (Traefik's
+    and Prometheus's naming), so histogram_quantile() works on them."""
+    pool, clock = backends(urls=URLS[:1])
+    factory = ProxyFactory(pool, clock)
+    backend = pool.ring[0]
+    for seconds in (0.0005, 0.003, 0.003, 0.5, 60.0):
+        backend.timed(seconds)
+    text = metrics(factory)
+    url = URLS[0]
+    assert "# TYPE dockpart_proxy_backend_latency_seconds histogram" in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="0.001"}} 1' in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="0.005"}} 3' in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="0.5"}} 4' in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="10.0"}} 4' in text
+    assert f'dockpart_proxy_backend_latency_seconds_bucket{{backend="{url}",le="+Inf"}} 5' in text
+    assert f'dockpart_proxy_backend_latency_seconds_count{{backend="{url}"}} 5' in text
+    assert f'dockpart_proxy_backend_latency_seconds_sum{{backend="{url}"}} 60.5065' in text
+    buckets = [line for line in text.splitlines() if "_bucket{" in line]
+    counts = [int(line.rsplit(" ", 1)[1]) for line in buckets]
+    assert counts == sorted(counts) and len(buckets) == 14
+
+
+def test_an_empty_lmove_answer_right_after_redis_was_away_is_served_by_the_local_rotation():
+    """The rotation model says "empty list, no backend"; whether to believe Redis's empty
+    answer is the Redis reader's call (proxy_sync), not the model's."""
+    pool, _ = backends(balance="shared")
+    lists = RedisList(ListRedis([]), pool)
+    assert lists.choice(None) is None and lists.choice(URLS[1]).url == URLS[1]
+    lists.distrust_empty()  # Redis was away: it may have come back without its data
+    assert lists.choice(None).url in URLS
+    lists.trust_empty()  # a change notice: empty is the truth now
+    assert lists.choice(None) is None
+    assert not hasattr(pool, "redis") and not hasattr(pool, "refresh")
 
 
 def test_only_a_reset_before_any_answer_to_a_bodiless_request_proves_it_unread():

@@ -198,7 +198,7 @@ def test_a_killed_parent_takes_its_workers_with_it(tier):
 
 def test_workers_refuse_a_unix_listener_clearly(tier, tmp_path):
     daemon = Daemon("dockpart-proxy", "--listen", f"unix:{tmp_path}/p.sock", "--workers", "2",
-                    "--redis", tier.redis.url, ready="dockpart-proxy listening on")
+                    "--redis", tier.redis.url, ready="<a line no twistd writes>")
     with pytest.raises(AssertionError, match="needs a tcp: listener"):
         daemon.start(timeout=10)
 

@@ -11,8 +11,15 @@ of a shared machine hits every target alike), and prints the median requests/s, 
 then the ratios the issue asks for: dockpart's gain from 1 to 2 processes against nginx's,
 dockpart's req/s against nginx's at equal process counts, and p99 against nginx's.
 
+``--compare-venv DIR`` adds a second dockpart-proxy, run by another checkout's virtualenv
+(``DIR/bin/twistd``), beside each of ours, measured in the same rounds, and prints ours
+against it: the median of each round's req/s ratio, its spread, and the load average.  Every
+other round goes in reverse order, so neither of the two always runs first.
+``--compare-venv .venv`` (ours against itself) shows how far apart equal proxies come out.
+
     python bench/bench_proxy.py [--duration 5] [--rounds 3] [--concurrency 50,200]
                                 [--warmup 15] [--pypy .venv-pypy | --pypy '']
+                                [--compare-venv ../before/.venv [--compare-label before]]
 
 Needs redis-server, nginx, haproxy and wrk (Debian packages).  Everything listens on
 127.0.0.1 and stops at the end.  The load generator shares the machine's cores with the
@@ -121,9 +128,9 @@ def haproxy(threads: int, port: int, backends: list[int], stack: list) -> None:
 
 
 def dockpart(workers: int, port: int, redis_url: str, stack: list,
-             twistd: str | None = None) -> None:
+             twistd: str | None = None, cwd: str | None = None) -> None:
     daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                    "--redis", redis_url, "--workers", str(workers), twistd=twistd,
+                    "--redis", redis_url, "--workers", str(workers), twistd=twistd, cwd=cwd,
                     ready=f"with {workers} workers" if workers > 1
                     else "dockpart-proxy listening on").start()
     stack.append(daemon.stop)
@@ -147,11 +154,17 @@ def main() -> None:
                         help="seconds of load on each PyPy proxy before measuring (its JIT)")
     parser.add_argument("--pypy", default=str(ROOT / ".venv-pypy"),
                         help="the PyPy virtualenv whose twistd runs the PyPy rows ('' for none)")
+    parser.add_argument("--compare-venv", help="another checkout's virtualenv whose "
+                        "dockpart-proxy runs beside ours, in the same rounds")
+    parser.add_argument("--compare-label", default="before")
     args = parser.parse_args()
     pypy_twistd = Path(args.pypy) / "bin" / "twistd" if args.pypy else None
     if pypy_twistd is not None and not pypy_twistd.exists():
         sys.exit(f"{pypy_twistd} is missing: make it with `bash scripts/test --pypy --co -q`, "
                  "or leave PyPy out with --pypy ''")
+    other = Path(args.compare_venv).resolve() if args.compare_venv else None
+    if other is not None and not (other / "bin" / "twistd").exists():
+        sys.exit(f"{other}/bin/twistd is missing: make that checkout's virtualenv first")
     levels = [int(c) for c in args.concurrency.split(",")]
     for tool in ("wrk", "nginx", "haproxy", "redis-server"):
         assert shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists(), \
@@ -175,6 +188,12 @@ def main() -> None:
         for n in (1, 2):
             rows[f"dockpart-proxy --workers {n}"] = port = free_port()
             dockpart(n, port, redis.url, stack)
+            if other is not None:  # next to ours, so each round meets both at the same moment
+                # twistd puts its working directory first on sys.path: run it from the
+                # virtualenv, which holds no dockpart/, so it imports its own checkout's
+                rows[f"  {args.compare_label} --workers {n}"] = port = free_port()
+                dockpart(n, port, redis.url, stack, twistd=str(other / "bin" / "twistd"),
+                         cwd=str(other))
         jitted = []
         if pypy_twistd is not None:
             for n in (1, 2):
@@ -190,14 +209,16 @@ def main() -> None:
               f"backends: 3 nginx return 200 servers (one nginx worker); "
               f"dockpart-proxy --balance local; {len(os.sched_getaffinity(0))} cores shared "
               f"with wrk and the backends; load average before: {os.getloadavg()[0]:.1f}")
-        results = {}
+        results, compared = {}, []
         for connections in levels:
             runs = {name: [] for name in rows}
             for port in rows.values():
                 wrk(f"http://127.0.0.1:{port}/", 1, connections)  # warm up pools and caches
-            for _ in range(args.rounds):
-                for name, port in rows.items():
+            for i in range(args.rounds):  # every other round backwards: no row always goes first
+                for name, port in list(rows.items())[::1 if i % 2 == 0 else -1]:
                     runs[name].append(wrk(f"http://127.0.0.1:{port}/", args.duration, connections))
+            if other is not None:
+                compared.append((connections, runs, os.getloadavg()[0]))
             results[connections] = table = {
                 name: {"rps": statistics.median(r["rps"] for r in rs),
                        "p50": statistics.median(r["p50"] for r in rs),
@@ -231,6 +252,19 @@ def main() -> None:
                       f"2 processes {ratio(ours2, nginx2):.2f}; p99 / nginx's: 1 process "
                       f"{ratio(ours1, nginx1, 'p99'):.1f}x, 2 processes "
                       f"{ratio(ours2, nginx2, 'p99'):.1f}x")
+        for connections, runs, load in compared:
+            print(f"-c{connections}: ours / {args.compare_label} (load average {load:.1f}):")
+            for n in (1, 2):
+                ours, theirs = (runs[f"dockpart-proxy --workers {n}"],
+                                runs[f"  {args.compare_label} --workers {n}"])
+                each = [a["rps"] / b["rps"] for a, b in zip(ours, theirs) if b["rps"]]
+                p99 = (statistics.median(r["p99"] for r in ours)
+                       / statistics.median(r["p99"] for r in theirs))
+                spread = ", ".join(f"{label} {min(r['rps'] for r in rs):.0f}-"
+                                   f"{max(r['rps'] for r in rs):.0f}"
+                                   for label, rs in (("ours", ours), (args.compare_label, theirs)))
+                print(f"  --workers {n}: req/s x{statistics.median(each):.3f} (rounds "
+                      f"{min(each):.3f}-{max(each):.3f}), p99 x{p99:.2f}; req/s {spread}")
     finally:
         stop_all(stack)
 

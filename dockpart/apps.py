@@ -4,7 +4,9 @@ An app is a name (a DNS label), what runs it (``image`` for the docker and swarm
 ``command`` for the process driver; either way the instance's port is in ``PORT``), the host
 names it answers (``domains``, besides ``NAME.<apps domain>``), and how many instances it
 has: ``desired`` (set by ``dockpart apps scale``, or by the autoscaler within ``min``/``max``
-when ``autoscale`` is on).  ``release`` names what runs (filled by ``git push`` releases).
+when ``autoscale`` is on).  ``release`` names the live release (``git push``, rollback or
+config: :mod:`dockpart.releases`); ``rollover`` the release infra is rolling the instances over
+to, while it does (the autoscaler leaves the count alone meanwhile).
 
 Records (names in :mod:`dockpart.keys`):
 
@@ -70,6 +72,7 @@ class App:
     max: int = DEFAULT_MAX
     target: float = DEFAULT_TARGET
     release: str = ""
+    rollover: str = ""
     #: Not a field of the hash: the URLs in the app's ``servers`` when it was read.
     instances: tuple[str, ...] = field(default=(), compare=False)
 
@@ -77,7 +80,7 @@ class App:
         return {"image": self.image, "command": self.command, "domains": " ".join(self.domains),
                 "desired": str(self.desired), "autoscale": "1" if self.autoscale else "0",
                 "min": str(self.min), "max": str(self.max), "target": f"{self.target:g}",
-                "release": self.release}
+                "release": self.release, "rollover": self.rollover}
 
     @classmethod
     def decode(cls, name: str, flat: list[str] | dict, instances=()) -> App:
@@ -93,6 +96,7 @@ class App:
                 numbers[name_] = value
         return cls(name, image=raw.get("image", ""), command=raw.get("command", ""),
                    domains=tuple(raw.get("domains", "").split()), release=raw.get("release", ""),
+                   rollover=raw.get("rollover", ""),
                    autoscale=raw.get("autoscale") == "1", instances=tuple(instances), **numbers)
 
     @property
@@ -104,7 +108,8 @@ class App:
                 "domains": list(self.domains), "desired": self.desired,
                 "autoscale": ({"min": self.min, "max": self.max, "target": self.target}
                               if self.autoscale else None),
-                "release": self.release or None, "instances": list(self.instances)}
+                "release": self.release or None, "rollover": self.rollover or None,
+                "instances": list(self.instances)}
 
 
 def _flat(mapping: dict[str, str]) -> list[str]:
@@ -138,13 +143,20 @@ redis.call('PUBLISH', KEYS[3], 'update ' .. ARGV[1])
 return 'ok'
 """
 
-# KEYS: apps, record, destroyed, channel; ARGV: name.  The record stays until infra has
-# removed the app's instances (it says how they run); the routes go at once.
+# KEYS: apps, record, destroyed, channel, roll-over news; ARGV: name.  The record stays
+# until infra has removed the app's instances (it says how they run); the routes go at once;
+# a push waiting on a roll-over is told.
 _DESTROY = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 'unknown' end
 redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[2], 'desired', '0', 'autoscale', '0')
+local rolling = redis.call('HGET', KEYS[2], 'rollover')
+if rolling and rolling ~= '' then  -- a push waits on it: it ends here
+  redis.call('HSET', KEYS[2], 'rollover', '')
+  redis.call('LPUSH', KEYS[5], cjson.encode({done = false, release = rolling,
+                                             reason = 'the app was destroyed'}))
+end
 redis.call('PUBLISH', KEYS[4], 'destroy ' .. ARGV[1])
 return 'ok'
 """
@@ -178,13 +190,15 @@ redis.call('PUBLISH', KEYS[4], 'forget ' .. ARGV[1])
 return 1
 """
 
-# KEYS: ports, the app's spawn queue; ARGV: app, low, high, host, how many.
-# The lowest free ports of the range, each held for the app, each spawn queued.
+# KEYS: ports, the app's spawn queue, its instances' releases; ARGV: app, low, high, host,
+# how many, release.  The lowest free ports of the range, each held for the app, each spawn
+# queued, each URL marked with the release it is to run.
 _ALLOCATE = """
 local urls, port, want = {}, tonumber(ARGV[2]), tonumber(ARGV[5])
 while #urls < want and port <= tonumber(ARGV[3]) do
   if redis.call('HSETNX', KEYS[1], port, ARGV[1]) == 1 then
     local url = 'http://' .. ARGV[4] .. ':' .. port
+    redis.call('HSET', KEYS[3], url, ARGV[6])
     redis.call('LPUSH', KEYS[2], url)
     table.insert(urls, url)
   end
@@ -266,7 +280,7 @@ def destroy(redis, name: str):
     """Routes go at once; infra drains and removes the instances, then forgets the record."""
     check_name(name)
     return _then(redis.eval(_DESTROY, [keys.APPS, keys.app_record(name), keys.APPS_DESTROYED,
-                                       keys.APPS_CHANNEL], [name]),
+                                       keys.APPS_CHANNEL, keys.app_rollover_news(name)], [name]),
                  lambda status: _outcome(status, name))
 
 
@@ -294,13 +308,16 @@ def read_one(redis, name: str):
 def forget(redis, name: str):
     """The last instance of a destroyed app is gone: its records go too."""
     return redis.eval(_FORGET, [keys.APPS_DESTROYED, keys.app_record(name), keys.APP_PORTS,
-                                keys.APPS_CHANNEL, *keys.app_tier(name).lists], [name])
+                                keys.APPS_CHANNEL, *keys.app_keys(name)], [name])
 
 
-def allocate(redis, name: str, low: int, high: int, host: str, count: int):
-    """Queue ``count`` spawns for the app on the lowest free ports; fires their URLs."""
-    return redis.eval(_ALLOCATE, [keys.APP_PORTS, keys.app_tier(name).spawn_queue],
-                      [name, low, high, host, count])
+def allocate(redis, name: str, low: int, high: int, host: str, count: int,
+             release: str = ""):
+    """Queue ``count`` spawns of ``release`` for the app on the lowest free ports; fires
+    their URLs."""
+    return redis.eval(_ALLOCATE, [keys.APP_PORTS, keys.app_tier(name).spawn_queue,
+                                  keys.app_instance_releases(name)],
+                      [name, low, high, host, count, release])
 
 
 def release_ports(redis, name: str, ports):

@@ -34,6 +34,19 @@ def _form(action: str, csrf: str, label: str, fields: str = "", cls: str = "") -
             f'<button type="submit">{escape(label)}</button></form>')
 
 
+def _release_html(app: dict) -> str:
+    """The live release (and the one being rolled over to), its history folded below."""
+    if not app.get("releases"):
+        return "–"
+    live = escape(app.get("release") or "–")
+    rolling = f' → <b>{escape(app["rollover"])}</b>' if app.get("rollover") else ""
+    rows = "".join(f'<li{" class=live" if r["live"] else ""}>{escape(r["id"])} '
+                   f'{escape(r["commit"] or "")} {_when(r["when"])} {escape(r["note"])}</li>'
+                   for r in app["releases"])
+    return (f'<details class="releases"><summary>{live}{rolling}</summary>'
+            f'<ol>{rows}</ol></details>')
+
+
 def _apps_html(found: list[dict], csrf: str, writable: bool) -> str:
     """The apps (dockpart apps): scale, figures, instances, and a scale form each."""
     rows = []
@@ -53,10 +66,11 @@ def _apps_html(found: list[dict], csrf: str, writable: bool) -> str:
         rows.append(f'<tr data-app="{escape(app["name"])}"><td>{escape(app["name"])}</td>'
                     f'<td>{escape(" ".join(app["domains"])) or "–"}</td>'
                     f'<td>{len(app["instances"])} / {app["desired"]}</td><td>{scale}</td>'
+                    f'<td>{_release_html(app)}</td>'
                     f'<td>{_text(app["rps"])}</td><td>{_text(app["p95_ms"])}</td>'
                     f'<td class="instances">{instances}</td><td>{form}</td></tr>')
     return "<h2>Apps</h2>" + _table(
-        "apps", ["app", "domains", "instances / desired", "scale", "req/s", "p95 ms",
+        "apps", ["app", "domains", "instances / desired", "scale", "release", "req/s", "p95 ms",
                  "instances", ""], rows, "No app (dockpart apps create NAME ...).")
 
 

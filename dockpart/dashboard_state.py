@@ -11,11 +11,11 @@ from collections import deque
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from dockpart import apps, load, records
+from dockpart import apps, load, records, releases
 from dockpart.drivers import DriverError, Unavailable
 from dockpart.periodic import Outage, Periodic
 from dockpart.redisconn import RedisService, RedisUnavailable
-from dockpart.tier import BadInstanceURL, instance_url, parse_instance_url
+from dockpart.tier import instance_port, instance_url
 
 #: Seconds between two looks at the tier (the page polls at the same rate).
 SAMPLE_INTERVAL = 1.0
@@ -76,8 +76,9 @@ def _health(merged: dict | None) -> str:
     return "healthy" if merged["healthy"] else "down"
 
 
-def app_view(app: apps.App, reports: list[records.LoadReport]) -> dict:
-    """One app as the dashboard shows it: its scale, its instances and their figures."""
+def app_view(app: apps.App, reports: list[records.LoadReport], history=()) -> dict:
+    """One app as the dashboard shows it: its scale, its instances and their figures, its
+    releases (newest first; ``history``, :func:`releases.read`)."""
     interval = max((r.interval for r in reports), default=1.0)
     merged = load.merge(reports)
     empty = {"rps": None, "errors": None, "p50_ms": None, "p95_ms": None, "inflight": None}
@@ -85,15 +86,10 @@ def app_view(app: apps.App, reports: list[records.LoadReport]) -> dict:
             "instances": [{"url": url, "health": _health(merged.get(url)),
                            **(figures(merged[url], interval) if url in merged else empty)}
                           for url in app.instances],
+            "releases": [{"id": r.id, "commit": r.commit[:7], "when": r.at, "note": r.note,
+                          "what": r.what, "live": r.id == app.release} for r in history],
             **figures(tier_totals({u: f for u, f in merged.items() if u in app.instances}),
                       interval)}
-
-
-def _port(url: str) -> int:
-    try:
-        return parse_instance_url(url)[1]
-    except BadInstanceURL:
-        return 0
 
 
 class TierWatch(Periodic):
@@ -146,6 +142,7 @@ class TierWatch(Periodic):
         every = await records.read_load_reports(self.redis, now)
         reports = [r for r in every if r.app is None]  # the apps' own load is theirs
         found = await apps.read_all(self.redis)
+        history = {app.name: await releases.read(self.redis, app.name) for app in found}
         active = holder == self.worker.id
         inventory, driver_error = None, None
         if active:
@@ -160,7 +157,7 @@ class TierWatch(Periodic):
                   for port, found in (inventory or {}).items()}
         urls = set().union(*lists.values(), merged, by_url)
         instances = []
-        for url in sorted(urls, key=lambda u: (_port(u), u)):
+        for url in sorted(urls, key=lambda u: (instance_port(u) or 0, u)):
             seen = by_url.get(url)
             row = {"url": url,
                    "state": instance_state(url, lists, seen, inventory is not None),
@@ -188,7 +185,8 @@ class TierWatch(Periodic):
             "autoscale": {"decisions": [d.shown() for d in view.decisions],
                           "desired": view.desired, "limits": view.limits.shown()},
             "deploy": {"live": view.live},
-            "apps": [app_view(app, [r for r in every if r.app == app.name]) for app in found],
+            "apps": [app_view(app, [r for r in every if r.app == app.name], history[app.name])
+                     for app in found],
         }
 
     def _record(self, snapshot: dict) -> None:
@@ -209,7 +207,8 @@ class TierWatch(Periodic):
     def history(self, since: float = 0.0) -> dict:
         """The recorded looks after ``since`` as columns (what a chart takes), and the marks."""
         points = [p for p in self.points if p["time"] > since]
-        urls = sorted({url for p in points for url in p["per_instance"]}, key=lambda u: (_port(u), u))
+        urls = sorted({url for p in points for url in p["per_instance"]},
+                      key=lambda u: (instance_port(u) or 0, u))
         return {"interval": self.interval,
                 "time": [p["time"] for p in points],
                 "rps": [p["rps"] for p in points],

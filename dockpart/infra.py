@@ -211,7 +211,8 @@ def makeService(config, reactor=None):
         # The app's count is the runner's: an instance that exited is only removed.
         lambda app, driver: make_worker(driver, app_rules, keep_count=False, lists=app.tier),
         host=config["advertise-host"], ports=config["app-ports"],
-        autoscale_interval=config["evaluate-interval"], clock=reactor).setServiceParent(top)
+        autoscale_interval=config["evaluate-interval"], driver_name=config["driver"],
+        clock=reactor).setServiceParent(top)
     infra_autoscale.attach(config, redis, worker, top, reactor)
     if config["dashboard"]:
         from dockpart.dashboard import make_dashboard

@@ -8,6 +8,8 @@ stops, reconcile, dead letters.  :class:`AppsRunner` looks at the records every
 range (``dockpart:apps:ports``: no two apps share one) or for destroys, until the app has
 ``desired`` instances; with ``autoscale`` on, the seed's autoscaling :class:`Policy` sets
 ``desired`` from the proxies' reports on the app's own list, within the app's min and max.
+While an app rolls over to a new release (:mod:`dockpart.rollover`) that replaces keeping
+its count, and the autoscaler leaves it alone.
 
 A destroyed app is brought to zero, then forgotten.  An app whose record vanished without
 being destroyed (a Redis that lost its data) is written back from what this infra knew, and
@@ -25,25 +27,19 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dockpart import apps, keys, records, tier
+from dockpart import apps, keys, records, rollover, tier
 from dockpart.apps import App
+from dockpart.drivers import DriverError, Unavailable
 from dockpart.infra_autoscale import Policy, Settings, observe
 from dockpart.periodic import Every, Outage
 from dockpart.redisconn import RedisService, RedisUnavailable
-from dockpart.tier import BadInstanceURL, parse_instance_url
+from dockpart.tier import instance_port
 
 #: Default range of the apps' instance ports (below Linux's ephemeral range).
 APP_PORTS = (20000, 29999)
 
 #: Seconds no spawn is asked for after an app's spawn failed, doubling up to the second.
 SPAWN_HOLD = (1.0, 60.0)
-
-
-def _port(url: str) -> int | None:
-    try:
-        return parse_instance_url(url)[1]
-    except BadInstanceURL:
-        return None
 
 
 @dataclass
@@ -56,6 +52,7 @@ class AppTier:
     asked: set[str] = field(default_factory=set)  # spawns asked for, not yet seen serving
     failures: int = 0  # spawns that never served, in a row
     held_until: float = 0.0
+    rolling: rollover.Rolling | None = None
     #: Ports of failed spawns, kept from the next allocations until then (something else
     #: may listen there: the next spawn takes another port).
     quarantine: dict[int, float] = field(default_factory=dict)
@@ -68,7 +65,7 @@ class AppsRunner(MultiService):
 
     def __init__(self, redis: RedisService, make_driver, make_worker, *, host: str,
                  ports: tuple[int, int] = APP_PORTS, interval: float = 0.5,
-                 autoscale_interval: float = 2.0, clock):
+                 autoscale_interval: float = 2.0, driver_name: str = "", clock):
         super().__init__()
         self.redis = redis
         self.make_driver = make_driver  # App -> driver
@@ -84,6 +81,10 @@ class AppsRunner(MultiService):
                              "apps: Redis is back")
         Every(interval, clock, lambda: defer.ensureDeferred(self.step()),
               now=True).setServiceParent(self)
+        self.rollover = rollover.Rollover(redis, host, ports, clock)
+        # Said once in Redis: a push asks it whether to build an image or check out a tree.
+        self.driver_name = driver_name
+        self._driver_said = not driver_name
 
     async def step(self) -> None:
         try:
@@ -94,6 +95,9 @@ class AppsRunner(MultiService):
         self._redis.ok()
 
     async def _step(self) -> None:
+        if not self._driver_said:
+            await self.redis.call("SET", keys.APPS_DRIVER, self.driver_name)
+            self._driver_said = True
         live = {app.name: app for app in await apps.read_all(self.redis)}
         gone = {app.name: app for app in await apps.read_all(self.redis, keys.APPS_DESTROYED)}
         for name, known in list(self.tiers.items()):
@@ -113,6 +117,12 @@ class AppsRunner(MultiService):
             one = self._tier(app)
             if not one.worker.leased:
                 continue
+            if getattr(one.driver, "logs", None) is not None:
+                try:
+                    await one.driver.logs.look(self.redis)
+                except (OSError, DriverError, Unavailable) as e:
+                    self.log.warn("apps: reading the logs of {name}: {error}", name=app.name,
+                                  error=e)
             try:
                 empty = await self._converge(one, app, held, reports, app.name in gone)
             except RedisUnavailable:
@@ -142,7 +152,9 @@ class AppsRunner(MultiService):
                         ) -> bool:
         """One step towards the app's count; whether nothing of it is left."""
         t = app.tier
+        marks = await rollover.read_marks(self.redis, app.name)  # before the lists
         lists = await tier.snapshot(self.redis, t)
+        await rollover.plan(self.redis, app, one.driver, marks, lists)
         running = await one.driver.instances()
         leaving = set(lists[t.destroy_queue]) | set(lists[t.destroying])
         listed = set(lists[t.servers])
@@ -152,11 +164,17 @@ class AppsRunner(MultiService):
         for port in set(running) - ours:  # Redis lost its hash: the running keep theirs
             await self.redis.call("HSETNX", keys.APP_PORTS, port, app.name)
         desired = app.desired
-        if app.autoscale and not destroyed:
+        if not (app.release or app.command or app.image):
+            desired = 0  # nothing to run yet: it waits for its first push
+        if app.autoscale and not destroyed and not app.rollover:
             desired = await self._autoscale(one, app, lists, reports)
-        if len(staying) < desired and self.clock.seconds() >= one.held_until:
+        if app.rollover and not destroyed:
+            await self.rollover.step(one, app, lists, marks)
+        elif len(staying) < desired and self.clock.seconds() >= one.held_until:
             urls = await apps.allocate(self.redis, app.name, *self.ports, self.host,
-                                       desired - len(staying))
+                                       desired - len(staying), app.release)
+            for url in urls:  # a port used before runs the live release now
+                one.driver.releases.pop(instance_port(url), None)
             one.asked.update(urls)
             if urls:
                 self.log.info("apps: {name} has {n}, wants {desired}: spawning {urls}",
@@ -172,7 +190,7 @@ class AppsRunner(MultiService):
                     break  # the others still spawn: next time
                 self.log.info("apps: {name} wants {desired}: destroying {url}",
                               name=app.name, desired=desired, url=url)
-        in_lists = {_port(url) for urls in lists.values() for url in urls}
+        in_lists = {instance_port(url) for urls in lists.values() for url in urls}
         now = self.clock.seconds()
         one.quarantine = {p: until for p, until in one.quarantine.items() if until > now}
         unused = ours - in_lists - set(running) - set(one.quarantine)
@@ -196,7 +214,7 @@ class AppsRunner(MultiService):
                 hold = self._hold(one.failures)
                 one.failures += 1
                 one.held_until = self.clock.seconds() + hold
-                port = _port(url)
+                port = instance_port(url)
                 if port is not None:
                     one.quarantine[port] = self.clock.seconds() + SPAWN_HOLD[1]
                 self.log.warn("apps: the spawn of {url} for {name} failed (see the dead "

@@ -26,7 +26,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from dockpart import keys, periodic, probe, tier
-from dockpart.drivers import INSTANCE_HOST, Driver, DriverError, Unavailable, probe_host
+from dockpart.drivers import (INSTANCE_HOST, Driver, DriverError, Status, Unavailable,
+                              probe_host)
 from dockpart.infra_reconcile import Reconciler
 from dockpart.periodic import Every
 from dockpart.records import DeadLetter, add_dead_letter
@@ -37,6 +38,9 @@ from dockpart.redisconn import RedisService, RedisUnavailable
 STARTUP_GRACE = 1.0
 #: Seconds between looks at a new instance until it answers.
 HEALTH_POLL = 0.05
+#: Seconds between looks, while a new instance does not answer yet, at whether it exited (a
+#: release that crashes at start is refused at once, not after the whole --spawn-timeout).
+EXIT_LOOK = 0.5
 #: The first wait before a retry while the engine or Redis is away; it doubles up to retry_max.
 RETRY_FIRST = 0.2
 
@@ -379,9 +383,12 @@ class Worker(MultiService):
             await self._retrying(lambda: self.driver.remove(port))
             raise
         served = placed or url
-        if not await self._answers_within(port, probe_host(placed), self.spawn_timeout):
+        answered = await self._answers_within(port, probe_host(placed), self.spawn_timeout)
+        if answered is not True:
             await self._retrying(lambda: self.driver.remove(port))
-            raise DriverError(f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
+            raise DriverError(f"{what} exited before it answered HTTP; removed it"
+                              if answered == "exited" else
+                              f"{what} did not answer HTTP within {self.spawn_timeout:g} s; "
                               f"removed it")
         await self._retrying(lambda: tier.register(self.redis, served, self.lists.spawning,
                                                    self.lists.servers))
@@ -397,11 +404,21 @@ class Worker(MultiService):
     def _answers(self, reactor, port: int, host: str = INSTANCE_HOST) -> defer.Deferred:
         return probe.answers(reactor, host, port, timeout=self.probe_timeout)
 
-    async def _answers_within(self, port: int, host: str, timeout: float) -> bool:
+    async def _answers_within(self, port: int, host: str, timeout: float) -> bool | str:
+        """True once the instance answers; ``"exited"`` when it stopped first; else False."""
         deadline = self.reactor.seconds() + timeout
+        next_look = self.reactor.seconds() + EXIT_LOOK
         while self.reactor.seconds() < deadline:
             if await defer.ensureDeferred(self.probe(self.reactor, port, host)):
                 return True
+            if self.reactor.seconds() >= next_look:
+                next_look = self.reactor.seconds() + EXIT_LOOK
+                try:
+                    found = (await self.driver.instances()).get(port)
+                    if found is not None and found.status is Status.EXITED:
+                        return "exited"
+                except Unavailable:
+                    pass  # the engine is away: the deadline decides
             await deferLater(self.reactor, HEALTH_POLL, lambda: None)
         return False
 

@@ -144,3 +144,39 @@ def app_of_channel(channel: str) -> str | None:
     if channel.startswith(head) and channel.endswith(tail):
         return channel[len(head):-len(tail)]
     return None
+
+
+#: Releases (``git push`` to an app, :mod:`dockpart.releases`): per app a hash id -> release
+#: (JSON), the counter that numbers them, the release each instance runs (a hash URL -> id,
+#: written when its spawn is asked for), and the roll-over's news for whoever waits on it (a
+#: list of JSON lines, the oldest on the right).
+def app_releases(name: str) -> str:
+    return f"{APP_PREFIX}{name}:releases"
+
+
+def app_release_counter(name: str) -> str:
+    return f"{APP_PREFIX}{name}:releases:last"
+
+
+def app_instance_releases(name: str) -> str:
+    return f"{APP_PREFIX}{name}:instances"
+
+
+def app_rollover_news(name: str) -> str:
+    return f"{APP_PREFIX}{name}:rollover:news"
+
+
+def app_log(name: str) -> str:
+    """A capped stream of the app's instances' output lines (fields ``port`` and ``line``)."""
+    return f"{APP_PREFIX}{name}:log"
+
+
+def app_keys(name: str) -> tuple[str, ...]:
+    """Every key of an app besides its record, for forgetting a destroyed app."""
+    return (*app_tier(name).lists, app_releases(name), app_release_counter(name),
+            app_instance_releases(name), app_rollover_news(name), app_log(name))
+
+
+#: The driver the dockpart-infra that runs apps uses (``process``, ``docker``, ``swarm``): a
+#: push asks it whether to build an image or check out a directory.
+APPS_DRIVER = "dockpart:infra:driver"

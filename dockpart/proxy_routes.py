@@ -20,18 +20,14 @@ from collections.abc import Callable, Mapping
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ITCPTransport
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from dockpart import apps, keys
 from dockpart.periodic import Periodic
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_load import LoadPublisher, proxy_id
-from dockpart.proxy_sync import (INCOMPLETE, RedisList, auth, command, read_reply,
-                                 redis_connection)
+from dockpart.proxy_sync import RedisList, Subscriber, command, redis_connection
 from dockpart.redisconn import RedisService, RedisUnavailable
 
 
@@ -69,46 +65,6 @@ class Routes:
                       for host in self.app_hosts(app)}
 
 
-class _AppNotices(Protocol):
-    """SUBSCRIBE to the apps' channel, PSUBSCRIBE to every app's list channel."""
-
-    log = Logger()
-    transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
-
-    def connectionMade(self):
-        owner = self.factory.owner
-        self.buffer = b""
-        if owner.redis.address.password:
-            self.transport.write(auth(owner.redis.address))
-        self.transport.write(command(b"SUBSCRIBE", keys.APPS_CHANNEL.encode()))
-        self.transport.write(command(b"PSUBSCRIBE", keys.APP_SERVERS_PATTERN.encode()))
-        owner.notices_connected()
-
-    def dataReceived(self, data):
-        buf = self.buffer + data
-        pos = 0
-        owner = self.factory.owner
-        try:
-            while pos < len(buf):
-                reply, pos = read_reply(buf, pos)
-                if reply is INCOMPLETE:
-                    break
-                if isinstance(reply, list) and reply and reply[0] == "message":
-                    owner.reload(notice=True)
-                elif isinstance(reply, list) and reply and reply[0] == "pmessage":
-                    owner.list_changed(keys.app_of_channel(reply[2]))
-                elif isinstance(reply, RedisUnavailable):
-                    self.log.warn("Redis refused the subscription: {error}", error=str(reply))
-        except ValueError:
-            self.log.warn("not a Redis reply on the apps' notice connection; reconnecting")
-            self.transport.abortConnection()
-            return
-        self.buffer = buf[pos:]
-
-    def connectionLost(self, reason: Failure = connectionDone):
-        self.factory.owner.notices_lost()
-
-
 class _Reads(Periodic):
     def __init__(self, sync: AppsSync, interval: float, clock):
         super().__init__(interval, clock)
@@ -142,8 +98,19 @@ class AppsSync(MultiService):
         self._trusted = True  # an absent app may be dropped (no Redis outage since a notice)
         #: Requests in flight per URL as load (ProxyFactory.fair_inflight), for the reports.
         self.inflight: Callable[[], Mapping[str, int]] | None = None
-        redis_connection(self, _AppNotices, reactor).setServiceParent(self)
+        redis_connection(self, Subscriber, reactor).setServiceParent(self)
         _Reads(self, interval, reactor).setServiceParent(self)
+
+    def subscriptions(self) -> list[bytes]:
+        """The apps' channel (an app created, changed or destroyed) and every app's list's."""
+        return [command(b"SUBSCRIBE", keys.APPS_CHANNEL.encode()),
+                command(b"PSUBSCRIBE", keys.APP_SERVERS_PATTERN.encode())]
+
+    def notice(self, reply: list) -> None:
+        if reply[0] == "message":
+            self.reload(notice=True)
+        else:
+            self.list_changed(keys.app_of_channel(reply[2]))
 
     def notices_connected(self) -> None:
         self.reload()

@@ -175,8 +175,11 @@ class RedisList:
         return self.backends.shared_choice(answer)
 
 
-class _Notices(Protocol):
-    """SUBSCRIBE to the list's channel; each ``message`` means: read the list again."""
+class Subscriber(Protocol):
+    """A Redis connection that only listens to notices: what it subscribes to and what a notice
+    means are its owner's (``factory.owner``): ``subscriptions()`` (the RESP commands),
+    ``notice(reply)`` for each ``message``/``pmessage``, ``notices_connected()`` and
+    ``notices_lost()``."""
 
     log = Logger()
     transport: ITCPTransport  # set by the ClientService's TCP connection before connectionMade
@@ -186,29 +189,31 @@ class _Notices(Protocol):
         self.buffer = b""
         if owner.redis.address.password:
             self.transport.write(auth(owner.redis.address))
-        self.transport.write(command(b"SUBSCRIBE", keys.changes_channel(owner.list_key).encode()))
+        for subscription in owner.subscriptions():
+            self.transport.write(subscription)
         owner.notices_connected()
 
     def dataReceived(self, data):
         buf = self.buffer + data
         pos = 0
+        owner = self.factory.owner
         try:
             while pos < len(buf):
                 reply, pos = read_reply(buf, pos)
                 if reply is INCOMPLETE:
                     break
-                if isinstance(reply, list) and reply and reply[0] == "message":
-                    self.factory.owner.refresh(notice=True)
+                if isinstance(reply, list) and reply and reply[0] in ("message", "pmessage"):
+                    owner.notice(reply)
                 elif isinstance(reply, RedisUnavailable):
                     self.log.warn("Redis refused the subscription: {error}", error=str(reply))
         except ValueError:
-            self.log.warn("not a Redis reply on the notice connection; reconnecting")
+            self.log.warn("not a Redis reply on a notice connection; reconnecting")
             self.transport.abortConnection()
             return
         self.buffer = buf[pos:]
 
     def connectionLost(self, reason: Failure = connectionDone):
-        self.factory.owner.lists.distrust_empty()
+        self.factory.owner.notices_lost()
 
 
 class _Rotation(Protocol):
@@ -216,9 +221,10 @@ class _Rotation(Protocol):
 
     Why not txredisapi: measured on the project's 2-core machine (50 LMOVEs in flight against
     a local redis-server, 30,000 each), txredisapi's ``execute_command`` answered about 6,000
-    LMOVE/s and this client 84,000 to 200,000; the proxy serves about 14,000 requests/s in
-    shared mode (README), so txredisapi alone would cap it under half of that.  Here commands
-    are pipelined and answered in order, each with a plain callback and no Deferred.
+    LMOVE/s and this client 84,000 to 200,000; the proxy serves about 15,000 requests/s
+    (docs/benchmarks.md), so txredisapi alone would cap shared mode under half of that.
+    Here commands are pipelined and answered in order, each with a plain callback and no
+    Deferred.
     A connection that stops answering is dropped by :meth:`watch`, and requests fall back to
     the local rotation until it is back.
     """
@@ -334,7 +340,7 @@ class BackendSync(MultiService):
         self.redis = redis
         self.lists = RedisList(redis, backends)
         self.list_key = backends.list_key
-        self._connection(_Notices, reactor)
+        self._connection(Subscriber, reactor)
         if backends.shared:
             self._connection(_Rotation, reactor)
         # Added last: started after the connections, stopped before them.
@@ -353,9 +359,19 @@ class BackendSync(MultiService):
             self._retry.cancel()
         return super().stopService()
 
+    def subscriptions(self) -> list[bytes]:
+        """The list's change channel: each message on it means: read the list again."""
+        return [command(b"SUBSCRIBE", keys.changes_channel(self.list_key).encode())]
+
+    def notice(self, reply: list) -> None:
+        self.refresh(notice=True)
+
     def notices_connected(self) -> None:
         """The notice connection is (back) up: read whatever changed while it was away."""
         self.refresh()
+
+    def notices_lost(self) -> None:
+        self.lists.distrust_empty()
 
     def tick(self) -> None:
         rotation = self.lists.rotation

@@ -55,6 +55,14 @@ def parse_instance_url(url: str, low: int = 1, high: int = MAX_PORT) -> tuple[st
     return parts.hostname, port
 
 
+def instance_port(url: str) -> int | None:
+    """The port of an instance URL, or None for a URL that is not one."""
+    try:
+        return parse_instance_url(url)[1]
+    except BadInstanceURL:
+        return None
+
+
 # Ports in an entry: the digits after the last colon.
 _PORT = "local function port_of(url) return tonumber(string.match(url, ':(%d+)/?$')) end\n"
 
@@ -212,12 +220,13 @@ async def request_destroy(redis: RedisService, first_port: int, random_number: i
         [first_port, random_number])
 
 
-async def request_destroy_url(redis: RedisService, url: str, first_port: int) -> None:
+async def request_destroy_url(redis: RedisService, url: str, first_port: int,
+                              lists: keys.TierKeys = keys.SEED) -> None:
     """Queue the named live instance for removal, with the checks of :func:`request_destroy`."""
     status = await redis.eval(_REQUEST_DESTROY_URL,
-                              [keys.SERVERS, keys.DESTROY_QUEUE, keys.DESTROYING],
+                              [lists.servers, lists.destroy_queue, lists.destroying],
                               [url, first_port])
-    reasons = {"unknown": f"{url} is not in {keys.SERVERS}",
+    reasons = {"unknown": f"{url} is not in {lists.servers}",
                "first": f"{url} is the first instance; it is never destroyed",
                "queued": f"{url} is already queued for removal"}
     if status != "ok":

@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${DOCKPART_CACHE:-/var/cache/dockpart}
 VENV=${DOCKPART_VENV:-$ROOT/.venv}
-DEBIAN_PACKAGES=(redis-server socat netcat-openbsd docker.io git debootstrap curl docker-registry chromium)
+DEBIAN_PACKAGES=(redis-server socat netcat-openbsd docker.io git debootstrap curl docker-registry chromium openssh-server openssh-client)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

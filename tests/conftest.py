@@ -18,6 +18,8 @@ FAST_MODULES = frozenset({
     "test_apps_records.py",
     "test_apps_routes.py",
     "test_infra_apps.py",
+    "test_releases_units.py",
+    "test_rollover.py",
     "test_autoscale_policy.py",
     "test_autoscale_service.py",
     "test_dashboard_routes.py",
@@ -50,6 +52,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in FAST_MODULES:
             item.add_marker(pytest.mark.fast)
+
+
+@pytest.fixture(autouse=True)
+def apps_dir(tmp_path, monkeypatch):
+    """``dockpart apps create`` makes a git repository: in the test's own directory, never
+    in the machine's default (/var/lib/dockpart/apps for root)."""
+    path = tmp_path / "apps"
+    monkeypatch.setenv("DOCKPART_APPS_DIR", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -239,6 +239,24 @@ def start_web(redis_url: str, *args: str, port: int | None = None, env: dict | N
     return daemon.start()
 
 
+def start_apps_infra(redis_url: str, *args: str, driver: str = "process", app_ports: int = 8):
+    """A dockpart-infra that runs apps on a block of ``app_ports`` free ports, started."""
+    low = port_block(app_ports)
+    return Daemon("dockpart-infra", "--driver", driver, "--redis", redis_url,
+                  "--first-port", str(free_port()), "--app-ports", f"{low}-{low + app_ports - 1}",
+                  "--interval", "0.05", *args, ready="dockpart-infra started").start()
+
+
+def start_proxy(redis_url: str, *args: str, port: int | None = None):
+    """A dockpart-proxy on 127.0.0.1 (``.port``, ``.base``), started and listening."""
+    port = port or free_port()
+    daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                    "--redis", redis_url, *args, ready="dockpart-proxy listening on")
+    daemon.port = port
+    daemon.base = f"http://127.0.0.1:{port}"
+    return daemon.start()
+
+
 class SyncRedis:
     """``redis.call`` over a redis-py client, so dockpart's readers (``read_reports``) run in
     a test or a benchmark without a reactor."""

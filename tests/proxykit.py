@@ -175,6 +175,44 @@ class _Request:
         return None
 
 
+class RequestParser:
+    """What a backend received, parsed into :class:`_Request` objects (``done``) by the
+    interpreter's parser (httptools' interface, :mod:`dockpart.http_parser`)."""
+
+    def __init__(self):
+        from dockpart.http_parser import httptools
+        self._httptools = httptools
+        self.parser = httptools.HttpRequestParser(self)
+        self.done: list[_Request] = []
+        self.current = _Request()
+
+    def feed(self, data: bytes) -> bool:
+        """Parse ``data``; False when it is not HTTP (the backend closes then)."""
+        try:
+            self.parser.feed_data(data)
+        except self._httptools.HttpParserUpgrade:
+            pass
+        except self._httptools.HttpParserError:
+            return False
+        return True
+
+    def on_message_begin(self):
+        self.current = _Request()
+
+    def on_url(self, url):
+        self.current.url += url
+
+    def on_header(self, name, value):
+        self.current.headers.append((name, value))
+
+    def on_body(self, body):
+        self.current.body += body
+
+    def on_message_complete(self):
+        self.current.method = self.parser.get_method()
+        self.done.append(self.current)
+
+
 class RawBackend:
     """A recording backend: ``answer(request) -> bytes`` decides each reply, byte for byte.
 
@@ -183,8 +221,6 @@ class RawBackend:
     """
 
     def __init__(self, answer=None):
-        from dockpart.http_parser import httptools
-        self._httptools = httptools
         self.answer = answer or (lambda request: b"HTTP/1.1 200 OK\r\nContent-Length: "
                                  b"%d\r\n\r\n%s" % (len(request.url), request.url))
         self.received: list[bytearray] = []
@@ -226,29 +262,7 @@ class RawBackend:
             threading.Thread(target=self._serve, args=(conn, raw), daemon=True).start()
 
     def _serve(self, conn, raw: bytearray) -> None:
-        backend = self
-        done: list[_Request] = []
-
-        class Parser:
-            current = None
-
-            def on_message_begin(self):
-                self.current = _Request()
-
-            def on_url(self, url):
-                self.current.url += url
-
-            def on_header(self, name, value):
-                self.current.headers.append((name, value))
-
-            def on_body(self, body):
-                self.current.body += body
-
-            def on_message_complete(self):
-                self.current.method = parser.get_method()
-                done.append(self.current)
-
-        parser = self._httptools.HttpRequestParser(Parser())
+        parsed = RequestParser()
         try:
             while True:
                 data = conn.recv(65536)
@@ -256,16 +270,12 @@ class RawBackend:
                     break
                 with self.lock:
                     raw += data
-                try:
-                    parser.feed_data(data)
-                except self._httptools.HttpParserUpgrade:
-                    pass
-                except self._httptools.HttpParserError:
+                if not parsed.feed(data):
                     break
-                while done:
-                    request = done.pop(0)
+                while parsed.done:
+                    request = parsed.done.pop(0)
                     with self.lock:
-                        backend.requests.append(request)
+                        self.requests.append(request)
                     reply = self.answer(request)
                     if callable(reply):
                         reply(conn)

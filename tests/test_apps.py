@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -13,7 +14,7 @@ import requests
 from dashboardkit import managed, stop_managed
 from dockpart import keys
 from dockpart.deploy.cli import main
-from helpers import ROOT, Daemon, free_port, port_block, wait_for
+from helpers import ROOT, start_apps_infra, start_proxy, wait_for
 
 HELLO = ROOT / "examples" / "hello" / "app.py"
 APP_PORTS = 8  # the apps' port range in these tests
@@ -30,17 +31,11 @@ def command(name: str) -> str:
 @pytest.fixture
 def tier(own_redis, tmp_path):
     """An infra (process driver) and a proxy on a Redis of the test's own."""
-    low = port_block(APP_PORTS)
     state = tmp_path / "state"
-    infra = Daemon("dockpart-infra", "--driver", "process", "--redis", own_redis.url,
-                   "--state-dir", str(state), "--first-port", str(free_port()),
-                   "--app-ports", f"{low}-{low + APP_PORTS - 1}", "--interval", "0.05",
-                   "--drain", "1", "--reconcile-interval", "1", "--spawn-timeout", "20",
-                   "--lease", "2", ready="dockpart-infra started").start()
-    port = free_port()
-    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                   "--redis", own_redis.url, ready="dockpart-proxy listening on").start()
-    proxy.base = f"http://127.0.0.1:{port}"
+    infra = start_apps_infra(own_redis.url, "--state-dir", str(state), "--drain", "1",
+                             "--reconcile-interval", "1", "--spawn-timeout", "20", "--lease", "2",
+                             app_ports=APP_PORTS)
+    proxy = start_proxy(own_redis.url)
     yield own_redis, infra, proxy, state
     proxy.stop()
     infra.stop()
@@ -59,20 +54,23 @@ class Loop:
         self.proxy, self.host = proxy, host
         self.answers: Counter = Counter()
         self.failed: list[str] = []
+        self.failed_started: list[float] = []  # when each failed request was sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 r = get(self.proxy, self.host)
                 if r.status_code == 200:
                     self.answers[r.text.strip()] += 1
-                else:
-                    self.failed.append(f"{r.status_code} {r.text.strip()}")
+                    continue
+                self.failed.append(f"{r.status_code} {r.text.strip()}")
             except requests.RequestException as e:
                 self.failed.append(repr(e))
+            self.failed_started.append(started)
 
     def stop(self):
         self._stop.set()
@@ -142,7 +140,10 @@ def test_destroy_removes_the_routes_the_instances_and_the_records(tier):
     wait_for(lambda: not client.keys("dockpart:app*"), 10, what="records forgotten")
 
 
-def test_a_killed_instance_costs_no_failed_request_and_is_replaced(tier):
+def test_a_killed_instance_costs_at_most_the_request_it_was_answering(tier):
+    """SIGKILL can land between an instance's response head and its body: no proxy can finish
+    that answer (nginx and HAProxy close the client too).  The loop sends one request at a
+    time, so at most one request, sent before the kill, may fail; none sent after it."""
     redis, infra, proxy, state = tier
     assert dockpart_apps(redis.url, "create", "tough", "--command", command("tough"),
                          "--scale", "2") == 0
@@ -153,6 +154,7 @@ def test_a_killed_instance_costs_no_failed_request_and_is_replaced(tier):
         port, pids = sorted(managed(state / "apps" / "tough").items())[0]
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
         wait_for(lambda: f"http://127.0.0.1:{port}" not in serving(redis, "tough"), 20,
                  what="the killed instance unlisted")
         wait_for(lambda: len(serving(redis, "tough")) == 2, 30, what="a replacement serving")
@@ -160,7 +162,8 @@ def test_a_killed_instance_costs_no_failed_request_and_is_replaced(tier):
         wait_for(lambda: sum(loop.answers.values()) > before + 10, 10, what="more answers")
     finally:
         loop.stop()
-    assert loop.failed == []
+    assert len(loop.failed) <= 1, loop.failed
+    assert all(started < killed for started in loop.failed_started), loop.failed
 
 
 def test_a_redis_that_lost_its_data_gets_the_apps_and_their_lists_back(tier):
@@ -172,5 +175,7 @@ def test_a_redis_that_lost_its_data_gets_the_apps_and_their_lists_back(tier):
     redis.client().flushall()
     wait_for(lambda: len(serving(redis, "kept")) == 1, 20, what="its list refilled")
     assert set(managed(state / "apps" / "kept")) == running  # the same instance, not a new one
-    assert redis.client().hget(keys.app_record("kept"), "domains") == "kept.example.org"
+    # The record comes back with the apps runner's next step (the list may come first).
+    wait_for(lambda: redis.client().hget(keys.app_record("kept"), "domains")
+             == "kept.example.org", 10, what="the record written back")
     assert get(proxy, "kept.example.org").text.startswith("kept on port")

@@ -8,7 +8,7 @@ import pytest
 from dockerkit import docker_client
 from dockpart import keys
 from dockpart.drivers.docker import LABEL_TIER
-from helpers import ROOT, Daemon, free_port, port_block, wait_for
+from helpers import ROOT, Daemon, free_port, port_block, start_proxy, wait_for
 from test_apps import dockpart_apps, get, serving
 
 pytestmark = pytest.mark.docker
@@ -26,10 +26,7 @@ def test_an_app_image_runs_as_containers_routed_by_host_and_goes_when_destroyed(
                    "--first-port", str(free_port()), "--app-ports", f"{low}-{low + 3}",
                    "--interval", "0.05", "--drain", "1", "--stop-timeout", "2",
                    "--spawn-timeout", "60", ready="dockpart-infra started").start()
-    port = free_port()
-    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                   "--redis", own_redis.url, ready="dockpart-proxy listening on").start()
-    proxy.base = f"http://127.0.0.1:{port}"
+    proxy = start_proxy(own_redis.url)
 
     def containers():
         return engine.containers.list(all=True, filters={

@@ -61,8 +61,7 @@ def test_a_name_that_is_no_dns_label_is_a_usage_error_that_changes_nothing(
 
 
 @pytest.mark.parametrize("args, message", [
-    (["create", "a"], "exactly one of --image"),
-    (["create", "a", "--image", "x", "--command", "y"], "exactly one of --image"),
+    (["create", "a", "--image", "x", "--command", "y"], "not both"),
     (["create", "a", "--command", "y", "--domain", "bad_host"], "not a host name"),
     (["scale", "a", "many"], "number of instances"),
 ])

@@ -9,7 +9,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from dockpart.dashboard import COOKIE, MAX_BODY, Dashboard
+from dockpart.dashboard import COOKIE, MAX_BODY, STATIC, Dashboard
 from dockpart.dashboard_state import TierWatch
 
 TOKEN = "s3cret-token"
@@ -73,7 +73,7 @@ def test_head_is_answered_as_get_without_a_body():
 
 def test_static_assets_are_served_with_their_type_and_unknown_ones_are_404():
     response, body = fetch(dashboard(), "GET", "static/dashboard.js")
-    assert response.code == 200 and body
+    assert response.code == 200 and body == (STATIC / "dashboard.js").read_bytes()
     assert header(response, "content-type") == "text/javascript; charset=utf-8"
     assert header(response, "cache-control") == "max-age=3600"
     response, _ = fetch(dashboard(), "GET", "static/../dashboard.py")

@@ -233,6 +233,18 @@ async def test_a_login_with_two_tokens_is_a_400_whichever_matches():
         assert not reply.headers.hasHeader("set-cookie")
 
 
+def apps_snapshot(app: dict) -> dict:
+    """An active infra's snapshot of an empty seed tier and one app."""
+    return {"time": 1.0, "error": None, "role": "active",
+            "infra": {"id": "me", "driver": "process", "driver_error": None},
+            "lease_holder": "me",
+            "tier": {"instances": 0, "proxies": 0, "rps": 0.0, "errors": 0.0,
+                     "p50_ms": None, "p95_ms": None, "inflight": 0},
+            "instances": [], "queues": lists(), "dead_letters": [],
+            "autoscale": {"decisions": [], "desired": None, "limits": {}},
+            "deploy": {"live": []}, "apps": [app]}
+
+
 def test_each_app_shows_its_scale_its_instances_their_figures_and_a_scale_button():
     from dockpart.apps import App
     from dockpart.dashboard_state import app_view
@@ -242,15 +254,27 @@ def test_each_app_shows_its_scale_its_instances_their_figures_and_a_scale_button
     shop = app_view(App("shop", command="x", desired=2, domains=("shop.example.org",),
                         instances=("http://127.0.0.1:20000",)), [report])
     assert shop["rps"] == 10.0 and shop["instances"][0]["health"] == "healthy"
-    snapshot = {"time": 1.0, "error": None, "role": "active",
-                "infra": {"id": "me", "driver": "process", "driver_error": None},
-                "lease_holder": "me",
-                "tier": {"instances": 0, "proxies": 0, "rps": 0.0, "errors": 0.0,
-                         "p50_ms": None, "p95_ms": None, "inflight": 0},
-                "instances": [], "queues": lists(), "dead_letters": [],
-                "autoscale": {"decisions": [], "desired": None, "limits": {}},
-                "deploy": {"live": []}, "apps": [shop]}
+    snapshot = apps_snapshot(shop)
     html = live_html(snapshot, "csrf")
     assert 'data-app="shop"' in html and "1 / 2" in html and "shop.example.org" in html
     assert 'action="api/apps/scale"' in html and 'name="count"' in html
     assert 'action="api/apps/scale"' not in live_html({**snapshot, "role": "standby"}, "csrf")
+
+
+def test_each_app_shows_its_live_release_the_one_it_rolls_over_to_and_its_history():
+    from dockpart.apps import App
+    from dockpart.dashboard_state import app_view
+    from dockpart.releases import Release
+    history = [Release("v3", "c" * 40, 30.0, note="push ccccccc <b>", dir="/r/v3"),
+               Release("v2", "b" * 40, 20.0, note="config A=", dir="/r/v1"),
+               Release("v1", "a" * 40, 10.0, note="push aaaaaaa", dir="/r/v1")]
+    shop = app_view(App("shop", command="x", release="v2", rollover="v3"), [], history)
+    assert [(r["id"], r["commit"], r["live"]) for r in shop["releases"]] == [
+        ("v3", "ccccccc", False), ("v2", "bbbbbbb", True), ("v1", "aaaaaaa", False)]
+    snapshot = apps_snapshot(shop)
+    html = live_html(snapshot, "csrf")
+    assert "<summary>v2 → <b>v3</b></summary>" in html
+    assert "<li class=live>v2 bbbbbbb" in html and "config A=" in html
+    assert "push ccccccc &lt;b&gt;" in html  # a note is text, never markup
+    plain = app_view(App("blog", command="x"), [])
+    assert plain["releases"] == []

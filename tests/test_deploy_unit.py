@@ -185,7 +185,7 @@ def test_switch_replaces_the_front_route_atomically_and_announces_it(tmp_path, r
     repos.init(tmp_path, {"ports": {"green": green_port, "blue": blue_port}}, say=lambda line: None)
     redis_db.rpush(keys.DEPLOY_LIVE, "http://127.0.0.1:1", "http://127.0.0.1:2")
     pubsub = redis_db.pubsub()
-    pubsub.subscribe("dockpart:deploy:live:changed")  # the name the README gives
+    pubsub.subscribe("dockpart:deploy:live:changed")  # the name docs/deploy.md gives
     wait_for(lambda: pubsub.get_message(timeout=0.1), what="the subscription")
     try:
         done = dockpart("deploy", "switch", "green", "--dir", str(tmp_path), "--redis", redis_server.url)
@@ -254,7 +254,7 @@ def test_an_unexpected_error_gives_the_pusher_one_line_and_the_log_a_traceback(t
         raise KeyError("Config")
 
     monkeypatch.setattr(hook, "deploy_commit", broken)
-    monkeypatch.setattr(hook, "_ref_value", lambda *args: ZERO)
+    monkeypatch.setattr(hook, "ref_value", lambda *args: ZERO)
     said = []
     assert run_hook(deploy_dir, "green", [f"{ZERO} {'1' * 40} refs/heads/main\n"], said.append) == 1
     log = hook.log_path(deploy_dir, "green")

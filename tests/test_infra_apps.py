@@ -56,6 +56,14 @@ class Runner:
         return self.redis.stopService()
 
 
+@pytest_twisted.async_yield_fixture
+async def r(redis_server):
+    """A Runner on the test's Redis, its connection closed after the test."""
+    runner = Runner(redis_server.url)
+    yield runner
+    await runner.stop()
+
+
 def report(client, clock, app: str, inflight: dict[str, int], name: str = "p:1"):
     """A proxy's load report on ``app``'s instances (or the seed's, for app None)."""
     body = {"proxy": name, "time": clock.seconds(), "interval": 1.0,
@@ -70,101 +78,78 @@ def report(client, clock, app: str, inflight: dict[str, int], name: str = "p:1")
 
 
 @pytest_twisted.ensureDeferred
-async def test_each_app_gets_its_count_on_ports_no_other_app_holds(redis_db, redis_server):
-    r = Runner(redis_server.url)
-    try:
-        with_client = Scripts(redis_db)
-        apps.create(with_client, apps.App("a", command="x", desired=2))
-        apps.create(with_client, apps.App("b", command="y", desired=1))
-        await r.step()
-        assert redis_db.lrange(keys.app_tier("a").spawn_queue, 0, -1) == [url(LOW + 1), url(LOW)]
-        assert redis_db.lrange(keys.app_tier("b").spawn_queue, 0, -1) == [url(LOW + 2)]
-        await r.step()  # what is asked for counts: nothing more
-        assert redis_db.llen(keys.app_tier("a").spawn_queue) == 2
-        assert redis_db.hgetall(keys.APP_PORTS) == {str(LOW): "a", str(LOW + 1): "a",
-                                                    str(LOW + 2): "b"}
-    finally:
-        await r.stop()
+async def test_each_app_gets_its_count_on_ports_no_other_app_holds(redis_db, r):
+    with_client = Scripts(redis_db)
+    apps.create(with_client, apps.App("a", command="x", desired=2))
+    apps.create(with_client, apps.App("b", command="y", desired=1))
+    await r.step()
+    assert redis_db.lrange(keys.app_tier("a").spawn_queue, 0, -1) == [url(LOW + 1), url(LOW)]
+    assert redis_db.lrange(keys.app_tier("b").spawn_queue, 0, -1) == [url(LOW + 2)]
+    await r.step()  # what is asked for counts: nothing more
+    assert redis_db.llen(keys.app_tier("a").spawn_queue) == 2
+    assert redis_db.hgetall(keys.APP_PORTS) == {str(LOW): "a", str(LOW + 1): "a",
+                                                str(LOW + 2): "b"}
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_lower_count_queues_destroys_and_unused_ports_are_given_back(redis_db,
-                                                                            redis_server):
-    r = Runner(redis_server.url)
-    try:
-        apps.create(Scripts(redis_db), apps.App("a", command="x", desired=1))
-        t = keys.app_tier("a")
-        redis_db.rpush(t.servers, url(LOW), url(LOW + 1), url(LOW + 2))
-        redis_db.hset(keys.APP_PORTS, mapping={LOW: "a", LOW + 1: "a", LOW + 2: "a",
-                                               LOW + 5: "a"})
-        await r.step()
-        assert redis_db.llen(t.destroy_queue) == 2
-        assert str(LOW + 5) not in redis_db.hgetall(keys.APP_PORTS)  # in no list, not running
-    finally:
-        await r.stop()
+async def test_a_lower_count_queues_destroys_and_unused_ports_are_given_back(redis_db, r):
+    apps.create(Scripts(redis_db), apps.App("a", command="x", desired=1))
+    t = keys.app_tier("a")
+    redis_db.rpush(t.servers, url(LOW), url(LOW + 1), url(LOW + 2))
+    redis_db.hset(keys.APP_PORTS, mapping={LOW: "a", LOW + 1: "a", LOW + 2: "a",
+                                           LOW + 5: "a"})
+    await r.step()
+    assert redis_db.llen(t.destroy_queue) == 2
+    assert str(LOW + 5) not in redis_db.hgetall(keys.APP_PORTS)  # in no list, not running
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_autoscaler_sizes_each_app_on_its_own_load(redis_db, redis_server):
-    r = Runner(redis_server.url)
-    try:
-        client = Scripts(redis_db)
-        for name in ("a", "b"):
-            apps.create(client, apps.App(name, command="x", desired=1))
-            apps.autoscale(client, name, 1, 4, 2.0, 1)
-        redis_db.rpush(keys.app_tier("a").servers, url(LOW))
-        redis_db.rpush(keys.app_tier("b").servers, url(LOW + 1))
-        redis_db.hset(keys.APP_PORTS, mapping={LOW: "a", LOW + 1: "b"})
-        report(redis_db, r.clock, "a", {url(LOW): 8})  # 8 in flight on a's one instance
-        report(redis_db, r.clock, "b", {url(LOW + 1): 2}, name="p:2")  # b at its target
-        report(redis_db, r.clock, None, {url(3001): 50}, name="p:3")  # the seed's load
-        await r.step()
-        assert redis_db.hget(keys.app_record("a"), "desired") == "4"
-        assert redis_db.llen(keys.app_tier("a").spawn_queue) == 3
-        assert redis_db.hget(keys.app_record("b"), "desired") == "1"
-        assert redis_db.llen(keys.app_tier("b").spawn_queue) == 0
-    finally:
-        await r.stop()
+async def test_the_autoscaler_sizes_each_app_on_its_own_load(redis_db, r):
+    client = Scripts(redis_db)
+    for name in ("a", "b"):
+        apps.create(client, apps.App(name, command="x", desired=1))
+        apps.autoscale(client, name, 1, 4, 2.0, 1)
+    redis_db.rpush(keys.app_tier("a").servers, url(LOW))
+    redis_db.rpush(keys.app_tier("b").servers, url(LOW + 1))
+    redis_db.hset(keys.APP_PORTS, mapping={LOW: "a", LOW + 1: "b"})
+    report(redis_db, r.clock, "a", {url(LOW): 8})  # 8 in flight on a's one instance
+    report(redis_db, r.clock, "b", {url(LOW + 1): 2}, name="p:2")  # b at its target
+    report(redis_db, r.clock, None, {url(3001): 50}, name="p:3")  # the seed's load
+    await r.step()
+    assert redis_db.hget(keys.app_record("a"), "desired") == "4"
+    assert redis_db.llen(keys.app_tier("a").spawn_queue) == 3
+    assert redis_db.hget(keys.app_record("b"), "desired") == "1"
+    assert redis_db.llen(keys.app_tier("b").spawn_queue) == 0
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failed_spawn_holds_the_next_one_for_a_while(redis_db, redis_server):
-    r = Runner(redis_server.url)
-    try:
-        apps.create(Scripts(redis_db), apps.App("a", command="x", desired=1))
-        await r.step()
-        redis_db.delete(keys.app_tier("a").spawn_queue)  # dead-lettered, as a worker does
-        await r.step()
-        assert redis_db.llen(keys.app_tier("a").spawn_queue) == 0
-        r.clock.advance(1.01)
-        await r.step()
-        # On another port: something else may listen on the one that failed.
-        assert redis_db.lrange(keys.app_tier("a").spawn_queue, 0, -1) == [url(LOW + 1)]
-    finally:
-        await r.stop()
+async def test_a_failed_spawn_holds_the_next_one_for_a_while(redis_db, r):
+    apps.create(Scripts(redis_db), apps.App("a", command="x", desired=1))
+    await r.step()
+    redis_db.delete(keys.app_tier("a").spawn_queue)  # dead-lettered, as a worker does
+    await r.step()
+    assert redis_db.llen(keys.app_tier("a").spawn_queue) == 0
+    r.clock.advance(1.01)
+    await r.step()
+    # On another port: something else may listen on the one that failed.
+    assert redis_db.lrange(keys.app_tier("a").spawn_queue, 0, -1) == [url(LOW + 1)]
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_record_redis_lost_is_written_back_and_a_destroyed_app_forgotten(
-        redis_db, redis_server):
-    r = Runner(redis_server.url)
-    try:
-        apps.create(Scripts(redis_db), apps.App("a", command="x", desired=1,
-                                                  domains=("a.test",)))
-        await r.step()
-        redis_db.flushall()  # a Redis restarted without its data
-        await r.step()
-        assert redis_db.smembers(keys.APPS) == {"a"}
-        assert redis_db.hget(keys.app_record("a"), "domains") == "a.test"
-        driver = r.runner.tiers["a"].driver
-        driver.running = {LOW: True}  # running, in no list: it stopped answering
-        apps.destroy(Scripts(redis_db), "a")
-        redis_db.delete(keys.app_tier("a").spawn_queue)
-        await r.step()
-        assert driver.removed == [LOW]
-        await r.step()
-        assert "a" not in r.runner.tiers
-        assert redis_db.keys("dockpart:app*") == []
-    finally:
-        await r.stop()
+async def test_a_record_redis_lost_is_written_back_and_a_destroyed_app_forgotten(redis_db, r):
+    apps.create(Scripts(redis_db), apps.App("a", command="x", desired=1, domains=("a.test",)))
+    await r.step()
+    redis_db.flushall()  # a Redis restarted without its data
+    await r.step()
+    assert redis_db.smembers(keys.APPS) == {"a"}
+    assert redis_db.hget(keys.app_record("a"), "domains") == "a.test"
+    driver = r.runner.tiers["a"].driver
+    driver.running = {LOW: True}  # running, in no list: it stopped answering
+    apps.destroy(Scripts(redis_db), "a")
+    redis_db.delete(keys.app_tier("a").spawn_queue)
+    await r.step()
+    assert driver.removed == [LOW]
+    await r.step()
+    assert "a" not in r.runner.tiers
+    assert redis_db.keys("dockpart:app*") == []
 

@@ -515,7 +515,7 @@ def test_two_nodes_get_an_instance_each_and_the_proxy_sends_to_both(two_nodes, t
             page = subprocess.run([*a.enter(), "curl", "-fsS", f"http://127.0.0.1:{proxy_port}/"],
                                   capture_output=True, text=True, timeout=10)
             assert page.returncode == 0, page.stderr
-            # Each instance names --advertise-host with its own port (README: known limits).
+            # Each instance names --advertise-host with its own port (docs/swarm.md: known limits).
             return SERVED_PORT.search(page.stdout).group(1)
         wait_for(lambda: {int(through_proxy()) for _ in range(4)} == set(ports), 30,
                  what="the proxy to send to both nodes' instances")

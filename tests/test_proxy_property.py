@@ -26,7 +26,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from helpers import wait_for
-from proxykit import RawTier, _Request
+from proxykit import RawTier, RequestParser
 from test_proxy_exchange import URLS, Proxy
 
 KEY = "property:servers"
@@ -284,32 +284,12 @@ class MemoryBackend:
     request as :func:`answer` shapes it (``sendall``/``shutdown`` stand in for the socket)."""
 
     def __init__(self, conn, wire):
-        from dockpart.http_parser import httptools
         self.conn, self.wire = conn, wire
-        self.parser = httptools.HttpRequestParser(self)
-        self.done: list = []
-        self.current = None
+        self.parsed = RequestParser()
         self.dead = False
-
-    def on_message_begin(self):
-        self.current = _Request()
-
-    def on_url(self, url):
-        self.current.url += url
-
-    def on_header(self, name, value):
-        self.current.headers.append((name, value))
-
-    def on_body(self, body):
-        self.current.body += body
-
-    def on_message_complete(self):
-        self.current.method = self.parser.get_method()
-        self.done.append(self.current)
 
     def pump(self) -> bool:
         """Take what the proxy wrote and answer it; whether anything happened."""
-        from dockpart.http_parser import httptools
         if self.dead:
             return False
         if self.wire.disconnecting:  # the proxy closed it: the close reaches it
@@ -319,14 +299,10 @@ class MemoryBackend:
         self.wire.clear()
         if not data:
             return False
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass
-        except httptools.HttpParserError:
+        if not self.parsed.feed(data):
             self.shutdown(None)
-        while self.done and not self.dead:
-            reply = answer(self.done.pop(0))
+        while self.parsed.done and not self.dead:
+            reply = answer(self.parsed.done.pop(0))
             if callable(reply):
                 reply(self)
             else:

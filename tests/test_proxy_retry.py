@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from helpers import Daemon, RedisProcess, free_port, wait_for
+import helpers
+from helpers import Daemon, RedisProcess, wait_for
 from proxykit import RawBackend, exchange
 from tierkit import SHIPPED_RETRY_SAFE
 
@@ -33,12 +34,9 @@ def tier():
 
 
 def start_proxy(redis: RedisProcess) -> Daemon:
-    port = free_port()
-    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                   "--redis", redis.url, "--servers-key", KEY, "--try-timeout", "1",
-                   "--retry-safe", SHIPPED_RETRY_SAFE, "--backend-timeout", "6",
-                   ready="dockpart-proxy listening on").start()
-    proxy.port, proxy.redis = port, redis
+    proxy = helpers.start_proxy(redis.url, "--servers-key", KEY, "--try-timeout", "1",
+                                "--retry-safe", SHIPPED_RETRY_SAFE, "--backend-timeout", "6")
+    proxy.redis = redis
     return proxy
 
 

@@ -178,38 +178,39 @@ def test_an_empty_read_after_redis_was_away_keeps_the_list_until_a_notice():
 def test_notices_are_read_as_resp_even_split_across_reads():
     from twisted.internet.testing import StringTransport
 
-    from dockpart.proxy_sync import _Notices
+    from dockpart.proxy_sync import Subscriber
 
     class Owner:
-        list_key = "servers"
-        refreshes = 0
-
         class redis:
             class address:
                 password = None
 
-        class lists:
-            @staticmethod
-            def distrust_empty():
-                pass
+        def __init__(self):
+            self.notices = []
+
+        def subscriptions(self):
+            return [b"SUBSCRIBE"]
 
         def notices_connected(self):
             pass
 
-        def refresh(self, notice=False):
-            self.refreshes += notice
+        def notice(self, reply):
+            self.notices.append(reply)
 
     owner = Owner()
-    notices = _Notices()
+    notices = Subscriber()
     notices.factory = type("F", (), {"owner": owner})()
-    notices.makeConnection(StringTransport())
+    transport = StringTransport()
+    notices.makeConnection(transport)
+    assert transport.value() == b"SUBSCRIBE"
     stream = (b"*3\r\n$9\r\nsubscribe\r\n$24\r\ndockpart:servers:changed\r\n:1\r\n"
               b"*3\r\n$7\r\nmessage\r\n$24\r\ndockpart:servers:changed\r\n$7\r\nmessage\r\n"
-              b"*3\r\n$7\r\nmessage\r\n$24\r\ndockpart:servers:changed\r\n$3\r\nadd\r\n")
+              b"*4\r\n$8\r\npmessage\r\n$1\r\n*\r\n$4\r\nchan\r\n$3\r\nadd\r\n")
     for i in range(len(stream)):
         notices.dataReceived(stream[i:i + 1])
-    # Two messages (one whose payload is the word "message"); the confirmation is none.
-    assert owner.refreshes == 2
+    # Two notices (one whose payload is the word "message"); the confirmation is none.
+    assert owner.notices == [["message", "dockpart:servers:changed", "message"],
+                             ["pmessage", "*", "chan", "add"]]
 
 
 def test_direct_writer_finds_the_twisted_internals_it_reads():

@@ -64,7 +64,7 @@ def tier(redis_db, redis_server, backends):
 
 @pytest.fixture
 def migrate_req():
-    """net.ipv4.tcp_migrate_req on, as the README's restart asks (scripts/up restart-proxy
+    """net.ipv4.tcp_migrate_req on, as docs/operations.md's restart asks (scripts/up restart-proxy
     sets it when root): connections queued on the old proxy's closing listener go to the new
     one instead of being reset.  Put back as it was afterwards."""
     before = MIGRATE_REQ.read_text() if MIGRATE_REQ.exists() else None

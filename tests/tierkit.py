@@ -25,7 +25,7 @@ from dockpart import keys
 from dockpart.drivers.process import _thd_scan
 from helpers import Daemon, port_block, served_by, wait_for
 
-#: The proxy's flags in docker-compose.yml and scripts/up (README "Compose and scripts/up").
+#: The proxy's flags in docker-compose.yml and scripts/up (docs/running.md "Compose and scripts/up").
 #: The seed app's routes harmless to run twice (``/`` records one more visit).
 SHIPPED_RETRY_SAFE = "/,/get*,/recent,/listservers,/work"
 SHIPPED_PROXY_ARGS = ("--health-path", "/", "--health-interval", "1", "--try-timeout", "1",

@@ -24,9 +24,9 @@ def log_path(deploy_dir: DeployDir, slice_name: str) -> Path:
     return deploy_dir.run / f"{slice_name}-deploy.log"
 
 
-def _ref_value(deploy_dir: DeployDir, slice_name: str, ref: str) -> str:
-    """What ``ref`` names in the slice's repository now (ZERO if nothing)."""
-    found = subprocess.run(["git", f"--git-dir={deploy_dir.git_dir(slice_name)}", "rev-parse",
+def ref_value(git_dir, ref: str) -> str:
+    """What ``ref`` names in the repository ``git_dir`` now (ZERO if nothing)."""
+    found = subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse",
                             "--verify", "-q", ref], capture_output=True, text=True,
                            env=clean_git_env())
     return found.stdout.strip() if found.returncode == 0 else ZERO
@@ -34,9 +34,18 @@ def _ref_value(deploy_dir: DeployDir, slice_name: str, ref: str) -> str:
 
 def run_hook(deploy_dir: DeployDir, slice_name: str, lines, say=print) -> int:
     """Handle the ``OLD NEW REF`` lines git gives the hook; return its exit status."""
-    path = log_path(deploy_dir, slice_name)
+    return run_logged(log_path(deploy_dir, slice_name), f"push to {slice_name}",
+                      f"DEPLOY FAILED, {slice_name} keeps serving its previous release",
+                      lambda tell: _deploy(deploy_dir, slice_name, lines, tell), say)
+
+
+def run_logged(path: Path, title: str, failed: str, work, say=print,
+               expected=(DeployError,)) -> int:
+    """Run ``work(tell)``: each line told goes to the pusher and to the log at ``path``; a
+    failure is one line for the pusher (``failed: reason (log: path)``), the details (a
+    traceback) for the log only.  The exit status: ``work``'s, or 1."""
     try:
-        deploy_dir.run.mkdir(exist_ok=True)
+        path.parent.mkdir(exist_ok=True)
         log = open(path, "a")
     except OSError:  # no deploy directory: loading its configuration says so
         log, path = None, None  # type: ignore[assignment]  # no log file to name
@@ -49,10 +58,10 @@ def run_hook(deploy_dir: DeployDir, slice_name: str, lines, say=print) -> int:
                 log.flush()
 
         if log is not None:
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} push to {slice_name}\n")
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} {title}\n")
         try:
-            return _deploy(deploy_dir, slice_name, lines, tell)
-        except DeployError as e:
+            return work(tell)
+        except expected as e:
             reason, details = str(e), ""
         except Exception as e:
             reason, details = f"unexpected error: {type(e).__name__}: {e}", traceback.format_exc()
@@ -60,8 +69,7 @@ def run_hook(deploy_dir: DeployDir, slice_name: str, lines, say=print) -> int:
             log.write(f"{reason}\n{details}")
     # One line for the pusher: the steps above it and the log say the rest.
     first, *more = reason.splitlines() or [""]
-    say(f"DEPLOY FAILED, {slice_name} keeps serving its previous release: {first}"
-        + (" [...]" if more else "") + (f" (log: {path})" if path else ""))
+    say(f"{failed}: {first}" + (" [...]" if more else "") + (f" (log: {path})" if path else ""))
     return 1
 
 
@@ -90,7 +98,7 @@ def _deploy(deploy_dir: DeployDir, slice_name: str, lines, say) -> int:
     say(f"deploying {commit[:7]} to {slice_name}")
     with slice_lock(deploy_dir, slice_name, say, f"deploying {commit[:7]} from {ref}"):
         # A push that waited must not deploy over what the push before it made the branch.
-        now = _ref_value(deploy_dir, slice_name, ref)
+        now = ref_value(deploy_dir.git_dir(slice_name), ref)
         if now != old:
             raise DeployError(f"{ref} moved to {now[:7]} while this push waited; "
                               "fetch, merge and push again")

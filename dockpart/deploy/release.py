@@ -87,21 +87,29 @@ class History:
 
 @contextmanager
 def slice_lock(deploy_dir: DeployDir, slice_name: str, say=print, doing: str = "a push"):
-    """One deployment per slice at a time: a second push (or rollback) waits for the first.
-
-    The holder writes what it does into the lock file, so the one waiting can say whom it waits for.
-    """
+    """One deployment per slice at a time: a second push (or rollback) waits for the first."""
     deploy_dir.run.mkdir(exist_ok=True)
-    with open(deploy_dir.run / f"{slice_name}.lock", "a+") as f:
+    with file_lock(deploy_dir.run / f"{slice_name}.lock", f"push to {slice_name}", say,
+                   doing):
+        yield
+
+
+@contextmanager
+def file_lock(path, what: str, say=print, doing: str = "a push"):
+    # what: "push to green", as in "waiting for the push to green in progress"
+    """Hold ``path``'s lock; a second holder waits for the first, saying whom it waits for.
+
+    The holder writes what it does into the lock file, so the one waiting can say it.
+    """
+    with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip()
-            say(f"waiting for the push to {slice_name} in progress"
-                + (f" ({holder})" if holder else ""))
+            say(f"waiting for the {what} in progress" + (f" ({holder})" if holder else ""))
             fcntl.flock(f, fcntl.LOCK_EX)
-            say(f"the previous push to {slice_name} is done; going on")
+            say(f"the previous {what} is done; going on")
         f.seek(0)
         f.truncate()
         f.write(f"{doing}, pid {os.getpid()}\n")

@@ -93,7 +93,7 @@ class DeployDir:
         return DeployConfig(**{k: v for k, v in data.items() if k in known})
 
 
-def _write_if_changed(path: Path, text: str, mode: int | None = None) -> bool:
+def write_if_changed(path: Path, text: str, mode: int | None = None) -> bool:
     if path.exists() and path.read_text() == text and (
             mode is None or path.stat().st_mode & 0o777 == mode):
         return False
@@ -125,7 +125,7 @@ def init(path, overrides: dict, say=print) -> list[str]:
         if isinstance(config.get(key), dict) and isinstance(value, dict):
             value = {**config[key], **value}
         config[key] = value
-    if _write_if_changed(deploy_dir.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n"):
+    if write_if_changed(deploy_dir.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n"):
         changed.append(str(deploy_dir.config_path))
     for slice_name in SLICES:
         git_dir = deploy_dir.git_dir(slice_name)
@@ -138,7 +138,7 @@ def init(path, overrides: dict, say=print) -> list[str]:
             work_tree.mkdir()
             changed.append(str(work_tree))
         hook = git_dir / "hooks" / "pre-receive"
-        if _write_if_changed(hook, hook_script(deploy_dir, slice_name), 0o755):
+        if write_if_changed(hook, hook_script(deploy_dir, slice_name), 0o755):
             changed.append(str(hook))
     reserve_ports(sorted(set(config["ports"].values())), say)
     for item in changed:

@@ -24,12 +24,17 @@ def candidate_name(slice_name: str) -> str:
 
 def checkout(deploy_dir: DeployDir, slice_name: str, commit: str, env: dict | None = None) -> None:
     """Make the slice's work tree exactly ``commit`` (tracked files only)."""
-    git = ["git", f"--git-dir={deploy_dir.git_dir(slice_name)}",
-           f"--work-tree={deploy_dir.work_tree(slice_name)}"]
+    checkout_into(deploy_dir.git_dir(slice_name), deploy_dir.work_tree(slice_name), commit, env,
+                  deploy_dir.path)
+
+
+def checkout_into(git_dir, work_tree, commit: str, env: dict | None = None, cwd=None) -> None:
+    """Make ``work_tree`` exactly ``commit`` of the repository ``git_dir`` (tracked files)."""
+    git = ["git", f"--git-dir={git_dir}", f"--work-tree={work_tree}"]
     env = env if env is not None else clean_git_env()
     for args in (["read-tree", "-u", "--reset", commit], ["clean", "-q", "-ffdx"]):
         result = subprocess.run(git + args, env=env, capture_output=True, text=True,
-                                cwd=deploy_dir.path)
+                                cwd=cwd or git_dir)
         if result.returncode:
             raise DeployError(f"git {args[0]} failed: {result.stderr.strip()}")
 

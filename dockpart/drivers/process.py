@@ -118,6 +118,14 @@ class ProcessDriver:
     async def instances(self) -> dict[int, Instance]:
         return await self.pool.run(_thd_instances, self.mark, self.state_dir)
 
+    def workdir(self, port: int) -> Path:
+        """The directory the instance on ``port`` runs in."""
+        return self.state_dir
+
+    def log_path(self, port: int) -> Path:
+        """Where the instance on ``port`` writes its output (kept after it is removed)."""
+        return self.state_dir / f"{instance_name(port)}.log"
+
     def launch(self, port: int) -> tuple[list[str], dict[str, str]]:
         """What runs on ``port``: the argv and the environment it adds (dockpart-web here)."""
         return ([sys.executable, "-c", LAUNCHER, "-n", "--pidfile=", "--logfile=-",
@@ -130,7 +138,7 @@ class ProcessDriver:
             return  # already runs: adopt it
         argv, env = self.launch(port)
         env = {**os.environ, **env, MANAGED_VAR: self.mark, PORT_VAR: str(port)}
-        log_path = self.state_dir / f"{instance_name(port)}.log"
+        log_path = self.log_path(port)
         try:  # in the pool: the state directory may be on a slow or remote disk
             log_fd = await self.pool.run(_thd_prepare, self.state_dir, self._marker(port),
                                          log_path)
@@ -139,7 +147,7 @@ class ProcessDriver:
         devnull = os.open(os.devnull, os.O_RDONLY)
         try:
             self.reactor.spawnProcess(_Instance(port), sys.executable, argv, env=env,
-                                      path=str(self.state_dir),
+                                      path=str(self.workdir(port)),
                                       childFDs={0: devnull, 1: log_fd, 2: log_fd})
         except OSError as e:
             raise DriverError(f"cannot start {instance_name(port)}: {e}") from None

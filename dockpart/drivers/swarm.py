@@ -9,8 +9,8 @@ run and find instances) and a Swarm restart policy.  ``MaxReplicas=1`` keeps two
 
 The address: a task runs on whichever node Swarm picks, so the URL where it answers is known
 only once it is placed: ``http://<node address>:<port>``.  :meth:`SwarmDriver.start` waits for
-that and returns it; :meth:`SwarmDriver.managed` reports it for each running instance.  The
-worker probes and registers that URL (README, "Docker Swarm", the address decision).
+that and returns it; :meth:`SwarmDriver.instances` reports it (``Instance.url``) for each
+running instance.  The worker probes and registers that URL (docs/swarm.md, "Addresses").
 """
 
 from docker.errors import APIError, ImageNotFound, NotFound

@@ -1,0 +1,343 @@
+"""``git push`` to an app: its repository, the hook that makes a release, and the wait for
+infra's roll-over (:mod:`dockpart.rollover`); rollback and config changes roll over the same way.
+
+The apps directory (``--apps-dir``, env ``DOCKPART_APPS_DIR``; ``/var/lib/dockpart/apps`` for
+root, ``$XDG_DATA_HOME/dockpart/apps`` otherwise) holds per app ``NAME.git`` (a bare
+repository whose pre-receive hook runs ``dockpart apps hook NAME``, so a release that fails
+refuses the push, as the seed's slices do) and ``NAME/``: the releases' directories, the push
+log and the push lock (one push, rollback or config change per app at a time).
+
+A blocking program, as ``dockpart deploy`` is: each step is printed as it happens, and git
+shows the hook's lines to the pusher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dockpart import apps, keys, releases
+from dockpart.apps import BadApp
+from dockpart.deploy import front
+from dockpart.deploy.hook import ZERO, ref_value, run_logged
+from dockpart.deploy.release import file_lock
+from dockpart.deploy.repos import (BASE_IMAGE_ENV, DEFAULT_BRANCHES, DeployConfig, DeployError,
+                                   write_if_changed, clean_git_env)
+from dockpart.deploy.slices import checkout_into
+from dockpart.releases import BadRelease, Release
+from dockpart.redisconn import RedisUnavailable
+
+APPS_DIR_ENV = "DOCKPART_APPS_DIR"
+ROOT_APPS_DIR = "/var/lib/dockpart/apps"
+REGISTRY_ENV = "DOCKPART_REGISTRY"
+#: Releases kept per app besides the live one (for rollback); older ones are forgotten.
+KEEP = 5
+#: Seconds a push waits for infra to finish its roll-over.
+ROLLOVER_TIMEOUT = 600.0
+#: What a failure says the app keeps.
+FAILED = "PUSH FAILED, app {name} keeps serving its current release"
+class StillRolling(DeployError):
+    """The wait ended before infra's roll-over did; the release stays (infra goes on)."""
+
+
+#: Errors whose message is the whole story for the pusher.
+EXPECTED = (DeployError, BadApp, BadRelease, RedisUnavailable)
+
+
+def default_apps_dir() -> Path:
+    """``DOCKPART_APPS_DIR``, else /var/lib/dockpart/apps for root, else under
+    ``$XDG_DATA_HOME`` (``~/.local/share``)."""
+    if os.environ.get(APPS_DIR_ENV):
+        return Path(os.environ[APPS_DIR_ENV])
+    if os.geteuid() == 0:
+        return Path(ROOT_APPS_DIR)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "dockpart" / "apps"
+
+
+class AppsDir:
+    """Paths inside the apps directory."""
+
+    def __init__(self, path):
+        self.path = Path(path).resolve()
+
+    def git_dir(self, name: str) -> Path:
+        return self.path / f"{name}.git"
+
+    def home(self, name: str) -> Path:
+        return self.path / name
+
+    def release_dir(self, name: str, release_id: str) -> Path:
+        return self.home(name) / "releases" / release_id
+
+    def log(self, name: str) -> Path:
+        return self.home(name) / "push.log"
+
+    def lock(self, name: str, say, doing: str):
+        """One push, rollback or config change of the app at a time."""
+        self.home(name).mkdir(parents=True, exist_ok=True)
+        return file_lock(self.home(name) / "push.lock", f"push to app {name}", say, doing)
+
+    def hook_script(self, name: str, redis_url: str) -> str:
+        command = shlex.join([sys.executable, "-m", "dockpart", "apps", "hook", name,
+                              "--apps-dir", str(self.path)])
+        exports = [f"export DOCKPART_REDIS={shlex.quote(redis_url)}"]
+        for var in (BASE_IMAGE_ENV, REGISTRY_ENV):  # as the app's creator had them
+            if os.environ.get(var):
+                exports.append(f"export {var}={shlex.quote(os.environ[var])}")
+        return ("#!/bin/sh\n"
+                "# Written by `dockpart apps create`: makes a release of each push and rolls "
+                "the app over to it.\n"
+                "unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE\n"
+                + "".join(line + "\n" for line in exports) + f"exec {command}\n")
+
+    def create(self, name: str, redis_url: str) -> Path:
+        """The app's bare repository and its hook (again: only what changed is written)."""
+        git_dir = self.git_dir(name)
+        if not (git_dir / "HEAD").exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(git_dir)],
+                           check=True, env=clean_git_env())
+        # 0700: it holds the Redis URL, password included.
+        write_if_changed(git_dir / "hooks" / "pre-receive", self.hook_script(name, redis_url),
+                          0o700)
+        return git_dir
+
+
+def run_hook(apps_dir: AppsDir, name: str, lines, address, timeout: float, say=print) -> int:
+    """The pre-receive hook: ``OLD NEW REF`` lines from git; the exit status."""
+    return run_logged(apps_dir.log(name), f"push to app {name}", FAILED.format(name=name),
+                      lambda tell: _push(apps_dir, name, lines, address, timeout, tell), say,
+                      expected=EXPECTED)
+
+
+def _push(apps_dir: AppsDir, name: str, lines, address, timeout: float, say) -> int:
+    pushed = None
+    for line in lines:
+        if not line.strip():
+            continue
+        old, new, ref = line.split()
+        if ref.removeprefix("refs/heads/") not in DEFAULT_BRANCHES:
+            say(f"accepted {ref}; only {' or '.join(DEFAULT_BRANCHES)} makes a release")
+        elif new == ZERO:
+            say(f"accepted the deletion of {ref}; app {name} keeps serving")
+        else:
+            pushed = old, new, ref
+    if pushed is None:
+        return 0
+    old, commit, ref = pushed
+    say(f"-----> app {name}: release of {commit[:7]}")
+    with apps_dir.lock(name, say, f"pushing {commit[:7]}"):
+        if ref_value(apps_dir.git_dir(name), ref) != old:
+            raise DeployError(f"{ref} moved while this push waited; fetch, merge and push again")
+        with front.connected(address, timeout) as client:
+            redis = front.Scripts(client)
+            app = apps.read_one(redis, name)
+            driver = str(client.get(keys.APPS_DRIVER) or "")
+            if not driver:
+                raise DeployError("no dockpart-infra runs apps on this Redis yet (it says its "
+                                  f"driver in {keys.APPS_DRIVER})")
+            live = _live(redis, app)
+            release_id = releases.next_id(redis, name)
+            work = apps_dir.release_dir(name, release_id)
+            try:
+                release = _make(apps_dir, name, release_id, commit, driver, live, say)
+                releases.keep(redis, name, release)
+                roll(client, app, release, say)
+            except StillRolling:
+                raise
+            except BaseException:
+                _forget(redis, name, [release_id], [work])
+                raise
+            _prune(apps_dir, redis, name, release.id)
+    return 0
+
+
+def _live(redis, app: apps.App) -> Release | None:
+    found = releases.read(redis, app.name)
+    return next((r for r in found if r.id == app.release), None)
+
+
+def _make(apps_dir: AppsDir, name: str, release_id: str, commit: str, driver: str,
+          live: Release | None, say) -> Release:
+    """Check out ``commit``; a Procfile's command (process driver) or a built image."""
+    work = apps_dir.release_dir(name, release_id)
+    work.mkdir(parents=True, exist_ok=True)
+    say(f"checking out {commit[:7]} into {work}")
+    # The pushed objects sit in git's quarantine until the hook succeeds: keep GIT_* for it.
+    checkout_into(apps_dir.git_dir(name), work, commit, dict(os.environ))
+    env = dict(live.env) if live else {}
+    note = f"push {commit[:7]}"
+    if driver == "process":
+        procfile = work / "Procfile"
+        if not procfile.is_file():
+            raise BadRelease("no Procfile in the pushed tree (the process driver runs its "
+                             "'web: COMMAND', which listens on $PORT)")
+        command = releases.web_command(procfile.read_text())
+        say(f"Procfile: web: {command}")
+        return Release(release_id, commit, time.time(), command=command, dir=str(work),
+                       env=env, note=note)
+    if not (work / "Dockerfile").is_file():
+        raise BadRelease(f"no Dockerfile in the pushed tree (the {driver} driver runs images)")
+    image = build_image(name, release_id, work, say)
+    shutil.rmtree(work, ignore_errors=True)  # the image is the release
+    return Release(release_id, commit, time.time(), image=image, env=env, note=note)
+
+
+def build_image(name: str, release_id: str, work: Path, say) -> str:
+    """Build ``work`` with the engine, push it to the registry; the image by digest."""
+    from dockpart.deploy import docker_ops  # here: the process driver never needs docker
+    registry = os.environ.get(REGISTRY_ENV) or DeployConfig.registry
+    tag = f"{registry}/{name}:{release_id}"
+    c = docker_ops.client()
+    build_args = {"BASE_IMAGE": os.environ[BASE_IMAGE_ENV]} if os.environ.get(
+        BASE_IMAGE_ENV) else {}
+    say(f"building {tag} (the running release keeps serving)")
+    docker_ops.build(c, str(work), tag, build_args, lambda line: say("  " + line))
+    say(f"pushing {tag}")
+    digest = docker_ops.push(c, tag, lambda line: say("  " + line))
+    say(f"the registry keeps {tag} as {digest}")
+    return f"{registry}/{name}@{digest}"
+
+
+def roll(client, app: apps.App, release: Release, say, timeout: float = ROLLOVER_TIMEOUT) -> None:
+    """Ask infra to roll ``app`` over to ``release``; relay its news until done or failed."""
+    redis = front.Scripts(client)
+    if not client.exists(app.tier.lease):
+        raise DeployError(f"no dockpart-infra works app {app.name} (nobody holds "
+                          f"{app.tier.lease}); nothing was changed")
+    releases.start_rollover(redis, app.name, release.id)
+    say(f"-----> rolling {app.name} over to {release.id} ({release.what})")
+    news = keys.app_rollover_news(app.name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = client.rpop(news)
+        if line is None:
+            time.sleep(0.05)
+            continue
+        item = json.loads(line)
+        if "say" in item:
+            say("       " + item["say"])
+        elif item.get("done"):
+            say(f"-----> {item.get('reason') or 'done'}")
+            return
+        else:
+            raise DeployError(item.get("reason") or "the roll-over failed")
+    raise StillRolling(f"dockpart-infra did not finish the roll-over to {release.id} within "
+                      f"{timeout:g} s; it goes on (dockpart apps info {app.name})")
+
+
+def _forget(redis, name: str, ids, dirs) -> None:
+    releases.forget(redis, name, ids)
+    for path in dirs:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _prune(apps_dir: AppsDir, redis, name: str, live: str) -> None:
+    """Keep the live release and the KEEP before it; forget the rest, and the directories
+    no kept release runs in (a config change's release runs in its push's)."""
+    found = releases.read(redis, name)
+    dropped = [r for r in found if r.id != live][KEEP:]
+    kept_dirs = {r.dir for r in found if r not in dropped}
+    _forget(redis, name, [r.id for r in dropped],
+            [r.dir for r in dropped if r.dir and r.dir not in kept_dirs])
+
+
+def rollback(apps_dir: AppsDir, client, name: str, wanted: str | None, say) -> Release:
+    """Roll the app over to an earlier release (the one before the live one by default)."""
+    redis = front.Scripts(client)
+    with apps_dir.lock(name, say, "a rollback"):
+        app = apps.read_one(redis, name)
+        release = releases.find(releases.read(redis, name), wanted, app.release)
+        if release.id == app.release:
+            raise BadApp(f"{release.id} is live already")
+        roll(client, app, release, say)
+    return release
+
+
+def configure(apps_dir: AppsDir, client, name: str, env: dict, unset, say) -> Release:
+    """A new release of the live one's build with the environment changed, rolled over."""
+    redis = front.Scripts(client)
+    with apps_dir.lock(name, say, "a config change"):
+        app = apps.read_one(redis, name)
+        live = _live(redis, app)
+        base = live or Release("", command=app.command, image=app.image)
+        new_env = {k: v for k, v in {**base.env, **env}.items() if k not in unset}
+        if new_env == base.env and live is not None:
+            raise BadApp("nothing changes")
+        release_id = releases.next_id(redis, name)
+        changed = " ".join([*(f"{k}=" for k in env), *(f"-{k}" for k in unset)])
+        release = Release(release_id, base.commit, time.time(), command=base.command,
+                          dir=base.dir, image=base.image, env=new_env, note=f"config {changed}")
+        releases.keep(redis, name, release)
+        try:
+            roll(client, app, release, say)
+        except StillRolling:
+            raise
+        except BaseException:
+            releases.forget(redis, name, [release_id])
+            raise
+        _prune(apps_dir, redis, name, release.id)
+    return release
+
+
+# -- pushing over SSH (as Dokku and gitolite: one system user, keys with a forced command)
+
+#: The git commands a key may run, and what each is.
+GIT_COMMANDS = {"git-receive-pack": "push", "git-upload-pack": "fetch"}
+
+
+def authorized_line(apps_dir: AppsDir, key: str) -> str:
+    """An ``authorized_keys`` line: ``key`` may only run git on the apps' repositories."""
+    parts = key.split()
+    if len(parts) < 2 or not parts[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        raise BadApp("not an OpenSSH public key (expected e.g. 'ssh-ed25519 AAAA... you@host')")
+    command = shlex.join([sys.executable, "-m", "dockpart", "apps", "serve-git",
+                          "--apps-dir", str(apps_dir.path)])
+    if '"' in command:
+        raise BadApp(f'the apps directory {apps_dir.path} has a " in its path: sshd could not '
+                     f"read the key's forced command")
+    return f'command="{command}",restrict {" ".join(parts)}'
+
+
+def authorized_keys(apps_dir: AppsDir) -> Path:
+    return apps_dir.path / ".ssh" / "authorized_keys"
+
+
+def add_key(apps_dir: AppsDir, key: str) -> bool:
+    """Let ``key`` push to every app (once); whether it was new."""
+    line = authorized_line(apps_dir, key)
+    path = authorized_keys(apps_dir)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    existing = path.read_text().splitlines() if path.exists() else []
+    blob = key.split()[1]
+    if any(blob in old.split() for old in existing):
+        return False
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    os.chmod(path, 0o600)
+    return True
+
+
+def serve_git(apps_dir: AppsDir, original: str | None) -> list[str]:
+    """The git command an SSH key's ``SSH_ORIGINAL_COMMAND`` may run; BadApp for anything
+    else (a shell, another path, an app that is not there)."""
+    try:
+        words = shlex.split(original or "")
+    except ValueError:
+        words = []
+    if len(words) != 2 or words[0] not in GIT_COMMANDS:
+        raise BadApp("this key can only git push to (or fetch from) an app: "
+                     "git push ssh://dockpart@HOST/NAME main")
+    name = words[1].strip("/").removesuffix(".git")
+    apps.check_name(name)
+    git_dir = apps_dir.git_dir(name)
+    if not (git_dir / "HEAD").exists():
+        raise BadApp(f"no app named {name} (dockpart apps create {name})")
+    return [words[0], str(git_dir)]

@@ -44,9 +44,10 @@ ensure_venv() {
 # cryptography 43.0.3 is the newest with a PyPy 3.9 wheel (newer ones build with Rust);
 # txredisapi imports twisted.internet.ssl, hence pyOpenSSL and cryptography.
 PYPY_VENV=${DOCKPART_PYPY_VENV:-$ROOT/.venv-pypy}
-PYPY_REQUIREMENTS=("twisted>=23.10,<27" "txredisapi>=1.4.10" pyOpenSSL "cryptography==43.0.3"
-                   "pytest>=8" "pytest-twisted>=1.14" "hypothesis>=6.100" "requests>=2.31"
-                   "redis>=5" "docker>=7.0")
+# PYPY_PROXY_REQUIREMENTS is what the proxy runs with (the proxy image's PyPy wheelhouse too).
+PYPY_PROXY_REQUIREMENTS=("twisted>=23.10,<27" "txredisapi>=1.4.10" pyOpenSSL "cryptography==43.0.3")
+PYPY_REQUIREMENTS=("${PYPY_PROXY_REQUIREMENTS[@]}" "pytest>=8" "pytest-twisted>=1.14"
+                   "hypothesis>=6.100" "requests>=2.31" "redis>=5" "docker>=7.0")
 
 ensure_pypy_venv() {
     ensure_packages pypy3 pypy3-venv || return 1

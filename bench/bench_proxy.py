@@ -104,7 +104,9 @@ def wrk(url: str, duration: int, connections: int) -> dict:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
+    requests = re.search(r"(\d+) requests in", out)
     return {"rps": float(rps.group(1)) if rps else 0.0, "p50": latency("50"),
+            "requests": int(requests.group(1)) if requests else 0,
             "p99": latency("99"), "non2xx": int(errors.group(1)) if errors else 0,
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 

@@ -5,7 +5,8 @@ Starts a redis-server and dockpart-web processes, with and without ``--no-access
 on each interpreter (PyPy from the
 virtualenv ``scripts/test --pypy`` makes, ``.venv-pypy``; its JIT is warmed up first), then
 drives each with ``wrk -t1 -cC -dDs --latency`` in rounds that take turns, and prints the
-median requests/s, p50, p99 and each process's resident memory at the end.
+median requests/s, p50, p99, the process's CPU time per request (user + system, the figure
+to compare on a busy machine) and each process's resident memory at the end.
 
     python bench/bench_web.py [--duration 5] [--rounds 3] [--concurrency 20] [--warmup 10]
                               [--pypy .venv-pypy | --pypy '']
@@ -32,6 +33,21 @@ from helpers import BIN, Daemon, RedisProcess, free_port  # noqa: E402
 def rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time ``pid`` has used (user + system): per request, a figure that a busy
+    machine changes far less than requests/s."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(url: str, pid: int, duration: int, connections: int) -> dict:
+    """One wrk run, with the CPU microseconds the process spent per request."""
+    before = cpu_seconds(pid)
+    run = wrk(url, duration, connections)
+    run["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / max(1, run["requests"])
+    return run
 
 
 def main() -> None:
@@ -63,17 +79,19 @@ def main() -> None:
             wrk(f"http://127.0.0.1:{port}/", args.warmup if name.startswith("PyPy") else 1,
                 args.concurrency)
         runs = {name: [] for name in rows}
-        for _ in range(args.rounds):
-            for name, (port, _) in rows.items():
-                runs[name].append(wrk(f"http://127.0.0.1:{port}/", args.duration,
-                                      args.concurrency))
+        for i in range(args.rounds):  # every other round backwards: no row always goes first
+            for name, (port, web) in list(rows.items())[::1 if i % 2 == 0 else -1]:
+                runs[name].append(measured(f"http://127.0.0.1:{port}/", web.proc.pid,
+                                           args.duration, args.concurrency))
         print(f"dockpart-web GET /, wrk -t1 -c{args.concurrency} -d{args.duration}s, medians of "
               f"{args.rounds} rounds taking turns; load average: {os.getloadavg()[0]:.1f}")
-        print(f"{'':18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'RSS MiB':>8}  non-2xx")
+        print(f"{'':18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10} "
+              f"{'RSS MiB':>8}  non-2xx")
         for name, rs in runs.items():
             print(f"{name:18} {statistics.median(r['rps'] for r in rs):8.0f} "
                   f"{statistics.median(r['p50'] for r in rs):8.2f} "
                   f"{statistics.median(r['p99'] for r in rs):8.2f} "
+                  f"{statistics.median(r['cpu_us'] for r in rs):10.0f} "
                   f"{rss_mib(rows[name][1].proc.pid):8.0f}  {sum(r['non2xx'] for r in rs)}")
     finally:
         stop_all(stack)

@@ -154,8 +154,7 @@ class WebApp(CoroutineResource):
         if needed:
             await self.record(request)
             return
-        d = defer.ensureDeferred(self.record(request))
-        d.addCallbacks(self._visit_recorded, self._visit_unrecorded)
+        self.record(request).addCallbacks(self._visit_recorded, self._visit_unrecorded)
 
     def _visit_recorded(self, _) -> None:
         self._visits_unrecorded = False
@@ -166,11 +165,13 @@ class WebApp(CoroutineResource):
                           e=failure.getErrorMessage())
         self._visits_unrecorded = True
 
-    async def record(self, request) -> None:
+    def record(self, request) -> defer.Deferred:
+        """Push the visit's URL onto /recent's list (a Deferred, not a coroutine: one fewer
+        per request to ``/``)."""
         host = ((request.getHeader(b"host") or b"").decode("utf-8", "replace")
                 or (self.url or "").removeprefix("http://"))
         url = f"http://{host}{without_token(request.uri).decode('utf-8', 'replace')}"
-        await self.redis.eval(_RECORD, [keys.RECENT], [url, RECENT_COUNT])
+        return self.redis.eval(_RECORD, [keys.RECENT], [url, RECENT_COUNT])
 
     async def index(self, request) -> Reply:
         return page("dockpart web app",

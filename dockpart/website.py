@@ -26,6 +26,8 @@ it falls silent for :data:`LINGER` s, at most :data:`LINGER_TIME` s), so that th
 the answer instead of a reset.
 """
 
+from __future__ import annotations
+
 import enum
 import resource
 from collections import defaultdict

@@ -32,28 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_proxy import stop_all, wrk  # noqa: E402
+from bench_proxy import measured, stop_all, wrk  # noqa: E402
 from helpers import BIN, Daemon, RedisProcess, free_port  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
-
-
-def cpu_seconds(pid: int) -> float:
-    """The CPU time ``pid`` has used (user + system): per request, a figure that a busy
-    machine changes far less than requests/s."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def measured(url: str, pid: int, duration: int, connections: int) -> dict:
-    """One wrk run, with the CPU microseconds the process spent per request."""
-    before = cpu_seconds(pid)
-    run = wrk(url, duration, connections)
-    run["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / max(1, run["requests"])
-    return run
 
 
 EXPRESS = ROOT / "bench" / "seed_express"

@@ -73,6 +73,9 @@ class App:
     target: float = DEFAULT_TARGET
     release: str = ""
     rollover: str = ""
+    #: Seconds without a request in flight or held after which an app with ``min`` 0 is
+    #: drained to zero instances (0: never; ``dockpart apps autoscale --scale-to-zero-after``).
+    zero_after: float = 0.0
     #: Not a field of the hash: the URLs in the app's ``servers`` when it was read.
     instances: tuple[str, ...] = field(default=(), compare=False)
 
@@ -80,14 +83,16 @@ class App:
         return {"image": self.image, "command": self.command, "domains": " ".join(self.domains),
                 "desired": str(self.desired), "autoscale": "1" if self.autoscale else "0",
                 "min": str(self.min), "max": str(self.max), "target": f"{self.target:g}",
-                "release": self.release, "rollover": self.rollover}
+                "release": self.release, "rollover": self.rollover,
+                "zero_after": f"{self.zero_after:g}"}
 
     @classmethod
     def decode(cls, name: str, flat: list[str] | dict, instances=()) -> App:
         """A record as read; a field that does not parse keeps its default."""
         raw = dict(zip(flat[::2], flat[1::2])) if isinstance(flat, list) else dict(flat)
         numbers: dict[str, Any] = {}
-        for name_, kind in (("desired", int), ("min", int), ("max", int), ("target", float)):
+        for name_, kind in (("desired", int), ("min", int), ("max", int), ("target", float),
+                            ("zero_after", float)):
             try:
                 value = kind(raw[name_])
             except (KeyError, ValueError):
@@ -100,13 +105,20 @@ class App:
                    autoscale=raw.get("autoscale") == "1", instances=tuple(instances), **numbers)
 
     @property
+    def activates(self) -> bool:
+        """Autoscaled from zero: a request at zero instances is held while one starts."""
+        return self.autoscale and self.min == 0
+
+    @property
     def tier(self) -> keys.TierKeys:
         return keys.app_tier(self.name)
 
     def as_json(self) -> dict:
         return {"name": self.name, "image": self.image or None, "command": self.command or None,
                 "domains": list(self.domains), "desired": self.desired,
-                "autoscale": ({"min": self.min, "max": self.max, "target": self.target}
+                "autoscale": ({"min": self.min, "max": self.max, "target": self.target,
+                               **({"scale_to_zero_after": self.zero_after}
+                                  if self.zero_after else {})}
                               if self.autoscale else None),
                 "release": self.release or None, "rollover": self.rollover or None,
                 "instances": list(self.instances)}
@@ -266,14 +278,20 @@ def scale(redis, name: str, count: int):
     return update(redis, name, desired=count, autoscale=0)
 
 
-def autoscale(redis, name: str, low: int, high: int, target: float, desired: int):
-    """The autoscaler decides the count within ``low``..``high`` at ``target`` in flight each."""
+def autoscale(redis, name: str, low: int, high: int, target: float, desired: int,
+              zero_after: float = 0.0):
+    """The autoscaler decides the count within ``low``..``high`` at ``target`` in flight each;
+    with ``low`` 0, ``zero_after`` idle seconds take the app to zero instances."""
     if not 0 <= low <= high or high < 1:
         raise BadApp(f"need 0 <= --min <= --max and --max >= 1 (got {low} and {high})")
     if target <= 0:
         raise BadApp(f"--target must be positive (got {target:g})")
+    if zero_after < 0 or (zero_after and low):
+        raise BadApp(f"--scale-to-zero-after needs --min 0 and a number of seconds >= 0 "
+                     f"(got --min {low}, {zero_after:g})")
     return update(redis, name, autoscale=1, min=low, max=high, target=f"{target:g}",
-                  desired=min(max(desired, low, 1 if low else 0), high))
+                  desired=min(max(desired, low, 1 if low else 0), high),
+                  zero_after=f"{zero_after:g}")
 
 
 def destroy(redis, name: str):
@@ -309,6 +327,49 @@ def forget(redis, name: str):
     """The last instance of a destroyed app is gone: its records go too."""
     return redis.eval(_FORGET, [keys.APPS_DESTROYED, keys.app_record(name), keys.APP_PORTS,
                                 keys.APPS_CHANNEL, *keys.app_keys(name)], [name])
+
+
+# KEYS: apps, the app's activation key, the activation channel; ARGV: name, proxy, held.
+# The key is a hash: per proxy (or --workers process), the requests it holds.  The first ask
+# of many creates it (1); a proxy whose held requests grew updates its count (2): each wakes
+# infra.  Any other ask changes nothing (0).
+_ACTIVATE = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+local first = redis.call('EXISTS', KEYS[2]) == 0
+local before = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
+if not first and tonumber(ARGV[3]) <= before then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PUBLISH', KEYS[3], 'activate ' .. ARGV[1])
+if first then return 1 end
+return 2
+"""
+
+# KEYS: activation keys.  Per key, the requests held over every proxy (-1: no activation).
+_ASKED = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local total = -1
+  if redis.call('EXISTS', key) == 1 then
+    total = 0
+    for _, n in ipairs(redis.call('HVALS', key)) do total = total + (tonumber(n) or 0) end
+  end
+  out[i] = total
+end
+return out
+"""
+
+
+def activate(redis, name: str, proxy: str, held: int):
+    """Ask for the app's first instance (however many ask, infra sees one activation and the
+    sum of what they hold); 1: this asked first, 2: it told a larger count, 0: nothing new."""
+    return redis.eval(_ACTIVATE, [keys.APPS, keys.app_activation(name), keys.APPS_ACTIVATION],
+                      [name, proxy, held])
+
+
+def asked(redis, names: list[str]):
+    """Per app of ``names`` (at least one) with an activation pending, the requests held."""
+    return _then(redis.eval(_ASKED, [keys.app_activation(n) for n in names], []),
+                 lambda held: {n: int(h) for n, h in zip(names, held) if int(h) >= 0})
 
 
 def allocate(redis, name: str, low: int, high: int, host: str, count: int,

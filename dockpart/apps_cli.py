@@ -100,6 +100,10 @@ class AutoscaleOptions(_AppOptions):
         ["min", None, 1, "Fewest instances.", int],
         ["max", None, apps.DEFAULT_MAX, "Most instances.", int],
         ["target", None, apps.DEFAULT_TARGET, "Requests in flight per instance.", float],
+        ["scale-to-zero-after", None, 0.0, "With --min 0: seconds without a request in flight "
+                                           "or held before the app goes to zero instances (its "
+                                           "next request is held while one starts); 0: never.",
+         float],
     ]
 
 
@@ -217,14 +221,16 @@ class AppsOptions(usage.Options):
 
 def _scale_text(app: apps.App) -> str:
     if app.autoscale:
-        return (f"autoscaled {app.min}-{app.max} at {app.target:g} in flight each "
-                f"(now {app.desired})")
+        return (f"autoscaled {app.min}-{app.max} at {app.target:g} in flight each"
+                + (f", to zero after {app.zero_after:g} s idle" if app.zero_after else "")
+                + f" (now {app.desired})")
     return f"{app.desired} instance{'s' if app.desired != 1 else ''}"
 
 
 def _print_app(app: apps.App, say) -> None:
     say(f"app       {app.name}")
-    say(f"runs      {'image ' + app.image if app.image else 'command ' + app.command}")
+    say("runs      " + (f"image {app.image}" if app.image else f"command {app.command}"
+                         if app.command else "its pushed releases (git push)"))
     say(f"hosts     {' '.join((app.name + '.<apps domain>',) + app.domains)}")
     say(f"scale     {_scale_text(app)}")
     say(f"release   {app.release or '-'}"
@@ -245,17 +251,21 @@ def _print_releases(app: apps.App, found: list[releases.Release], say) -> None:
 
 
 def _logs(client, name: str, lines: int, follow: bool, say) -> None:
-    """The last ``lines`` lines of the app's stream, then (``follow``) each new one."""
+    """The last ``lines`` lines of the app's stream, then (``follow``) each new one, until
+    Ctrl-C, which ends it quietly."""
     stream = keys.app_log(name)
-    newest = client.xrevrange(stream, count=max(lines, 1))
-    for _, fields in reversed(newest[:lines]):
-        say(f"[{fields.get('port')}] {fields.get('line')}")
-    last = newest[0][0] if newest else "0-0"
-    while follow:
-        for _, entries in client.xread({stream: last}, block=1000) or []:
-            for entry_id, fields in entries:
-                say(f"[{fields.get('port')}] {fields.get('line')}")
-                last = entry_id
+    try:
+        newest = client.xrevrange(stream, count=max(lines, 1))
+        for _, fields in reversed(newest[:lines]):
+            say(f"[{fields.get('port')}] {fields.get('line')}")
+        last = newest[0][0] if newest else "0-0"
+        while follow:
+            for _, entries in client.xread({stream: last}, block=1000) or []:
+                for entry_id, fields in entries:
+                    say(f"[{fields.get('port')}] {fields.get('line')}")
+                    last = entry_id
+    except KeyboardInterrupt:
+        pass
 
 
 def run(options: AppsOptions, say) -> int:
@@ -299,10 +309,12 @@ def run(options: AppsOptions, say) -> int:
                     f"{'s' if sub['count'] != 1 else ''} asked for")
             elif command == "autoscale":
                 app = apps.read_one(redis, sub["name"])
+                zero = sub["scale-to-zero-after"]
                 apps.autoscale(redis, app.name, sub["min"], sub["max"], sub["target"],
-                               app.desired)
+                               app.desired, zero)
                 say(f"app {app.name}: autoscaled between {sub['min']} and {sub['max']} "
-                    f"instances at {sub['target']:g} requests in flight each")
+                    f"instances at {sub['target']:g} requests in flight each"
+                    + (f"; to zero after {zero:g} s without a request" if zero else ""))
             elif command == "list":
                 found = apps.read_all(redis)
                 if sub["json"]:

@@ -17,9 +17,12 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from dockpart import apps, keys, releases
@@ -43,7 +46,12 @@ ROLLOVER_TIMEOUT = 600.0
 #: What a failure says the app keeps.
 FAILED = "PUSH FAILED, app {name} keeps serving its current release"
 class StillRolling(DeployError):
-    """The wait ended before infra's roll-over did; the release stays (infra goes on)."""
+    """The wait ended before infra's roll-over did; the release stays (infra goes on, to the
+    release or back on the live one: the pusher is told so, not that the push failed)."""
+
+    def __init__(self, app: str, release: str, why: str):
+        super().__init__(f"{why}; dockpart-infra goes on with it (dockpart apps info {app})")
+        self.headline = f"PUSH UNFINISHED, app {app} is still rolling over to {release}"
 
 
 #: Errors whose message is the whole story for the pusher.
@@ -145,7 +153,8 @@ def _push(apps_dir: AppsDir, name: str, lines, address, timeout: float, say) -> 
                                   f"driver in {keys.APPS_DRIVER})")
             live = _live(redis, app)
             release_id = releases.next_id(redis, name)
-            work = apps_dir.release_dir(name, release_id)
+            # What a failure forgets until the release is made: its directory.
+            release = Release(release_id, dir=str(apps_dir.release_dir(name, release_id)))
             try:
                 release = _make(apps_dir, name, release_id, commit, driver, live, say)
                 releases.keep(redis, name, release)
@@ -153,9 +162,9 @@ def _push(apps_dir: AppsDir, name: str, lines, address, timeout: float, say) -> 
             except StillRolling:
                 raise
             except BaseException:
-                _forget(redis, name, [release_id], [work])
+                _forget(redis, name, [release], say)
                 raise
-            _prune(apps_dir, redis, name, release.id)
+            _prune(redis, name, release.id, say)
     return 0
 
 
@@ -207,16 +216,40 @@ def build_image(name: str, release_id: str, work: Path, say) -> str:
 
 
 def roll(client, app: apps.App, release: Release, say, timeout: float = ROLLOVER_TIMEOUT) -> None:
-    """Ask infra to roll ``app`` over to ``release``; relay its news until done or failed."""
+    """Ask infra to roll ``app`` over to ``release``; relay its news until done or failed.
+
+    Once asked, the roll-over is infra's and goes on to its end, on ``release`` or back on
+    the live one.  So does this wait, through Ctrl-C and a closed terminal (SIGINT, SIGHUP:
+    a pusher's Ctrl-C reaches a local push's hook too), so that the caller still keeps or
+    forgets the release by the outcome; a wait that breaks otherwise is StillRolling, which
+    keeps it.  An app never ends live on a release whose record or directory was forgotten.
+    """
     redis = front.Scripts(client)
     if not client.exists(app.tier.lease):
         raise DeployError(f"no dockpart-infra works app {app.name} (nobody holds "
                           f"{app.tier.lease}); nothing was changed")
-    releases.start_rollover(redis, app.name, release.id)
+    with _noted(signal.SIGINT, signal.SIGHUP) as interrupted:
+        releases.start_rollover(redis, app.name, release.id)
+        try:
+            _relay(client, app, release, say, timeout, interrupted)
+        except DeployError:
+            raise
+        except Exception as e:
+            raise StillRolling(app.name, release.id, f"lost sight of the roll-over to "
+                                                     f"{release.id} ({e})") from e
+
+
+def _relay(client, app: apps.App, release: Release, say, timeout: float, interrupted) -> None:
+    """Infra's news of the roll-over, said until its end; DeployError if it failed."""
     say(f"-----> rolling {app.name} over to {release.id} ({release.what})")
     news = keys.app_rollover_news(app.name)
     deadline = time.monotonic() + timeout
+    told = False
     while time.monotonic() < deadline:
+        if interrupted and not told:
+            told = True
+            say(f"-----> interrupted: the roll-over goes on (dockpart-infra ends it on "
+                f"{release.id}, or back on the live release); waiting for its end")
         line = client.rpop(news)
         if line is None:
             time.sleep(0.05)
@@ -229,24 +262,59 @@ def roll(client, app: apps.App, release: Release, say, timeout: float = ROLLOVER
             return
         else:
             raise DeployError(item.get("reason") or "the roll-over failed")
-    raise StillRolling(f"dockpart-infra did not finish the roll-over to {release.id} within "
-                      f"{timeout:g} s; it goes on (dockpart apps info {app.name})")
+    raise StillRolling(app.name, release.id, f"dockpart-infra did not finish the roll-over to "
+                                             f"{release.id} within {timeout:g} s")
 
 
-def _forget(redis, name: str, ids, dirs) -> None:
-    releases.forget(redis, name, ids)
-    for path in dirs:
+@contextmanager
+def _noted(*signums):
+    """While inside, the signals ``signums`` are only noted, in the list yielded (from the
+    main thread: elsewhere, Python delivers no signal anyway)."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    before = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in signums}
+    try:
+        yield seen
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def _forget(redis, name: str, dropped: list[Release], say) -> None:
+    """Forget releases no longer kept (or never live), and what no kept release uses: their
+    directories (a config release runs in its push's), their images (a config release runs
+    its push's) in the registry and on the engine."""
+    releases.forget(redis, name, [r.id for r in dropped])
+    kept = releases.read(redis, name)
+    for path in {r.dir for r in dropped} - {r.dir for r in kept} - {""}:
         shutil.rmtree(path, ignore_errors=True)
+    images = {r.image for r in dropped} - {r.image for r in kept} - {""}
+    if images:
+        _drop_images(sorted(images), say)
 
 
-def _prune(apps_dir: AppsDir, redis, name: str, live: str) -> None:
-    """Keep the live release and the KEEP before it; forget the rest, and the directories
-    no kept release runs in (a config change's release runs in its push's)."""
-    found = releases.read(redis, name)
-    dropped = [r for r in found if r.id != live][KEEP:]
-    kept_dirs = {r.dir for r in found if r not in dropped}
-    _forget(redis, name, [r.id for r in dropped],
-            [r.dir for r in dropped if r.dir and r.dir not in kept_dirs])
+def _drop_images(images: list[str], say) -> None:
+    """Delete images (``REGISTRY/NAME@sha256:...``) from their registry and the engine, each
+    step said; best effort: the push that prunes has succeeded already."""
+    from dockpart.deploy import docker_ops  # here: the process driver never needs docker
+    for image in images:
+        say(docker_ops.registry_delete(image, image.partition("@")[2], set()))
+    try:
+        c = docker_ops.client()
+    except DeployError as e:
+        say(f"the engine keeps {' '.join(images)}: {e}")
+        return
+    for image in images:
+        docker_ops.remove_pinned(c, image)
+
+
+def _prune(redis, name: str, live: str, say) -> None:
+    """Keep the live release and the KEEP before it; forget the rest."""
+    dropped = [r for r in releases.read(redis, name) if r.id != live][KEEP:]
+    if dropped:
+        _forget(redis, name, dropped, say)
 
 
 def rollback(apps_dir: AppsDir, client, name: str, wanted: str | None, say) -> Release:
@@ -281,9 +349,9 @@ def configure(apps_dir: AppsDir, client, name: str, env: dict, unset, say) -> Re
         except StillRolling:
             raise
         except BaseException:
-            releases.forget(redis, name, [release_id])
+            _forget(redis, name, [release], say)
             raise
-        _prune(apps_dir, redis, name, release.id)
+        _prune(redis, name, release.id, say)
     return release
 
 

@@ -54,6 +54,15 @@ def _apps_html(found: list[dict], csrf: str, writable: bool) -> str:
         auto = app["autoscale"]
         scale = (f'autoscaled {auto["min"]}-{auto["max"]} at {auto["target"]:g} in flight'
                  if auto else "fixed")
+        if auto and auto.get("scale_to_zero_after"):
+            scale += f', to zero after {auto["scale_to_zero_after"]:g} s idle'
+            if not app["instances"]:
+                scale += ' <strong class="zero">at zero</strong>'
+        if app.get("held"):
+            scale += f', {app["held"]} held'
+        if app.get("activations"):
+            scale += ", started from zero in " + " ".join(
+                f"{s:.2f}" for s in app["activations"]) + " s"
         form = ""
         if writable:
             form = _form("api/apps/scale", csrf, "scale",

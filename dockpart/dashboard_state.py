@@ -89,7 +89,11 @@ def app_view(app: apps.App, reports: list[records.LoadReport], history=()) -> di
             "releases": [{"id": r.id, "commit": r.commit[:7], "when": r.at, "note": r.note,
                           "what": r.what, "live": r.id == app.release} for r in history],
             **figures(tier_totals({u: f for u, f in merged.items() if u in app.instances}),
-                      interval)}
+                      interval),
+            # Scale to zero (dockpart.proxy_hold): requests held now, latest activations' s.
+            "held": sum(r.held for r in reports),
+            "activations": sorted(s for r in reports if r.hold is not None
+                                  for s in r.hold.activation_recent)}
 
 
 class TierWatch(Periodic):

@@ -174,6 +174,8 @@ def observe(lists: dict[str, list[str]], reports: list[LoadReport],
     spawning = (set(lists[t.spawn_queue]) | set(lists[t.spawning])) - ready - leaving
     ours = [r for r in reports if r.list == t.servers]
     inflight = sum(f["inflight"] for f in load.merge(ours).values())
+    # Requests a proxy holds for an app at zero (dockpart.proxy_hold) are load too.
+    inflight += sum(r.held for r in ours)
     return Observed(len(ready), len(spawning), inflight)
 
 

@@ -202,7 +202,7 @@ class Worker(MultiService):
     def stopService(self):
         """Stop taking requests; unfinished ones stay in processing for the next start."""
         tasks = [super().stopService(), *self._tasks]  # the loops, a reconcile pass too
-        for task in self._tasks:
+        for task in tasks[1:]:  # a cancelled task leaves self._tasks at once
             task.cancel()
         done = defer.DeferredList(tasks)
         if self._leased:  # the next infra need not wait for the lease to expire
@@ -212,6 +212,10 @@ class Worker(MultiService):
         return done
 
     # -- taking requests
+
+    def take_now(self):
+        """Look at the queues now, not at the next --interval (an app activating from zero)."""
+        return self._tick()
 
     def _tick(self):
         if self.reactor.seconds() < self._next_take:

@@ -134,6 +134,17 @@ def app_tier(name: str) -> TierKeys:
                     base + "destroy:queue", base + "destroy:processing", base + "lease")
 
 
+def app_activation(name: str) -> str:
+    """An app at zero asked for an instance (scale to zero): set once by the first proxy
+    holding a request for it, deleted by infra when an instance serves or the spawn failed."""
+    return f"{APP_PREFIX}{name}:activate"
+
+
+#: Activation notices: proxies publish ``activate NAME`` (infra acts at once), infra
+#: publishes ``failed NAME SECONDS`` (proxies answer the held requests 503 and hold none
+#: for that long).
+APPS_ACTIVATION = "dockpart:apps:activation"
+
 #: Pattern of the change channels of every app's ``servers`` list.
 APP_SERVERS_PATTERN = changes_channel(APP_PREFIX + "*:servers")
 
@@ -174,7 +185,8 @@ def app_log(name: str) -> str:
 def app_keys(name: str) -> tuple[str, ...]:
     """Every key of an app besides its record, for forgetting a destroyed app."""
     return (*app_tier(name).lists, app_releases(name), app_release_counter(name),
-            app_instance_releases(name), app_rollover_news(name), app_log(name))
+            app_instance_releases(name), app_rollover_news(name), app_log(name),
+            app_activation(name))
 
 
 #: The driver the dockpart-infra that runs apps uses (``process``, ``docker``, ``swarm``): a

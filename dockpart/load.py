@@ -6,6 +6,9 @@ The autoscaler, the admin listener and the dashboard read the same reports
 (:func:`dockpart.records.read_load_reports`) and add them up with :func:`merge`: one source
 of truth for "how loaded is each instance".  This module is the arithmetic: the latency
 histogram, the sum over proxies, quantiles.
+
+An app that scales to zero (:mod:`dockpart.proxy_hold`) adds its held requests to the load:
+``LoadReport.hold`` (held now, activations and their seconds).
 """
 
 from __future__ import annotations

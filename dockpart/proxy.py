@@ -19,6 +19,7 @@ from twisted.python import usage
 from dockpart import apps, keys
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
+from dockpart.proxy_hold import HOLD_MAX, HOLD_TIMEOUT, HoldLimits
 from dockpart.proxy_sync import BackendSync
 from dockpart.proxy_dispatch import Limits, ProxyFactory
 from dockpart.proxy_load import LoadPublisher
@@ -45,6 +46,11 @@ class Options(RedisOptions):
                                            "(dockpart apps); other hosts to --servers-key."],
         ["admin", None, None, "Endpoint of the admin listener (JSON status, /metrics); off "
                               "by default, e.g. tcp:3457:interface=127.0.0.1."],
+        ["hold-max", None, HOLD_MAX, "Requests held per app at zero instances while one "
+                                     "starts (503 with Retry-After beyond).", int],
+        ["hold-timeout", None, HOLD_TIMEOUT, "Seconds a request waits at most for an app at "
+                                             "zero to start (503 with Retry-After beyond).",
+         float],
         ["refresh-interval", None, 1.0, "Seconds between reads of the list (safety net).", float],
         ["down-time", None, 10.0, "Seconds a failed backend is left out.", float],
         ["health-path", None, None, "Path for active health checks (off unless given)."],
@@ -122,9 +128,11 @@ class Options(RedisOptions):
                                    "(each worker would get a port of its own)")
         for name in ("refresh-interval", "down-time", "health-interval", "connect-timeout",
                      "backend-timeout", "header-timeout", "idle-timeout", "max-header-size",
-                     "shutdown-timeout", "backlog"):
+                     "shutdown-timeout", "backlog", "hold-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        if self["hold-max"] < 0:
+            raise usage.UsageError("--hold-max cannot be negative (0: no request is held)")
         for name in ("max-inflight-per-client", "body-timeout", "body-min-rate",
                      "load-per-client"):
             if self[name] < 0:
@@ -192,7 +200,8 @@ def makeService(config, reactor=None):
         HealthChecks(backends, *health, reactor).setServiceParent(top)
     routes = Routes(backends, config["apps-domain"])
     apps_sync = AppsSync(routes, redis, reactor, interval=config["refresh-interval"],
-                         down_time=config["down-time"], health=health)
+                         down_time=config["down-time"], health=health,
+                         hold=HoldLimits(config["hold-max"], config["hold-timeout"]))
     apps_sync.setServiceParent(top)
     limits = Limits(max_header_size=config["max-header-size"],
                     header_timeout=config["header-timeout"], idle_timeout=config["idle-timeout"],

@@ -35,7 +35,8 @@ def status(proxy: ProxyFactory, publisher: LoadPublisher | None = None,
         "load": publisher.published if publisher is not None else None,
         # Each app routed by Host (dockpart.proxy_routes): its own list, rotation and figures.
         "apps": {name: {**backends.status(),
-                        "load": apps.published(name) if apps is not None else None}
+                        "load": apps.published(name) if apps is not None else None,
+                        "hold": backends.hold.status() if backends.hold else None}
                  for name, backends in (proxy.routes.apps if proxy.routes else {}).items()},
     }
 
@@ -75,6 +76,20 @@ def metrics(proxy: ProxyFactory) -> str:
     family("backend_latency_seconds", "histogram", "Time from a request sent to the backend "
            "to its response headers.",
            [sample for b in backends for sample in _histogram(b)])
+    holds = [(name, b.hold) for name, b in sorted((proxy.routes.apps if proxy.routes
+                                                   else {}).items()) if b.hold is not None]
+    family("app_held_requests", "gauge", "Requests held while the app starts from zero.",
+           [({"app": name}, hold.held) for name, hold in holds])
+    family("app_activations_total", "counter", "Starts from zero that released held requests.",
+           [({"app": name}, hold.activations) for name, hold in holds])
+    family("app_activation_last_seconds", "gauge", "Seconds from the first held request to "
+           "the app's first instance, at the latest activation.",
+           [({"app": name}, round(hold.activation_last, 6)) for name, hold in holds
+            if hold.activation_last is not None])
+    family("app_hold_refused_total", "counter", "Requests for an app at zero answered 503, "
+           "by reason (overflow: --hold-max, timeout: --hold-timeout, failed: the start failed).",
+           [({"app": name, "reason": why}, n) for name, hold in holds
+            for why, n in sorted(hold.refused.items())])
     return "\n".join(lines) + "\n"
 
 

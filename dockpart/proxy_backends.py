@@ -12,11 +12,15 @@ backends whether they answer is :mod:`dockpart.proxy_health`'s.
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
 from dockpart import load
 from dockpart.tier import BadInstanceURL, parse_instance_url
+
+if TYPE_CHECKING:
+    from dockpart.proxy_hold import Hold
 
 #: Idle pooled connections kept per backend; more are closed when they come back.
 MAX_IDLE = 256
@@ -70,8 +74,11 @@ class Backend:
         """An attempt on this backend failed (no answer, a broken one, a cut body)."""
         self.errors += 1
 
-    def timed(self, seconds: float) -> None:
-        """One response head arrived ``seconds`` after its request was sent."""
+    def timed(self, seconds: float, now: float | None = None) -> None:
+        """One response head arrived ``seconds`` after its request was sent (at ``now``: it
+        was heard, as :meth:`heard` says; one call on every request, not two)."""
+        if now is not None:
+            self.answered_at = now
         self.latency_sum += seconds
         self.latency_count += 1
         self.latency_buckets[load.bucket_of(seconds)] += 1
@@ -134,6 +141,8 @@ class BackendSet:
         self._next = 0
         self.known = False  # a list was read at least once
         self._bad: set[str] = set()
+        # An app's dockpart.proxy_hold.Hold: requests waiting for its first backend.
+        self.hold: Hold | None = None
 
     # The list.
 
@@ -166,6 +175,8 @@ class BackendSet:
                           urls=" ".join(b.url for b in ring) or "(none)")
         self.ring = ring
         self.known = True
+        if ring and self.hold is not None:
+            self.hold.ready()
 
     # Choosing.
 

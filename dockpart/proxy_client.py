@@ -11,7 +11,6 @@ does with the bytes it reads is explicit (:class:`Mode`, moved by
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 
 from twisted.internet import protocol
@@ -21,7 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dockpart.http_parser import httptools  # or on PyPy its equivalent, http11
-from dockpart.proxy_exchange import Exchange, Reading, Reply, Throttle, direct_writer, no_delay
+from dockpart.proxy_exchange import (Exchange, Reading, Reply, State, Throttle, direct_writer,
+                                     no_delay)
 from dockpart.proxy_framing import REASONS, Refused, request_head
 
 
@@ -29,7 +29,7 @@ class _Refused(Exception):
     """Raised in a parser callback to stop it on a refused request (see ``refuse``)."""
 
 
-class Mode(enum.Enum):
+class Mode(State):
     """What a client connection does with the bytes it reads; :meth:`ClientConnection.transition`
     moves it.  (Whether a request head is half read is the parser's: ``parsing``.)"""
 
@@ -219,7 +219,9 @@ class ClientConnection(Reading, protocol.Protocol):
 
     def on_message_complete(self):
         exchange = self.queue[-1] if self.queue else self.current
-        if exchange is None:
+        if exchange is None or exchange.request_done:
+            # A request without a body was done with its head: its answer is awaited since
+            # it was sent (BackendConnection.send), nothing is left to do.
             return
         exchange.request_done = True
         conn = exchange.conn
@@ -231,7 +233,7 @@ class ClientConnection(Reading, protocol.Protocol):
             else:
                 exchange.pending.append(b"0\r\n\r\n")
         if conn is not None and not exchange.responded:
-            self.deadline = self.clock.seconds() + self.factory.answer_wait(exchange)
+            self.deadline = self.clock.seconds() + self.factory.tries.first_wait()
 
     # Answers of the proxy itself.
 
@@ -306,7 +308,7 @@ class ClientConnection(Reading, protocol.Protocol):
         """The backend's response head is about to be written: its body may stream."""
         exchange.reply_moves(Reply.STREAMING)
         conn = exchange.conn
-        if exchange.backend is not None and conn is not None and not exchange.head_only:
+        if exchange.slot is not None and conn is not None and not exchange.head_only:
             assert conn.pipe is not None  # made when the exchange was lent to it
             conn.pipe.response_flows()
         stats = self.factory.stats
@@ -419,6 +421,8 @@ class ClientConnection(Reading, protocol.Protocol):
         self.transition(Mode.CLOSED)
         self.factory.clients.discard(self)
         exchange, self.current = self.current, None
+        if exchange is not None and exchange.held is not None:
+            exchange.held.discard(exchange)  # a held request whose client left is dropped
         if exchange is not None:
             self.factory.per_client.release(exchange)
         if exchange is not None and exchange.conn is not None and not exchange.response_done:

@@ -235,18 +235,24 @@ class ProxyFactory(protocol.Factory):
                 assert reader is not None
                 reader.reread().addBoth(lambda _: self._picked(backends.pick(), exchange))
             elif backends is not self.backends:
-                # An app with no instance: it may be starting (or at zero: held, one day).
+                # An app with no instance: held while one starts when it scales to zero
+                # (dockpart.proxy_hold), else it may be starting: try again in a moment.
+                hold = backends.hold
+                if hold is not None and hold.hold(exchange, self.start):
+                    return
                 client.fail_exchange(exchange, 503, "the app has no instance running\n",
-                                     extra=b"Retry-After: %d\r\n" % APP_RETRY_AFTER)
+                                     extra=b"Retry-After: %d\r\n" % (
+                                         hold.retry_after() if hold else APP_RETRY_AFTER))
             elif backends.known:
                 client.fail_exchange(exchange, 503, "no backend is available\n")
             else:
                 client.fail_exchange(exchange, 503, "no backend is known yet\n")
             return
-        exchange.try_on(backend, self.clock.seconds())
+        now = self.clock.seconds()
+        exchange.try_on(backend, now)
         idle = backend.idle
         if idle:
-            too_old = self.clock.seconds() - POOL_IDLE_TIME
+            too_old = now - POOL_IDLE_TIME
             while idle:
                 conn = idle.pop()
                 if conn.idle_since < too_old:
@@ -257,7 +263,7 @@ class ProxyFactory(protocol.Factory):
         self.reactor.connectTCP(backend.host, backend.port, _Connector(self, backend, exchange),
                                 timeout=self.limits.connect_timeout)
         client.deadline = self.clock.seconds() + self.limits.connect_timeout + \
-            self.answer_wait(exchange)
+            self.tries.first_wait()
 
     def connected(self, conn: BackendConnection, exchange: Exchange) -> None:
         if exchange.backend is not conn.backend or exchange.conn is not None:
@@ -283,10 +289,6 @@ class ProxyFactory(protocol.Factory):
         if backends is self.backends:
             return self.lists
         return self.routes.readers.get(backends) if self.routes is not None else None
-
-    def answer_wait(self, exchange: Exchange) -> float:
-        """How long the answer to a fully sent request is waited for before anything is done."""
-        return self.tries.first_wait()
 
     def retry(self, exchange: Exchange, backend: Backend, stale: bool) -> None:
         """Send again after a connection died before answering; a dead backend is left out."""

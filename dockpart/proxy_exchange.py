@@ -203,7 +203,18 @@ class Pipe:
         client.resume_reading("peer")
 
 
-class Reply(enum.Enum):
+class State(enum.Enum):
+    """An enum of states whose members hash by identity, as they compare.
+
+    Each move of a connection or an answer looks its tables of allowed moves up, several
+    times per request; ``enum.Enum``'s own ``__hash__`` is a Python call each time (twelve
+    per proxied request), ``object.__hash__`` is not.
+    """
+
+    __hash__ = object.__hash__
+
+
+class Reply(State):
     """How far the answer to an exchange has gone; :meth:`Exchange.reply_moves` moves it."""
 
     AWAITED = "awaited"      # nothing written to the client yet: it may still be retried
@@ -220,19 +231,21 @@ class Exchange:
     """One request and its response, from the first attempt to the last byte.
 
     Stored: what the request is and how far it has gone; what can be derived from that
-    (``head_only``, ``backend``, ``responded``) is a property.
+    (``backend``, ``responded``) is a property, except ``head_only``, fixed by the method and
+    read several times on every answer, so kept once.
     """
 
-    __slots__ = ("client", "method", "head", "version", "upgrade", "chunked_in",
+    __slots__ = ("client", "method", "head_only", "head", "version", "upgrade", "chunked_in",
                  "has_body", "pending", "request_done", "slot", "conn", "tried",
                  "status", "chunked_out", "close_after", "reply",
                  "started", "host", "reread", "early", "suspected_at", "resent", "client_slow",
-                 "body_from", "body_bytes", "backends")
+                 "body_from", "body_bytes", "backends", "held")
 
     def __init__(self, client: Downstream, method, head, version, keep_alive, upgrade,
                  chunked_in, has_body, host):
         self.client = client
         self.method = method
+        self.head_only = method == b"HEAD"  # the answer is a head alone
         self.head = head  # request line and headers to send, without the final CRLF
         self.version = version
         self.upgrade = upgrade
@@ -258,11 +271,7 @@ class Exchange:
         self.body_bytes = 0
         # The BackendSet its Host routes to (dockpart.proxy_routes), set when it starts.
         self.backends: BackendSet = None  # type: ignore[assignment]
-
-    @property
-    def head_only(self) -> bool:
-        """The answer is a head alone (a response to HEAD)."""
-        return self.method == b"HEAD"
+        self.held = None  # the dockpart.proxy_hold.Hold it waits in for an app's first instance
 
     @property
     def target(self) -> bytes:

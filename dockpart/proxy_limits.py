@@ -26,26 +26,33 @@ class PerClient:
 
     def __init__(self, max_inflight: int):
         self.max_inflight = max_inflight  # 0: no limit
-        self.inflight: Counter[bytes] = Counter()
+        # A plain dict, not a Counter: a Counter's missing key is a Python-level call, and
+        # both methods run on every request.
+        self.inflight: dict[bytes, int] = {}
         self._held: dict = {}  # exchange -> its client's address
 
     def admit(self, exchange) -> bool:
         """Whether the exchange may go on; it then holds one of its client's places."""
-        if exchange in self._held:
+        held = self._held
+        if exchange in held:
             return True
         ip = exchange.client.peer_ip
-        if self.max_inflight and self.inflight[ip] >= self.max_inflight:
+        inflight = self.inflight
+        now = inflight.get(ip, 0)
+        if self.max_inflight and now >= self.max_inflight:
             return False
-        self.inflight[ip] += 1
-        self._held[exchange] = ip
+        inflight[ip] = now + 1
+        held[exchange] = ip
         return True
 
     def release(self, exchange) -> None:
         """The exchange is over (answered, refused, or its connection gone); once."""
         ip = self._held.pop(exchange, None)
         if ip is not None:
-            self.inflight[ip] -= 1
-            if not self.inflight[ip]:
+            left = self.inflight[ip] - 1
+            if left:
+                self.inflight[ip] = left
+            else:
                 del self.inflight[ip]
 
 

@@ -76,8 +76,9 @@ class LoadPublisher(Periodic):
         self._seen = seen
         interval = now - self._last_time if self._last_time is not None else self.interval
         self._last_time = now
+        hold = self.backends.hold  # requests held for an app at zero are load too
         return LoadReport(figures, self.id, now, round(interval, 3), self.backends.list_key,
-                          self.app)
+                          self.app, hold.report() if hold is not None else None)
 
     def publish(self) -> defer.Deferred | None:
         if not self.backends.known:

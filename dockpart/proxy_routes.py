@@ -26,6 +26,7 @@ from dockpart import apps, keys
 from dockpart.periodic import Periodic
 from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
+from dockpart.proxy_hold import Hold, HoldLimits
 from dockpart.proxy_load import LoadPublisher, proxy_id
 from dockpart.proxy_sync import RedisList, Subscriber, command, redis_connection
 from dockpart.redisconn import RedisService, RedisUnavailable
@@ -74,6 +75,9 @@ class _Reads(Periodic):
         self.sync.reload()
         for reader in list(self.sync.readers.values()):
             reader.refresh()
+        for backends in list(self.sync.routes.apps.values()):
+            if backends.hold is not None:
+                backends.hold.ask_again()
 
 
 class AppsSync(MultiService):
@@ -82,13 +86,14 @@ class AppsSync(MultiService):
     log = Logger()
 
     def __init__(self, routes: Routes, redis: RedisService, reactor, *, interval: float = 1.0,
-                 down_time: float = 10.0, health=None):
+                 down_time: float = 10.0, health=None, hold: HoldLimits = HoldLimits()):
         super().__init__()
         self.routes = routes
         self.redis = redis
         self.reactor = reactor
         self.down_time = down_time
         self.health = health  # (path, interval, timeout) for active checks, or None
+        self.hold = hold  # bounds of the requests held for an app at zero
         self.found: dict[str, tuple[apps.App, BackendSet]] = {}
         self._services: dict[str, MultiService] = {}
         self.readers: dict[str, RedisList] = {}  # each app's list read from Redis
@@ -102,12 +107,15 @@ class AppsSync(MultiService):
         _Reads(self, interval, reactor).setServiceParent(self)
 
     def subscriptions(self) -> list[bytes]:
-        """The apps' channel (an app created, changed or destroyed) and every app's list's."""
-        return [command(b"SUBSCRIBE", keys.APPS_CHANNEL.encode()),
+        """The apps' channel (an app created, changed or destroyed), infra's activation
+        answers, and every app's list's."""
+        return [command(b"SUBSCRIBE", keys.APPS_CHANNEL.encode(), keys.APPS_ACTIVATION.encode()),
                 command(b"PSUBSCRIBE", keys.APP_SERVERS_PATTERN.encode())]
 
     def notice(self, reply: list) -> None:
-        if reply[0] == "message":
+        if reply[0] == "message" and reply[1] == keys.APPS_ACTIVATION:
+            self.activation_notice(reply[2])
+        elif reply[0] == "message":
             self.reload(notice=True)
         else:
             self.list_changed(keys.app_of_channel(reply[2]))
@@ -117,6 +125,21 @@ class AppsSync(MultiService):
 
     def notices_lost(self) -> None:
         self._trusted = False
+
+    def activation_notice(self, text: str) -> None:
+        """``failed NAME SECONDS`` from infra: the app's held requests get 503 at once."""
+        parts = text.split()
+        entry = self.found.get(parts[1]) if len(parts) == 3 and parts[0] == "failed" else None
+        if entry is not None and entry[1].hold is not None:
+            try:
+                seconds = float(parts[2])
+            except ValueError:
+                return
+            entry[1].hold.failed(seconds)
+
+    def ask(self, name: str, proxy: str, held: int) -> Deferred:
+        """Ask infra for the app's first instance (dockpart.proxy_hold)."""
+        return apps.activate(self.redis, name, proxy, held)
 
     def list_changed(self, name: str | None) -> None:
         reader = self.readers.get(name) if name is not None else None
@@ -152,6 +175,8 @@ class AppsSync(MultiService):
             entry = self.found.get(app.name)
             backends = entry[1] if entry else self._add(app)
             now[app.name] = (app, backends)
+            if backends.hold is not None:
+                backends.hold.enabled = app.activates
         for name, (_, backends) in self.found.items():
             if name not in names:
                 self._remove(name, backends)
@@ -170,6 +195,7 @@ class AppsSync(MultiService):
     def _add(self, app: apps.App) -> BackendSet:
         backends = BackendSet(app.tier.servers, "local", self.reactor, down_time=self.down_time)
         self.readers[app.name] = RedisList(self.redis, backends)
+        backends.hold = Hold(app.name, self.reactor, self.ask, self.hold, proxy_id())
         services = MultiService()
         publisher = self._publishers[app.name] = LoadPublisher(
             backends, self.redis, self.reactor, name=f"{proxy_id()}:app:{app.name}",
@@ -187,6 +213,8 @@ class AppsSync(MultiService):
     def _remove(self, name: str, backends: BackendSet) -> None:
         """Routes go; requests in flight finish on the connections they have."""
         backends.update([])
+        if backends.hold is not None:
+            backends.hold.failed(0, "the app was destroyed")
         self.readers.pop(name, None)
         self._publishers.pop(name, None)
         services = self._services.pop(name, None)

@@ -6,7 +6,6 @@ in its life is explicit (:class:`Phase`, moved by :meth:`BackendConnection.trans
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 from twisted.internet import protocol
@@ -16,7 +15,7 @@ from twisted.python.failure import Failure
 
 from dockpart.http_parser import httptools  # or on PyPy its equivalent, http11
 from dockpart.proxy_backends import MAX_IDLE, Backend
-from dockpart.proxy_exchange import (Downstream, Exchange, Pipe, Reading, Reply, Throttle,
+from dockpart.proxy_exchange import (Downstream, Exchange, Pipe, Reading, Reply, State, Throttle,
                                      direct_writer, no_delay)
 from dockpart.proxy_framing import NO_BODY_STATUS, Refused, codings, end_to_end
 from dockpart.proxy_retry import never_read
@@ -26,7 +25,7 @@ class _BadResponse(Exception):
     """A response head the proxy will not pass on (502)."""
 
 
-class Phase(enum.Enum):
+class Phase(State):
     """Where a backend connection is in its life; :meth:`BackendConnection.transition` moves it."""
 
     IDLE = "idle"            # connected, no exchange: pooled or about to be
@@ -128,7 +127,7 @@ class BackendConnection(Reading, protocol.Protocol):
         # until then the body must keep coming (see on_body).
         limits = self.proxy.limits
         client.deadline = exchange.started + (
-            self.proxy.answer_wait(exchange) if exchange.request_done else limits.idle_timeout)
+            self.proxy.tries.first_wait() if exchange.request_done else limits.idle_timeout)
 
     # Receiving.
 
@@ -249,8 +248,7 @@ class BackendConnection(Reading, protocol.Protocol):
             append(b"Transfer-Encoding: chunked")
         else:
             exchange.close_after = True
-        backend.timed(now - exchange.started)
-        backend.heard(now)
+        backend.timed(now - exchange.started, now)
         client.deadline = now + self.proxy.limits.backend_timeout
         exchange.status = status
         if status == 101:

@@ -184,6 +184,36 @@ class BackendLoad:
 
 
 @dataclass(frozen=True)
+class HoldFigures:
+    """An app that scales to zero, as one proxy saw it (:mod:`dockpart.proxy_hold`): the
+    requests it holds now while the first instance starts (load, for the autoscaler) and its
+    activations (first request held -> first instance listed)."""
+    held: int = 0
+    activations: int = 0  # since the proxy started
+    activation_seconds: tuple[float, ...] = ()  # each one since the previous report
+    activation_recent: tuple[float, ...] = ()  # the latest (at most 5)
+    activation_last: float | None = None
+
+    def encode(self) -> dict:
+        return {"held": self.held, "activations": self.activations,
+                "activation_seconds": list(self.activation_seconds),
+                "activation_recent": list(self.activation_recent),
+                "activation_last": self.activation_last}
+
+    @classmethod
+    def decode(cls, r: dict) -> "HoldFigures":
+        def seconds(name):
+            values = r.get(name, [])
+            if not isinstance(values, list):
+                raise BadRecord(f"{name} is not a list")
+            return tuple(float(_number(s, name, 0)) for s in values)
+        last = r.get("activation_last")
+        return cls(_count(r.get("held", 0), "held"), _count(r.get("activations", 0), "activations"),
+                   seconds("activation_seconds"), seconds("activation_recent"),
+                   None if last is None else float(_number(last, "activation_last", 0)))
+
+
+@dataclass(frozen=True)
 class LoadReport:
     """What one proxy process measured, per backend URL, in its last interval.
 
@@ -197,12 +227,20 @@ class LoadReport:
     interval: float = 1.0
     list: str = keys.SERVERS  # the Redis list the proxy rotates over
     app: str | None = None
+    #: An app that scales to zero: its held requests and activations ("held" and
+    #: "activation_*" beside "backends" in JSON); None for any other.
+    hold: HoldFigures | None = None
+
+    @property
+    def held(self) -> int:
+        return self.hold.held if self.hold is not None else 0
 
     def shown(self) -> dict:
         """As JSON has it (the admin listener shows the last one published)."""
         record = {"proxy": self.proxy, "time": self.time, "interval": self.interval,
                   "list": self.list, "app": self.app,
-                  "backends": {url: b.encode() for url, b in self.backends.items()}}
+                  "backends": {url: b.encode() for url, b in self.backends.items()},
+                  **(self.hold.encode() if self.hold is not None else {})}
         return _with_app(record, self.app)
 
     def encode(self) -> str:
@@ -225,7 +263,8 @@ class LoadReport:
         interval = _number(r.get("interval", 1.0), "interval", 0)
         return cls({url: BackendLoad.decode(f, url) for url, f in backends.items()},
                    _text(r.get("proxy", ""), "proxy"), at, interval or 1.0,
-                   _text(r.get("list", keys.SERVERS), "list"), _app(r))
+                   _text(r.get("list", keys.SERVERS), "list"), _app(r),
+                   HoldFigures.decode(r) if "held" in r else None)
 
 
 async def read_load_reports(redis, now: float) -> list[LoadReport]:

@@ -6,7 +6,7 @@ import pytest
 
 from helpers import RedisProcess
 
-# Fixtures kept beside their helpers: docker_images (tests marked docker),
+# Fixtures kept beside their helpers: docker_images and docker_base (tests marked docker),
 # reserved_ports_restored (the deploy tests, which name it in their pytestmark).
 pytest_plugins = ("dockerkit", "deploykit")
 
@@ -30,6 +30,7 @@ FAST_MODULES = frozenset({
     "test_periodic.py",
     "test_records.py",
     "test_proxy_exchange.py",
+    "test_proxy_hold.py",
     "test_proxy_ports.py",
     "test_probe.py",
     "test_proxy_units.py",

@@ -63,3 +63,12 @@ def docker_images() -> dict[str, str]:
     docker_client().close()
     run_images("all")
     return {name: f"dockpart-{name}:latest" for name in run_images("names").split()}
+
+
+@pytest.fixture(scope="session")
+def docker_base() -> str:
+    """The local base image alone (``dockpart-base:bookworm``), for tests that build their own
+    images from it: dockpart's own images are not rebuilt for them."""
+    docker_client().close()
+    run_images("base")
+    return "dockpart-base:bookworm"

@@ -4,6 +4,7 @@ Host; destroy removes them."""
 import uuid
 
 import pytest
+import requests
 
 from dockerkit import docker_client
 from dockpart import keys
@@ -44,6 +45,54 @@ def test_an_app_image_runs_as_containers_routed_by_host_and_goes_when_destroyed(
         assert dockpart_apps(own_redis.url, "destroy", "hello") == 0
         wait_for(lambda: not containers(), 60, what="the containers removed")
         wait_for(lambda: not own_redis.client().keys("dockpart:app*"), 10, what="records gone")
+    finally:
+        proxy.stop()
+        infra.stop()
+        for c in containers():
+            c.remove(force=True)
+        engine.images.remove(tag, force=True)
+
+
+def test_an_app_image_at_zero_starts_on_its_first_request_and_goes_back_to_zero(own_redis,
+                                                                                docker_images):
+    """Scale to zero with containers: held while one starts, answered, then removed again."""
+    engine = docker_client()
+    assert docker_images["web"]
+    tag = f"dockpart-hello:test-{uuid.uuid4().hex[:8]}"
+    engine.images.build(path=str(ROOT / "examples" / "hello"), tag=tag, rm=True,
+                        buildargs={"BASE_IMAGE": "dockpart-base:bookworm"}, network_mode="host")
+    low = port_block(4)
+    infra = Daemon("dockpart-infra", "--driver", "docker", "--redis", own_redis.url,
+                   "--first-port", str(free_port()), "--app-ports", f"{low}-{low + 3}",
+                   "--interval", "0.05", "--drain", "0.5", "--stop-timeout", "2",
+                   "--evaluate-interval", "0.5", "--spawn-timeout", "60",
+                   ready="dockpart-infra started").start()
+    port, admin = free_port(), free_port()
+    proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                   "--redis", own_redis.url, "--admin", f"tcp:{admin}:interface=127.0.0.1",
+                   ready="dockpart-proxy listening on").start()
+    proxy.base = f"http://127.0.0.1:{port}"
+    infra_tier = f"redis://127.0.0.1:{own_redis.port}/0"
+
+    def containers():
+        return engine.containers.list(all=True, filters={
+            "label": f"{LABEL_TIER}={infra_tier} app nap"})
+
+    def hold():
+        app = requests.get(f"http://127.0.0.1:{admin}/", timeout=5).json()["apps"].get("nap")
+        return app["hold"] if app else {}
+    try:
+        assert dockpart_apps(own_redis.url, "create", "nap", "--image", tag, "--scale", "0") == 0
+        assert dockpart_apps(own_redis.url, "autoscale", "nap", "--min", "0", "--max", "2",
+                             "--scale-to-zero-after", "2") == 0
+        wait_for(lambda: hold().get("activates"), 10, what="the proxy to hold nap's requests")
+        for n in (1, 2):
+            assert containers() == []
+            answer = requests.get(proxy.base, headers={"Host": "nap.localhost"}, timeout=60)
+            assert answer.status_code == 200 and answer.text.startswith("hello on port")
+            assert len(containers()) == 1 and hold()["activations"] == n
+            wait_for(lambda: containers() == [] and serving(own_redis, "nap") == [], 60,
+                     what="back to zero: the container removed")
     finally:
         proxy.stop()
         infra.stop()

@@ -5,6 +5,7 @@ app's instances over to it, dockpart-proxy routing by Host (real Redis, daemons,
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -222,3 +223,88 @@ def test_a_second_push_to_the_same_app_waits_for_the_first_with_a_message(tier, 
     text = output.read_text()
     assert "the previous push to app queue is done; going on" in text
     assert "queue serves v1" in text
+
+
+def interrupted_push(work, remote, output, env=None) -> int:
+    """``git push`` stopped by Ctrl-C once the roll-over has begun: SIGINT to the push's
+    process group, as a terminal sends it (git, its transport, and a local push's hook);
+    git's exit status."""
+    with open(output, "w") as out:
+        pusher = subprocess.Popen(["git", "push", str(remote), "main"], cwd=work, stdout=out,
+                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "beside the others" in output.read_text(), 60,
+                 what="the roll-over's first new instance")
+        os.killpg(pusher.pid, signal.SIGINT)
+        return pusher.wait(30)
+    finally:
+        if pusher.poll() is None:
+            os.killpg(pusher.pid, signal.SIGKILL)
+            pusher.wait(10)
+
+
+def finished_after_the_pusher_left(redis, tmp_path, name: str, release: str, capsys) -> None:
+    """The roll-over the pusher left went on to its end: ``release`` is live and kept, with
+    its directory, on the app's scale, and the hook recorded it in the push's log."""
+    record = keys.app_record(name)
+    wait_for(lambda: redis.client().hget(record, "release") == release
+             and redis.client().hget(record, "rollover") == "", 60,
+             what=f"{release} live after the pusher left")
+    log = tmp_path / "apps" / name / "push.log"
+    wait_for(lambda: f"{name} serves {release}" in log.read_text(), 30,
+             what="the hook to see the roll-over's end")
+    wait_for(lambda: (tmp_path / "apps" / name / "push.lock").read_text() == "", 30,
+             what="the hook to finish")
+    listed = releases_of(redis, tmp_path, name, capsys)
+    assert [(r["id"], r["live"]) for r in listed][:1] == [(release, True)]
+    assert os.path.isdir(listed[0]["dir"])
+
+
+def test_ctrl_c_during_the_rollover_leaves_it_to_finish_on_the_new_release(tier, tmp_path,
+                                                                          capsys):
+    """A pusher who presses Ctrl-C once the roll-over has begun does not stop it: infra
+    finishes it and the hook (which the terminal's SIGINT reaches too) still records the new
+    release, so the app ends wholly on it, with no failed request."""
+    redis, infra, proxy, state = tier
+    remote = create(redis, tmp_path, "shop", "--scale", "2")
+    assert push(source(tmp_path, "v1"), remote).returncode == 0
+    wait_for(lambda: len(serving(redis, "shop")) == 2, 30, what="2 instances of v1")
+    # A start that takes a second: the Ctrl-C lands while v2's first instance starts.
+    work = source(tmp_path, "v2", f"web: sleep 1; exec {sys.executable} app.py v2\n")
+    loop = Loop(proxy, "shop.localhost")
+    try:
+        assert interrupted_push(work, remote, tmp_path / "push.out") != 0
+        finished_after_the_pusher_left(redis, tmp_path, "shop", "v2", capsys)
+    finally:
+        loop.stop()
+    assert loop.failed == []
+    assert len(serving(redis, "shop")) == 2
+    assert {get(proxy, "shop.localhost").text.split()[0] for _ in range(6)} == {"v2"}
+    assert "the roll-over goes on" in (tmp_path / "apps" / "shop" / "push.log").read_text()
+
+
+def test_a_push_to_an_app_at_zero_runs_one_instance_of_it_which_idles_back(tier, tmp_path):
+    """A release pushed to an app scaled to zero is proven on one instance (a release that
+    cannot serve is refused at the push, not at the next request), and the app goes back to
+    zero after its idle window; a request then starts the live release."""
+    redis, infra, proxy, state = tier
+    remote = create(redis, tmp_path, "nap", "--scale", "0")
+    assert dockpart_apps(redis.url, "autoscale", "nap", "--min", "0", "--max", "2",
+                         "--scale-to-zero-after", "2") == 0
+    pushed = push(source(tmp_path, "v1"), remote)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "nap is at zero: one instance of v1 starts" in pushed.stderr
+    assert "nap serves v1 on 1 instance(s)" in pushed.stderr
+
+    def at_zero():
+        return serving(redis, "nap") == [] and managed(state / "apps" / "nap") == {}
+    wait_for(at_zero, 30, what="back to zero after the push")
+    assert get(proxy, "nap.localhost").text.startswith("v1 on port")  # held, then answered
+    wait_for(at_zero, 30, what="back to zero after the request")
+
+    pushed = push(source(tmp_path, "v2", "web: exit 3\n"), remote)
+    assert pushed.returncode != 0
+    assert "exited before it answered HTTP" in pushed.stderr
+    assert redis.client().hget(keys.app_record("nap"), "release") == "v1"
+    wait_for(at_zero, 30, what="back to zero after the refused push")
+    assert get(proxy, "nap.localhost").text.startswith("v1 on port")

@@ -121,3 +121,42 @@ def test_a_record_that_does_not_parse_keeps_defaults():
     app = apps.App.decode("x", ["desired", "many", "max", "-3", "target", "2.5", "domains", "a b"])
     assert (app.desired, app.max, app.target, app.domains) == (1, apps.DEFAULT_MAX, 2.5,
                                                                ("a", "b"))
+
+
+def test_info_of_an_app_that_waits_for_its_first_push_says_so(redis_db, redis_server, capsys):
+    dockpart(redis_server, capsys, "create", "shop")
+    code, out, _ = dockpart(redis_server, capsys, "info", "shop")
+    assert code == 0
+    assert "runs      its pushed releases (git push)\n" in out
+
+
+def test_following_the_logs_ends_quietly_on_ctrl_c(redis_db, redis_server, capsys):
+    import signal
+    dockpart(redis_server, capsys, "create", "shop", "--command", "python3 a.py")
+    redis_db.xadd(keys.app_log("shop"), {"port": 20000, "line": "shop listening"})
+    follow = subprocess.Popen([str(BIN / "dockpart"), "apps", "logs", "shop", "-f", "--redis",
+                               redis_server.url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout.readline() == "[20000] shop listening\n"
+        follow.send_signal(signal.SIGINT)
+        out, err = follow.communicate(timeout=20)
+    finally:
+        follow.kill()
+    assert (follow.returncode, err) == (0, "")
+
+
+def test_autoscale_to_zero_is_written_shown_and_needs_min_0(redis_db, redis_server, capsys):
+    dockpart(redis_server, capsys, "create", "nap", "--command", "true")
+    code, _, err = dockpart(redis_server, capsys, "autoscale", "nap", "--min", "1",
+                            "--scale-to-zero-after", "30")
+    assert code == 1 and "--scale-to-zero-after needs --min 0" in err
+    assert redis_db.hget(keys.app_record("nap"), "autoscale") == "0"  # nothing changed
+    code, out, _ = dockpart(redis_server, capsys, "autoscale", "nap", "--min", "0", "--max", "3",
+                            "--scale-to-zero-after", "30")
+    assert code == 0 and "to zero after 30 s without a request" in out
+    info = json.loads(dockpart(redis_server, capsys, "info", "nap", "--json")[1])
+    assert info["autoscale"] == {"min": 0, "max": 3, "target": 4.0, "scale_to_zero_after": 30.0}
+    assert info["desired"] == 1  # running instances stay until the idle window passes
+    assert "scale     autoscaled 0-3 at 4 in flight each, to zero after 30 s idle (now 1)\n" \
+        in dockpart(redis_server, capsys, "info", "nap")[1]

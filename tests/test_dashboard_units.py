@@ -278,3 +278,17 @@ def test_each_app_shows_its_live_release_the_one_it_rolls_over_to_and_its_histor
     assert "push ccccccc &lt;b&gt;" in html  # a note is text, never markup
     plain = app_view(App("blog", command="x"), [])
     assert plain["releases"] == []
+
+
+def test_an_app_at_zero_shows_so_with_its_held_requests_and_activation_times():
+    from dockpart.apps import App
+    from dockpart.dashboard_state import app_view
+    from dockpart.records import HoldFigures, LoadReport
+    reports = [LoadReport(app="nap", hold=HoldFigures(3, activation_recent=(0.52, 0.41))),
+               LoadReport(app="nap", hold=HoldFigures(2, activation_recent=(0.47,)))]
+    nap = app_view(App("nap", command="x", desired=0, autoscale=True, min=0, zero_after=60),
+                   reports)
+    assert nap["held"] == 5 and nap["activations"] == [0.41, 0.47, 0.52]
+    html = live_html(apps_snapshot(nap), "csrf")
+    assert "to zero after 60 s idle" in html and "at zero" in html and "5 held" in html
+    assert "started from zero in 0.41 0.47 0.52 s" in html

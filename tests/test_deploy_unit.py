@@ -226,13 +226,18 @@ def test_init_as_root_reserves_the_slice_ports_beside_those_already_reserved(tmp
     assert said[0].startswith("reserved ports 50100,50101")
     assert repos.reserve_ports([50100, 50101], said.append, tmp_path) == []  # already reserved
 
-    # The real setting, through the command: added to, not replaced.
-    repos.SYSCTL_IPV4.joinpath("ip_local_reserved_ports").write_text("40000\n")
-    done = dockpart("deploy", "init", str(tmp_path / "d"), "--blue-port", "50102")
-    assert done.returncode == 0, done.stderr
-    assert "reserved ports 50100,50102" in done.stdout
-    assert repos.SYSCTL_IPV4.joinpath("ip_local_reserved_ports").read_text().split(",") == \
-        ["40000", "50100", "50102\n"]
+    # The real setting, through the command: added to, not replaced.  It is the machine's, so
+    # the test puts back what was there, even when it fails.
+    real = repos.SYSCTL_IPV4.joinpath("ip_local_reserved_ports")
+    before = real.read_text()
+    try:
+        real.write_text("40000\n")
+        done = dockpart("deploy", "init", str(tmp_path / "d"), "--blue-port", "50102")
+        assert done.returncode == 0, done.stderr
+        assert "reserved ports 50100,50102" in done.stdout
+        assert real.read_text().split(",") == ["40000", "50100", "50102\n"]
+    finally:
+        real.write_text(before if before.strip() else "\n")
 
 
 def test_init_without_root_warns_about_ports_in_the_ephemeral_range(tmp_path):

@@ -38,6 +38,10 @@ class Driver:
 
 class Worker(Service):
     leased = True
+    taken = 0
+
+    def take_now(self):
+        self.taken += 1
 
 
 class Runner:
@@ -64,11 +68,12 @@ async def r(redis_server):
     await runner.stop()
 
 
-def report(client, clock, app: str, inflight: dict[str, int], name: str = "p:1"):
+def report(client, clock, app: str, inflight: dict[str, int], name: str = "p:1",
+           requests: int = 1, **more):
     """A proxy's load report on ``app``'s instances (or the seed's, for app None)."""
     body = {"proxy": name, "time": clock.seconds(), "interval": 1.0,
-            "list": keys.app_tier(app).servers if app else keys.SERVERS,
-            "backends": {u: {"requests": 1, "errors": 0, "latency_sum": 0.0,
+            "list": keys.app_tier(app).servers if app else keys.SERVERS, **more,
+            "backends": {u: {"requests": requests, "errors": 0, "latency_sum": 0.0,
                              "latency_buckets": [0] * 14, "inflight": n, "healthy": True}
                          for u, n in inflight.items()}}
     if app:
@@ -153,3 +158,105 @@ async def test_a_record_redis_lost_is_written_back_and_a_destroyed_app_forgotten
     assert "a" not in r.runner.tiers
     assert redis_db.keys("dockpart:app*") == []
 
+
+@pytest_twisted.ensureDeferred
+async def test_an_autoscaled_app_with_nothing_to_run_asks_for_no_spawn(redis_db, r):
+    """The autoscaler's floor does not start what cannot run (each spawn would fail)."""
+    apps.create(Scripts(redis_db), apps.App("new"))
+    apps.autoscale(Scripts(redis_db), "new", 1, 4, 2.0, 1)
+    await r.step()
+    assert redis_db.llen(keys.app_tier("new").spawn_queue) == 0
+
+
+def zero_app(redis_db, name: str = "z", zero_after: float = 0.0, desired: int = 0):
+    client = Scripts(redis_db)
+    apps.create(client, apps.App(name, command="x", desired=desired))
+    apps.autoscale(client, name, 0, 4, 2.0, desired, zero_after)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_app_with_min_0_goes_to_zero_after_its_idle_window_not_before(redis_db, r):
+    zero_app(redis_db, zero_after=10.0, desired=1)
+    t = keys.app_tier("z")
+    redis_db.rpush(t.servers, url(LOW))
+    redis_db.hset(keys.APP_PORTS, LOW, "z")
+    report(redis_db, r.clock, "z", {url(LOW): 0}, requests=3)  # answered some: busy
+    await r.step()
+    r.clock.advance(9.0)
+    report(redis_db, r.clock, "z", {url(LOW): 0}, requests=0)
+    await r.step()
+    assert redis_db.hget(keys.app_record("z"), "desired") == "1"  # 9 s idle: not yet
+    r.clock.advance(2.0)
+    report(redis_db, r.clock, "z", {url(LOW): 0}, requests=0)
+    await r.step()
+    assert redis_db.hget(keys.app_record("z"), "desired") == "0"
+    assert redis_db.lrange(t.destroy_queue, 0, -1) == [url(LOW)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_never_takes_an_app_to_zero_without_its_idle_rule(redis_db, r):
+    """min 0 without --scale-to-zero-after: the policy's floor stays one instance."""
+    zero_app(redis_db, desired=1)
+    redis_db.rpush(keys.app_tier("z").servers, url(LOW))
+    redis_db.hset(keys.APP_PORTS, LOW, "z")
+    for _ in range(40):  # past the policy's 60 s stabilisation, no load at all
+        report(redis_db, r.clock, "z", {url(LOW): 0}, requests=0)
+        await r.step()
+        r.clock.advance(2.0)
+    assert redis_db.hget(keys.app_record("z"), "desired") == "1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_activation_asks_for_the_held_load_once_and_ends_when_one_serves(redis_db, r):
+    client = zero_app(redis_db)
+    t = keys.app_tier("z")
+    # Proxies ask: the first creates the activation, a larger count is told, the same
+    # count again changes nothing.
+    assert apps.activate(client, "z", "p:1", 1) == 1
+    assert apps.activate(client, "z", "p:1", 1) == 0
+    assert apps.activate(client, "z", "p:2", 2) == 2
+    await r.step()
+    assert redis_db.hget(keys.app_record("z"), "desired") == "2"  # 3 held at 2 each
+    assert redis_db.llen(t.spawn_queue) == 2
+    r.clock.advance(0)
+    assert r.runner.tiers["z"].worker.taken == 1  # the worker looked at once
+    await r.step()  # a restarted infra or the next step: counted, not asked again
+    assert redis_db.llen(t.spawn_queue) == 2
+    assert apps.activate(client, "z", "p:1", 5) == 2  # more held while none serves
+    await r.step()
+    assert redis_db.hget(keys.app_record("z"), "desired") == "4"  # 7 held, at most 4
+    await r.step()
+    assert redis_db.llen(t.spawn_queue) == 4
+    assert redis_db.exists(keys.app_activation("z"))  # until an instance serves
+    redis_db.rpush(t.servers, redis_db.rpop(t.spawn_queue))
+    await r.step()
+    assert not redis_db.exists(keys.app_activation("z"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_activation_goes_back_to_zero_tells_the_proxies_and_waits(redis_db, r):
+    notices = redis_db.pubsub(ignore_subscribe_messages=True)
+    notices.subscribe(keys.APPS_ACTIVATION)
+    notices.get_message(timeout=2)  # the subscription is in place
+    try:
+        client = zero_app(redis_db)
+        t = keys.app_tier("z")
+        apps.activate(client, "z", "p:1", 1)
+        await r.step()
+        assert redis_db.lrange(t.spawn_queue, 0, -1) == [url(LOW)]
+        redis_db.delete(t.spawn_queue)  # the worker dead-lettered it
+        await r.step()
+        assert redis_db.hget(keys.app_record("z"), "desired") == "0"
+        assert not redis_db.exists(keys.app_activation("z"))
+        said = [m["data"] for m in (notices.get_message(timeout=2) for _ in range(2)) if m]
+        assert said == ["activate z", "failed z 1"]
+        # The next request asks again: nothing before the backoff, then a spawn.
+        apps.activate(client, "z", "p:1", 1)
+        await r.step()
+        assert redis_db.llen(t.spawn_queue) == 0
+        r.clock.advance(1.0)
+        await r.step()
+        assert redis_db.llen(t.spawn_queue) == 1
+    finally:
+        notices.close()

@@ -293,6 +293,29 @@ async def test_a_spawn_that_never_answers_is_removed_and_dead_lettered(redis_db,
         assert await s.servers() == [] and redis_db.llen(keys.SPAWNING) == 0
 
 
+class ExitsAtStart(FakeDriver):
+    """Its instances exit at once (an app that cannot start)."""
+
+    async def start(self, port):
+        await super().start(port)
+        self.running.discard(port)
+        self.exited.add(port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spawn_that_exited_fails_at_once_not_after_the_spawn_timeout(redis_db,
+                                                                            redis_server):
+    async with Setup(redis_server.url, spawn_timeout=30) as s:
+        s.driver = s.worker.driver = ExitsAtStart(s.redis)
+        began = reactor.seconds()
+        redis_db.lpush(keys.SPAWN_QUEUE, URL)
+        await until(lambda: defer.succeed(redis_db.llen(keys.DEAD_LETTERS) == 1), 10)
+        assert reactor.seconds() - began < 2 * infra_worker.EXIT_LOOK + 1
+        letter = json.loads(redis_db.lindex(keys.DEAD_LETTERS, 0))
+        assert letter["reason"] == "fake instance 4001 exited before it answered HTTP; removed it"
+        assert len(s.driver.removed) == 1 and await s.servers() == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_request_taken_while_the_worker_stops_is_left_for_the_next_start(
         redis_db, redis_server):

@@ -319,3 +319,16 @@ def test_retry_safe_takes_plain_paths_exact_or_prefix_and_needs_a_try_timeout():
             parse("--retry-safe", bad)
     with pytest.raises(usage.UsageError, match="needs --try-timeout"):
         Options().parseOptions(["--retry-safe", "/"])
+
+
+def test_the_proxys_state_enums_hash_without_a_python_call():
+    """Phase, Mode and Reply are looked up in their tables of moves several times per
+    request: their members hash by identity (C), not through Enum's Python ``__hash__``."""
+    from dockpart.proxy_client import MODE_MOVES, Mode
+    from dockpart.proxy_exchange import REPLY_MOVES, Reply
+    from dockpart.proxy_upstream import MOVES, Phase
+
+    for states, moves in ((Phase, MOVES), (Mode, MODE_MOVES), (Reply, REPLY_MOVES)):
+        assert states.__hash__ is object.__hash__
+        assert set(moves) == set(states)  # the tables still find every member
+        assert states(next(iter(states)).value) in moves

@@ -150,8 +150,64 @@ def test_old_releases_are_forgotten_with_their_directories_unless_a_kept_one_run
         path.mkdir(parents=True, exist_ok=True)
         dirs[rid] = path
         releases.keep(client, "shop", Release(rid, dir=str(path)))
-    apps_deploy._prune(repos, client, "shop", "v2")  # rolled back to v2
+    apps_deploy._prune(client, "shop", "v2", print)  # rolled back to v2
     kept = [r.id for r in releases.read(client, "shop")]
     assert kept == ["v8", "v7", "v6", "v5", "v4", "v2"]
     assert not dirs["v1"].exists() and dirs["v2"].exists()  # v3's went, v2 still runs there
     assert all(dirs[k].exists() for k in kept)
+
+
+class LosesSight:
+    """A redis-py client whose reads of the roll-over's news fail, as when Redis goes away
+    while a push waits."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def rpop(self, key):
+        import redis
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379")
+
+
+def test_a_wait_that_breaks_once_infra_rolls_over_keeps_the_release(redis_db, tmp_path):
+    """Infra rolls over to the release whatever happens to the one waiting: its record stays
+    (a forgotten one would leave infra rolling over to, or serving, a release it cannot
+    read), and the waiter says the roll-over goes on."""
+    from dockpart import apps, keys
+    from dockpart.deploy.front import Scripts
+    apps.create(Scripts(redis_db), apps.App("shop", command="python3 app.py"))
+    redis_db.set(keys.app_tier("shop").lease, "infra")
+    said = []
+    with pytest.raises(apps_deploy.StillRolling, match="lost sight of the roll-over to v1 "
+                       r"\(Error 111.*\); dockpart-infra goes on with it"):
+        apps_deploy.configure(AppsDir(tmp_path), LosesSight(redis_db), "shop", {"A": "1"}, [],
+                              said.append)
+    assert said == ["-----> rolling shop over to v1 (python3 app.py)"]
+    assert redis_db.hget(keys.app_record("shop"), "rollover") == "v1"
+    assert [r.env for r in releases.read(Scripts(redis_db), "shop")] == [{"A": "1"}]
+
+
+def test_a_push_that_loses_sight_of_its_rollover_says_it_goes_on_not_that_it_failed(
+        redis_db, tmp_path):
+    """The pusher's last line: the app may end on either release, so not 'PUSH FAILED, ...
+    keeps serving its current release'."""
+    from dockpart import apps, keys
+    from dockpart.deploy.front import Scripts
+    from dockpart.deploy.hook import run_logged
+    apps.create(Scripts(redis_db), apps.App("shop", command="python3 app.py"))
+    redis_db.set(keys.app_tier("shop").lease, "infra")
+    app = apps.read_one(Scripts(redis_db), "shop")
+    said = []
+    log = tmp_path / "push.log"
+    status = run_logged(log, "push to app shop", apps_deploy.FAILED.format(name="shop"),
+                        lambda tell: apps_deploy.roll(LosesSight(redis_db), app,
+                                                      Release("v1", command="python3 app.py"),
+                                                      tell),
+                        said.append, expected=apps_deploy.EXPECTED)
+    assert status == 1
+    assert said[-1] == ("PUSH UNFINISHED, app shop is still rolling over to v1: lost sight of "
+                        "the roll-over to v1 (Error 111 connecting to 127.0.0.1:6379); "
+                        f"dockpart-infra goes on with it (dockpart apps info shop) (log: {log})")

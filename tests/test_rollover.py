@@ -163,3 +163,93 @@ async def test_an_app_with_nothing_to_run_waits_for_its_first_push(redis_db, red
         assert redis_db.llen(keys.app_tier("new").spawn_queue) == 2
     finally:
         await redis.stopService()
+
+
+def at_zero(redis_db, client, t, zero_after: float = 30.0) -> None:
+    """App ``a`` autoscaled with --min 0 --scale-to-zero-after, drained to zero instances."""
+    apps.autoscale(client, "a", 0, 4, 2.0, 0, zero_after)
+    redis_db.delete(t.servers, keys.APP_PORTS, keys.app_instance_releases("a"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_release_pushed_to_an_app_at_zero_starts_one_instance_that_idles_back(rolling):
+    """The push's release is health-gated as in any roll-over (one instance of it must serve),
+    then the idle rule takes the app back to zero after its window."""
+    redis_db, client, runner, t, clock = rolling
+    at_zero(redis_db, client, t)
+    releases.start_rollover(client, "a", "v2")
+    await runner.step()
+    [new] = redis_db.lrange(t.spawn_queue, 0, -1)
+    assert redis_db.hget(keys.app_instance_releases("a"), new) == "v2"
+    assert redis_db.hget(keys.app_record("a"), "desired") == "1"
+    assert "a is at zero: one instance of v2 starts" in news(redis_db)[0]["say"]
+    clock.advance(2.0)
+    serve(redis_db, t, new)
+    await runner.step()
+    record = redis_db.hgetall(keys.app_record("a"))
+    assert (record["release"], record["rollover"]) == ("v2", "")
+    assert news(redis_db)[-1]["done"] is True
+    clock.advance(29.0)  # 29 s without a request since the roll-over's end
+    report(redis_db, clock, "a", {new: 0}, requests=0)
+    await runner.step()
+    assert redis_db.hget(keys.app_record("a"), "desired") == "1"
+    clock.advance(2.0)
+    report(redis_db, clock, "a", {new: 0}, requests=0)
+    await runner.step()
+    assert redis_db.hget(keys.app_record("a"), "desired") == "0"
+    assert redis_db.lrange(t.destroy_queue, 0, -1) == [new]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_idle_rule_waits_for_a_rollover_and_its_window_restarts_after(rolling):
+    """A roll-over longer than the idle window drains nothing mid-way, and the new release's
+    instance gets a whole window once it is live."""
+    redis_db, client, runner, t, clock = rolling
+    apps.autoscale(client, "a", 0, 4, 2.0, 1, 10.0)
+    redis_db.rpush(t.destroy_queue, url(LOW + 1))  # the app had one instance left
+    finish_destroys(redis_db, t)
+    await runner.step()
+    releases.start_rollover(client, "a", "v2")
+    for _ in range(3):  # 20 s between steps, no request: twice the window, each time
+        clock.advance(20.0)
+        report(redis_db, clock, "a", {url(LOW): 0}, requests=0)
+        await runner.step()
+        assert redis_db.hget(keys.app_record("a"), "desired") == "1"
+        if redis_db.llen(t.spawn_queue):
+            serve(redis_db, t, redis_db.lindex(t.spawn_queue, 0))
+        finish_destroys(redis_db, t)
+    assert redis_db.hget(keys.app_record("a"), "release") == "v2"
+    [new] = redis_db.lrange(t.servers, 0, -1)
+    clock.advance(9.0)
+    report(redis_db, clock, "a", {new: 0}, requests=0)
+    await runner.step()
+    assert redis_db.hget(keys.app_record("a"), "desired") == "1"
+    clock.advance(2.0)
+    report(redis_db, clock, "a", {new: 0}, requests=0)
+    await runner.step()
+    assert redis_db.hget(keys.app_record("a"), "desired") == "0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_held_during_a_rollover_at_zero_go_to_the_new_release(rolling):
+    """An activation while the app rolls over from zero: the count the held load asks for
+    is filled by the roll-over, on the new release, and the activation ends when the first
+    of them serves."""
+    redis_db, client, runner, t, clock = rolling
+    at_zero(redis_db, client, t)
+    releases.start_rollover(client, "a", "v2")
+    apps.activate(client, "a", "p:1", 3)  # 3 held, 2 in flight each: 2 instances
+    await runner.step()
+    assert redis_db.hget(keys.app_record("a"), "desired") == "2"
+    [first] = redis_db.lrange(t.spawn_queue, 0, -1)  # one at a time, as in any roll-over
+    assert redis_db.hget(keys.app_instance_releases("a"), first) == "v2"
+    serve(redis_db, t, first)
+    await runner.step()
+    assert not redis_db.exists(keys.app_activation("a"))  # the held requests go to it
+    [second] = redis_db.lrange(t.spawn_queue, 0, -1)
+    assert redis_db.hget(keys.app_instance_releases("a"), second) == "v2"
+    serve(redis_db, t, second)
+    await runner.step()
+    record = redis_db.hgetall(keys.app_record("a"))
+    assert (record["release"], record["rollover"], record["desired"]) == ("v2", "", "2")
+

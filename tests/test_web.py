@@ -251,6 +251,9 @@ def test_first_instance_is_back_in_servers_after_a_flush_and_a_redis_restart(own
         client = own_redis.client()
         wait_for(lambda: client.lrange(keys.SERVERS, 0, -1) == [url], 15,
                  what="the first instance back after a Redis restart")
+        # The log line follows the write the test has just seen; wait for it, then count.
+        wait_for(lambda: web.output().count("was missing from; added it back to servers") >= 3,
+                 5, what="the third 'added it back' log line")
         assert web.output().count("was missing from; added it back to servers") == 3
     finally:
         web.stop()

@@ -196,10 +196,25 @@ def remove_image(c: docker.DockerClient, name: str) -> None:
         pass
 
 
+def remove_pinned(c: docker.DockerClient, pinned: str) -> None:
+    """Drop ``pinned`` (repository@digest) from the engine, with the tags of its repository
+    that name the same image; best effort (an image a container runs stays)."""
+    try:
+        image = c.images.get(pinned)
+    except DockerException:
+        return
+    repository = pinned.partition("@")[0]
+    for name in [*(t for t in image.tags if t.rpartition(":")[0] == repository), pinned]:
+        remove_image(c, name)
+
+
 def _registry_url(name: str) -> tuple[str, str]:
+    """The manifests URL of ``name``'s repository, and its tag (or digest, for repo@digest)."""
     registry, _, rest = name.partition("/")
-    repository, _, name_tag = rest.rpartition(":")
-    return f"http://{registry}/v2/{repository}/manifests/", name_tag
+    repository, at, reference = rest.partition("@")
+    if not at:
+        repository, _, reference = rest.rpartition(":")
+    return f"http://{registry}/v2/{repository}/manifests/", reference
 
 
 def registry_digest(name: str) -> str | None:

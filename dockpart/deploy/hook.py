@@ -42,17 +42,31 @@ def run_hook(deploy_dir: DeployDir, slice_name: str, lines, say=print) -> int:
 def run_logged(path: Path, title: str, failed: str, work, say=print,
                expected=(DeployError,)) -> int:
     """Run ``work(tell)``: each line told goes to the pusher and to the log at ``path``; a
-    failure is one line for the pusher (``failed: reason (log: path)``), the details (a
-    traceback) for the log only.  The exit status: ``work``'s, or 1."""
+    failure is one line for the pusher (``failed: reason (log: path)``, or the error's own
+    ``headline`` for ``failed``), the details (a traceback) for the log only.  The exit
+    status: ``work``'s, or 1."""
     try:
         path.parent.mkdir(exist_ok=True)
         log = open(path, "a")
     except OSError:  # no deploy directory: loading its configuration says so
         log, path = None, None  # type: ignore[assignment]  # no log file to name
+    pusher_left = False
+
+    def reach(line: str) -> None:
+        """Say ``line`` to the pusher while they are there: one who left (Ctrl-C, a dropped
+        connection: git's pipe is closed) is not told the rest, and the work goes on."""
+        nonlocal pusher_left
+        if pusher_left:
+            return
+        try:
+            say(line)
+        except OSError:
+            pusher_left = True
+
     with log or contextlib.nullcontext():
 
         def tell(line: str = "") -> None:
-            say(line)
+            reach(line)
             if log is not None:
                 log.write(line + "\n")
                 log.flush()
@@ -63,13 +77,14 @@ def run_logged(path: Path, title: str, failed: str, work, say=print,
             return work(tell)
         except expected as e:
             reason, details = str(e), ""
+            failed = getattr(e, "headline", failed)  # an outcome still open says so
         except Exception as e:
             reason, details = f"unexpected error: {type(e).__name__}: {e}", traceback.format_exc()
         if log is not None:
             log.write(f"{reason}\n{details}")
     # One line for the pusher: the steps above it and the log say the rest.
     first, *more = reason.splitlines() or [""]
-    say(f"{failed}: {first}" + (" [...]" if more else "") + (f" (log: {path})" if path else ""))
+    reach(f"{failed}: {first}" + (" [...]" if more else "") + (f" (log: {path})" if path else ""))
     return 1
 
 

@@ -31,6 +31,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main() -> None:
+    # A listen queue of 128, not socketserver's 5: the requests a proxy held while this
+    # instance started arrive at once, and a full queue costs each extra one a SYN retry (1 s).
+    ThreadingHTTPServer.request_queue_size = 128
     server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
     server.daemon_threads = False  # server_close() waits for the requests in hand
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())

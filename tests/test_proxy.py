@@ -370,7 +370,9 @@ def test_backend_killed_under_a_request_loop_fails_no_request(fresh):
         codes.append(fresh.get(f"/loop{i}").status_code)
     assert codes == [200] * 300
     dead = {b["url"]: b for b in fresh.status()["backends"]}[fresh.urls[1]]
-    assert not dead["healthy"] and dead["errors"] >= 1
+    # Out of rotation: a failed request or the active health check, whichever came first (on a
+    # busy machine the check may see it before any request is sent to it).
+    assert not dead["healthy"]
     # The active health check puts it back once it answers again.
     fresh.backends[1].start()
     wait_for(lambda: {b["url"]: b for b in fresh.status()["backends"]}[fresh.urls[1]]["healthy"],

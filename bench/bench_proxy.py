@@ -3,11 +3,18 @@
 Starts a redis-server, three fast backends (one nginx process with three ``return 200``
 servers), and as proxies over them: nginx with 1 and 2 workers (upstream keep-alive,
 ``reuseport`` like ours), HAProxy with ``nbthread`` 1 and 2 (``http-reuse always``), and
-dockpart-proxy ``--balance local`` with ``--workers 1`` and ``2``.  Drives each with
+dockpart-proxy ``--balance local`` with ``--workers 1`` and ``2``, on CPython and on PyPy
+(the virtualenv ``scripts/test --pypy`` or ``scripts/up`` makes, ``.venv-pypy``; its JIT
+is warmed up with ``--warmup`` seconds of load before anything is measured).  Drives each with
 ``wrk -t1 -cC -dDs --latency`` at each concurrency, in rounds that take turns (a busy moment
 of a shared machine hits every target alike), and prints the median requests/s, p50, p99,
+the CPU time each proxy (its processes together) spent per request,
 then the ratios the issue asks for: dockpart's gain from 1 to 2 processes against nginx's,
 dockpart's req/s against nginx's at equal process counts, and p99 against nginx's.
+
+``--parsers`` adds each interpreter's proxy with the other's parser: CPython with
+:mod:`dockpart.http11`, and PyPy with httptools (through cpyext) when the PyPy virtualenv has
+it (``pip install httptools`` there, with Debian's ``pypy3-dev``).
 
 ``--compare-venv DIR`` adds a second dockpart-proxy, run by another checkout's virtualenv
 (``DIR/bin/twistd``), beside each of ours, measured in the same rounds, and prints ours
@@ -16,12 +23,15 @@ other round goes in reverse order, so neither of the two always runs first.
 ``--compare-venv .venv`` (ours against itself) shows how far apart equal proxies come out.
 
     python bench/bench_proxy.py [--duration 5] [--rounds 3] [--concurrency 50,200]
+                                [--warmup 15] [--pypy .venv-pypy | --pypy ''] [--parsers]
                                 [--compare-venv ../before/.venv [--compare-label before]]
 
 Needs redis-server, nginx, haproxy and wrk (Debian packages).  Everything listens on
 127.0.0.1 and stops at the end.  The load generator shares the machine's cores with the
 proxies: compare gains and ratios, not absolute figures.
 """
+
+from __future__ import annotations
 
 import argparse
 import os
@@ -99,36 +109,65 @@ def wrk(url: str, duration: int, connections: int) -> dict:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
+    requests = re.search(r"(\d+) requests in", out)
     return {"rps": float(rps.group(1)) if rps else 0.0, "p50": latency("50"),
+            "requests": int(requests.group(1)) if requests else 0,
             "p99": latency("99"), "non2xx": int(errors.group(1)) if errors else 0,
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
 
-def nginx(workers: int, servers: str, stack: list) -> None:
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) that ``pid`` and its descendants have used: per request,
+    the figure that a busy machine moves far less than requests/s."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += cpu_seconds(int(child))
+            except FileNotFoundError:  # it has just exited
+                pass
+    return total
+
+
+def measured(url: str, pid: int, duration: int, connections: int) -> dict:
+    """One :func:`wrk` run, with the CPU microseconds per request of the server ``pid``."""
+    before = cpu_seconds(pid)
+    run = wrk(url, duration, connections)
+    run["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / max(1, run["requests"])
+    return run
+
+
+def nginx(workers: int, servers: str, stack: list) -> int:
     workdir = tempfile.mkdtemp(prefix="dockpart-bench-nginx-")
     conf = Path(workdir) / "nginx.conf"
     conf.write_text(NGINX_HEAD.format(workers=workers, dir=workdir, servers=servers))
     proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-p", workdir,
                              "-c", str(conf), "-g", "daemon off;"], stderr=subprocess.DEVNULL)
     stack.append(lambda: (proc.terminate(), proc.wait(10)))
+    return proc.pid
 
 
-def haproxy(threads: int, port: int, backends: list[int], stack: list) -> None:
+def haproxy(threads: int, port: int, backends: list[int], stack: list) -> int:
     conf = Path(tempfile.mkdtemp(prefix="dockpart-bench-haproxy-")) / "haproxy.cfg"
     conf.write_text(HAPROXY.format(threads=threads, port=port, servers="\n".join(
         f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))))
     proc = subprocess.Popen([shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f",
                              str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack.append(lambda: (proc.terminate(), proc.wait(10)))
+    return proc.pid
 
 
 def dockpart(workers: int, port: int, redis_url: str, stack: list,
-             twistd: str | None = None, cwd: str | None = None) -> None:
+             twistd: str | None = None, cwd: str | None = None,
+             env: dict | None = None) -> int:
     daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
                     "--redis", redis_url, "--workers", str(workers), twistd=twistd, cwd=cwd,
+                    env=env,
                     ready=f"with {workers} workers" if workers > 1
                     else "dockpart-proxy listening on").start()
     stack.append(daemon.stop)
+    return daemon.proc.pid
 
 
 def stop_all(stack: list) -> None:
@@ -145,10 +184,21 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="50,200")
+    parser.add_argument("--warmup", type=int, default=15,
+                        help="seconds of load on each PyPy proxy before measuring (its JIT)")
+    parser.add_argument("--pypy", default=str(ROOT / ".venv-pypy"),
+                        help="the PyPy virtualenv whose twistd runs the PyPy rows ('' for none)")
+    parser.add_argument("--parsers", action="store_true",
+                        help="also each interpreter's proxy (1 process) with the other's HTTP "
+                        "parser (DOCKPART_HTTP_PARSER): the figures behind the choice")
     parser.add_argument("--compare-venv", help="another checkout's virtualenv whose "
                         "dockpart-proxy runs beside ours, in the same rounds")
     parser.add_argument("--compare-label", default="before")
     args = parser.parse_args()
+    pypy_twistd = Path(args.pypy) / "bin" / "twistd" if args.pypy else None
+    if pypy_twistd is not None and not pypy_twistd.exists():
+        sys.exit(f"{pypy_twistd} is missing: make it with `bash scripts/test --pypy --co -q`, "
+                 "or leave PyPy out with --pypy ''")
     other = Path(args.compare_venv).resolve() if args.compare_venv else None
     if other is not None and not (other / "bin" / "twistd").exists():
         sys.exit(f"{other}/bin/twistd is missing: make that checkout's virtualenv first")
@@ -162,27 +212,52 @@ def main() -> None:
     stack.append(redis.stop)
     try:
         backends = [free_port() for _ in range(3)]
-        nginx(1, "\n    ".join(NGINX_BACKEND.format(port=p) for p in backends), stack)
+        pids = {"one backend directly":
+                nginx(1, "\n    ".join(NGINX_BACKEND.format(port=p) for p in backends), stack)}
         upstreams = " ".join(f"server 127.0.0.1:{p};" for p in backends)
         redis.client().rpush("servers", *[f"http://127.0.0.1:{p}" for p in backends])
         rows = {"one backend directly": backends[0]}
         for n in (1, 2):
-            rows[f"nginx, {n} worker{'s' * (n > 1)}"] = port = free_port()
-            nginx(n, NGINX_PROXY.format(upstreams=upstreams, port=port), stack)
+            name = f"nginx, {n} worker{'s' * (n > 1)}"
+            rows[name] = port = free_port()
+            pids[name] = nginx(n, NGINX_PROXY.format(upstreams=upstreams, port=port), stack)
         for n in (1, 2):
             rows[f"HAProxy, nbthread {n}"] = port = free_port()
-            haproxy(n, port, backends, stack)
+            pids[f"HAProxy, nbthread {n}"] = haproxy(n, port, backends, stack)
         for n in (1, 2):
             rows[f"dockpart-proxy --workers {n}"] = port = free_port()
-            dockpart(n, port, redis.url, stack)
+            pids[f"dockpart-proxy --workers {n}"] = dockpart(n, port, redis.url, stack)
             if other is not None:  # next to ours, so each round meets both at the same moment
                 # twistd puts its working directory first on sys.path: run it from the
                 # virtualenv, which holds no dockpart/, so it imports its own checkout's
-                rows[f"  {args.compare_label} --workers {n}"] = port = free_port()
-                dockpart(n, port, redis.url, stack, twistd=str(other / "bin" / "twistd"),
-                         cwd=str(other))
+                name = f"  {args.compare_label} --workers {n}"
+                rows[name] = port = free_port()
+                pids[name] = dockpart(n, port, redis.url, stack,
+                                      twistd=str(other / "bin" / "twistd"), cwd=str(other))
+        jitted = []
+        if pypy_twistd is not None:
+            for n in (1, 2):
+                rows[f"dockpart on PyPy --workers {n}"] = port = free_port()
+                pids[f"dockpart on PyPy --workers {n}"] = dockpart(
+                    n, port, redis.url, stack, twistd=str(pypy_twistd))
+                jitted.append(port)
+        if args.parsers:
+            rows["  CPython, http11 parser"] = port = free_port()
+            pids["  CPython, http11 parser"] = dockpart(
+                1, port, redis.url, stack, env={"DOCKPART_HTTP_PARSER": "http11"})
+            if pypy_twistd is not None and subprocess.run(
+                    [str(pypy_twistd.parent / "python"), "-c", "import httptools"],
+                    capture_output=True).returncode == 0:  # built against pypy3-dev
+                rows["  PyPy, httptools (cpyext)"] = port = free_port()
+                pids["  PyPy, httptools (cpyext)"] = dockpart(
+                    1, port, redis.url, stack, twistd=str(pypy_twistd),
+                    env={"DOCKPART_HTTP_PARSER": "httptools"})
+                jitted.append(port)
         for name, port in rows.items():
             wait_for(lambda: port_open(port), what=f"{name} on {port}")
+        for port in jitted:  # PyPy compiles the hot paths after some thousands of requests
+            for connections in levels:
+                wrk(f"http://127.0.0.1:{port}/", max(1, args.warmup // len(levels)), connections)
         print(f"wrk -t1 -d{args.duration}s, medians of {args.rounds} rounds taking turns; "
               f"backends: 3 nginx return 200 servers (one nginx worker); "
               f"dockpart-proxy --balance local; {len(os.sched_getaffinity(0))} cores shared "
@@ -194,37 +269,46 @@ def main() -> None:
                 wrk(f"http://127.0.0.1:{port}/", 1, connections)  # warm up pools and caches
             for i in range(args.rounds):  # every other round backwards: no row always goes first
                 for name, port in list(rows.items())[::1 if i % 2 == 0 else -1]:
-                    runs[name].append(wrk(f"http://127.0.0.1:{port}/", args.duration, connections))
+                    runs[name].append(measured(f"http://127.0.0.1:{port}/", pids[name],
+                                               args.duration, connections))
             if other is not None:
                 compared.append((connections, runs, os.getloadavg()[0]))
             results[connections] = table = {
                 name: {"rps": statistics.median(r["rps"] for r in rs),
                        "p50": statistics.median(r["p50"] for r in rs),
                        "p99": statistics.median(r["p99"] for r in rs),
+                       "cpu_us": statistics.median(r["cpu_us"] for r in rs),
                        "errors": ", ".join(filter(None, [
                            f"{sum(r['non2xx'] for r in rs)} non-2xx"
                            if any(r["non2xx"] for r in rs) else "",
                            "; ".join(filter(None, (r["socket_errors"] for r in rs)))])) or "none"}
                 for name, rs in runs.items()}
             print(f"\n-c{connections}")
-            print(f"{'':30} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}  errors")
+            print(f"{'':30} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10}  errors")
             for name, r in table.items():
-                print(f"{name:30} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f}  {r['errors']}")
-        print("\nratios (targets: gain >= 0.9 of nginx's, req/s >= 0.4 of nginx's, "
-              "p99 at -c50 <= 3x nginx's)")
+                print(f"{name:30} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
+                      f"{r['cpu_us']:10.1f}  {r['errors']}")
+        print("\nratios (targets: gain >= 0.9 of nginx's, req/s at -c50 >= 0.5 of nginx's, "
+              "p99 at -c50 <= 2x nginx's)")
         for connections, table in results.items():
             def ratio(name, other, figure="rps"):
                 return table[name][figure] / table[other][figure]
-            ours1, ours2 = "dockpart-proxy --workers 1", "dockpart-proxy --workers 2"
             nginx1, nginx2 = "nginx, 1 worker", "nginx, 2 workers"
-            nginx_gain, ours_gain = ratio(nginx2, nginx1), ratio(ours2, ours1)
+            nginx_gain = ratio(nginx2, nginx1)
             print(f"-c{connections}: gain 1 -> 2: nginx x{nginx_gain:.2f}, HAProxy "
-                  f"x{ratio('HAProxy, nbthread 2', 'HAProxy, nbthread 1'):.2f}, dockpart "
-                  f"x{ours_gain:.2f} ({ours_gain / nginx_gain:.2f} of nginx's); "
-                  f"dockpart / nginx req/s: 1 process {ratio(ours1, nginx1):.2f}, "
-                  f"2 processes {ratio(ours2, nginx2):.2f}; p99 / nginx's: 1 process "
-                  f"{ratio(ours1, nginx1, 'p99'):.1f}x, 2 processes "
-                  f"{ratio(ours2, nginx2, 'p99'):.1f}x")
+                  f"x{ratio('HAProxy, nbthread 2', 'HAProxy, nbthread 1'):.2f}")
+            for label, prefix in (("CPython", "dockpart-proxy"), ("PyPy", "dockpart on PyPy")):
+                ours1, ours2 = f"{prefix} --workers 1", f"{prefix} --workers 2"
+                if ours1 not in table:
+                    continue
+                ours_gain = ratio(ours2, ours1)
+                print(f"  dockpart on {label}: gain x{ours_gain:.2f} "
+                      f"({ours_gain / nginx_gain:.2f} of nginx's); "
+                      f"req/s / nginx's: 1 process {ratio(ours1, nginx1):.2f}, "
+                      f"2 processes {ratio(ours2, nginx2):.2f}; p99 / nginx's: 1 process "
+                      f"{ratio(ours1, nginx1, 'p99'):.1f}x, 2 processes "
+                      f"{ratio(ours2, nginx2, 'p99'):.1f}x; CPU per request / nginx's: "
+                      f"{ratio(ours1, nginx1, 'cpu_us'):.1f}x, {ratio(ours2, nginx2, 'cpu_us'):.1f}x")
         for connections, runs, load in compared:
             print(f"-c{connections}: ours / {args.compare_label} (load average {load:.1f}):")
             for n in (1, 2):

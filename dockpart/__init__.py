@@ -1,1 +1,3 @@
 """dockpart: a small self-scaling web platform for one Docker host."""
+
+from __future__ import annotations

@@ -4,6 +4,8 @@
 infrastructure daemon all agree on it, and so can a seed-era tool.
 """
 
+from __future__ import annotations
+
 #: The live instances' URLs, the list the proxy rotates over.
 SERVERS = "servers"
 

@@ -1,5 +1,7 @@
 """A service that does one thing every interval and goes on doing it whatever goes wrong."""
 
+from __future__ import annotations
+
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall

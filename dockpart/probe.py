@@ -6,6 +6,8 @@ connection, the status line read, the connection closed.  A small protocol rathe
 than an HTTP client: a probe every 50 ms must cost no pool, no log line and no body.
 """
 
+from __future__ import annotations
+
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import ITCPTransport

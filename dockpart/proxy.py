@@ -10,8 +10,6 @@ takes over with no refused connection.
 
 from __future__ import annotations
 
-import os
-
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -28,7 +26,8 @@ from dockpart.proxy_load import LoadPublisher
 from dockpart.proxy_retry import safe_routes
 from dockpart.proxy_routes import AppsSync, Routes
 from dockpart.listening import DEFAULT_BACKLOG, Listener, shared_port_endpoint, tcp_address
-from dockpart.proxy_workers import ReadySignal, Workers, WorkersAdmin, die_with_parent
+from dockpart.proxy_workers import (ReadySignal, Workers, WorkersAdmin, die_with_parent,
+                                    usable_cpus)
 from dockpart.redisconn import RedisOptions, RedisService
 
 BALANCES = ("local", "shared")
@@ -120,7 +119,7 @@ class Options(RedisOptions):
             raise usage.UsageError("--servers-key must not be empty")
         workers = self["workers"]
         if workers == "auto":
-            workers = str(len(os.sched_getaffinity(0)))
+            workers = str(usable_cpus())
         if not workers.isdigit() or int(workers) < 1:
             raise usage.UsageError(f"--workers must be a positive number or auto, not {workers!r}")
         self["workers"] = int(workers)

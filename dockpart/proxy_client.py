@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections import deque
 
-import httptools
 from twisted.internet import protocol
 from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dockpart.http_parser import httptools  # or on PyPy its equivalent, http11
 from dockpart.proxy_exchange import (Exchange, Reading, Reply, State, Throttle, direct_writer,
                                      no_delay)
 from dockpart.proxy_framing import REASONS, Refused, request_head

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import httptools
 from twisted.internet import protocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dockpart.http_parser import httptools  # or on PyPy its equivalent, http11
 from dockpart.proxy_backends import MAX_IDLE, Backend
 from dockpart.proxy_exchange import (Downstream, Exchange, Pipe, Reading, Reply, State, Throttle,
                                      direct_writer, no_delay)

@@ -39,6 +39,13 @@ READY_FD = 3
 READY = b"ready\n"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``--workers auto``).  PyPy 3.9's ``os`` has no
+    ``sched_getaffinity``: there, the machine's count."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    return len(getaffinity(0)) if getaffinity is not None else os.cpu_count() or 1
+
+
 def die_with_parent(parent_pid: int) -> None:
     """A worker ends when its parent does, even when the parent is killed (SIGKILL).
 

@@ -22,6 +22,8 @@ Records that belong to a tier carry ``app``: None is the seed tier (``servers``)
 app's records say its name, and the seed's JSON stays what it always was.
 """
 
+from __future__ import annotations
+
 import binascii
 import json
 import math

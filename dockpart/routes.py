@@ -15,6 +15,8 @@ Both sites share three rules, kept here once:
 - a token never reaches the log or /recent (:func:`without_token`).
 """
 
+from __future__ import annotations
+
 import hmac
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
@@ -49,9 +51,9 @@ def _query_items(uri: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
 def without_token(uri: bytes) -> bytes:
     """``uri`` without the query items that Twisted would read as ``token``: not for logs or
     /recent, however the name was spelled."""
-    path, items = _query_items(uri)
-    if b"?" not in uri:
+    if b"?" not in uri:  # most requests: nothing to split (this runs twice per request)
         return uri
+    path, items = _query_items(uri)
     kept = [raw for name, raw in items if name != TOKEN_PARAM]
     return path + (b"?" + b"&".join(kept) if kept else b"")
 

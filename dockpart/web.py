@@ -5,6 +5,8 @@ Redis is away they answer 503 and the connection comes back by itself.  Pages
 sent to clients never name Redis keys or addresses (the log does).
 """
 
+from __future__ import annotations
+
 import base64
 import json
 import os
@@ -152,8 +154,7 @@ class WebApp(CoroutineResource):
         if needed:
             await self.record(request)
             return
-        d = defer.ensureDeferred(self.record(request))
-        d.addCallbacks(self._visit_recorded, self._visit_unrecorded)
+        self.record(request).addCallbacks(self._visit_recorded, self._visit_unrecorded)
 
     def _visit_recorded(self, _) -> None:
         self._visits_unrecorded = False
@@ -164,11 +165,13 @@ class WebApp(CoroutineResource):
                           e=failure.getErrorMessage())
         self._visits_unrecorded = True
 
-    async def record(self, request) -> None:
+    def record(self, request) -> defer.Deferred:
+        """Push the visit's URL onto /recent's list (a Deferred, not a coroutine: one fewer
+        per request to ``/``)."""
         host = ((request.getHeader(b"host") or b"").decode("utf-8", "replace")
                 or (self.url or "").removeprefix("http://"))
         url = f"http://{host}{without_token(request.uri).decode('utf-8', 'replace')}"
-        await self.redis.eval(_RECORD, [keys.RECENT], [url, RECENT_COUNT])
+        return self.redis.eval(_RECORD, [keys.RECENT], [url, RECENT_COUNT])
 
     async def index(self, request) -> Reply:
         return page("dockpart web app",
@@ -392,6 +395,9 @@ class Options(RedisOptions):
          "First instance: seconds between its checks that it is in servers.", float],
         *site_options(),
     ]
+    optFlags = [
+        ["no-access-log", None, "Log no line per request (errors are still logged)."],
+    ]
 
     def postOptions(self):
         super().postOptions()
@@ -424,8 +430,9 @@ def makeService(config, reactor=None):
                  config["max-instances"], config["max-upload"], config["max-queued-images"],
                  config["scale-token"], reactor=reactor)
     endpoint = server_endpoint(reactor, "listen", with_backlog(config["listen"]))
-    listener = site_listener("dockpart-web", endpoint,
-                             BoundedSite(app, config["site"], logFormatter=access_log_line))
+    site = BoundedSite(app, config["site"], logFormatter=access_log_line,
+                       access_log=not config["no-access-log"])
+    listener = site_listener("dockpart-web", endpoint, site)
     listener.setServiceParent(top)
     FirstInstanceRegistration(listener, app, config["register-interval"],
                               reactor=reactor).setServiceParent(top)

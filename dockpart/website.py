@@ -26,6 +26,8 @@ it falls silent for :data:`LINGER` s, at most :data:`LINGER_TIME` s), so that th
 the answer instead of a reset.
 """
 
+from __future__ import annotations
+
 import enum
 import resource
 from collections import defaultdict
@@ -386,11 +388,19 @@ class BoundedSite(server.Site):
     protocol = BoundedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 upgrade
     requestFactory = BoundedRequest
 
-    def __init__(self, resource, limits: SiteLimits = SiteLimits(), **kw):
+    def __init__(self, resource, limits: SiteLimits = SiteLimits(), access_log: bool = True,
+                 **kw):
         super().__init__(resource, **kw)
         self.limits = limits
         self.connections = ConnectionCap(limits.max_connections)
         self.noisy = False
+        self.access_log = access_log
+
+    def log(self, request):
+        """One line per request, unless turned off: formatting and writing it through the
+        log observers is about a fifth of the CPU time of dockpart-web's ``GET /``."""
+        if self.access_log:
+            super().log(request)
 
 
 def site_listener(name: str, endpoint, site: BoundedSite) -> Listener:

@@ -1,5 +1,7 @@
 """Real parts for tests: free ports, a redis-server, a twistd daemon, bounded waits."""
 
+from __future__ import annotations
+
 import os
 import random
 import re

@@ -15,6 +15,8 @@
 byte and every request it receives and answers each with bytes the test chose, right or wrong.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import signal
@@ -174,10 +176,11 @@ class _Request:
 
 
 class RequestParser:
-    """What a backend received, parsed by httptools into :class:`_Request` objects (``done``)."""
+    """What a backend received, parsed into :class:`_Request` objects (``done``) by the
+    interpreter's parser (httptools' interface, :mod:`dockpart.http_parser`)."""
 
     def __init__(self):
-        import httptools
+        from dockpart.http_parser import httptools
         self._httptools = httptools
         self.parser = httptools.HttpRequestParser(self)
         self.done: list[_Request] = []

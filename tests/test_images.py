@@ -8,6 +8,7 @@ import requests
 
 from dockerkit import docker_client, run_images
 from helpers import ROOT, contains_run, free_port, listening_addresses, wait_for
+from proxykit import RawBackend
 from test_packaging import PLUGINS
 from tierkit import SHIPPED_PROXY_ARGS
 
@@ -95,6 +96,23 @@ def test_proxy_image_runs_on_loopback_with_health_checks(docker_images):
     client.close()
     assert command[:2] == ["--listen", "tcp:3456:interface=127.0.0.1"], command
     assert contains_run(command, SHIPPED_PROXY_ARGS), command
+
+
+def test_proxy_image_runs_the_proxy_on_pypy(docker_images, container, redis_server, redis_db):
+    """The proxy in its image is PyPy's process (the faster interpreter for it), and proxies
+    there: to the instance that Redis lists, with the default command's health checks."""
+    backend = RawBackend()
+    redis_db.rpush("servers", backend.url)
+    port = free_port()
+    proxy = container(docker_images["proxy"], *default_command_on(docker_images["proxy"], port),
+                      environment={"DOCKPART_REDIS": redis_server.url})
+    try:
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/pypy", timeout=2).text == "/pypy",
+                 timeout=30, what=f"dockpart-proxy in a container on {port} to proxy /pypy")
+    finally:
+        backend.close()
+    interpreter = proxy.exec_run(["readlink", "-f", "/proc/1/exe"]).output.decode().strip()
+    assert interpreter.rpartition("/")[2].startswith("pypy3"), interpreter
 
 
 def test_infra_image_holds_python_and_dockpart_only(docker_images):

@@ -2,6 +2,8 @@
 StringTransports, a MemoryReactorClock for connections and time.  No socket, no process: each
 test feeds exact bytes in exact reads, so none depends on how TCP happens to split them."""
 
+from __future__ import annotations
+
 import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address

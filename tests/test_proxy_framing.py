@@ -1,6 +1,8 @@
 """dockpart-proxy's HTTP framing against smuggling and desync: a real twistd proxy, a real
 redis-server, and a recording raw-socket backend that answers exactly what each test tells it."""
 
+from __future__ import annotations
+
 import socket
 import time
 

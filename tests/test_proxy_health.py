@@ -1,6 +1,8 @@
 """A hung instance leaves the rotation fast: real twistd proxy, redis-server, and backend
 processes, one of them frozen with SIGSTOP (the kernel still accepts its connections)."""
 
+from __future__ import annotations
+
 import os
 import signal
 import time

@@ -2,6 +2,8 @@
 send a body, its share of the load the autoscaler sees, through a real twistd proxy,
 redis-server and recording backend (in memory: test_proxy_exchange.py)."""
 
+from __future__ import annotations
+
 import json
 import socket
 import threading

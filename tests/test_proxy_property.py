@@ -12,6 +12,8 @@ real proxy (its timeouts far above how long a client waits here), once in memory
 timer" is exact: nothing is answered by advancing the clock.
 """
 
+from __future__ import annotations
+
 import itertools
 import socket
 import time

@@ -2,6 +2,8 @@
 safe: a real twistd proxy with the shipped --try-timeout and --retry-safe, a real redis-server,
 and two recording backends."""
 
+from __future__ import annotations
+
 import socket
 import threading
 import time

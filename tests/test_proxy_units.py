@@ -1,5 +1,7 @@
 """Fast checks of dockpart-proxy's rotation, passive health and metrics, on a Clock."""
 
+from __future__ import annotations
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 

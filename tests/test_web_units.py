@@ -1,14 +1,19 @@
 """Fast checks of dockpart-web's option parsing, input rules and /work (no sockets)."""
 
+import io
+
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
+from twisted.web.static import Data
 from twisted.web.test.requesthelper import DummyRequest
 
 from dockpart import web
+from dockpart.website import BoundedSite
 from dockpart.tier import BadInstanceURL, parse_instance_url
 from dockpart.redisconn import RedisAddress, RedisUnavailable
 
@@ -151,3 +156,20 @@ async def test_two_scale_tokens_are_a_400_before_redis_is_asked_for_a_spawn():
     reply = await stub(redis, scale_token="s3cret").get("http://h/spawn?token=x;token=s3cret")
     assert reply.code == 400
     assert [c for c in redis.commands if c[0] != web._RECORD] == []  # only the visit
+
+
+@pytest.mark.parametrize("argv, lines", [((), 1), (("--no-access-log",), 0)])
+def test_no_access_log_leaves_out_the_line_per_request(argv, lines):
+    config = options(*argv)
+    page = Data(b"ok", "text/plain")
+    page.isLeaf = True
+    site = BoundedSite(page, reactor=MemoryReactorClock(),
+                       access_log=not config["no-access-log"])
+    site.startFactory()
+    site.logFile = written = io.StringIO()
+    channel, transport = site.buildProtocol(None), StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200")
+    assert written.getvalue().count("\n") == lines
+    site.stopFactory()

@@ -5,6 +5,8 @@ and a bounded request loop through the proxy that records what each request got 
 waited.
 """
 
+from __future__ import annotations
+
 import os
 import secrets
 import shutil

@@ -7,6 +7,8 @@ finishing it once.  Blocking work runs in a :class:`ThreadPoolService`, in funct
 ``_thd_*`` that never touch the reactor.
 """
 
+from __future__ import annotations
+
 import enum
 from dataclasses import asdict, dataclass
 from typing import Protocol

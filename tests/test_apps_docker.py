@@ -12,21 +12,34 @@ from dockpart.drivers.docker import LABEL_TIER
 from helpers import ROOT, Daemon, free_port, port_block, start_proxy, wait_for
 from test_apps import dockpart_apps, get, serving
 
+
+@pytest.fixture(scope="module")
+def hello_image(docker_images):
+    """examples/hello built on the local base image, under a tag of this module's own."""
+    assert docker_images["web"]  # the local base image is there
+    engine = docker_client()
+    tag = f"dockpart-hello:test-{uuid.uuid4().hex[:8]}"
+    engine.images.build(path=str(ROOT / "examples" / "hello"), tag=tag, rm=True,
+                        buildargs={"BASE_IMAGE": "dockpart-base:bookworm"}, network_mode="host")
+    yield tag
+    engine.images.remove(tag, force=True)
+
+
+def docker_apps_infra(redis_url: str, low: int, *options: str) -> Daemon:
+    """A dockpart-infra running apps as containers on the ports low..low+3."""
+    return Daemon("dockpart-infra", "--driver", "docker", "--redis", redis_url,
+                  "--first-port", str(free_port()), "--app-ports", f"{low}-{low + 3}",
+                  "--interval", "0.05", "--stop-timeout", "2", "--spawn-timeout", "60",
+                  *options, ready="dockpart-infra started").start()
+
 pytestmark = pytest.mark.docker
 
 
 def test_an_app_image_runs_as_containers_routed_by_host_and_goes_when_destroyed(own_redis,
-                                                                                docker_images):
-    engine = docker_client()
-    assert docker_images["web"]  # the local base image is there
-    tag = f"dockpart-hello:test-{uuid.uuid4().hex[:8]}"
-    engine.images.build(path=str(ROOT / "examples" / "hello"), tag=tag, rm=True,
-                        buildargs={"BASE_IMAGE": "dockpart-base:bookworm"}, network_mode="host")
+                                                                                hello_image):
+    engine, tag = docker_client(), hello_image
     low = port_block(4)
-    infra = Daemon("dockpart-infra", "--driver", "docker", "--redis", own_redis.url,
-                   "--first-port", str(free_port()), "--app-ports", f"{low}-{low + 3}",
-                   "--interval", "0.05", "--drain", "1", "--stop-timeout", "2",
-                   "--spawn-timeout", "60", ready="dockpart-infra started").start()
+    infra = docker_apps_infra(own_redis.url, low, "--drain", "1")
     proxy = start_proxy(own_redis.url)
 
     def containers():
@@ -50,23 +63,14 @@ def test_an_app_image_runs_as_containers_routed_by_host_and_goes_when_destroyed(
         infra.stop()
         for c in containers():
             c.remove(force=True)
-        engine.images.remove(tag, force=True)
 
 
 def test_an_app_image_at_zero_starts_on_its_first_request_and_goes_back_to_zero(own_redis,
-                                                                                docker_images):
+                                                                                hello_image):
     """Scale to zero with containers: held while one starts, answered, then removed again."""
-    engine = docker_client()
-    assert docker_images["web"]
-    tag = f"dockpart-hello:test-{uuid.uuid4().hex[:8]}"
-    engine.images.build(path=str(ROOT / "examples" / "hello"), tag=tag, rm=True,
-                        buildargs={"BASE_IMAGE": "dockpart-base:bookworm"}, network_mode="host")
+    engine, tag = docker_client(), hello_image
     low = port_block(4)
-    infra = Daemon("dockpart-infra", "--driver", "docker", "--redis", own_redis.url,
-                   "--first-port", str(free_port()), "--app-ports", f"{low}-{low + 3}",
-                   "--interval", "0.05", "--drain", "0.5", "--stop-timeout", "2",
-                   "--evaluate-interval", "0.5", "--spawn-timeout", "60",
-                   ready="dockpart-infra started").start()
+    infra = docker_apps_infra(own_redis.url, low, "--drain", "0.5", "--evaluate-interval", "0.5")
     port, admin = free_port(), free_port()
     proxy = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
                    "--redis", own_redis.url, "--admin", f"tcp:{admin}:interface=127.0.0.1",
@@ -98,4 +102,3 @@ def test_an_app_image_at_zero_starts_on_its_first_request_and_goes_back_to_zero(
         infra.stop()
         for c in containers():
             c.remove(force=True)
-        engine.images.remove(tag, force=True)

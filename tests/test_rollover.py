@@ -189,15 +189,18 @@ async def test_a_release_pushed_to_an_app_at_zero_starts_one_instance_that_idles
     record = redis_db.hgetall(keys.app_record("a"))
     assert (record["release"], record["rollover"]) == ("v2", "")
     assert news(redis_db)[-1]["done"] is True
-    clock.advance(29.0)  # 29 s without a request since the roll-over's end
-    report(redis_db, clock, "a", {new: 0}, requests=0)
-    await runner.step()
-    assert redis_db.hget(keys.app_record("a"), "desired") == "1"
-    clock.advance(2.0)
-    report(redis_db, clock, "a", {new: 0}, requests=0)
-    await runner.step()
-    assert redis_db.hget(keys.app_record("a"), "desired") == "0"
+    await idles_back_after(redis_db, runner, clock, new, 30.0)
     assert redis_db.lrange(t.destroy_queue, 0, -1) == [new]
+
+
+async def idles_back_after(redis_db, runner, clock, instance: str, window: float) -> None:
+    """App ``a``'s one instance, idle since the roll-over ended, still serves a second before
+    ``window`` is over and is drained to zero a second after."""
+    for seconds, desired in ((window - 1.0, "1"), (2.0, "0")):
+        clock.advance(seconds)
+        report(redis_db, clock, "a", {instance: 0}, requests=0)
+        await runner.step()
+        assert redis_db.hget(keys.app_record("a"), "desired") == desired
 
 
 @pytest_twisted.ensureDeferred
@@ -220,14 +223,7 @@ async def test_the_idle_rule_waits_for_a_rollover_and_its_window_restarts_after(
         finish_destroys(redis_db, t)
     assert redis_db.hget(keys.app_record("a"), "release") == "v2"
     [new] = redis_db.lrange(t.servers, 0, -1)
-    clock.advance(9.0)
-    report(redis_db, clock, "a", {new: 0}, requests=0)
-    await runner.step()
-    assert redis_db.hget(keys.app_record("a"), "desired") == "1"
-    clock.advance(2.0)
-    report(redis_db, clock, "a", {new: 0}, requests=0)
-    await runner.step()
-    assert redis_db.hget(keys.app_record("a"), "desired") == "0"
+    await idles_back_after(redis_db, runner, clock, new, 10.0)
 
 
 @pytest_twisted.ensureDeferred

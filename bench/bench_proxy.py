@@ -5,7 +5,10 @@ servers), and as proxies over them: nginx with 1 and 2 workers (upstream keep-al
 ``reuseport`` like ours), HAProxy with ``nbthread`` 1 and 2 (``http-reuse always``), and
 dockpart-proxy ``--balance local`` with ``--workers 1`` and ``2``, on CPython and on PyPy
 (the virtualenv ``scripts/test --pypy`` or ``scripts/up`` makes, ``.venv-pypy``; its JIT
-is warmed up with ``--warmup`` seconds of load before anything is measured).  Drives each with
+is warmed up with ``--warmup`` seconds of load before anything is measured), with the GC
+nursery it ships with (``PYPY_GC_NURSERY`` as ``scripts/lib.sh`` sets it; yours if you set it).
+``--nurseries 8M,16M`` adds a PyPy proxy per size beside it (``default`` is PyPy's own): the
+figures behind the shipped size, in the same rounds as nginx and HAProxy.  Drives each with
 ``wrk -t1 -cC -dDs --latency`` at each concurrency, in rounds that take turns (a busy moment
 of a shared machine hits every target alike), and prints the median requests/s, p50, p99,
 the CPU time each proxy (its processes together) spent per request,
@@ -24,6 +27,7 @@ other round goes in reverse order, so neither of the two always runs first.
 
     python bench/bench_proxy.py [--duration 5] [--rounds 3] [--concurrency 50,200]
                                 [--warmup 15] [--pypy .venv-pypy | --pypy ''] [--parsers]
+                                [--nurseries default,8M,16M]
                                 [--compare-venv ../before/.venv [--compare-label before]]
 
 Needs redis-server, nginx, haproxy and wrk (Debian packages).  Everything listens on
@@ -45,7 +49,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa: E402
+from helpers import (Daemon, RedisProcess, free_port, port_open,  # noqa: E402
+                     shipped_pypy_nursery, wait_for)
 
 NGINX_HEAD = """
 worker_processes {workers};
@@ -191,6 +196,9 @@ def main() -> None:
     parser.add_argument("--parsers", action="store_true",
                         help="also each interpreter's proxy (1 process) with the other's HTTP "
                         "parser (DOCKPART_HTTP_PARSER): the figures behind the choice")
+    parser.add_argument("--nurseries", default="",
+                        help="PyPy proxies (1 and 2 processes) with these PYPY_GC_NURSERY sizes "
+                        "beside the shipped one ('default': PyPy's own)")
     parser.add_argument("--compare-venv", help="another checkout's virtualenv whose "
                         "dockpart-proxy runs beside ours, in the same rounds")
     parser.add_argument("--compare-label", default="before")
@@ -236,11 +244,20 @@ def main() -> None:
                                       twistd=str(other / "bin" / "twistd"), cwd=str(other))
         jitted = []
         if pypy_twistd is not None:
+            nursery = os.environ.get("PYPY_GC_NURSERY") or shipped_pypy_nursery()
             for n in (1, 2):
                 rows[f"dockpart on PyPy --workers {n}"] = port = free_port()
                 pids[f"dockpart on PyPy --workers {n}"] = dockpart(
-                    n, port, redis.url, stack, twistd=str(pypy_twistd))
+                    n, port, redis.url, stack, twistd=str(pypy_twistd),
+                    env={"PYPY_GC_NURSERY": nursery})
                 jitted.append(port)
+                for size in filter(None, args.nurseries.split(",")):
+                    name = f"  PyPy, nursery {size} --workers {n}"
+                    rows[name] = port = free_port()
+                    pids[name] = dockpart(  # an empty value leaves PyPy its own default
+                        n, port, redis.url, stack, twistd=str(pypy_twistd),
+                        env={"PYPY_GC_NURSERY": "" if size == "default" else size})
+                    jitted.append(port)
         if args.parsers:
             rows["  CPython, http11 parser"] = port = free_port()
             pids["  CPython, http11 parser"] = dockpart(
@@ -261,7 +278,9 @@ def main() -> None:
         print(f"wrk -t1 -d{args.duration}s, medians of {args.rounds} rounds taking turns; "
               f"backends: 3 nginx return 200 servers (one nginx worker); "
               f"dockpart-proxy --balance local; {len(os.sched_getaffinity(0))} cores shared "
-              f"with wrk and the backends; load average before: {os.getloadavg()[0]:.1f}")
+              f"with wrk and the backends; load average before: {os.getloadavg()[0]:.1f}"
+              + (f"; PyPy's PYPY_GC_NURSERY: {nursery or 'its default'}"
+                 if pypy_twistd is not None else ""))
         results, compared = {}, []
         for connections in levels:
             runs = {name: [] for name in rows}
@@ -297,7 +316,9 @@ def main() -> None:
             nginx_gain = ratio(nginx2, nginx1)
             print(f"-c{connections}: gain 1 -> 2: nginx x{nginx_gain:.2f}, HAProxy "
                   f"x{ratio('HAProxy, nbthread 2', 'HAProxy, nbthread 1'):.2f}")
-            for label, prefix in (("CPython", "dockpart-proxy"), ("PyPy", "dockpart on PyPy")):
+            for label, prefix in [("CPython", "dockpart-proxy"), ("PyPy", "dockpart on PyPy")] + [
+                    (f"PyPy, nursery {size}", f"  PyPy, nursery {size}")
+                    for size in filter(None, args.nurseries.split(","))]:
                 ours1, ours2 = f"{prefix} --workers 1", f"{prefix} --workers 2"
                 if ours1 not in table:
                     continue

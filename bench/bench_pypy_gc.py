@@ -46,7 +46,7 @@ def main() -> None:
         redis.client().rpush("servers", *[f"http://127.0.0.1:{p}" for p in backends])
         rows = {}
         for size in args.sizes.split(","):
-            env = {} if size == "default" else {"PYPY_GC_NURSERY": size}
+            env = {"PYPY_GC_NURSERY": "" if size == "default" else size}  # "": PyPy's own
             port = free_port()
             rows[size] = (port, dockpart(1, port, redis.url, stack, twistd=twistd, env=env))
         for port, _ in rows.values():

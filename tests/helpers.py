@@ -23,6 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def shipped_pypy_nursery() -> str:
+    """The ``PYPY_GC_NURSERY`` that ``scripts/lib.sh`` gives dockpart-proxy on PyPy when the
+    user sets none: its one home, which tests and benchmarks read rather than copy."""
+    env = {k: v for k, v in os.environ.items() if k != "PYPY_GC_NURSERY"}
+    return subprocess.run(["bash", "-c", '. "$1" && printf %s "$PYPY_GC_NURSERY"', "-",
+                           str(ROOT / "scripts" / "lib.sh")],
+                          env=env, capture_output=True, text=True, check=True).stdout
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

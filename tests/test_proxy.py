@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import select
@@ -14,7 +15,7 @@ import requests
 from twisted.python import usage
 
 from dockpart import keys, proxy
-from helpers import Daemon, RedisProcess, free_port, wait_for
+from helpers import ROOT, Daemon, RedisProcess, free_port, shipped_pypy_nursery, wait_for
 from proxykit import Backend, RawBackend, exchange
 
 MiB = 1024 * 1024
@@ -186,6 +187,18 @@ def test_bodies_stream_200_mib_each_way_with_flat_memory(fresh):
     status = open(f"/proc/{pid}/status").read()
     peak_kib = int(status.split("VmHWM:")[1].split()[0])
     assert peak_kib < RSS_LIMIT_KIB, status
+
+
+def test_the_proxy_under_test_has_the_gc_nursery_that_ships(fresh):
+    """PyPy's GC nursery sets the proxy's memory and tail latency: the proxies these tests
+    start, scripts/up's and the proxy image's all get scripts/lib.sh's, so the memory limits
+    above hold for what ships."""
+    shipped = shipped_pypy_nursery()
+    assert shipped, "scripts/lib.sh sets no PYPY_GC_NURSERY"
+    environ = open(f"/proc/{fresh.local.proc.pid}/environ").read().split("\0")
+    assert f"PYPY_GC_NURSERY={os.environ.get('PYPY_GC_NURSERY', shipped)}" in environ
+    dockerfile = (ROOT / "Dockerfiles" / "proxy.Dockerfile").read_text()
+    assert re.search(rf"^ENV PYPY_GC_NURSERY={shipped}$", dockerfile, re.M), dockerfile
 
 
 def test_a_client_that_does_not_read_pauses_the_backend_instead_of_filling_memory(fresh):

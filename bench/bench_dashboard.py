@@ -16,7 +16,6 @@ Needs redis-server and wrk.  Everything listens on 127.0.0.1 and stops at the en
 import argparse
 import json
 import multiprocessing
-import os
 import shutil
 import statistics
 import sys
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_load_publish import serve  # noqa: E402
-from bench_proxy import stop_all, wrk  # noqa: E402
+from bench_proxy import cpu_times, stop_all, wrk  # noqa: E402
 from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa: E402
 
 from dockpart import keys, load  # noqa: E402
@@ -81,12 +80,6 @@ class Viewer(threading.Thread):
                 self.polls += 1
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=5)
@@ -132,18 +125,18 @@ def main() -> None:
         infra_cpu = {name: 0.0 for name in runs}
         polls = 0
         for _ in range(args.rounds):
-            before = cpu_seconds(infra.proc.pid)
+            before = sum(cpu_times(infra.proc.pid))
             runs["no dashboard open"].append(wrk(target, args.duration, args.connections))
-            infra_cpu["no dashboard open"] += cpu_seconds(infra.proc.pid) - before
+            infra_cpu["no dashboard open"] += sum(cpu_times(infra.proc.pid)) - before
             stop = threading.Event()
             viewers = [Viewer(base, stop) for _ in range(args.clients)]
             for v in viewers:
                 v.start()
             time.sleep(POLL)  # every viewer has loaded its page
-            before = cpu_seconds(infra.proc.pid)
+            before = sum(cpu_times(infra.proc.pid))
             runs[f"{args.clients} dashboards open"].append(
                 wrk(target, args.duration, args.connections))
-            infra_cpu[f"{args.clients} dashboards open"] += cpu_seconds(infra.proc.pid) - before
+            infra_cpu[f"{args.clients} dashboards open"] += sum(cpu_times(infra.proc.pid)) - before
             stop.set()
             for v in viewers:
                 v.join(10)

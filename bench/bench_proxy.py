@@ -121,11 +121,17 @@ def wrk(url: str, duration: int, connections: int) -> dict:
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds process ``pid`` (every thread) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick  # fields 14 and 15 of proc(5)
+
+
 def cpu_seconds(pid: int) -> float:
     """The CPU time (user + system) that ``pid`` and its descendants have used: per request,
     the figure that a busy machine moves far less than requests/s."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = sum(cpu_times(pid))
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
             try:
@@ -133,6 +139,15 @@ def cpu_seconds(pid: int) -> float:
             except FileNotFoundError:  # it has just exited
                 pass
     return total
+
+
+def listed_backends(redis, stack: list, count: int = 3) -> tuple[list[int], int]:
+    """``count`` canned-response servers in one nginx worker, listed in ``servers``: their
+    ports and the nginx pid."""
+    backends = [free_port() for _ in range(count)]
+    pid = nginx(1, "\n    ".join(NGINX_BACKEND.format(port=p) for p in backends), stack)
+    redis.client().rpush("servers", *[f"http://127.0.0.1:{p}" for p in backends])
+    return backends, pid
 
 
 def measured(url: str, pid: int, duration: int, connections: int) -> dict:
@@ -219,11 +234,9 @@ def main() -> None:
     redis = RedisProcess().start()
     stack.append(redis.stop)
     try:
-        backends = [free_port() for _ in range(3)]
-        pids = {"one backend directly":
-                nginx(1, "\n    ".join(NGINX_BACKEND.format(port=p) for p in backends), stack)}
+        backends, backend_pid = listed_backends(redis, stack)
+        pids = {"one backend directly": backend_pid}
         upstreams = " ".join(f"server 127.0.0.1:{p};" for p in backends)
-        redis.client().rpush("servers", *[f"http://127.0.0.1:{p}" for p in backends])
         rows = {"one backend directly": backends[0]}
         for n in (1, 2):
             name = f"nginx, {n} worker{'s' * (n > 1)}"

@@ -45,16 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_proxy import NGINX_BACKEND, nginx, stop_all  # noqa: E402
+from bench_proxy import cpu_times, listed_backends, stop_all  # noqa: E402
 from helpers import Daemon, RedisProcess, free_port, port_open, wait_for  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """utime and stime of process ``pid`` (every thread), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK  # fields 14 and 15 of proc(5)
 
 
 def wrk(url: str, duration: int, connections: int) -> tuple[int, float, str]:
@@ -150,9 +143,7 @@ def main() -> None:
     redis = RedisProcess().start()
     stack.append(redis.stop)
     try:
-        backends = [free_port() for _ in range(3)]
-        nginx(1, "\n    ".join(NGINX_BACKEND.format(port=p) for p in backends), stack)
-        redis.client().rpush("servers", *[f"http://127.0.0.1:{p}" for p in backends])
+        backends, _ = listed_backends(redis, stack)
         for p in backends:
             wait_for(lambda: port_open(p), what=f"backend on {p}")
         callgrind = Path(tempfile.mkdtemp(prefix="dockpart-bench-callgrind-")) \
@@ -190,9 +181,9 @@ def main() -> None:
                     runs[label].append((count / done / 1000 if done else float("nan"),
                                         done / seconds))
                     continue
-                before = cpu_seconds(daemon.proc.pid)
+                before = cpu_times(daemon.proc.pid)
                 done, rps, error = wrk(url, args.duration, connections)
-                used = [b - a for a, b in zip(before, cpu_seconds(daemon.proc.pid))]
+                used = [b - a for a, b in zip(before, cpu_times(daemon.proc.pid))]
                 runs[label].append((sum(used) / done * 1e6 if done else float("nan"), rps))
                 user[label].append(used[0] / done * 1e6 if done else float("nan"))
                 if error:

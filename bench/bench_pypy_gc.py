@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_proxy import NGINX_BACKEND, dockpart, measured, nginx, stop_all, wrk  # noqa: E402
+from bench_proxy import dockpart, listed_backends, measured, stop_all, wrk  # noqa: E402
 from bench_web import rss_mib  # noqa: E402
 from helpers import RedisProcess, free_port  # noqa: E402
 
@@ -41,9 +41,7 @@ def main() -> None:
     redis = RedisProcess().start()
     stack.append(redis.stop)
     try:
-        backends = [free_port() for _ in range(3)]
-        nginx(1, "\n    ".join(NGINX_BACKEND.format(port=p) for p in backends), stack)
-        redis.client().rpush("servers", *[f"http://127.0.0.1:{p}" for p in backends])
+        backends, _ = listed_backends(redis, stack)
         rows = {}
         for size in args.sizes.split(","):
             env = {"PYPY_GC_NURSERY": "" if size == "default" else size}  # "": PyPy's own

@@ -157,14 +157,10 @@ def _push(apps_dir: AppsDir, name: str, lines, address, timeout: float, say) -> 
             release = Release(release_id, dir=str(apps_dir.release_dir(name, release_id)))
             try:
                 release = _make(apps_dir, name, release_id, commit, driver, live, say)
-                releases.keep(redis, name, release)
-                roll(client, app, release, say)
-            except StillRolling:
-                raise
             except BaseException:
                 _forget(redis, name, [release], say)
                 raise
-            _prune(redis, name, release.id, say)
+            _keep_and_roll(redis, client, app, release, say)
     return 0
 
 
@@ -343,16 +339,22 @@ def configure(apps_dir: AppsDir, client, name: str, env: dict, unset, say) -> Re
         changed = " ".join([*(f"{k}=" for k in env), *(f"-{k}" for k in unset)])
         release = Release(release_id, base.commit, time.time(), command=base.command,
                           dir=base.dir, image=base.image, env=new_env, note=f"config {changed}")
-        releases.keep(redis, name, release)
-        try:
-            roll(client, app, release, say)
-        except StillRolling:
-            raise
-        except BaseException:
-            _forget(redis, name, [release], say)
-            raise
-        _prune(redis, name, release.id, say)
+        _keep_and_roll(redis, client, app, release, say)
     return release
+
+
+def _keep_and_roll(redis, client, app, release: Release, say) -> None:
+    """Record the release and roll the app over to it; a release that fails is forgotten
+    (one still rolling is the roll-over's to finish), and one that serves prunes the history."""
+    try:
+        releases.keep(redis, app.name, release)
+        roll(client, app, release, say)
+    except StillRolling:
+        raise
+    except BaseException:
+        _forget(redis, app.name, [release], say)
+        raise
+    _prune(redis, app.name, release.id, say)
 
 
 # -- pushing over SSH (as Dokku and gitolite: one system user, keys with a forced command)

@@ -28,19 +28,25 @@ def command(name: str) -> str:
     return f"{sys.executable} {HELLO} {name}"
 
 
-@pytest.fixture
-def tier(own_redis, tmp_path):
-    """An infra (process driver) and a proxy on a Redis of the test's own."""
+def apps_tier(redis, tmp_path, drain: str, spawn_timeout: str):
+    """An infra (process driver) and a proxy on ``redis``, for a fixture to ``yield from``;
+    the apps' instances are stopped at the end."""
     state = tmp_path / "state"
-    infra = start_apps_infra(own_redis.url, "--state-dir", str(state), "--drain", "1",
-                             "--reconcile-interval", "1", "--spawn-timeout", "20", "--lease", "2",
-                             app_ports=APP_PORTS)
-    proxy = start_proxy(own_redis.url)
-    yield own_redis, infra, proxy, state
+    infra = start_apps_infra(redis.url, "--state-dir", str(state), "--drain", drain,
+                             "--reconcile-interval", "1", "--spawn-timeout", spawn_timeout,
+                             "--lease", "2", app_ports=APP_PORTS)
+    proxy = start_proxy(redis.url)
+    yield redis, infra, proxy, state
     proxy.stop()
     infra.stop()
     for app_dir in (state / "apps").glob("*"):
         stop_managed(app_dir)
+
+
+@pytest.fixture
+def tier(own_redis, tmp_path):
+    """An infra (process driver) and a proxy on a Redis of the test's own."""
+    yield from apps_tier(own_redis, tmp_path, drain="1", spawn_timeout="20")
 
 
 def get(proxy, host: str, path: str = "/") -> requests.Response:

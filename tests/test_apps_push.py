@@ -11,29 +11,19 @@ import sys
 
 import pytest
 
-from dashboardkit import managed, stop_managed
+from dashboardkit import managed
 from dockpart import keys
 from dockpart.apps_deploy import AppsDir
-from helpers import ROOT, start_apps_infra, start_proxy, wait_for
-from test_apps import Loop, dockpart_apps, get, serving
+from helpers import ROOT, wait_for
+from test_apps import Loop, apps_tier, dockpart_apps, get, serving
 
 HELLO = ROOT / "examples" / "hello"
-APP_PORTS = 8
 
 
 @pytest.fixture
 def tier(own_redis, tmp_path):
     """An infra (process driver, a short health bound) and a proxy on a Redis of its own."""
-    state = tmp_path / "state"
-    infra = start_apps_infra(own_redis.url, "--state-dir", str(state), "--drain", "0.5",
-                             "--reconcile-interval", "1", "--spawn-timeout", "4", "--lease", "2",
-                             app_ports=APP_PORTS)
-    proxy = start_proxy(own_redis.url)
-    yield own_redis, infra, proxy, state
-    proxy.stop()
-    infra.stop()
-    for app_dir in (state / "apps").glob("*"):
-        stop_managed(app_dir)
+    yield from apps_tier(own_redis, tmp_path, drain="0.5", spawn_timeout="4")
 
 
 def git(cwd, *args, check=True) -> subprocess.CompletedProcess:

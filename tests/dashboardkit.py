@@ -11,7 +11,7 @@ from pathlib import Path
 import requests
 
 from dockpart.drivers.process import _thd_scan
-from helpers import Daemon, RedisProcess, free_port, port_block, start_web
+from helpers import Daemon, RedisProcess, free_port, port_block, start_proxy, start_web
 
 RUN = 20  # ports after the first instance's that spawned instances may take
 APP_PORTS = 6  # ports the apps (dockpart apps) of a tier's tests may take
@@ -54,15 +54,6 @@ def start_dashboard_infra(redis_url: str, state_dir: Path, first: int, dash_port
     daemon.base = f"http://127.0.0.1:{dash_port}"
     daemon.token = token
     daemon.http = logged_in(daemon.base, token) if token else requests.Session()
-    return daemon
-
-
-def start_proxy(redis_url: str) -> Daemon:
-    port = free_port()
-    daemon = Daemon("dockpart-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                    "--redis", redis_url, ready="dockpart-proxy listening on").start()
-    daemon.port = port
-    daemon.base = f"http://127.0.0.1:{port}"
     return daemon
 
 

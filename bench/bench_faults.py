@@ -11,6 +11,11 @@ that waited more than a second, the longest wait, and the time to recover (from 
 the state named in the last column; "not within N s" when it did not happen).
 
     python bench/bench_faults.py [--driver process|docker] [--only NAME ...] [--limit 30]
+                                 [--pypy .venv-pypy | --pypy '']
+
+As `scripts/up` does, the proxy runs on PyPy (the virtualenv ``--pypy`` names, with the
+``PYPY_GC_NURSERY`` scripts/lib.sh ships) when that virtualenv exists; ``--pypy ''`` runs it on
+this CPython.
 
 Needs redis-server; --driver docker needs the engine and the images (`scripts/images all`).
 Everything listens on 127.0.0.1 and is stopped at the end; each run is bounded in time.
@@ -29,7 +34,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from dockpart import keys  # noqa: E402
-from helpers import served_by, wait_for  # noqa: E402
+from helpers import served_by, shipped_pypy_nursery, wait_for  # noqa: E402
 from tierkit import RequestLoop, Tier  # noqa: E402
 
 #: How long a frozen instance stays frozen.
@@ -192,8 +197,11 @@ def kind(outcome) -> str:
     return outcome.error[:80]
 
 
-def run(name: str, driver: str, limit: float) -> tuple:
-    tier = Tier(driver=driver).start()
+def run(name: str, driver: str, limit: float, pypy: Path | None) -> tuple:
+    proxy = ({"proxy_twistd": str(pypy / "bin" / "twistd"),
+              "proxy_env": {"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY")
+                            or shipped_pypy_nursery()}} if pypy else {})
+    tier = Tier(driver=driver, **proxy).start()
     try:
         spawned = tier.spawn(2)
         with RequestLoop(tier.url + "/", clients=4, max_seconds=limit + FREEZE + 60) as loop:
@@ -223,12 +231,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(FAULTS), metavar="NAME")
     parser.add_argument("--limit", type=float, default=30.0,
                         help="seconds to wait for recovery (default 30)")
+    parser.add_argument("--pypy", default=str(ROOT / ".venv-pypy"),
+                        help="the PyPy virtualenv whose twistd runs the proxy, used when it "
+                        "exists ('' for this CPython)")
     args = parser.parse_args()
+    pypy = Path(args.pypy) if args.pypy and (Path(args.pypy) / "bin" / "twistd").exists() else None
     rows = []
     for name in args.only or FAULTS:
         print(f"{name}...", file=sys.stderr, flush=True)
-        rows.append(run(name, args.driver, args.limit))
-    print(f"\n--driver {args.driver}\n")
+        rows.append(run(name, args.driver, args.limit, pypy))
+    print(f"\n--driver {args.driver}, the proxy on {'PyPy' if pypy else 'CPython'}\n")
     print("| fault | failed requests | failing for | waited > 1 s | longest wait "
           "| time to recover | recovered means |")
     print("|---|---|---|---|---|---|---|")

@@ -80,7 +80,8 @@ class AofRedis:
 class Tier:
     """Redis, the first web instance, the proxy and infra, on free loopback ports."""
 
-    def __init__(self, driver: str = "process", infra_args: tuple = ()):
+    def __init__(self, driver: str = "process", infra_args: tuple = (),
+                 proxy_twistd: str | None = None, proxy_env: dict | None = None):
         ports = port_block(10)  # Redis, the proxy, the first instance and 7 after it
         self.redis = AofRedis(ports)
         self.proxy_port = ports + 1
@@ -89,6 +90,8 @@ class Tier:
         self.driver = driver
         self.infra_args = infra_args
         self.env = {"DOCKPART_REDIS": self.redis.url}  # not on command lines
+        self.proxy_twistd = proxy_twistd  # another interpreter's, as scripts/up runs PyPy's
+        self.proxy_env = {**self.env, **(proxy_env or {})}
         self.web = self.proxy = self.infra = None
 
     @property
@@ -113,7 +116,8 @@ class Tier:
     def start_proxy(self) -> Daemon:
         self.proxy = Daemon("dockpart-proxy", "--listen",
                             f"tcp:{self.proxy_port}:interface=127.0.0.1", *SHIPPED_PROXY_ARGS,
-                            env=self.env, ready="dockpart-proxy listening on").start()
+                            env=self.proxy_env, twistd=self.proxy_twistd,
+                            ready="dockpart-proxy listening on").start()
         return self.proxy
 
     def start_infra(self) -> Daemon:

@@ -11,9 +11,9 @@ RUN apt-get update \
 RUN useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin dockpart \
     && pypy3 -m venv /opt/dockpart
 ENV PATH=/opt/dockpart/bin:$PATH
-# PyPy's GC nursery, as scripts/lib.sh sets it for the host's proxy (docs/proxy.md: about 80 MiB
-# more under load for a lower p99 and less CPU per request); `-e PYPY_GC_NURSERY=...` overrides it.
-ENV PYPY_GC_NURSERY=16M
+# PyPy's GC settings, as scripts/lib.sh sets them for the host's proxy (docs/proxy.md: a lower
+# p99 and less CPU per request for about 80 MiB more under load); `-e PYPY_GC_...=` overrides them.
+ENV PYPY_GC_NURSERY=16M PYPY_GC_INCREMENT_STEP=1M
 COPY .build/wheelhouse/pypy-deps /wheels/deps
 RUN pip install --no-cache-dir --no-index /wheels/deps/*.whl
 COPY .build/wheelhouse/dockpart /wheels/dockpart

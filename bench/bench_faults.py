@@ -14,7 +14,7 @@ the state named in the last column; "not within N s" when it did not happen).
                                  [--pypy .venv-pypy | --pypy '']
 
 As `scripts/up` does, the proxy runs on PyPy (the virtualenv ``--pypy`` names, with the
-``PYPY_GC_NURSERY`` scripts/lib.sh ships) when that virtualenv exists; ``--pypy ''`` runs it on
+``PYPY_GC_*`` settings scripts/lib.sh ships) when that virtualenv exists; ``--pypy ''`` runs it on
 this CPython.
 
 Needs redis-server; --driver docker needs the engine and the images (`scripts/images all`).
@@ -34,7 +34,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from dockpart import keys  # noqa: E402
-from helpers import served_by, shipped_pypy_nursery, wait_for  # noqa: E402
+from helpers import pypy_gc_env, served_by, wait_for  # noqa: E402
 from tierkit import RequestLoop, Tier  # noqa: E402
 
 #: How long a frozen instance stays frozen.
@@ -199,8 +199,7 @@ def kind(outcome) -> str:
 
 def run(name: str, driver: str, limit: float, pypy: Path | None) -> tuple:
     proxy = ({"proxy_twistd": str(pypy / "bin" / "twistd"),
-              "proxy_env": {"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY")
-                            or shipped_pypy_nursery()}} if pypy else {})
+              "proxy_env": pypy_gc_env()} if pypy else {})
     tier = Tier(driver=driver, **proxy).start()
     try:
         spawned = tier.spawn(2)

@@ -6,9 +6,10 @@ servers), and as proxies over them: nginx with 1 and 2 workers (upstream keep-al
 dockpart-proxy ``--balance local`` with ``--workers 1`` and ``2``, on CPython and on PyPy
 (the virtualenv ``scripts/test --pypy`` or ``scripts/up`` makes, ``.venv-pypy``; its JIT
 is warmed up with ``--warmup`` seconds of load before anything is measured), with the GC
-nursery it ships with (``PYPY_GC_NURSERY`` as ``scripts/lib.sh`` sets it; yours if you set it).
-``--nurseries 8M,16M`` adds a PyPy proxy per size beside it (``default`` is PyPy's own): the
-figures behind the shipped size, in the same rounds as nginx and HAProxy.  Drives each with
+settings it ships with (the ``PYPY_GC_*`` ``scripts/lib.sh`` sets; yours where you set them).
+``--nurseries 8M,16M`` adds a PyPy proxy per nursery size beside it (``default`` is PyPy's
+own), its other settings as shipped: the figures behind the shipped size, in the same rounds
+as nginx and HAProxy.  Drives each with
 ``wrk -t1 -cC -dDs --latency`` at each concurrency, in rounds that take turns (a busy moment
 of a shared machine hits every target alike), and prints the median requests/s, p50, p99,
 the CPU time each proxy (its processes together) spent per request,
@@ -50,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers import (Daemon, RedisProcess, free_port, port_open,  # noqa: E402
-                     shipped_pypy_nursery, wait_for)
+                     pypy_gc_env, wait_for)
 
 NGINX_HEAD = """
 worker_processes {workers};
@@ -257,19 +258,18 @@ def main() -> None:
                                       twistd=str(other / "bin" / "twistd"), cwd=str(other))
         jitted = []
         if pypy_twistd is not None:
-            nursery = os.environ.get("PYPY_GC_NURSERY") or shipped_pypy_nursery()
+            gc = pypy_gc_env()
             for n in (1, 2):
                 rows[f"dockpart on PyPy --workers {n}"] = port = free_port()
                 pids[f"dockpart on PyPy --workers {n}"] = dockpart(
-                    n, port, redis.url, stack, twistd=str(pypy_twistd),
-                    env={"PYPY_GC_NURSERY": nursery})
+                    n, port, redis.url, stack, twistd=str(pypy_twistd), env=gc)
                 jitted.append(port)
                 for size in filter(None, args.nurseries.split(",")):
                     name = f"  PyPy, nursery {size} --workers {n}"
                     rows[name] = port = free_port()
                     pids[name] = dockpart(  # an empty value leaves PyPy its own default
                         n, port, redis.url, stack, twistd=str(pypy_twistd),
-                        env={"PYPY_GC_NURSERY": "" if size == "default" else size})
+                        env={**gc, "PYPY_GC_NURSERY": "" if size == "default" else size})
                     jitted.append(port)
         if args.parsers:
             rows["  CPython, http11 parser"] = port = free_port()
@@ -292,7 +292,7 @@ def main() -> None:
               f"backends: 3 nginx return 200 servers (one nginx worker); "
               f"dockpart-proxy --balance local; {len(os.sched_getaffinity(0))} cores shared "
               f"with wrk and the backends; load average before: {os.getloadavg()[0]:.1f}"
-              + (f"; PyPy's PYPY_GC_NURSERY: {nursery or 'its default'}"
+              + ("; PyPy's GC: " + " ".join(f"{k}={v}" for k, v in sorted(gc.items()))
                  if pypy_twistd is not None else ""))
         results, compared = {}, []
         for connections in levels:

@@ -44,11 +44,15 @@ ensure_venv() {
 # cryptography 43.0.3 is the newest with a PyPy 3.9 wheel (newer ones build with Rust);
 # txredisapi imports twisted.internet.ssl, hence pyOpenSSL and cryptography.
 PYPY_VENV=${DOCKPART_PYPY_VENV:-$ROOT/.venv-pypy}
-# PyPy's GC nursery for the proxy (and every PyPy process these scripts start: CPython ignores
-# it): 16M instead of PyPy's few MiB makes minor collections rarer, which costs about 80 MiB
-# under load and buys a lower p99 and less CPU per request (docs/proxy.md, bench_proxy.py
-# --nurseries).  The proxy image sets the same (Dockerfiles/proxy.Dockerfile); yours wins.
+# PyPy's GC settings for the proxy (and every PyPy process these scripts start: CPython ignores
+# them).  A 16M nursery instead of PyPy's few MiB makes minor collections rarer, which costs
+# about 80 MiB under load and buys a lower p99 and less CPU per request; a 1M increment step
+# makes each step of a major collection's marking short, which halves the p99 again for no
+# more memory (docs/proxy.md, bench_pypy_gc.py).  Every PYPY_GC_* set here is what ships: the
+# proxy image sets the same (Dockerfiles/proxy.Dockerfile) and the tests read them from here;
+# yours win.
 export PYPY_GC_NURSERY=${PYPY_GC_NURSERY:-16M}
+export PYPY_GC_INCREMENT_STEP=${PYPY_GC_INCREMENT_STEP:-1M}
 # PYPY_PROXY_REQUIREMENTS is what the proxy runs with (the proxy image's PyPy wheelhouse too).
 PYPY_PROXY_REQUIREMENTS=("twisted>=23.10,<27" "txredisapi>=1.4.10" pyOpenSSL "cryptography==43.0.3")
 PYPY_REQUIREMENTS=("${PYPY_PROXY_REQUIREMENTS[@]}" "pytest>=8" "pytest-twisted>=1.14"

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RedisProcess, shipped_pypy_nursery
+from helpers import RedisProcess, pypy_gc_env
 
-# The proxies these tests start on PyPy run with the GC nursery scripts/up and the proxy image
-# give them (scripts/test has exported it already; a plain pytest has not), or the user's own.
-os.environ.setdefault("PYPY_GC_NURSERY", shipped_pypy_nursery())
+# The proxies these tests start on PyPy run with the GC settings scripts/up and the proxy image
+# give them (scripts/test has exported them already; a plain pytest has not), or the user's own.
+os.environ.update(pypy_gc_env())
 
 # Fixtures kept beside their helpers: docker_images and docker_base (tests marked docker),
 # reserved_ports_restored (the deploy tests, which name it in their pytestmark).

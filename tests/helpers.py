@@ -23,13 +23,21 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def shipped_pypy_nursery() -> str:
-    """The ``PYPY_GC_NURSERY`` that ``scripts/lib.sh`` gives dockpart-proxy on PyPy when the
-    user sets none: its one home, which tests and benchmarks read rather than copy."""
-    env = {k: v for k, v in os.environ.items() if k != "PYPY_GC_NURSERY"}
-    return subprocess.run(["bash", "-c", '. "$1" && printf %s "$PYPY_GC_NURSERY"', "-",
-                           str(ROOT / "scripts" / "lib.sh")],
-                          env=env, capture_output=True, text=True, check=True).stdout
+def shipped_pypy_gc() -> dict[str, str]:
+    """The ``PYPY_GC_*`` settings ``scripts/lib.sh`` gives dockpart-proxy on PyPy when the user
+    sets none: their one home, which tests and benchmarks read rather than copy."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYPY_GC_")}
+    printed = subprocess.run(["bash", "-c", '. "$1" && env -0', "-",
+                              str(ROOT / "scripts" / "lib.sh")],
+                             env=env, capture_output=True, text=True, check=True).stdout
+    pairs = (entry.partition("=") for entry in printed.split("\0"))
+    return {k: v for k, _, v in pairs if k.startswith("PYPY_GC_")}
+
+
+def pypy_gc_env() -> dict[str, str]:
+    """The ``PYPY_GC_*`` a PyPy proxy started here gets: the user's own where set, else
+    what ships."""
+    return {k: os.environ.get(k) or v for k, v in shipped_pypy_gc().items()}
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import requests
 from twisted.python import usage
 
 from dockpart import keys, proxy
-from helpers import ROOT, Daemon, RedisProcess, free_port, shipped_pypy_nursery, wait_for
+from helpers import ROOT, Daemon, RedisProcess, free_port, shipped_pypy_gc, wait_for
 from proxykit import Backend, RawBackend, exchange
 
 MiB = 1024 * 1024
@@ -189,16 +189,19 @@ def test_bodies_stream_200_mib_each_way_with_flat_memory(fresh):
     assert peak_kib < RSS_LIMIT_KIB, status
 
 
-def test_the_proxy_under_test_has_the_gc_nursery_that_ships(fresh):
-    """PyPy's GC nursery sets the proxy's memory and tail latency: the proxies these tests
+def test_the_proxy_under_test_has_the_gc_settings_that_ship(fresh):
+    """PyPy's GC settings set the proxy's memory and tail latency: the proxies these tests
     start, scripts/up's and the proxy image's all get scripts/lib.sh's, so the memory limits
     above hold for what ships."""
-    shipped = shipped_pypy_nursery()
-    assert shipped, "scripts/lib.sh sets no PYPY_GC_NURSERY"
+    shipped = shipped_pypy_gc()
+    assert {"PYPY_GC_NURSERY", "PYPY_GC_INCREMENT_STEP"} <= set(shipped), shipped
     environ = open(f"/proc/{fresh.local.proc.pid}/environ").read().split("\0")
-    assert f"PYPY_GC_NURSERY={os.environ.get('PYPY_GC_NURSERY', shipped)}" in environ
     dockerfile = (ROOT / "Dockerfiles" / "proxy.Dockerfile").read_text()
-    assert re.search(rf"^ENV PYPY_GC_NURSERY={shipped}$", dockerfile, re.M), dockerfile
+    image_env = dict(pair.split("=", 1) for pair in re.search(
+        r"^ENV (PYPY_GC_.*)$", dockerfile, re.M).group(1).split())
+    assert image_env == shipped, dockerfile
+    for name, value in shipped.items():
+        assert f"{name}={os.environ.get(name) or value}" in environ, name
 
 
 def test_a_client_that_does_not_read_pauses_the_backend_instead_of_filling_memory(fresh):

@@ -74,9 +74,11 @@ def remove_services(engine, tier: str) -> None:
             service.remove()
         except docker.errors.NotFound:
             pass
-    # Their containers stop a moment later; wait, so that the ports are free again.
-    wait_for(lambda: not engine.containers.list(filters={"label": f"{LABEL_TIER}={tier}"}),
-             60, what=f"the containers of {tier} to stop")
+    # Their containers go a moment later; wait, so that the ports are free again and their
+    # image can be removed.
+    wait_for(lambda: not engine.containers.list(all=True,
+                                                filters={"label": f"{LABEL_TIER}={tier}"}),
+             60, what=f"the containers of {tier} to go")
 
 
 def swarm_infra(redis_url: str, *extra: str) -> Daemon:
@@ -324,6 +326,12 @@ def stack_images(engine, docker_images):
         yield tag
     finally:
         for image in made:
+            # A task container of a removed service may linger a moment, holding its image
+            # (by name: the image's ID may be :latest's, which other tests' containers run).
+            wait_for(lambda image=image: not any(
+                c.attrs["Image"].partition("@")[0] == image
+                for c in engine.containers.list(all=True)), 60,
+                what=f"the containers created from {image} to go")
             engine.images.remove(image)
 
 

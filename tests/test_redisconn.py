@@ -8,7 +8,7 @@ import pytest_twisted
 import redis as redis_py
 from twisted.python import usage
 
-from dockpart.redisconn import RedisAddress, RedisService, RedisUnavailable
+from dockpart.redisconn import RedisAddress, RedisError, RedisService, RedisUnavailable
 from helpers import RedisProcess, free_port
 
 
@@ -123,13 +123,12 @@ def test_no_character_of_a_password_lets_it_into_an_error(password, rest, reason
 async def test_redis_loading_its_data_is_unavailable_not_an_error(redis_server):
     """A restarted Redis answers LOADING until its data is read: a caller gets RedisUnavailable
     (503 and Retry-After for a person), as while it was away."""
-    import txredisapi
     from twisted.internet import defer
 
     redis = RedisService(RedisAddress("127.0.0.1", redis_server.port, 0), timeout=5)
-    failure = defer.fail(txredisapi.ResponseError("LOADING Redis is loading the dataset in memory"))
+    failure = defer.fail(RedisError("LOADING Redis is loading the dataset in memory"))
     with pytest.raises(RedisUnavailable, match="cannot serve now: LOADING"):
         await failure.addErrback(redis._unavailable)
-    other = defer.fail(txredisapi.ResponseError("WRONGTYPE Operation against a key"))
-    with pytest.raises(txredisapi.ResponseError):
+    other = defer.fail(RedisError("WRONGTYPE Operation against a key"))
+    with pytest.raises(RedisError):
         await other.addErrback(redis._unavailable)

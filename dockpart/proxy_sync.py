@@ -163,12 +163,10 @@ class Subscriber(Protocol):
 class _Rotation(Protocol):
     """A lean Redis connection for the per-request LMOVE of ``--balance shared``.
 
-    Why not txredisapi: measured on the project's 2-core machine (50 LMOVEs in flight against
-    a local redis-server, 30,000 each), txredisapi's ``execute_command`` answered about 6,000
-    LMOVE/s and this client 84,000 to 200,000; the proxy serves about 15,000 requests/s
-    (docs/benchmarks.md), so txredisapi alone would cap shared mode under half of that.
-    Here commands are pipelined and answered in order, each with a plain callback and no
-    Deferred.
+    Why not :class:`RedisService`: the proxy serves about 15,000 requests/s
+    (docs/benchmarks.md), and here each LMOVE, pipelined and answered in order, costs a plain
+    callback, with no Deferred and no timer (measured on the project's 2-core machine, 50
+    LMOVEs in flight against a local redis-server: 84,000 to 200,000 LMOVE/s).
     A connection that stops answering is dropped by :meth:`watch`, and requests fall back to
     the local rotation until it is back.
     """

@@ -14,6 +14,7 @@ cryptography, about 15 MiB of memory) for the TLS that dockpart refuses anyway (
 from __future__ import annotations
 
 import os
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -302,8 +303,9 @@ class RedisService(Service):
         factory.service = self  # type: ignore[attr-defined]  # the connection's way back
         endpoint = HostnameEndpoint(self.reactor, self.address.host, self.address.port,
                                     timeout=self.timeout)
-        self._client = ClientService(endpoint, factory, clock=self.reactor,
-                                     retryPolicy=backoffPolicy(0.25, RECONNECT_MAX))
+        # Twisted adds its jitter (up to a second) on top of maxDelay: a quarter second here.
+        retry = backoffPolicy(0.25, RECONNECT_MAX - 0.25, jitter=lambda: random.random() / 4)
+        self._client = ClientService(endpoint, factory, clock=self.reactor, retryPolicy=retry)
         self._client.startService()
 
     def stopService(self):

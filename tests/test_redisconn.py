@@ -227,3 +227,26 @@ def test_a_refused_login_drops_the_connection_to_try_again():
     service, conn, transport, _ = connection(RedisAddress("127.0.0.1", 6379, 0, "wrong"))
     conn.dataReceived(b"-WRONGPASS invalid username-password pair\r\n")
     assert not service.connected and transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_redis_is_reached_again_by_itself():
+    from twisted.internet import reactor, task
+
+    server = RedisProcess().start()
+    redis = RedisService(RedisAddress("127.0.0.1", server.port, 0), timeout=2)
+    redis.startService()
+    try:
+        assert await redis.call("SET", "k", "before") == "OK"
+        server.stop()
+        with pytest.raises(RedisUnavailable):
+            await redis.call("GET", "k")
+        server.start()
+        for _ in range(100):  # reconnecting: never more than RECONNECT_MAX (2 s) apart
+            if redis.connected:
+                break
+            await task.deferLater(reactor, 0.05)
+        assert await redis.call("SET", "k", "after") == "OK"
+    finally:
+        await redis.stopService()
+        server.stop()

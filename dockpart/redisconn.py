@@ -233,6 +233,7 @@ class _Connection(Protocol):
         if address.db:
             setup.append(self.send(command(b"SELECT", str(address.db).encode())))
         ready = defer.gatherResults(setup, consumeErrors=True)
+        ready.addTimeout(service.timeout, service.reactor)  # a silent Redis: try again
         ready.addCallbacks(lambda _: service._connected(self), self._refused,
                            errbackArgs=(address,))
 
@@ -257,11 +258,15 @@ class _Connection(Protocol):
             try:
                 value, pos = read_reply(buf, pos)
             except ValueError:
-                self.log.warn("not a Redis reply; reconnecting")
+                self.log.warn("not a Redis answer; reconnecting")
                 self.transport.abortConnection()
                 return
             if value is INCOMPLETE:
                 break
+            if not waiting:
+                self.log.warn("Redis answered what nothing asked; reconnecting")
+                self.transport.abortConnection()
+                return
             d = waiting.popleft()
             if d.called:  # timed out: its answer goes nowhere
                 continue

@@ -229,6 +229,19 @@ def test_a_refused_login_drops_the_connection_to_try_again():
     assert not service.connected and transport.disconnecting
 
 
+def test_a_login_left_unanswered_drops_the_connection_after_the_timeout():
+    service, conn, transport, clock = connection(RedisAddress("127.0.0.1", 6379, 1), timeout=2)
+    clock.advance(2)
+    assert not service.connected and transport.disconnecting
+
+
+@pytest.mark.parametrize("data", [b"+OK\r\n", b"!not resp\r\n"])
+def test_what_is_no_answer_to_a_command_drops_the_connection(data):
+    service, conn, transport, _ = connection()
+    conn.dataReceived(data)
+    assert transport.disconnecting
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_restarted_redis_is_reached_again_by_itself():
     from twisted.internet import reactor, task

@@ -27,6 +27,7 @@ from dockpart.proxy_backends import BackendSet
 from dockpart.redisconn import (INCOMPLETE, RedisError, RedisService, RedisUnavailable, auth,
                                 command, read_reply)
 
+
 class RedisList:
     """The list as Redis holds it, read into a :class:`BackendSet`; and, in shared mode, the
     rotation's per-request LMOVE (through :class:`_Rotation` while it is connected).

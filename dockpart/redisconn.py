@@ -8,7 +8,7 @@ The connection is dockpart's own (RESP, commands pipelined, each answered throug
 Deferred) rather than txredisapi's: measured on dockpart-web's ``GET /``, txredisapi's
 ``execute_command`` (a pool lookup and three Deferreds a command) was about a quarter of the
 CPU time of the request; and txredisapi imports ``twisted.internet.ssl`` (pyOpenSSL and
-cryptography, about 15 MiB of memory) for the TLS that dockpart refuses anyway (``rediss://``).
+cryptography, about 13 MiB of memory) for the TLS that dockpart refuses anyway (``rediss://``).
 """
 
 from __future__ import annotations

@@ -52,13 +52,14 @@ INSTALLED = ROOT / ".venv-web"
 def installed_twistd() -> str:
     """The twistd of a virtualenv holding dockpart and its dependencies only, as ``pip install``
     leaves them (made on first use, editable: it runs this checkout)."""
-    twistd = INSTALLED / "bin" / "twistd"
-    if not twistd.exists():
+    stamp = INSTALLED / ".dockpart-installed"
+    if not stamp.exists() or (ROOT / "pyproject.toml").stat().st_mtime > stamp.stat().st_mtime:
         subprocess.run([sys.executable, "-m", "venv", str(INSTALLED)], check=True)
         # compat mode: twistd only finds twisted/plugins of a flat layout this way.
         subprocess.run([str(INSTALLED / "bin" / "pip"), "install", "-q", "-e", str(ROOT),
                         "--config-settings", "editable_mode=compat"], check=True)
-    return str(twistd)
+        stamp.touch()
+    return str(INSTALLED / "bin" / "twistd")
 
 
 def seed_express(port: int, redis_url: str, stack: list) -> int:

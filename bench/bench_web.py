@@ -2,14 +2,18 @@
 CPython and on PyPy, in one run.
 
 Starts a redis-server and dockpart-web processes, with and without ``--no-access-log``,
-on each interpreter (PyPy from the
-virtualenv ``scripts/test --pypy`` makes, ``.venv-pypy``; its JIT is warmed up first), then
-drives each with ``wrk -t1 -cC -dDs --latency`` in rounds that take turns, and prints the
-median requests/s, p50, p99, the process's CPU time per request (user + system, the figure
-to compare on a busy machine) and each process's resident memory at the end.
+on each interpreter, then drives each with ``wrk -t1 -cC -dDs --latency`` in rounds that take
+turns, and prints the median requests/s, p50, p99, the process's CPU time per request (user +
+system, the figure to compare on a busy machine) and each process's resident memory at the end.
+
+The CPython rows run dockpart as ``pip install`` leaves it, from the virtualenv ``.venv-web``
+(made on first use: ``pip install -e .``, no test extras); one more row runs it from the test
+virtualenv ``.venv``, where treq's ``twisted[tls]`` put pyOpenSSL, which Twisted then loads
+into every process (memory).  PyPy runs from the virtualenv ``scripts/test --pypy`` makes,
+``.venv-pypy``; its JIT is warmed up first.
 
     python bench/bench_web.py [--duration 5] [--rounds 3] [--concurrency 20] [--warmup 10]
-                              [--pypy .venv-pypy | --pypy ''] [--no-express]
+                              [--pypy .venv-pypy | --pypy ''] [--no-express] [--no-test-venv]
 
 The reference beside them is the seed's ``GET /`` in Express 4 with node-redis 4
 (``bench/seed_express``: the visit pushed and the list trimmed, not waited for, as ours), run by
@@ -42,6 +46,20 @@ def rss_mib(pid: int) -> float:
 
 
 EXPRESS = ROOT / "bench" / "seed_express"
+INSTALLED = ROOT / ".venv-web"
+
+
+def installed_twistd() -> str:
+    """The twistd of a virtualenv holding dockpart and its dependencies only, as ``pip install``
+    leaves them (made on first use, editable: it runs this checkout)."""
+    stamp = INSTALLED / ".dockpart-installed"
+    if not stamp.exists() or (ROOT / "pyproject.toml").stat().st_mtime > stamp.stat().st_mtime:
+        subprocess.run([sys.executable, "-m", "venv", str(INSTALLED)], check=True)
+        # compat mode: twistd only finds twisted/plugins of a flat layout this way.
+        subprocess.run([str(INSTALLED / "bin" / "pip"), "install", "-q", "-e", str(ROOT),
+                        "--config-settings", "editable_mode=compat"], check=True)
+        stamp.touch()
+    return str(INSTALLED / "bin" / "twistd")
 
 
 def seed_express(port: int, redis_url: str, stack: list) -> int:
@@ -70,12 +88,16 @@ def main() -> None:
     parser.add_argument("--express", action=argparse.BooleanOptionalAction,
                         default=shutil.which("node") is not None,
                         help="the seed's Express app beside (needs node and npm)")
+    parser.add_argument("--test-venv", action=argparse.BooleanOptionalAction, default=True,
+                        help="a row from the test virtualenv (pyOpenSSL loaded) beside")
     args = parser.parse_args()
-    twistds = {"CPython": str(BIN / "twistd")}
+    twistds = {"CPython": installed_twistd()}
     if args.pypy and (Path(args.pypy) / "bin" / "twistd").exists():
         twistds["PyPy"] = str(Path(args.pypy) / "bin" / "twistd")
     variants = {f"{name}{label}": (twistd, flags) for name, twistd in twistds.items()
                 for label, flags in (("", ()), (", no log", ("--no-access-log",)))}
+    if args.test_venv:
+        variants["CPython, .venv"] = (str(BIN / "twistd"), ())
     stack = []
     redis = RedisProcess().start()
     stack.append(redis.stop)

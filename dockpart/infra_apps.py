@@ -52,8 +52,8 @@ from dockpart.apps import App
 from dockpart.drivers import DriverError, Unavailable
 from dockpart.infra_autoscale import Policy, Settings, observe
 from dockpart.periodic import Every, Outage
-from dockpart.proxy_sync import Subscriber, command, redis_connection
-from dockpart.redisconn import RedisService, RedisUnavailable
+from dockpart.proxy_sync import Subscriber, redis_connection
+from dockpart.redisconn import RedisService, RedisUnavailable, command
 from dockpart.tier import instance_port
 
 #: Default range of the apps' instance ports (below Linux's ephemeral range).

@@ -28,8 +28,8 @@ from dockpart.proxy_backends import BackendSet
 from dockpart.proxy_health import HealthChecks
 from dockpart.proxy_hold import Hold, HoldLimits
 from dockpart.proxy_load import LoadPublisher, proxy_id
-from dockpart.proxy_sync import RedisList, Subscriber, command, redis_connection
-from dockpart.redisconn import RedisService, RedisUnavailable
+from dockpart.proxy_sync import RedisList, Subscriber, redis_connection
+from dockpart.redisconn import RedisService, RedisUnavailable, command
 
 
 def host_name(host: bytes | None) -> bytes | None:

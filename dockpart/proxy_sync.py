@@ -24,63 +24,8 @@ from twisted.python.failure import Failure
 from dockpart import keys
 from dockpart.periodic import Periodic
 from dockpart.proxy_backends import BackendSet
-from dockpart.redisconn import RedisService, RedisUnavailable
-
-#: A reply that is not complete in the buffer yet.
-INCOMPLETE = object()
-
-
-def command(*parts: bytes) -> bytes:
-    """One Redis command in RESP."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return b"".join(out)
-
-
-def read_reply(buf: bytes, pos: int):
-    """The RESP reply starting at ``pos``: ``(value, end)``, or ``(INCOMPLETE, pos)``.
-
-    Bulk and simple strings come back as ``str``, integers as ``int``, nil as None, errors
-    as :class:`RedisUnavailable`, arrays as lists.  Raises ValueError on what is not RESP.
-    """
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        return INCOMPLETE, pos
-    kind = buf[pos]
-    if kind == 36:  # $: a bulk string, or nil
-        n = int(buf[pos + 1:end])
-        if n < 0:
-            return None, end + 2
-        if len(buf) < end + 4 + n:
-            return INCOMPLETE, pos
-        return buf[end + 2:end + 2 + n].decode(), end + 4 + n
-    if kind == 43:  # +simple string
-        return buf[pos + 1:end].decode(), end + 2
-    if kind == 58:  # :integer
-        return int(buf[pos + 1:end]), end + 2
-    if kind == 45:  # -error
-        return RedisUnavailable(buf[pos + 1:end].decode(errors="replace")), end + 2
-    if kind == 42:  # *array
-        n = int(buf[pos + 1:end])
-        if n < 0:
-            return None, end + 2
-        items = []
-        at = end + 2
-        for _ in range(n):
-            item, after = read_reply(buf, at)
-            if item is INCOMPLETE:
-                return INCOMPLETE, pos
-            items.append(item)
-            at = after
-        return items, at
-    raise ValueError(f"not a RESP reply: {buf[pos:pos + 20]!r}")
-
-
-def auth(address) -> bytes:
-    """AUTH as the --redis URL says: with its user name (an ACL user) when it has one."""
-    user = [address.username.encode()] if address.username else []
-    return command(b"AUTH", *user, address.password.encode())
+from dockpart.redisconn import (INCOMPLETE, RedisError, RedisService, RedisUnavailable, auth,
+                                command, read_reply)
 
 
 class RedisList:
@@ -204,7 +149,7 @@ class Subscriber(Protocol):
                     break
                 if isinstance(reply, list) and reply and reply[0] in ("message", "pmessage"):
                     owner.notice(reply)
-                elif isinstance(reply, RedisUnavailable):
+                elif isinstance(reply, RedisError):
                     self.log.warn("Redis refused the subscription: {error}", error=str(reply))
         except ValueError:
             self.log.warn("not a Redis reply on a notice connection; reconnecting")
@@ -219,12 +164,10 @@ class Subscriber(Protocol):
 class _Rotation(Protocol):
     """A lean Redis connection for the per-request LMOVE of ``--balance shared``.
 
-    Why not txredisapi: measured on the project's 2-core machine (50 LMOVEs in flight against
-    a local redis-server, 30,000 each), txredisapi's ``execute_command`` answered about 6,000
-    LMOVE/s and this client 84,000 to 200,000; the proxy serves about 15,000 requests/s
-    (docs/benchmarks.md), so txredisapi alone would cap shared mode under half of that.
-    Here commands are pipelined and answered in order, each with a plain callback and no
-    Deferred.
+    Why not :class:`RedisService`: the proxy serves about 15,000 requests/s
+    (docs/benchmarks.md), and here each LMOVE, pipelined and answered in order, costs a plain
+    callback, with no Deferred and no timer (measured on the project's 2-core machine, 50
+    LMOVEs in flight against a local redis-server: 84,000 to 200,000 LMOVE/s).
     A connection that stops answering is dropped by :meth:`watch`, and requests fall back to
     the local rotation until it is back.
     """

@@ -23,8 +23,10 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.resource import Resource
+
+from dockpart.website import combined_log_line
 
 #: The query parameter that may carry a site's token.
 TOKEN_PARAM = b"token"
@@ -84,20 +86,9 @@ def same_token(given: bytes | None, expected: bytes) -> bool:
     return given is not None and hmac.compare_digest(given, expected)
 
 
-class _TokenlessURI:
-    """A request as the access log sees it: its URI without a token."""
-
-    def __init__(self, request):
-        self._request = request
-        self.uri = without_token(request.uri)
-
-    def __getattr__(self, name):
-        return getattr(self._request, name)
-
-
 def access_log_line(timestamp: str, request) -> str:
     """Twisted's combined access log line (a Site's ``logFormatter``), with no token in it."""
-    return http.combinedLogFormatter(timestamp, _TokenlessURI(request))
+    return combined_log_line(timestamp, request, without_token(request.uri))
 
 
 @dataclass

@@ -37,8 +37,10 @@ from email.parser import BytesHeaderParser
 from email.utils import collapse_rfc2231_value
 from typing import BinaryIO
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -59,6 +61,10 @@ MAX_PART_HEAD = 8 * 1024
 #: ``lingering_timeout``), and seconds in all (``lingering_time``), before it is cut off.
 LINGER = 5.0
 LINGER_TIME = 30.0
+#: The access log is written every ACCESS_LOG_INTERVAL seconds, or once ACCESS_LOG_BATCH lines
+#: wait, whichever comes first.
+ACCESS_LOG_INTERVAL = 1.0
+ACCESS_LOG_BATCH = 1000
 
 
 def default_max_connections() -> int:
@@ -382,23 +388,98 @@ class BoundedRequest(server.Request):
         super().process()
 
 
+# -- the access log
+
+
+def _escaped(value: bytes) -> str:
+    """``value`` as Twisted's combined log format writes it: printable ASCII as it is, anything
+    else escaped as in a bytes ``repr``, with ``"`` as ``\\"``."""
+    text = value.decode("latin-1")
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return text  # nearly every field: no repr needed
+    shown = repr(value)[1:]
+    if shown.startswith("'"):
+        return shown[1:-1].replace('"', '\\"').replace("\\'", "'")
+    return shown[1:-1]
+
+
+def combined_log_line(timestamp: str, request, uri: bytes | None = None) -> str:
+    """The line ``twisted.web.http.combinedLogFormatter`` writes for ``request`` (with ``uri``
+    in place of its URI when given), built in about a third of its time."""
+    address = request.getClientAddress()
+    ip = address.host if isinstance(address, (IPv4Address, IPv6Address)) else "-"  # no escapes
+    headers = request.requestHeaders
+    referrer = headers.getRawHeaders(b"referer", (b"-",))[-1] or b"-"
+    agent = headers.getRawHeaders(b"user-agent", (b"-",))[-1] or b"-"
+    return (f'"{ip}" - - {timestamp} '
+            f'"{_escaped(request.method)} {_escaped(request.uri if uri is None else uri)} '
+            f'{_escaped(request.clientproto)}" {request.code:d} {request.sentLength or "-"} '
+            f'"{_escaped(referrer)}" "{_escaped(agent)}"')
+
+
+#: Not a class attribute: a Logger there would be named after the class; the log shows
+#: ``[dockpart.access#info]``.
+_access_log = Logger(namespace="dockpart.access")
+
+
+class AccessLog:
+    """Where a site's access log lines go: into twistd's log, many lines to one event.
+
+    One log event per request cost about a third of the CPU time of dockpart-web's ``GET /``;
+    the lines are kept and written together every ``interval`` seconds, once ``batch`` lines
+    wait, and when the site stops (so a clean stop loses none).
+    """
+
+    def __init__(self, clock, interval: float = ACCESS_LOG_INTERVAL,
+                 batch: int = ACCESS_LOG_BATCH):
+        self._lines: list[str] = []
+        self._batch = batch
+        self._loop = LoopingCall(self.flush)
+        self._loop.clock = clock
+        self._loop.start(interval, now=False)
+
+    def write(self, line: str) -> None:
+        self._lines.append(line)
+        if len(self._lines) >= self._batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._lines:
+            text, self._lines = "".join(self._lines).rstrip("\n"), []
+            _access_log.info("{lines}", lines=text)
+
+    def close(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        self.flush()
+
+
 class BoundedSite(server.Site):
-    """A Site whose channels and requests keep to ``limits``; ``connections`` is its cap."""
+    """A Site whose channels and requests keep to ``limits``; ``connections`` is its cap.
+
+    Its access log (unless ``access_log`` is False) is an :class:`AccessLog`, in Twisted's
+    combined format (:func:`combined_log_line` unless ``logFormatter`` is given).
+    """
 
     protocol = BoundedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 upgrade
     requestFactory = BoundedRequest
 
     def __init__(self, resource, limits: SiteLimits = SiteLimits(), access_log: bool = True,
                  **kw):
+        kw.setdefault("logFormatter", combined_log_line)
         super().__init__(resource, **kw)
         self.limits = limits
         self.connections = ConnectionCap(limits.max_connections)
         self.noisy = False
         self.access_log = access_log
 
+    def startFactory(self):
+        super().startFactory()
+        if self.access_log and not self.logPath:
+            self.logFile = AccessLog(self.reactor)
+
     def log(self, request):
-        """One line per request, unless turned off: formatting and writing it through the
-        log observers is about a fifth of the CPU time of dockpart-web's ``GET /``."""
+        """One line per request, unless turned off."""
         if self.access_log:
             super().log(request)
 

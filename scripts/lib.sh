@@ -41,8 +41,6 @@ ensure_venv() {
 # dockpart-proxy on PyPy (Debian's pypy3, Python 3.9) runs about twice as fast as on CPython
 # (bench/bench_proxy.py).  Its virtualenv holds what the proxy and its tests import, not the
 # package: dockpart needs 3.11 as a whole, so a .pth file puts this checkout on the path.
-# cryptography 43.0.3 is the newest with a PyPy 3.9 wheel (newer ones build with Rust);
-# txredisapi imports twisted.internet.ssl, hence pyOpenSSL and cryptography.
 PYPY_VENV=${DOCKPART_PYPY_VENV:-$ROOT/.venv-pypy}
 # PyPy's GC settings for the proxy (and every PyPy process these scripts start: CPython ignores
 # them).  A 16M nursery instead of PyPy's few MiB makes minor collections rarer, which costs
@@ -54,7 +52,7 @@ PYPY_VENV=${DOCKPART_PYPY_VENV:-$ROOT/.venv-pypy}
 export PYPY_GC_NURSERY=${PYPY_GC_NURSERY:-16M}
 export PYPY_GC_INCREMENT_STEP=${PYPY_GC_INCREMENT_STEP:-1M}
 # PYPY_PROXY_REQUIREMENTS is what the proxy runs with (the proxy image's PyPy wheelhouse too).
-PYPY_PROXY_REQUIREMENTS=("twisted>=23.10,<27" "txredisapi>=1.4.10" pyOpenSSL "cryptography==43.0.3")
+PYPY_PROXY_REQUIREMENTS=("twisted>=23.10,<27")
 PYPY_REQUIREMENTS=("${PYPY_PROXY_REQUIREMENTS[@]}" "pytest>=8" "pytest-twisted>=1.14"
                    "hypothesis>=6.100" "requests>=2.31" "redis>=5" "docker>=7.0")
 

@@ -245,8 +245,7 @@ def test_direct_writer_finds_the_twisted_internals_it_reads():
 
 def test_the_proxys_own_redis_connections_log_in_as_the_url_says():
     """An ACL user in --redis (user name and percent-encoded password) reaches AUTH whole."""
-    from dockpart.proxy_sync import auth
-    from dockpart.redisconn import RedisAddress
+    from dockpart.redisconn import RedisAddress, auth
     assert auth(RedisAddress.parse("redis://bob:p%40ss@127.0.0.1:6379/0")) == \
         b"*3\r\n$4\r\nAUTH\r\n$3\r\nbob\r\n$4\r\np@ss\r\n"
     assert auth(RedisAddress.parse("redis://:secret@127.0.0.1:6379/0")) == \

@@ -5,11 +5,18 @@ test_dashboard.py)."""
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web import http
 from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyChannel
 
-from dockpart.website import (LINGER, LINGER_TIME, BoundedSite, Phase, Refused, SiteLimits,
-                              form_fields, multipart_fields)
+from dockpart.website import (ACCESS_LOG_INTERVAL, LINGER, LINGER_TIME, AccessLog, BoundedSite,
+                              Phase, Refused, SiteLimits, combined_log_line, form_fields,
+                              multipart_fields)
 
 
 class Recorder(Resource):
@@ -315,3 +322,79 @@ def test_the_default_connection_cap_follows_the_descriptor_limit(monkeypatch, so
     from dockpart import website
     monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, resource.RLIM_INFINITY))
     assert website.default_max_connections() == expected
+
+
+# -- the access log
+
+
+def _request(method=b"GET", uri=b"/", proto=b"HTTP/1.1", code=200, sent=12,
+             referrer=None, agent=None, client=IPv4Address("TCP", "10.1.2.3", 4567)):
+    request = http.Request(DummyChannel())
+    request.method, request.uri, request.clientproto = method, uri, proto
+    request.code, request.sentLength, request.client = code, sent, client
+    for name, value in ((b"referer", referrer), (b"user-agent", agent)):
+        if value is not None:
+            request.requestHeaders.setRawHeaders(name, value)
+    return request
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=8), st.binary(max_size=40), st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]),
+       st.integers(100, 599), st.integers(0, 10**6),
+       st.none() | st.lists(st.binary(max_size=30), min_size=1, max_size=2),
+       st.none() | st.lists(st.binary(max_size=30), min_size=1, max_size=2),
+       st.sampled_from([IPv4Address("TCP", "10.1.2.3", 4567), IPv6Address("TCP", "::1", 80),
+                        UNIXAddress(b"/run/web.sock")]))
+def test_the_access_log_line_is_twisteds_combined_format(method, uri, proto, code, sent,
+                                                         referrer, agent, client):
+    """Quotes, backslashes, control and non-ASCII bytes, repeated headers, a UNIX peer: the
+    line is the one twisted.web's combinedLogFormatter writes."""
+    request = _request(method, uri, proto, code, sent, referrer, agent, client)
+    stamp = "[06/Dec/2026:03:04:05 +0000]"
+    assert combined_log_line(stamp, request) == http.combinedLogFormatter(stamp, request)
+
+
+class Events(list):
+    """The log events published while it is used as a context manager."""
+
+    def __enter__(self):
+        globalLogPublisher.addObserver(self.append)
+        return self
+
+    def __exit__(self, *exc):
+        globalLogPublisher.removeObserver(self.append)
+
+    def access_lines(self) -> list[list[str]]:
+        """The access log's events, each as its lines."""
+        return [formatEvent(e).split("\n") for e in self if e.get("log_namespace")
+                == "dockpart.access"]
+
+
+def test_access_log_lines_are_written_together_each_second_and_at_stop():
+    clock = MemoryReactorClock()
+    site = BoundedSite(Recorder(), reactor=clock)
+    site.startFactory()
+    conn = Conn(site=site, clock=clock)
+    with Events() as events:
+        conn.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert events.access_lines() == []
+        clock.advance(ACCESS_LOG_INTERVAL)
+        [lines] = events.access_lines()
+        assert [line.split('"')[3] for line in lines] == ["GET /a HTTP/1.1", "GET /b HTTP/1.1"]
+        clock.advance(ACCESS_LOG_INTERVAL)  # nothing new: no event
+        conn.send(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        site.stopFactory()
+        assert [len(e) for e in events.access_lines()] == [2, 1]
+        assert "GET /c HTTP/1.1" in events.access_lines()[-1][0]
+
+
+def test_the_access_log_is_written_at_once_when_a_batch_is_full():
+    clock = MemoryReactorClock()
+    site = BoundedSite(Recorder(), reactor=clock)
+    site.startFactory()
+    site.logFile = AccessLog(clock, batch=3)
+    conn = Conn(site=site, clock=clock)
+    with Events() as events:
+        conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+        assert [len(e) for e in events.access_lines()] == [3]
+    site.stopFactory()

@@ -480,6 +480,21 @@ def test_a_token_however_spelled_reaches_neither_recent_nor_the_log(guarded, red
     assert "s3cret" not in guarded.output()
 
 
+def test_a_clean_stop_writes_every_access_log_line(redis_server, redis_db):
+    """The access log is written a second at a time: what the last second served must still
+    reach the log when the daemon is stopped (SIGTERM), as a user reading it afterwards expects."""
+    redis_db.rpush(keys.SERVERS, "http://127.0.0.1:3000")
+    daemon = start_web(redis_server.url)
+    try:
+        for i in range(3):
+            assert get(daemon, f"/recent?last={i}").status_code == 200
+    finally:
+        daemon.stop()
+    lines = [line for line in daemon.output().splitlines() if "GET /recent?last=" in line]
+    assert [line.split('"GET ')[1].split()[0] for line in lines] == [
+        "/recent?last=0", "/recent?last=1", "/recent?last=2"], daemon.output()
+
+
 def test_head_answers_like_get_but_never_changes_state(web, redis_db):
     """HEAD /meow took an image and HEAD /spawn queued a spawn: routes that change state on
     GET answer HEAD with 405; the others answer it as GET without a body, and record nothing."""

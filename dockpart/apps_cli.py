@@ -2,8 +2,9 @@
 the user's apps on the tier (``git push`` releases: :mod:`dockpart.apps_deploy`).
 
 A blocking program, as ``dockpart deploy`` is: it writes the app's record (:mod:`dockpart.apps`)
-through redis-py and returns; dockpart-infra spawns and removes the instances, and every
-dockpart-proxy routes to them, both told by pub/sub.
+through redis-py and returns (``destroy`` first waits, bounded, for infra to remove the
+instances, whose release directories it then removes); dockpart-infra spawns and removes the
+instances, and every dockpart-proxy routes to them, both told by pub/sub.
 """
 
 from __future__ import annotations

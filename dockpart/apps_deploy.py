@@ -5,7 +5,8 @@ The apps directory (``--apps-dir``, env ``DOCKPART_APPS_DIR``; ``/var/lib/dockpa
 root, ``$XDG_DATA_HOME/dockpart/apps`` otherwise) holds per app ``NAME.git`` (a bare
 repository whose pre-receive hook runs ``dockpart apps hook NAME``, so a release that fails
 refuses the push, as the seed's slices do) and ``NAME/``: the releases' directories, the push
-log and the push lock (one push, rollback or config change per app at a time).
+log and the push lock (one push, rollback or config change per app at a time); ``destroy``
+removes both (:func:`destroy`).
 
 A blocking program, as ``dockpart deploy`` is: each step is printed as it happens, and git
 shows the hook's lines to the pusher.

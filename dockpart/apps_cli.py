@@ -2,8 +2,9 @@
 the user's apps on the tier (``git push`` releases: :mod:`dockpart.apps_deploy`).
 
 A blocking program, as ``dockpart deploy`` is: it writes the app's record (:mod:`dockpart.apps`)
-through redis-py and returns; dockpart-infra spawns and removes the instances, and every
-dockpart-proxy routes to them, both told by pub/sub.
+through redis-py and returns (``destroy`` first waits, bounded, for infra to remove the
+instances, whose release directories it then removes); dockpart-infra spawns and removes the
+instances, and every dockpart-proxy routes to them, both told by pub/sub.
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ class InfoOptions(_DirMixin, _ShowOptions):
         self["name"] = _name(name)
 
 
+class DestroyOptions(_DirMixin, _AppOptions):
+    longdesc = ("Remove the app: its routes at once, its git repository, then (once "
+                "dockpart-infra has drained and removed its instances, waited for) its "
+                "directory: releases and push log. The name is free again after that.")
+
+
 class ReleasesOptions(_ShowOptions):
     synopsis = "NAME [options]"
     longdesc = "The app's releases, newest first: id, commit, when, what runs, which is live."
@@ -204,7 +211,8 @@ class AppsOptions(usage.Options):
         ["autoscale", None, AutoscaleOptions, "Let the autoscaler size an app."],
         ["list", None, _ShowOptions, "Every app: name, domains, instances, desired, release."],
         ["info", None, InfoOptions, "Everything about one app."],
-        ["destroy", None, _AppOptions, "Drain and remove an app's instances; its routes go."],
+        ["destroy", None, DestroyOptions, "Remove an app: its routes, instances (drained), "
+                                          "records, repository and releases."],
         ["releases", None, ReleasesOptions, "An app's releases; which one is live."],
         ["rollback", None, RollbackOptions, "Roll an app over to an earlier release."],
         ["config", None, ConfigOptions, "Show or change an app's environment."],
@@ -358,10 +366,8 @@ def run(options: AppsOptions, say) -> int:
                     for key, value in sorted((live.env if live else {}).items()):
                         say(f"{key}={value}")
             elif command == "destroy":
-                apps.destroy(redis, sub["name"])
-                say(f"app {sub['name']} destroyed: its routes are gone; dockpart-infra drains "
-                    f"and removes its instances")
-    except (apps.BadApp, DeployError, RedisUnavailable) as e:
+                apps_deploy.destroy(sub.apps_dir, client, sub["name"], say)
+    except (apps.BadApp, DeployError, RedisUnavailable, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

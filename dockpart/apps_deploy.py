@@ -5,7 +5,8 @@ The apps directory (``--apps-dir``, env ``DOCKPART_APPS_DIR``; ``/var/lib/dockpa
 root, ``$XDG_DATA_HOME/dockpart/apps`` otherwise) holds per app ``NAME.git`` (a bare
 repository whose pre-receive hook runs ``dockpart apps hook NAME``, so a release that fails
 refuses the push, as the seed's slices do) and ``NAME/``: the releases' directories, the push
-log and the push lock (one push, rollback or config change per app at a time).
+log and the push lock (one push, rollback or config change per app at a time); ``destroy``
+removes both (:func:`destroy`).
 
 A blocking program, as ``dockpart deploy`` is: each step is printed as it happens, and git
 shows the hook's lines to the pusher.
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from dockpart import apps, keys, releases
@@ -43,6 +44,9 @@ REGISTRY_ENV = "DOCKPART_REGISTRY"
 KEEP = 5
 #: Seconds a push waits for infra to finish its roll-over.
 ROLLOVER_TIMEOUT = 600.0
+#: Seconds ``destroy`` waits for infra to remove the app's instances before it leaves their
+#: directory to the next ``create`` of the name.
+DESTROY_TIMEOUT = 120.0
 #: What a failure says the app keeps.
 FAILED = "PUSH FAILED, app {name} keeps serving its current release"
 class StillRolling(DeployError):
@@ -105,10 +109,34 @@ class AppsDir:
                 "unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE\n"
                 + "".join(line + "\n" for line in exports) + f"exec {command}\n")
 
+    def remove(self, path: Path) -> bool:
+        """Delete an app's repository or directory (``path``: ``NAME.git`` or ``NAME`` right
+        in the apps directory, checked on the resolved path: nothing outside it).  A symlink
+        is removed, never followed (rmtree does not follow those inside either); whether there
+        was something to remove."""
+        name = path.name.removesuffix(".git")
+        apps.check_name(name)
+        if Path(os.path.realpath(path.parent)) != self.path or path.name not in (
+                name, f"{name}.git"):
+            raise BadApp(f"{path} is not an app's repository or directory in {self.path}")
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+        else:
+            return False
+        return True
+
     def create(self, name: str, redis_url: str) -> Path:
-        """The app's bare repository and its hook (again: only what changed is written)."""
+        """The app's bare repository and its hook (again: only what changed is written).
+
+        Without a repository, what a destroyed app of that name left (a directory whose
+        instances were still draining when ``destroy`` stopped waiting, or that a push cut
+        short by the destroy wrote) goes first, so the app starts fresh."""
         git_dir = self.git_dir(name)
         if not (git_dir / "HEAD").exists():
+            self.remove(git_dir)
+            self.remove(self.home(name))
             self.path.mkdir(parents=True, exist_ok=True)
             subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(git_dir)],
                            check=True, env=clean_git_env())
@@ -142,6 +170,8 @@ def _push(apps_dir: AppsDir, name: str, lines, address, timeout: float, say) -> 
     old, commit, ref = pushed
     say(f"-----> app {name}: release of {commit[:7]}")
     with apps_dir.lock(name, say, f"pushing {commit[:7]}"):
+        if not (apps_dir.git_dir(name) / "HEAD").exists():
+            raise BadApp(f"app {name} was destroyed while this push waited")
         if ref_value(apps_dir.git_dir(name), ref) != old:
             raise DeployError(f"{ref} moved while this push waited; fetch, merge and push again")
         with front.connected(address, timeout) as client:
@@ -341,6 +371,56 @@ def configure(apps_dir: AppsDir, client, name: str, env: dict, unset, say) -> Re
                           dir=base.dir, image=base.image, env=new_env, note=f"config {changed}")
         _keep_and_roll(redis, client, app, release, say)
     return release
+
+
+def destroy(apps_dir: AppsDir, client, name: str, say, timeout: float = DESTROY_TIMEOUT) -> None:
+    """Destroy the app: its records and routes (:func:`apps.destroy`), its repository at once
+    (nothing runs from it; a push under way ends first, refused), and its directory once
+    infra has removed its instances: the process driver runs them from their release's
+    directory in it, and they still drain.  So this waits for infra to forget the app (at
+    most ``timeout``, and not at all when no infra works the app); what the wait leaves, the
+    next ``create`` of the name removes, as the name is only free again once infra forgot it.
+    """
+    apps.destroy(front.Scripts(client), name)
+    say(f"app {name} destroyed: its routes are gone; dockpart-infra drains and removes its "
+        f"instances")
+    home = apps_dir.home(name)
+    pushed = home.is_dir()  # else no push ever took the lock there
+    with apps_dir.lock(name, say, "destroying the app") if pushed else nullcontext():
+        if apps_dir.remove(apps_dir.git_dir(name)):
+            say(f"removed its repository {apps_dir.git_dir(name)}")
+    if pushed and _forgotten(client, name, home, say, timeout):
+        apps_dir.remove(home)
+        say(f"removed {home} (its releases and push log); the name {name} is free again")
+
+
+def _forgotten(client, name: str, home: Path, say, timeout: float) -> bool:
+    """Whether infra forgot the destroyed app (no instance left) within ``timeout``; what
+    the wait is for is said once, and why it ended early."""
+    lease = keys.app_tier(name).lease
+    deadline = time.monotonic() + timeout
+    told = False
+    try:
+        while client.sismember(keys.APPS_DESTROYED, name):
+            if not client.exists(lease):
+                say(f"no dockpart-infra works app {name} now: {home} stays until one has "
+                    f"removed its instances; 'dockpart apps create {name}' then removes it")
+                return False
+            if time.monotonic() >= deadline:
+                say(f"dockpart-infra still drains app {name} after {timeout:g} s: {home} stays; "
+                    f"'dockpart apps create {name}' removes it once the instances are gone")
+                return False
+            if not told:
+                told = True
+                say(f"waiting for dockpart-infra to drain and remove its instances before "
+                    f"removing {home} (the process driver runs them from their release's "
+                    f"directory there)")
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        say(f"interrupted: {home} stays; 'dockpart apps create {name}' removes it once the "
+            f"instances are gone")
+        return False
+    return True
 
 
 def _keep_and_roll(redis, client, app, release: Release, say) -> None:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -298,3 +299,77 @@ def test_a_push_to_an_app_at_zero_runs_one_instance_of_it_which_idles_back(tier,
     assert redis.client().hget(keys.app_record("nap"), "release") == "v1"
     wait_for(at_zero, 30, what="back to zero after the refused push")
     assert get(proxy, "nap.localhost").text.startswith("v1 on port")
+
+
+def remote_refs(remote) -> str:
+    return subprocess.run(["git", "ls-remote", str(remote)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_destroy_removes_the_repository_and_releases_and_the_name_starts_fresh(
+        tier, tmp_path, capsys):
+    """Destroy after a push: the repository goes at once, the release directories once infra
+    removed the instances that ran from them; a new app of the same name has an empty
+    repository, and its first push is its v1, serving the new code."""
+    redis, infra, proxy, state = tier
+    apps_dir = tmp_path / "apps"
+    remote = create(redis, tmp_path, "shop", "--scale", "2")
+    assert push(source(tmp_path, "old"), remote).returncode == 0
+    wait_for(lambda: len(serving(redis, "shop")) == 2, 30, what="2 instances of the old code")
+    capsys.readouterr()
+    assert dockpart_apps(redis.url, "destroy", "shop", "--apps-dir", str(apps_dir)) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said == [
+        "app shop destroyed: its routes are gone; dockpart-infra drains and removes its "
+        "instances",
+        f"removed its repository {remote}",
+        f"waiting for dockpart-infra to drain and remove its instances before removing "
+        f"{apps_dir / 'shop'} (the process driver runs them from their release's directory "
+        f"there)",
+        f"removed {apps_dir / 'shop'} (its releases and push log); the name shop is free again"]
+    assert managed(state / "apps" / "shop") == {}
+    assert sorted(p.name for p in apps_dir.iterdir()) == []
+
+    assert create(redis, tmp_path, "shop", "--scale", "1") == remote
+    assert remote_refs(remote) == ""
+    wait_for(lambda: redis.client().exists(keys.app_tier("shop").lease), 10,
+             what="infra working the new app")
+    pushed = push(source(tmp_path, "new"), remote)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "rolling shop over to v1" in pushed.stderr
+    assert get(proxy, "shop.localhost").text.startswith("new on port")
+    assert [(r["id"], r["live"]) for r in releases_of(redis, tmp_path, "shop", capsys)] == [
+        ("v1", True)]
+    assert sorted(p.name for p in (apps_dir / "shop" / "releases").iterdir()) == ["v1"]
+
+
+def test_a_push_waiting_when_its_app_is_destroyed_fails_and_leaves_nothing(tier, tmp_path,
+                                                                           capsys):
+    """A push whose hook waits for the app's lock (here held by the test) while the app is
+    destroyed is refused, whichever of the two goes first once the lock is free, and no
+    repository, release or record of it is left."""
+    redis, infra, proxy, state = tier
+    apps_dir = AppsDir(tmp_path / "apps")
+    remote = create(redis, tmp_path, "shop", "--scale", "0")
+    output = tmp_path / "push.out"
+    with apps_dir.lock("shop", lambda line: None, "a rollback"):
+        with open(output, "w") as out:
+            pusher = subprocess.Popen(["git", "push", remote, "main"],
+                                      cwd=source(tmp_path, "v1"), stdout=out,
+                                      stderr=subprocess.STDOUT)
+        wait_for(lambda: "waiting for the push to app shop in progress" in output.read_text(),
+                 30, what="the push to wait")
+        destroyer = threading.Thread(target=lambda: dockpart_apps(
+            redis.url, "destroy", "shop", "--apps-dir", str(apps_dir.path)))
+        destroyer.start()
+        wait_for(lambda: not redis.client().sismember(keys.APPS, "shop"), 10,
+                 what="the app destroyed")
+    destroyer.join(60)
+    assert pusher.wait(60) != 0
+    [refusal] = [line for line in output.read_text().splitlines() if "PUSH FAILED" in line]
+    assert "app shop was destroyed while this push waited" in refusal or (
+        "no app named shop" in refusal), refusal
+    assert not destroyer.is_alive()
+    assert "the name shop is free again" in capsys.readouterr().out
+    assert sorted(p.name for p in apps_dir.path.iterdir()) == []
+    assert redis.client().keys("dockpart:app:shop*") == []

@@ -99,6 +99,26 @@ def test_destroy_drops_the_route_at_once_and_leaves_the_instances_to_infra(
     assert dockpart(redis_server, capsys, "create", "a", "--command", "x")[0] == 0
 
 
+def test_destroy_without_infra_keeps_the_releases_which_the_next_create_removes(
+        redis_db, redis_server, capsys, apps_dir):
+    """The repository goes at once; with no infra to remove the instances, the directory
+    they may run from stays, said so, until the name is created again (once infra forgot
+    the app)."""
+    dockpart(redis_server, capsys, "create", "a", "--command", "x")
+    (apps_dir / "a" / "releases" / "v1").mkdir(parents=True)  # as a push leaves it
+    code, out, _ = dockpart(redis_server, capsys, "destroy", "a")
+    assert code == 0
+    assert out.splitlines()[1:] == [
+        f"removed its repository {apps_dir / 'a.git'}",
+        f"no dockpart-infra works app a now: {apps_dir / 'a'} stays until one has removed its "
+        f"instances; 'dockpart apps create a' then removes it"]
+    assert sorted(p.name for p in apps_dir.iterdir()) == ["a"]
+    with front.connected(RedisAddress.parse(redis_server.url), 2) as client:
+        apps.forget(front.Scripts(client), "a")
+    assert dockpart(redis_server, capsys, "create", "a", "--command", "x")[0] == 0
+    assert sorted(p.name for p in apps_dir.iterdir()) == ["a.git"]
+
+
 def test_ports_are_allocated_once_across_apps(redis_db, redis_server):
     with front.connected(RedisAddress.parse(redis_server.url), 2) as client:
         scripts = front.Scripts(client)

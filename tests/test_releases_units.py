@@ -122,6 +122,44 @@ def test_the_hook_is_private_and_runs_dockpart_apps_hook(repos):
                                      "--apps-dir", str(repos.path)]) + "\n")
 
 
+def test_removing_an_app_never_reaches_outside_the_apps_directory(tmp_path):
+    """Only NAME.git and NAME right in the apps directory go; a symlink is removed, never
+    followed, whether it is the app's entry or inside it."""
+    found = AppsDir(tmp_path / "apps")
+    found.create("shop", "redis://127.0.0.1:6379/0")
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    (outside / "keep" / "file").write_text("mine")
+    release = found.release_dir("shop", "v1")
+    release.mkdir(parents=True)
+    (release / "link").symlink_to(outside / "keep")
+    (found.path / "blog").symlink_to(outside)
+    for path in (found.path / ".." / "outside", found.path / "x" / "shop", found.path / "..",
+                 outside / "keep", found.path / "Shop_1", found.path / "shop.tar"):
+        with pytest.raises(BadApp):
+            found.remove(path)
+    assert found.remove(found.git_dir("shop")) and found.remove(found.home("shop"))
+    assert found.remove(found.path / "blog")
+    assert not found.remove(found.home("shop"))
+    assert sorted(p.name for p in found.path.iterdir()) == []
+    assert (outside / "keep" / "file").read_text() == "mine"
+
+
+def test_creating_a_name_again_starts_fresh_but_keeps_a_repository_that_is_there(tmp_path):
+    """What a destroy could not remove yet goes when the name is created again; an app's
+    repository (with its HEAD) stays as it is."""
+    found = AppsDir(tmp_path)
+    found.release_dir("shop", "v1").mkdir(parents=True)
+    (found.git_dir("shop") / "refs" / "heads").mkdir(parents=True)  # a half-removed repository
+    (found.git_dir("shop") / "refs" / "heads" / "main").write_text("0" * 40 + "\n")
+    found.create("shop", "redis://127.0.0.1:6379/0")
+    assert not found.home("shop").exists()
+    assert not (found.git_dir("shop") / "refs" / "heads" / "main").exists()
+    found.release_dir("shop", "v1").mkdir(parents=True)
+    found.create("shop", "redis://127.0.0.1:6379/0")
+    assert found.release_dir("shop", "v1").is_dir()
+
+
 def test_the_default_apps_directory(monkeypatch):
     monkeypatch.delenv("DOCKPART_APPS_DIR")
     monkeypatch.setattr(apps_deploy.os, "geteuid", lambda: 0)

@@ -43,13 +43,16 @@ ADAPTED = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dest", default="/tmp/dockpart-mypyc")
+    parser.add_argument("--dest", default="/tmp/dockpart-mypyc",
+                        help="where the copy goes (replaced if an earlier copy)")
     parser.add_argument("modules", nargs="*", default=MODULES,
                         help="modules of dockpart/ to compile (default: %(default)s)")
     args = parser.parse_args()
     dest = Path(args.dest).resolve()
     if dest == ROOT or ROOT in dest.parents:
         sys.exit("--dest must be outside this checkout: mypyc writes .so files beside the sources")
+    if dest.exists() and not (dest / ".venv" / "bin" / "twistd").exists():
+        sys.exit(f"{dest} exists and is no copy this script made: give another --dest")
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,

@@ -392,15 +392,12 @@ class BoundedRequest(server.Request):
 
 
 def _escaped(value: bytes) -> str:
-    """``value`` as Twisted's combined log format writes it: printable ASCII as it is, anything
-    else escaped as in a bytes ``repr``, with ``"`` as ``\\"``."""
+    """``value`` as Twisted's combined log format writes it (``http._escape``), with the
+    usual field, printable ASCII with no quote or backslash, taken as it is."""
     text = value.decode("latin-1")
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-        return text  # nearly every field: no repr needed
-    shown = repr(value)[1:]
-    if shown.startswith("'"):
-        return shown[1:-1].replace('"', '\\"').replace("\\'", "'")
-    return shown[1:-1]
+        return text
+    return http._escape(value)
 
 
 def combined_log_line(timestamp: str, request, uri: bytes | None = None) -> str:

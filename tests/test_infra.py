@@ -261,6 +261,10 @@ def test_reconcile_adds_back_live_instances_and_drops_dead_entries(infra_d, redi
     redis_db.rpush(keys.SERVERS, "http://example.com:4000", ghost)
     wait_for(lambda: set(servers(redis_db)) == {"http://example.com:4000", url},
              10, what="reconcile to add the instance back and drop the ghost")
+    # Its log lines follow Redis's answers: the list can be whole a moment before they are.
+    wait_for(lambda: f"added {url} back" in infra_d.output()
+             and f"removed {ghost} from servers" in infra_d.output(), 10,
+             what="reconcile's log lines")
     output = infra_d.output()
     assert f"added {url} back" in output and f"removed {ghost} from servers" in output
 

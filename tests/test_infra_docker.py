@@ -297,8 +297,11 @@ def test_a_request_waits_while_the_engine_is_stopped_and_is_done_when_it_is_back
         port, url = spawn(client, ports)
         wait_for(lambda: "engine is unreachable" in daemon.output(), 15,
                  what="the infra to notice the engine is away")
-        assert client.lrange(keys.SPAWNING, 0, -1) + client.lrange(keys.SPAWN_QUEUE, 0, -1) \
-            == [url]
+        # One MULTI: read apart, the request could move from the queue to SPAWNING between
+        # the two reads and be in neither.
+        spawning, queued = client.pipeline(transaction=True).lrange(
+            keys.SPAWNING, 0, -1).lrange(keys.SPAWN_QUEUE, 0, -1).execute()
+        assert spawning + queued == [url]
     finally:
         subprocess.run(["bash", "-c", f"source {ROOT}/scripts/lib.sh; ensure_dockerd"],
                        check=True, timeout=90, start_new_session=True,

@@ -124,7 +124,10 @@ def test_an_app_with_no_instance_answers_503_with_retry_after(tier):
     redis, infra, proxy, state = tier
     assert dockpart_apps(redis.url, "create", "idle", "--command", command("idle"),
                          "--scale", "0") == 0
-    wait_for(lambda: get(proxy, "idle.localhost").status_code == 503, 10, what="a 503")
+    # Until the proxy has the app's route, the Host is the seed's: a 503 too, with no seed
+    # instance, but without Retry-After; wait for the app's.
+    wait_for(lambda: "no instance" in get(proxy, "idle.localhost").text, 10,
+             what="the app's 503")
     answer = get(proxy, "idle.localhost")
     assert answer.headers["Retry-After"] == "1"
     assert "no instance" in answer.text
